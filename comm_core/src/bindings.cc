@@ -1,0 +1,98 @@
+// pybind11 module pipedap._comm_core: the raw-buffer API that pipedap/comm.py wraps.
+// Every call that may wait releases the GIL.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "engine.h"
+
+namespace py = pybind11;
+using namespace pipedap;
+
+namespace {
+
+py::tuple timings_tuple(const Handle& h) {
+  const Timings t = h.timings();
+  return py::make_tuple(t.enqueue_ns, t.start_ns, t.end_ns);
+}
+
+std::string mpi_library_version() {
+  char text[MPI_MAX_LIBRARY_VERSION_STRING];
+  int len = 0;
+  MPI_Get_library_version(text, &len);
+  return std::string(text, len);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_comm_core, m) {
+  m.doc() = "PipeDAP communication core: an ordered background engine over MPI (and NCCL).";
+
+  py::register_exception<CommError>(m, "CommError", PyExc_RuntimeError);
+
+  py::enum_<OpKind>(m, "OpKind")
+      .value("REDUCESCATTER", OpKind::kReduceScatter)
+      .value("ALLGATHER", OpKind::kAllGather)
+      .value("ALLREDUCE", OpKind::kAllReduce)
+      .value("BROADCAST", OpKind::kBroadcast)
+      .value("BARRIER", OpKind::kBarrier);
+  py::enum_<DType>(m, "DType")
+      .value("FLOAT32", DType::kFloat32)
+      .value("FLOAT64", DType::kFloat64)
+      .value("FLOAT16", DType::kFloat16)
+      .value("BFLOAT16", DType::kBFloat16)
+      .value("INT32", DType::kInt32)
+      .value("INT64", DType::kInt64);
+  py::enum_<ReduceOp>(m, "ReduceOp").value("SUM", ReduceOp::kSum).value("AVERAGE", ReduceOp::kAverage);
+
+  py::class_<OpSpec>(m, "OpSpec")
+      .def(py::init([](OpKind kind, std::string name, uintptr_t input, uintptr_t output, std::vector<int64_t> counts,
+                       DType dtype, ReduceOp reduce, int root, int device, uintptr_t stream) {
+             OpSpec op;
+             op.kind = kind;
+             op.name = std::move(name);
+             op.input = input;
+             op.output = output;
+             op.counts = std::move(counts);
+             op.dtype = dtype;
+             op.reduce = reduce;
+             op.root = root;
+             op.device = device;
+             op.stream = stream;
+             return op;
+           }),
+           py::arg("kind"), py::arg("name"), py::arg("input") = 0, py::arg("output") = 0,
+           py::arg("counts") = std::vector<int64_t>{}, py::arg("dtype") = DType::kFloat32,
+           py::arg("reduce") = ReduceOp::kSum, py::arg("root") = 0, py::arg("device") = -1, py::arg("stream") = 0)
+      .def_readonly("kind", &OpSpec::kind)
+      .def_readonly("name", &OpSpec::name)
+      .def_readonly("counts", &OpSpec::counts)
+      .def("__repr__", &OpSpec::describe);
+
+  py::class_<Handle, std::shared_ptr<Handle>>(m, "Handle")
+      .def_property_readonly("seq", &Handle::seq)
+      .def_property_readonly("description", &Handle::description)
+      .def("done", &Handle::done)
+      .def("wait", &Handle::wait, py::arg("timeout") = -1.0, py::call_guard<py::gil_scoped_release>(),
+           "Wait up to `timeout` seconds (< 0: forever). Returns False on timeout; raises CommError on failure.")
+      .def("timings", &timings_tuple, "(enqueue_ns, start_ns, end_ns) on the CLOCK_MONOTONIC clock.");
+
+  m.def("init", &init_engine, py::call_guard<py::gil_scoped_release>());
+  m.def("shutdown", &shutdown_engine, py::call_guard<py::gil_scoped_release>());
+  m.def("finalize", &finalize_mpi_if_owned, py::call_guard<py::gil_scoped_release>());
+  m.def("is_initialized", [] { return engine_or_null() != nullptr; });
+  m.def("rank", [] { return engine().rank(); });
+  m.def("size", [] { return engine().size(); });
+  m.def("local_rank", [] { return engine().local_rank(); });
+  m.def("local_size", [] { return engine().local_size(); });
+  m.def("mpi_thread_level", [] { return engine().thread_level(); });
+  m.def("pending", [] { return engine().pending(); });
+  m.def("nccl_built", &nccl_built);
+  m.def("mpi_library_version", &mpi_library_version);
+  m.def("ring_used", [](const OpSpec& op) { return uses_ring(op, engine().config().host); },
+        "Whether this op would run as a ring (True) or as an MPI collective.");
+  m.def("submit", [](std::vector<OpSpec> ops) { return engine().submit(std::move(ops)); }, py::arg("ops"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Enqueue ops to run as one unit, after everything submitted before; returns a Handle at once.");
+  m.def("abort", [](const std::string& message, int code) { abort_job(message, code); }, py::arg("message"),
+        py::arg("code") = 1, "Print `message` and abort every rank of the job (MPI_Abort).");
+}

@@ -1,0 +1,28 @@
+// Collectives on CUDA memory. The NCCL implementation (nccl_backend.cc) is
+// compiled only when setup.py finds CUDA and NCCL (PIPEDAP_WITH_NCCL);
+// otherwise make_device_backend throws an error that says how to get it.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "host_collectives.h"
+#include "op.h"
+
+namespace pipedap {
+
+class DeviceBackend {
+ public:
+  virtual ~DeviceBackend() = default;
+  // On the submitting thread: record that `op` must wait for the work already
+  // queued on its producer stream (an event on op.stream). Sets op.ready_event.
+  virtual void prepare(OpSpec& op) = 0;
+  // On the engine thread: issue the ops as one NCCL group on the communication
+  // stream, after their ready events, and wait until they finished.
+  virtual void run_group(const std::vector<OpSpec>& ops) = 0;
+};
+
+bool nccl_built();
+std::unique_ptr<DeviceBackend> make_device_backend(const Communicator& world, const PollPolicy& poll);
+
+}  // namespace pipedap

@@ -1,0 +1,312 @@
+#include "host_collectives.h"
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+#include <memory>
+
+namespace pipedap {
+namespace {
+
+int mod(int a, int p) { return ((a % p) + p) % p; }
+
+// Element counts and offsets of the p blocks of a buffer.
+struct Blocks {
+  std::vector<int64_t> counts;
+  std::vector<int64_t> displs;
+  size_t elem = 1;
+
+  Blocks(std::vector<int64_t> c, size_t elem_size) : counts(std::move(c)), displs(counts.size()), elem(elem_size) {
+    int64_t off = 0;
+    for (size_t i = 0; i < counts.size(); ++i) {
+      displs[i] = off;
+      off += counts[i];
+    }
+  }
+  size_t bytes(int i) const { return static_cast<size_t>(counts[i]) * elem; }
+  size_t offset(int i) const { return static_cast<size_t>(displs[i]) * elem; }
+  size_t max_bytes() const { return *std::max_element(counts.begin(), counts.end()) * elem; }
+};
+
+// Even split of n elements over p ranks, the first n % p ranks one larger.
+std::vector<int64_t> even_split(int64_t n, int p) {
+  std::vector<int64_t> c(p, n / p);
+  for (int i = 0; i < n % p; ++i) ++c[i];
+  return c;
+}
+
+// What one op moves in one ring step. After `recv` arrives, if `addend` is
+// set: reduce_dst[i] = recv[i] + addend[i].
+struct Transfer {
+  const char* send = nullptr;
+  size_t send_bytes = 0;
+  char* recv = nullptr;
+  size_t recv_bytes = 0;
+  char* reduce_dst = nullptr;
+  const char* addend = nullptr;
+};
+
+class RingOp {
+ public:
+  virtual ~RingOp() = default;
+  virtual int num_steps() const = 0;
+  virtual Transfer step(int s) = 0;
+  virtual void finish() {}
+};
+
+// Block b of the input is reduced along the ring ending at rank b: at step s
+// rank r sends its partial sum of block r-s-1 and receives block r-s-2, adding
+// its own contribution; the last step receives block r itself.
+class RingReduceScatter : public RingOp {
+ public:
+  RingReduceScatter(const Communicator& c, const OpSpec& op, const char* in, char* out, std::vector<int64_t> counts)
+      : r_(c.rank), p_(c.size), in_(in), out_(out), dtype_(op.dtype), reduce_(op.reduce),
+        blocks_(std::move(counts), dtype_size(op.dtype)) {
+    if (p_ > 1) {  // uninitialised: every byte is received before it is read
+      scratch_[0].reset(new char[blocks_.max_bytes()]);
+      scratch_[1].reset(new char[blocks_.max_bytes()]);
+    }
+  }
+  int num_steps() const override { return p_ - 1; }
+  Transfer step(int s) override {
+    const int sb = mod(r_ - s - 1, p_);
+    const int rb = mod(r_ - s - 2, p_);
+    Transfer t;
+    t.send = s == 0 ? in_ + blocks_.offset(sb) : scratch_[(s - 1) % 2].get();
+    t.send_bytes = blocks_.bytes(sb);
+    t.recv = scratch_[s % 2].get();
+    t.recv_bytes = blocks_.bytes(rb);
+    t.reduce_dst = rb == r_ ? out_ : scratch_[s % 2].get();
+    t.addend = in_ + blocks_.offset(rb);
+    return t;
+  }
+  void finish() override {
+    const size_t mine = blocks_.bytes(r_);
+    if (p_ == 1 && out_ != in_ + blocks_.offset(r_)) std::memmove(out_, in_ + blocks_.offset(r_), mine);
+    if (reduce_ == ReduceOp::kAverage) divide_inplace(dtype_, out_, blocks_.counts[r_], p_);
+  }
+
+ private:
+  int r_, p_;
+  const char* in_;
+  char* out_;
+  DType dtype_;
+  ReduceOp reduce_;
+  Blocks blocks_;
+  std::unique_ptr<char[]> scratch_[2];
+};
+
+// At step s rank r forwards block r-s (its own at s = 0) and receives block r-s-1.
+class RingAllGather : public RingOp {
+ public:
+  RingAllGather(const Communicator& c, const OpSpec& op, const char* in, char* out, std::vector<int64_t> counts)
+      : r_(c.rank), p_(c.size), out_(out), blocks_(std::move(counts), dtype_size(op.dtype)) {
+    char* mine = out_ + blocks_.offset(r_);
+    if (mine != in) std::memmove(mine, in, blocks_.bytes(r_));
+  }
+  int num_steps() const override { return p_ - 1; }
+  Transfer step(int s) override {
+    const int sb = mod(r_ - s, p_);
+    const int rb = mod(r_ - s - 1, p_);
+    Transfer t;
+    t.send = out_ + blocks_.offset(sb);
+    t.send_bytes = blocks_.bytes(sb);
+    t.recv = out_ + blocks_.offset(rb);
+    t.recv_bytes = blocks_.bytes(rb);
+    return t;
+  }
+
+ private:
+  int r_, p_;
+  char* out_;
+  Blocks blocks_;
+};
+
+// Reduce-scatter into this rank's block of the output, then all-gather in place.
+// In place (in == out) is safe: every input block is read before the gather writes it.
+class RingAllReduce : public RingOp {
+ public:
+  RingAllReduce(const Communicator& c, const OpSpec& op, const char* in, char* out)
+      : RingAllReduce(c, op, in, out, Blocks(even_split(op.counts[0], c.size), dtype_size(op.dtype))) {}
+  int num_steps() const override { return 2 * (p_ - 1); }
+  Transfer step(int s) override {
+    if (s < p_ - 1) return rs_.step(s);
+    if (s == p_ - 1) rs_.finish();  // average this rank's block before sharing it
+    return ag_.step(s - (p_ - 1));
+  }
+  void finish() override {
+    if (p_ == 1) rs_.finish();
+  }
+
+ private:
+  RingAllReduce(const Communicator& c, const OpSpec& op, const char* in, char* out, const Blocks& b)
+      : p_(c.size), rs_(c, op, in, out + b.offset(c.rank), b.counts), ag_(c, op, out + b.offset(c.rank), out, b.counts) {}
+  int p_;
+  RingReduceScatter rs_;
+  RingAllGather ag_;
+};
+
+std::unique_ptr<RingOp> make_ring_op(const Communicator& c, const OpSpec& op) {
+  const char* in = reinterpret_cast<const char*>(op.input);
+  char* out = reinterpret_cast<char*>(op.output);
+  switch (op.kind) {
+    case OpKind::kReduceScatter: return std::make_unique<RingReduceScatter>(c, op, in, out, op.counts);
+    case OpKind::kAllGather: return std::make_unique<RingAllGather>(c, op, in, out, op.counts);
+    case OpKind::kAllReduce: return std::make_unique<RingAllReduce>(c, op, in, out);
+    default: throw CommError("internal: no ring algorithm for " + op.describe());
+  }
+}
+
+// A received message segment of a reducing op: reduce_dst = recv + addend, once it arrived.
+struct PendingReduce {
+  DType dtype;
+  char* reduce_dst;
+  const char* recv;
+  const char* addend;
+  size_t count;
+};
+
+void run_ring(const Communicator& c, const std::vector<const OpSpec*>& ops, const HostCollectiveConfig& cfg) {
+  std::vector<std::unique_ptr<RingOp>> rings;
+  int steps = 0;
+  for (const OpSpec* op : ops) {
+    rings.push_back(make_ring_op(c, *op));
+    steps = std::max(steps, rings.back()->num_steps());
+  }
+  const int left = mod(c.rank - 1, c.size);
+  const int right = mod(c.rank + 1, c.size);
+  const size_t seg = std::max<size_t>(8, cfg.segment_bytes / 8 * 8);  // whole elements of any dtype
+  std::vector<MPI_Request> requests;
+  std::vector<PendingReduce> reduces;  // one entry per request; count 0: nothing to reduce
+  for (int s = 0; s < steps; ++s) {
+    std::vector<Transfer> transfers(rings.size());
+    for (size_t i = 0; i < rings.size(); ++i) {
+      if (s < rings[i]->num_steps()) transfers[i] = rings[i]->step(s);
+    }
+    requests.clear();
+    reduces.clear();
+    // Receives first (all ops), then sends. Empty blocks are skipped on both
+    // sides (the counts are the same on every rank). One tag per op: MPI keeps
+    // messages of one (source, tag) in order, so segments match in order.
+    for (size_t i = 0; i < rings.size(); ++i) {
+      const Transfer& t = transfers[i];
+      const size_t esize = dtype_size(ops[i]->dtype);
+      for (size_t off = 0; off < t.recv_bytes; off += seg) {
+        const size_t n = std::min(seg, t.recv_bytes - off);
+        requests.emplace_back();
+        check_mpi(MPI_Irecv(t.recv + off, static_cast<int>(n), MPI_BYTE, left, static_cast<int>(i), c.comm, &requests.back()),
+                  "MPI_Irecv in " + ops[i]->describe(), c.rank);
+        reduces.push_back(t.addend == nullptr ? PendingReduce{}
+                                              : PendingReduce{ops[i]->dtype, t.reduce_dst + off, t.recv + off, t.addend + off, n / esize});
+      }
+    }
+    for (size_t i = 0; i < rings.size(); ++i) {
+      const Transfer& t = transfers[i];
+      for (size_t off = 0; off < t.send_bytes; off += seg) {
+        const size_t n = std::min(seg, t.send_bytes - off);
+        requests.emplace_back();
+        check_mpi(MPI_Isend(t.send + off, static_cast<int>(n), MPI_BYTE, right, static_cast<int>(i), c.comm, &requests.back()),
+                  "MPI_Isend in " + ops[i]->describe(), c.rank);
+        reduces.push_back(PendingReduce{});
+      }
+    }
+    wait_all(requests, cfg.poll, c.rank, [&](int k) {
+      const PendingReduce& r = reduces[k];
+      if (r.count > 0) reduce_sum(r.dtype, r.reduce_dst, r.recv, r.addend, r.count);
+    });
+  }
+  for (auto& ring : rings) ring->finish();
+}
+
+int to_int_count(int64_t n, const OpSpec& op, int rank) {
+  if (n > INT_MAX) {
+    throw CommError(op.describe() + " on rank " + std::to_string(rank) +
+                    ": more than 2^31-1 elements in one MPI collective; use PIPEDAP_ALGORITHM=ring or auto");
+  }
+  return static_cast<int>(n);
+}
+
+// Argument arrays of a nonblocking MPI collective: they must live until it completes.
+struct NativeCall {
+  const OpSpec* op;
+  std::vector<int> counts;
+  std::vector<int> displs;
+};
+
+void start_native(const Communicator& c, NativeCall& call, MPI_Request* req) {
+  const OpSpec& op = *call.op;
+  const std::string what = "MPI " + op.describe();
+  const MPI_Datatype type = mpi_datatype(op.dtype);
+  void* in = reinterpret_cast<void*>(op.input);
+  void* out = reinterpret_cast<void*>(op.output);
+  const size_t esize = dtype_size(op.dtype);
+  for (int64_t n : op.counts) call.counts.push_back(to_int_count(n, op, c.rank));
+  switch (op.kind) {
+    case OpKind::kReduceScatter:
+      check_mpi(MPI_Ireduce_scatter(in, out, call.counts.data(), type, mpi_sum_op(op.dtype), c.comm, req), what, c.rank);
+      return;
+    case OpKind::kAllGather: {
+      int off = 0;
+      for (int n : call.counts) {
+        call.displs.push_back(off);
+        off += n;
+      }
+      const bool in_place = static_cast<char*>(out) + call.displs[c.rank] * esize == in;
+      check_mpi(MPI_Iallgatherv(in_place ? MPI_IN_PLACE : in, call.counts[c.rank], type, out, call.counts.data(),
+                                call.displs.data(), type, c.comm, req),
+                what, c.rank);
+      return;
+    }
+    case OpKind::kAllReduce:
+      check_mpi(MPI_Iallreduce(in == out ? MPI_IN_PLACE : in, out, call.counts[0], type, mpi_sum_op(op.dtype), c.comm, req),
+                what, c.rank);
+      return;
+    case OpKind::kBroadcast:
+      if (c.rank == op.root && in != out) std::memcpy(out, in, op.counts[0] * esize);
+      check_mpi(MPI_Ibcast(out, call.counts[0], type, op.root, c.comm, req), what, c.rank);
+      return;
+    case OpKind::kBarrier:
+      check_mpi(MPI_Ibarrier(c.comm, req), what, c.rank);
+      return;
+  }
+}
+
+void finish_native(const Communicator& c, const OpSpec& op) {
+  if (op.reduce != ReduceOp::kAverage) return;
+  if (op.kind == OpKind::kReduceScatter) {
+    divide_inplace(op.dtype, reinterpret_cast<void*>(op.output), op.counts[c.rank], c.size);
+  } else if (op.kind == OpKind::kAllReduce) {
+    divide_inplace(op.dtype, reinterpret_cast<void*>(op.output), op.counts[0], c.size);
+  }
+}
+
+}  // namespace
+
+bool uses_ring(const OpSpec& op, const HostCollectiveConfig& cfg) {
+  if (op.kind != OpKind::kReduceScatter && op.kind != OpKind::kAllGather && op.kind != OpKind::kAllReduce) return false;
+  if (cfg.algorithm == Algorithm::kRing) return true;
+  if (cfg.algorithm == Algorithm::kMpi) return false;
+  return static_cast<size_t>(op.total_count()) * dtype_size(op.dtype) >= cfg.ring_min_bytes;
+}
+
+void run_host_group(const Communicator& c, const std::vector<OpSpec>& ops, const HostCollectiveConfig& cfg) {
+  std::vector<const OpSpec*> ring_ops;
+  std::vector<NativeCall> native;
+  native.reserve(ops.size());
+  for (const OpSpec& op : ops) {
+    if (uses_ring(op, cfg)) {
+      ring_ops.push_back(&op);
+    } else {
+      native.push_back(NativeCall{&op, {}, {}});
+    }
+  }
+  // Nonblocking MPI collectives start in submission order on every rank and
+  // progress while the ring polls.
+  std::vector<MPI_Request> requests(native.size(), MPI_REQUEST_NULL);
+  for (size_t i = 0; i < native.size(); ++i) start_native(c, native[i], &requests[i]);
+  if (!ring_ops.empty()) run_ring(c, ring_ops, cfg);
+  wait_all(requests, cfg.poll, c.rank);
+  for (const NativeCall& call : native) finish_native(c, *call.op);
+}
+
+}  // namespace pipedap

@@ -1,0 +1,51 @@
+// Collectives on host memory over MPI.
+//
+// [Note: why our own ring]
+// Open MPI's default reduce-scatter / all-gather algorithms reached 32% / 47%
+// of the link rate on the emulated cluster (shared/design/TESTBED.md); NCCL
+// does not use MPI's algorithms either. Large operations therefore run a ring
+// over point-to-point messages: each of the p-1 (all-reduce: 2(p-1)) steps
+// sends one block to the right neighbour and receives one from the left, so
+// every link carries exactly (p-1)/p of the data. Blocks are cut into segments
+// and each received segment is reduced at once, overlapping arithmetic with
+// the transfer. The ring of a *grouped* submission advances all of its ops
+// step by step together: their messages of one step travel back to back, so
+// the group pays one start-up per step instead of one per op (the PipeDAP
+// merge of an all-gather with a reduce-scatter).
+// Small operations use MPI's nonblocking collectives, whose log(p) algorithms
+// have lower latency than a ring.
+#pragma once
+
+#include <mpi.h>
+
+#include <string>
+#include <vector>
+
+#include "mpi_util.h"
+#include "op.h"
+
+namespace pipedap {
+
+struct Communicator {
+  MPI_Comm comm = MPI_COMM_NULL;
+  int rank = 0;
+  int size = 1;
+};
+
+enum class Algorithm { kAuto, kRing, kMpi };
+
+struct HostCollectiveConfig {
+  Algorithm algorithm = Algorithm::kAuto;
+  size_t ring_min_bytes = 64 * 1024;  // kAuto: ring from this many bytes per op
+  size_t segment_bytes = 1 << 20;     // ring message size
+  PollPolicy poll;
+};
+
+// Runs a group of host-memory ops as one unit, in a single thread.
+// Throws CommError naming the op and the rank on any MPI failure.
+void run_host_group(const Communicator& c, const std::vector<OpSpec>& ops, const HostCollectiveConfig& cfg);
+
+// Whether run_host_group runs `op` as a ring (true) or as an MPI collective; identical on all ranks.
+bool uses_ring(const OpSpec& op, const HostCollectiveConfig& cfg);
+
+}  // namespace pipedap

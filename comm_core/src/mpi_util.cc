@@ -1,0 +1,93 @@
+#include "mpi_util.h"
+
+#include <time.h>
+
+#include <algorithm>
+
+#include "op.h"
+
+namespace pipedap {
+namespace {
+
+MPI_Op g_sum_f16 = MPI_OP_NULL;
+MPI_Op g_sum_bf16 = MPI_OP_NULL;
+
+template <DType T>
+void user_sum(void* in, void* inout, int* len, MPI_Datatype*) {
+  reduce_sum(T, inout, inout, in, static_cast<size_t>(*len));
+}
+
+int64_t now_us() { return monotonic_ns() / 1000; }
+
+void sleep_us(int us) {
+  timespec ts{us / 1000000, (us % 1000000) * 1000L};
+  nanosleep(&ts, nullptr);
+}
+
+}  // namespace
+
+void check_mpi(int rc, const std::string& what, int rank) {
+  if (rc == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  if (MPI_Error_string(rc, text, &len) != MPI_SUCCESS) len = 0;
+  throw CommError(what + " failed on rank " + std::to_string(rank) + ": " + std::string(text, len) +
+                  " (MPI error code " + std::to_string(rc) + ")");
+}
+
+MPI_Datatype mpi_datatype(DType t) {
+  switch (t) {
+    case DType::kFloat32: return MPI_FLOAT;
+    case DType::kFloat64: return MPI_DOUBLE;
+    case DType::kFloat16:
+    case DType::kBFloat16: return MPI_UINT16_T;
+    case DType::kInt32: return MPI_INT32_T;
+    case DType::kInt64: return MPI_INT64_T;
+  }
+  throw std::invalid_argument("mpi_datatype: unknown dtype");
+}
+
+MPI_Op mpi_sum_op(DType t) {
+  if (t == DType::kFloat16) return g_sum_f16;
+  if (t == DType::kBFloat16) return g_sum_bf16;
+  return MPI_SUM;
+}
+
+void create_user_ops() {
+  if (g_sum_f16 == MPI_OP_NULL) check_mpi(MPI_Op_create(&user_sum<DType::kFloat16>, 1, &g_sum_f16), "MPI_Op_create", -1);
+  if (g_sum_bf16 == MPI_OP_NULL) check_mpi(MPI_Op_create(&user_sum<DType::kBFloat16>, 1, &g_sum_bf16), "MPI_Op_create", -1);
+}
+
+void free_user_ops() {
+  if (g_sum_f16 != MPI_OP_NULL) MPI_Op_free(&g_sum_f16);
+  if (g_sum_bf16 != MPI_OP_NULL) MPI_Op_free(&g_sum_bf16);
+}
+
+void wait_all(std::vector<MPI_Request>& requests, const PollPolicy& policy, int rank,
+              const std::function<void(int)>& on_complete) {
+  const int n = static_cast<int>(requests.size());
+  std::vector<int> indices(n);
+  int remaining = static_cast<int>(std::count_if(requests.begin(), requests.end(),
+                                                 [](MPI_Request r) { return r != MPI_REQUEST_NULL; }));
+  const int64_t spin_until = now_us() + policy.spin_us;
+  int sleep = 1;
+  while (remaining > 0) {
+    int completed = 0;
+    check_mpi(MPI_Testsome(n, requests.data(), &completed, indices.data(), MPI_STATUSES_IGNORE),
+              "MPI_Testsome", rank);
+    if (completed == MPI_UNDEFINED) break;  // every request is already null
+    remaining -= completed;
+    for (int i = 0; i < completed; ++i) {
+      if (on_complete) on_complete(indices[i]);
+    }
+    if (completed > 0) {
+      sleep = 1;
+      continue;
+    }
+    if (policy.max_sleep_us <= 0 || now_us() < spin_until) continue;
+    sleep_us(sleep);
+    sleep = std::min(sleep * 2, policy.max_sleep_us);
+  }
+}
+
+}  // namespace pipedap

@@ -1,0 +1,82 @@
+#include "op.h"
+
+#include <time.h>
+
+#include <chrono>
+#include <numeric>
+
+namespace pipedap {
+
+const char* op_kind_name(OpKind k) {
+  switch (k) {
+    case OpKind::kReduceScatter: return "reducescatter";
+    case OpKind::kAllGather: return "allgather";
+    case OpKind::kAllReduce: return "allreduce";
+    case OpKind::kBroadcast: return "broadcast";
+    case OpKind::kBarrier: return "barrier";
+  }
+  return "unknown";
+}
+
+int64_t OpSpec::total_count() const { return std::accumulate(counts.begin(), counts.end(), int64_t{0}); }
+
+std::string OpSpec::describe() const {
+  std::string s = std::string(op_kind_name(kind)) + " '" + name + "'";
+  if (kind != OpKind::kBarrier) {
+    s += " (" + std::to_string(total_count()) + " " + dtype_name(dtype);
+    if (device >= 0) s += " on cuda:" + std::to_string(device);
+    s += ")";
+  }
+  return s;
+}
+
+int64_t monotonic_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
+}
+
+Handle::Handle(int64_t seq, std::string description) : seq_(seq), description_(std::move(description)) {}
+
+bool Handle::wait(double timeout_s) {
+  std::unique_lock<std::mutex> lock(mu_);
+  auto finished = [this] { return state_.load(std::memory_order_acquire) != kPending; };
+  if (timeout_s < 0) {
+    cv_.wait(lock, finished);
+  } else if (!cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), finished)) {
+    return false;
+  }
+  if (state_.load() == kFailed) throw CommError(error_);
+  return true;
+}
+
+Timings Handle::timings() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return timings_;
+}
+
+void Handle::mark_started() {
+  std::lock_guard<std::mutex> lock(mu_);
+  timings_.start_ns = monotonic_ns();
+}
+
+void Handle::complete() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    timings_.end_ns = monotonic_ns();
+    state_.store(kOk, std::memory_order_release);
+  }
+  cv_.notify_all();
+}
+
+void Handle::fail(const std::string& message) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    timings_.end_ns = monotonic_ns();
+    error_ = message;
+    state_.store(kFailed, std::memory_order_release);
+  }
+  cv_.notify_all();
+}
+
+}  // namespace pipedap
