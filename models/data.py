@@ -52,7 +52,8 @@ def bert_batch(
     Returns (input_ids, (mlm_labels, nsp_labels)), all int64: input_ids and mlm_labels are
     (batch, seq_len), nsp_labels is (batch,) in {0, 1}. In each sequence round(mask_prob *
     seq_len) positions (at least one, so the loss is always defined) are replaced by [MASK]
-    and labelled with the original token; the other labels are IGNORE_INDEX.
+    and labelled with the original token; the other labels are IGNORE_INDEX. (BERT replaces
+    only 80% of them by [MASK]; for timing the difference does not matter.)
     """
     if vocab_size <= MASK_TOKEN_ID:
         raise ValueError(f"vocab_size must exceed the [MASK] id {MASK_TOKEN_ID}, got {vocab_size}")
