@@ -1,8 +1,48 @@
 """PipeDAP: decoupled all-reduce scheduling for data-parallel PyTorch training.
 
-The communication API (``init``, ``allreduce``, ...) lives in :mod:`pipedap.comm`
-and needs the compiled ``comm_core``; it is loaded on first use so that the
-pure-Python parts (``pipedap.planner``) import on any machine.
+Use it like Horovod (``import pipedap as hvd`` works for scripts that use the
+collectives below)::
+
+    import pipedap
+    pipedap.init()
+    x = pipedap.allreduce(torch.ones(3))          # average over all ranks
+
+The communication API lives in :mod:`pipedap.comm` and needs the compiled
+``comm_core``; it is loaded on first use, so the pure-Python parts
+(``pipedap.planner``) import on machines without MPI.
 """
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+# name -> module that defines it; loaded on first attribute access
+_LAZY = {
+    name: "pipedap.comm"
+    for name in (
+        "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
+        "nccl_built", "mpi_threads_supported", "CommError", "Average", "Sum",
+        "allreduce", "allreduce_async", "allreduce_", "allreduce_async_",
+        "allgather", "allgather_async", "reducescatter", "reducescatter_async",
+        "broadcast", "broadcast_async", "broadcast_", "broadcast_async_",
+        "barrier", "synchronize", "poll", "broadcast_object",
+    )
+}
+_LAZY["Compression"] = "pipedap.compression"
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipedap' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

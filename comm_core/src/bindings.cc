@@ -41,7 +41,9 @@ PYBIND11_MODULE(_comm_core, m) {
       .value("FLOAT16", DType::kFloat16)
       .value("BFLOAT16", DType::kBFloat16)
       .value("INT32", DType::kInt32)
-      .value("INT64", DType::kInt64);
+      .value("INT64", DType::kInt64)
+      .value("UINT8", DType::kUInt8)
+      .value("INT8", DType::kInt8);
   py::enum_<ReduceOp>(m, "ReduceOp").value("SUM", ReduceOp::kSum).value("AVERAGE", ReduceOp::kAverage);
 
   py::class_<OpSpec>(m, "OpSpec")

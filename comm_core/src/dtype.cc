@@ -41,6 +41,8 @@ void reduce_sum(DType t, void* dst, const void* a, const void* b, size_t n) {
     case DType::kFloat64: return add_native<double>(dst, a, b, n);
     case DType::kInt32: return add_native<int32_t>(dst, a, b, n);
     case DType::kInt64: return add_native<int64_t>(dst, a, b, n);
+    case DType::kUInt8: return add_native<uint8_t>(dst, a, b, n);
+    case DType::kInt8: return add_native<int8_t>(dst, a, b, n);
     case DType::kFloat16: return add_16bit<half_to_float, float_to_half>(dst, a, b, n);
     case DType::kBFloat16: return add_16bit<bf16_to_float, float_to_bf16>(dst, a, b, n);
   }
@@ -54,6 +56,8 @@ void divide_inplace(DType t, void* buf, size_t n, int64_t divisor) {
     case DType::kFloat64: return divide_native<double>(buf, n, static_cast<double>(divisor));
     case DType::kInt32: return divide_native<int32_t>(buf, n, static_cast<int32_t>(divisor));
     case DType::kInt64: return divide_native<int64_t>(buf, n, divisor);
+    case DType::kUInt8: return divide_native<uint8_t>(buf, n, static_cast<uint8_t>(divisor));
+    case DType::kInt8: return divide_native<int8_t>(buf, n, static_cast<int8_t>(divisor));
     case DType::kFloat16:
       return divide_16bit<half_to_float, float_to_half>(buf, n, static_cast<float>(divisor));
     case DType::kBFloat16:

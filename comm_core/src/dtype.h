@@ -18,7 +18,9 @@ namespace pipedap {
 
 // The numeric values are part of the Python binding (pipedap/comm.py maps
 // torch dtypes to them): never renumber.
-enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3, kInt32 = 4, kInt64 = 5 };
+enum class DType : int {
+  kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3, kInt32 = 4, kInt64 = 5, kUInt8 = 6, kInt8 = 7
+};
 enum class ReduceOp : int { kSum = 0, kAverage = 1 };
 
 inline size_t dtype_size(DType t) {
@@ -29,6 +31,8 @@ inline size_t dtype_size(DType t) {
     case DType::kBFloat16: return 2;
     case DType::kInt32: return 4;
     case DType::kInt64: return 8;
+    case DType::kUInt8: return 1;
+    case DType::kInt8: return 1;
   }
   throw std::invalid_argument("unknown dtype code " + std::to_string(static_cast<int>(t)));
 }
@@ -41,11 +45,15 @@ inline const char* dtype_name(DType t) {
     case DType::kBFloat16: return "bfloat16";
     case DType::kInt32: return "int32";
     case DType::kInt64: return "int64";
+    case DType::kUInt8: return "uint8";
+    case DType::kInt8: return "int8";
   }
   return "unknown";
 }
 
-inline bool dtype_is_integer(DType t) { return t == DType::kInt32 || t == DType::kInt64; }
+inline bool dtype_is_integer(DType t) {
+  return t == DType::kInt32 || t == DType::kInt64 || t == DType::kUInt8 || t == DType::kInt8;
+}
 
 // --- 16-bit float conversions (bit-exact IEEE 754 binary16 / bfloat16) -------
 

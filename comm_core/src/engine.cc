@@ -202,7 +202,12 @@ void Engine::validate(const std::vector<OpSpec>& ops) const {
       throw std::invalid_argument(what + "communicator " + std::to_string(op.comm) +
                                   " does not exist (only 0, the world, is available)");
     }
-    if (op.total_count() > 0 && op.kind != OpKind::kBarrier && (op.input == 0 || op.output == 0)) {
+    // Each buffer must exist if it holds elements (this rank's block may be empty).
+    const int64_t total = op.total_count();
+    const int64_t mine = want == static_cast<size_t>(world_.size) ? op.counts[world_.rank] : total;
+    const int64_t in_count = op.kind == OpKind::kAllGather ? mine : total;
+    const int64_t out_count = op.kind == OpKind::kReduceScatter ? mine : total;
+    if ((in_count > 0 && op.input == 0) || (out_count > 0 && op.output == 0)) {
       throw std::invalid_argument(what + "null buffer address");
     }
     if ((op.device >= 0) != (ops.front().device >= 0) || (op.device >= 0 && op.device != ops.front().device)) {

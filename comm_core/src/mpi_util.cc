@@ -43,6 +43,8 @@ MPI_Datatype mpi_datatype(DType t) {
     case DType::kBFloat16: return MPI_UINT16_T;
     case DType::kInt32: return MPI_INT32_T;
     case DType::kInt64: return MPI_INT64_T;
+    case DType::kUInt8: return MPI_UINT8_T;
+    case DType::kInt8: return MPI_INT8_T;
   }
   throw std::invalid_argument("mpi_datatype: unknown dtype");
 }

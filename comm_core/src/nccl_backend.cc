@@ -38,6 +38,8 @@ ncclDataType_t nccl_dtype(DType t) {
     case DType::kBFloat16: return ncclBfloat16;
     case DType::kInt32: return ncclInt32;
     case DType::kInt64: return ncclInt64;
+    case DType::kUInt8: return ncclUint8;
+    case DType::kInt8: return ncclInt8;
   }
   throw CommError("nccl: unknown dtype");
 }

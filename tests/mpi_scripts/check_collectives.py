@@ -1,0 +1,114 @@
+"""Every collective and dtype against values computed from rank and size (run under mpirun).
+
+Inputs are small integers, exact in every dtype, so sums compare exactly;
+averages of half types allow one rounding. Exits non-zero on the first failure.
+"""
+
+import sys
+
+import torch
+
+import pipedap as hvd
+
+hvd.init()
+R, P = hvd.rank(), hvd.size()
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.uint8, torch.int8]
+# 0 and 1 elements, not divisible by P, and large enough for the ring path (>= 64 KiB)
+SIZES = [0, 1, 7, 1000, 100_003]
+
+
+def value(rank: int, n: int, dtype) -> torch.Tensor:
+    """Rank r's input: (r + 1) * (i % 7 + 1), at most 4 * 7 = 28 (sum over 4 ranks: 70)."""
+    return ((rank + 1) * (torch.arange(n) % 7 + 1)).to(dtype)
+
+
+def total(n: int, dtype) -> torch.Tensor:
+    return sum(value(r, n, torch.int64) for r in range(P)) if P else None
+
+
+def average(summed: torch.Tensor, dtype) -> torch.Tensor:
+    if dtype.is_floating_point:
+        return (summed.to(torch.float64) / P).to(dtype)
+    return torch.div(summed, P, rounding_mode="trunc").to(dtype)
+
+
+def check(got, want, what):
+    tol = 1e-2 if got.dtype in (torch.float16, torch.bfloat16) else 0
+    if got.shape != want.shape or not torch.allclose(got.to(torch.float64), want.to(torch.float64), rtol=tol, atol=0):
+        sys.exit(f"rank {R}: {what}: got {got.flatten()[:8].tolist()} shape {tuple(got.shape)}, "
+                 f"want {want.flatten()[:8].tolist()} shape {tuple(want.shape)}")
+
+
+for dtype in DTYPES:
+    for n in SIZES:
+        tag = f"{dtype} n={n}"
+        x = value(R, n, dtype)
+        # allreduce: sum, average, in place
+        check(hvd.allreduce(x, op=hvd.Sum, name=f"ar.{tag}"), total(n, dtype).to(dtype), f"allreduce sum {tag}")
+        check(hvd.allreduce(x, name=f"avg.{tag}"), average(total(n, dtype), dtype), f"allreduce average {tag}")
+        y = x.clone()
+        hvd.allreduce_(y, op=hvd.Sum, name=f"ar_.{tag}")
+        check(y, total(n, dtype).to(dtype), f"allreduce_ {tag}")
+        check(x, value(R, n, dtype), f"allreduce left its input alone {tag}")
+        # allgather: rank r contributes r + 1 rows (first dims differ)
+        rows = value(R, (R + 1) * 3, dtype).view(R + 1, 3)
+        want = torch.cat([value(r, (r + 1) * 3, dtype).view(r + 1, 3) for r in range(P)])
+        check(hvd.allgather(rows, name=f"ag.{tag}"), want, f"allgather {tag}")
+        # reducescatter along dim 0 with n rows of 2: the first n % P ranks get one more row
+        m = value(R, n * 2, dtype).view(n, 2)
+        summed = sum(value(r, n * 2, torch.int64).view(n, 2) for r in range(P))
+        start = sum(n // P + (r < n % P) for r in range(R))
+        mine = summed[start : start + n // P + (R < n % P)]
+        check(hvd.reducescatter(m, op=hvd.Sum, name=f"rs.{tag}"), mine.to(dtype), f"reducescatter sum {tag}")
+        check(hvd.reducescatter(m, name=f"rsavg.{tag}"), average(mine, dtype), f"reducescatter average {tag}")
+        # broadcast from every root, copy and in place
+        for root in range(P):
+            check(hvd.broadcast(x, root, name=f"bc.{root}.{tag}"), value(root, n, dtype), f"broadcast root {root} {tag}")
+            z = x.clone()
+            hvd.broadcast_(z, root, name=f"bc_.{root}.{tag}")
+            check(z, value(root, n, dtype), f"broadcast_ root {root} {tag}")
+
+# 64 MB in each collective (16 Mi float32)
+big = torch.full((16 << 20,), float(R + 1))
+check(hvd.allreduce(big, op=hvd.Sum, name="big.ar"), torch.full_like(big, P * (P + 1) / 2), "allreduce 64 MB")
+check(hvd.reducescatter(big, op=hvd.Sum, name="big.rs"),
+      torch.full(((16 << 20) // P + (R < (16 << 20) % P),), P * (P + 1) / 2), "reducescatter 64 MB")
+part = torch.full((4 << 20,), float(R))
+check(hvd.allgather(part, name="big.ag"), torch.arange(P, dtype=torch.float32).repeat_interleave(4 << 20), "allgather 64 MB")
+
+# 1,000 small operations in flight at once
+handles = [hvd.allreduce_async(torch.tensor([float(R + i)]), op=hvd.Sum, name=f"small.{i}") for i in range(1000)]
+for i, h in enumerate(handles):
+    check(hvd.synchronize(h), torch.tensor([float(P * i + P * (P - 1) / 2)]), f"small op {i}")
+
+# a grouped submission: RS of one buffer with AG of another and an AR, large (ring) and small (MPI)
+from pipedap import comm  # noqa: E402
+
+for n in (P * 40_000, P * 3):
+    a = value(R, n, torch.float32)
+    shard = torch.empty(n // P)
+    b = torch.full((n // P,), float(R))
+    gathered = torch.empty(n)
+    c = value(R, n, torch.float32)
+    c_out = torch.empty(n)
+    group = [comm.reducescatter_collective(a, shard, f"g.rs.{n}", op=hvd.Sum),
+             comm.allgather_collective(b, gathered, f"g.ag.{n}"),
+             comm.allreduce_collective(c, c_out, f"g.ar.{n}", op=hvd.Average)]
+    rs, ag, ar = hvd.synchronize(comm.submit_group(group))
+    check(rs, total(n, torch.float32).to(torch.float32)[R * (n // P) : (R + 1) * (n // P)], f"group reducescatter n={n}")
+    check(ag, torch.arange(P, dtype=torch.float32).repeat_interleave(n // P), f"group allgather n={n}")
+    check(ar, average(total(n, torch.float32), torch.float32), f"group allreduce n={n}")
+
+# objects, barrier, poll
+obj = hvd.broadcast_object({"rank": R, "data": list(range(R + 3))}, root_rank=P - 1)
+assert obj == {"rank": P - 1, "data": list(range(P + 2))}, obj
+hvd.barrier()
+h = hvd.allreduce_async(torch.ones(3), name="poll")
+hvd.synchronize(h)
+try:
+    hvd.poll(h)
+    sys.exit("poll of a synchronized handle should raise")
+except ValueError:
+    pass
+
+print(f"rank {R} of {P}: all collectives OK")
