@@ -1,0 +1,21 @@
+"""The planner: timing model, profiles, schedules, fusion and simulation (SCHEDULING.md).
+
+Pure Python + numpy: no torch, no MPI, so plans can be computed, inspected and tested on
+any machine. Layers, bottom up:
+
+* :mod:`.costmodel`: α-β model of rs/ag/ar (fit from samples, or from link parameters).
+* :mod:`.profile`: per-layer compute times and gradient bytes (JSON).
+* :mod:`.plan`: the Plan the runtime executes (JSON, validation, digest).
+* :mod:`.simulator`: the §3 timeline of a schedule: iteration time and lower bounds.
+* :mod:`.schedules`: WFBP, ByteScheduler, DeAR, PipeDAP greedy, the exact planner.
+* :mod:`.fusion`: grouping layers into buckets, and the joint fusion + order search.
+"""
+
+from .costmodel import AlphaBeta, CostModel
+from .plan import Plan, PlanError
+from .profile import Layer, Profile
+from .simulator import Problem, Timeline, simulate
+
+__all__ = [
+    "AlphaBeta", "CostModel", "Layer", "Plan", "PlanError", "Problem", "Profile", "Timeline", "simulate",
+]

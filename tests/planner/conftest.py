@@ -1,0 +1,52 @@
+"""Shared builders for the planner tests: hand-sized problems and seeded random ones."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from pipedap.planner.costmodel import AlphaBeta, CostModel, from_link
+from pipedap.planner.profile import Layer, Profile
+from pipedap.planner.simulator import Problem
+
+HALF = AlphaBeta(1.0, 0.5)
+
+
+def _make_problem(layers: Sequence[tuple[int, float, float, float]], half: AlphaBeta = HALF) -> Problem:
+    """A problem from (nbytes, tf, tb, u) per group; RS = AG = `half`, AR = twice `half`."""
+    profile = Profile(
+        tuple(Layer(f"l{i}", (f"l{i}.weight",), m, tf, tb, u) for i, (m, tf, tb, u) in enumerate(layers))
+    )
+    cost = CostModel(4, rs=half, ag=half, ar=AlphaBeta(2 * half.a, 2 * half.b))
+    return Problem(profile, cost)
+
+
+def random_problem(rng: random.Random, size: int) -> Problem:
+    """A random instance: link-bound, compute-bound or balanced, with skewed layer sizes."""
+    workers = rng.choice([2, 4, 8, 16, 64])
+    cost = from_link(workers, rng.choice([1.25e8, 1.25e9, 1.25e10]), rng.choice([0.0, 5e-6, 5e-5, 5e-4]))
+    layers = []
+    for i in range(size):
+        nbytes = int(10 ** rng.uniform(2, 7.5))
+        tf = rng.uniform(1e-5, 5e-3)
+        layers.append(Layer(f"l{i}", (f"l{i}.weight",), nbytes, tf, tf * rng.uniform(1, 3), rng.choice([0.0, tf / 10])))
+    return Problem(Profile(tuple(layers)), cost)
+
+
+@pytest.fixture
+def random_problems() -> Callable[[int, int, int], list[Problem]]:
+    """``random_problems(count, min_groups, max_groups)``: seeded, so failures reproduce."""
+
+    def build(count: int, low: int, high: int) -> list[Problem]:
+        rng = random.Random(1234 + count * 7 + low * 31 + high)
+        return [random_problem(rng, rng.randint(low, high)) for _ in range(count)]
+
+    return build
+
+
+@pytest.fixture
+def make_problem() -> Callable[..., Problem]:
+    """``make_problem([(nbytes, tf, tb, u), ...], half=AlphaBeta(1, 0.5))``: a hand-sized problem."""
+    return _make_problem

@@ -1,0 +1,100 @@
+"""Cost model: least-squares fits, ring formulas, files keyed by world size and hosts, units."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipedap.planner import costmodel
+from pipedap.planner.costmodel import AlphaBeta, CostModel
+
+
+def _samples(a: float, b: float, rng: np.random.Generator, noise: float) -> list[tuple[float, float]]:
+    sizes = np.repeat(np.logspace(3, 8, 12), 5)
+    return [(m, (a + b * m) * (1 + noise * rng.standard_normal())) for m in sizes]
+
+
+def test_fit_recovers_known_line_from_noisy_samples():
+    rng = np.random.default_rng(0)
+    truth = {"rs": (3e-4, 1.1e-9), "ag": (2e-4, 0.9e-9), "ar": (6e-4, 2.0e-9)}
+    samples = {kind: _samples(a, b, rng, noise=0.02) for kind, (a, b) in truth.items()}
+    model, reports = costmodel.fit(samples, world_size=4, hosts=["h1", "h0"])
+    for kind, (a, b) in truth.items():
+        assert model.of(kind).a == pytest.approx(a, rel=0.05)
+        assert model.of(kind).b == pytest.approx(b, rel=0.02)
+        assert reports[kind].samples == 60
+        assert 0.005 < reports[kind].rms_relative < 0.05  # about the 2% noise put in
+    assert model.hosts == ("h0", "h1")
+
+
+def test_fit_is_exact_without_noise_and_clamps_negative_intercept():
+    line, report = costmodel.fit_line([(0, 1.0), (10, 6.0), (20, 11.0)])
+    assert (line.a, line.b) == pytest.approx((1.0, 0.5))
+    assert report.max_abs_residual == pytest.approx(0.0, abs=1e-12)
+    # These points fit t = -1 + 1 * M exactly; with a >= 0 the (relative) fit is through 0:
+    # b minimises (1 - 10 b / 9)^2 + (1 - 20 b / 19)^2.
+    line, _ = costmodel.fit_line([(10, 9.0), (20, 19.0)])
+    x, y = 10 / 9, 20 / 19
+    assert line.a == 0.0 and line.b == pytest.approx((x + y) / (x * x + y * y))
+
+
+def test_fit_needs_two_sizes():
+    with pytest.raises(ValueError, match="two or more distinct sizes"):
+        costmodel.fit_line([(10, 1.0), (10, 1.1)])
+    with pytest.raises(ValueError, match="positive times"):
+        costmodel.fit_line([(10, 1.0), (20, 0.0)])
+    with pytest.raises(ValueError, match=r"no samples for \['ar'\]"):
+        costmodel.fit({"rs": [(1, 1), (2, 2)], "ag": [(1, 1), (2, 2)]}, world_size=2)
+
+
+def test_ring_model_from_link():
+    model = costmodel.from_link(workers=4, bandwidth=1e9, latency=1e-5)
+    assert model.rs.a == pytest.approx(3e-5) and model.rs.b == pytest.approx(0.75e-9)
+    assert model.ag == model.rs
+    assert model.ar.a == pytest.approx(6e-5) and model.ar.b == pytest.approx(1.5e-9)
+    assert model.rs.time(4e6) == pytest.approx(3e-5 + 3e-3)
+    assert costmodel.from_link(1, 1e9, 1e-5).ar.time(1e9) == 0.0
+
+
+def test_save_and_load_keyed_by_world_size_and_hosts(tmp_path):
+    path = tmp_path / "cost.json"
+    four = costmodel.from_link(4, 1.25e8, 5e-5)
+    eight_a = CostModel(8, four.rs, four.ag, four.ar, hosts=("a", "b"))
+    eight_c = CostModel(8, four.ar, four.ar, four.ar, hosts=("c", "d"))
+    for model in (four, eight_a, eight_c, eight_a):  # saving again replaces
+        costmodel.save(model, path)
+    assert len(json.loads(path.read_text())["entries"]) == 3
+    assert costmodel.load(path, 4) == four
+    assert costmodel.load(path, 8, hosts=["d", "c"]) == eight_c
+    with pytest.raises(ValueError, match="several cost models for 8 workers"):
+        costmodel.load(path, 8)
+    with pytest.raises(ValueError, match="no cost model for 16 workers"):
+        costmodel.load(path, 16)
+
+
+def test_bad_cost_file_names_the_key(tmp_path):
+    path = tmp_path / "cost.json"
+    path.write_text(json.dumps({"version": 1, "entries": [{"world_size": 2, "rs": {"a": 1, "b": 1}}]}))
+    with pytest.raises(ValueError, match=r"entries\[0\]: missing or malformed key 'ag'"):
+        costmodel.load(path, 2)
+    with pytest.raises(ValueError, match="must be finite and >= 0"):
+        CostModel(2, AlphaBeta(-1, 0), AlphaBeta(0, 0), AlphaBeta(0, 0))
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1gbit", 1.25e8), ("10Gbit", 1.25e9), ("500mbit", 6.25e7), ("1.25GB/s", 1.25e9), ("8bps", 1.0)],
+)
+def test_parse_bandwidth(text, value):
+    assert costmodel.parse_bandwidth(text) == pytest.approx(value)
+
+
+def test_parse_duration_and_errors():
+    assert costmodel.parse_duration("50us") == pytest.approx(5e-5)
+    assert costmodel.parse_duration("1.5ms") == pytest.approx(1.5e-3)
+    with pytest.raises(ValueError, match="cannot parse bandwidth '1 gigabit'"):
+        costmodel.parse_bandwidth("1 gigabit")
+    with pytest.raises(ValueError, match="write it like 50us"):
+        costmodel.parse_duration("fast")
