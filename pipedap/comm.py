@@ -169,10 +169,14 @@ def _collective(
     device, stream = _device_and_stream(input)
     if output.device != input.device or output.dtype != input.dtype:
         raise ValueError(f"{name}: output must match the input's device and dtype")
+    after = None
+    if device >= 0 and op == Average and not input.is_floating_point():
+        # NCCL averages floating types only: sum, then divide as the CPU path does (truncating)
+        op, after = Sum, (lambda t: t.div_(size(), rounding_mode="trunc"))
     spec = core.OpSpec(
         kind, name, input.data_ptr(), output.data_ptr(), counts, _DTYPES[input.dtype], op, root, device, stream
     )
-    return Collective(spec, (input, output), result=output)
+    return Collective(spec, (input, output), result=output, after=after)
 
 
 _auto_names = itertools.count()
@@ -301,9 +305,11 @@ def synchronize(handle: int):
 
 
 def _allreduce_async(tensor, output, average, name, op, prescale_factor, postscale_factor) -> int:
+    """``output=None``: allocate a new result tensor."""
     name = _name(name, "allreduce")
     op = _resolve_op(op, average)
     _check_tensor(tensor, name)
+    output = torch.empty_like(tensor) if output is None else output
     if prescale_factor != 1.0:
         tensor = tensor * prescale_factor if output is not tensor else tensor.mul_(prescale_factor)
     if size() == 1:
@@ -317,7 +323,7 @@ def _allreduce_async(tensor, output, average, name, op, prescale_factor, postsca
 
 def allreduce_async(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0) -> int:
     """Start averaging (default) or summing ``tensor`` over all ranks; the input is not modified."""
-    return _allreduce_async(tensor, torch.empty_like(tensor), average, name, op, prescale_factor, postscale_factor)
+    return _allreduce_async(tensor, None, average, name, op, prescale_factor, postscale_factor)
 
 
 def allreduce_async_(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0) -> int:
@@ -333,10 +339,11 @@ class _AllreduceFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, op, name, prescale, postscale):
         ctx.op, ctx.prescale, ctx.postscale = op, prescale, postscale
-        return synchronize(_allreduce_async(tensor, torch.empty_like(tensor), None, name, op, prescale, postscale))
+        return synchronize(_allreduce_async(tensor, None, None, name, op, prescale, postscale))
 
     @staticmethod
     def backward(ctx, grad):
+        grad = grad.contiguous()  # autograd may hand over an expanded (stride-0) gradient
         return allreduce(grad, op=ctx.op, prescale_factor=ctx.prescale, postscale_factor=ctx.postscale), None, None, None, None
 
 
@@ -357,10 +364,10 @@ def _exchange_shapes(tensor: torch.Tensor, name: str) -> list[torch.Size]:
     max_dims = 8
     if tensor.dim() > max_dims:
         raise ValueError(f"{name}: at most {max_dims} dimensions are supported, got {tensor.dim()}")
-    mine = torch.zeros(max_dims + 1, dtype=torch.int64)
+    mine = torch.zeros(max_dims + 1, dtype=torch.int64, device="cpu")
     mine[0] = tensor.dim()
-    mine[1 : tensor.dim() + 1] = torch.tensor(tensor.shape, dtype=torch.int64)
-    everyone = torch.empty(size() * (max_dims + 1), dtype=torch.int64)
+    mine[1 : tensor.dim() + 1] = torch.tensor(tensor.shape, dtype=torch.int64, device="cpu")
+    everyone = torch.empty(size() * (max_dims + 1), dtype=torch.int64, device="cpu")
     synchronize(submit_group([allgather_collective(mine, everyone, f"{name}.shapes")]))
     shapes = [torch.Size(row[1 : int(row[0]) + 1].tolist()) for row in everyone.view(size(), max_dims + 1)]
     for r, s in enumerate(shapes):
@@ -396,8 +403,8 @@ class _AllgatherFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        reduced = allreduce(grad, op=Sum)
-        rows = allgather(torch.tensor([ctx.rows], dtype=torch.int64))
+        reduced = allreduce(grad.contiguous(), op=Sum)
+        rows = allgather(torch.tensor([ctx.rows], dtype=torch.int64, device="cpu"))
         offset = int(rows[: rank()].sum())
         return reduced.narrow(0, offset, ctx.rows), None
 
@@ -433,7 +440,7 @@ class _ReducescatterFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        gathered = allgather(grad)
+        gathered = allgather(grad.contiguous())
         return (gathered / size() if ctx.op == Average else gathered), None, None
 
 
@@ -444,8 +451,10 @@ def reducescatter(tensor, name=None, compression=Compression.none, op=Average):
 
 
 def _broadcast_async(tensor, output, root_rank: int, name) -> int:
+    """``output=None``: allocate a new result tensor."""
     name = _name(name, "broadcast")
     _check_tensor(tensor, name)
+    output = torch.empty_like(tensor) if output is None else output
     if not 0 <= root_rank < size():
         raise ValueError(f"{name}: root_rank {root_rank} is not in [0, {size()})")
     if size() == 1:
@@ -455,7 +464,7 @@ def _broadcast_async(tensor, output, root_rank: int, name) -> int:
 
 def broadcast_async(tensor, root_rank, name=None) -> int:
     """Start copying ``tensor`` from ``root_rank`` to every rank; the input is not modified."""
-    return _broadcast_async(tensor, torch.empty_like(tensor), root_rank, name)
+    return _broadcast_async(tensor, None, root_rank, name)
 
 
 def broadcast_async_(tensor, root_rank, name=None) -> int:
@@ -475,7 +484,7 @@ class _BroadcastFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        reduced = allreduce(grad, op=Sum)
+        reduced = allreduce(grad.contiguous(), op=Sum)
         return (reduced if rank() == ctx.root_rank else torch.zeros_like(reduced)), None, None
 
 
@@ -496,9 +505,9 @@ def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None) -> A
     if size() == 1:
         return obj
     raw = pickle.dumps(obj) if rank() == root_rank else b""
-    length = torch.tensor([len(raw)], dtype=torch.int64)
+    length = torch.tensor([len(raw)], dtype=torch.int64, device="cpu")
     broadcast_(length, root_rank, f"{name}.length")
-    data = torch.empty(int(length), dtype=torch.uint8)
+    data = torch.empty(int(length), dtype=torch.uint8, device="cpu")
     if rank() == root_rank:
         data.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
     broadcast_(data, root_rank, f"{name}.data")

@@ -1,6 +1,7 @@
 """Every collective and dtype against values computed from rank and size (run under mpirun).
 
-Inputs are small integers, exact in every dtype, so sums compare exactly;
+Usage: check_collectives.py [cpu|cuda]. With cuda, every tensor lives on the
+GPU of this rank's local rank and goes over NCCL. Inputs are small integers, exact in every dtype, so sums compare exactly;
 averages of half types allow one rounding. Exits non-zero on the first failure.
 """
 
@@ -12,6 +13,10 @@ import pipedap as hvd
 
 hvd.init()
 R, P = hvd.rank(), hvd.size()
+DEVICE = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+if DEVICE == "cuda":
+    torch.cuda.set_device(hvd.local_rank())
+torch.set_default_device(DEVICE)
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.uint8, torch.int8]
 # 0 and 1 elements, not divisible by P, and large enough for the ring path (>= 64 KiB)
 SIZES = [0, 1, 7, 1000, 100_003]
@@ -33,6 +38,7 @@ def average(summed: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def check(got, want, what):
+    got, want = got.cpu(), want.cpu()
     tol = 1e-2 if got.dtype in (torch.float16, torch.bfloat16) else 0
     if got.shape != want.shape or not torch.allclose(got.to(torch.float64), want.to(torch.float64), rtol=tol, atol=0):
         sys.exit(f"rank {R}: {what}: got {got.flatten()[:8].tolist()} shape {tuple(got.shape)}, "
@@ -98,6 +104,22 @@ for n in (P * 40_000, P * 3):
     check(rs, total(n, torch.float32).to(torch.float32)[R * (n // P) : (R + 1) * (n // P)], f"group reducescatter n={n}")
     check(ag, torch.arange(P, dtype=torch.float32).repeat_interleave(n // P), f"group allgather n={n}")
     check(ar, average(total(n, torch.float32), torch.float32), f"group allreduce n={n}")
+
+# half types round once per addition, like torch's float32 add then cast (exact at P == 2: one addition)
+if P == 2:
+    for dtype in (torch.float16, torch.bfloat16):
+        for n in (5, 50_000):
+            mine = torch.randn(n, generator=torch.Generator().manual_seed(R)).to(dtype)
+            other = torch.randn(n, generator=torch.Generator().manual_seed(1 - R)).to(dtype)
+            want = (mine.float() + other.float()).to(dtype)
+            got = hvd.allreduce(mine, op=hvd.Sum, name=f"round.{dtype}.{n}")
+            if not torch.equal(got, want):
+                sys.exit(f"rank {R}: {dtype} sum of {n} not rounded like torch: {got[:4]} vs {want[:4]}")
+
+# gradients flow through allreduce (sum: each rank's input feeds every rank's output)
+x = torch.ones(4, requires_grad=True)
+hvd.allreduce(x, op=hvd.Sum, name="autograd").sum().backward()
+check(x.grad, torch.full((4,), float(P)), "allreduce backward")
 
 # objects, barrier, poll
 obj = hvd.broadcast_object({"rank": R, "data": list(range(R + 3))}, root_rank=P - 1)

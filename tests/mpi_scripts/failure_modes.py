@@ -1,0 +1,56 @@
+"""Failure behaviour of the engine, one mode per run (argv[1]); the test reads the output."""
+
+import os
+import re
+import sys
+import time
+
+import torch
+
+import pipedap as hvd
+from pipedap import _comm_core as core
+
+mode = sys.argv[1]
+hvd.init()
+R, P = hvd.rank(), hvd.size()
+
+if mode == "order_mismatch":  # run with PIPEDAP_CHECK_ORDER=1
+    hvd.allreduce(torch.ones(2), name="agreed")
+    name, n = ("grad.b", 5) if R == 1 else ("grad.a", 4)
+    try:
+        hvd.allreduce(torch.ones(n), name=name)
+        print(f"rank {R}: NOT DETECTED")
+    except hvd.CommError as e:
+        print(f"rank {R}: DETECTED {e}")
+
+elif mode == "exception":  # rank 1 dies; the others are blocked in a collective
+    if R == 1:
+        raise ValueError("boom from rank 1")
+    hvd.allreduce(torch.ones(2), name="never.completes")
+    print(f"rank {R}: NOT ABORTED")
+
+elif mode == "stall":  # run with PIPEDAP_STALL_SECONDS=1: rank 1 is late, then all finish
+    if R == 1:
+        time.sleep(3)
+    print(f"rank {R}: result {hvd.allreduce(torch.ones(2), op=hvd.Sum, name='late.op').tolist()}")
+
+elif mode == "timeout":  # run with PIPEDAP_TIMEOUT_SECONDS=2: rank 1 never joins
+    if R == 1:
+        time.sleep(120)
+    hvd.allreduce(torch.ones(2), name="abandoned.op")
+    print(f"rank {R}: NOT ABORTED")
+
+elif mode == "mpi4py":  # mpi4py and comm_core share one libmpi in one process
+    from mpi4py import MPI
+
+    assert MPI.Get_library_version() == core.mpi_library_version()
+    with open("/proc/self/maps") as maps:
+        libs = {m.group(0) for m in re.finditer(r"\S*libmpi\.so[.\d]*", maps.read())}
+    assert len(libs) == 1, f"more than one libmpi loaded: {libs}"
+    assert MPI.COMM_WORLD.allreduce(R) == P * (P - 1) // 2
+    assert hvd.allreduce(torch.tensor([float(R)]), op=hvd.Sum).item() == P * (P - 1) / 2
+    print(f"rank {R}: one libmpi {libs.pop()} thread level {MPI.Query_thread()} OK")
+
+else:
+    sys.exit(f"unknown mode {mode}")
+sys.stdout.flush()

@@ -1,0 +1,72 @@
+"""Multi-process tests of the comm core under mpirun (expected values come from rank and size)."""
+
+import re
+import time
+
+import pytest
+from mpi_launch import assert_ok, run_mpi
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.mark.parametrize("np", [1, 2, 3, 4])
+def test_every_collective_and_dtype(np):
+    result = run_mpi("check_collectives.py", np, timeout=300)
+    assert_ok(result)
+    for r in range(np):
+        assert f"rank {r} of {np}: all collectives OK" in result.output
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "mpi"])
+def test_every_collective_with_a_forced_algorithm(algorithm):
+    """Both algorithms are correct on their own (auto mixes them by size)."""
+    result = run_mpi("check_collectives.py", 3, env={"PIPEDAP_ALGORITHM": algorithm}, timeout=300)
+    assert_ok(result)
+
+
+def test_order_mismatch_is_detected_on_every_rank_naming_both_sides():
+    result = run_mpi("failure_modes.py", 3, "order_mismatch", env={"PIPEDAP_CHECK_ORDER": "1"})
+    assert_ok(result)
+    assert "NOT DETECTED" not in result.output
+    detected = re.findall(r"rank (\d): DETECTED (.*)", result.output)
+    assert sorted(int(r) for r, _ in detected) == [0, 1, 2], result.output
+    for _, message in detected:
+        assert "operation order differs between ranks at operation #1" in message
+        assert "rank 0 submitted allreduce 'grad.a' (4 float32)" in message
+        assert "rank 1 submitted allreduce 'grad.b' (5 float32)" in message
+
+
+def test_unhandled_exception_on_one_rank_ends_the_job_quickly():
+    start = time.monotonic()
+    result = run_mpi("failure_modes.py", 3, "exception", timeout=60)
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert "ValueError: boom from rank 1" in result.output  # the traceback is shown
+    assert "aborting the job: unhandled ValueError on rank 1: boom from rank 1" in result.output
+    assert "NOT ABORTED" not in result.output
+    assert elapsed < 30, f"the job took {elapsed:.0f} s to end"
+
+
+def test_watchdog_reports_a_stalled_operation_then_it_completes():
+    result = run_mpi("failure_modes.py", 2, "stall", env={"PIPEDAP_STALL_SECONDS": "1"})
+    assert_ok(result)
+    report = re.search(r"pipedap: rank 0: allreduce 'late.op' \(2 float32\) \(operation #0\) has not finished after \d+ s.*", result.output)
+    assert report, result.output
+    assert "PIPEDAP_CHECK_ORDER=1" in report.group(0)
+    assert result.output.count("result [2.0, 2.0]") == 2
+
+
+def test_timeout_aborts_the_job_with_a_message():
+    start = time.monotonic()
+    result = run_mpi("failure_modes.py", 2, "timeout", env={"PIPEDAP_TIMEOUT_SECONDS": "2"}, timeout=60)
+    assert result.returncode != 0
+    assert "allreduce 'abandoned.op'" in result.output
+    assert "past PIPEDAP_TIMEOUT_SECONDS" in result.output
+    assert "NOT ABORTED" not in result.output
+    assert time.monotonic() - start < 40
+
+
+def test_mpi4py_and_comm_core_share_one_libmpi():
+    result = run_mpi("failure_modes.py", 2, "mpi4py")
+    assert_ok(result)
+    assert result.output.count("one libmpi") == 2
