@@ -1,0 +1,202 @@
+"""Measure a torch model's per-layer forward, backward and update times: the planner's Profile.
+
+A layer is a module that owns trainable parameters (the unit the runtime buckets). Layers
+are ordered by when the forward first calls them. Times are medians over `iterations`
+measured iterations after `warmup` ones:
+
+* forward: hook timestamps at each layer's first forward pre-hook; a layer's time runs
+  until the next layer starts (parameter-free modules after it, e.g. activations and
+  pooling, count with it), the last layer's until the loss is computed;
+* backward: the time at which each layer's gradients are all accumulated (post-accumulate
+  hooks), differenced in backward order;
+* update: the wrapped optimizer's step on copies of one layer's parameters and gradients.
+
+No MPI here: ranks agree on the numbers through the optional ``agree(profile) -> profile``
+callable (e.g. the element-wise max of :func:`pipedap.planner.profile.elementwise_max`,
+gathered by the comm layer).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipedap.planner.profile import Layer, Profile
+
+OptimizerFactory = Callable[[Sequence[torch.Tensor]], torch.optim.Optimizer]
+
+
+def _default_optimizer(params: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+
+def _default_loss(output: Any, _target: Any) -> torch.Tensor:
+    """Sum of the output (or of its first tensor): enough to time a backward."""
+    while not isinstance(output, torch.Tensor):
+        output = output[0]
+    return output.float().sum()
+
+
+def layers_of(model: nn.Module) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+    """Trainable parameters grouped by the module that registers them (tied ones once)."""
+    owners: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            owners.setdefault(name.rpartition(".")[0], []).append((name, param))
+    if not owners:
+        raise ValueError("the model has no trainable parameters: nothing to profile")
+    return owners
+
+
+def profile_model(
+    model: nn.Module,
+    inputs: Any,
+    targets: Any = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    *,
+    warmup: int = 2,
+    iterations: int = 5,
+    optimizer_factory: OptimizerFactory = _default_optimizer,
+    agree: Callable[[Profile], Profile] | None = None,
+    meta: dict | None = None,
+) -> Profile:
+    """Profile one training iteration of `model` on (`inputs`, `targets`).
+
+    `inputs` is passed as ``model(inputs)`` (a tuple is unpacked); the loss is
+    ``loss_fn(output, targets)`` (default: the sum of the output). Gradients are left
+    cleared; parameters are not changed (updates are timed on copies).
+    """
+    if iterations < 1 or warmup < 0:
+        raise ValueError(f"need iterations >= 1 and warmup >= 0, got {iterations}, {warmup}")
+    loss_fn = loss_fn or _default_loss
+    owners = layers_of(model)
+    modules = dict(model.named_modules())
+    cuda = any(p.is_cuda for params in owners.values() for _, p in params)
+
+    def now() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    order: list[str] = []  # owners in first-call order, fixed by the first iteration
+    called: dict[str, float] = {}
+    ready: dict[str, float] = {}
+    handles = []
+    for owner in owners:
+        def pre_hook(_module: nn.Module, _args: Any, owner: str = owner) -> None:
+            if owner not in called:
+                called[owner] = now()
+
+        handles.append(modules[owner].register_forward_pre_hook(pre_hook))
+        for _, param in owners[owner]:
+            def grad_hook(_param: torch.Tensor, owner: str = owner) -> None:
+                ready[owner] = now()  # the last parameter of the layer to finish wins
+
+            handles.append(param.register_post_accumulate_grad_hook(grad_hook))
+
+    samples: dict[str, list[list[float]]] = {"tf": [], "tb": []}
+    model.train()
+    try:
+        for step in range(warmup + iterations):
+            called.clear()
+            ready.clear()
+            model.zero_grad(set_to_none=True)
+            start = now()
+            output = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+            loss = loss_fn(output, targets)
+            forward_end = now()
+            loss.backward()
+            if step == 0:
+                order = _forward_order(owners, called)
+            if step >= warmup:
+                tf, tb = _layer_times(order, called, ready, start, forward_end)
+                samples["tf"].append(tf)
+                samples["tb"].append(tb)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    update = [_update_time(owners[o], optimizer_factory, warmup, iterations, now) for o in order]
+    model.zero_grad(set_to_none=True)
+    layers = tuple(
+        Layer(
+            name=owner,
+            params=tuple(name for name, _ in owners[owner]),
+            nbytes=sum(p.numel() * p.element_size() for _, p in owners[owner]),
+            tf=statistics.median(run[i] for run in samples["tf"]),
+            tb=statistics.median(run[i] for run in samples["tb"]),
+            u=update[i],
+        )
+        for i, owner in enumerate(order)
+    )
+    info = {"warmup": warmup, "iterations": iterations, "device": "cuda" if cuda else "cpu", **(meta or {})}
+    profile = Profile(layers, info)
+    return agree(profile) if agree else profile
+
+
+def _forward_order(owners: dict[str, list], called: dict[str, float]) -> list[str]:
+    """Owners in the order the forward first called them; all must have been called."""
+    unused = [owner for owner in owners if owner not in called]
+    if unused:
+        raise ValueError(
+            f"module(s) {unused[:3]} own trainable parameters but never ran in forward; "
+            f"freeze them (requires_grad=False) or pass a batch that uses them"
+        )
+    return sorted(called, key=called.__getitem__)
+
+
+def _layer_times(
+    order: list[str], called: dict[str, float], ready: dict[str, float], start: float, forward_end: float
+) -> tuple[list[float], list[float]]:
+    """Per-layer forward and backward times of one iteration (layers in forward order).
+
+    [Note: backward attribution]
+    Gradients of layer g are complete at ``ready[g]``; in backward order the layer's time is
+    the span since the later layers' gradients were complete. A layer whose gradients finish
+    before a later layer's (shared inputs, reuse) gets 0 and the span goes to the later one,
+    which keeps ``ready`` monotone as the simulator assumes.
+    """
+    missing = [owner for owner in order if owner not in ready]
+    if missing:
+        raise ValueError(
+            f"parameters of {missing[:3]} got no gradient; the loss does not depend on them: "
+            f"freeze them (requires_grad=False) or use a loss that does"
+        )
+    marks = [called[owner] for owner in order] + [forward_end]
+    marks[0] = start
+    tf = [b - a for a, b in zip(marks, marks[1:])]
+    tb = [0.0] * len(order)
+    previous = forward_end
+    for i in reversed(range(len(order))):
+        finished = max(ready[order[i]], previous)
+        tb[i] = finished - previous
+        previous = finished
+    return tf, tb
+
+
+def _update_time(
+    params: list[tuple[str, torch.nn.Parameter]],
+    optimizer_factory: OptimizerFactory,
+    warmup: int,
+    iterations: int,
+    now: Callable[[], float],
+) -> float:
+    """Median time of the optimizer's step on copies of one layer's parameters and grads."""
+    copies = []
+    for _, param in params:
+        copy = param.detach().clone().requires_grad_(True)
+        copy.grad = param.grad.detach().clone() if param.grad is not None else torch.zeros_like(copy)
+        copies.append(copy)
+    optimizer = optimizer_factory(copies)
+    times = []
+    for step in range(warmup + iterations):
+        start = now()
+        optimizer.step()
+        if step >= warmup:
+            times.append(now() - start)
+    return statistics.median(times)

@@ -1,0 +1,78 @@
+"""The torch profiler on tiny models: one layer per parameter-owning module, forward order,
+positive times, exact byte counts, and the agreement hook."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from pipedap.planner.profile import elementwise_max  # noqa: E402
+from pipedap.profiler import profile_model  # noqa: E402
+
+
+class Tiny(nn.Module):
+    """Declared out of call order, with a parameter-owning parent and a frozen layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(32, 4)
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.LayerNorm(32))
+        self.stem = nn.Linear(8, 16, bias=False)
+        self.scale = nn.Parameter(torch.ones(4))
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        return self.frozen(self.head(self.body(self.stem(x))) * self.scale)
+
+
+def test_profile_of_tiny_model():
+    torch.manual_seed(0)
+    model = Tiny()
+    before = [p.detach().clone() for p in model.parameters()]
+    profile = profile_model(model, torch.randn(64, 8), warmup=1, iterations=3)
+    # The root owns `scale` and is called first; then stem, body.0, body.2 (LayerNorm), head.
+    assert [layer.name for layer in profile.layers] == ["", "stem", "body.0", "body.2", "head"]
+    assert [layer.params for layer in profile.layers] == [
+        ("scale",), ("stem.weight",), ("body.0.weight", "body.0.bias"),
+        ("body.2.weight", "body.2.bias"), ("head.weight", "head.bias"),
+    ]
+    assert [layer.nbytes for layer in profile.layers] == [4 * 4, 8 * 16 * 4, (16 * 32 + 32) * 4, 64 * 4, (32 * 4 + 4) * 4]
+    for layer in profile.layers:
+        assert layer.tf > 0 and layer.u > 0
+    # Backward spans are >= 0 by construction and sum to the backward; the head's is the
+    # first and always positive.
+    assert all(layer.tb >= 0 for layer in profile.layers) and profile.layers[-1].tb > 0
+    assert sum(layer.tb for layer in profile.layers) > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    assert profile.meta["iterations"] == 3
+
+
+def test_agree_hook_and_loss():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    seen = []
+
+    def agree(profile):
+        seen.append(profile)
+        return elementwise_max([profile, profile])
+
+    profile = profile_model(model, x, y, nn.functional.cross_entropy, warmup=0, iterations=1, agree=agree)
+    assert len(seen) == 1 and profile.meta["agreed"] == "elementwise max over 2 ranks"
+    assert [layer.name for layer in profile.layers] == ["0", "1"]
+
+
+def test_unused_layer_is_an_error():
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.spare = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    with pytest.raises(ValueError, match=r"\['spare'\] own trainable parameters but never ran"):
+        profile_model(Unused(), torch.randn(3, 2), warmup=0, iterations=1)
