@@ -1,0 +1,180 @@
+"""Plan a model's communication: ``python -m pipedap.plan --help``.
+
+Reads a layer profile (a JSON file, or measured now on a model from the ``models``
+package), a cost model (a fitted JSON file, or assumed link parameters), searches fusion
+and order with every schedule, prints the predicted iteration times against the lower
+bound, and writes the chosen plan (JSON) and a Gantt chart of the simulated timelines.
+
+Example::
+
+    python -m pipedap.plan --model resnet50 --batch-size 8 \\
+        --workers 8 --bandwidth 1gbit --latency 50us --out plan.json --gantt plan.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from pipedap.planner import costmodel, fusion
+from pipedap.planner.costmodel import CostModel
+from pipedap.planner.plan import PlanError, hash_inputs
+from pipedap.planner.profile import Profile
+
+PLANNABLE = ("optimal", "pipedap", "dear", "wfbp")
+
+
+@contextmanager
+def _step(what: str) -> Iterator[None]:
+    """Print what is being done and how long it took."""
+    print(f"{what} ...", flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"  done in {time.perf_counter() - start:.2f} s", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipedap.plan",
+        description="Plan the reduce-scatter/all-gather schedule of a model and compare schedules.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--profile", metavar="FILE", help="layer profile JSON (from pipedap.profiler)")
+    source.add_argument("--model", metavar="NAME", help="profile this model from the models package now (CPU)")
+    parser.add_argument("--batch-size", type=int, default=8, help="batch size for --model (default 8)")
+    parser.add_argument("--iterations", type=int, default=5, help="measured iterations for --model (default 5)")
+    parser.add_argument("--save-profile", metavar="FILE", help="write the measured profile here")
+    parser.add_argument("--cost-model", metavar="FILE", help="fitted cost-model JSON (needs --workers)")
+    parser.add_argument("--hosts", help="comma-separated host set to pick from --cost-model")
+    parser.add_argument("--workers", type=int, help="world size")
+    parser.add_argument("--bandwidth", help="assumed link bandwidth, e.g. 1gbit, 10gbit, 1.25GB/s")
+    parser.add_argument("--latency", default="50us", help="assumed per-step latency (default 50us)")
+    parser.add_argument(
+        "--fusion", default="search",
+        help="search (default: every candidate), none, mgwfbp, threshold:25MB, count:4, or tune (optuna)",
+    )
+    parser.add_argument("--tune-trials", type=int, default=30, help="trials for --fusion tune (default 30)")
+    parser.add_argument("--schedule", choices=PLANNABLE, default="optimal", help="schedule of the written plan")
+    parser.add_argument("--out", metavar="FILE", help="write the plan JSON here")
+    parser.add_argument("--gantt", metavar="FILE", help="write a Gantt chart (PNG) of every schedule here")
+    return parser
+
+
+def load_profile(args: argparse.Namespace) -> Profile:
+    """The profile from --profile, or measured on --model."""
+    if args.profile:
+        return Profile.load(args.profile)
+    try:
+        import torch
+
+        import models
+        from pipedap.profiler import profile_model
+    except ImportError as err:
+        raise ImportError(
+            f"--model needs torch and the models package ({err}); run from the repository root, "
+            f"or profile elsewhere and pass --profile FILE"
+        ) from None
+    model = models.get(args.model)
+    inputs, targets = models.synthetic_batch(args.model, args.batch_size, generator=torch.Generator().manual_seed(0))
+    meta = {"model": args.model, "batch_size": args.batch_size}
+    return profile_model(model, inputs, targets, models.loss_fn(args.model), iterations=args.iterations, meta=meta)
+
+
+def load_cost(args: argparse.Namespace, parser: argparse.ArgumentParser) -> CostModel:
+    """The cost model from --cost-model, or from the assumed --workers/--bandwidth/--latency."""
+    if args.workers is None:
+        parser.error("--workers is required (the world size the plan is for)")
+    if args.cost_model:
+        hosts = args.hosts.split(",") if args.hosts else None
+        return costmodel.load(args.cost_model, args.workers, hosts)
+    if not args.bandwidth:
+        parser.error("give either --cost-model FILE or --bandwidth (with --workers and --latency)")
+    return costmodel.from_link(args.workers, costmodel.parse_bandwidth(args.bandwidth),
+                               costmodel.parse_duration(args.latency))
+
+
+def groupings(spec: str, profile: Profile, cost: CostModel, trials: int) -> dict[str, fusion.Grouping]:
+    """The fusion candidates named by --fusion."""
+    kind, _, value = spec.partition(":")
+    if spec == "search":
+        return fusion.candidates(profile, cost)
+    if spec == "none":
+        return {"none": fusion.singletons(profile)}
+    if spec == "mgwfbp":
+        return {"mgwfbp": fusion.mgwfbp(profile, cost)}
+    if kind == "threshold" and value.upper().endswith("MB"):
+        return {spec: fusion.by_threshold(profile, int(float(value[:-2]) * fusion.MB))}
+    if kind == "count" and value.isdigit():
+        return {spec: fusion.by_count(profile, int(value))}
+    if spec == "tune":
+        threshold, _, _ = fusion.tune_threshold(profile, cost, trials=trials)
+        return {f"tuned:{threshold / fusion.MB:.2f}MB": fusion.by_threshold(profile, threshold)}
+    raise ValueError(f"unknown --fusion {spec!r}; use search, none, mgwfbp, threshold:25MB, count:4 or tune")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with _step("loading profile" if args.profile else f"profiling {args.model} (batch {args.batch_size}, CPU)"):
+            profile = load_profile(args)
+        if args.save_profile:
+            profile.save(args.save_profile)
+            print(f"  profile written to {args.save_profile}")
+        cost = load_cost(args, parser)
+        compute = sum(layer.tb + layer.tf + layer.u for layer in profile.layers)
+        nbytes = sum(layer.nbytes for layer in profile.layers)
+        print(f"  {len(profile)} layers, {nbytes / 1e6:.1f} MB of gradients, compute {compute * 1e3:.1f} ms/iteration; "
+              f"AR of everything at once: {cost.ar.time(nbytes) * 1e3:.1f} ms on {cost.world_size} workers")
+        with _step(f"fusion candidates ({args.fusion})"):
+            candidates = groupings(args.fusion, profile, cost, args.tune_trials)
+        with _step(f"planning {len(candidates)} fusion candidate(s) x {len(fusion.PLANNERS)} schedules"):
+            _, considered = fusion.search(profile, cost, groupings=candidates)
+        chosen = min((s for s in considered if s.schedule.name == args.schedule),
+                     key=lambda s: s.schedule.iteration_time)
+        print_table(considered, chosen)
+        if args.out:
+            inputs = hash_inputs(profile.to_dict(), cost.to_dict(), {"fusion": chosen.fusion, "schedule": args.schedule})
+            plan = chosen.schedule.to_plan(inputs)
+            plan.save(args.out)
+            print(f"plan ({args.schedule}, fusion {chosen.fusion}, {len(plan.groups)} groups, digest "
+                  f"{plan.digest()[:12]}) written to {args.out}")
+        if args.gantt:
+            from pipedap.planner import gantt
+
+            with _step(f"drawing Gantt chart to {args.gantt}"):
+                same = {s.schedule.name: s.schedule.timeline for s in considered if s.fusion == chosen.fusion}
+                gantt.draw(same, args.gantt, title=f"fusion {chosen.fusion}, {cost.world_size} workers")
+    except (ValueError, ImportError, PlanError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def print_table(considered: Sequence[fusion.Scored], chosen: fusion.Scored) -> None:
+    """Per schedule: the time without fusion, the best over fusions, speedups, planning time."""
+    by_name: dict[str, list[fusion.Scored]] = {}
+    for s in considered:
+        by_name.setdefault(s.schedule.name, []).append(s)
+    best = {name: min(rows, key=lambda s: s.schedule.iteration_time) for name, rows in by_name.items()}
+    base = best["wfbp"].schedule.iteration_time if "wfbp" in best else None
+    print(f"\n{'schedule':<14}{'no fusion ms':>13}{'best ms':>10}  {'best fusion':<16}{'vs WFBP':>8}{'plan ms':>9}")
+    for name, rows in by_name.items():
+        unfused = next((s.schedule.iteration_time * 1e3 for s in rows if s.fusion == "none"), float("nan"))
+        top = best[name]
+        speedup = f"{base / top.schedule.iteration_time:.3f}x" if base else "-"
+        print(f"{name:<14}{unfused:>13.2f}{top.schedule.iteration_time * 1e3:>10.2f}  {top.fusion:<16}"
+              f"{speedup:>8}{top.seconds * 1e3:>9.1f}")
+    bound = chosen.schedule.timeline.problem.lower_bound()
+    print(f"{'lower bound':<14}{'':>13}{bound * 1e3:>10.2f}  {chosen.fusion:<16}  (fusion of the written plan)")
+    info = chosen.schedule.info
+    if "proven_optimal" in info:
+        print(f"exact planner: proven optimal = {info['proven_optimal']}, peak states {info['peak_states']}")
+    print()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The planning CLI end to end on a profile file, and its error messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipedap import plan as cli
+from pipedap.planner import costmodel
+from pipedap.planner.plan import Plan
+from pipedap.planner.profile import Layer, Profile
+
+
+@pytest.fixture
+def profile_file(tmp_path):
+    layers = tuple(Layer(f"l{i}", (f"l{i}.weight", f"l{i}.bias"), 2_000_000 + 100_000 * i, 0.002, 0.004, 0.0005)
+                   for i in range(12))
+    path = tmp_path / "profile.json"
+    Profile(layers, {"model": "toy"}).save(path)
+    return path
+
+
+def test_plan_from_profile_file(profile_file, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out, chart = tmp_path / "plan.json", tmp_path / "gantt.png"
+    argv = ["--profile", str(profile_file), "--workers", "8", "--bandwidth", "1gbit", "--latency", "50us",
+            "--out", str(out), "--gantt", str(chart)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    for name in ("wfbp", "bytescheduler", "dear", "pipedap", "optimal", "lower bound", "done in"):
+        assert name in printed
+    plan = Plan.load(out, params=Profile.load(profile_file).params)
+    assert plan.schedule == "optimal" and plan.world_size == 8
+    assert chart.stat().st_size > 0
+
+
+def test_plan_with_cost_model_file_and_fixed_fusion(profile_file, tmp_path):
+    cost = tmp_path / "cost.json"
+    costmodel.save(costmodel.from_link(4, 1.25e9, 1e-5), cost)
+    out = tmp_path / "plan.json"
+    argv = ["--profile", str(profile_file), "--cost-model", str(cost), "--workers", "4",
+            "--fusion", "count:3", "--schedule", "dear", "--out", str(out)]
+    assert cli.main(argv) == 0
+    plan = Plan.load(out)
+    assert plan.schedule == "dear" and len(plan.groups) == 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--workers", "4", "--bandwidth", "fast"], "cannot parse bandwidth 'fast'"),
+        (["--workers", "4", "--bandwidth", "1gbit", "--fusion", "magic"], "unknown --fusion 'magic'"),
+        (["--workers", "16", "--cost-model", "missing.json"], "cannot read cost-model JSON"),
+    ],
+)
+def test_errors_are_reported(profile_file, extra, message, capsys):
+    assert cli.main(["--profile", str(profile_file), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_workers_required(profile_file):
+    with pytest.raises(SystemExit):
+        cli.main(["--profile", str(profile_file), "--bandwidth", "1gbit"])
