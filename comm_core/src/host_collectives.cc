@@ -175,7 +175,11 @@ void run_ring(const Communicator& c, const std::vector<const OpSpec*>& ops, cons
   }
   const int left = mod(c.rank - 1, c.size);
   const int right = mod(c.rank + 1, c.size);
-  const size_t seg = std::max<size_t>(8, cfg.segment_bytes / 8 * 8);  // whole elements of any dtype
+  // Only a reducing receive is cut into segments (so arithmetic overlaps the
+  // transfer); anything else goes as one message, which MPI moves fastest
+  // (single-copy rendezvous on shared memory), up to MPI's int count.
+  const size_t reduce_seg = std::max<size_t>(8, cfg.segment_bytes / 8 * 8);  // whole elements of any dtype
+  const size_t whole = size_t{1} << 30;
   std::vector<MPI_Request> requests;
   std::vector<PendingReduce> reduces;  // one entry per request; count 0: nothing to reduce
   for (int s = 0; s < steps; ++s) {
@@ -191,6 +195,7 @@ void run_ring(const Communicator& c, const std::vector<const OpSpec*>& ops, cons
     for (size_t i = 0; i < rings.size(); ++i) {
       const Transfer& t = transfers[i];
       const size_t esize = dtype_size(ops[i]->dtype);
+      const size_t seg = t.addend != nullptr ? reduce_seg : whole;
       for (size_t off = 0; off < t.recv_bytes; off += seg) {
         const size_t n = std::min(seg, t.recv_bytes - off);
         requests.emplace_back();
@@ -202,6 +207,7 @@ void run_ring(const Communicator& c, const std::vector<const OpSpec*>& ops, cons
     }
     for (size_t i = 0; i < rings.size(); ++i) {
       const Transfer& t = transfers[i];
+      const size_t seg = t.addend != nullptr ? reduce_seg : whole;  // the receiver cuts it the same way
       for (size_t off = 0; off < t.send_bytes; off += seg) {
         const size_t n = std::min(seg, t.send_bytes - off);
         requests.emplace_back();

@@ -1,6 +1,5 @@
 """Failure behaviour of the engine, one mode per run (argv[1]); the test reads the output."""
 
-import os
 import re
 import sys
 import time

@@ -1,0 +1,165 @@
+"""Collective benchmark: comm_core against mpi4py on the same buffers, in the same run.
+
+Run under MPI, e.g.::
+
+    mpirun -np 2 python -m pipedap.bench_comm --json out/bench_comm_np2.json
+
+Prints an nccl-tests-style table (size, op, time, algbw, busbw) for both
+libraries and their busbw ratio, then the per-operation overhead of a 4-byte
+all-reduce. busbw = algbw * (n-1)/n for reduce-scatter and all-gather and
+2(n-1)/n for all-reduce, where algbw = buffer bytes / time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import pipedap
+from pipedap import comm
+
+OPS = ("reducescatter", "allgather", "allreduce")
+DEFAULT_SIZES = [4, 4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+
+
+def parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = text.strip().lower().rstrip("b")
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+
+
+class Buffers:
+    """Input and output of one collective of `nbytes` (the full buffer), as torch and numpy views."""
+
+    def __init__(self, op: str, nbytes: int, world: int):
+        n = max(world, nbytes // 4 // world * world)  # float32, divisible by the world size
+        self.full = torch.ones(n)
+        self.part = torch.ones(n // world)
+        self.out_full = torch.empty(n)
+        self.nbytes = n * 4
+        if op == "reducescatter":
+            self.src, self.dst = self.full, self.part
+        elif op == "allgather":
+            self.src, self.dst = self.part, self.out_full
+        else:
+            self.src, self.dst = self.full, self.out_full
+
+    def pipedap_collective(self, op: str) -> comm.Collective:
+        make = {"reducescatter": comm.reducescatter_collective, "allgather": comm.allgather_collective,
+                "allreduce": comm.allreduce_collective}[op]
+        args = (self.src, self.dst, f"bench.{op}") + (() if op == "allgather" else (pipedap.Sum,))
+        return make(*args)
+
+
+def time_pipedap(buffers: Buffers, op: str, iters: int) -> float:
+    collective = buffers.pipedap_collective(op)
+    for _ in range(2):
+        comm.synchronize(comm.submit_group([collective]))
+    pipedap.barrier()
+    start = time.perf_counter()
+    for _ in range(iters):
+        comm.synchronize(comm.submit_group([collective]))
+    return (time.perf_counter() - start) / iters
+
+
+def time_mpi4py(buffers: Buffers, op: str, iters: int, mpi_comm) -> float:
+    src, dst = buffers.src.numpy(), buffers.dst.numpy()
+    call = {"reducescatter": lambda: mpi_comm.Reduce_scatter_block(src, dst),
+            "allgather": lambda: mpi_comm.Allgather(src, dst),
+            "allreduce": lambda: mpi_comm.Allreduce(src, dst)}[op]
+    for _ in range(2):
+        call()
+    mpi_comm.Barrier()
+    start = time.perf_counter()
+    for _ in range(iters):
+        call()
+    return (time.perf_counter() - start) / iters
+
+
+def agreed_time(seconds: float, mpi_comm) -> float:
+    """The slowest rank's time: a collective is as fast as its slowest member."""
+    from mpi4py import MPI
+
+    return mpi_comm.allreduce(seconds, op=MPI.MAX)
+
+
+def bus_factor(op: str, world: int) -> float:
+    return (world - 1) / world * (2 if op == "allreduce" else 1)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m pipedap.bench_comm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
+                        help="comma-separated buffer sizes (bytes, or with k/m suffix); default 4 B .. 64 MB")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    parser.add_argument("--min-time", type=float, default=0.5, help="seconds to spend per (size, op, library)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
+    parser.add_argument("--json", help="write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    pipedap.init()
+    from mpi4py import MPI
+
+    world, rank = pipedap.size(), pipedap.rank()
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    ops = args.ops.split(",")
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"# pipedap.bench_comm: {world} ranks, {len(sizes)} sizes x {len(ops)} ops x 2 libraries, "
+        f"about {len(sizes) * len(ops) * 2 * args.repeats * args.min_time:.0f} s")
+    say(f"# {'size':>10} {'op':>14} | {'pipedap us':>11} {'algbw':>7} {'busbw':>7} | "
+        f"{'mpi4py us':>11} {'algbw':>7} {'busbw':>7} | busbw ratio")
+    rows = []
+    for nbytes in sizes:
+        for op in ops:
+            buffers = Buffers(op, nbytes, world)
+            probe = agreed_time(time_mpi4py(buffers, op, 3, MPI.COMM_WORLD), MPI.COMM_WORLD)
+            iters = max(3, min(10_000, int(args.min_time / max(probe, 1e-7))))
+            times = {"pipedap": [], "mpi4py": []}
+            for _ in range(args.repeats):  # alternate, so drift hits both alike
+                times["pipedap"].append(agreed_time(time_pipedap(buffers, op, iters), MPI.COMM_WORLD))
+                times["mpi4py"].append(agreed_time(time_mpi4py(buffers, op, iters, MPI.COMM_WORLD), MPI.COMM_WORLD))
+            row = {"bytes": buffers.nbytes, "op": op, "iters": iters}
+            for lib in times:
+                t = statistics.median(times[lib])
+                algbw = buffers.nbytes / t / 1e9
+                row[lib] = {"time_us": t * 1e6, "algbw_GBps": algbw, "busbw_GBps": algbw * bus_factor(op, world)}
+            row["busbw_ratio"] = row["pipedap"]["busbw_GBps"] / row["mpi4py"]["busbw_GBps"]
+            rows.append(row)
+            p, m = row["pipedap"], row["mpi4py"]
+            say(f"  {buffers.nbytes:>10} {op:>14} | {p['time_us']:>11.1f} {p['algbw_GBps']:>7.3f} "
+                f"{p['busbw_GBps']:>7.3f} | {m['time_us']:>11.1f} {m['algbw_GBps']:>7.3f} {m['busbw_GBps']:>7.3f} "
+                f"| {row['busbw_ratio']:.3f}")
+
+    small = Buffers("allreduce", 4, world)
+    overhead = {
+        "pipedap_us": statistics.median(agreed_time(time_pipedap(small, "allreduce", 2000), MPI.COMM_WORLD)
+                                        for _ in range(args.repeats)) * 1e6,
+        "mpi4py_us": statistics.median(agreed_time(time_mpi4py(small, "allreduce", 2000, MPI.COMM_WORLD),
+                                                   MPI.COMM_WORLD) for _ in range(args.repeats)) * 1e6,
+    }
+    overhead["difference_us"] = overhead["pipedap_us"] - overhead["mpi4py_us"]
+    say(f"# 4-byte allreduce: pipedap {overhead['pipedap_us']:.1f} us, mpi4py {overhead['mpi4py_us']:.1f} us "
+        f"(+{overhead['difference_us']:.1f} us)")
+    large = [r["busbw_ratio"] for r in rows if r["bytes"] >= 4 << 20]
+    if large:
+        say(f"# busbw ratio pipedap/mpi4py for >= 4 MB: min {min(large):.3f}, "
+            f"geometric mean {float(np.exp(np.mean(np.log(large)))):.3f}")
+    result = {"world_size": world, "rows": rows, "overhead_4B_allreduce": overhead,
+              "mpi_library": MPI.Get_library_version().splitlines()[0],
+              "algorithm": os.environ.get("PIPEDAP_ALGORITHM", "auto")}
+    if rank == 0 and args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        say(f"# wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
