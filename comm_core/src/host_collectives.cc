@@ -237,6 +237,7 @@ struct NativeCall {
   const OpSpec* op;
   std::vector<int> counts;
   std::vector<int> displs;
+  std::vector<char> staging;  // reduce-scatter output when it lies inside the input (MPI forbids aliasing)
 };
 
 void start_native(const Communicator& c, NativeCall& call, MPI_Request* req) {
@@ -248,9 +249,18 @@ void start_native(const Communicator& c, NativeCall& call, MPI_Request* req) {
   const size_t esize = dtype_size(op.dtype);
   for (int64_t n : op.counts) call.counts.push_back(to_int_count(n, op, c.rank));
   switch (op.kind) {
-    case OpKind::kReduceScatter:
+    case OpKind::kReduceScatter: {
+      const char* in_begin = static_cast<const char*>(in);
+      const char* out_begin = static_cast<const char*>(out);
+      const size_t in_bytes = op.total_count() * esize;
+      const size_t out_bytes = op.counts[c.rank] * esize;
+      if (out_bytes > 0 && out_begin < in_begin + in_bytes && in_begin < out_begin + out_bytes) {
+        call.staging.resize(out_bytes);
+        out = call.staging.data();
+      }
       check_mpi(MPI_Ireduce_scatter(in, out, call.counts.data(), type, mpi_sum_op(op.dtype), c.comm, req), what, c.rank);
       return;
+    }
     case OpKind::kAllGather: {
       int off = 0;
       for (int n : call.counts) {
@@ -277,7 +287,9 @@ void start_native(const Communicator& c, NativeCall& call, MPI_Request* req) {
   }
 }
 
-void finish_native(const Communicator& c, const OpSpec& op) {
+void finish_native(const Communicator& c, const NativeCall& call) {
+  const OpSpec& op = *call.op;
+  if (!call.staging.empty()) std::memcpy(reinterpret_cast<void*>(op.output), call.staging.data(), call.staging.size());
   if (op.reduce != ReduceOp::kAverage) return;
   if (op.kind == OpKind::kReduceScatter) {
     divide_inplace(op.dtype, reinterpret_cast<void*>(op.output), op.counts[c.rank], c.size);
@@ -312,7 +324,7 @@ void run_host_group(const Communicator& c, const std::vector<OpSpec>& ops, const
   for (size_t i = 0; i < native.size(); ++i) start_native(c, native[i], &requests[i]);
   if (!ring_ops.empty()) run_ring(c, ring_ops, cfg);
   wait_all(requests, cfg.poll, c.rank);
-  for (const NativeCall& call : native) finish_native(c, *call.op);
+  for (const NativeCall& call : native) finish_native(c, call);
 }
 
 }  // namespace pipedap

@@ -105,6 +105,17 @@ for n in (P * 40_000, P * 3):
     check(ag, torch.arange(P, dtype=torch.float32).repeat_interleave(n // P), f"group allgather n={n}")
     check(ar, average(total(n, torch.float32), torch.float32), f"group allreduce n={n}")
 
+# in place, as the optimizer does it: the shard is a view into the bucket, RS into it, AG from it
+for n in (P * 40_000, P * 3):
+    bucket = value(R, n, torch.float32)
+    k = n // P
+    shard = bucket[R * k : (R + 1) * k]
+    hvd.synchronize(comm.submit_group([comm.reducescatter_collective(bucket, shard, f"inplace.rs.{n}", op=hvd.Average)]))
+    want = average(total(n, torch.float32), torch.float32)
+    check(shard, want[R * k : (R + 1) * k], f"in-place reducescatter n={n}")
+    hvd.synchronize(comm.submit_group([comm.allgather_collective(shard, bucket, f"inplace.ag.{n}")]))
+    check(bucket, want, f"in-place allgather n={n}")
+
 # half types round once per addition, like torch's float32 add then cast (exact at P == 2: one addition)
 if P == 2:
     for dtype in (torch.float16, torch.bfloat16):
