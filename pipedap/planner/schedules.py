@@ -15,11 +15,11 @@ group into submissions.
 
 from __future__ import annotations
 
-import bisect
 import itertools
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from .plan import Group, Plan, PlanError, Prediction, Submission
 from .simulator import Problem, Timeline, simulate, simulate_bytescheduler
@@ -28,16 +28,17 @@ FORWARD, BEHIND, MERGED = "F", "B", "M"
 # Largest group count the exhaustive oracle accepts: 3**(G-1) simulations.
 EXHAUSTIVE_MAX_GROUPS = 12
 # [Note: exact planner state budget]
-# The DP keeps, per group, the Pareto-optimal (link free time, forward-chain term, deadline
-# term) states that can still beat the incumbent. On compute-bound or fast-link profiles
-# that set is tiny (1 to a few hundred states) and the result is proven optimal; on
-# link-bound ones it can reach ~17,000 states per step at 161 groups, with no polynomial
-# bound. So each step keeps at most max_states states, those with the best lower bounds
-# (a beam), and the result says proven_optimal = False when the cap dropped any; it is
-# then still never worse than the greedy it was seeded with. The default cap spends a
-# fixed number of state-steps (STATE_BUDGET / G states per step), so ~400 groups plan in
-# well under a second. It is a count, not a time limit, so every rank gets the same plan.
-STATE_BUDGET = 60_000
+# The DP keeps, per group, the (link free time, forward-chain term) Pareto front of the
+# states that can still beat the incumbent. On compute-bound or fast-link profiles that
+# front is tiny (1 to a few hundred states) and the result is proven optimal; on link-bound
+# ones it reaches thousands of states per step (1,400 at 161 groups, 64 workers, 1 Gb/s)
+# with no polynomial bound. So each step keeps at most max_states states, those with the
+# best lower bounds (a beam), and the result says proven_optimal = False when the cap
+# dropped any; it is then still never worse than the greedy it was seeded with. The default
+# cap spends a fixed number of state-steps (STATE_BUDGET / G states per step), so ~400
+# groups plan in well under a second. It is a count, not a time limit: every rank gets the
+# same plan.
+STATE_BUDGET = 800_000
 MIN_STATES = 64
 
 
@@ -226,16 +227,17 @@ def optimal(problem: Problem, max_states: int | None = None, seed: Schedule | No
     """The exact optimum of the decoupled decision space, never worse than `seed` (the greedy).
 
     [Note: the DP]
-    Groups are decided in backward order g = G-1 .. 0. The iteration time is
-    ``max(compute, D, L + Z)`` where L is when the link finishes the backward list, D the
-    latest ``done[g] + tail[g]`` over AGs issued in backward (tail[g]: forward compute from
-    group g on), and Z the forward-phase term: with the forward AGs running back to back
-    from L in group order, ``max over forward g of (sum of their AG costs up to g) +
-    tail[g]``. Walking g downwards, Z updates as ``Z = max(Z, tail[g]) + T_ag(g)`` when AG(g)
-    stays in forward. So a state is (t = link free time, Z, D, AG(g) pending a merge into
-    RS(g-1)); every transition is monotone in (t, Z, D), hence a state that is no better in
-    all three than another with the same pending flag can be dropped, and so can a state
-    whose lower bound cannot beat the incumbent.
+    Let L be when the link finishes the backward list and, with the forward-phase AGs
+    running back to back from L in group order, ``Z = max over forward g of (their AG costs
+    up to g) + tail[g]`` (tail[g]: forward compute from the update of g on). Then the
+    iteration time is exactly ``L + Z``: forward group g ends at ``max(done[g] + tail[g])``
+    over g (and the compute bound), and since AG(0) always runs in the forward phase,
+    ``Z >= T_ag(0) + tail[0]`` dominates both the compute bound and every AG issued in
+    backward (done[g] <= L, tail[g] <= tail[0]). Walking g = G-1 .. 0, Z updates as
+    ``Z = max(Z, tail[g]) + T_ag(g)`` when AG(g) stays in forward. A state is therefore
+    (t = link free time, Z, AG(g) pending a merge into RS(g-1)); transitions are monotone
+    in t and Z, so among states with the same pending flag only the (t, Z) Pareto front
+    matters, and a state whose lower bound cannot beat the incumbent is dropped.
     """
     seed = seed or pipedap(problem)
     max_states = max_states or max(MIN_STATES, STATE_BUDGET // problem.size)
@@ -252,82 +254,74 @@ def optimal(problem: Problem, max_states: int | None = None, seed: Schedule | No
         link_floor[h] = max(link_floor[h - 1] if h else 0.0, ready[h] + prefix[h])
         ag_floor[h] = (ag_floor[h - 1] + ag[h] - save) if h else 0.0
 
-    # A state: (t, Z, D, pending, parent index, option); D starts at the global bound.
-    states = [(0.0, -math.inf, problem.lower_bound(), False, -1, "")]
-    history: list[list[tuple]] = []
+    # States as parallel arrays: link free time t, forward term Z, pending merge flag.
+    t, z, pending = np.zeros(1), np.full(1, -np.inf), np.zeros(1, dtype=bool)
+    history: list[tuple[np.ndarray, np.ndarray]] = []  # per step: parent index, option code
+    codes = np.array([FORWARD, BEHIND, MERGED])
     proven, peak = True, 1
     for g in reversed(range(size)):
-        grown = []
-        for index, (t, z, d, pending, _, _) in enumerate(states):
-            start = t if t > ready[g] else ready[g]
-            if pending:
-                end = start + rs[g] + ag[g + 1] - save
-                d = max(d, end + tail[g + 1])
-            else:
-                end = start + rs[g]
-            grown.append((end, max(z, tail[g]) + ag[g], d, False, index, FORWARD))
-            if g:
-                behind = end + ag[g]
-                grown.append((behind, z, max(d, behind + tail[g]), False, index, BEHIND))
-                grown.append((end, z, d, True, index, MERGED))
-        states, capped = _prune(grown, g, cutoff, max_states, (link_floor, prefix, ag_floor, ag, tail, save))
+        end = np.maximum(t, ready[g]) + rs[g]
+        if g + 1 < size:
+            end += np.where(pending, ag[g + 1] - save, 0.0)
+        n = len(t)
+        choices = 3 if g else 1  # group 0's AG stays in forward
+        child_t = np.concatenate([end, end + ag[g], end][:choices])
+        child_z = np.concatenate([np.maximum(z, tail[g]) + ag[g], z, z][:choices])
+        child_pending = np.repeat(np.array([False, False, True])[:choices], n)
+        parent = np.tile(np.arange(n), choices)
+        option = np.repeat(np.arange(choices), n)
+        bound = _lower_bound(child_t, child_z, child_pending, g, (link_floor, prefix, ag_floor, ag, tail, save))
+        keep = _pareto(child_t, child_z, child_pending) & (bound < cutoff)
+        kept = np.flatnonzero(keep)
+        capped = len(kept) > max_states
+        if capped:
+            kept = kept[np.argsort(bound[kept], kind="stable")[:max_states]]
         proven = proven and not capped
-        peak = max(peak, len(states))
-        history.append(states)
+        peak = max(peak, len(kept))
+        t, z, pending = child_t[kept], child_z[kept], child_pending[kept]
+        history.append((parent[kept], option[kept]))
 
     info = {"proven_optimal": proven, "peak_states": peak, "seeded_with": seed.name}
-    if not states:  # nothing can beat the seed: it is optimal (or the cap cut the better ones)
+    if not len(t):  # nothing can beat the seed: it is optimal (or the cap cut the better ones)
         return _renamed(seed, "optimal", info)
-    best = min(range(len(states)), key=lambda i: max(problem.compute_bound(), states[i][2], states[i][0] + states[i][1]))
+    best = int(np.argmin(t + z))
+    info["dp_iteration_time"] = float(t[best] + z[best])
     options = [FORWARD] * size
-    for g, layer in zip(range(size), reversed(history)):
-        options[g] = layer[best][5]
-        best = layer[best][4]
+    for g, (parents, chosen) in zip(range(size), reversed(history)):
+        options[g] = str(codes[chosen[best]])
+        best = int(parents[best])
     schedule = from_options(problem, "optimal", options, **info)
     return schedule if schedule.iteration_time < incumbent else _renamed(seed, "optimal", info)
+
+
+def _pareto(t: np.ndarray, z: np.ndarray, pending: np.ndarray) -> np.ndarray:
+    """Mask of the states on the (t, Z) Pareto front of their pending flag (first of equals)."""
+    order = np.lexsort((z, t, pending))  # by flag, then t, then Z
+    zs = z[order]
+    keep = np.zeros(len(t), dtype=bool)
+    split = int(np.searchsorted(pending[order], True))
+    for lo, hi in ((0, split), (split, len(order))):
+        block = zs[lo:hi]
+        if len(block):
+            earlier = np.concatenate([[np.inf], np.minimum.accumulate(block)[:-1]])
+            keep[order[lo:hi]] = block < earlier  # Z beats every state with smaller or equal t
+    return keep
+
+
+def _lower_bound(t: np.ndarray, z: np.ndarray, pending: np.ndarray, g: int, floors: tuple) -> np.ndarray:
+    """A bound below the iteration time of any completion of each state (after group g).
+
+    Every remaining RS and, at least net of a merge, every remaining AG lands either on the
+    link before its end L or on the forward chain Z; the iteration is L + Z.
+    """
+    link_floor, prefix, ag_floor, ag, tail, save = floors
+    if g == 0:
+        return t + z
+    chain = t + prefix[g - 1] + np.where(pending, ag[g] - save, 0.0)
+    link_end = np.maximum(chain, link_floor[g - 1])
+    return np.maximum(link_end + np.maximum(z, tail[0]) + ag[0], chain + ag_floor[g - 1] + z + ag[0])
 
 
 def _renamed(schedule: Schedule, name: str, info: Mapping[str, object]) -> Schedule:
     return Schedule(name, schedule.timeline, schedule.backward, schedule.forward,
                     schedule.sync_before_forward, {**schedule.info, **info})
-
-
-def _prune(states: list[tuple], g: int, cutoff: float, max_states: int, floors: tuple) -> tuple[list[tuple], bool]:
-    """Drop states that cannot beat `cutoff` or are dominated; cap the rest at `max_states`.
-
-    `floors` are the per-group sums that :func:`optimal` precomputes for the lower bound.
-    Returns the kept states and whether the cap removed any.
-    """
-    link_floor, prefix, ag_floor, ag, tail, save = floors
-
-    def lower_bound(state: tuple) -> float:
-        # Every remaining RS and, at least net of a merge, every remaining AG lands either on
-        # the link before its end L or on the forward chain Z; the iteration is >= L + Z.
-        t, z, d, pending = state[:4]
-        if g == 0:
-            return max(d, t + z)
-        chain = t + prefix[g - 1] + (ag[g] - save if pending else 0.0)
-        link_end = max(chain, link_floor[g - 1])
-        return max(d, link_end + max(z, tail[0]) + ag[0], chain + ag_floor[g - 1] + z + ag[0])
-
-    bounded = [(lower_bound(s), s) for s in states]
-    kept: list[tuple[float, tuple]] = []
-    for pending in (False, True):
-        zs: list[float] = []  # 2-D Pareto staircase of (Z, D) over states with smaller t
-        ds: list[float] = []
-        candidates = sorted((s for s in bounded if s[1][3] is pending and s[0] < cutoff), key=lambda bs: bs[1][:3])
-        for bound, state in candidates:
-            z, d = state[1], state[2]
-            i = bisect.bisect_right(zs, z) - 1
-            if i >= 0 and ds[i] <= d:
-                continue
-            j = bisect.bisect_left(zs, z)
-            k = j
-            while k < len(zs) and ds[k] >= d:
-                k += 1
-            zs[j:k], ds[j:k] = [z], [d]
-            kept.append((bound, state))
-    capped = len(kept) > max_states
-    if capped:
-        kept = sorted(kept, key=lambda pair: pair[0])[:max_states]
-    return [s for _, s in kept], capped

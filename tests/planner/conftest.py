@@ -27,11 +27,16 @@ def random_problem(rng: random.Random, size: int) -> Problem:
     """A random instance: link-bound, compute-bound or balanced, with skewed layer sizes."""
     workers = rng.choice([2, 4, 8, 16, 64])
     cost = from_link(workers, rng.choice([1.25e8, 1.25e9, 1.25e10]), rng.choice([0.0, 5e-6, 5e-5, 5e-4]))
+    # Some instances have their big layers first (embeddings) or a forward much faster
+    # than the backward, so that every term of the iteration time gets to be the binding one.
+    big_first = rng.random() < 0.3
+    fast_forward = rng.random() < 0.3
     layers = []
     for i in range(size):
-        nbytes = int(10 ** rng.uniform(2, 7.5))
+        nbytes = int(10 ** rng.uniform(2, 7.5) * (30 if big_first and i < 2 else 1))
         tf = rng.uniform(1e-5, 5e-3)
-        layers.append(Layer(f"l{i}", (f"l{i}.weight",), nbytes, tf, tf * rng.uniform(1, 3), rng.choice([0.0, tf / 10])))
+        tb = tf * rng.uniform(1, 3) * (20 if fast_forward else 1)
+        layers.append(Layer(f"l{i}", (f"l{i}.weight",), nbytes, tf, tb, rng.choice([0.0, tf / 10])))
     return Problem(Profile(tuple(layers)), cost)
 
 

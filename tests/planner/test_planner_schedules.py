@@ -107,6 +107,8 @@ def test_optimal_equals_exhaustive_small(random_problems):
         exact = schedules.optimal(problem)
         assert exact.info["proven_optimal"]
         assert exact.iteration_time == pytest.approx(best, rel=TOL)
+        if "dp_iteration_time" in exact.info:  # the DP's own value of its plan is the simulator's
+            assert exact.info["dp_iteration_time"] == pytest.approx(exact.iteration_time, rel=TOL)
         proven += exact.iteration_time < schedules.pipedap(problem).iteration_time - TOL * best
     # The oracle must also see cases where the greedy is not optimal, or it tests little.
     assert proven > 0
