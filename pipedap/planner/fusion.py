@@ -26,12 +26,12 @@ Grouping = tuple[tuple[int, ...], ...]
 MB = 1 << 20
 # The decoupled schedules the search scores each grouping with; "optimal" is seeded
 # with the greedy, so the search's best is at least as good as any of them.
-PLANNERS = {
-    "wfbp": lambda p: schedules.wfbp(p),
-    "bytescheduler": lambda p: schedules.bytescheduler(p),
-    "dear": lambda p: schedules.dear(p),
-    "pipedap": lambda p: schedules.pipedap(p),
-    "optimal": lambda p: schedules.optimal(p),
+PLANNERS: dict[str, Callable[[Problem], schedules.Schedule]] = {
+    "wfbp": schedules.wfbp,
+    "bytescheduler": schedules.bytescheduler,
+    "dear": schedules.dear,
+    "pipedap": schedules.pipedap,
+    "optimal": schedules.optimal,
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from pipedap import plan as cli
@@ -60,3 +62,9 @@ def test_errors_are_reported(profile_file, extra, message, capsys):
 def test_workers_required(profile_file):
     with pytest.raises(SystemExit):
         cli.main(["--profile", str(profile_file), "--bandwidth", "1gbit"])
+
+
+def test_model_without_models_package(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "models", None)  # makes `import models` fail
+    assert cli.main(["--model", "resnet50", "--workers", "2", "--bandwidth", "1gbit"]) == 2
+    assert "--model needs torch and the models package" in capsys.readouterr().err
