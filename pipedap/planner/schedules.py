@@ -123,13 +123,14 @@ def bytescheduler(
     credits: Sequence[int] = (1, 2, 4),
 ) -> Schedule:
     """ByteScheduler-style schedule, tuned over partition sizes and credits (in partitions)."""
-    best = None
-    for partition, credit in itertools.product(partitions, credits):
-        timeline = simulate_bytescheduler(problem, partition, credit * partition)
-        if best is None or timeline.iteration_time < best.iteration_time:
-            best = Schedule("bytescheduler", timeline, info={"partition": partition, "credit": credit * partition})
-    assert best is not None, "bytescheduler needs at least one partition and credit"
-    return best
+    if not partitions or not credits:
+        raise ValueError("bytescheduler needs at least one partition size and one credit")
+    tried = (
+        Schedule("bytescheduler", simulate_bytescheduler(problem, partition, credit * partition),
+                 info={"partition": partition, "credit": credit * partition})
+        for partition, credit in itertools.product(partitions, credits)
+    )
+    return min(tried, key=lambda schedule: schedule.iteration_time)
 
 
 def pipedap(problem: Problem, check: bool = True) -> Schedule:
@@ -214,13 +215,11 @@ def exhaustive(problem: Problem) -> Schedule:
             f"exhaustive search over {problem.size} groups is 3**{problem.size - 1} simulations; "
             f"use optimal() above {EXHAUSTIVE_MAX_GROUPS} groups"
         )
-    best = None
-    for rest in itertools.product((FORWARD, BEHIND, MERGED), repeat=problem.size - 1):
-        schedule = from_options(problem, "exhaustive", (FORWARD, *rest))
-        if best is None or schedule.iteration_time < best.iteration_time:
-            best = schedule
-    assert best is not None
-    return best
+    every = (
+        from_options(problem, "exhaustive", (FORWARD, *rest))
+        for rest in itertools.product((FORWARD, BEHIND, MERGED), repeat=problem.size - 1)
+    )
+    return min(every, key=lambda schedule: schedule.iteration_time)
 
 
 def optimal(problem: Problem, max_states: int | None = None, seed: Schedule | None = None) -> Schedule:

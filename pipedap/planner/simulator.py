@@ -120,14 +120,6 @@ class Timeline:
         """When the forward of group g ends (the backward end for g = -1)."""
         return self.problem.backward_end if g < 0 else self.forward_start[g] + self.problem.w[g]
 
-    def stall(self, g: int) -> float:
-        """How long the compute stream waits for group g's collective before its forward."""
-        return self.forward_start[g] - self.forward_end(g - 1)
-
-    def stall_from(self, g: int) -> float:
-        """Total forward-phase waiting at groups g .. G-1."""
-        return self.iteration_time - self.forward_end(g - 1) - self.problem.tail[g]
-
     def compute_spans(self) -> list[tuple[str, float, float]]:
         """(label, start, end) of every block on the compute stream, for Gantt charts."""
         p = self.problem
@@ -252,7 +244,7 @@ def simulate_bytescheduler(problem: Problem, partition: int, credit: int) -> Tim
         while available and inflight < credit:
             g, i, size = heapq.heappop(available)
             start = max(free, now)
-            free = start + line.time(max(size, 0))
+            free = start + line.time(size)
             subs.append((("ar", g),))
             starts.append(start)
             ends.append(free)

@@ -23,7 +23,7 @@ def test_dear_timeline(make_problem):
     assert tl.ends == (3, 6, 9, 11)
     assert tl.forward_start == (9, 11)
     assert tl.iteration_time == 12
-    assert tl.stall(0) == 6 and tl.stall(1) == 0.5 and tl.stall_from(1) == 0.5
+    assert tl.forward_end(-1) == 3 and tl.forward_end(0) == 10.5
     # Link busy 10 + head tb[1] = 1 + tail after ag1 (forward of g1) = 1: the plan is tight.
     assert tl.link_busy == 10 and tl.lower_bound == 12
 
