@@ -134,3 +134,21 @@ def test_planning_is_deterministic(random_problems):
     first, second = schedules.optimal(problem), schedules.optimal(problem)
     assert first.backward == second.backward and first.forward == second.forward
     assert first.to_plan().digest() == second.to_plan().digest()
+
+
+def test_greedy_two_startup_rule_and_the_simulator_check(make_problem):
+    # Three groups of 2 bytes (RS = AG = 2), tb 1 each (ready: g2 at 1, g1 at 2, g0 at 3),
+    # tf 1, 0.5, 1. DeAR: rs2 1-3, rs1 3-5, rs0 5-7, ag0 7-9, ag1 9-11, ag2 11-13;
+    # forward g0 9-10, g1 11-11.5, g2 13-14: T = 14.
+    # n = 1: S_bc = 0, S_fc = 14 - 10 - 1.5 = 2.5, 0 + 2.5 + a = 3.5 > 2: merge into RS(0):
+    #   rs0+ag1 5-8, ag0 8-10, ag2 10-12; forward g0 10-11, g1 11-11.5, g2 12-13: T = 13.
+    # n = 2: S_bc = 3 - 3 = 0, S_fc = 13 - 11.5 - 1 = 0.5, and n - 1 > 0 counts 2a:
+    #   0 + 0.5 + 2 = 2.5 > 2: merge into RS(1): rs1+ag2 3-6, rs0+ag1 6-9, ag0 9-11;
+    #   forward g0 11-12, g1 12-12.5, g2 12.5-13.5: T = 13.5, worse than 13.
+    problem = make_problem([(2, 1.0, 1.0, 0.0), (2, 0.5, 1.0, 0.0), (2, 1.0, 1.0, 0.0)])
+    assert schedules.dear(problem).iteration_time == 14
+    paper = schedules.pipedap(problem, check=False)
+    assert paper.info["options"] == "FMM" and paper.iteration_time == 13.5
+    checked = schedules.pipedap(problem)
+    assert checked.info["options"] == "FMF" and checked.iteration_time == 13
+    assert schedules.optimal(problem).iteration_time == schedules.exhaustive(problem).iteration_time <= 13
