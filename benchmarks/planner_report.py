@@ -6,7 +6,7 @@ For each model, world size (2, 4, 8, 16, 64) and link (1 and 10 Gb/s, 50 us per 
 step), the table gives the simulated iteration time of WFBP, ByteScheduler (tuned),
 DeAR, the PipeDAP greedy and the exact planner on per-layer groups (no fusion), the
 exact planner after the joint fusion + order search, the lower bound, and speedups.
-It also times the planners on ~400 groups. Results go to a JSON file.
+It also times the planners on ~400 groups. Results go to a JSON file (--out).
 
 Layer profiles: measured with pipedap.profiler on the real model (CPU, batch 2) and cached
 in benchmarks/profiles/ (committed, so the report reproduces without re-measuring; pass
@@ -153,7 +153,8 @@ def planning_times(profile: Profile) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(HERE / "results" / "planner_report.json"), help="JSON output")
+    parser.add_argument("--out", default=str(HERE.parent / "out" / "planner_report.json"),
+                        help="JSON output (default out/planner_report.json, not tracked)")
     parser.add_argument("--refresh", action="store_true", help="re-measure the cached profiles")
     args = parser.parse_args()
     report: dict = {"latency_s": LATENCY, "models": {}}
