@@ -160,16 +160,22 @@ def leftovers(run_id: int | None = None) -> tuple[list[str], list[str]]:
 
 
 def teardown(run_id: int | None = None) -> list[str]:
-    """Delete the namespaces and links of run ``run_id`` (of every run if None); return what was removed.
+    """Delete the links and namespaces of run ``run_id`` (of every run if None); return what was removed.
 
-    Deleting a namespace deletes its veth pair too, so only bridges and orphaned
-    bridge ports remain to delete as links. Safe to call again: idempotent.
+    Links go first: deleting a bridge port deletes its peer inside the namespace
+    at once (deleting the namespace first would remove the pair only later).
+    Objects that vanish meanwhile (another teardown of the same run) are not errors,
+    so this is idempotent and safe to call concurrently.
     """
-    namespaces, _ = leftovers(run_id)
-    for ns in namespaces:
-        run(["ip", "netns", "del", ns], fix=f"a process may still run inside {ns}: "
-            f"`ip netns pids {ns}` lists them")
-    _, links = leftovers(run_id)
-    for link in links:
-        run(["ip", "link", "del", link])
-    return namespaces + links
+    removed = []
+    namespaces, links = leftovers(run_id)
+    bridge_ports_first = sorted(links, key=lambda name: name.endswith("br"))
+    for kind, name in [("link", n) for n in bridge_ports_first] + [("netns", n) for n in namespaces]:
+        try:
+            run(["ip", kind, "del", name])
+        except TestbedError:
+            still_there = leftovers(run_id)[1 if kind == "link" else 0]
+            if name in still_there:
+                raise
+        removed.append(name)
+    return removed

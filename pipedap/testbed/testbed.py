@@ -49,11 +49,13 @@ def temp_dirs(run_id: int | None = None) -> list[Path]:
 
 def teardown(run_id: int | None = None) -> list[str]:
     """Remove the namespaces, links and temporary folders of run ``run_id`` (every run if None)."""
-    removed = network.teardown(run_id)
-    for folder in temp_dirs(run_id):
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append(str(folder))
-    return removed
+    folders = temp_dirs(run_id)
+    try:
+        removed = network.teardown(run_id)
+    finally:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+    return removed + [str(folder) for folder in folders]
 
 
 @contextmanager
@@ -81,6 +83,8 @@ class Testbed:
     ``run_id`` names everything this testbed creates (default: this process id).
     Use it as a context manager, or call :meth:`start` and :meth:`stop`.
     """
+
+    __test__ = False  # not a pytest test class despite the name
 
     def __init__(self, hosts: int = 2, rate: str = "500mbit", *, slots: int = 1, qdisc: str = "tbf",
                  burst: str = "256kb", latency: str = "20ms", run_id: int | None = None):
