@@ -27,9 +27,11 @@ _LAZY = {
         "allreduce", "allreduce_async", "allreduce_", "allreduce_async_",
         "allgather", "allgather_async", "reducescatter", "reducescatter_async",
         "broadcast", "broadcast_async", "broadcast_", "broadcast_async_",
-        "barrier", "synchronize", "poll", "broadcast_object",
+        "barrier", "synchronize", "poll", "broadcast_object", "allgather_object",
     )
 }
+_LAZY.update(dict.fromkeys(("DistributedOptimizer", "flush", "clip_grad_norm_"), "pipedap.optimizer"))
+_LAZY.update(dict.fromkeys(("broadcast_parameters", "broadcast_optimizer_state"), "pipedap.functions"))
 _LAZY["Compression"] = "pipedap.compression"
 
 __all__ = sorted(_LAZY)

@@ -512,3 +512,14 @@ def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None) -> A
         data.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
     broadcast_(data, root_rank, f"{name}.data")
     return pickle.loads(data.numpy().tobytes())
+
+
+def allgather_object(obj: Any, name: str | None = None) -> list:
+    """Pickle ``obj`` on every rank; return every rank's object, in rank order."""
+    name = _name(name, "allgather_object")
+    if size() == 1:
+        return [obj]
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    lengths = allgather(torch.tensor([data.numel()], dtype=torch.int64, device="cpu"), f"{name}.lengths").tolist()
+    everything = allgather(data, f"{name}.data")
+    return [pickle.loads(chunk.numpy().tobytes()) for chunk in everything.split(lengths)]

@@ -1,0 +1,384 @@
+"""DistributedOptimizer against single-process training (run under mpirun; argv[1] picks a part).
+
+The reference runs in the same process on a copy of the model: each step it
+back-propagates every rank's shard with the loss divided by the world size and
+steps a plain optimizer, which is single-process training on the concatenated
+batch (for models without batch statistics it is the same gradient; with
+BatchNorm it is what data parallelism computes, each shard normalised alone).
+Exits non-zero on the first mismatch.
+"""
+
+import copy
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pipedap as hvd
+from pipedap.optimizer import schedule_plan
+from pipedap.planner.plan import Group, Plan
+
+hvd.init()
+R, P = hvd.rank(), hvd.size()
+B = 4  # samples per rank and step
+STEPS = 20
+TOL = 1e-5
+
+
+# --- models -----------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden=16):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, 4)
+
+    def forward(self, x):
+        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        # no conv bias before BatchNorm (it cancels it: the gradient would be pure rounding noise)
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class Tied(nn.Module):
+    """The output projection is the embedding matrix (one Parameter used by two modules)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.hidden = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.hidden(self.emb(tokens).mean(dim=1))))
+
+
+class UnusedBranch(MLP):
+    """`branch` is never called: its parameters never get a gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.branch = nn.Linear(16, 16)
+
+
+class Frozen(MLP):
+    def __init__(self):
+        super().__init__()
+        self.fc1.requires_grad_(False)
+
+
+MODELS = {"mlp": MLP, "cnn_bn": SmallCNN, "tied": Tied, "unused_branch": UnusedBranch, "frozen": Frozen}
+
+
+def batch(model_name: str, step: int, n: int):
+    """The global batch of a step (identical on every rank)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    if model_name == "cnn_bn":
+        x = torch.randn(n, 3, 6, 6, generator=g)
+    elif model_name == "tied":
+        x = torch.randint(0, 10, (n, 3), generator=g)
+    else:
+        x = torch.randn(n, 8, generator=g)
+    classes = 10 if model_name == "tied" else 4
+    return x, torch.randint(0, classes, (n,), generator=g)
+
+
+# --- optimizers -------------------------------------------------------------------
+
+
+class PlainMomentum(torch.optim.Optimizer):
+    """A user-defined optimizer with a required constructor argument and per-parameter state."""
+
+    def __init__(self, params, lr, beta=0.8):
+        super().__init__(params, {"lr": lr, "beta": beta})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("buf", torch.zeros_like(p))
+                buf.mul_(group["beta"]).add_(p.grad)
+                p.add_(buf, alpha=-group["lr"])
+
+
+def make_optimizer(name: str, model: nn.Module):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":  # two groups with different hyperparameters
+        half = len(params) // 2
+        return torch.optim.SGD([{"params": params[:half], "lr": 0.05}, {"params": params[half:]}],
+                               lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=0.01)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
+    return PlainMomentum(params, lr=0.05)
+
+
+OPTIMIZERS = ["sgd", "adam", "adamw", "custom"]
+
+
+# --- plans ------------------------------------------------------------------------
+
+
+def module_groups(model: nn.Module) -> list[Group]:
+    from pipedap.buckets import default_groups
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    sizes = {n: p.numel() * 4 for n, p in named}
+    return [Group(g[0], tuple(g), sum(sizes[n] for n in g)) for g in default_groups(named, 0)]
+
+
+def handwritten_pipedap_plan(model: nn.Module) -> Plan:
+    """AG of the last group moved right behind its RS; AG of the next merged with the RS after it."""
+    groups = module_groups(model)
+    n = len(groups)
+    backward = [(("rs", n - 1),), (("ag", n - 1),)]
+    moved = {n - 1}
+    if n >= 3:
+        backward += [(("rs", n - 2),), (("rs", n - 3), ("ag", n - 2))]
+        moved.add(n - 2)
+        backward += [(("rs", g),) for g in reversed(range(n - 3))]
+    else:
+        backward += [(("rs", g),) for g in reversed(range(n - 1))]
+    forward = [(("ag", g),) for g in range(n) if g not in moved]
+    return Plan("handwritten", P, tuple(groups), tuple(backward), tuple(forward))
+
+
+def plan_for(schedule: str, model: nn.Module):
+    return handwritten_pipedap_plan(model) if schedule == "pipedap" else None
+
+
+# --- training ---------------------------------------------------------------------
+
+
+def loss_of(model, x, y):
+    return F.cross_entropy(model(x), y)
+
+
+def reference_step(model, opt, model_name, step, clip=None, micro=1, average_micro=True):
+    """Single process: every rank's shard, loss / (P * micro), then one plain step.
+
+    average_micro=False sums the micro-batches (what no_sync() accumulation computes).
+    """
+    opt.zero_grad()
+    for m in range(micro):
+        x, y = batch(model_name, step * micro + m, B * P)
+        for r in range(P):
+            scale = P * (micro if average_micro else 1)
+            (loss_of(model, x[r * B : (r + 1) * B], y[r * B : (r + 1) * B]) / scale).backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
+    opt.step()
+
+
+def distributed_step(model, opt, model_name, step, clip=None, micro=1):
+    opt.zero_grad()
+    for m in range(micro):
+        x, y = batch(model_name, step * micro + m, B * P)
+        loss_of(model, x[R * B : (R + 1) * B], y[R * B : (R + 1) * B]).backward()
+    if clip is not None:
+        hvd.clip_grad_norm_(opt, clip)
+    opt.step()
+
+
+def compare(what, model, reference):
+    ours, theirs = model.state_dict(), reference.state_dict()  # state_dict applies pending updates
+    worst = 0.0
+    for name, ref in reference.named_parameters():
+        diff = (ours[name] - theirs[name]).abs().max().item()
+        scale = 1.0 + ref.abs().max().item()
+        worst = max(worst, diff / scale)
+        if diff > TOL * scale:
+            sys.exit(f"rank {R}: {what}: parameter {name} differs by {diff:.3g} (scale {scale:.3g})")
+    return worst
+
+
+def fresh(model_name):
+    torch.manual_seed(0)
+    model = MODELS[model_name]()
+    return model, copy.deepcopy(model)
+
+
+def run_matrix():
+    worst = 0.0
+    for schedule in ("wfbp", "dear", "pipedap"):
+        for opt_name in OPTIMIZERS:
+            for model_name in MODELS:
+                model, reference = fresh(model_name)
+                opt = hvd.DistributedOptimizer(make_optimizer(opt_name, model), model=model,
+                                               schedule=schedule, plan=plan_for(schedule, model), fusion_bytes=0)
+                ref_opt = make_optimizer(opt_name, reference)
+                for step in range(STEPS):
+                    distributed_step(model, opt, model_name, step)
+                    reference_step(reference, ref_opt, model_name, step)
+                worst = max(worst, compare(f"{schedule}/{opt_name}/{model_name}", model, reference))
+                if model_name == "unused_branch":
+                    untouched = MODELS[model_name]
+                    torch.manual_seed(0)
+                    init = untouched().branch.weight
+                    if not torch.equal(model.branch.weight, init):
+                        sys.exit(f"rank {R}: {schedule}/{opt_name}: the unused branch was modified")
+    print(f"rank {R}: matrix OK: 3 schedules x {len(OPTIMIZERS)} optimizers x {len(MODELS)} models, "
+          f"worst relative difference {worst:.2e}")
+
+
+def run_features():
+    for schedule in ("wfbp", "dear", "pipedap"):
+        # an LR scheduler changes the effective rate (and matches the reference)
+        model, reference = fresh("mlp")
+        opt = hvd.DistributedOptimizer(make_optimizer("sgd", model), model=model, schedule=schedule,
+                                       plan=plan_for(schedule, model), fusion_bytes=0)
+        ref_opt = make_optimizer("sgd", reference)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.1)
+        ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=3, gamma=0.1)
+        for step in range(8):
+            distributed_step(model, opt, "mlp", step)
+            reference_step(reference, ref_opt, "mlp", step)
+            sched.step()
+            ref_sched.step()
+        compare(f"{schedule} LR scheduler", model, reference)
+        assert abs(opt.param_groups[1]["lr"] - 0.1 * 0.01) < 1e-12, opt.param_groups[1]["lr"]
+
+        # save mid-run, load into a fresh run and continue = uninterrupted
+        model, reference = fresh("cnn_bn")
+        opt = hvd.DistributedOptimizer(make_optimizer("adamw", model), model=model, schedule=schedule,
+                                       plan=plan_for(schedule, model), fusion_bytes=0)
+        ref_opt = make_optimizer("adamw", reference)
+        for step in range(6):
+            distributed_step(model, opt, "cnn_bn", step)
+            reference_step(reference, ref_opt, "cnn_bn", step)
+        checkpoint = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict())}
+        torch.manual_seed(123)
+        resumed = SmallCNN()
+        resumed.load_state_dict(checkpoint["model"])
+        resumed_opt = make_optimizer("adamw", resumed)
+        resumed_opt.load_state_dict(checkpoint["opt"])
+        resumed_opt = hvd.DistributedOptimizer(resumed_opt, model=resumed, schedule=schedule,
+                                               plan=plan_for(schedule, resumed), fusion_bytes=0)
+        for step in range(6, 12):
+            distributed_step(resumed, resumed_opt, "cnn_bn", step)
+            reference_step(reference, ref_opt, "cnn_bn", step)
+        compare(f"{schedule} checkpoint/resume", resumed, reference)
+
+        # eval between steps sees the updated weights (the forward pre-hooks apply them)
+        model, reference = fresh("mlp")
+        opt = hvd.DistributedOptimizer(make_optimizer("adam", model), model=model, schedule=schedule,
+                                       plan=plan_for(schedule, model), fusion_bytes=0)
+        ref_opt = make_optimizer("adam", reference)
+        probe = torch.randn(5, 8, generator=torch.Generator().manual_seed(7))
+        for step in range(4):
+            distributed_step(model, opt, "mlp", step)
+            reference_step(reference, ref_opt, "mlp", step)
+            model.eval()
+            with torch.no_grad():
+                out = model(probe)
+            model.train()
+            if not torch.allclose(out, reference(probe).detach(), atol=1e-5):
+                sys.exit(f"rank {R}: {schedule}: eval after step {step} did not see the updated weights")
+
+        # accumulation: backward_passes_per_step=2 averages the micro-batches (= the 2x larger
+        # batch); no_sync() accumulates locally and communicates once (sums them, as DDP does)
+        for how in ("passes", "no_sync"):
+            model, reference = fresh("mlp")
+            opt = hvd.DistributedOptimizer(make_optimizer("sgd", model), model=model, schedule=schedule,
+                                           plan=plan_for(schedule, model), fusion_bytes=0,
+                                           backward_passes_per_step=2 if how == "passes" else 1)
+            ref_opt = make_optimizer("sgd", reference)
+            for step in range(5):
+                opt.zero_grad()
+                for m in range(2):
+                    x, y = batch("mlp", step * 2 + m, B * P)
+                    shard = (x[R * B : (R + 1) * B], y[R * B : (R + 1) * B])
+                    if how == "no_sync" and m == 0:
+                        with opt.no_sync():
+                            loss_of(model, *shard).backward()
+                    else:
+                        loss_of(model, *shard).backward()
+                opt.step()
+                reference_step(reference, ref_opt, "mlp", step, micro=2, average_micro=how == "passes")
+            compare(f"{schedule} accumulation ({how})", model, reference)
+
+        # global-norm clipping from the reduce-scatter shards = torch's clip on the averaged gradients
+        model, reference = fresh("cnn_bn")
+        opt = hvd.DistributedOptimizer(make_optimizer("sgd", model), model=model, schedule=schedule,
+                                       plan=plan_for(schedule, model), fusion_bytes=0)
+        ref_opt = make_optimizer("sgd", reference)
+        for step in range(6):
+            distributed_step(model, opt, "cnn_bn", step, clip=0.05)
+            reference_step(reference, ref_opt, "cnn_bn", step, clip=0.05)
+        compare(f"{schedule} clip_grad_norm_", model, reference)
+
+        # Horovod's idiom: synchronize(), clip with torch, step inside skip_synchronize()
+        model, reference = fresh("mlp")
+        opt = hvd.DistributedOptimizer(make_optimizer("sgd", model), model=model, schedule=schedule,
+                                       plan=plan_for(schedule, model), fusion_bytes=0)
+        ref_opt = make_optimizer("sgd", reference)
+        for step in range(5):
+            opt.zero_grad()
+            x, y = batch("mlp", step, B * P)
+            loss_of(model, x[R * B : (R + 1) * B], y[R * B : (R + 1) * B]).backward()
+            opt.synchronize()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            with opt.skip_synchronize():
+                opt.step()
+            reference_step(reference, ref_opt, "mlp", step, clip=0.05)
+        compare(f"{schedule} synchronize + skip_synchronize", model, reference)
+    print(f"rank {R}: features OK")
+
+
+def run_broadcasts():
+    torch.manual_seed(R)  # a different model and BatchNorm statistics on every rank
+    model = SmallCNN()
+    model.bn1.running_mean.fill_(R)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    torch.manual_seed(0)
+    want = SmallCNN()
+    for name, t in model.state_dict().items():
+        expected = torch.zeros_like(t) if name == "bn1.running_mean" else want.state_dict()[name]
+        if not torch.equal(t, expected):
+            sys.exit(f"rank {R}: broadcast_parameters: {name} is not rank 0's")
+    opt = make_optimizer("sgd", model)
+    opt.param_groups[0]["lr"] = 0.5 + R  # per-group options differ before the broadcast
+    hvd.broadcast_optimizer_state(opt, root_rank=0)  # before the first step
+    assert opt.param_groups[0]["lr"] == 0.5, opt.param_groups[0]["lr"]
+    metric = hvd.allreduce(torch.tensor([float(R)]), name="metric")
+    assert metric.item() == (P - 1) / 2
+    print(f"rank {R}: broadcasts OK")
+
+
+def run_mismatch():
+    model = MLP(hidden=16 if R != 1 else 12)
+    try:
+        hvd.DistributedOptimizer(make_optimizer("sgd", model), model=model, schedule="dear")
+        print(f"rank {R}: NOT DETECTED")
+    except ValueError as e:
+        print(f"rank {R}: DETECTED {e}")
+
+
+def run_builtin_plans():
+    """The runtime's own plans are what SCHEDULING.md says."""
+    groups = [Group(f"g{i}", (f"p{i}",), 4) for i in range(3)]
+    dear = schedule_plan("dear", groups, P)
+    assert dear.backward == ((("rs", 2),), (("rs", 1),), (("rs", 0),)) and dear.forward == ((("ag", 0),), (("ag", 1),), (("ag", 2),))
+    wfbp = schedule_plan("wfbp", groups, P)
+    assert wfbp.sync_before_forward and wfbp.backward == ((("ar", 2),), (("ar", 1),), (("ar", 0),))
+
+
+part = sys.argv[1]
+{"matrix": run_matrix, "features": run_features, "broadcasts": run_broadcasts,
+ "mismatch": run_mismatch, "plans": run_builtin_plans}[part]()

@@ -1,0 +1,38 @@
+"""DistributedOptimizer under mpirun: parameters equal single-process training (see check_optimizer.py)."""
+
+import pytest
+from mpi_launch import assert_ok, run_mpi
+
+pytestmark = pytest.mark.mpi
+
+
+def run_part(part: str, np: int):
+    result = run_mpi("check_optimizer.py", np, part, timeout=300)
+    assert_ok(result)
+    return result.output
+
+
+@pytest.mark.parametrize("np", [1, 2, 3, 4])
+def test_every_schedule_optimizer_and_model_matches_single_process(np):
+    out = run_part("matrix", np)
+    assert out.count("matrix OK: 3 schedules x 4 optimizers x 5 models") == np
+
+
+@pytest.mark.parametrize("np", [1, 3])
+def test_scheduler_checkpoint_eval_accumulation_clipping_match_single_process(np):
+    assert run_part("features", np).count("features OK") == np
+
+
+def test_broadcast_parameters_buffers_and_optimizer_state():
+    assert run_part("broadcasts", 3).count("broadcasts OK") == 3
+
+
+def test_a_model_that_differs_on_one_rank_raises_on_every_rank():
+    out = run_part("mismatch", 3)
+    assert "NOT DETECTED" not in out
+    assert out.count("DETECTED DistributedOptimizer: the model differs between ranks: parameter #0 is "
+                     "'fc1.weight' (16, 8) float32 on rank 0 but 'fc1.weight' (12, 8) float32 on rank 1") == 3
+
+
+def test_builtin_plans_follow_the_scheduling_reference():
+    run_part("plans", 1)
