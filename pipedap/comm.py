@@ -222,6 +222,45 @@ def allgather_collective(tensor, output, name: str) -> Collective:
     return _collective(core.OpKind.ALLGATHER, name, tensor, output, [tensor.numel()] * size())
 
 
+# --- completion listeners (timeline, online cost model) --------------------------
+
+
+@dataclass(frozen=True)
+class CompletedOp:
+    """One finished collective: what it was and when the engine ran it (time.monotonic_ns clock)."""
+
+    name: str
+    kind: str  # reducescatter, allgather, allreduce, broadcast, barrier
+    nbytes: int  # the full buffer (the larger of input and output)
+    group_size: int  # ops submitted together with it (1: alone; >1: a merged submission)
+    enqueue_ns: int
+    start_ns: int
+    end_ns: int
+
+
+_listeners: list[Callable[[list[CompletedOp]], None]] = []
+
+
+def add_completion_listener(listener: Callable[[list[CompletedOp]], None]) -> None:
+    """Call ``listener(ops)`` with every submission's ops when it is synchronized (world size > 1)."""
+    _listeners.append(listener)
+
+
+def remove_completion_listener(listener: Callable[[list[CompletedOp]], None]) -> None:
+    _listeners.remove(listener)
+
+
+def _notify(pending: _Pending) -> None:
+    enqueue, start, end = pending.core_handle.timings()
+    ops = []
+    for c in pending.collectives:
+        nbytes = max((t.numel() * t.element_size() for t in c.keepalive), default=0)
+        ops.append(CompletedOp(c.spec.name, c.spec.kind.name.lower(), nbytes, len(pending.collectives),
+                               enqueue, start, end))
+    for listener in list(_listeners):
+        listener(ops)
+
+
 # --- handles -------------------------------------------------------------------
 
 
@@ -291,6 +330,8 @@ def synchronize(handle: int):
         try:
             while not p.core_handle.wait(0.5):  # wake up now and then so Ctrl-C works
                 pass
+            if _listeners:
+                _notify(p)
         finally:
             with _handles_lock:
                 _handles.pop(handle, None)
