@@ -39,6 +39,7 @@ class Bucket:
     zero_after_update: bool = False
     update_scale: float = 1.0  # applied to the gradients just before the pending update
     hyperparameters: list = field(default_factory=list)  # param-group options at step(), for the pending update
+    last_update_seconds: float = 0.0  # duration of the latest update (for the online planner)
 
     @property
     def nbytes(self) -> int:

@@ -32,6 +32,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Iterable
 
@@ -40,6 +41,7 @@ import torch
 from pipedap import comm
 from pipedap.buckets import Bucket, build_bucket, default_groups
 from pipedap.compression import Compression
+from pipedap.online_planner import OnlinePlanner
 from pipedap.planner.plan import Group, Plan
 
 log = logging.getLogger("pipedap")
@@ -170,6 +172,8 @@ class _DistributedMixin:
         runner.reset()
         self._pipedap_grads_complete = False
         self._pipedap_clip_coef = None
+        if self._pipedap_online is not None:
+            self._pipedap_maybe_switch_plan()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -236,6 +240,16 @@ class _DistributedMixin:
 
     # --- internals ---------------------------------------------------------------
 
+    def _pipedap_maybe_switch_plan(self) -> None:
+        """After the online planner's last profiling step, run its plan (same step on every rank)."""
+        plan = self._pipedap_online.step_done()
+        if plan is None:
+            return
+        self._pipedap_plan = plan
+        self._pipedap_runner = _PlanRunner(plan, self._pipedap_buckets, self._pipedap_runner.op)
+        self._pipedap_online = None
+        self._pipedap_forward_end_hook.remove()
+
     def _pipedap_local_step(self, closure):
         """World size 1: the plain step, with the same gradient scaling (accumulation, clipping)."""
         scale = self._pipedap_scale()
@@ -271,7 +285,9 @@ class _DistributedMixin:
         b.attach_grads()
         if b.update_scale != 1.0:
             b.buffer[: b.grad_numel].mul_(b.update_scale)
+        started = time.perf_counter()
         self._pipedap_update(b)
+        b.last_update_seconds = time.perf_counter() - started
         b.handles.clear()
         b.ready.clear()
         b.pending_update = False
@@ -331,12 +347,19 @@ class _DistributedMixin:
             p.grad = b.grads[i]
         b.flags[i] = 1
         if len(b.ready) == len(b.params):
+            if self._pipedap_online is not None:
+                self._pipedap_online.bucket_ready(b.index)
             self._pipedap_runner.mark_ready(b.index)
 
     def _pipedap_before_forward(self, module: torch.nn.Module, args) -> None:
+        online = self._pipedap_online
         for b in self._pipedap_module_buckets.get(module, ()):
+            enter = time.monotonic()
+            b.last_update_seconds = 0.0
             if b.pending_update:
                 self._pipedap_finish(b)
+            if online is not None:
+                online.bucket_entered(b.index, enter, time.monotonic(), b.last_update_seconds)
 
 
 def _named_trainable(optimizer, model, named_parameters) -> list[tuple[str, torch.nn.Parameter]]:
@@ -379,14 +402,13 @@ def _check_ranks_agree(named: list[tuple[str, torch.nn.Parameter]]) -> None:
 
 
 def _resolve_plan(schedule: str, plan, named, fusion_bytes: int, world: int) -> Plan:
+    """The given plan (validated against the model), else the built-in plan of `schedule`.
+
+    ``pipedap`` without a plan starts from DeAR's; the online planner replaces it.
+    """
     names = [n for n, _ in named]
     if plan is None and schedule == "pipedap":
         plan = os.environ.get("PIPEDAP_PLAN")
-        if plan is None:
-            raise ValueError(
-                "schedule='pipedap' needs a plan: pass plan=Plan or a JSON file (python -m pipedap.plan writes "
-                "one), or set PIPEDAP_PLAN; schedule='dear' needs none"
-            )
     if plan is not None:
         if isinstance(plan, (str, os.PathLike)):
             with open(plan) as f:
@@ -401,7 +423,7 @@ def _resolve_plan(schedule: str, plan, named, fusion_bytes: int, world: int) -> 
     sizes = {n: p.numel() * p.element_size() for n, p in named}
     groups = [Group(f"{g[0]}..{g[-1]}" if len(g) > 1 else g[0], tuple(g), sum(sizes[n] for n in g))
               for g in default_groups(named, fusion_bytes)]
-    return schedule_plan(schedule, groups, world)
+    return schedule_plan("dear" if schedule == "pipedap" else schedule, groups, world)
 
 
 def DistributedOptimizer(
@@ -425,7 +447,10 @@ def DistributedOptimizer(
         schedule: ``pipedap``, ``dear`` or ``wfbp``; default ``$PIPEDAP_SCHEDULE``, else ``dear`` with
             a model and ``wfbp`` without.
         plan: a :class:`pipedap.planner.Plan` or its JSON file (``python -m pipedap.plan`` writes
-            one); required for ``pipedap`` (or ``$PIPEDAP_PLAN``). It fixes the buckets and the order.
+            one; or ``$PIPEDAP_PLAN``). It fixes the buckets and the order. ``pipedap`` without a
+            plan plans itself: the first ``$PIPEDAP_PROFILE_STEPS`` (5) steps after one warm-up run
+            DeAR while measuring layer and communication times, then rank 0 plans
+            (``$PIPEDAP_PLANNER``: ``optimal``, or ``greedy`` as in the paper) and all ranks switch.
         backward_passes_per_step: communicate and update every k-th backward; the k accumulated
             gradients are averaged, which equals one k-times larger batch.
         op: ``pipedap.Average`` (default) or ``pipedap.Sum`` over ranks.
@@ -464,6 +489,7 @@ def DistributedOptimizer(
     if world == 1:  # nothing to communicate: the plain optimizer
         wrapped._pipedap_plan = None
         wrapped._pipedap_buckets = []
+        wrapped._pipedap_online = None
         return wrapped
 
     named = _named_trainable(optimizer, model, named_parameters)
@@ -473,6 +499,13 @@ def DistributedOptimizer(
     buckets = [build_bucket(i, [(n, by_name[n]) for n in g.params], world, rank) for i, g in enumerate(plan.groups)]
     wrapped._pipedap_plan = plan
     wrapped._pipedap_buckets = buckets
+    wrapped._pipedap_online = None
+    if schedule == "pipedap" and plan.schedule == "dear":  # no plan given: measure, then plan
+        wrapped._pipedap_online = OnlinePlanner(
+            buckets, steps=int(os.environ.get("PIPEDAP_PROFILE_STEPS", 5)),
+            planner=os.environ.get("PIPEDAP_PLANNER", "optimal"))
+        wrapped._pipedap_forward_end_hook = model.register_forward_hook(
+            lambda *_: wrapped._pipedap_online.forward_ended())  # removed when the plan switches
     wrapped._pipedap_runner = _PlanRunner(plan, buckets, op)
     wrapped._pipedap_bucket_of = {p: (b, i) for b in buckets for i, p in enumerate(b.params)}
     wrapped._pipedap_delay = {p: backward_passes_per_step for b in buckets for p in b.params}

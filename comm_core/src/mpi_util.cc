@@ -69,14 +69,21 @@ void wait_all(std::vector<MPI_Request>& requests, const PollPolicy& policy, int 
               const std::function<void(int)>& on_complete) {
   const int n = static_cast<int>(requests.size());
   std::vector<int> indices(n);
+  std::vector<MPI_Status> statuses(n);
   int remaining = static_cast<int>(std::count_if(requests.begin(), requests.end(),
                                                  [](MPI_Request r) { return r != MPI_REQUEST_NULL; }));
   const int64_t spin_until = now_us() + policy.spin_us;
   int sleep = 1;
   while (remaining > 0) {
     int completed = 0;
-    check_mpi(MPI_Testsome(n, requests.data(), &completed, indices.data(), MPI_STATUSES_IGNORE),
-              "MPI_Testsome", rank);
+    const int rc = MPI_Testsome(n, requests.data(), &completed, indices.data(), statuses.data());
+    if (rc == MPI_ERR_IN_STATUS) {  // the real error is in the failed request's status
+      for (int i = 0; i < completed; ++i) {
+        check_mpi(statuses[i].MPI_ERROR, "a request (message from rank " + std::to_string(statuses[i].MPI_SOURCE) + ")",
+                  rank);
+      }
+    }
+    check_mpi(rc, "MPI_Testsome", rank);
     if (completed == MPI_UNDEFINED) break;  // every request is already null
     remaining -= completed;
     for (int i = 0; i < completed; ++i) {

@@ -338,6 +338,19 @@ def run_features():
                 opt.step()
             reference_step(reference, ref_opt, "mlp", step, clip=0.05)
         compare(f"{schedule} synchronize + skip_synchronize", model, reference)
+    # schedule="pipedap" without a plan: measures 2 steps, switches plan mid-run, still exact
+    import os
+
+    os.environ["PIPEDAP_PROFILE_STEPS"] = "2"
+    for model_name in MODELS:
+        model, reference = fresh(model_name)
+        opt = hvd.DistributedOptimizer(make_optimizer("adamw", model), model=model, schedule="pipedap", fusion_bytes=0)
+        ref_opt = make_optimizer("adamw", reference)
+        for step in range(8):
+            distributed_step(model, opt, model_name, step)
+            reference_step(reference, ref_opt, model_name, step)
+        assert P == 1 or opt.plan.schedule == "optimal", opt.plan
+        compare(f"online-planned pipedap/{model_name}", model, reference)
     print(f"rank {R}: features OK")
 
 

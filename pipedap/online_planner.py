@@ -1,0 +1,159 @@
+"""Plan a running DistributedOptimizer from its own measurements (schedule="pipedap" without a plan).
+
+The first steps run the DeAR plan while the optimizer reports, per bucket:
+when its gradients were complete (backward), when the forward reached it and
+left its pre-hook (the wait for its all-gather and its update are not compute),
+how long its update took, and when the model's forward ended. The engine
+reports every reduce-scatter and all-gather with its duration, which gives
+(bytes, seconds) samples for the α-β fit of each primitive — measured on this
+cluster, at this world size, under training load.
+
+At the last profiling step the ranks agree on the profile (element-wise
+maximum), rank 0 plans (the exact planner, never worse than the paper's
+greedy) and broadcasts the plan, and every rank switches to it for the next
+iteration: the same step on every rank, so the order of collectives stays
+identical everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from pipedap import comm, measure
+from pipedap.buckets import Bucket
+from pipedap.planner import costmodel, schedules
+from pipedap.planner.costmodel import AlphaBeta, CostModel
+from pipedap.planner.plan import Plan
+from pipedap.planner.profile import Layer, Profile
+from pipedap.planner.simulator import Problem
+
+log = logging.getLogger("pipedap")
+
+MIN_DISTINCT_SIZES = 3  # fewer bucket sizes than this cannot separate start-up from bandwidth
+
+
+@dataclass
+class _Step:
+    """What one iteration (from one step() to the next) recorded."""
+
+    ready: dict[int, float] = field(default_factory=dict)  # bucket -> gradients complete
+    entered: dict[int, tuple[float, float, float]] = field(default_factory=dict)  # bucket -> (enter, exit, update s)
+    forward_end: float | None = None
+
+
+class OnlinePlanner:
+    """Collects per-bucket timings for ``steps`` steps (after ``warmup``), then makes a plan."""
+
+    def __init__(self, buckets: list[Bucket], steps: int = 5, warmup: int = 1, planner: str = "optimal"):
+        if steps < 1:
+            raise ValueError(f"PIPEDAP_PROFILE_STEPS must be >= 1, got {steps}")
+        if planner not in ("optimal", "greedy"):
+            raise ValueError(f"PIPEDAP_PLANNER={planner!r}: use optimal (exact) or greedy (the paper's heuristic)")
+        self.buckets = buckets
+        self.steps, self.warmup, self.planner = steps, warmup, planner
+        self.records: list[_Step] = []
+        self.current = _Step()
+        self.samples: dict[str, list[tuple[float, float]]] = {"rs": [], "ag": []}
+        self.step_started = time.monotonic()
+        self.step_seconds: list[float] = []
+        comm.add_completion_listener(self._on_ops)
+
+    # --- what the optimizer reports -------------------------------------------------
+
+    def bucket_ready(self, index: int) -> None:
+        self.current.ready.setdefault(index, time.monotonic())
+
+    def bucket_entered(self, index: int, enter: float, leave: float, update_seconds: float) -> None:
+        self.current.entered.setdefault(index, (enter, leave, update_seconds))
+
+    def forward_ended(self) -> None:
+        if not self.current.ready:  # the forward that precedes this iteration's backward
+            self.current.forward_end = time.monotonic()
+
+    def _on_ops(self, ops: list[comm.CompletedOp]) -> None:
+        if len(ops) != 1:
+            return  # merged submissions do not separate the two primitives
+        op = ops[0]
+        kind = op.name.split(".", 1)[0]
+        if kind in self.samples:
+            self.samples[kind].append((float(op.nbytes), (op.end_ns - op.start_ns) * 1e-9))
+
+    def step_done(self) -> Plan | None:
+        """Called at the end of every step(); returns the plan once enough steps were measured."""
+        now = time.monotonic()
+        self.step_seconds.append(now - self.step_started)
+        self.step_started = now
+        self.records.append(self.current)
+        self.current = _Step()
+        if len(self.records) < self.warmup + self.steps:
+            return None
+        comm.remove_completion_listener(self._on_ops)
+        started = time.perf_counter()
+        # Everything collective runs on every rank; only the planning itself runs on rank 0.
+        profile = measure.agree_profile(self.profile())
+        cost = self.cost_model()
+        plan = measure.plan_on_rank0(lambda: self._plan(profile, cost))
+        measured = statistics.median(self.step_seconds[self.warmup + 1 :] or self.step_seconds)
+        log.info(
+            "pipedap: planned from %d measured steps in %.2f s: %s plan predicts %.1f ms per iteration "
+            "(DeAR as measured: %.1f ms); switching now",
+            self.steps, time.perf_counter() - started, plan.schedule,
+            1e3 * plan.predicted.iteration_time if plan.predicted else float("nan"), 1e3 * measured,
+        )
+        return plan
+
+    # --- turning records into planner inputs ----------------------------------------
+
+    def profile(self) -> Profile:
+        """Median per-bucket times over the measured steps, as the planner's Profile (forward order)."""
+        measured = self.records[self.warmup :]
+        n = len(self.buckets)
+        tb, tf, u = ([[] for _ in range(n)] for _ in range(3))
+        for rec in measured:
+            if rec.forward_end is not None and rec.ready:
+                previous = rec.forward_end
+                for g, t in sorted(rec.ready.items(), key=lambda item: item[1]):
+                    tb[g].append(max(0.0, t - previous))
+                    previous = t
+            order = sorted(rec.entered.items(), key=lambda item: item[1][0])
+            for i, (g, (_, leave, update)) in enumerate(order):
+                following = order[i + 1][1][0] if i + 1 < len(order) else rec.forward_end
+                if following is not None and following >= leave:
+                    tf[g].append(following - leave)
+                u[g].append(update)
+
+        def median(values: list[float]) -> float:
+            return statistics.median(values) if values else 0.0
+
+        layers = tuple(
+            Layer(name=b.names[0] if len(b.names) == 1 else f"{b.names[0]}..{b.names[-1]}", params=tuple(b.names),
+                  nbytes=b.nbytes, tf=median(tf[b.index]), tb=median(tb[b.index]), u=median(u[b.index]))
+            for b in self.buckets
+        )
+        return Profile(layers, {"source": "online", "steps": len(measured)})
+
+    def cost_model(self) -> CostModel:
+        """α-β fit from the operations training ran; the microbenchmark when their sizes are too alike.
+
+        Collective (the microbenchmark): call it on every rank. Bucket sizes are the same on
+        every rank, so every rank takes the same branch.
+        """
+        distinct = min(len({round(m) for m, _ in self.samples[k]}) for k in self.samples)
+        if distinct < MIN_DISTINCT_SIZES:
+            log.info("pipedap: buckets have %d distinct sizes: measuring the cost model instead", distinct)
+            return measure.cost_model()
+        rs, _ = costmodel.fit_line(self.samples["rs"])
+        ag, _ = costmodel.fit_line(self.samples["ag"])
+        # all-reduce is not used by PipeDAP plans; a ring all-reduce is a reduce-scatter then an all-gather
+        return CostModel(comm.size(), rs, ag, AlphaBeta(rs.a + ag.a, rs.b + ag.b))
+
+    def _plan(self, profile: Profile, cost: CostModel) -> Plan:
+        problem = Problem(profile, cost)
+        schedule = schedules.optimal(problem) if self.planner == "optimal" else schedules.pipedap(problem)
+        baseline = schedules.dear(problem)
+        log.info("pipedap: predicted iteration %.1f ms (DeAR %.1f ms, bound %.1f ms)",
+                 1e3 * schedule.iteration_time, 1e3 * baseline.iteration_time, 1e3 * schedule.timeline.lower_bound)
+        return schedule.to_plan()

@@ -1,0 +1,62 @@
+"""The planner on a real job (run under mpirun): measured cost model, agreed profiles, one plan everywhere."""
+
+import os
+import sys
+import tempfile
+
+import torch
+
+import pipedap as hvd
+from pipedap import measure
+from pipedap.planner import schedules
+from pipedap.planner.profile import Layer, Profile
+from pipedap.planner.simulator import Problem
+
+hvd.init()
+R, P = hvd.rank(), hvd.size()
+
+# a cost model measured with the comm core: positive start-up and per-byte cost, cached by host set
+with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "costmodel.json") if R == 0 else None
+    path = hvd.broadcast_object(path)
+    os.environ["PIPEDAP_CACHE_DIR"] = os.path.dirname(path)
+    model = measure.cost_model(sizes=(16 << 10, 256 << 10, 2 << 20))
+    for kind in ("rs", "ag", "ar"):
+        line = model.of(kind)
+        assert line.a >= 0 and line.b > 0, (kind, line)
+    again = measure.cost_model()  # now from the cache: identical
+    assert again == model, (again, model)
+    hvd.barrier()
+
+# every rank profiles differently (noise), agrees on the element-wise maximum, and plans
+layers = [Layer(f"l{i}", (f"p{i}",), 1 << (12 + i % 6), tf=0.001 * (i + 1), tb=0.002 * (i + 1) * (1 + 0.1 * R))
+          for i in range(12)]
+agreed = measure.agree_profile(Profile(tuple(layers)))
+assert agreed.layers[3].tb == max(0.002 * 4 * (1 + 0.1 * r) for r in range(P)), agreed.layers[3]
+local = schedules.optimal(Problem(agreed, model)).to_plan()
+broadcast = measure.plan_on_rank0(lambda: schedules.optimal(Problem(agreed, model)).to_plan())
+digests = hvd.allgather_object((local.digest(), broadcast.digest()))
+assert len({d for pair in digests for d in pair}) == 1, digests
+print(f"rank {R}: identical plans {broadcast.digest()[:12]} on {P} ranks")
+
+# schedule="pipedap" without a plan measures, plans on rank 0 and switches on every rank at once
+torch.manual_seed(0)
+net = torch.nn.Sequential(*[torch.nn.Linear(64 if i else 16, 64) for i in range(6)], torch.nn.Linear(64, 4))
+os.environ["PIPEDAP_PROFILE_STEPS"] = "3"
+opt = hvd.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.01), model=net, schedule="pipedap",
+                               fusion_bytes=0)
+assert opt.plan.schedule == "dear"
+for step in range(8):
+    opt.zero_grad()
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(step * P + R))
+    net(x).pow(2).mean().backward()
+    opt.step()
+    if step == 3:  # one warm-up + 3 measured steps
+        assert opt.plan.schedule == "optimal" and opt.plan.predicted is not None, opt.plan.schedule
+opt.synchronize()
+digests = hvd.allgather_object(opt.plan.digest())
+assert len(set(digests)) == 1, digests
+params = hvd.allgather_object([p.detach().clone() for p in net.parameters()])
+assert all(torch.equal(a, b) for theirs in params for a, b in zip(params[0], theirs)), "ranks diverged"
+print(f"rank {R}: online plan {opt.plan.schedule} predicts {opt.plan.predicted.iteration_time * 1e3:.2f} ms")
+sys.stdout.flush()
