@@ -444,8 +444,8 @@ def DistributedOptimizer(
         model: the model being trained; needed for ``dear`` / ``pipedap`` (updates run in its
             modules' forward pre-hooks). Without it, the schedule defaults to ``wfbp``.
         named_parameters: Horovod compatibility: names for the parameters when no model is given.
-        schedule: ``pipedap``, ``dear`` or ``wfbp``; default ``$PIPEDAP_SCHEDULE``, else ``dear`` with
-            a model and ``wfbp`` without.
+        schedule: ``pipedap``, ``dear`` or ``wfbp``; default ``$PIPEDAP_SCHEDULE``, else ``pipedap``
+            with a model and ``wfbp`` without.
         plan: a :class:`pipedap.planner.Plan` or its JSON file (``python -m pipedap.plan`` writes
             one; or ``$PIPEDAP_PLAN``). It fixes the buckets and the order. ``pipedap`` without a
             plan plans itself: the first ``$PIPEDAP_PROFILE_STEPS`` (5) steps after one warm-up run
@@ -462,7 +462,7 @@ def DistributedOptimizer(
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, _DistributedMixin):
         raise ValueError("this optimizer is already wrapped by pipedap.DistributedOptimizer")
-    schedule = (schedule or os.environ.get("PIPEDAP_SCHEDULE") or ("dear" if model is not None else "wfbp")).lower()
+    schedule = (schedule or os.environ.get("PIPEDAP_SCHEDULE") or ("pipedap" if model is not None else "wfbp")).lower()
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if model is None and schedule != "wfbp":
