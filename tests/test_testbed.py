@@ -127,6 +127,7 @@ ALLREDUCE_SCRIPT = textwrap.dedent("""
 
 
 @needs_netns
+@pytest.mark.mpi
 def test_mpirun_allreduce_on_two_hosts_is_correct_and_rate_limited(testbed: Testbed, tmp_path: Path) -> None:
     script = tmp_path / "allreduce.py"
     script.write_text(ALLREDUCE_SCRIPT)

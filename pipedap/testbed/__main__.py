@@ -42,9 +42,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     tb = make_testbed(args)
     with signals_as_exceptions(), step(f"creating {args.hosts} hosts (run id {tb.run_id})"):
         tb.start()
-    env = tb.env()
-    prefix = (f"OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PATH={shlex.quote(env['PATH'])} "
-              + shlex.join(tb.mpirun([])))
+    mpirun = tb.mpirun([])
+    bin_dir = shlex.quote(str(Path(mpirun[0]).parent))
+    prefix = (f'OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PATH={bin_dir}:"$PATH" '
+              + shlex.join(mpirun))
     print(f"{tb.describe()}\nhostfile: {tb.hostfile}\nmpirun prefix (append your command):\n{prefix}\n"
           f"the hosts stay up; remove them with: python -m pipedap.testbed down --run {tb.run_id}")
     return 0
@@ -128,9 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts", type=int, default=2)
     p.add_argument("--rates", default="500mbit,250mbit", help="comma-separated nominal rates")
     p.add_argument("--qdisc", default="tbf", choices=("tbf", "htb"))
-    p.add_argument("--bursts", default="32kb,64kb,256kb,1mb", help="burst sizes to try, in this order")
+    p.add_argument("--bursts", default="32kb,256kb,1mb", help="burst sizes to try, in this order")
     p.add_argument("--latency", default="20ms", help="tbf queueing limit")
-    p.add_argument("--sizes", default="1m,4m,16m", help="bench_comm buffer sizes (the largest is reported)")
+    p.add_argument("--sizes", default="4m,16m", help="bench_comm buffer sizes (the largest is reported)")
     p.add_argument("--target", type=float, default=0.9, help="fraction of nominal that counts as calibrated")
     p.add_argument("--tcp-seconds", type=float, default=2.0, help="duration of each TCP stream")
     p.add_argument("--min-time", type=float, default=0.25, help="bench_comm seconds per (size, op, system)")

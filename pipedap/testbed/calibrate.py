@@ -29,7 +29,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from pipedap.testbed import tcpstream
+from pipedap.testbed import network, tcpstream
 from pipedap.testbed.network import Shaping, TestbedError
 from pipedap.testbed.testbed import Testbed, step
 
@@ -95,10 +95,12 @@ def calibrate_rate(hosts: int, rate: str, settings: list[Shaping], *, sizes: str
             if trial["worst_ratio"] >= target:
                 break
         affinity = tb.affinity()
+        congestion_control = network.run(["ip", "netns", "exec", tb.names[0], "sysctl", "-n",
+                                           "net.ipv4.tcp_congestion_control"]).strip()
     chosen = max(trials, key=lambda t: t["worst_ratio"]) if trials[-1]["worst_ratio"] < target else trials[-1]
     return {"rate": rate, "nominal_bps": settings[0].rate_bps, "trials": trials,
             "chosen": chosen["shaping"], "reached_target": chosen["worst_ratio"] >= target,
-            "affinity": {str(k): v for k, v in affinity.items()}}
+            "affinity": {str(k): v for k, v in affinity.items()}, "tcp_congestion_control": congestion_control}
 
 
 def format_trial(trial: dict) -> str:
@@ -117,7 +119,8 @@ def report(results: list[dict], target: float) -> str:
     """The table: nominal rate against achieved per primitive and system, for the chosen settings."""
     head = (f"{'nominal':>9} {'setting':<34} {'TCP':>10} | "
             + " | ".join(f"{s:<7} " + " ".join(f"{SHORT[op]:>10}" for op in OPS) for s in SYSTEMS))
-    lines = ["achieved rate per link at the largest size, Mbit/s (% of nominal):", head]
+    lines = [f"achieved rate per link at the largest size, Mbit/s (% of nominal); hosts' TCP congestion "
+             f"control: {results[0]['tcp_congestion_control']}", head]
     for result in results:
         trial = next(t for t in result["trials"] if t["shaping"] == result["chosen"])
         nominal = result["nominal_bps"]
@@ -134,7 +137,7 @@ def report(results: list[dict], target: float) -> str:
     return "\n".join(lines)
 
 
-def calibrate(hosts: int, rates: list[str], settings: list[dict], *, sizes: str = "1m,4m,16m",
+def calibrate(hosts: int, rates: list[str], settings: list[dict], *, sizes: str = "4m,16m",
               target: float = 0.9, tcp_seconds: float = 2.0, min_time: float = 0.25,
               json_path: Path | None = None) -> list[dict]:
     """Calibrate every rate; print the table; write everything to ``json_path`` if given.

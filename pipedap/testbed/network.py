@@ -106,14 +106,20 @@ def veth_name(run_id: int, k: int) -> str:
     return f"{PREFIX}{run_id}v{k}"
 
 
-def free_subnet() -> ipaddress.IPv4Network:
-    """A /24 of 198.18.0.0/15 that no interface on this machine uses yet (one per run)."""
+def free_subnet(first: int = 0) -> ipaddress.IPv4Network:
+    """A /24 of 198.18.0.0/15 that no interface on this machine uses yet (one per run).
+
+    The search starts at the ``first``-th /24 (mod 512): runs started at the same
+    moment with different ids then rarely pick the same one.
+    """
     used = set()
     for line in run(["ip", "-o", "-4", "addr", "show"]).splitlines():
         match = re.search(r"inet (\S+)", line)
         if match:
             used.add(ipaddress.ip_interface(match.group(1)).network)
-    for subnet in NETWORK.subnets(new_prefix=24):
+    subnets = list(NETWORK.subnets(new_prefix=24))
+    start = first % len(subnets)
+    for subnet in subnets[start:] + subnets[:start]:
         if not any(subnet.overlaps(u) for u in used):
             return subnet
     raise TestbedError(f"every /24 of {NETWORK} is in use: remove stale testbeds with "

@@ -95,9 +95,10 @@ class Testbed:
         self.shaping = Shaping(rate=rate, qdisc=qdisc, burst=burst, latency=latency)
         self.run_id = os.getpid() if run_id is None else run_id
         self.names = [network.host_name(self.run_id, k) for k in range(hosts)]
-        self.subnet: ipaddress.IPv4Network | None = None
+        self.subnet: ipaddress.IPv4Network | None = None  # set by start(), like the paths below
         self.folder: Path | None = None
-        self._atexit_registered = False
+        self.agent: Path | None = None
+        self.hostfile: Path | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -107,7 +108,7 @@ class Testbed:
         teardown(self.run_id)
         try:
             self.folder = Path(tempfile.mkdtemp(prefix=f"{network.PREFIX}{self.run_id}-"))
-            self.subnet = network.free_subnet()
+            self.subnet = network.free_subnet(first=self.run_id)
             network.create(self.run_id, self.hosts, self.subnet, self.shaping)
             self.agent = agent.write_agent(self.folder)
             self.hostfile = self.folder / "hostfile"
