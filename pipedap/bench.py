@@ -1,0 +1,342 @@
+"""Training throughput benchmark on synthetic data: ``python -m pipedap.bench --help``.
+
+Run it under MPI, e.g.::
+
+    mpirun -np 2 python -m pipedap.bench --model resnet50 --batch-size 8 --baseline PipeDAP
+
+It trains ``--model`` from the ``models`` package on random batches with SGD (momentum
+0.9) distributed by one baseline (see :mod:`pipedap.bench_baselines`), and prints, like
+upstream PipeDAP's benchmark (Horovod's synthetic benchmark), on rank 0::
+
+    Iter #0: 10.4 img/sec per worker            (per GPU on GPUs; sentences/sec for language models)
+    Img/sec per worker: 10.3 +-0.2              (mean and half-width of its 95% confidence interval)
+    Total img/sec on 2 worker(s): 20.6 +-0.4
+
+followed by the measured time per batch next to the planner's prediction (when the plan
+has one). ``--json FILE`` writes all of it::
+
+    version, command, model, kind, unit, input_shape, batch_size, baseline, description,
+    world_size, device, fp16, threshold_bytes, warmup_batches, batches_per_iter, iterations,
+    per_iteration: [{seconds, per_worker, total}], per_rank_mean: [rate of each rank],
+    per_worker: {mean, ci95, std}, total: {mean, ci95},
+    batch_time: {measured_s, predicted_s, predicted_over_measured},
+    phases_ms: {forward, backward, step} (rank 0's means),
+    plan: {schedule, groups, digest, predicted_iteration_s, source} or null,
+    planning: {cost_model, cost_source, profile_layers} (PipeDAP planned in the job) or null,
+    timeline: FILE or null, wall_seconds
+
+A rate is units (images or sentences) per second: per_worker is the mean over ranks,
+total the sum. ``--timeline FILE`` writes a Chrome trace (see :mod:`pipedap.timeline`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+import models
+from pipedap import timeline
+from pipedap.bench_baselines import BASELINES, BenchError, Runtime, canonical, check_runnable, start
+
+JSON_VERSION = 1
+# Two-sided 95% Student-t quantiles for 1..30 degrees of freedom; the normal 1.96 beyond.
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+       2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+       2.045, 2.042)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipedap.bench",
+        description="Synthetic-data training throughput of a model under one data-parallel system "
+                    "(run it with mpirun -np N). Prints images (or sentences) per second per worker "
+                    "and in total, and the planner's prediction next to the measured batch time.",
+        epilog=f"models: {', '.join(models.names())}. Baselines: PipeDAP (a plan from --plan or "
+               "made now), DeAR, WFBP (pipedap's runtime), DDP (torch over gloo), Horovod (when "
+               "horovod.torch imports); ByteScheduler is refused with the reason.",
+    )
+    parser.add_argument("--model", default="resnet50", help="model name (default resnet50)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size per worker (default 32)")
+    parser.add_argument("--num-warmup-batches", type=int, default=10, help="untimed batches first (default 10)")
+    parser.add_argument("--num-batches-per-iter", type=int, default=10, help="batches per timed iteration (default 10)")
+    parser.add_argument("--num-iters", type=int, default=10, help="timed iterations (default 10)")
+    parser.add_argument("--baseline", "--schedule", default="PipeDAP", metavar="NAME",
+                        help=f"{', '.join(BASELINES)} (case-insensitive; default PipeDAP)")
+    parser.add_argument("--threshold", type=int, metavar="BYTES",
+                        help="tensor-fusion threshold in bytes (pipedap buckets, DDP bucket_cap, Horovod "
+                             "fusion buffer; PipeDAP plans with this fusion). Default: each system's own")
+    parser.add_argument("--fp16", action="store_true",
+                        help="mixed precision (torch.autocast float16) forward and loss; needs CUDA")
+    parser.add_argument("--sentence-len", type=int, help="sequence length of language models (default: the model's)")
+    parser.add_argument("--image-size", type=int, help="image side of image models (default: the model's)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: the local rank's GPU when CUDA is available, else CPU")
+    parser.add_argument("--plan", metavar="FILE", help="PipeDAP: run this plan (python -m pipedap.plan --out)")
+    parser.add_argument("--bandwidth", help="PipeDAP without --plan: plan for links of this speed (e.g. 1gbit) "
+                                            "instead of measuring the collectives now")
+    parser.add_argument("--latency", default="50us", help="with --bandwidth: per-step latency (default 50us)")
+    parser.add_argument("--save-plan", metavar="FILE", help="PipeDAP: write the plan that ran here (rank 0)")
+    parser.add_argument("--timeline", metavar="FILE", help="write a Chrome trace of the timed batches (rank 0)")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON (rank 0)")
+    parser.add_argument("--seed", type=int, default=0, help="model and data seed (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--check", action="store_true",
+                        help="only check the options and exit (dist.sh does this before mpirun)")
+    return parser
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Check the options before any process group starts; BenchError says what to change."""
+    args.baseline = canonical(args.baseline)
+    check_runnable(args.baseline)
+    try:
+        info = models.info(args.model)
+    except ValueError as err:
+        raise BenchError(str(err)) from None
+    for name in ("batch_size", "num_batches_per_iter", "num_iters"):
+        if getattr(args, name) < 1:
+            raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.num_warmup_batches < 0:
+        raise BenchError(f"--num-warmup-batches must be >= 0, got {args.num_warmup_batches}")
+    if args.threshold is not None and args.threshold < 0:
+        raise BenchError(f"--threshold is in bytes and must be >= 0, got {args.threshold}")
+    if info.kind == "image" and args.sentence_len is not None:
+        raise BenchError(f"--sentence-len is for language models; {args.model} is an image model (--image-size)")
+    if info.kind == "language" and args.image_size is not None:
+        raise BenchError(f"--image-size is for image models; {args.model} is a language model (--sentence-len)")
+    cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not cuda:
+        raise BenchError("--device cuda: torch sees no CUDA GPU")
+    args.device = "cuda" if args.device == "auto" and cuda else ("cpu" if args.device == "auto" else args.device)
+    if args.fp16 and args.device != "cuda":
+        raise BenchError("--fp16 is not supported on CPU: it means float16 mixed-precision compute, which CPUs "
+                         "do not accelerate (timings would not mean anything); run on GPUs or drop --fp16")
+    if args.fp16 and args.baseline == "Horovod":
+        raise BenchError("--fp16 with Horovod is not implemented here; drop --fp16 or pick another baseline")
+    pipedap_only = [opt for opt in ("plan", "bandwidth", "save_plan") if getattr(args, opt)]
+    if pipedap_only and args.baseline != "PipeDAP":
+        raise BenchError(f"--{pipedap_only[0].replace('_', '-')} is for --baseline PipeDAP (it sets PipeDAP's plan)")
+    if args.plan and args.bandwidth:
+        raise BenchError("--plan and --bandwidth exclude each other: --bandwidth plans a new schedule")
+    if args.plan:
+        from pipedap.planner.plan import Plan
+
+        Plan.load(args.plan)  # readable and well-formed; matched against the model later
+
+
+def launch_rank() -> int:
+    """This process's rank according to the MPI launcher (0 when not launched by one)."""
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def confidence(values: Sequence[float]) -> tuple[float, float, float]:
+    """(mean, half-width of the 95% confidence interval of the mean, standard deviation)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    std = statistics.stdev(values)
+    dof = len(values) - 1
+    t = T95[dof - 1] if dof <= len(T95) else 1.96
+    return mean, t * std / math.sqrt(len(values)), std
+
+
+def make_batch(args: argparse.Namespace, rank: int, device: torch.device) -> tuple:
+    """This rank's synthetic (inputs, targets); ranks draw different data, as in real training."""
+    kind = models.info(args.model).kind
+    sizes = {"image_size": args.image_size} if kind == "image" else {"seq_len": args.sentence_len}
+    return models.synthetic_batch(args.model, args.batch_size, generator=torch.Generator().manual_seed(
+        args.seed + 1 + rank), device=device, **sizes)
+
+
+def run(args: argparse.Namespace, runtime: Runtime) -> dict:
+    """Warm up, time the iterations, gather every rank's numbers; the results dict on rank 0."""
+    rank, world = runtime.rank(), runtime.size()
+
+    def say(text: str) -> None:
+        if rank == 0:
+            print(text, flush=True)
+
+    info = models.info(args.model)
+    unit = "img" if info.kind == "image" else "sentences"
+    device = torch.device("cpu")
+    if args.device == "cuda":
+        device = torch.device("cuda", runtime.local_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    who = "GPU" if device.type == "cuda" else "worker"
+    torch.manual_seed(args.seed)  # the same initial weights everywhere (they are broadcast too)
+    model = models.get(args.model).to(device)
+    inputs, targets = make_batch(args, rank, device)
+    loss_fn = models.loss_fn(args.model)
+    say(f"Model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+        f"input {tuple(inputs.shape[1:])})\nBatch size: {args.batch_size}\n"
+        f"Number of {who}s: {world} ({device.type})\nBaseline: {args.baseline}")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    dist = runtime.distribute(model, optimizer, (inputs, targets), loss_fn, say)
+    say(f"  {dist.description}")
+    if args.save_plan and rank == 0:
+        dist.plan.save(args.save_plan)
+        say(f"  plan written to {args.save_plan}")
+
+    recorder = timeline.Recorder(sync=torch.cuda.synchronize if args.timeline and device.type == "cuda" else None)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if args.fp16 else nullcontext
+    model, optimizer = dist.model, dist.optimizer
+    model.train()
+
+    def batch() -> None:
+        recorder.next_batch()
+        optimizer.zero_grad()
+        with recorder.phase("forward"), autocast():
+            loss = loss_fn(model(inputs), targets)
+        with recorder.phase("backward"):
+            loss.backward()
+        with recorder.phase("step"):
+            optimizer.step()
+
+    def wait() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    from tqdm import tqdm
+
+    total_batches = args.num_warmup_batches + args.num_iters * args.num_batches_per_iter
+    bar = tqdm(total=total_batches, unit="batch", disable=rank != 0 or args.no_progress, desc="warmup",
+               file=sys.stderr, dynamic_ncols=True)
+    say(f"Running warmup: {args.num_warmup_batches} batches...")
+    warm = []
+    for _ in range(args.num_warmup_batches):
+        began = time.perf_counter()
+        batch()
+        wait()
+        warm.append(time.perf_counter() - began)
+        bar.update()
+    if warm:
+        guess = statistics.median(warm[len(warm) // 2:]) * args.num_iters * args.num_batches_per_iter
+        say(f"  warmup took {sum(warm):.1f} s; the timed part should take about {guess:.0f} s")
+    bar.set_description("timed")
+    say(f"Running benchmark: {args.num_iters} iterations x {args.num_batches_per_iter} batches...")
+    runtime.barrier()
+    recorder.start()
+    runtime.listen(recorder.on_ops if runtime.comm_events else None)
+    seconds = []
+    for i in range(args.num_iters):
+        began = time.perf_counter()
+        for _ in range(args.num_batches_per_iter):
+            batch()
+            bar.update()
+        wait()
+        seconds.append(time.perf_counter() - began)
+        if rank == 0:
+            bar.write(f"Iter #{i}: {args.batch_size * args.num_batches_per_iter / seconds[-1]:.1f} "
+                      f"{unit}/sec per {who}", file=sys.stdout)
+            sys.stdout.flush()
+    runtime.finish(optimizer)
+    recorder.stop()
+    runtime.listen(None)
+    bar.close()
+
+    mine = {"seconds": seconds, "phases_ms": recorder.phase_means_ms(),
+            "events": recorder.events(rank) if args.timeline else None}
+    everyone = runtime.allgather_object(mine)
+    if rank != 0:
+        return {}
+    units = args.batch_size * args.num_batches_per_iter
+    per_iteration = []
+    for i in range(args.num_iters):
+        rates = [units / r["seconds"][i] for r in everyone]
+        per_iteration.append({"seconds": statistics.fmean(r["seconds"][i] for r in everyone),
+                              "per_worker": statistics.fmean(rates), "total": sum(rates)})
+    worker = confidence([p["per_worker"] for p in per_iteration])
+    total = confidence([p["total"] for p in per_iteration])
+    plan = dist.plan
+    predicted = plan.predicted.iteration_time if plan is not None and plan.predicted else None
+    measured = statistics.fmean(p["seconds"] for p in per_iteration) / args.num_batches_per_iter
+    return {
+        "version": JSON_VERSION, "command": sys.argv, "model": args.model, "kind": info.kind, "unit": unit,
+        "input_shape": list(inputs.shape[1:]), "batch_size": args.batch_size, "baseline": args.baseline,
+        "description": dist.description, "world_size": world, "device": device.type, "fp16": args.fp16,
+        "threshold_bytes": dist.facts.get("threshold_bytes"), "warmup_batches": args.num_warmup_batches,
+        "batches_per_iter": args.num_batches_per_iter, "iterations": args.num_iters,
+        "per_iteration": per_iteration, "per_rank_mean": [units / statistics.fmean(r["seconds"]) for r in everyone],
+        "per_worker": {"mean": worker[0], "ci95": worker[1], "std": worker[2]},
+        "total": {"mean": total[0], "ci95": total[1]},
+        "batch_time": {"measured_s": measured, "predicted_s": predicted,
+                       "predicted_over_measured": predicted / measured if predicted else None},
+        "phases_ms": everyone[0]["phases_ms"],
+        "plan": None if plan is None else {
+            "schedule": plan.schedule, "groups": len(plan.groups), "digest": plan.digest(),
+            "predicted_iteration_s": predicted, "source": dist.facts.get("plan_source", "built-in")},
+        "planning": {k: dist.facts[k] for k in ("cost_model", "cost_source", "profile_layers")}
+        if "cost_model" in dist.facts else None,
+        "timeline": args.timeline,
+        "_who": who, "_events": [r["events"] for r in everyone] if args.timeline else None, "_plan": plan,
+    }
+
+
+def report(result: dict, args: argparse.Namespace) -> None:
+    """Print the summary (upstream's lines), write the JSON and the timeline (rank 0)."""
+    unit, who, world = result["unit"], result["_who"], result["world_size"]
+    worker, total = result["per_worker"], result["total"]
+    print(f"{unit.capitalize()}/sec per {who}: {worker['mean']:.1f} +-{worker['ci95']:.1f}")
+    print(f"Total {unit}/sec on {world} {who}(s): {total['mean']:.1f} +-{total['ci95']:.1f}")
+    times = result["batch_time"]
+    line = f"Time per batch: measured {times['measured_s'] * 1e3:.1f} ms"
+    if times["predicted_s"] is not None:
+        line += (f", predicted by the plan {times['predicted_s'] * 1e3:.1f} ms "
+                 f"(predicted/measured {times['predicted_over_measured']:.2f})")
+    print(line)
+    phases = ", ".join(f"{name} {ms:.1f} ms" for name, ms in result["phases_ms"].items())
+    print(f"Rank 0 phases per batch: {phases}")
+    if args.timeline:
+        events = [e for rank_events in result["_events"] for e in rank_events]
+        plan = result["_plan"]
+        starts = [e["ts"] for e in result["_events"][0] if e.get("name") == "backward" and e.get("ph") == "X"]
+        events += timeline.predicted_events(plan, starts, pid=world)
+        meta = {k: result[k] for k in ("model", "baseline", "batch_size", "world_size", "device", "description")}
+        meta.update(measured_iteration_s=times["measured_s"], predicted_iteration_s=times["predicted_s"],
+                    plan_digest=result["plan"]["digest"] if result["plan"] else None,
+                    clock="time.monotonic_ns, microseconds from each rank's origin taken after a common barrier")
+        timeline.write_trace(args.timeline, events, meta)
+        print(f"timeline written to {args.timeline} ({len(events)} events; python -m pipedap.timeline "
+              f"{args.timeline} draws it)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: v for k, v in result.items() if not k.startswith("_")},
+                                              indent=2) + "\n")
+        print(f"results written to {args.json}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    began = time.perf_counter()
+    try:
+        validate(args)
+    except (BenchError, ValueError, OSError) as err:
+        if launch_rank() == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"options OK: {args.model}, batch {args.batch_size}, {args.baseline} on {args.device}")
+        return 0
+    runtime = start(args.baseline, args)
+    result = run(args, runtime)
+    if runtime.rank() == 0:
+        result["wall_seconds"] = time.perf_counter() - began
+        report(result, args)
+    runtime.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

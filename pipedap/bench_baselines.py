@@ -1,0 +1,279 @@
+"""The systems ``python -m pipedap.bench`` compares: how each starts, distributes a model, stops.
+
+* ``PipeDAP``, ``DeAR``, ``WFBP``: :func:`pipedap.DistributedOptimizer` with that schedule
+  (PipeDAP runs a plan: ``--plan FILE``, or one made now by :mod:`pipedap.bench_plan`).
+* ``DDP``: ``torch.nn.parallel.DistributedDataParallel`` over gloo in the same processes;
+  pipedap (MPI) only supplies rank, size and the rendezvous address, then stays idle.
+* ``Horovod``: ``horovod.torch`` (when it imports). pipedap is not initialised at all in
+  such a run: both libraries would drive MPI from their own background thread in one
+  process, which is only safe with MPI_THREAD_MULTIPLE and a matching finalize order.
+* ``ByteScheduler`` is refused: the planner simulates its chunked, credit-based policy, but
+  the runtime has no such plan, and running another schedule under its name would lie.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+BASELINES = ("PipeDAP", "DeAR", "WFBP", "ByteScheduler", "DDP", "Horovod")
+SCHEDULE_OF = {"PipeDAP": "pipedap", "DeAR": "dear", "WFBP": "wfbp"}
+
+Say = Callable[[str], None]
+
+
+class BenchError(Exception):
+    """A benchmark that cannot run as asked; the message says why and what to do."""
+
+
+def canonical(name: str) -> str:
+    """The baseline's canonical spelling (case-insensitive), or BenchError listing them."""
+    for baseline in BASELINES:
+        if baseline.lower() == name.lower():
+            return baseline
+    raise BenchError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
+
+
+def check_runnable(baseline: str) -> None:
+    """Raise BenchError when ``baseline`` cannot run here, saying why."""
+    if baseline == "ByteScheduler":
+        raise BenchError(
+            "ByteScheduler cannot run: the runtime has no ByteScheduler plan. Its dynamic, chunked, "
+            "credit-based all-reduce is only simulated by the planner (python -m pipedap.plan --model M "
+            "--workers N --bandwidth 1gbit prints its predicted time next to the other schedules). "
+            f"Run one of {', '.join(b for b in BASELINES if b != 'ByteScheduler')}."
+        )
+    if baseline == "Horovod":
+        try:
+            import horovod.torch  # noqa: F401
+        except ImportError as err:
+            raise BenchError(f"Horovod is not available: `import horovod.torch` failed ({err}). "
+                             "Build it with scripts/build_horovod.sh, or pick another baseline.") from None
+
+
+@dataclass
+class Distributed:
+    """A model and optimizer ready to train with one system, and what to report about it."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    description: str
+    plan: Any = None  # the pipedap Plan run, for the pipedap schedules
+    facts: dict = field(default_factory=dict)  # threshold, plan source, planning facts
+
+
+class Runtime(abc.ABC):
+    """What the benchmark needs from a system: ranks, objects across ranks, distributing a model."""
+
+    name: str
+    comm_events = False  # whether collectives reach a completion listener (timeline)
+
+    @abc.abstractmethod
+    def rank(self) -> int: ...
+
+    @abc.abstractmethod
+    def size(self) -> int: ...
+
+    @abc.abstractmethod
+    def local_rank(self) -> int: ...
+
+    @abc.abstractmethod
+    def barrier(self) -> None: ...
+
+    @abc.abstractmethod
+    def allgather_object(self, obj: Any) -> list: ...
+
+    @abc.abstractmethod
+    def distribute(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: tuple,
+                   loss: Callable, say: Say) -> Distributed:
+        """Wrap model and optimizer (same initial weights on every rank); ``batch`` is this rank's."""
+
+    @abc.abstractmethod
+    def finish(self, optimizer: torch.optim.Optimizer) -> None:
+        """Apply what is still pending after the last step."""
+
+    @abc.abstractmethod
+    def shutdown(self) -> None: ...
+
+    def listen(self, listener: Callable | None) -> None:
+        """Send every completed collective to ``listener`` (None: stop); only if ``comm_events``."""
+        if listener is not None:
+            raise NotImplementedError(f"{self.name} does not report its collectives")
+
+
+class PipedapRuntime(Runtime):
+    """pipedap.DistributedOptimizer with the schedule of the PipeDAP, DeAR or WFBP baseline."""
+
+    comm_events = True
+
+    def __init__(self, baseline: str, args: Any):
+        import pipedap
+
+        self.name, self.args, self.pd = baseline, args, pipedap
+        pipedap.init()
+        self._listener: Callable | None = None
+
+    def rank(self) -> int:
+        return self.pd.rank()
+
+    def size(self) -> int:
+        return self.pd.size()
+
+    def local_rank(self) -> int:
+        return self.pd.local_rank()
+
+    def barrier(self) -> None:
+        self.pd.barrier()
+
+    def allgather_object(self, obj: Any) -> list:
+        return self.pd.allgather_object(obj, name="bench.gather")
+
+    def distribute(self, model, optimizer, batch, loss, say) -> Distributed:
+        from pipedap import bench_plan
+
+        args, schedule = self.args, SCHEDULE_OF[self.name]
+        plan, facts = None, {"threshold_bytes": args.threshold}
+        if schedule == "pipedap":
+            if args.plan:
+                plan, facts["plan_source"] = args.plan, f"file {args.plan}"
+            else:
+                plan, planning = bench_plan.make_plan(model, *batch, loss, bandwidth=args.bandwidth,
+                                                      latency=args.latency, threshold=args.threshold, say=say)
+                facts.update(planning, plan_source="planned in this job")
+        self.pd.broadcast_parameters(model.state_dict(), root_rank=0)
+        optimizer = self.pd.DistributedOptimizer(optimizer, model=model, schedule=schedule, plan=plan,
+                                                 fusion_bytes=args.threshold)
+        run = optimizer.plan
+        merged = sum(len(sub) > 1 for sub in run.backward)
+        description = (f"pipedap.DistributedOptimizer, schedule {schedule}: {len(run.groups)} buckets, "
+                       f"{len(run.backward)} backward / {len(run.forward)} forward submissions"
+                       + (f" ({merged} merged)" if merged else ""))
+        return Distributed(model, optimizer, description, run, facts)
+
+    def listen(self, listener):
+        from pipedap import comm
+
+        if self._listener is not None:
+            comm.remove_completion_listener(self._listener)
+        self._listener = listener
+        if listener is not None:
+            comm.add_completion_listener(listener)
+
+    def finish(self, optimizer):
+        optimizer.synchronize()
+
+    def shutdown(self):
+        self.listen(None)
+        self.pd.shutdown()
+
+
+class DDPRuntime(PipedapRuntime):
+    """torch DistributedDataParallel over gloo; pipedap only provides ranks and the rendezvous."""
+
+    comm_events = False
+
+    def __init__(self, baseline: str, args: Any):
+        super().__init__(baseline, args)
+        import torch.distributed as dist
+
+        addr, port = self.pd.broadcast_object(_rendezvous(self.size() == self.pd.local_size())
+                                              if self.rank() == 0 else None, name="bench.rendezvous")
+        self.dist = dist
+        dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=self.rank(),
+                                world_size=self.size(), timeout=datetime.timedelta(minutes=5))
+        self.address = f"{addr}:{port}"
+
+    def distribute(self, model, optimizer, batch, loss, say) -> Distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        kw = {"bucket_cap_mb": self.args.threshold / 2**20} if self.args.threshold else {}
+        device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
+        wrapped = DistributedDataParallel(model, device_ids=device_ids, **kw)  # broadcasts rank 0's weights
+        cap = self.args.threshold or 25 * 2**20
+        return Distributed(wrapped, optimizer, f"torch DDP over gloo (rendezvous {self.address}), "
+                           f"buckets of {cap / 2**20:g} MiB", facts={"threshold_bytes": cap})
+
+    def finish(self, optimizer):
+        """Nothing: DDP updates in step()."""
+
+    def shutdown(self):
+        self.dist.destroy_process_group()
+        super().shutdown()
+
+
+def _rendezvous(single_host: bool) -> tuple[str, int]:
+    """Rank 0's address and a free port on it, for torch.distributed's TCP rendezvous.
+
+    ``MASTER_ADDR`` wins when set; else 127.0.0.1 for single-host jobs, otherwise this
+    host's name resolved (set MASTER_ADDR when that resolves to a loopback address).
+    """
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if single_host else socket.gethostbyname(socket.gethostname()))
+    return addr, port
+
+
+class HorovodRuntime(Runtime):
+    """horovod.torch's DistributedOptimizer; pipedap is not initialised in this process."""
+
+    def __init__(self, baseline: str, args: Any):
+        if args.threshold:  # read by hvd.init()
+            os.environ["HOROVOD_FUSION_THRESHOLD"] = str(args.threshold)
+        import horovod.torch as hvd
+
+        self.name, self.args, self.hvd = baseline, args, hvd
+        hvd.init()
+
+    def rank(self) -> int:
+        return self.hvd.rank()
+
+    def size(self) -> int:
+        return self.hvd.size()
+
+    def local_rank(self) -> int:
+        return self.hvd.local_rank()
+
+    def barrier(self) -> None:
+        self.hvd.barrier()
+
+    def allgather_object(self, obj: Any) -> list:
+        return self.hvd.allgather_object(obj, name="bench.gather")
+
+    def distribute(self, model, optimizer, batch, loss, say) -> Distributed:
+        hvd = self.hvd
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        wrapped = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+        hvd.broadcast_optimizer_state(wrapped, root_rank=0)
+        import horovod
+
+        threshold = int(os.environ.get("HOROVOD_FUSION_THRESHOLD", 64 * 2**20))
+        return Distributed(model, wrapped, f"horovod.torch {horovod.__version__} DistributedOptimizer, "
+                           f"fusion buffer {threshold / 2**20:g} MiB", facts={"threshold_bytes": threshold})
+
+    def finish(self, optimizer):
+        """Nothing: Horovod updates in step()."""
+
+    def shutdown(self):
+        self.hvd.shutdown()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def start(baseline: str, args: Any) -> Runtime:
+    """Initialise the communication of ``baseline`` (call :func:`check_runnable` first)."""
+    if baseline in SCHEDULE_OF:
+        return PipedapRuntime(baseline, args)
+    if baseline == "DDP":
+        return DDPRuntime(baseline, args)
+    if baseline == "Horovod":
+        return HorovodRuntime(baseline, args)
+    raise BenchError(f"baseline {baseline} has no runtime")
