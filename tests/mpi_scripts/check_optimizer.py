@@ -74,13 +74,35 @@ class UnusedBranch(MLP):
         self.branch = nn.Linear(16, 16)
 
 
+class SomeRanks(MLP):
+    """`branch` runs only for shards of even ranks: odd ranks have no gradient for it in any step."""
+
+    def __init__(self):
+        super().__init__()
+        self.branch = nn.Linear(16, 16)
+        self.use_branch = True
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        if self.use_branch:
+            h = h + torch.tanh(self.branch(h))
+        return self.fc3(torch.tanh(self.fc2(h)))
+
+
 class Frozen(MLP):
     def __init__(self):
         super().__init__()
         self.fc1.requires_grad_(False)
 
 
-MODELS = {"mlp": MLP, "cnn_bn": SmallCNN, "tied": Tied, "unused_branch": UnusedBranch, "frozen": Frozen}
+MODELS = {"mlp": MLP, "cnn_bn": SmallCNN, "tied": Tied, "unused_branch": UnusedBranch, "some_ranks": SomeRanks,
+          "frozen": Frozen}
+
+
+def set_shard(model, rank: int) -> None:
+    """Models whose forward depends on the shard's rank (SomeRanks) learn it here."""
+    if isinstance(model, SomeRanks):
+        model.use_branch = rank % 2 == 0
 
 
 def batch(model_name: str, step: int, n: int):
@@ -179,6 +201,7 @@ def reference_step(model, opt, model_name, step, clip=None, micro=1, average_mic
     for m in range(micro):
         x, y = batch(model_name, step * micro + m, B * P)
         for r in range(P):
+            set_shard(model, r)
             scale = P * (micro if average_micro else 1)
             (loss_of(model, x[r * B : (r + 1) * B], y[r * B : (r + 1) * B]) / scale).backward()
     if clip is not None:
@@ -187,6 +210,7 @@ def reference_step(model, opt, model_name, step, clip=None, micro=1, average_mic
 
 
 def distributed_step(model, opt, model_name, step, clip=None, micro=1):
+    set_shard(model, R)
     opt.zero_grad()
     for m in range(micro):
         x, y = batch(model_name, step * micro + m, B * P)
@@ -338,6 +362,29 @@ def run_features():
                 opt.step()
             reference_step(reference, ref_opt, "mlp", step, clip=0.05)
         compare(f"{schedule} synchronize + skip_synchronize", model, reference)
+
+        # AMP's GradScaler: synchronize, unscale, then the scaler steps inside skip_synchronize
+        model, reference = fresh("mlp")
+        opt = hvd.DistributedOptimizer(make_optimizer("adam", model), model=model, schedule=schedule,
+                                       plan=plan_for(schedule, model), fusion_bytes=0)
+        ref_opt = make_optimizer("adam", reference)
+        scaler, ref_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0), torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for step in range(5):
+            opt.zero_grad()
+            x, y = batch("mlp", step, B * P)
+            scaler.scale(loss_of(model, x[R * B : (R + 1) * B], y[R * B : (R + 1) * B])).backward()
+            opt.synchronize()
+            scaler.unscale_(opt)
+            with opt.skip_synchronize():
+                scaler.step(opt)
+            scaler.update()
+            ref_opt.zero_grad()
+            for r in range(P):
+                ref_scaler.scale(loss_of(reference, x[r * B : (r + 1) * B], y[r * B : (r + 1) * B]) / P).backward()
+            ref_scaler.unscale_(ref_opt)
+            ref_scaler.step(ref_opt)
+            ref_scaler.update()
+        compare(f"{schedule} GradScaler", model, reference)
     # schedule="pipedap" without a plan: measures 2 steps, switches plan mid-run, still exact
     import os
 
