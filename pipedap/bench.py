@@ -22,7 +22,7 @@ has one). ``--json FILE`` writes all of it::
     batch_time: {measured_s, predicted_s, predicted_over_measured},
     phases_ms: {forward, backward, step} (rank 0's means),
     plan: {schedule, groups, digest, predicted_iteration_s, source} or null,
-    planning: {cost_model, cost_source, profile_layers} (PipeDAP planned in the job) or null,
+    planning: {cost_model, cost_source, profile_layers} (PipeDAP with --bandwidth) or null,
     timeline: FILE or null, wall_seconds
 
 A rate is units (images or sentences) per second: per_worker is the mean over ranks,
@@ -49,6 +49,7 @@ from pipedap import timeline
 from pipedap.bench_baselines import BASELINES, BenchError, Runtime, canonical, check_runnable, start
 
 JSON_VERSION = 1
+MAX_WARMUP = 200  # batches; a system not ready by then is reported, not waited for
 # Two-sided 95% Student-t quantiles for 1..30 degrees of freedom; the normal 1.96 beyond.
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
@@ -81,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, help="image side of image models (default: the model's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: the local rank's GPU when CUDA is available, else CPU")
-    parser.add_argument("--plan", metavar="FILE", help="PipeDAP: run this plan (python -m pipedap.plan --out)")
-    parser.add_argument("--bandwidth", help="PipeDAP without --plan: plan for links of this speed (e.g. 1gbit) "
-                                            "instead of measuring the collectives now")
+    parser.add_argument("--plan", metavar="FILE", help="PipeDAP: run this plan (python -m pipedap.plan --out); "
+                                                       "default: DistributedOptimizer plans online from its first steps")
+    parser.add_argument("--bandwidth", help="PipeDAP: plan for ring links of this speed (e.g. 1gbit) from a profile "
+                                            "taken now, instead of planning online from measurements")
     parser.add_argument("--latency", default="50us", help="with --bandwidth: per-step latency (default 50us)")
     parser.add_argument("--save-plan", metavar="FILE", help="PipeDAP: write the plan that ran here (rank 0)")
     parser.add_argument("--timeline", metavar="FILE", help="write a Chrome trace of the timed batches (rank 0)")
@@ -185,10 +187,7 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
         f"Number of {who}s: {world} ({device.type})\nBaseline: {args.baseline}")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     dist = runtime.distribute(model, optimizer, (inputs, targets), loss_fn, say)
-    say(f"  {dist.description}")
-    if args.save_plan and rank == 0:
-        dist.plan.save(args.save_plan)
-        say(f"  plan written to {args.save_plan}")
+    say(f"  {runtime.describe(dist)}")
 
     recorder = timeline.Recorder(sync=torch.cuda.synchronize if args.timeline and device.type == "cuda" else None)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if args.fp16 else nullcontext
@@ -216,7 +215,11 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
                file=sys.stderr, dynamic_ncols=True)
     say(f"Running warmup: {args.num_warmup_batches} batches...")
     warm = []
-    for _ in range(args.num_warmup_batches):
+    while len(warm) < args.num_warmup_batches or not dist.warm():
+        if len(warm) == args.num_warmup_batches:
+            bar.total += 1
+            if len(warm) >= MAX_WARMUP:
+                raise RuntimeError(f"{args.baseline} was still not ready to time after {MAX_WARMUP} batches")
         began = time.perf_counter()
         batch()
         wait()
@@ -224,7 +227,9 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
         bar.update()
     if warm:
         guess = statistics.median(warm[len(warm) // 2:]) * args.num_iters * args.num_batches_per_iter
-        say(f"  warmup took {sum(warm):.1f} s; the timed part should take about {guess:.0f} s")
+        say(f"  warmup: {len(warm)} batches in {sum(warm):.1f} s; the timed part should take about {guess:.0f} s")
+    if len(warm) > args.num_warmup_batches:
+        say(f"  (warmup extended until the optimizer had planned) {runtime.describe(dist)}")
     bar.set_description("timed")
     say(f"Running benchmark: {args.num_iters} iterations x {args.num_batches_per_iter} batches...")
     runtime.barrier()
@@ -260,13 +265,16 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
                               "per_worker": statistics.fmean(rates), "total": sum(rates)})
     worker = confidence([p["per_worker"] for p in per_iteration])
     total = confidence([p["total"] for p in per_iteration])
-    plan = dist.plan
+    plan = runtime.plan(optimizer)
+    if args.save_plan:
+        plan.save(args.save_plan)
+        print(f"plan that ran written to {args.save_plan}")
     predicted = plan.predicted.iteration_time if plan is not None and plan.predicted else None
     measured = statistics.fmean(p["seconds"] for p in per_iteration) / args.num_batches_per_iter
     return {
         "version": JSON_VERSION, "command": sys.argv, "model": args.model, "kind": info.kind, "unit": unit,
         "input_shape": list(inputs.shape[1:]), "batch_size": args.batch_size, "baseline": args.baseline,
-        "description": dist.description, "world_size": world, "device": device.type, "fp16": args.fp16,
+        "description": runtime.describe(dist), "world_size": world, "device": device.type, "fp16": args.fp16,
         "threshold_bytes": dist.facts.get("threshold_bytes"), "warmup_batches": args.num_warmup_batches,
         "batches_per_iter": args.num_batches_per_iter, "iterations": args.num_iters,
         "per_iteration": per_iteration, "per_rank_mean": [units / statistics.fmean(r["seconds"]) for r in everyone],

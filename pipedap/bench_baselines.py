@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import torch
 
+from pipedap.planner.plan import Plan
+
 BASELINES = ("PipeDAP", "DeAR", "WFBP", "ByteScheduler", "DDP", "Horovod")
 SCHEDULE_OF = {"PipeDAP": "pipedap", "DeAR": "dear", "WFBP": "wfbp"}
 
@@ -64,8 +66,9 @@ class Distributed:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     description: str
-    plan: Any = None  # the pipedap Plan run, for the pipedap schedules
     facts: dict = field(default_factory=dict)  # threshold, plan source, planning facts
+    # False while the system is still settling (online planning): timing must not start yet
+    warm: Callable[[], bool] = lambda: True
 
 
 class Runtime(abc.ABC):
@@ -101,23 +104,28 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def shutdown(self) -> None: ...
 
+    def plan(self, optimizer: torch.optim.Optimizer) -> Plan | None:
+        """The pipedap plan the optimizer runs now (None for systems without one)."""
+        return None
+
+    def describe(self, dist: Distributed) -> str:
+        """One line on how the model is distributed (after warmup: the plan may have changed)."""
+        return dist.description
+
     def listen(self, listener: Callable | None) -> None:
         """Send every completed collective to ``listener`` (None: stop); only if ``comm_events``."""
         if listener is not None:
             raise NotImplementedError(f"{self.name} does not report its collectives")
 
 
-class PipedapRuntime(Runtime):
-    """pipedap.DistributedOptimizer with the schedule of the PipeDAP, DeAR or WFBP baseline."""
-
-    comm_events = True
+class _OverPipedap(Runtime):
+    """Ranks and objects across ranks from pipedap (MPI)."""
 
     def __init__(self, baseline: str, args: Any):
         import pipedap
 
         self.name, self.args, self.pd = baseline, args, pipedap
         pipedap.init()
-        self._listener: Callable | None = None
 
     def rank(self) -> int:
         return self.pd.rank()
@@ -134,27 +142,50 @@ class PipedapRuntime(Runtime):
     def allgather_object(self, obj: Any) -> list:
         return self.pd.allgather_object(obj, name="bench.gather")
 
+    def shutdown(self) -> None:
+        self.pd.shutdown()
+
+
+class PipedapRuntime(_OverPipedap):
+    """pipedap.DistributedOptimizer with the schedule of the PipeDAP, DeAR or WFBP baseline."""
+
+    comm_events = True
+
+    def __init__(self, baseline: str, args: Any):
+        super().__init__(baseline, args)
+        self._listener: Callable | None = None
+
     def distribute(self, model, optimizer, batch, loss, say) -> Distributed:
         from pipedap import bench_plan
 
         args, schedule = self.args, SCHEDULE_OF[self.name]
         plan, facts = None, {"threshold_bytes": args.threshold}
-        if schedule == "pipedap":
-            if args.plan:
-                plan, facts["plan_source"] = args.plan, f"file {args.plan}"
-            else:
-                plan, planning = bench_plan.make_plan(model, *batch, loss, bandwidth=args.bandwidth,
-                                                      latency=args.latency, threshold=args.threshold, say=say)
-                facts.update(planning, plan_source="planned in this job")
+        if schedule == "pipedap" and args.plan:
+            plan, facts["plan_source"] = args.plan, f"file {args.plan}"
+        elif schedule == "pipedap" and args.bandwidth:
+            plan, planning = bench_plan.make_plan(model, *batch, loss, bandwidth=args.bandwidth,
+                                                  latency=args.latency, threshold=args.threshold, say=say)
+            facts.update(planning, plan_source="planned in this job for an assumed link")
+        elif schedule == "pipedap":
+            facts["plan_source"] = "planned online by DistributedOptimizer from its first measured steps"
+            say("  no --plan: DistributedOptimizer runs DeAR while it measures the first steps, then plans "
+                "and switches; the warmup lasts until it has switched")
         self.pd.broadcast_parameters(model.state_dict(), root_rank=0)
         optimizer = self.pd.DistributedOptimizer(optimizer, model=model, schedule=schedule, plan=plan,
                                                  fusion_bytes=args.threshold)
-        run = optimizer.plan
+        initial = optimizer.plan
+        online = schedule == "pipedap" and plan is None
+        return Distributed(model, optimizer, f"pipedap.DistributedOptimizer, schedule {schedule}", facts,
+                           warm=(lambda: optimizer.plan is not initial) if online else lambda: True)
+
+    def plan(self, optimizer) -> Plan:
+        return optimizer.plan
+
+    def describe(self, dist: Distributed) -> str:
+        run = dist.optimizer.plan
         merged = sum(len(sub) > 1 for sub in run.backward)
-        description = (f"pipedap.DistributedOptimizer, schedule {schedule}: {len(run.groups)} buckets, "
-                       f"{len(run.backward)} backward / {len(run.forward)} forward submissions"
-                       + (f" ({merged} merged)" if merged else ""))
-        return Distributed(model, optimizer, description, run, facts)
+        return (f"{dist.description}: plan {run.schedule}, {len(run.groups)} buckets, {len(run.backward)} "
+                f"backward / {len(run.forward)} forward submissions" + (f" ({merged} merged)" if merged else ""))
 
     def listen(self, listener):
         from pipedap import comm
@@ -170,13 +201,11 @@ class PipedapRuntime(Runtime):
 
     def shutdown(self):
         self.listen(None)
-        self.pd.shutdown()
+        super().shutdown()
 
 
-class DDPRuntime(PipedapRuntime):
+class DDPRuntime(_OverPipedap):
     """torch DistributedDataParallel over gloo; pipedap only provides ranks and the rendezvous."""
-
-    comm_events = False
 
     def __init__(self, baseline: str, args: Any):
         super().__init__(baseline, args)
@@ -197,7 +226,7 @@ class DDPRuntime(PipedapRuntime):
         wrapped = DistributedDataParallel(model, device_ids=device_ids, **kw)  # broadcasts rank 0's weights
         cap = self.args.threshold or 25 * 2**20
         return Distributed(wrapped, optimizer, f"torch DDP over gloo (rendezvous {self.address}), "
-                           f"buckets of {cap / 2**20:g} MiB", facts={"threshold_bytes": cap})
+                           f"buckets of {cap / 2**20:g} MiB", {"threshold_bytes": cap})
 
     def finish(self, optimizer):
         """Nothing: DDP updates in step()."""
@@ -210,14 +239,37 @@ class DDPRuntime(PipedapRuntime):
 def _rendezvous(single_host: bool) -> tuple[str, int]:
     """Rank 0's address and a free port on it, for torch.distributed's TCP rendezvous.
 
-    ``MASTER_ADDR`` wins when set; else 127.0.0.1 for single-host jobs, otherwise this
-    host's name resolved (set MASTER_ADDR when that resolves to a loopback address).
+    The address: ``MASTER_ADDR`` when set; else 127.0.0.1 for a single-host job; else the
+    address of the interface ``GLOO_SOCKET_IFNAME`` names (dist.sh sets it from
+    ETH_INTERFACE), or this host's name resolved.
     """
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
-    addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if single_host else socket.gethostbyname(socket.gethostname()))
+    interface = os.environ.get("GLOO_SOCKET_IFNAME", "").split(",")[0]
+    if os.environ.get("MASTER_ADDR"):
+        addr = os.environ["MASTER_ADDR"]
+    elif single_host:
+        addr = "127.0.0.1"
+    elif interface:
+        addr = _interface_address(interface)
+    else:
+        addr = socket.gethostbyname(socket.gethostname())
     return addr, port
+
+
+def _interface_address(interface: str) -> str:
+    """The IPv4 address of a network interface (Linux SIOCGIFADDR)."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", interface.encode()[:15]))
+        except OSError as err:
+            raise BenchError(f"network interface {interface!r} (GLOO_SOCKET_IFNAME) has no IPv4 address: {err}; "
+                             "set ETH_INTERFACE in configs/envs.conf or MASTER_ADDR") from None
+    return socket.inet_ntoa(packed[20:24])
 
 
 class HorovodRuntime(Runtime):
@@ -255,7 +307,7 @@ class HorovodRuntime(Runtime):
 
         threshold = int(os.environ.get("HOROVOD_FUSION_THRESHOLD", 64 * 2**20))
         return Distributed(model, wrapped, f"horovod.torch {horovod.__version__} DistributedOptimizer, "
-                           f"fusion buffer {threshold / 2**20:g} MiB", facts={"threshold_bytes": threshold})
+                           f"fusion buffer {threshold / 2**20:g} MiB", {"threshold_bytes": threshold})
 
     def finish(self, optimizer):
         """Nothing: Horovod updates in step()."""
