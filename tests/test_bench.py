@@ -1,0 +1,124 @@
+"""python -m pipedap.bench end to end at mpirun -np 2 (tiny ResNet-50 input), and its refusals."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from mpi_launch import assert_ok, run_mpi
+
+from pipedap.bench import main
+
+# ResNet-50 on 32x32 images, batch 2: a few hundred ms per batch on a CPU core.
+TINY = ("--model", "resnet50", "--image-size", "32", "--batch-size", "2", "--num-warmup-batches", "1",
+        "--num-batches-per-iter", "1", "--num-iters", "3", "--no-progress")
+FIELDS = {"version", "command", "model", "kind", "unit", "input_shape", "batch_size", "baseline", "description",
+          "world_size", "device", "fp16", "threshold_bytes", "warmup_batches", "batches_per_iter", "iterations",
+          "per_iteration", "per_rank_mean", "per_worker", "total", "batch_time", "phases_ms", "plan", "planning",
+          "timeline", "wall_seconds"}
+
+
+def bench(tmp_path, baseline: str, *extra: str) -> tuple[dict, str]:
+    out = tmp_path / "result.json"
+    result = run_mpi("bench_main.py", 2, *TINY, "--baseline", baseline, "--json", str(out), *extra, timeout=240)
+    assert_ok(result)
+    return json.loads(out.read_text()), result.output
+
+
+def check_common(doc: dict, output: str, baseline: str) -> None:
+    assert set(doc) == FIELDS
+    assert doc["baseline"] == baseline and doc["world_size"] == 2 and doc["unit"] == "img"
+    assert doc["input_shape"] == [3, 32, 32] and doc["device"] == "cpu"
+    assert len(doc["per_iteration"]) == 3 and len(doc["per_rank_mean"]) == 2
+    for it in doc["per_iteration"]:
+        assert it["seconds"] > 0
+        assert it["total"] == pytest.approx(2 * it["per_worker"])
+        assert it["per_worker"] == pytest.approx(2 / it["seconds"], rel=0.5)  # 2 images per batch
+    assert doc["per_worker"]["mean"] > 0 and doc["per_worker"]["ci95"] >= 0
+    assert doc["total"]["mean"] == pytest.approx(2 * doc["per_worker"]["mean"])
+    assert set(doc["phases_ms"]) == {"forward", "backward", "step"}
+    for i in range(3):
+        assert f"Iter #{i}: " in output
+    assert "Img/sec per worker: " in output and "Total img/sec on 2 worker(s): " in output
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("baseline", ["WFBP", "DeAR"])
+def test_pipedap_runtime_baselines_run_their_schedule(tmp_path, baseline):
+    doc, output = bench(tmp_path, baseline.lower())  # names are case-insensitive
+    check_common(doc, output, baseline)
+    assert doc["plan"]["schedule"] == baseline.lower() and doc["plan"]["source"] == "built-in"
+    assert doc["plan"]["predicted_iteration_s"] is None and doc["batch_time"]["predicted_s"] is None
+
+
+@pytest.mark.mpi
+def test_pipedap_plans_online_then_times_its_plan_against_the_prediction(tmp_path):
+    doc, output = bench(tmp_path, "PipeDAP", "--threshold", "8000000")
+    check_common(doc, output, "PipeDAP")
+    assert doc["plan"]["schedule"] in ("optimal", "pipedap")  # switched from the DeAR it measured with
+    assert "planned online" in doc["plan"]["source"]
+    assert doc["warmup_batches"] == 1 and "warmup extended until the optimizer had planned" in output
+    predicted = doc["batch_time"]["predicted_s"]
+    assert predicted == doc["plan"]["predicted_iteration_s"] and predicted > 0
+    assert doc["batch_time"]["predicted_over_measured"] == pytest.approx(predicted / doc["batch_time"]["measured_s"])
+    assert "predicted by the plan" in output and doc["threshold_bytes"] == 8000000
+
+
+@pytest.mark.mpi
+def test_ddp_over_gloo(tmp_path):
+    doc, output = bench(tmp_path, "DDP", "--threshold", str(4 << 20))
+    check_common(doc, output, "DDP")
+    assert doc["plan"] is None and "gloo (rendezvous 127.0.0.1:" in doc["description"]
+    assert doc["threshold_bytes"] == 4 << 20 and "buckets of 4 MiB" in doc["description"]
+
+
+def horovod_importable() -> bool:
+    probe = subprocess.run([sys.executable, "-c", "import horovod.torch"], capture_output=True, timeout=60)
+    return probe.returncode == 0
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not horovod_importable(), reason="horovod.torch does not import (scripts/build_horovod.sh)")
+def test_horovod(tmp_path):
+    doc, output = bench(tmp_path, "Horovod")
+    check_common(doc, output, "Horovod")
+    assert doc["plan"] is None and doc["description"].startswith("horovod.torch ")
+    assert doc["threshold_bytes"] == 64 << 20
+
+
+def refused(capsys, *args: str) -> str:
+    """The bench must refuse with exit status 2 before starting anything (so: in this process)."""
+    assert main([*TINY, *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    return err
+
+
+def test_bytescheduler_is_refused_with_the_reason(capsys):
+    err = refused(capsys, "--baseline", "ByteScheduler")
+    assert "ByteScheduler cannot run: the runtime has no ByteScheduler plan" in err
+    assert "only simulated by the planner" in err
+
+
+def test_horovod_missing_gives_a_clear_message(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "horovod.torch", None)  # makes `import horovod.torch` fail
+    err = refused(capsys, "--baseline", "horovod")
+    assert "Horovod is not available: `import horovod.torch` failed (" in err
+    assert "scripts/build_horovod.sh" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--fp16",), "--fp16 is not supported on CPU"),
+    (("--baseline", "NCCL"), "unknown baseline 'NCCL'; choose one of PipeDAP, DeAR, WFBP, ByteScheduler, DDP, Horovod"),
+    (("--model", "resnet5"), "unknown model 'resnet5'; valid names: resnet50"),
+    (("--sentence-len", "64"), "--sentence-len is for language models"),
+    (("--baseline", "DeAR", "--plan", "p.json"), "--plan is for --baseline PipeDAP"),
+    (("--num-iters", "0"), "--num-iters must be >= 1"),
+])
+def test_bad_options_are_refused(capsys, args, message):
+    assert message in refused(capsys, *args)
+
+
+def test_check_accepts_good_options(capsys):
+    assert main([*TINY, "--baseline", "wfbp", "--check"]) == 0
+    assert "options OK: resnet50, batch 2, WFBP on cpu" in capsys.readouterr().out

@@ -1,0 +1,93 @@
+"""The Chrome trace of pipedap.bench --timeline, the Recorder, and python -m pipedap.timeline."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from mpi_launch import assert_ok, run_mpi
+
+from pipedap import timeline
+from pipedap.planner.plan import Plan
+
+
+def op(name: str, enqueue: int, start: int, end: int) -> SimpleNamespace:
+    kind = {"rs": "reducescatter", "ag": "allgather", "ar": "allreduce"}[name.split(".")[0]]
+    return SimpleNamespace(name=name, kind=kind, nbytes=1024, group_size=1, enqueue_ns=enqueue, start_ns=start,
+                           end_ns=end)
+
+
+def test_recorder_keeps_phases_and_the_ops_enqueued_while_recording():
+    rec = timeline.Recorder()
+    with rec.phase("forward"):  # not recording yet: not kept
+        pass
+    rec.start()
+    origin = rec.origin_ns
+    rec.next_batch()
+    with rec.phase("backward"):
+        pass
+    rec.on_ops([op("rs.1", origin - 5_000, origin + 1_000, origin + 3_000),  # enqueued before: an untimed batch's
+                op("rs.0", origin + 2_000, origin + 3_000, origin + 7_000)])
+    rec.stop()
+    rec.on_ops([op("ag.0", origin + 8_000, origin + 9_000, origin + 10_000)])  # after stop: not kept
+    events = rec.events(rank=3)
+    slices = [e for e in events if e["ph"] == "X"]
+    assert [(e["name"], e["cat"], e["pid"]) for e in slices] == [("backward", "compute", 3), ("rs.0", "comm", 3)]
+    comm = slices[1]
+    assert (comm["ts"], comm["dur"], comm["tid"]) == (3.0, 4.0, timeline.COMM_TID)
+    assert comm["args"] == {"kind": "reducescatter", "nbytes": 1024, "group_size": 1, "enqueue_us": 2.0,
+                            "queued_us": 1.0}
+    assert slices[0]["args"] == {"batch": 0}
+
+
+def test_predicted_events_repeat_the_plan_from_each_backward_start():
+    plan = Plan.from_json({
+        "version": 1, "schedule": "optimal", "world_size": 2, "sync_before_forward": False,
+        "groups": [{"index": 0, "name": "a", "nbytes": 8, "params": ["a.w"]},
+                   {"index": 1, "name": "b", "nbytes": 8, "params": ["b.w"]}],
+        "backward": [{"ops": [["rs", 1]], "start": 0.001, "end": 0.002},
+                     {"ops": [["rs", 0], ["ag", 1]], "start": 0.003, "end": 0.005}],
+        "forward": [{"ops": [["ag", 0]], "start": 0.006, "end": 0.007}],
+        "predicted": {"iteration_time": 0.01, "lower_bound": 0.009}})
+    events = timeline.predicted_events(plan, [100.0, 20_100.0], pid=2)
+    link = [(e["name"], e["ts"], e["dur"]) for e in events if e.get("tid") == timeline.COMM_TID and e["ph"] == "X"]
+    assert [name for name, _, _ in link] == ["RS1", "RS0+AG1", "AG0"] * 2
+    assert link[1][1:] == pytest.approx((3100.0, 2000.0)) and link[4][1] == pytest.approx(23_100.0)
+    assert timeline.predicted_events(Plan.from_json({**plan.to_dict(), "predicted": None}), [0.0], pid=2) == []
+
+
+@pytest.mark.mpi
+def test_bench_trace_has_one_event_per_collective_and_the_prediction(tmp_path):
+    trace, plan_file, out = tmp_path / "trace.json", tmp_path / "plan.json", tmp_path / "result.json"
+    batches = 3
+    result = run_mpi("bench_main.py", 2, "--model", "resnet50", "--image-size", "32", "--batch-size", "2",
+                     "--num-warmup-batches", "1", "--num-batches-per-iter", "1", "--num-iters", str(batches),
+                     "--baseline", "PipeDAP", "--bandwidth", "1gbit", "--no-progress", "--timeline", str(trace),
+                     "--save-plan", str(plan_file), "--json", str(out), timeout=240)
+    assert_ok(result)
+    plan = Plan.load(plan_file)
+    doc = json.loads(trace.read_text())  # valid JSON
+    events = doc["traceEvents"]
+    ops_per_batch = sorted(f"{kind}.{g}" for sub in (*plan.backward, *plan.forward) for kind, g in sub)
+    for rank in (0, 1):
+        comm = sorted(e["name"] for e in events if e.get("cat") == "comm" and e["pid"] == rank)
+        assert comm == sorted(ops_per_batch * batches)  # every op of every timed batch, once
+        for e in events:
+            if e.get("cat") == "comm" and e["pid"] == rank:
+                assert e["dur"] >= 0 and e["args"]["enqueue_us"] <= e["ts"]
+        phases = [e["name"] for e in events if e.get("cat") == "compute" and e["pid"] == rank]
+        assert phases == ["forward", "backward", "step"] * batches
+    predicted = [e for e in events if e.get("cat") == "predicted" and e["tid"] == timeline.COMM_TID]
+    assert len(predicted) == batches * (len(plan.backward) + len(plan.forward)) and {e["pid"] for e in predicted} == {2}
+    assert doc["otherData"]["predicted_iteration_s"] == pytest.approx(plan.predicted.iteration_time)
+    assert json.loads(out.read_text())["timeline"] == str(trace)
+
+    png = tmp_path / "chart.png"
+    assert timeline.main([str(trace), "--out", str(png), "--batch", "1"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_timeline_cli_rejects_what_is_not_a_trace(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"events": []}')
+    assert timeline.main([str(bad)]) == 2
+    assert "no 'traceEvents' list" in capsys.readouterr().err
