@@ -187,7 +187,8 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
         f"Number of {who}s: {world} ({device.type})\nBaseline: {args.baseline}")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     dist = runtime.distribute(model, optimizer, (inputs, targets), loss_fn, say)
-    say(f"  {runtime.describe(dist)}")
+    described = runtime.describe(dist)
+    say(f"  {described}")
 
     recorder = timeline.Recorder(sync=torch.cuda.synchronize if args.timeline and device.type == "cuda" else None)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if args.fp16 else nullcontext
@@ -229,7 +230,9 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
         guess = statistics.median(warm[len(warm) // 2:]) * args.num_iters * args.num_batches_per_iter
         say(f"  warmup: {len(warm)} batches in {sum(warm):.1f} s; the timed part should take about {guess:.0f} s")
     if len(warm) > args.num_warmup_batches:
-        say(f"  (warmup extended until the optimizer had planned) {runtime.describe(dist)}")
+        say("  (warmup extended until the optimizer had planned)")
+    if runtime.describe(dist) != described:
+        say(f"  now: {runtime.describe(dist)}")
     bar.set_description("timed")
     say(f"Running benchmark: {args.num_iters} iterations x {args.num_batches_per_iter} batches...")
     runtime.barrier()
@@ -257,6 +260,17 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
     everyone = runtime.allgather_object(mine)
     if rank != 0:
         return {}
+    plan = runtime.plan(optimizer)
+    if args.save_plan:
+        plan.save(args.save_plan)
+        print(f"plan that ran written to {args.save_plan}")
+    context = {"model": args.model, "kind": info.kind, "unit": unit, "input_shape": list(inputs.shape[1:]),
+               "description": runtime.describe(dist), "world_size": world, "device": device.type, "_who": who}
+    return summarize(args, context, everyone, plan, dist.facts)
+
+
+def summarize(args: argparse.Namespace, context: dict, everyone: list[dict], plan, facts: dict) -> dict:
+    """The results dict (the JSON fields, plus ``_``-prefixed ones for printing) from every rank's numbers."""
     units = args.batch_size * args.num_batches_per_iter
     per_iteration = []
     for i in range(args.num_iters):
@@ -265,19 +279,14 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
                               "per_worker": statistics.fmean(rates), "total": sum(rates)})
     worker = confidence([p["per_worker"] for p in per_iteration])
     total = confidence([p["total"] for p in per_iteration])
-    plan = runtime.plan(optimizer)
-    if args.save_plan:
-        plan.save(args.save_plan)
-        print(f"plan that ran written to {args.save_plan}")
     predicted = plan.predicted.iteration_time if plan is not None and plan.predicted else None
     measured = statistics.fmean(p["seconds"] for p in per_iteration) / args.num_batches_per_iter
     return {
-        "version": JSON_VERSION, "command": sys.argv, "model": args.model, "kind": info.kind, "unit": unit,
-        "input_shape": list(inputs.shape[1:]), "batch_size": args.batch_size, "baseline": args.baseline,
-        "description": runtime.describe(dist), "world_size": world, "device": device.type, "fp16": args.fp16,
-        "threshold_bytes": dist.facts.get("threshold_bytes"), "warmup_batches": args.num_warmup_batches,
-        "batches_per_iter": args.num_batches_per_iter, "iterations": args.num_iters,
-        "per_iteration": per_iteration, "per_rank_mean": [units / statistics.fmean(r["seconds"]) for r in everyone],
+        "version": JSON_VERSION, "command": sys.argv, **context, "batch_size": args.batch_size,
+        "baseline": args.baseline, "fp16": args.fp16, "threshold_bytes": facts.get("threshold_bytes"),
+        "warmup_batches": args.num_warmup_batches, "batches_per_iter": args.num_batches_per_iter,
+        "iterations": args.num_iters, "per_iteration": per_iteration,
+        "per_rank_mean": [units / statistics.fmean(r["seconds"]) for r in everyone],
         "per_worker": {"mean": worker[0], "ci95": worker[1], "std": worker[2]},
         "total": {"mean": total[0], "ci95": total[1]},
         "batch_time": {"measured_s": measured, "predicted_s": predicted,
@@ -285,11 +294,11 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
         "phases_ms": everyone[0]["phases_ms"],
         "plan": None if plan is None else {
             "schedule": plan.schedule, "groups": len(plan.groups), "digest": plan.digest(),
-            "predicted_iteration_s": predicted, "source": dist.facts.get("plan_source", "built-in")},
-        "planning": {k: dist.facts[k] for k in ("cost_model", "cost_source", "profile_layers")}
-        if "cost_model" in dist.facts else None,
+            "predicted_iteration_s": predicted, "source": facts.get("plan_source", "built-in")},
+        "planning": {k: facts[k] for k in ("cost_model", "cost_source", "profile_layers")}
+        if "cost_model" in facts else None,
         "timeline": args.timeline,
-        "_who": who, "_events": [r["events"] for r in everyone] if args.timeline else None, "_plan": plan,
+        "_events": [r["events"] for r in everyone] if args.timeline else None, "_plan": plan,
     }
 
 
