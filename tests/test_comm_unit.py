@@ -103,3 +103,9 @@ def test_planner_imports_without_loading_the_comm_core():
     result = run_python("import sys, pipedap.planner; print('pipedap._comm_core' in sys.modules)")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_tcp_eager_limit_is_raised_unless_the_user_set_it():
+    code = "import os, pipedap; pipedap.init(); print(os.environ['OMPI_MCA_btl_tcp_eager_limit'])"
+    assert run_python(code).stdout.strip() == str(4 << 20)
+    assert run_python(code, OMPI_MCA_btl_tcp_eager_limit="65536").stdout.strip() == "65536"

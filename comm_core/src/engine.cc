@@ -122,7 +122,8 @@ EngineConfig EngineConfig::from_environment() {
   c.host.algorithm = env_algorithm();
   c.host.ring_min_bytes = static_cast<size_t>(env_double("PIPEDAP_RING_MIN_BYTES", 64 * 1024, 0));
   c.host.segment_bytes = static_cast<size_t>(env_double("PIPEDAP_SEGMENT_BYTES", 1 << 20, 8));
-  c.host.poll.spin_us = static_cast<int>(env_double("PIPEDAP_POLL_SPIN_US", 50, 0));
+  c.host.message_bytes = static_cast<size_t>(env_double("PIPEDAP_MESSAGE_BYTES", 2 << 20, 8));
+  c.host.poll.spin_us = static_cast<int>(env_double("PIPEDAP_POLL_SPIN_US", 500, 0));
   c.host.poll.max_sleep_us = static_cast<int>(env_double("PIPEDAP_POLL_MAX_SLEEP_US", 200, 0));
   c.check_order = env_flag("PIPEDAP_CHECK_ORDER");
   c.stall_seconds = env_double("PIPEDAP_STALL_SECONDS", 60, 0);

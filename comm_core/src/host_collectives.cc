@@ -175,11 +175,12 @@ void run_ring(const Communicator& c, const std::vector<const OpSpec*>& ops, cons
   }
   const int left = mod(c.rank - 1, c.size);
   const int right = mod(c.rank + 1, c.size);
-  // Only a reducing receive is cut into segments (so arithmetic overlaps the
-  // transfer); anything else goes as one message, which MPI moves fastest
-  // (single-copy rendezvous on shared memory), up to MPI's int count.
+  // Reducing receives are cut into segments so arithmetic overlaps the transfer.
+  // Other messages are cut at message_bytes: over TCP, a message above the eager
+  // limit needs a rendezvous handshake whose control messages queue behind bulk
+  // data on a shaped link, which halved throughput on the emulated cluster.
   const size_t reduce_seg = std::max<size_t>(8, cfg.segment_bytes / 8 * 8);  // whole elements of any dtype
-  const size_t whole = size_t{1} << 30;
+  const size_t whole = std::max<size_t>(8, std::min<size_t>(cfg.message_bytes, size_t{1} << 30) / 8 * 8);
   std::vector<MPI_Request> requests;
   std::vector<PendingReduce> reduces;  // one entry per request; count 0: nothing to reduce
   for (int s = 0; s < steps; ++s) {

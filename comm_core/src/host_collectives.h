@@ -37,7 +37,8 @@ enum class Algorithm { kAuto, kRing, kMpi };
 struct HostCollectiveConfig {
   Algorithm algorithm = Algorithm::kAuto;
   size_t ring_min_bytes = 64 * 1024;  // kAuto: ring from this many bytes per op
-  size_t segment_bytes = 1 << 20;     // ring message size
+  size_t segment_bytes = 1 << 20;     // reduce-scatter message size (reduction overlaps the next receive)
+  size_t message_bytes = 2 << 20;     // other ring messages: kept under the TCP eager limit (see comm.py)
   PollPolicy poll;
 };
 

@@ -30,7 +30,7 @@ void free_user_ops();    // before MPI_Finalize
 // back-off up to PIPEDAP_POLL_MAX_SLEEP_US between MPI_Testsome calls.
 // Kernel socket buffers keep the link busy while the thread sleeps.
 struct PollPolicy {
-  int spin_us = 50;
+  int spin_us = 500;  // covers a small collective's round trips over TCP
   int max_sleep_us = 200;  // 0: busy-poll (never sleep)
 };
 
