@@ -144,11 +144,14 @@ def launch_rank() -> int:
     return 0
 
 
-def confidence(values: Sequence[float]) -> tuple[float, float, float]:
-    """(mean, half-width of the 95% confidence interval of the mean, standard deviation)."""
+def confidence(values: Sequence[float]) -> tuple[float, float | None, float | None]:
+    """(mean, half-width of the 95% confidence interval of the mean, standard deviation).
+
+    With one value there is no spread: None (null in the JSON, which has no NaN).
+    """
     mean = statistics.fmean(values)
     if len(values) < 2:
-        return mean, float("nan"), float("nan")
+        return mean, None, None
     std = statistics.stdev(values)
     dof = len(values) - 1
     t = T95[dof - 1] if dof <= len(T95) else 1.96
@@ -306,8 +309,11 @@ def report(result: dict, args: argparse.Namespace) -> None:
     """Print the summary (upstream's lines), write the JSON and the timeline (rank 0)."""
     unit, who, world = result["unit"], result["_who"], result["world_size"]
     worker, total = result["per_worker"], result["total"]
-    print(f"{unit.capitalize()}/sec per {who}: {worker['mean']:.1f} +-{worker['ci95']:.1f}")
-    print(f"Total {unit}/sec on {world} {who}(s): {total['mean']:.1f} +-{total['ci95']:.1f}")
+    def spread(ci: float | None) -> str:
+        return "" if ci is None else f" +-{ci:.1f}"
+
+    print(f"{unit.capitalize()}/sec per {who}: {worker['mean']:.1f}{spread(worker['ci95'])}")
+    print(f"Total {unit}/sec on {world} {who}(s): {total['mean']:.1f}{spread(total['ci95'])}")
     times = result["batch_time"]
     line = f"Time per batch: measured {times['measured_s'] * 1e3:.1f} ms"
     if times["predicted_s"] is not None:
