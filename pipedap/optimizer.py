@@ -268,50 +268,56 @@ class _DistributedMixin:
         return scale
 
     def _pipedap_flush_backward(self) -> None:
-        for b in self._pipedap_buckets:  # buckets not used since the last step() still hold a pending update
-            if b.pending_update:
-                self._pipedap_finish(b)
+        self._pipedap_finish_all()  # buckets not used since the last step() still hold a pending update
         self._pipedap_runner.flush_backward()
 
     def _pipedap_finish_all(self) -> None:
-        for b in self._pipedap_buckets:
-            if b.pending_update:
-                self._pipedap_finish(b)
+        self._pipedap_finish([b for b in self._pipedap_buckets if b.pending_update])
 
-    def _pipedap_finish(self, b: Bucket) -> None:
-        """Wait for bucket b's communication and apply its update."""
-        for s in b.handles.values():
-            s.wait()
-        b.attach_grads()
-        if b.update_scale != 1.0:
-            b.buffer[: b.grad_numel].mul_(b.update_scale)
+    def _pipedap_finish(self, buckets: list[Bucket]) -> None:
+        """Wait for the buckets' communication and apply their update, in one optimizer step.
+
+        One step for many buckets (WFBP's step(), synchronize(), state_dict()) avoids the
+        optimizer's per-call overhead, which is milliseconds for a large model.
+        """
+        if not buckets:
+            return
+        for b in buckets:
+            for s in b.handles.values():
+                s.wait()
+            b.attach_grads()
+            if b.update_scale != 1.0:
+                b.buffer[: b.grad_numel].mul_(b.update_scale)
         started = time.perf_counter()
-        self._pipedap_update(b)
-        b.last_update_seconds = time.perf_counter() - started
-        b.handles.clear()
-        b.ready.clear()
-        b.pending_update = False
-        if b.zero_after_update:
-            b.buffer.zero_()
-            b.zero_after_update = False
+        self._pipedap_update(buckets)
+        seconds = (time.perf_counter() - started) / len(buckets)
+        for b in buckets:
+            b.last_update_seconds = seconds
+            b.handles.clear()
+            b.ready.clear()
+            b.pending_update = False
+            if b.zero_after_update:
+                b.buffer.zero_()
+                b.zero_after_update = False
 
     def _pipedap_hyperparameters(self) -> list[dict]:
         """Each param group's options now (tensors copied: schedulers may update them in place)."""
         return [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in group.items() if k != "params"}
                 for group in self.param_groups]
 
-    def _pipedap_update(self, b: Bucket) -> None:
-        """The wrapped optimizer's step on bucket b's parameters that got a gradient on some rank.
+    def _pipedap_update(self, buckets: list[Bucket]) -> None:
+        """The wrapped optimizer's step on the buckets' parameters that got a gradient on some rank.
 
-        It runs with the hyperparameters in force at ``step()``: an LR scheduler stepped in
-        between must not change an update that belongs to the previous step.
+        It runs with the hyperparameters in force at ``step()`` (pending buckets all come from
+        the same step): an LR scheduler stepped in between must not change an update that
+        belongs to the previous step.
         """
-        used = {id(p) for p in b.used_params()}
+        used = {id(p) for b in buckets for p in b.used_params()}
         if not used:
             return
         saved = [dict(group) for group in self.param_groups]
         try:
-            for group, hyper in zip(self.param_groups, b.hyperparameters):
+            for group, hyper in zip(self.param_groups, buckets[0].hyperparameters):
                 group.update(hyper)
                 group["params"] = [p for p in group["params"] if id(p) in used]
             super().step()
@@ -357,7 +363,7 @@ class _DistributedMixin:
             enter = time.monotonic()
             b.last_update_seconds = 0.0
             if b.pending_update:
-                self._pipedap_finish(b)
+                self._pipedap_finish([b])
             if online is not None:
                 online.bucket_entered(b.index, enter, time.monotonic(), b.last_update_seconds)
 
