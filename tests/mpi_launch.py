@@ -26,6 +26,20 @@ class Result:
     output: str  # stdout and stderr of every rank, interleaved
 
 
+def run_bounded(cmd: list[str], env: dict, timeout: float, cwd=None, merge_stderr: bool = True
+                ) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group and fail with its output."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(map(str, cmd))} did not finish in {timeout} s; output:\n{out}\n{err or ''}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_mpi(script: str, np: int, *args: str, env: dict | None = None, timeout: float = 180) -> Result:
     """Run tests/mpi_scripts/<script> on ``np`` local ranks; kill the whole job after ``timeout`` s."""
     full_env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
@@ -33,15 +47,8 @@ def run_mpi(script: str, np: int, *args: str, env: dict | None = None, timeout: 
     full_env.update(env or {})
     cmd = [mpirun_path(), "-np", str(np), "--oversubscribe", "--bind-to", "none",
            sys.executable, str(SCRIPTS / script), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=full_env, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"mpirun -np {np} {script} did not finish in {timeout} s; output:\n{out}") from None
-    return Result(proc.returncode, out)
+    done = run_bounded(cmd, full_env, timeout)
+    return Result(done.returncode, done.stdout)
 
 
 def assert_ok(result: Result) -> None:

@@ -3,26 +3,18 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
+from mpi_launch import run_bounded
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def dist(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run ./dist.sh with these variables; kill its whole process group on timeout."""
-    proc = subprocess.Popen([str(ROOT / "dist.sh"), *args], cwd=ROOT, env={**os.environ, **env}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"dist.sh did not finish in {timeout} s:\n{out}\n{err}") from None
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_bounded([str(ROOT / "dist.sh"), *args], {**os.environ, **env}, timeout, cwd=ROOT, merge_stderr=False)
 
 
 @pytest.fixture
