@@ -1,0 +1,67 @@
+"""The compute-only job of a comparison: ``python -m pipedap.compare_compute BENCH-OPTIONS``.
+
+It runs the benchmark's own timing loop (:func:`pipedap.bench.run`, same model, batch,
+optimizer and JSON) in one process that communicates nothing: a plain torch optimizer,
+world size 1, no MPI. ``pipedap.compare`` starts one copy per rank at the same time, each
+pinned to that rank's core, so the cores are as busy as in the distributed run
+(``shared/design/TESTBED.md``: the compute-only reference runs on both cores at once).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pipedap import bench
+from pipedap.bench_baselines import BenchError, Distributed, Runtime
+
+
+class LocalRuntime(Runtime):
+    """One process, no communication: the optimizer steps on this process's gradients alone."""
+
+    name = "compute only"
+
+    def rank(self) -> int:
+        return 0
+
+    def size(self) -> int:
+        return 1
+
+    def local_rank(self) -> int:
+        return 0
+
+    def barrier(self) -> None:
+        """Nothing to wait for."""
+
+    def allgather_object(self, obj: Any) -> list:
+        return [obj]
+
+    def distribute(self, model, optimizer, batch, loss, say) -> Distributed:
+        return Distributed(model, optimizer, "one process, plain torch optimizer, no communication")
+
+    def finish(self, optimizer) -> None:
+        """Nothing pending: the plain optimizer updates in step()."""
+
+    def shutdown(self) -> None:
+        """Nothing was started."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = bench.build_parser().parse_args(argv)
+    began = time.perf_counter()
+    try:
+        bench.validate(args)
+    except (BenchError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.baseline = LocalRuntime.name
+    result = bench.run(args, LocalRuntime())
+    result["wall_seconds"] = time.perf_counter() - began
+    bench.report(result, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
