@@ -54,7 +54,7 @@ from pipedap.planner.costmodel import parse_bandwidth
 from pipedap.testbed import calibrate
 from pipedap.testbed.network import TestbedError
 from pipedap.testbed.pin import core_for
-from pipedap.testbed.testbed import Testbed
+from pipedap.testbed.testbed import Testbed, signals_as_exceptions
 
 JSON_VERSION = 1
 LAUNCH_S = 5.0  # mpirun, imports and model construction per run
@@ -544,25 +544,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {hosts * args.slots} ranks on {cores} cores: ranks share cores (rank r on core r mod "
                   f"{cores}), so compute is slower than on real hosts; the compute-only reference shares them "
                   "the same way", flush=True)
-    try:
-        for hosts in args.hosts:
-            for model in args.models:
-                print(f"compute-only reference: {model}, {hosts * args.slots} pinned single-process jobs at once ...",
-                      flush=True)
-                sweep.compute.append(sweep.measure_compute(model, hosts))
-                print(f"  {sweep.compute[-1]['batch_s']:.3f} s per batch", flush=True)
-        estimate = sweep.plan_estimate_s()
-        print(f"\n{sweep.total_runs} runs ({len(sweep.runnable)} systems x {len(args.rates)} rates x "
-              f"{len(args.models)} models x {len(args.hosts)} host counts); estimated {estimate / 60:.0f} min "
-              f"(each run: launch + {args.warmup} warmup + {args.iters}x{args.batches_per_iter} timed batches at "
-              "compute + all-reduce time, PipeDAP planning included)", flush=True)
-        for hosts in args.hosts:
-            sweep.sweep_hosts(hosts)
-    except (CompareError, TestbedError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        write_results(sweep, time.perf_counter() - began)
+    with signals_as_exceptions():  # SIGTERM stops the running job and still writes what was measured
+        try:
+            for hosts in args.hosts:
+                for model in args.models:
+                    print(f"compute-only reference: {model}, {hosts * args.slots} pinned single-process jobs at once ...",
+                          flush=True)
+                    sweep.compute.append(sweep.measure_compute(model, hosts))
+                    print(f"  {sweep.compute[-1]['batch_s']:.3f} s per batch", flush=True)
+            estimate = sweep.plan_estimate_s()
+            print(f"\n{sweep.total_runs} runs ({len(sweep.runnable)} systems x {len(args.rates)} rates x "
+                  f"{len(args.models)} models x {len(args.hosts)} host counts); estimated {estimate / 60:.0f} min "
+                  f"(each run: launch + {args.warmup} warmup + {args.iters}x{args.batches_per_iter} timed batches at "
+                  "compute + all-reduce time, PipeDAP planning included)", flush=True)
+            for hosts in args.hosts:
+                sweep.sweep_hosts(hosts)
+        except (CompareError, TestbedError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        finally:
+            write_results(sweep, time.perf_counter() - began)
     return 0 if all(r["status"] != "failed" for r in sweep.runs) else 1
 
 

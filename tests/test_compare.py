@@ -1,0 +1,160 @@
+"""python -m pipedap.compare: the bound and table arithmetic, and a smoke run on 2 emulated hosts.
+
+The unit tests run anywhere. The others create network namespaces (skipped with the reason
+where that is impossible, as in test_testbed.py): every system trains a tiny ResNet-50 for a
+few iterations on the testbed and is recorded, and every schedule matches single-process
+training when its ranks run on the emulated hosts (check_optimizer.py matrix).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipedap import compare
+from pipedap.testbed import network, teardown
+from pipedap.testbed.network import TestbedError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- unit tests: no namespaces -------------------------------------------------------------------
+
+def test_ring_allreduce_moves_2_p_minus_1_over_p_of_the_bytes_per_link() -> None:
+    assert compare.ring_allreduce_s(1e6, 2, 8e6) == pytest.approx(1.0)  # 1 MB each way at 8 Mbit/s
+    assert compare.ring_allreduce_s(1e6, 4, 8e6) == pytest.approx(1.5)
+    assert compare.ring_allreduce_s(1e6, 1, 8e6) == 0.0
+    assert compare.gradient_bytes("resnet50") == 25_557_032 * 4
+
+
+def _run(system: str, batch_s: float) -> dict:
+    return {"system": system, "status": "ok", "batch_s": {"mean": batch_s, "ci95": 0.1},
+            "throughput": {"mean": 16 / batch_s, "ci95": 0.2}, "predicted_s": None,
+            "predicted_over_measured": None}
+
+
+def test_row_against_the_bound() -> None:
+    runs = {"PipeDAP": dict(_run("PipeDAP", 4.4), predicted_s=4.0, predicted_over_measured=4.0 / 4.4),
+            "DDP": _run("DDP", 6.6), "Horovod": {"status": "skipped", "reason": "not installed"},
+            "WFBP": {"status": "failed", "error_tail": "----\nRuntimeError: boom\n-----\nprterun has exited"}}
+    row = compare.compare_row("resnet50", 2, 2, 8, "250mbit", compute=4.0, comm=3.0, achieved_bps=200e6, runs=runs)
+    assert row["bound_s"] == 4.0 and row["bound_by"] == "compute" and row["bound_throughput"] == 4.0
+    assert row["comm_achieved_s"] == pytest.approx(3.0 * 250 / 200) and row["bound_achieved_s"] == 4.0
+    pipedap, ddp = row["systems"]["PipeDAP"], row["systems"]["DDP"]
+    assert pipedap["over_bound_pct"] == pytest.approx(10.0) and ddp["over_bound_pct"] == pytest.approx(65.0)
+    assert ddp["pipedap_speedup"] == pytest.approx(1.5) and pipedap["speedup_over_ddp"] == pytest.approx(1.5)
+    assert row["systems"]["Horovod"] == {"status": "skipped", "why": "not installed"}
+    assert row["systems"]["WFBP"]["why"] == "RuntimeError: boom"
+    text = compare.table([row])
+    assert "bound 4.00 s (compute)" in text and "WFBP            FAILED: RuntimeError: boom" in text
+
+
+def test_quick_defaults_and_explicit_options() -> None:
+    args = compare.parse_args(["--quick", "--rates", "1gbit", "--systems", "ddp,PipeDAP"])
+    assert (args.models, args.rates, args.batch_size, args.image_size, args.iters) == (
+        ["resnet50"], ["1gbit"], 2, 32, 3)
+    assert [s.label for s in args.systems] == ["DDP", "PipeDAP"]
+    real = compare.parse_args([])
+    assert (real.rates, real.batch_size, real.hosts, real.image_size) == (
+        ["500mbit", "250mbit", "125mbit"], 8, [2], None)
+    for bad, message in ((["--models", "alexnet"], "unknown model"), (["--rates", "fast"], "--rates"),
+                         (["--hosts", "1"], "at least 2 hosts"), (["--systems", "NCCL"], "unknown NCCL")):
+        with pytest.raises(compare.CompareError, match=message):
+            compare.parse_args(bad)
+
+
+def test_pinned_cores_come_from_the_wrappers_lines(tmp_path: Path) -> None:
+    log = tmp_path / "run.log"
+    log.write_text("[pipedap.testbed.pin] rank 1 on pdtb5h1 pinned to core 1\nnoise\n"
+                   "[pipedap.testbed.pin] rank 0 on pdtb5h0 pinned to core 0\n")
+    assert compare.pinned_cores(log) == {"1": 1, "0": 0}
+
+
+# -- on emulated hosts ----------------------------------------------------------------------------
+
+def _namespaces_unavailable() -> str | None:
+    """Why namespaces cannot be created here, or None when they can (as in test_testbed.py)."""
+    probe = network.host_name(os.getpid(), 98)
+    try:
+        network.check_prerequisites()
+        network.run(["ip", "netns", "add", probe])
+        network.run(["ip", "netns", "del", probe])
+    except TestbedError as err:
+        return str(err)
+    return None
+
+
+def run_testbed_job(command: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """Run a command that brings up a testbed (its run id is its pid); on timeout stop it with SIGTERM,
+    so that it tears its hosts down, remove whatever is left, and fail with its output."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, **env), text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+        raise AssertionError(f"`{' '.join(command)}` did not finish in {timeout} s; output:\n{out}") from None
+    finally:
+        teardown(proc.pid)
+    return subprocess.CompletedProcess(command, proc.returncode, out)
+
+
+_REASON = _namespaces_unavailable()
+needs_netns = pytest.mark.skipif(_REASON is not None, reason=f"cannot create network namespaces: {_REASON}")
+
+
+@needs_netns
+@pytest.mark.mpi
+def test_every_system_runs_on_two_emulated_hosts_and_is_recorded(tmp_path: Path) -> None:
+    # 1 Gbit/s and a 2-step profile keep the 100 MB of ResNet-50 gradients per batch cheap
+    done = run_testbed_job([sys.executable, "-m", "pipedap.compare", "--quick", "--rates", "1gbit", "--no-calibrate",
+                            "--out", str(tmp_path)], timeout=240, PIPEDAP_PROFILE_STEPS="2")
+    assert done.returncode == 0, done.stdout
+    doc = json.loads((tmp_path / "compare.json").read_text())
+    labels = [s.label for s in compare.SYSTEMS]
+    assert [r["system"] for r in doc["runs"]] == labels
+    for run in doc["runs"]:
+        if run["status"] == "skipped":  # only Horovod, and only where it does not import
+            assert run["system"] == "Horovod" and "horovod" in run["reason"]
+            continue
+        assert run["status"] == "ok", run.get("error_tail")
+        assert run["batch_s"]["mean"] > 0 and run["batch_s"]["iterations"] == 2
+        assert run["pinned"] == {"0": 0, "1": 1} or len(doc["cores"]) < 2
+        assert "pipedap.bench" in run["command"] and Path(run["json"]).exists()
+    (testbed,) = doc["testbeds"]
+    assert testbed["hosts"] == 2 and testbed["shaping"]["1gbit"]["rate"] == "1gbit"
+    assert [p["status"] for p in doc["compute"][0]["processes"]] == ["ok", "ok"]
+    (row,) = doc["comparison"]
+    assert row["bound_s"] == max(row["compute_s"], row["comm_s"]) and set(row["systems"]) == set(labels)
+    assert row["systems"]["PipeDAP"]["predicted_s"] > 0
+    for chart in ("throughput.png", "speedup_vs_ddp.png", "vs_bound.png"):
+        assert (tmp_path / chart).stat().st_size > 0
+    assert "PipeDAP-greedy" in done.stdout and "bound" in done.stdout
+    assert network.leftovers(testbed["run_id"]) == ([], [])
+
+
+@needs_netns
+@pytest.mark.mpi
+def test_schedules_match_single_process_training_on_emulated_hosts() -> None:
+    done = run_testbed_job([sys.executable, "-m", "pipedap.testbed", "run", "--hosts", "2", "--rate", "500mbit",
+                            "--timeout", "150", "--", sys.executable, "tests/mpi_scripts/check_optimizer.py",
+                            "matrix"], timeout=180)
+    assert done.returncode == 0, done.stdout
+    assert done.stdout.count("matrix OK") == 2, done.stdout
+
+
+def test_help_runs() -> None:
+    done = subprocess.run([sys.executable, "-m", "pipedap.compare", "--help"], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert done.returncode == 0 and "--quick" in done.stdout and "bound" in done.stdout
