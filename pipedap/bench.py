@@ -247,13 +247,19 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
         for _ in range(args.num_batches_per_iter):
             batch()
             bar.update()
+        if i == args.num_iters - 1:
+            # [Note: a timed window of exactly n batches] The barrier above drained the
+            # warmup's communication, so the first iteration carries none from before; DeAR
+            # and PipeDAP leave the last batch's collectives running when step() returns, so
+            # the last iteration waits for them here. The window then holds exactly n batches
+            # of compute and communication, and the mean over iterations is exact.
+            runtime.finish(optimizer)
         wait()
         seconds.append(time.perf_counter() - began)
         if rank == 0:
             bar.write(f"Iter #{i}: {args.batch_size * args.num_batches_per_iter / seconds[-1]:.1f} "
                       f"{unit}/sec per {who}", file=sys.stdout)
             sys.stdout.flush()
-    runtime.finish(optimizer)
     recorder.stop()
     runtime.listen(None)
     bar.close()

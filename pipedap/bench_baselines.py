@@ -183,6 +183,8 @@ class PipedapRuntime(_OverPipedap):
 
     def describe(self, dist: Distributed) -> str:
         run = dist.optimizer.plan
+        if run is None:  # world size 1: the plain optimizer, nothing to communicate
+            return f"{dist.description}: one worker, no communication"
         merged = sum(len(sub) > 1 for sub in run.backward)
         return (f"{dist.description}: plan {run.schedule}, {len(run.groups)} buckets, {len(run.backward)} "
                 f"backward / {len(run.forward)} forward submissions" + (f" ({merged} merged)" if merged else ""))

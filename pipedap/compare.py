@@ -15,16 +15,13 @@ and Horovod (when it imports).
   link, at the nominal rate. The rate the comm core achieved on this testbed (calibration,
   ``pipedap.bench_comm`` all-reduce) is reported next to it, with the bound it implies.
 
-[Note: the first timed iteration] DeAR and PipeDAP leave the last reduce-scatters of a
-batch running when ``step()`` returns; the next forward waits for them. The benchmark's
-first timed iteration therefore starts with nothing pending (its barrier drained the
-warmup's reduce-scatters) while the last one ends with a batch's reduce-scatters still
-running: over n iterations one batch's reduce-scatters go untimed, which flatters these
-schedules by up to half a batch's communication / n. Every timed iteration after the
-first carries exactly one batch's communication, so the comparison uses those (for every
-system alike; the benchmark's own mean over all iterations is kept in the JSON).
+[Note: timing decoupled schedules] DeAR and PipeDAP leave a batch's last collectives
+running when ``step()`` returns. The benchmark's timed window starts after a barrier (nothing
+pending) and its last iteration waits for what is still running, so the window holds
+exactly n batches of communication: the mean over all timed iterations is exact (the first
+is a little fast and the last a little slow, which widens the interval, honestly).
 
-Each system's time per batch (mean and 95% confidence interval over those iterations)
+Each system's time per batch (mean and 95% confidence interval over the timed iterations)
 is reported with its distance from the bound, PipeDAP's speedup over it, and, where the
 system has a plan, the predicted time. Outputs: one JSON with everything (commands, testbed
 settings, affinity, each run's benchmark JSON), three charts, a table on stdout, and each
@@ -309,15 +306,14 @@ class Sweep:
             print(f"  FAILED ({why}) after {job.seconds:.0f} s; log {job.log}", flush=True)
             return dict(record, status="failed", returncode=job.returncode, error_tail=job.tail())
         result = json.loads(json_path.read_text())
-        steady = result["per_iteration"][1:] or result["per_iteration"]  # see [Note: the first timed iteration]
-        mean, ci95, _ = confidence([it["seconds"] / result["batches_per_iter"] for it in steady])
-        rate, rate_ci95, _ = confidence([it["total"] for it in steady])
+        timed = result["per_iteration"]  # see [Note: timing decoupled schedules]
+        mean, ci95, _ = confidence([it["seconds"] / result["batches_per_iter"] for it in timed])
+        rate, rate_ci95, _ = confidence([it["total"] for it in timed])
         predicted = result["batch_time"]["predicted_s"]
         print(f"  {mean:.3f} s per batch, {rate:.1f} {result['unit']}/s in total; took {job.seconds:.0f} s",
               flush=True)
         return dict(record, status="ok", json=str(json_path), timeline=str(trace),
-                    batch_s={"mean": mean, "ci95": ci95, "iterations": len(steady),
-                             "bench_mean_all_iterations": result["batch_time"]["measured_s"]},
+                    batch_s={"mean": mean, "ci95": ci95, "iterations": len(timed)},
                     throughput={"mean": rate, "ci95": rate_ci95}, unit=result["unit"], predicted_s=predicted,
                     predicted_over_measured=predicted / mean if predicted else None,
                     plan=result["plan"], description=result["description"], result=result)
