@@ -37,7 +37,6 @@ import json
 import os
 import re
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,7 @@ import models
 from pipedap.bench import confidence
 from pipedap.planner.costmodel import parse_bandwidth
 from pipedap.testbed import calibrate
-from pipedap.testbed.network import TestbedError
+from pipedap.testbed.network import TestbedError, stop_process_group
 from pipedap.testbed.pin import core_for
 from pipedap.testbed.testbed import Testbed, signals_as_exceptions
 
@@ -141,13 +140,7 @@ def finish_job(proc: subprocess.Popen, started: float, deadline: float, log: Pat
     except subprocess.TimeoutExpired:
         returncode = 124
     finally:
-        if proc.poll() is None:  # timeout or Ctrl-C: stop mpirun and its ranks
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc)  # timeout or Ctrl-C: stop mpirun and its ranks
     seconds = time.perf_counter() - started
     if returncode == 124:
         with log.open("a") as out:

@@ -19,7 +19,6 @@ import pytest
 
 from pipedap import compare
 from pipedap.testbed import network, teardown
-from pipedap.testbed.network import TestbedError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,18 +77,6 @@ def test_pinned_cores_come_from_the_wrappers_lines(tmp_path: Path) -> None:
 
 # -- on emulated hosts ----------------------------------------------------------------------------
 
-def _namespaces_unavailable() -> str | None:
-    """Why namespaces cannot be created here, or None when they can (as in test_testbed.py)."""
-    probe = network.host_name(os.getpid(), 98)
-    try:
-        network.check_prerequisites()
-        network.run(["ip", "netns", "add", probe])
-        network.run(["ip", "netns", "del", probe])
-    except TestbedError as err:
-        return str(err)
-    return None
-
-
 def run_testbed_job(command: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
     """Run a command that brings up a testbed (its run id is its pid); on timeout stop it with SIGTERM,
     so that it tears its hosts down, remove whatever is left, and fail with its output."""
@@ -110,7 +97,7 @@ def run_testbed_job(command: list[str], timeout: float, **env: str) -> subproces
     return subprocess.CompletedProcess(command, proc.returncode, out)
 
 
-_REASON = _namespaces_unavailable()
+_REASON = network.namespaces_unavailable(98)
 needs_netns = pytest.mark.skipif(_REASON is not None, reason=f"cannot create network namespaces: {_REASON}")
 
 

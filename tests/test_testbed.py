@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pipedap.testbed import agent, network, tcpstream
-from pipedap.testbed.network import Shaping, TestbedError
+from pipedap.testbed.network import Shaping
 from pipedap.testbed.pin import core_for
 from pipedap.testbed.testbed import Testbed, temp_dirs
 
@@ -75,19 +75,7 @@ def test_shaping_commands() -> None:
 
 # -- with namespaces ------------------------------------------------------------------------------
 
-def _namespaces_unavailable() -> str | None:
-    """Why namespaces cannot be created here, or None when they can."""
-    probe = network.host_name(os.getpid(), 99)
-    try:
-        network.check_prerequisites()
-        network.run(["ip", "netns", "add", probe])
-        network.run(["ip", "netns", "del", probe])
-    except TestbedError as err:
-        return str(err)
-    return None
-
-
-_REASON = _namespaces_unavailable()
+_REASON = network.namespaces_unavailable(99)
 needs_netns = pytest.mark.skipif(_REASON is not None, reason=f"cannot create network namespaces: {_REASON}")
 
 

@@ -11,16 +11,14 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from pipedap.testbed.calibrate import calibrate
-from pipedap.testbed.network import TestbedError
+from pipedap.testbed.network import TestbedError, stop_process_group
 from pipedap.testbed.testbed import Testbed, signals_as_exceptions, step, teardown
 
 
@@ -79,13 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"the command did not finish in {args.timeout} s: stopping it", file=sys.stderr)
                 returncode = 124
             finally:
-                if proc.poll() is None:  # timeout, Ctrl-C or SIGTERM: stop the whole mpirun job
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        proc.wait()
+                stop_process_group(proc)  # timeout, Ctrl-C or SIGTERM: stop the whole mpirun job
             print(f"command exited with {returncode} after {time.perf_counter() - start:.1f} s", flush=True)
         finally:
             with step("tearing down"):

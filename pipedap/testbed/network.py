@@ -15,6 +15,7 @@ import ipaddress
 import os
 import re
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 
@@ -53,6 +54,33 @@ def check_prerequisites() -> None:
     for tool in ("ip", "tc", "unshare"):
         if shutil.which(tool) is None:
             raise TestbedError(f"`{tool}` not found: apt-get update && apt-get install iproute2 util-linux")
+
+
+def namespaces_unavailable(probe_index: int = 99) -> str | None:
+    """Why network namespaces cannot be created here (not root, no ip/tc, ...), or None when they can.
+
+    ``probe_index`` keeps concurrent probes of one process apart.
+    """
+    probe = host_name(os.getpid(), probe_index)
+    try:
+        check_prerequisites()
+        run(["ip", "netns", "add", probe])
+        run(["ip", "netns", "del", probe])
+    except TestbedError as err:
+        return str(err)
+    return None
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """Stop a job started with ``start_new_session=True`` (mpirun and its ranks): SIGTERM, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @dataclass(frozen=True)
