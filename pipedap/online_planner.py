@@ -6,7 +6,7 @@ left its pre-hook (the wait for its all-gather and its update are not compute),
 how long its update took, and when the model's forward ended. The engine
 reports every reduce-scatter and all-gather with its duration, which gives
 (bytes, seconds) samples for the α-β fit of each primitive — measured on this
-cluster, at this world size, under training load.
+cluster, at this world size, under training load (see [Note: skew-free samples]).
 
 At the last profiling step the ranks agree on the profile (element-wise
 maximum), rank 0 plans (the exact planner, never worse than the paper's
@@ -33,6 +33,19 @@ from pipedap.planner.simulator import Problem
 log = logging.getLogger("pipedap")
 
 MIN_DISTINCT_SIZES = 3  # fewer bucket sizes than this cannot separate start-up from bandwidth
+QUEUED_S = 1e-3  # an operation that waited this long in the engine's queue started when its predecessor ended
+
+# [Note: skew-free samples]
+# A rank's duration of a collective (engine start to end) is the transfer time only
+# if every rank started it at about the same moment. When one rank starts late, the
+# early rank's duration includes the wait, and the late rank's can be far shorter than
+# the transfer: the early rank's messages (under the eager limit) already sit in its
+# socket buffers. On VGG-16 at 500 Mbit/s one such sample (a 4.6 MB reduce-scatter "done"
+# in 1.9 ms) made the relative-error fit predict 0.37 s for a 411 MB reduce-scatter that
+# takes 3.5 s, and the planner built its plan on it. So the ranks agree per operation,
+# and a sample counts only if the operation waited in the engine's queue on every rank:
+# then every rank started it when the same predecessor finished, i.e. together. Its
+# duration is the slowest rank's.
 
 
 @dataclass
@@ -56,7 +69,7 @@ class OnlinePlanner:
         self.steps, self.warmup, self.planner = steps, warmup, planner
         self.records: list[_Step] = []
         self.current = _Step()
-        self.samples: dict[str, list[tuple[float, float]]] = {"rs": [], "ag": []}
+        self.ops: dict[str, list[tuple[float, float, float]]] = {}  # name -> (bytes, seconds, queued s) per run
         self.step_started = time.monotonic()
         self.step_seconds: list[float] = []
         comm.add_completion_listener(self._on_ops)
@@ -77,9 +90,9 @@ class OnlinePlanner:
         if len(ops) != 1:
             return  # merged submissions do not separate the two primitives
         op = ops[0]
-        kind = op.name.split(".", 1)[0]
-        if kind in self.samples:
-            self.samples[kind].append((float(op.nbytes), (op.end_ns - op.start_ns) * 1e-9))
+        if op.name.split(".", 1)[0] in ("rs", "ag"):
+            self.ops.setdefault(op.name, []).append(
+                (float(op.nbytes), (op.end_ns - op.start_ns) * 1e-9, (op.start_ns - op.enqueue_ns) * 1e-9))
 
     def step_done(self) -> Plan | None:
         """Called at the end of every step(); returns the plan once enough steps were measured."""
@@ -141,12 +154,14 @@ class OnlinePlanner:
         Collective (the microbenchmark): call it on every rank. Bucket sizes are the same on
         every rank, so every rank takes the same branch.
         """
-        distinct = min(len({round(m) for m, _ in self.samples[k]}) for k in self.samples)
+        samples = skew_free_samples(comm.allgather_object(self.ops, name="online.ops"))
+        distinct = min(len({round(m) for m, _ in samples[k]}) for k in samples)
         if distinct < MIN_DISTINCT_SIZES:
-            log.info("pipedap: buckets have %d distinct sizes: measuring the cost model instead", distinct)
+            log.info("pipedap: operations that started together on every rank have %d distinct sizes: "
+                     "measuring the cost model instead", distinct)
             return measure.cost_model()
-        rs, _ = costmodel.fit_line(self.samples["rs"])
-        ag, _ = costmodel.fit_line(self.samples["ag"])
+        rs, _ = costmodel.fit_line(samples["rs"])
+        ag, _ = costmodel.fit_line(samples["ag"])
         # all-reduce is not used by PipeDAP plans; a ring all-reduce is a reduce-scatter then an all-gather
         return CostModel(comm.size(), rs, ag, AlphaBeta(rs.a + ag.a, rs.b + ag.b))
 
@@ -157,3 +172,19 @@ class OnlinePlanner:
         log.info("pipedap: predicted iteration %.1f ms (DeAR %.1f ms, bound %.1f ms)",
                  1e3 * schedule.iteration_time, 1e3 * baseline.iteration_time, 1e3 * schedule.timeline.lower_bound)
         return schedule.to_plan()
+
+
+def skew_free_samples(per_rank: list[dict[str, list[tuple[float, float, float]]]]) -> dict[str, list[tuple[float, float]]]:
+    """(bytes, seconds) per primitive from every rank's operations, skew-free (see the note above).
+
+    ``per_rank[r][name]`` lists rank r's runs of operation ``name`` as (bytes, seconds,
+    seconds queued). The k-th run of a name is the same collective on every rank. A run
+    counts if it was queued at least ``QUEUED_S`` on every rank; its time is the slowest rank's.
+    """
+    samples: dict[str, list[tuple[float, float]]] = {"rs": [], "ag": []}
+    names = set.intersection(*(set(ops) for ops in per_rank)) if per_rank else set()
+    for name in sorted(names):
+        for runs in zip(*(ops[name] for ops in per_rank)):
+            if min(queued for _, _, queued in runs) >= QUEUED_S:
+                samples[name.split(".", 1)[0]].append((runs[0][0], max(seconds for _, seconds, _ in runs)))
+    return samples
