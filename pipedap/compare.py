@@ -285,6 +285,8 @@ class Sweep:
         command = tb.mpirun([sys.executable, "-m", "pipedap.bench", *self.bench_options(model),
                              "--baseline", system.baseline, "--json", str(json_path), "--timeline", str(trace)])
         env = dict(clean_env(tb.env()), **TESTBED_ENV, **system.env)
+        # a cost model measured at one rate must not be reused at the next: same host names
+        env["PIPEDAP_CACHE_DIR"] = str(self.out / "costmodels" / f"{tb.hosts}h-{rate}")
         batch_guess = self.batch_guess(model, tb.hosts, rate)
         timeout = self.timeout_s(batch_guess, system)
         self.done_runs += 1
