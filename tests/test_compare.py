@@ -54,6 +54,29 @@ def test_row_against_the_bound() -> None:
     assert "bound 4.00 s (compute)" in text and "WFBP            FAILED: RuntimeError: boom" in text
 
 
+def test_window_mean_is_exact_and_its_interval_merges_the_edges() -> None:
+    # VGG-16 at 250 Mbit/s under DeAR-like decoupling: the window's edges shift a whole batch of
+    # communication from the first iteration to the last
+    seconds = [8.8, 18.83, 32.09]
+    mean, ci95 = compare.window_statistics(seconds)
+    assert mean == pytest.approx(sum(seconds) / 3)
+    assert ci95 == pytest.approx(compare.confidence([(8.8 + 32.09) / 2, 18.83])[1])
+    assert ci95 < compare.confidence(seconds)[1] / 2
+    assert compare.window_statistics([4.0, 6.0]) == (5.0, None)  # one merged sample: no spread
+    result = {"per_iteration": [{"seconds": 2 * t} for t in seconds], "batches_per_iter": 2, "world_size": 2,
+              "batch_size": 8, "batch_time": {"predicted_s": 19.0}}
+    stats = compare.run_statistics(result)
+    assert stats["batch_s"]["mean"] == pytest.approx(mean) and stats["batch_s"]["iterations"] == 3
+    assert stats["throughput"]["mean"] == pytest.approx(16 / mean)
+    assert stats["throughput"]["ci95"] == pytest.approx(16 / mean * ci95 / mean)
+    assert stats["predicted_over_measured"] == pytest.approx(19.0 / mean)
+
+
+def test_summarize_needs_a_sweep_folder(tmp_path: Path, capsys) -> None:
+    assert compare.main(["--summarize", str(tmp_path)]) == 2
+    assert "compare.json does not exist" in capsys.readouterr().err
+
+
 def test_quick_defaults_and_explicit_options() -> None:
     args = compare.parse_args(["--quick", "--rates", "1gbit", "--systems", "ddp,PipeDAP"])
     assert (args.models, args.rates, args.batch_size, args.image_size, args.iters) == (
@@ -129,6 +152,12 @@ def test_every_system_runs_on_two_emulated_hosts_and_is_recorded(tmp_path: Path)
         assert (tmp_path / chart).stat().st_size > 0
     assert "PipeDAP-greedy" in done.stdout and "bound" in done.stdout
     assert network.leftovers(testbed["run_id"]) == ([], [])
+    # --summarize recomputes the same comparison from the stored results, keeping the sweep's command
+    (tmp_path / "throughput.png").unlink()
+    assert compare.main(["--summarize", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "compare.json").read_text())
+    assert again["command"] == doc["command"] and again["comparison"] == doc["comparison"]
+    assert (tmp_path / "throughput.png").stat().st_size > 0
 
 
 @needs_netns
