@@ -17,6 +17,7 @@ identical everywhere.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import statistics
 import time
@@ -33,7 +34,9 @@ from pipedap.planner.simulator import Problem
 log = logging.getLogger("pipedap")
 
 MIN_DISTINCT_SIZES = 3  # fewer bucket sizes than this cannot separate start-up from bandwidth
-QUEUED_S = 1e-3  # an operation that waited this long in the engine's queue started when its predecessor ended
+# The engine starts a queued operation microseconds after its predecessor ends, unless the
+# thread it just woke takes the shared core first; a millisecond of skew is negligible here.
+HANDOFF_S = 1e-3
 
 # [Note: skew-free samples]
 # A rank's duration of a collective (engine start to end) is the transfer time only
@@ -42,10 +45,12 @@ QUEUED_S = 1e-3  # an operation that waited this long in the engine's queue star
 # the transfer: the early rank's messages (under the eager limit) already sit in its
 # socket buffers. On VGG-16 at 500 Mbit/s one such sample (a 4.6 MB reduce-scatter "done"
 # in 1.9 ms) made the relative-error fit predict 0.37 s for a 411 MB reduce-scatter that
-# takes 3.5 s, and the planner built its plan on it. So the ranks agree per operation,
-# and a sample counts only if the operation waited in the engine's queue on every rank:
-# then every rank started it when the same predecessor finished, i.e. together. Its
-# duration is the slowest rank's.
+# takes 3.5 s, and the planner built its plan on it. So a sample counts only if, on every
+# rank, the operation was queued behind its predecessor: submitted before the predecessor
+# ended and started right when it ended (the engine runs one submission at a time). Then
+# every rank started it when the same collective finished, i.e. together. Its duration
+# is the slowest rank's. (A bare queueing-time threshold would not do: on a core shared
+# with training, waking an idle engine can itself take a millisecond.)
 
 
 @dataclass
@@ -69,7 +74,8 @@ class OnlinePlanner:
         self.steps, self.warmup, self.planner = steps, warmup, planner
         self.records: list[_Step] = []
         self.current = _Step()
-        self.ops: dict[str, list[tuple[float, float, float]]] = {}  # name -> (bytes, seconds, queued s) per run
+        self.ops: dict[str, list[comm.CompletedOp]] = {}  # rs/ag name -> its runs, in completion order
+        self.ends: list[int] = []  # end_ns of every submission seen (predecessors of the samples)
         self.step_started = time.monotonic()
         self.step_seconds: list[float] = []
         comm.add_completion_listener(self._on_ops)
@@ -87,12 +93,23 @@ class OnlinePlanner:
             self.current.forward_end = time.monotonic()
 
     def _on_ops(self, ops: list[comm.CompletedOp]) -> None:
-        if len(ops) != 1:
-            return  # merged submissions do not separate the two primitives
+        self.ends.append(ops[0].end_ns)
+        if len(ops) != 1 or len(self.records) < self.warmup:
+            return  # merged submissions do not separate the two primitives; warm-up is not typical
         op = ops[0]
         if op.name.split(".", 1)[0] in ("rs", "ag"):
-            self.ops.setdefault(op.name, []).append(
-                (float(op.nbytes), (op.end_ns - op.start_ns) * 1e-9, (op.start_ns - op.enqueue_ns) * 1e-9))
+            self.ops.setdefault(op.name, []).append(op)
+
+    def queued_runs(self) -> dict[str, list[tuple[float, float, bool]]]:
+        """Per rs/ag name, its runs on this rank: (bytes, seconds, queued behind its predecessor)."""
+        ends = sorted(self.ends)
+
+        def queued(op: comm.CompletedOp) -> bool:
+            k = bisect.bisect_right(ends, op.start_ns) - 1  # the last submission that ended before it started
+            return k >= 0 and op.enqueue_ns < ends[k] and op.start_ns - ends[k] <= HANDOFF_S * 1e9
+
+        return {name: [(float(op.nbytes), (op.end_ns - op.start_ns) * 1e-9, queued(op)) for op in runs]
+                for name, runs in self.ops.items()}
 
     def step_done(self) -> Plan | None:
         """Called at the end of every step(); returns the plan once enough steps were measured."""
@@ -151,10 +168,10 @@ class OnlinePlanner:
     def cost_model(self) -> CostModel:
         """α-β fit from the operations training ran; the microbenchmark when their sizes are too alike.
 
-        Collective (the microbenchmark): call it on every rank. Bucket sizes are the same on
-        every rank, so every rank takes the same branch.
+        Collective: call it on every rank. The ranks agree on the samples first, so every
+        rank takes the same branch.
         """
-        samples = skew_free_samples(comm.allgather_object(self.ops, name="online.ops"))
+        samples = skew_free_samples(comm.allgather_object(self.queued_runs(), name="online.ops"))
         distinct = min(len({round(m) for m, _ in samples[k]}) for k in samples)
         if distinct < MIN_DISTINCT_SIZES:
             log.info("pipedap: operations that started together on every rank have %d distinct sizes: "
@@ -174,17 +191,19 @@ class OnlinePlanner:
         return schedule.to_plan()
 
 
-def skew_free_samples(per_rank: list[dict[str, list[tuple[float, float, float]]]]) -> dict[str, list[tuple[float, float]]]:
+def skew_free_samples(per_rank: list[dict[str, list[tuple[float, float, bool]]]]) -> dict[str, list[tuple[float, float]]]:
     """(bytes, seconds) per primitive from every rank's operations, skew-free (see the note above).
 
     ``per_rank[r][name]`` lists rank r's runs of operation ``name`` as (bytes, seconds,
-    seconds queued). The k-th run of a name is the same collective on every rank. A run
-    counts if it was queued at least ``QUEUED_S`` on every rank; its time is the slowest rank's.
+    queued behind its predecessor), in completion order. Ranks complete the same collectives
+    in the same order, so the k-th run of a name is the same collective everywhere; a rank
+    that has seen fewer runs lacks only the last ones. A run counts if it was queued on
+    every rank; its time is the slowest rank's.
     """
     samples: dict[str, list[tuple[float, float]]] = {"rs": [], "ag": []}
     names = set.intersection(*(set(ops) for ops in per_rank)) if per_rank else set()
     for name in sorted(names):
         for runs in zip(*(ops[name] for ops in per_rank)):
-            if min(queued for _, _, queued in runs) >= QUEUED_S:
+            if all(queued for _, _, queued in runs):
                 samples[name.split(".", 1)[0]].append((runs[0][0], max(seconds for _, seconds, _ in runs)))
     return samples

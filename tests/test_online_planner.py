@@ -2,11 +2,11 @@
 
 import pytest
 
-from pipedap.online_planner import QUEUED_S, skew_free_samples
+from pipedap.comm import CompletedOp, remove_completion_listener
+from pipedap.online_planner import OnlinePlanner, skew_free_samples
 from pipedap.planner import costmodel
 
 RATE = 62.5e6  # bytes per second: 500 Mbit/s
-QUEUED = 10 * QUEUED_S
 
 
 def transfer_s(nbytes: float) -> float:
@@ -17,10 +17,10 @@ def transfer_s(nbytes: float) -> float:
 def test_a_late_rank_fast_sample_is_dropped_and_the_fit_keeps_the_true_bandwidth():
     """The VGG-16 case: rank 1 started a 4.6 MB reduce-scatter late and saw it end in 1.9 ms."""
     sizes = [4.6e6, 7.1e6, 9.4e6, 67.1e6, 411.1e6]
-    rank0 = {f"rs.{i}": [(m, transfer_s(m), QUEUED)] for i, m in enumerate(sizes)}
-    rank1 = {f"rs.{i}": [(m, transfer_s(m), QUEUED)] for i, m in enumerate(sizes)}
-    rank0["rs.0"] = [(4.6e6, 0.132, 0.0)]  # started first: includes the wait for rank 1
-    rank1["rs.0"] = [(4.6e6, 0.0019, 0.0)]  # started last: the data was already in its buffers
+    rank0 = {f"rs.{i}": [(m, transfer_s(m), True)] for i, m in enumerate(sizes)}
+    rank1 = {f"rs.{i}": [(m, transfer_s(m), True)] for i, m in enumerate(sizes)}
+    rank0["rs.0"] = [(4.6e6, 0.132, False)]  # started first: includes the wait for rank 1
+    rank1["rs.0"] = [(4.6e6, 0.0019, False)]  # started last: the data was already in its buffers
     rs = skew_free_samples([rank0, rank1])["rs"]
     assert sorted(m for m, _ in rs) == sizes[1:]
     line, _ = costmodel.fit_line(rs)
@@ -31,10 +31,37 @@ def test_a_late_rank_fast_sample_is_dropped_and_the_fit_keeps_the_true_bandwidth
 
 
 def test_a_run_counts_only_if_queued_on_every_rank_and_takes_the_slowest_time():
-    rank0 = {"ag.3": [(8e6, 0.10, QUEUED), (8e6, 0.30, QUEUED)], "rs.3": [(8e6, 0.1, QUEUED)]}
-    rank1 = {"ag.3": [(8e6, 0.12, QUEUED), (8e6, 0.05, 0.0)]}  # rs.3 never finished alone here
+    rank0 = {"ag.3": [(8e6, 0.10, True), (8e6, 0.30, True)], "rs.3": [(8e6, 0.1, True)]}
+    rank1 = {"ag.3": [(8e6, 0.12, True), (8e6, 0.05, False)]}  # rs.3 never finished alone here
     assert skew_free_samples([rank0, rank1]) == {"rs": [], "ag": [(8e6, 0.12)]}
 
 
 def test_no_ranks_no_samples():
     assert skew_free_samples([]) == {"rs": [], "ag": []}
+
+
+def _op(name: str, enqueue_us: float, start_us: float, end_us: float, group: int = 1) -> CompletedOp:
+    kind = {"rs": "reducescatter", "ag": "allgather"}[name[:2]]
+    return CompletedOp(name, kind, 8_000_000, group, int(enqueue_us * 1e3), int(start_us * 1e3), int(end_us * 1e3))
+
+
+def test_queued_means_submitted_before_the_predecessor_ended_and_started_when_it_did():
+    planner = OnlinePlanner([], steps=1, warmup=0)
+    remove_completion_listener(planner._on_ops)  # fed by hand here
+    planner._on_ops([_op("rs.1", 0, 10, 1000)])  # first ever: nothing before it
+    planner._on_ops([_op("rs.2", 500, 1000.05, 2000)])  # waited behind rs.1
+    planner._on_ops([_op("ag.2", 5000, 6000, 7000)])  # engine idle, woke 1 ms late: not queued
+    planner._on_ops([_op("ag.3", 6500, 8200, 8500)])  # behind ag.2 but started 1.2 ms after it
+    planner._on_ops([_op("rs.3", 8600, 9000, 9500, group=2), _op("ag.4", 8600, 9000, 9500, group=2)])
+    planner._on_ops([_op("rs.4", 9000, 9500.1, 9900)])  # behind the merged pair
+    runs = planner.queued_runs()
+    assert {name: [queued for _, _, queued in r] for name, r in runs.items()} == {
+        "rs.1": [False], "rs.2": [True], "ag.2": [False], "ag.3": [False], "rs.4": [True]}
+    assert runs["rs.2"] == [(8e6, pytest.approx(999.95e-6), True)]
+
+
+def test_warm_up_operations_are_not_samples_but_still_predecessors():
+    planner = OnlinePlanner([], steps=1, warmup=1)
+    remove_completion_listener(planner._on_ops)
+    planner._on_ops([_op("rs.1", 0, 10, 1000)])
+    assert planner.queued_runs() == {} and planner.ends == [1_000_000]
