@@ -10,9 +10,10 @@ three phases of one job:
 * idle:   nothing in flight;
 * poll:   one all-reduce in flight that cannot finish (the peer joins only after its
           own compute), so the engine does nothing but wait: the cost of polling;
-* stream: all-reduces kept in flight back to back (topped up after every step; the
-          link rate they reached is printed): the cost of moving bytes (TCP stack,
-          copies, reductions, polling), per 100 MB.
+* stream: after every step each rank submits the all-reduces the link can carry during
+          the next one (and waits for the oldest beyond a queue depth, untimed), so the
+          link stays busy: the cost of moving bytes (TCP stack, copies, reductions,
+          polling), per 100 MB. The link rate reached is printed next to it.
 
 It runs the job once per polling mode, modes alternating round by round, each
 mode set through the comm core's environment variables:
@@ -29,7 +30,9 @@ job itself (the driver starts it under ``python -m pipedap.testbed run``).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -37,6 +40,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pipedap.planner.costmodel import parse_bandwidth
 
 MODES = {
     "default": {},
@@ -85,33 +90,39 @@ def timed(step, reps: int, between=None) -> list[float]:
 
 
 class Stream:
-    """Keeps ``depth`` all-reduces of ``nbytes`` in flight; counts the bytes of those that finished."""
+    """All-reduces of ``nbytes``: ``per_step`` more after every step, at most ``depth`` left in flight.
 
-    def __init__(self, nbytes: int, depth: int):
+    Every rank submits the same sequence whatever its timing (what is submitted never
+    depends on what a rank sees finished), so the collectives match across ranks.
+    """
+
+    def __init__(self, nbytes: int, per_step: int, depth: int):
         import torch
 
         import pipedap
 
         self.pipedap = pipedap
-        self.buffers = [torch.ones(nbytes // 4) for _ in range(depth)]
-        self.handles: list[int | None] = [None] * depth
-        self.finished = 0
-        self.count = 0
+        self.buffers = [torch.ones(nbytes // 4) for _ in range(depth + per_step)]  # none shared in flight
+        self.per_step, self.depth = per_step, depth
+        self.pending: collections.deque[int] = collections.deque()
+        self.waited = self.count = 0
 
-    def top_up(self) -> None:
-        for k, handle in enumerate(self.handles):
-            if handle is not None and self.pipedap.poll(handle):
-                self.pipedap.synchronize(handle)
-                self.finished += 1
-                handle = None
-            if handle is None:
-                self.handles[k] = self.pipedap.allreduce_async_(self.buffers[k], name=f"stream.{self.count}")
-                self.count += 1
+    def after_step(self) -> None:
+        for _ in range(self.per_step):
+            buffer = self.buffers[self.count % len(self.buffers)]
+            self.pending.append(self.pipedap.allreduce_async_(buffer, name=f"stream.{self.count}"))
+            self.count += 1
+        while len(self.pending) > self.depth:
+            self.pipedap.synchronize(self.pending.popleft())
+            self.waited += 1
+
+    def finished(self) -> int:
+        """All-reduces finished by now (those still pending polled, not waited for)."""
+        return self.waited + sum(self.pipedap.poll(h) for h in self.pending)
 
     def drain(self) -> None:
-        for handle in self.handles:
-            if handle is not None:
-                self.pipedap.synchronize(handle)
+        while self.pending:
+            self.pipedap.synchronize(self.pending.popleft())
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -130,9 +141,9 @@ def worker(args: argparse.Namespace) -> None:
 
     idle = timed(step, reps)
 
-    # poll: on turn r, rank r's all-reduce waits for the peer, which joins after its own compute
+    # poll: on turn r, rank r's (4-byte) all-reduce waits for the peer, which joins after its compute
     poll, idle_beside = [], []
-    stuck = torch.ones(1 << 20)
+    stuck = torch.ones(1)
     for turn in range(world):
         pipedap.barrier()
         if rank == turn:
@@ -143,23 +154,27 @@ def worker(args: argparse.Namespace) -> None:
             handle = pipedap.allreduce_async_(stuck, name=f"poll.{turn}")
         pipedap.synchronize(handle)
 
+    # stream: enough all-reduces per step to keep the link busy through the next step
+    per_op = args.message_bytes * 2 * (world - 1) / world  # bytes a ring all-reduce moves each way per link
+    per_step = pipedap.broadcast_object(
+        math.ceil(1.5 * args.rate_bps / 8 * statistics.median(warm) / per_op), root_rank=0)
     pipedap.barrier()
-    stream = Stream(args.message_bytes, args.depth)
-    stream.top_up()
+    stream = Stream(args.message_bytes, per_step, depth=2 * per_step)
+    stream.after_step()
     start = time.perf_counter()
-    streamed = timed(step, reps, between=stream.top_up)
+    streamed = timed(step, reps, between=stream.after_step)
     stream_seconds = time.perf_counter() - start
-    finished = stream.finished
+    finished = stream.finished()
     stream.drain()
 
-    moved_each_way = finished * args.message_bytes * 2 * (world - 1) / world  # ring all-reduce, per link
+    moved_each_way = finished * per_op
     result = {
         "rank": rank, "core": os.environ.get("PIPEDAP_TESTBED_CORE"), "reps": reps,
         "poll_settings": {k: os.environ.get(k) for k in POLL_VARS},
         "step_s": {"idle": statistics.median(idle + idle_beside), "poll": statistics.median(poll),
                    "stream": statistics.median(streamed)},
         "samples": {"idle": idle, "idle_beside_peer_polling": idle_beside, "poll": poll, "stream": streamed},
-        "stream": {"seconds": stream_seconds, "bytes_each_way": moved_each_way,
+        "stream": {"seconds": stream_seconds, "bytes_each_way": moved_each_way, "per_step": per_step,
                    "link_bps": 8 * moved_each_way / stream_seconds},
     }
     results = pipedap.allgather_object(result)
@@ -174,9 +189,9 @@ def run_job(args: argparse.Namespace, mode: str, folder: Path, round_: int) -> l
     """One testbed job with ``mode``'s polling settings; the per-rank results."""
     out = folder / f"{mode}-round{round_}.json"
     worker_cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--worker-json", str(out),
-                  "--model", args.model, "--image-size", str(args.image_size), "--batch-size",
-                  str(args.batch_size), "--seconds", str(args.seconds),
-                  "--message-bytes", str(args.message_bytes), "--depth", str(args.depth)]
+                  "--rate-bps", str(parse_bandwidth(args.rate) * 8), "--model", args.model,
+                  "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+                  "--seconds", str(args.seconds), "--message-bytes", str(args.message_bytes)]
     command = [sys.executable, "-m", "pipedap.testbed", "run", "--hosts", "2", "--rate", args.rate,
                "--timeout", str(args.timeout), "--", *worker_cmd]
     env = {k: v for k, v in os.environ.items() if k not in POLL_VARS}
@@ -185,10 +200,13 @@ def run_job(args: argparse.Namespace, mode: str, folder: Path, round_: int) -> l
     with open(log, "w") as f:
         proc = subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
     if proc.returncode != 0 or not out.exists():
-        tail = log.read_text()[-3000:]
-        raise RuntimeError(f"comm_cpu_cost: the {mode} job (round {round_}) failed with exit code "
-                           f"{proc.returncode}; its log {log} ends with:\n{tail}")
+        raise JobFailed(f"the {mode} job (round {round_ + 1}) failed with exit code {proc.returncode}; "
+                        f"its log {log} ends with:\n{log.read_text()[-2000:]}")
     return json.loads(out.read_text())
+
+
+class JobFailed(RuntimeError):
+    """One job did not produce results (the others still count)."""
 
 
 def summarize(jobs: dict[str, list[list[dict]]]) -> dict[str, dict]:
@@ -196,6 +214,8 @@ def summarize(jobs: dict[str, list[list[dict]]]) -> dict[str, dict]:
     summary = {}
     for mode, rounds in jobs.items():
         ranks = [r for job in rounds for r in job]
+        if not ranks:
+            continue  # every job of this mode failed
         step = {phase: statistics.median(r["step_s"][phase] for r in ranks) for phase in ("idle", "poll", "stream")}
         extra_s = statistics.median((r["step_s"]["stream"] - r["step_s"]["idle"]) * r["reps"] for r in ranks)
         moved = statistics.median(r["stream"]["bytes_each_way"] for r in ranks)
@@ -220,11 +240,16 @@ def driver(args: argparse.Namespace) -> None:
           f"{args.rate}; modes {', '.join(modes)} x {args.rounds} rounds; about "
           f"{len(modes) * args.rounds * per_job / 60:.0f} min; logs in {folder}", flush=True)
     jobs: dict[str, list[list[dict]]] = {m: [] for m in modes}
+    failures = []
     for round_ in range(args.rounds):
         for mode in modes:
             start = time.perf_counter()
-            jobs[mode].append(run_job(args, mode, folder, round_))
-            print(f"  round {round_ + 1}/{args.rounds} {mode}: {time.perf_counter() - start:.0f} s", flush=True)
+            try:
+                jobs[mode].append(run_job(args, mode, folder, round_))
+                print(f"  round {round_ + 1}/{args.rounds} {mode}: {time.perf_counter() - start:.0f} s", flush=True)
+            except JobFailed as err:
+                failures.append(str(err))
+                print(f"  FAILED: {err}", flush=True)
     summary = summarize(jobs)
     print(f"\n{'mode':8s} {'idle ms':>8s} {'poll ms':>8s} {'(+%)':>6s} {'stream ms':>9s} {'(+%)':>6s} "
           f"{'link Mbit/s':>11s} {'CPU ms per 100 MB':>17s}")
@@ -237,8 +262,10 @@ def driver(args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"settings": vars(args), "modes": {m: MODES[m] for m in modes},
-                                               "summary": summary, "jobs": jobs}, indent=1))
+                                               "summary": summary, "jobs": jobs, "failures": failures}, indent=1))
         print(f"wrote {args.json}")
+    if failures:
+        raise SystemExit(f"comm_cpu_cost: {len(failures)} of {args.rounds * len(modes)} jobs failed (above)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -251,12 +278,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="its batch (default 4)")
     parser.add_argument("--seconds", type=float, default=4.0, help="compute per phase (default 4 s)")
     parser.add_argument("--message-bytes", type=int, default=8 << 20, help="all-reduce size in the stream phase")
-    parser.add_argument("--depth", type=int, default=6, help="all-reduces in flight in the stream phase")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per job before it is stopped")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-json", help=argparse.SUPPRESS)
+    parser.add_argument("--rate-bps", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker and (args.worker_json is None or args.rate_bps is None):
+        parser.error("--worker is started by the driver, with --worker-json and --rate-bps")
     (worker if args.worker else driver)(args)
 
 
