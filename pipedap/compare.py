@@ -360,6 +360,8 @@ def window_statistics(seconds: Sequence[float]) -> tuple[float, float | None]:
     The mean is the window's (exact, see the module's note). The interval comes from the
     iterations with the first and the last merged into one sample, their mean: the first
     is fast and the last slow by the communication the window's edges shift between them.
+    (The merged samples weigh the two edges half as much as the window mean does; the
+    interval is their spread around the reported mean's estimate, not a different mean.)
     """
     mean = statistics.fmean(seconds)
     merged = [(seconds[0] + seconds[-1]) / 2, *seconds[1:-1]] if len(seconds) > 2 else [mean]
@@ -478,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sentence-len", type=int, help="sequence length of language models (default: the model's)")
     parser.add_argument("--warmup", type=int, help="untimed batches (default 3; --quick: 1); PipeDAP's warmup "
                                                    "lasts until it has planned online")
-    parser.add_argument("--iters", type=int, help="timed iterations; the first is not used, see the note above "
+    parser.add_argument("--iters", type=int, help="timed iterations, all counted, see the note above "
                                                   "(default 6; --quick: 3)")
     parser.add_argument("--batches-per-iter", type=int, default=1, help="batches per timed iteration (default 1)")
     parser.add_argument("--quick", action="store_true", help="smoke run: resnet50 at 32x32, batch 2, 1 warmup, "
@@ -545,9 +547,10 @@ def summarize(folder: str) -> int:
         print(f"error: --summarize: {path} does not exist; give the --out folder of a sweep", file=sys.stderr)
         return 2
     doc = json.loads(path.read_text())
-    settings = dict(doc["settings"], out=folder)
-    sweep = Sweep(argparse.Namespace(**dict(settings, systems=[System(**s) for s in settings["systems"]])))
-    sweep.compute, sweep.testbeds = doc["compute"], doc["testbeds"]
+    settings = doc["settings"]
+    sweep = Sweep(argparse.Namespace(**dict(settings, out=folder, systems=[System(**s) for s in settings["systems"]])))
+    sweep.args.out = settings["out"]  # as the sweep recorded it; the files go to sweep.out (folder)
+    sweep.compute, sweep.testbeds, sweep.cores = doc["compute"], doc["testbeds"], doc["cores"]
     sweep.runs = [dict(r, **run_statistics(r["result"])) if r["status"] == "ok" else r for r in doc["runs"]]
     write_results(sweep, doc["wall_seconds"], doc["command"])
     return 0

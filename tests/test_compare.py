@@ -77,6 +77,34 @@ def test_summarize_needs_a_sweep_folder(tmp_path: Path, capsys) -> None:
     assert "compare.json does not exist" in capsys.readouterr().err
 
 
+def test_summarize_recomputes_a_stored_sweep_and_keeps_what_it_recorded(tmp_path: Path) -> None:
+    def run(system: str, seconds: list[float], predicted: float | None) -> dict:
+        result = {"per_iteration": [{"seconds": t} for t in seconds], "batches_per_iter": 1, "world_size": 2,
+                  "batch_size": 8, "batch_time": {"predicted_s": predicted}}
+        return {"model": "resnet50", "hosts": 2, "rate": "500mbit", "system": system, "status": "ok",
+                "batch_s": {"mean": 99.0, "ci95": None}, "result": result}  # stale figures: recomputed
+
+    systems = [{"label": "PipeDAP", "baseline": "PipeDAP", "env": {}}, {"label": "DDP", "baseline": "DDP", "env": {}}]
+    doc = {"version": 1, "command": ["python", "-m", "pipedap.compare", "--out", "out/x"], "wall_seconds": 60.0,
+           "settings": {"models": ["resnet50"], "hosts": [2], "slots": 1, "rates": ["500mbit"], "batch_size": 8,
+                        "image_size": None, "sentence_len": None, "warmup": 1, "iters": 3, "batches_per_iter": 1,
+                        "quick": False, "out": "out/x", "systems": systems},  # an older file: no "summarize"
+           "cores": [0, 7], "compute": [{"model": "resnet50", "hosts": 2, "ranks": 2, "batch_s": 4.0}],
+           "testbeds": [{"hosts": 2, "calibration": {"500mbit": {"status": "ok", "allreduce_achieved_bps": 480e6}}}],
+           "runs": [run("PipeDAP", [3.0, 4.4, 5.8], 4.0), run("DDP", [6.6, 6.6, 6.6], None)], "comparison": []}
+    (tmp_path / "compare.json").write_text(json.dumps(doc))
+    assert compare.main(["--summarize", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "compare.json").read_text())
+    assert (again["command"], again["cores"], again["settings"]["out"]) == (doc["command"], [0, 7], "out/x")
+    (row,) = again["comparison"]
+    pipedap, ddp = row["systems"]["PipeDAP"], row["systems"]["DDP"]
+    assert ddp["batch_s"] == pytest.approx(6.6) and ddp["throughput"] == pytest.approx(16 / 6.6)
+    assert pipedap["batch_s"] == pytest.approx(4.4) and pipedap["predicted_over_measured"] == pytest.approx(4 / 4.4)
+    assert pipedap["ci95"] == pytest.approx(0.0, abs=1e-12)  # edges (3.0 + 5.8) / 2 = 4.4 = the middle
+    assert pipedap["speedup_over_ddp"] == pytest.approx(1.5) and row["bound_s"] == 4.0
+    assert (tmp_path / "vs_bound.png").stat().st_size > 0
+
+
 def test_quick_defaults_and_explicit_options() -> None:
     args = compare.parse_args(["--quick", "--rates", "1gbit", "--systems", "ddp,PipeDAP"])
     assert (args.models, args.rates, args.batch_size, args.image_size, args.iters) == (
