@@ -18,12 +18,17 @@ and Horovod (when it imports).
 [Note: timing decoupled schedules] DeAR and PipeDAP leave a batch's last collectives
 running when ``step()`` returns. The benchmark's timed window starts after a barrier (nothing
 pending) and its last iteration waits for what is still running, so the window holds
-exactly n batches of communication: the mean over all timed iterations is exact. The first
-is fast and the last slow by the same amount: where communication dominates, by up to one
-whole batch of it (VGG-16 at 250 Mbit/s: 8.8, 18.8 and 32.1 s). The confidence interval
-therefore treats the first and the last as one sample, their mean (see window_statistics).
+exactly n batches of communication. Its edges are not steady state, though: in the first
+iteration the link idles through the forward (no all-gathers are pending yet), and the last
+one waits for its whole tail with no forward to hide it. Where communication dominates
+this adds about one forward per window (ResNet-50 at 125 Mbit/s, greedy plan: 4.5, 7.2, 7.4
+and 11.6 s), i.e. forward/n to the window mean. So the time per batch is the mean of the
+iterations between the edges (steady state; each waits for exactly one batch's
+all-gathers), the same for every system; the window mean is kept next to it (see
+steady_statistics). With fewer than 3 iterations there are no inner ones: all count.
 
-Each system's time per batch (the window mean and its 95% confidence interval) is reported with its distance from the bound, PipeDAP's speedup over it, and, where the
+Each system's time per batch (steady state, with its 95% confidence interval) is reported
+with its distance from the bound, PipeDAP's speedup over it, and, where the
 system has a plan, the predicted time. Outputs: one JSON with everything (commands, testbed
 settings, affinity, each run's benchmark JSON), three charts, a table on stdout, and each
 run's log. A system that fails is recorded with the tail of its output; the sweep goes on.
@@ -354,26 +359,25 @@ class Sweep:
         return rows
 
 
-def window_statistics(seconds: Sequence[float]) -> tuple[float, float | None]:
-    """Time per iteration over a timed window, and the half-width of its 95% confidence interval.
+def steady_statistics(seconds: Sequence[float]) -> tuple[float, float | None, float]:
+    """(steady-state mean, half-width of its 95% interval, window mean) of timed iterations.
 
-    The mean is the window's (exact, see the module's note). The interval comes from the
-    iterations with the first and the last merged into one sample, their mean: the first
-    is fast and the last slow by the communication the window's edges shift between them.
-    (The merged samples weigh the two edges half as much as the window mean does; the
-    interval is their spread around the reported mean's estimate, not a different mean.)
+    Steady state: the iterations between the window's first and last (see the module's
+    note), or all of them when there are fewer than 3.
     """
-    mean = statistics.fmean(seconds)
-    merged = [(seconds[0] + seconds[-1]) / 2, *seconds[1:-1]] if len(seconds) > 2 else [mean]
-    return mean, confidence(merged)[1]
+    inner = list(seconds[1:-1]) if len(seconds) >= 3 else list(seconds)
+    mean, ci95, _ = confidence(inner)
+    return mean, ci95, statistics.fmean(seconds)
 
 
 def run_statistics(result: dict) -> dict:
     """A benchmark result's time per batch and throughput (each with its interval), predicted vs measured."""
-    mean, ci95 = window_statistics([it["seconds"] / result["batches_per_iter"] for it in result["per_iteration"]])
+    mean, ci95, window = steady_statistics([it["seconds"] / result["batches_per_iter"]
+                                            for it in result["per_iteration"]])
     samples_per_batch = result["world_size"] * result["batch_size"]
     predicted = result["batch_time"]["predicted_s"]
-    return {"batch_s": {"mean": mean, "ci95": ci95, "iterations": len(result["per_iteration"])},
+    return {"batch_s": {"mean": mean, "ci95": ci95, "iterations": len(result["per_iteration"]),
+                        "window_mean": window},
             "throughput": {"mean": samples_per_batch / mean,
                            "ci95": samples_per_batch / mean * ci95 / mean if ci95 is not None else None},
             "predicted_s": predicted, "predicted_over_measured": predicted / mean if predicted else None}
