@@ -394,7 +394,8 @@ def compare_row(model: str, hosts: int, ranks: int, batch_size: int, rate: str, 
         entry = {"status": r["status"]}
         if label in ok:
             t = ok[label]
-            entry.update(batch_s=t, ci95=r["batch_s"]["ci95"], throughput=r["throughput"]["mean"],
+            entry.update(batch_s=t, ci95=r["batch_s"]["ci95"], window_s=r["batch_s"].get("window_mean"),
+                         throughput=r["throughput"]["mean"],
                          throughput_ci95=r["throughput"]["ci95"], over_bound_pct=100 * (t / bound - 1),
                          pipedap_speedup=t / ok[REFERENCE] if REFERENCE in ok else None,
                          speedup_over_ddp=ok[SPEEDUP_BASE] / t if SPEEDUP_BASE in ok else None,
@@ -421,14 +422,14 @@ def table(rows: list[dict]) -> str:
                       f"compute {row['compute_s']:.2f} s, all-reduce {row['gradient_bytes'] / 1e6:.0f} MB at "
                       f"nominal {row['comm_s']:.2f} s{achieved}; bound {row['bound_s']:.2f} s ({row['bound_by']}), "
                       f"comm/compute {row['comm_over_compute']:.2f}",
-                  f"  {'system':<15} {'s/batch':>15} {'samples/s':>13} {'vs bound':>9} {'PipeDAP x':>9} "
-                  f"{'predicted':>9} {'pred/meas':>9}"]
+                  f"  {'system':<15} {'s/batch':>15} {'window':>7} {'samples/s':>13} {'vs bound':>9} "
+                  f"{'PipeDAP x':>9} {'predicted':>9} {'pred/meas':>9}"]
         for label, s in row["systems"].items():
             if s["status"] != "ok":
                 lines.append(f"  {label:<15} {s['status'].upper()}: {s['why']}")
                 continue
             lines.append(f"  {label:<15} {s['batch_s']:7.3f} +-{fmt(s['ci95'], '.3f'):>6} "
-                         f"{s['throughput']:6.2f} +-{fmt(s['throughput_ci95'], '.2f'):>4} "
+                         f"{fmt(s.get('window_s'), '7.3f'):>7} {s['throughput']:6.2f} +-{fmt(s['throughput_ci95'], '.2f'):>4} "
                          f"{s['over_bound_pct']:+8.1f}% {fmt(s['pipedap_speedup'], '.2f'):>9} "
                          f"{fmt(s['predicted_s'], '.3f'):>9} {fmt(s['predicted_over_measured'], '.2f'):>9}")
     return "\n".join(lines)
