@@ -485,8 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sentence-len", type=int, help="sequence length of language models (default: the model's)")
     parser.add_argument("--warmup", type=int, help="untimed batches (default 3; --quick: 1); PipeDAP's warmup "
                                                    "lasts until it has planned online")
-    parser.add_argument("--iters", type=int, help="timed iterations, all counted, see the note above "
-                                                  "(default 6; --quick: 3)")
+    parser.add_argument("--iters", type=int, help="timed iterations; time per batch is the mean of the inner "
+                                                  "ones, see the note above (default 6; --quick: 3)")
     parser.add_argument("--batches-per-iter", type=int, default=1, help="batches per timed iteration (default 1)")
     parser.add_argument("--quick", action="store_true", help="smoke run: resnet50 at 32x32, batch 2, 1 warmup, "
                                                              "3 iterations, one rate (explicit options win)")
