@@ -58,7 +58,6 @@ def make_step(args: argparse.Namespace):
     """One compute step: forward and backward of an image model on a fixed batch."""
     import torch
 
-    sys.path.insert(0, str(REPO))
     import models
 
     if models.info(args.model).kind != "image":
