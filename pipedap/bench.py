@@ -138,10 +138,9 @@ def validate(args: argparse.Namespace) -> None:
 
 def launch_rank() -> int:
     """This process's rank according to the MPI launcher (0 when not launched by one)."""
-    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
+    from pipedap import settings
+
+    return settings.launch_rank(os.environ)
 
 
 def confidence(values: Sequence[float]) -> tuple[float, float | None, float | None]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 import pipedap
-from pipedap import comm
+from pipedap import comm, settings
 
 OPS = ("reducescatter", "allgather", "allreduce")
 DEFAULT_SIZES = [4, 4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"geometric mean {float(np.exp(np.mean(np.log(large)))):.3f}")
     result = {"world_size": world, "rows": rows, "overhead_4B_allreduce": overhead,
               "mpi_library": MPI.Get_library_version().splitlines()[0],
-              "algorithm": os.environ.get("PIPEDAP_ALGORITHM", "auto")}
+              "algorithm": settings.get("PIPEDAP_ALGORITHM")}
     if rank == 0 and args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import models
+from pipedap import settings
 from pipedap.bench import confidence
 from pipedap.planner.costmodel import parse_bandwidth
 from pipedap.testbed import calibrate
@@ -61,7 +62,6 @@ from pipedap.testbed.testbed import Testbed, signals_as_exceptions
 
 JSON_VERSION = 1
 LAUNCH_S = 5.0  # mpirun, imports and model construction per run
-PLANNING_BATCHES = int(os.environ.get("PIPEDAP_PROFILE_STEPS", "5")) + 2  # PipeDAP's warmup before it switches
 CALIBRATION_SIZE = "16m"
 # gloo (DDP) finds rank 0 through the hosts' NIC: their names do not resolve
 TESTBED_ENV = {"GLOO_SOCKET_IFNAME": "eth0"}
@@ -195,7 +195,7 @@ class Sweep:
         """Batches one run trains (PipeDAP's warmup lasts until it has planned)."""
         warmup = self.args.warmup
         if system is not None and system.baseline == "PipeDAP":
-            warmup = max(warmup, PLANNING_BATCHES)
+            warmup = max(warmup, settings.get("PIPEDAP_PROFILE_STEPS") + 2)  # PipeDAP switches plans after these
         return warmup + self.args.iters * self.args.batches_per_iter
 
     def estimate_s(self, batch_s: float, system: System | None) -> float:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pipedap import comm
+from pipedap import comm, settings
 from pipedap.planner import costmodel
 from pipedap.planner.costmodel import CostModel, FitReport
 from pipedap.planner.plan import Plan
@@ -82,7 +82,7 @@ def cost_model(path: str | os.PathLike | None = None, measure_if_missing: bool =
 
     The cache is ``$PIPEDAP_CACHE_DIR/costmodel.json`` (default ``~/.cache/pipedap``).
     """
-    cache = Path(os.environ.get("PIPEDAP_CACHE_DIR", Path.home() / ".cache" / "pipedap"))
+    cache = settings.get("PIPEDAP_CACHE_DIR")
     file = Path(path) if path else cache / "costmodel.json"
     hosts = host_set()
     if file.exists():

@@ -38,7 +38,7 @@ from collections.abc import Iterable
 
 import torch
 
-from pipedap import comm
+from pipedap import comm, settings
 from pipedap.buckets import Bucket, build_bucket, default_groups
 from pipedap.compression import Compression
 from pipedap.online_planner import OnlinePlanner
@@ -47,7 +47,6 @@ from pipedap.planner.plan import Group, Plan
 log = logging.getLogger("pipedap")
 
 SCHEDULES = ("wfbp", "dear", "pipedap")
-DEFAULT_FUSION_BYTES = 4 << 20
 
 # model -> optimizers wrapping it, for pipedap.flush(model)
 _optimizers_of_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -414,7 +413,7 @@ def _resolve_plan(schedule: str, plan, named, fusion_bytes: int, world: int) -> 
     """
     names = [n for n, _ in named]
     if plan is None and schedule == "pipedap":
-        plan = os.environ.get("PIPEDAP_PLAN")
+        plan = settings.get("PIPEDAP_PLAN")
     if plan is not None:
         if isinstance(plan, (str, os.PathLike)):
             with open(plan) as f:
@@ -468,7 +467,7 @@ def DistributedOptimizer(
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, _DistributedMixin):
         raise ValueError("this optimizer is already wrapped by pipedap.DistributedOptimizer")
-    schedule = (schedule or os.environ.get("PIPEDAP_SCHEDULE") or ("pipedap" if model is not None else "wfbp")).lower()
+    schedule = (schedule or settings.get("PIPEDAP_SCHEDULE") or ("pipedap" if model is not None else "wfbp")).lower()
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if model is None and schedule != "wfbp":
@@ -478,7 +477,7 @@ def DistributedOptimizer(
     if backward_passes_per_step < 1:
         raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
     if fusion_bytes is None:
-        fusion_bytes = int(os.environ.get("PIPEDAP_FUSION_BYTES", DEFAULT_FUSION_BYTES))
+        fusion_bytes = settings.get("PIPEDAP_FUSION_BYTES")
 
     cls = type(optimizer.__class__.__name__, (_DistributedMixin, optimizer.__class__), {})
     wrapped = cls.__new__(cls)
@@ -508,8 +507,7 @@ def DistributedOptimizer(
     wrapped._pipedap_online = None
     if schedule == "pipedap" and plan.schedule == "dear":  # no plan given: measure, then plan
         wrapped._pipedap_online = OnlinePlanner(
-            buckets, steps=int(os.environ.get("PIPEDAP_PROFILE_STEPS", 5)),
-            planner=os.environ.get("PIPEDAP_PLANNER", "optimal"))
+            buckets, steps=settings.get("PIPEDAP_PROFILE_STEPS"), planner=settings.get("PIPEDAP_PLANNER"))
         wrapped._pipedap_forward_end_hook = model.register_forward_hook(
             lambda *_: wrapped._pipedap_online.forward_ended())  # removed when the plan switches
     wrapped._pipedap_runner = _PlanRunner(plan, buckets, op)
