@@ -15,8 +15,9 @@
 # With none of dnn, bs, nworkers set, it runs the short default job on this machine:
 # 2 local ranks, ResNet-50 on 64x64 images, batch 8, 3 warmup + 5x2 timed batches (about
 # a minute). configs/envs.conf says which Python and MPI to use, the network interface,
-# extra mpirun flags and the emulated-testbed switch. Every input is checked first; a bad
-# one stops with a message and exit status 2.
+# extra mpirun flags and the emulated-testbed switch. Every input is checked first (envs.conf
+# and the PIPEDAP_* variables by python -m pipedap.settings); a bad one stops with a message
+# and exit status 2.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -36,10 +37,12 @@ configs=${configs:-$here/configs}
 envs=$configs/envs.conf
 [[ -f $envs ]] || fail "$envs not found: copy configs/envs.conf from the repository (it documents every key)"
 # shellcheck source=configs/envs.conf
-source "$envs"
+source "$envs" || true  # a line that fails is reported by the check below
 
 PY=${PY:-python3}
 command -v "$PY" >/dev/null || fail "Python '$PY' not found: set PY in $envs"
+say "checking $envs and the PIPEDAP_* variables with $PY -m pipedap.settings --check-envs"
+"$PY" -m pipedap.settings --check-envs "$envs" || exit 2
 if [[ -n ${MPIPATH:-} ]]; then
     MPIRUN=$MPIPATH/bin/mpirun
     [[ -x $MPIRUN ]] || fail "MPI not found: $MPIRUN is not an executable (MPIPATH=$MPIPATH in $envs)"
