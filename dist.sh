@@ -78,7 +78,7 @@ if (( default_job )); then
 fi
 bench+=("$@")
 say "checking the options with $PY -m pipedap.bench --check"
-(cd "$here" && "$PY" -m pipedap.bench "${bench[@]}" --check) || exit 2
+(cd "$here" && "$PY" -m pipedap.bench "${bench[@]}" --check --ranks-per-host "$(awk -v n="$nworkers" '!/^[[:space:]]*(#|$)/ { k = 1; for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) { split($i, s, "="); k = s[2] } if (k > n) k = n; n -= k; if (k > most) most = k } END { print most ? most : n }' "${hostfile:-/dev/null}")") || exit 2
 
 mpi_flags=(--bind-to none --map-by slot)
 (( EUID == 0 )) && mpi_flags+=(--allow-run-as-root)

@@ -50,6 +50,8 @@ from pipedap.bench_baselines import BASELINES, BenchError, Runtime, canonical, c
 
 JSON_VERSION = 1
 MAX_WARMUP = 200  # batches; a system not ready by then is reported, not waited for
+GB = 1e9
+MEMORY_WARN_FRACTION = 0.8  # of MemAvailable: above it --check warns that the job is close to not fitting
 # Two-sided 95% Student-t quantiles for 1..30 degrees of freedom; the normal 1.96 beyond.
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
@@ -93,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="model and data seed (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--check", action="store_true",
-                        help="only check the options and exit (dist.sh does this before mpirun)")
+                        help="only check the options and whether the job fits this machine's memory, then exit "
+                             "(dist.sh does this before mpirun)")
+    parser.add_argument("--ranks-per-host", type=int, default=1, metavar="N",
+                        help="with --check: ranks that will share this machine's memory (default 1; dist.sh "
+                             "passes the most ranks it places on one host)")
     return parser
 
 
@@ -110,6 +116,8 @@ def validate(args: argparse.Namespace) -> None:
             raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.num_warmup_batches < 0:
         raise BenchError(f"--num-warmup-batches must be >= 0, got {args.num_warmup_batches}")
+    if args.ranks_per_host < 1:
+        raise BenchError(f"--ranks-per-host must be >= 1, got {args.ranks_per_host}")
     if args.threshold is not None and args.threshold < 0:
         raise BenchError(f"--threshold is in bytes and must be >= 0, got {args.threshold}")
     if info.kind == "image" and args.sentence_len is not None:
@@ -163,6 +171,80 @@ def make_batch(args: argparse.Namespace, rank: int, device: torch.device) -> tup
     sizes = {"image_size": args.image_size} if kind == "image" else {"seq_len": args.sentence_len}
     return models.synthetic_batch(args.model, args.batch_size, generator=torch.Generator().manual_seed(
         args.seed + 1 + rank), device=device, **sizes)
+
+
+def meminfo_kib(field: str, path: str = "/proc/meminfo") -> int | None:
+    """A ``Field:  N kB`` value of a /proc file in KiB, or None where there is none (not Linux)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name == field:
+            return int(value.split()[0])
+    return None
+
+
+def saved_activation_bytes(model: torch.nn.Module, inputs, targets, loss_fn) -> int:
+    """Bytes that autograd keeps for backward after one forward of this batch, parameters excluded.
+
+    Measured, not guessed: every tensor saved for backward is counted once by its storage.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss_fn(model(inputs), targets)
+    return sum(storages.values())
+
+
+def memory_estimate(args: argparse.Namespace) -> dict[str, int]:
+    """Bytes one CPU rank needs, by part: the Python/torch runtime (this process, measured now),
+    parameters, gradients, SGD momentum, and the activations of one batch (those of a batch
+    of 2 measured, scaled to the batch size; 2 because batch norm refuses a single sample)."""
+    runtime = (meminfo_kib("VmRSS", "/proc/self/status") or 0) * 1024
+    torch.manual_seed(args.seed)
+    model = models.get(args.model)
+    two = argparse.Namespace(**{**vars(args), "batch_size": 2})
+    per_sample = saved_activation_bytes(model, *make_batch(two, 0, torch.device("cpu")), models.loss_fn(args.model)) / 2
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"runtime": runtime, "parameters": weights, "gradients": weights, "optimizer state": weights,
+            "activations": round(per_sample * args.batch_size)}
+
+
+def check_memory(args: argparse.Namespace) -> str:
+    """Refuse a CPU job that clearly does not fit this host's available memory; a line to print.
+
+    On GPUs the batch lives in GPU memory, which this does not check.
+    """
+    if args.device != "cpu":
+        return f"memory: not estimated on {args.device} (host memory is not where the batch lives)"
+    available_kib = meminfo_kib("MemAvailable")
+    if available_kib is None:
+        return "memory: not estimated (no MemAvailable in /proc/meminfo)"
+    parts = memory_estimate(args)
+    per_rank, available, ranks = sum(parts.values()), available_kib * 1024, args.ranks_per_host
+    need = per_rank * ranks
+    what = ", ".join(f"{name} {value / GB:.2f}" for name, value in parts.items())
+    line = (f"about {per_rank / GB:.1f} GB per rank ({what} GB) x {ranks} rank(s) on this host "
+            f"= {need / GB:.1f} GB; {available / GB:.1f} GB available (MemAvailable)")
+    size = f"--image-size (now {args.image_size or 'the model default'})" if models.info(args.model).kind == "image" \
+        else f"--sentence-len (now {args.sentence_len or 'the model default'})"
+    lower = (f"lower the batch size (bs / --batch-size, now {args.batch_size}; activations grow with it), "
+             f"{size}, or the ranks per host (nworkers, or slots in the hostfile; now {ranks})")
+    if need > available:
+        raise BenchError(f"this job does not fit in this host's memory and would be killed (signal 9): needs {line}. "
+                         f"To fit, {lower}")
+    if need > MEMORY_WARN_FRACTION * available:
+        return f"warning: memory is tight: needs {line}; other programs or a larger peak may get it killed: {lower}"
+    return f"memory: needs {line}"
 
 
 def run(args: argparse.Namespace, runtime: Runtime) -> dict:
@@ -355,7 +437,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
         return 2
     if args.check:
-        print(f"options OK: {args.model}, batch {args.batch_size}, {args.baseline} on {args.device}")
+        try:
+            memory = check_memory(args)
+        except BenchError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"options OK: {args.model}, batch {args.batch_size}, {args.baseline} on {args.device}\n{memory}")
         return 0
     runtime = start(args.baseline, args)
     result = run(args, runtime)

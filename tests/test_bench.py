@@ -5,8 +5,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from mpi_launch import assert_ok, run_mpi
 
+import pipedap.bench as bench_module
 from pipedap.bench import main
 
 # ResNet-50 on 32x32 images, batch 2: a few hundred ms per batch on a CPU core.
@@ -122,3 +124,36 @@ def test_bad_options_are_refused(capsys, args, message):
 def test_check_accepts_good_options(capsys):
     assert main([*TINY, "--baseline", "wfbp", "--check"]) == 0
     assert "options OK: resnet50, batch 2, WFBP on cpu" in capsys.readouterr().out
+
+
+def test_saved_activations_are_measured_per_batch_without_the_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(10, 1000), torch.nn.ReLU(), torch.nn.Linear(1000, 10))
+    loss = torch.nn.functional.cross_entropy
+
+    def saved(batch: int) -> int:
+        return bench_module.saved_activation_bytes(model, torch.randn(batch, 10), torch.zeros(batch, dtype=torch.long),
+                                                   loss)
+
+    # the input (10 floats per sample) and the hidden activation (1000 floats), not the 40 kB of weights
+    assert 1010 * 4 * 8 <= saved(8) < 1010 * 4 * 8 + 4096
+    assert saved(16) == pytest.approx(2 * saved(8), rel=0.05)
+
+
+def test_check_refuses_a_job_that_clearly_does_not_fit(capsys):
+    err = refused(capsys, "--batch-size", "100000", "--ranks-per-host", "3", "--check")
+    assert "this job does not fit in this host's memory and would be killed (signal 9)" in err
+    assert "x 3 rank(s) on this host" in err and "GB available (MemAvailable)" in err
+    assert "activations" in err and "lower the batch size (bs / --batch-size, now 100000" in err
+    assert "--image-size (now 32)" in err and "ranks per host" in err
+
+
+def test_check_passes_the_default_job_and_warns_when_memory_is_tight(capsys, monkeypatch):
+    default_job = ("--image-size", "64", "--batch-size", "8", "--ranks-per-host", "2", "--check")
+    assert main([*TINY, *default_job]) == 0
+    out = capsys.readouterr().out
+    assert "memory: needs about " in out and "x 2 rank(s) on this host" in out
+    # 2 ranks of 1 GB each in 2.2 GB available: fits, but within 20% of the limit
+    monkeypatch.setattr(bench_module, "memory_estimate", lambda args: {"runtime": 4e8, "activations": 6e8})
+    monkeypatch.setattr(bench_module, "meminfo_kib", lambda field, path="/proc/meminfo": int(2.2e9 / 1024))
+    assert main([*TINY, *default_job]) == 0
+    assert "warning: memory is tight: needs about 1.0 GB per rank" in capsys.readouterr().out

@@ -58,6 +58,15 @@ def test_unknown_model_or_baseline_is_refused_before_launch(configs, env, messag
     assert "running:" not in result.stdout
 
 
+
+def test_a_job_that_does_not_fit_in_memory_is_refused_before_launch(configs):
+    # cluster3 places 2 of the 3 ranks on one host: the estimate is for 2 ranks sharing its memory
+    result = dist({"configs": str(configs), "nworkers": "3", "bs": "100000"}, "--image-size", "32", timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "does not fit in this host's memory" in result.stderr and "x 2 rank(s) on this host" in result.stderr
+    assert "lower the batch size (bs / --batch-size, now 100000" in result.stderr
+    assert "running:" not in result.stdout
+
 @pytest.mark.mpi
 def test_a_short_run_on_the_shipped_configs(tmp_path):
     out = tmp_path / "result.json"
