@@ -207,27 +207,30 @@ def draw(doc: dict, path: str | Path, batch: int | None = None) -> int:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("the chart needs matplotlib: pip install matplotlib") from None
-    from pipedap.planner.gantt import COLOURS
+    from pipedap.planner import gantt
 
     batch, start, end = window(doc, batch)
     names = {e["pid"]: e["args"]["name"] for e in doc["traceEvents"] if e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in doc["traceEvents"] if e.get("name") == "thread_name"}
     lanes: dict[tuple[int, int], list[dict]] = {}
     for e in doc["traceEvents"]:
         if e.get("ph") == "X" and e["ts"] < end and e["ts"] + e["dur"] > start:
             lanes.setdefault((e["pid"], e["tid"]), []).append(e)
     keys = sorted(lanes)
     fig, ax = plt.subplots(figsize=(14, 0.55 * len(keys) + 1.4))
+    kinds: set[str] = set()
     for row, key in enumerate(reversed(keys)):
         for e in lanes[key]:
             label = _label(e)
-            colour = COLOURS["merged"] if "+" in label else COLOURS.get(label.rstrip("0123456789"), "#bbbbbb")
+            kind = "iteration" if e.get("cat") == "predicted" and e["tid"] == COMPUTE_TID else gantt.kind(label)
+            kinds.add(kind)
             left = (e["ts"] - start) / 1e3
-            ax.broken_barh([(left, e["dur"] / 1e3)], (row - 0.4, 0.8), facecolors=colour,
+            ax.broken_barh([(left, e["dur"] / 1e3)], (row - 0.4, 0.8), facecolors=gantt.COLOURS[kind],
                            edgecolor="white", linewidth=0.3)
-            if e["dur"] > (end - start) * 0.02:  # label the blocks wide enough to read
+            if e["dur"] > (end - start) * gantt.MIN_LABEL_WIDTH:  # label the blocks wide enough to read
                 ax.text(left + e["dur"] / 2e3, row, label, ha="center", va="center", fontsize=6, clip_on=True)
-    lane_names = {COMPUTE_TID: "compute", COMM_TID: "comm"}
-    ax.set_yticks(range(len(keys)), [f"{names.get(pid, pid)} {lane_names.get(tid, tid)}" for pid, tid in reversed(keys)])
+    ax.set_yticks(range(len(keys)), [f"{names.get(pid, pid)}: {threads.get((pid, tid), tid)}"
+                                     for pid, tid in reversed(keys)])
     ax.set_xlim(0, (end - start) / 1e3)
     ax.set_xlabel(f"ms from rank 0's backward of batch {batch}")
     meta = doc.get("otherData", {})
@@ -236,10 +239,13 @@ def draw(doc: dict, path: str | Path, batch: int | None = None) -> int:
     title = f"{meta.get('model', '?')} / {meta.get('baseline', '?')} on {meta.get('world_size', '?')} workers"
     if measured:
         title += f": measured {measured * 1e3:.1f} ms per batch"
+    lines = []
     if predicted:
         title += f", predicted {predicted * 1e3:.1f} ms"
         ax.axvline(predicted * 1e3, color="black", linestyle="--", linewidth=1)
+        lines.append(("black", "--", "predicted end of the batch"))
     ax.set_title(title, fontsize=9, loc="left")
+    gantt.legend(ax, kinds, lines)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

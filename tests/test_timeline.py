@@ -86,6 +86,54 @@ def test_bench_trace_has_one_event_per_collective_and_the_prediction(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("baseline, extra", [("DeAR", ("--bandwidth", "1gbit")), ("WFBP", ())])
+def test_a_plan_without_prediction_is_simulated_for_the_predicted_lane(tmp_path, baseline, extra):
+    trace, out = tmp_path / "trace.json", tmp_path / "result.json"
+    batches = 2
+    result = run_mpi("bench_main.py", 2, "--model", "resnet50", "--image-size", "32", "--batch-size", "2",
+                     "--num-warmup-batches", "1", "--num-batches-per-iter", "1", "--num-iters", str(batches),
+                     "--baseline", baseline, "--no-progress", "--timeline", str(trace), "--json", str(out),
+                     *extra, env={"PIPEDAP_CACHE_DIR": str(tmp_path / "cache")}, timeout=240)
+    assert_ok(result)
+    doc, events = json.loads(out.read_text()), json.loads(trace.read_text())["traceEvents"]
+    predicted = [e for e in events if e.get("cat") == "predicted" and e["tid"] == timeline.COMM_TID]
+    measured = [e for e in events if e.get("cat") == "comm" and e["pid"] == 0]
+    assert len(predicted) == len(measured) > 0  # one predicted submission per collective: neither merges any
+    kinds = {"DeAR": {"RS", "AG"}, "WFBP": {"AR"}}[baseline]
+    assert {e["name"].rstrip("0123456789") for e in predicted} == kinds
+    assert doc["plan"]["predicted_iteration_s"] > 0 and doc["batch_time"]["predicted_s"] > 0
+    assert doc["planning"]["cost_source"].startswith("assumed ring on 1gbit" if extra else "measured on this cluster")
+    assert "predicted by the plan" in result.output
+
+
+def drawn_legend(monkeypatch, draw) -> list[str]:
+    """Run ``draw`` and return the legend texts of the figure it closes."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
+    draw()
+    (fig,) = figures
+    return [text.get_text() for ax in fig.axes if ax.get_legend() for text in ax.get_legend().get_texts()]
+
+
+def test_the_chart_names_every_colour_and_the_predicted_end(tmp_path, monkeypatch):
+    def slice_(name, cat, pid, tid, ts, dur, **args):
+        return {"name": name, "cat": cat, "ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur, "args": args}
+
+    events = [slice_("backward", "compute", 0, 0, 0, 100, batch=0), slice_("forward", "compute", 0, 0, 150, 50, batch=1),
+              slice_("rs.0", "comm", 0, 1, 10, 40, kind="reducescatter"),
+              slice_("ag.0", "comm", 0, 1, 120, 20, kind="allgather"),
+              slice_("iteration (predicted)", "predicted", 1, 0, 0, 190, batch=0),
+              slice_("RS0+AG1", "predicted", 1, 1, 20, 30, batch=0)]
+    doc = {"traceEvents": events, "otherData": {"measured_iteration_s": 2e-4, "predicted_iteration_s": 1.9e-4}}
+    labels = drawn_legend(monkeypatch, lambda: timeline.draw(doc, tmp_path / "chart.png", batch=0))
+    assert labels == ["forward (F)", "backward (B)", "reduce-scatter (RS)", "all-gather (AG)",
+                      "ops sent as one submission (RS+AG)",
+                      "predicted iteration (backward start to next forward end)", "predicted end of the batch"]
+
+
 def test_timeline_cli_rejects_what_is_not_a_trace(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('{"events": []}')
