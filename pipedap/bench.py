@@ -8,8 +8,9 @@ It trains ``--model`` from the ``models`` package on random batches with SGD (mo
 0.9) distributed by one baseline (see :mod:`pipedap.bench_baselines`), and prints, like
 upstream PipeDAP's benchmark (Horovod's synthetic benchmark), on rank 0::
 
+    Img/sec per worker in each timed iteration (the mean over the 2 ranks' rates):
     Iter #0: 10.4 img/sec per worker            (per GPU on GPUs; sentences/sec for language models)
-    Img/sec per worker: 10.3 +-0.2              (mean and half-width of its 95% confidence interval)
+    Img/sec per worker: 10.3 +-0.2 (mean of the Iter lines +- its 95% confidence interval)
     Total img/sec on 2 worker(s): 20.6 +-0.4
 
 followed by the measured time per batch next to the planner's prediction (when the plan
@@ -87,10 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", metavar="FILE", help="PipeDAP: run this plan (python -m pipedap.plan --out); "
                                                        "default: DistributedOptimizer plans online from its first steps")
     parser.add_argument("--bandwidth", help="PipeDAP: plan for ring links of this speed (e.g. 1gbit) from a profile "
-                                            "taken now, instead of planning online from measurements")
+                                            "taken now, instead of planning online from measurements. DeAR, WFBP "
+                                            "with --timeline: predict their plan for this link (default: the cost "
+                                            "model measured on this cluster)")
     parser.add_argument("--latency", default="50us", help="with --bandwidth: per-step latency (default 50us)")
     parser.add_argument("--save-plan", metavar="FILE", help="PipeDAP: write the plan that ran here (rank 0)")
-    parser.add_argument("--timeline", metavar="FILE", help="write a Chrome trace of the timed batches (rank 0)")
+    parser.add_argument("--timeline", metavar="FILE", help="write a Chrome trace of the timed batches and the plan's "
+                                                           "predicted link lane (rank 0; DeAR and WFBP plans are "
+                                                           "profiled and simulated after the timed part for it)")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON (rank 0)")
     parser.add_argument("--seed", type=int, default=0, help="model and data seed (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -133,9 +138,12 @@ def validate(args: argparse.Namespace) -> None:
                          "do not accelerate (timings would not mean anything); run on GPUs or drop --fp16")
     if args.fp16 and args.baseline == "Horovod":
         raise BenchError("--fp16 with Horovod is not implemented here; drop --fp16 or pick another baseline")
-    pipedap_only = [opt for opt in ("plan", "bandwidth", "save_plan") if getattr(args, opt)]
+    pipedap_only = [opt for opt in ("plan", "save_plan") if getattr(args, opt)]
     if pipedap_only and args.baseline != "PipeDAP":
         raise BenchError(f"--{pipedap_only[0].replace('_', '-')} is for --baseline PipeDAP (it sets PipeDAP's plan)")
+    if args.bandwidth and args.baseline not in ("PipeDAP", "DeAR", "WFBP"):
+        raise BenchError(f"--bandwidth is for PipeDAP, DeAR and WFBP (their plans are simulated); "
+                         f"{args.baseline} has no plan")
     if args.plan and args.bandwidth:
         raise BenchError("--plan and --bandwidth exclude each other: --bandwidth plans a new schedule")
     if args.plan:
@@ -247,6 +255,45 @@ def check_memory(args: argparse.Namespace) -> str:
     return f"memory: needs {line}"
 
 
+def predict(plan, args: argparse.Namespace, batch: tuple, loss_fn, say) -> tuple:
+    """The running plan with the planner's prediction, for plans that came without one (DeAR, WFBP).
+
+    Collective (every rank): a fresh copy of the model is profiled on every rank at once
+    (as in :mod:`pipedap.bench_plan`), fused into the plan's groups and simulated on the
+    cost model of ``--bandwidth``, or else the one measured on this cluster (cached).
+    Returns (plan, planning facts).
+    """
+    import dataclasses
+
+    from pipedap import comm, measure
+    from pipedap.bench_plan import PROFILE_ITERATIONS, PROFILE_WARMUP
+    from pipedap.planner import costmodel, fusion
+    from pipedap.planner.plan import Prediction
+    from pipedap.planner.simulator import Problem, simulate
+    from pipedap.profiler import profile_model
+
+    say(f"predicting the {plan.schedule} plan: profiling a copy of the model on every rank "
+        f"({PROFILE_WARMUP} + {PROFILE_ITERATIONS} batches)")
+    torch.manual_seed(args.seed)
+    copy = models.get(args.model).to(batch[0].device)
+    profile = measure.agree_profile(profile_model(copy, *batch, loss_fn, warmup=PROFILE_WARMUP,
+                                                  iterations=PROFILE_ITERATIONS))
+    if args.bandwidth:
+        cost = costmodel.from_link(comm.size(), costmodel.parse_bandwidth(args.bandwidth),
+                                   costmodel.parse_duration(args.latency))
+        source = f"assumed ring on {args.bandwidth} links, {args.latency}"
+    else:
+        cost, source = measure.cost_model(), "measured on this cluster (pipedap.measure.cost_model, cached)"
+    layer_of = {name: i for i, layer in enumerate(profile.layers) for name in layer.params}
+    grouping = tuple(tuple(sorted({layer_of[p] for p in group.params})) for group in plan.groups)
+    timeline = simulate(Problem(fusion.fuse(profile, grouping), cost), plan.backward, plan.forward,
+                        plan.sync_before_forward)
+    say(f"  predicted {timeline.iteration_time * 1e3:.1f} ms per batch (cost model {source})")
+    predicted = Prediction(timeline.iteration_time, timeline.lower_bound, tuple(zip(timeline.starts, timeline.ends)))
+    facts = {"cost_model": cost.to_dict(), "cost_source": source, "profile_layers": len(profile)}
+    return dataclasses.replace(plan, predicted=predicted), facts
+
+
 def run(args: argparse.Namespace, runtime: Runtime) -> dict:
     """Warm up, time the iterations, gather every rank's numbers; the results dict on rank 0."""
     rank, world = runtime.rank(), runtime.size()
@@ -337,10 +384,6 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
             runtime.finish(optimizer)
         wait()
         seconds.append(time.perf_counter() - began)
-        if rank == 0:
-            bar.write(f"Iter #{i}: {args.batch_size * args.num_batches_per_iter / seconds[-1]:.1f} "
-                      f"{unit}/sec per {who}", file=sys.stdout)
-            sys.stdout.flush()
     recorder.stop()
     runtime.listen(None)
     bar.close()
@@ -348,9 +391,12 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
     mine = {"seconds": seconds, "phases_ms": recorder.phase_means_ms(),
             "events": recorder.events(rank) if args.timeline else None}
     everyone = runtime.allgather_object(mine)
+    plan = runtime.plan(optimizer)
+    if args.timeline and plan is not None and plan.predicted is None:
+        plan, planning = predict(plan, args, (inputs, targets), loss_fn, say)
+        dist.facts.update(planning)
     if rank != 0:
         return {}
-    plan = runtime.plan(optimizer)
     if args.save_plan:
         plan.save(args.save_plan)
         print(f"plan that ran written to {args.save_plan}")
@@ -399,7 +445,11 @@ def report(result: dict, args: argparse.Namespace) -> None:
     def spread(ci: float | None) -> str:
         return "" if ci is None else f" +-{ci:.1f}"
 
-    print(f"{unit.capitalize()}/sec per {who}: {worker['mean']:.1f}{spread(worker['ci95'])}")
+    print(f"{unit.capitalize()}/sec per {who} in each timed iteration (the mean over the {world} ranks' rates):")
+    for i, it in enumerate(result["per_iteration"]):
+        print(f"Iter #{i}: {it['per_worker']:.1f} {unit}/sec per {who}")
+    print(f"{unit.capitalize()}/sec per {who}: {worker['mean']:.1f}{spread(worker['ci95'])} "
+          f"(mean of the Iter lines{'' if worker['ci95'] is None else ' +- its 95% confidence interval'})")
     print(f"Total {unit}/sec on {world} {who}(s): {total['mean']:.1f}{spread(total['ci95'])}")
     times = result["batch_time"]
     line = f"Time per batch: measured {times['measured_s'] * 1e3:.1f} ms"

@@ -9,7 +9,7 @@ import torch
 from mpi_launch import assert_ok, run_mpi
 
 import pipedap.bench as bench_module
-from pipedap.bench import main
+from pipedap.bench import build_parser, main
 
 # ResNet-50 on 32x32 images, batch 2: a few hundred ms per batch on a CPU core.
 TINY = ("--model", "resnet50", "--image-size", "32", "--batch-size", "2", "--num-warmup-batches", "1",
@@ -39,8 +39,9 @@ def check_common(doc: dict, output: str, baseline: str) -> None:
     assert doc["per_worker"]["mean"] > 0 and doc["per_worker"]["ci95"] >= 0
     assert doc["total"]["mean"] == pytest.approx(2 * doc["per_worker"]["mean"])
     assert set(doc["phases_ms"]) == {"forward", "backward", "step"}
-    for i in range(3):
-        assert f"Iter #{i}: " in output
+    for i, it in enumerate(doc["per_iteration"]):  # the same quantity as the mean and its interval
+        assert f"Iter #{i}: {it['per_worker']:.1f} img/sec per worker" in output
+    assert "(the mean over the 2 ranks' rates)" in output and "(mean of the Iter lines +- its 95%" in output
     assert "Img/sec per worker: " in output and "Total img/sec on 2 worker(s): " in output
 
 
@@ -157,3 +158,16 @@ def test_check_passes_the_default_job_and_warns_when_memory_is_tight(capsys, mon
     monkeypatch.setattr(bench_module, "meminfo_kib", lambda field, path="/proc/meminfo": int(2.2e9 / 1024))
     assert main([*TINY, *default_job]) == 0
     assert "warning: memory is tight: needs about 1.0 GB per rank" in capsys.readouterr().out
+
+
+def test_iter_lines_and_the_interval_are_the_rank_averaged_rate(capsys):
+    args = build_parser().parse_args([*TINY, "--num-iters", "2"])  # 2 images per iteration
+    everyone = [{"seconds": [1.0, 2.0], "phases_ms": {}}, {"seconds": [0.5, 0.5], "phases_ms": {}}]
+    context = {"model": "resnet50", "kind": "image", "unit": "img", "input_shape": [3, 32, 32], "description": "",
+               "world_size": 2, "device": "cpu", "_who": "worker"}
+    result = bench_module.summarize(args, context, everyone, None, {})
+    bench_module.report(result, args)
+    out = capsys.readouterr().out
+    # iteration 0: ranks at 2 and 4 img/s -> 3.0; iteration 1: 1 and 4 -> 2.5 (rank 0 alone would say 2.0 and 1.0)
+    assert "Iter #0: 3.0 img/sec per worker\nIter #1: 2.5 img/sec per worker\n" in out
+    assert "Img/sec per worker: 2.8 +-3.2 (mean of the Iter lines +- its 95% confidence interval)" in out
