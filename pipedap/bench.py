@@ -477,6 +477,12 @@ def report(result: dict, args: argparse.Namespace) -> None:
         print(f"results written to {args.json}")
 
 
+def make_parents(*paths: str | None) -> None:
+    """Create the folders of the output files (e.g. out/), so a fresh clone can write there."""
+    for path in filter(None, paths):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     began = time.perf_counter()
@@ -494,6 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(f"options OK: {args.model}, batch {args.batch_size}, {args.baseline} on {args.device}\n{memory}")
         return 0
+    if launch_rank() == 0:
+        make_parents(args.json, args.timeline, args.save_plan)
     runtime = start(args.baseline, args)
     result = run(args, runtime)
     if runtime.rank() == 0:

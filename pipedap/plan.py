@@ -5,10 +5,11 @@ package), a cost model (a fitted JSON file, or assumed link parameters), searche
 and order with every schedule, prints the predicted iteration times against the lower
 bound, and writes the chosen plan (JSON) and a Gantt chart of the simulated timelines.
 
-Example::
+Example (8 workers on 200 Mbit/s links, where communication and compute are about
+equal on a 2-core CPU and the schedules differ most; about 50 s, most of it profiling)::
 
     python -m pipedap.plan --model resnet50 --batch-size 8 \\
-        --workers 8 --bandwidth 1gbit --latency 50us --out plan.json --gantt plan.png
+        --workers 8 --bandwidth 200mbit --latency 50us --out out/plan.json --gantt out/plan.png
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 from pipedap.planner import costmodel, fusion
 from pipedap.planner.costmodel import CostModel
@@ -119,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        for path in filter(None, (args.out, args.gantt, args.save_profile)):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)  # e.g. out/ on a fresh clone
         with _step("loading profile" if args.profile else f"profiling {args.model} (batch {args.batch_size}, CPU)"):
             profile = load_profile(args)
         if args.save_profile:

@@ -271,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         doc = load_trace(args.trace)
         print(f"drawing {args.trace} ({len(doc['traceEvents'])} events) to {out} ...", flush=True)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         batch = draw(doc, out, args.batch)
     except (ValueError, ImportError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -17,7 +17,7 @@ NAMES = {"F": "forward (F)", "B": "backward (B)", "U": "update (U)", "RS": "redu
          "iteration": "predicted iteration (backward start to next forward end)", "other": "other"}
 # Label blocks only when there are few enough to read, and only those wide enough for their label.
 MAX_LABELS = 40
-MIN_LABEL_WIDTH = 0.02  # of the chart's width
+MIN_LABEL_WIDTH = 0.02  # of the chart's width, for a 3-character label like RS3 (longer ones need more)
 
 
 def draw(timelines: Mapping[str, Timeline], path: str | Path, title: str = "") -> None:
@@ -46,7 +46,7 @@ def draw(timelines: Mapping[str, Timeline], path: str | Path, title: str = "") -
             kinds.update(by_kind)
             if len(spans) <= MAX_LABELS:
                 for label, start, end in spans:
-                    if end - start > horizon * MIN_LABEL_WIDTH:
+                    if end - start > horizon * MIN_LABEL_WIDTH * max(1.0, len(label) / 3):
                         ax.text((start + end) / 2, lane, label, ha="center", va="center", fontsize=6, clip_on=True)
         ax.axvline(tl.iteration_time, color="black", linewidth=1)
         ax.axvline(tl.lower_bound, color="grey", linestyle="--", linewidth=1)
