@@ -5,11 +5,11 @@ package), a cost model (a fitted JSON file, or assumed link parameters), searche
 and order with every schedule, prints the predicted iteration times against the lower
 bound, and writes the chosen plan (JSON) and a Gantt chart of the simulated timelines.
 
-Example (8 workers on 200 Mbit/s links, where communication and compute are about
-equal on a 2-core CPU and the schedules differ most; about 50 s, most of it profiling)::
+Example (8 workers on 500 Mbit/s links, where communication and compute are about
+equal on a 2-core CPU and the schedules differ most; about 35 s, most of it profiling)::
 
     python -m pipedap.plan --model resnet50 --batch-size 8 \\
-        --workers 8 --bandwidth 200mbit --latency 50us --out out/plan.json --gantt out/plan.png
+        --workers 8 --bandwidth 500mbit --latency 50us --out out/plan.json --gantt out/plan.png
 """
 
 from __future__ import annotations

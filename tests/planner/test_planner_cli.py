@@ -68,3 +68,12 @@ def test_model_without_models_package(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "models", None)  # makes `import models` fail
     assert cli.main(["--model", "resnet50", "--workers", "2", "--bandwidth", "1gbit"]) == 2
     assert "--model needs torch and the models package" in capsys.readouterr().err
+
+
+def test_outputs_go_into_folders_that_do_not_exist_yet(profile_file, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out" / "sub"
+    argv = ["--profile", str(profile_file), "--workers", "8", "--bandwidth", "1gbit", "--fusion", "none",
+            "--out", str(out / "plan.json"), "--gantt", str(out / "plan.png")]
+    assert cli.main(argv) == 0
+    assert (out / "plan.json").is_file() and (out / "plan.png").is_file()
