@@ -13,9 +13,7 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "comm_core"))
-from buildconfig import find_mpicxx, log, mpi_flags, nccl_settings  # noqa: E402
-
-CORE_SOURCES = ["bindings.cc", "dtype.cc", "engine.cc", "host_collectives.cc", "mpi_util.cc", "op.cc"]
+from buildconfig import CORE_SOURCES, find_mpicxx, log, mpi_flags, nccl_settings  # noqa: E402
 
 
 def comm_core_extension() -> Pybind11Extension:

@@ -10,7 +10,9 @@ dimensions may differ; ``reducescatter`` splits dim 0, the first ``d0 % size``
 ranks receiving one extra row; ``Average`` is the default op.
 
 Operations match across ranks by *order*: every rank must call the same
-collectives in the same order (``PIPEDAP_CHECK_ORDER=1`` verifies it).
+collectives in the same order. The engine checks each one across ranks before
+its data moves; a mismatch raises :class:`CommError` on every rank, naming
+what each rank submitted, and no buffer is touched.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from pipedap import settings
 from pipedap.compression import Compression
 
 try:
@@ -76,15 +79,20 @@ TCP_EAGER_DEFAULTS = {"OMPI_MCA_btl_tcp_eager_limit": str(4 << 20), "OMPI_MCA_bt
 
 
 def init() -> None:
-    """Initialise MPI (if needed) and start the communication engine. Idempotent."""
+    """Initialise MPI (if needed) and start the communication engine. Idempotent.
+
+    Every ``PIPEDAP_*`` variable is checked first: a bad value or an unknown
+    name (a typo) raises :class:`pipedap.settings.SettingsError` naming it.
+    """
     global _atexit_registered
+    settings.check_environment()
     for key, value in TCP_EAGER_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    core.init()
+    core.init(settings.engine_config())
     if not _atexit_registered:
         atexit.register(core.finalize)
         _atexit_registered = True
-    if size() > 1 and os.environ.get("PIPEDAP_ABORT_ON_EXCEPTION", "1") != "0":
+    if size() > 1 and settings.get("PIPEDAP_ABORT_ON_EXCEPTION"):
         _install_abort_on_exception()
 
 
@@ -348,8 +356,11 @@ def synchronize(handle: int):
             if _listeners:
                 _notify(p)
         finally:
-            with _handles_lock:
-                _handles.pop(handle, None)
+            # The tensors stay referenced until the engine is done with them: after
+            # Ctrl-C the operation may still be moving data into them.
+            if p.core_handle.done():
+                with _handles_lock:
+                    _handles.pop(handle, None)
     else:
         with _handles_lock:
             _handles.pop(handle, None)

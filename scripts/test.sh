@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 python -m pip install -q -r requirements.txt -r requirements-test.txt
 python -m pip install -q --no-build-isolation -e .
-python -m ruff check pipedap models tests examples benchmarks
+python -m ruff check pipedap models tests examples benchmarks comm_core
 set +e
 python -m pytest -q "$@"
 status=$?

@@ -25,15 +25,17 @@ def test_every_collective_with_a_forced_algorithm(algorithm):
 
 
 def test_order_mismatch_is_detected_on_every_rank_naming_both_sides():
-    result = run_mpi("failure_modes.py", 3, "order_mismatch", env={"PIPEDAP_CHECK_ORDER": "1"})
+    result = run_mpi("failure_modes.py", 3, "order_mismatch")
     assert_ok(result)
     assert "NOT DETECTED" not in result.output
     detected = re.findall(r"rank (\d): DETECTED (.*)", result.output)
     assert sorted(int(r) for r, _ in detected) == [0, 1, 2], result.output
-    for _, message in detected:
-        assert "operation order differs between ranks at operation #1" in message
-        assert "rank 0 submitted allreduce 'grad.a' (4 float32)" in message
-        assert "rank 1 submitted allreduce 'grad.b' (5 float32)" in message
+    for r, message in detected:
+        own = "allreduce 'grad.b' (5 float32)" if r == "1" else "allreduce 'grad.a' (4 float32)"
+        assert message.startswith(f"pipedap: {own} (operation #1) on rank {r} was not run"), message
+        assert ("operations differ between ranks at operation #1: ranks 0, 2 submitted allreduce 'grad.a' "
+                "(4 float32); rank 1 submitted allreduce 'grad.b' (5 float32)") in message
+        assert "It ran on no rank" in message
 
 
 def test_unhandled_exception_on_one_rank_ends_the_job_quickly():
@@ -47,22 +49,27 @@ def test_unhandled_exception_on_one_rank_ends_the_job_quickly():
     assert elapsed < 30, f"the job took {elapsed:.0f} s to end"
 
 
-def test_watchdog_reports_a_stalled_operation_then_it_completes():
+def test_watchdog_reports_a_stalled_operation_naming_the_missing_rank_then_it_completes():
     result = run_mpi("failure_modes.py", 2, "stall", env={"PIPEDAP_STALL_SECONDS": "1"})
     assert_ok(result)
-    report = re.search(r"pipedap: rank 0: allreduce 'late.op' \(2 float32\) \(operation #0\) has not finished after \d+ s.*", result.output)
+    report = re.search(r"pipedap: rank 0: allreduce 'late.op' \(2 float32\) \(operation #0\) has not finished "
+                       r"after \d+ s.*\n  rank 1: has NOT submitted operation #0; it submitted 0 operation\(s\)",
+                       result.output)
     assert report, result.output
-    assert "PIPEDAP_CHECK_ORDER=1" in report.group(0)
+    assert "The job aborts after PIPEDAP_TIMEOUT_SECONDS=600 (0: never)" in result.output
     assert result.output.count("result [2.0, 2.0]") == 2
 
 
-def test_timeout_aborts_the_job_with_a_message():
+def test_timeout_aborts_the_job_naming_each_rank_s_state():
     start = time.monotonic()
-    result = run_mpi("failure_modes.py", 2, "timeout", env={"PIPEDAP_TIMEOUT_SECONDS": "2"}, timeout=60)
+    result = run_mpi("failure_modes.py", 3, "timeout", env={"PIPEDAP_TIMEOUT_SECONDS": "2"}, timeout=60)
     assert result.returncode != 0
-    assert "allreduce 'abandoned.op'" in result.output
-    assert "past PIPEDAP_TIMEOUT_SECONDS" in result.output
     assert "NOT ABORTED" not in result.output
+    assert re.search(r"aborting the job: pipedap: rank [02]: allreduce 'abandoned.op' \(2 float32\) \(operation #0\)",
+                     result.output), result.output
+    assert "rank 1: has NOT submitted operation #0" in result.output
+    assert re.search(r"rank [02]: is in operation #0 too \(waiting for every rank to submit it", result.output)
+    assert "Past PIPEDAP_TIMEOUT_SECONDS=2: aborting the job." in result.output
     assert time.monotonic() - start < 40
 
 

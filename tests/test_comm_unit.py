@@ -96,7 +96,8 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 def test_bad_environment_settings_name_the_variable():
     result = run_python("import pipedap; pipedap.init()", PIPEDAP_ALGORITHM="fastest")
     assert result.returncode != 0
-    assert "PIPEDAP_ALGORITHM='fastest': use auto, ring or mpi" in result.stderr
+    assert "PIPEDAP_ALGORITHM='fastest': expected auto, ring or mpi" in result.stderr
+    assert "SettingsError" in result.stderr  # checked in Python, before MPI starts
 
 
 def test_planner_imports_without_loading_the_comm_core():

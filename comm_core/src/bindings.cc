@@ -15,6 +15,45 @@ py::tuple timings_tuple(const Handle& h) {
   return py::make_tuple(t.enqueue_ns, t.start_ns, t.end_ns);
 }
 
+// The engine's settings from the dict pipedap.settings.engine_config() builds
+// (it validated every value and names the PIPEDAP_* variable in its errors).
+EngineConfig engine_config(const py::dict& values) {
+  EngineConfig c;
+  for (const auto& item : values) {
+    const std::string key = py::str(item.first);
+    const py::handle v = item.second;
+    if (key == "algorithm") {
+      const std::string a = py::str(v);
+      if (a == "auto") {
+        c.host.algorithm = Algorithm::kAuto;
+      } else if (a == "ring") {
+        c.host.algorithm = Algorithm::kRing;
+      } else if (a == "mpi") {
+        c.host.algorithm = Algorithm::kMpi;
+      } else {
+        throw std::invalid_argument("engine setting algorithm='" + a + "': use auto, ring or mpi");
+      }
+    } else if (key == "ring_min_bytes") {
+      c.host.ring_min_bytes = v.cast<size_t>();
+    } else if (key == "segment_bytes") {
+      c.host.segment_bytes = v.cast<size_t>();
+    } else if (key == "message_bytes") {
+      c.host.message_bytes = v.cast<size_t>();
+    } else if (key == "poll_spin_us") {
+      c.host.poll.spin_us = v.cast<int>();
+    } else if (key == "poll_max_sleep_us") {
+      c.host.poll.max_sleep_us = v.cast<int>();
+    } else if (key == "stall_seconds") {
+      c.stall_seconds = v.cast<double>();
+    } else if (key == "timeout_seconds") {
+      c.timeout_seconds = v.cast<double>();
+    } else {
+      throw std::invalid_argument("unknown engine setting '" + key + "'");
+    }
+  }
+  return c;
+}
+
 std::string mpi_library_version() {
   char text[MPI_MAX_LIBRARY_VERSION_STRING];
   int len = 0;
@@ -78,7 +117,16 @@ PYBIND11_MODULE(_comm_core, m) {
            "Wait up to `timeout` seconds (< 0: forever). Returns False on timeout; raises CommError on failure.")
       .def("timings", &timings_tuple, "(enqueue_ns, start_ns, end_ns) on the CLOCK_MONOTONIC clock.");
 
-  m.def("init", &init_engine, py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "init",
+      [](const py::dict& config) {
+        const EngineConfig c = engine_config(config);
+        py::gil_scoped_release release;
+        init_engine(c);
+      },
+      py::arg("config") = py::dict(),
+      "Start the engine (and MPI if needed) with settings from pipedap.settings.engine_config(); missing keys "
+      "take their defaults. Idempotent.");
   m.def("shutdown", &shutdown_engine, py::call_guard<py::gil_scoped_release>());
   m.def("finalize", &finalize_mpi_if_owned, py::call_guard<py::gil_scoped_release>());
   m.def("is_initialized", [] { return engine_or_null() != nullptr; });

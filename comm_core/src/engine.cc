@@ -15,88 +15,6 @@ std::unique_ptr<Engine> g_engine;
 std::mutex g_engine_mu;
 bool g_owns_mpi = false;  // this library called MPI_Init, so it finalizes
 
-// --- environment ---------------------------------------------------------------
-
-const char* env(const char* name) {
-  const char* v = std::getenv(name);
-  return (v != nullptr && *v != '\0') ? v : nullptr;
-}
-
-double env_double(const char* name, double fallback, double min) {
-  const char* v = env(name);
-  if (v == nullptr) return fallback;
-  char* end = nullptr;
-  const double x = std::strtod(v, &end);
-  if (*end != '\0' || x < min) {
-    throw std::invalid_argument(std::string(name) + "='" + v + "' is not a number >= " + std::to_string(min));
-  }
-  return x;
-}
-
-bool env_flag(const char* name) {
-  const char* v = env(name);
-  if (v == nullptr || std::strcmp(v, "0") == 0) return false;
-  if (std::strcmp(v, "1") == 0) return true;
-  throw std::invalid_argument(std::string(name) + "='" + v + "': use 1 to enable or 0 to disable");
-}
-
-Algorithm env_algorithm() {
-  const char* v = env("PIPEDAP_ALGORITHM");
-  if (v == nullptr || std::strcmp(v, "auto") == 0) return Algorithm::kAuto;
-  if (std::strcmp(v, "ring") == 0) return Algorithm::kRing;
-  if (std::strcmp(v, "mpi") == 0) return Algorithm::kMpi;
-  throw std::invalid_argument(std::string("PIPEDAP_ALGORITHM='") + v + "': use auto, ring or mpi");
-}
-
-// --- order check ---------------------------------------------------------------
-
-// What each rank says it is about to run; compared across ranks with PIPEDAP_CHECK_ORDER=1.
-struct Signature {
-  int64_t seq;
-  uint64_t hash;  // of every op in the submission
-  int64_t count;  // of the first op
-  int32_t nops;
-  int32_t kind;
-  int32_t dtype;
-  int32_t device;
-  char name[64];
-};
-
-uint64_t fnv1a(uint64_t h, const void* data, size_t n) {
-  const auto* p = static_cast<const unsigned char*>(data);
-  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ULL;
-  return h;
-}
-
-Signature signature_of(int64_t seq, const std::vector<OpSpec>& ops) {
-  Signature s{};
-  s.seq = seq;
-  s.nops = static_cast<int32_t>(ops.size());
-  uint64_t h = 1469598103934665603ULL;
-  for (const OpSpec& op : ops) {
-    const int32_t fields[5] = {static_cast<int32_t>(op.kind), static_cast<int32_t>(op.dtype),
-                               static_cast<int32_t>(op.reduce), op.root, op.device >= 0 ? 1 : 0};
-    h = fnv1a(h, fields, sizeof fields);
-    h = fnv1a(h, op.counts.data(), op.counts.size() * sizeof(int64_t));
-    h = fnv1a(h, op.name.data(), op.name.size());
-  }
-  s.hash = h;
-  const OpSpec& first = ops.front();
-  s.count = first.total_count();
-  s.kind = static_cast<int32_t>(first.kind);
-  s.dtype = static_cast<int32_t>(first.dtype);
-  s.device = first.device;
-  std::strncpy(s.name, first.name.c_str(), sizeof s.name - 1);
-  return s;
-}
-
-std::string describe_signature(const Signature& s) {
-  std::string d = std::string(op_kind_name(static_cast<OpKind>(s.kind))) + " '" + s.name + "' (" +
-                  std::to_string(s.count) + " " + dtype_name(static_cast<DType>(s.dtype)) + ")";
-  if (s.nops > 1) d += " in a group of " + std::to_string(s.nops) + " ops";
-  return d;
-}
-
 void ensure_mpi_initialized(int* thread_level) {
   int initialized = 0;
   check_mpi(MPI_Initialized(&initialized), "MPI_Initialized", -1);
@@ -115,30 +33,25 @@ void ensure_mpi_initialized(int* thread_level) {
   }
 }
 
-}  // namespace
-
-EngineConfig EngineConfig::from_environment() {
-  EngineConfig c;
-  c.host.algorithm = env_algorithm();
-  c.host.ring_min_bytes = static_cast<size_t>(env_double("PIPEDAP_RING_MIN_BYTES", 64 * 1024, 0));
-  c.host.segment_bytes = static_cast<size_t>(env_double("PIPEDAP_SEGMENT_BYTES", 1 << 20, 8));
-  c.host.message_bytes = static_cast<size_t>(env_double("PIPEDAP_MESSAGE_BYTES", 2 << 20, 8));
-  c.host.poll.spin_us = static_cast<int>(env_double("PIPEDAP_POLL_SPIN_US", 500, 0));
-  c.host.poll.max_sleep_us = static_cast<int>(env_double("PIPEDAP_POLL_MAX_SLEEP_US", 200, 0));
-  c.check_order = env_flag("PIPEDAP_CHECK_ORDER");
-  c.stall_seconds = env_double("PIPEDAP_STALL_SECONDS", 60, 0);
-  c.timeout_seconds = env_double("PIPEDAP_TIMEOUT_SECONDS", 0, 0);
+// A duplicate of `parent` whose errors are returned, not fatal.
+Communicator duplicate(MPI_Comm parent, const char* what) {
+  Communicator c;
+  int rank = -1;
+  MPI_Comm_rank(parent, &rank);
+  check_mpi(MPI_Comm_dup(parent, &c.comm), std::string("MPI_Comm_dup (") + what + ")", rank);
+  check_mpi(MPI_Comm_set_errhandler(c.comm, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler", rank);
+  MPI_Comm_rank(c.comm, &c.rank);
+  MPI_Comm_size(c.comm, &c.size);
   return c;
 }
 
+}  // namespace
+
 Engine::Engine(const EngineConfig& config) : config_(config) {
   ensure_mpi_initialized(&thread_level_);
-  int world_rank = -1;
-  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
-  check_mpi(MPI_Comm_dup(MPI_COMM_WORLD, &world_.comm), "MPI_Comm_dup", world_rank);
-  check_mpi(MPI_Comm_set_errhandler(world_.comm, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler", world_rank);
-  MPI_Comm_rank(world_.comm, &world_.rank);
-  MPI_Comm_size(world_.comm, &world_.size);
+  world_ = duplicate(MPI_COMM_WORLD, "data");
+  agree_ = duplicate(MPI_COMM_WORLD, "agreement");
+  side_ = duplicate(MPI_COMM_WORLD, "side channel");
   MPI_Comm local;
   check_mpi(MPI_Comm_split_type(world_.comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &local), "MPI_Comm_split_type",
             world_.rank);
@@ -146,6 +59,9 @@ Engine::Engine(const EngineConfig& config) : config_(config) {
   MPI_Comm_size(local, &local_size_);
   MPI_Comm_free(&local);
   create_user_ops();
+  status_ = std::make_unique<StatusChannel>(side_);
+  config_.host.poll.on_idle = [this] { service(); };
+  last_submit_ns_ = monotonic_ns();
   thread_ = std::thread(&Engine::run_loop, this);
   watchdog_ = std::thread(&Engine::watchdog_loop, this);
 }
@@ -160,7 +76,12 @@ Engine::~Engine() {
   thread_.join();
   watchdog_.join();
   device_.reset();
-  MPI_Comm_free(&world_.comm);
+  status_.reset();
+  // An agreement whose request still pends keeps its buffers: MPI may write them.
+  for (auto& a : abandoned_) {
+    if (!a->complete()) a.release();
+  }
+  for (Communicator* c : {&world_, &agree_, &side_}) MPI_Comm_free(&c->comm);
 }
 
 size_t Engine::pending() const {
@@ -230,71 +151,175 @@ std::shared_ptr<Handle> Engine::submit(std::vector<OpSpec> ops) {
       if (!device_) device_ = make_device_backend(world_, config_.host.poll);
       for (OpSpec& op : ops) device_->prepare(op);
     }
-    handle = std::make_shared<Handle>(next_seq_++, describe(ops));
+    // Horovod's rule: a name may not be reused while an operation of that name is unfinished.
+    int32_t flags = 0;
+    for (const OpSpec& op : ops) {
+      if (op.kind != OpKind::kBarrier && names_in_flight_.count(op.name)) flags |= kNameInFlight;
+      names_in_flight_.insert(op.name);
+    }
+    const int64_t seq = next_seq_++;
+    handle = std::make_shared<Handle>(seq, describe(ops));
     handle->set_enqueue_ns(monotonic_ns());
-    queue_.push_back(Submission{std::move(ops), handle});
+    last_submitted_ = handle->description();
+    last_submit_ns_ = monotonic_ns();
+    Fingerprint fingerprint = fingerprint_of(seq, ops, flags);
+    queue_.push_back(Submission{std::move(ops), handle, fingerprint, nullptr});
   }
   cv_.notify_one();
   return handle;
 }
 
-void Engine::run_loop() {
-  for (;;) {
-    Submission sub;
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-      if (queue_.empty()) return;  // stopping and drained
-      sub = std::move(queue_.front());
-      queue_.pop_front();
-      running_ = sub.handle;
-      running_->mark_started();  // under the lock: the watchdog never sees an unstarted handle
-    }
-    execute(sub);
+void Engine::finish(Submission& sub, const std::string& error) {
+  {
+    // Before the handle completes: the caller may reuse the names right after.
     std::lock_guard<std::mutex> lock(mu_);
-    running_.reset();
+    forget_names(sub.ops);
+  }
+  if (error.empty()) {
+    sub.handle->complete();
+  } else {
+    sub.handle->fail(error);
   }
 }
 
-void Engine::execute(Submission& sub) {
+void Engine::forget_names(const std::vector<OpSpec>& ops) {
+  for (const OpSpec& op : ops) {
+    auto it = names_in_flight_.find(op.name);
+    if (it != names_in_flight_.end()) names_in_flight_.erase(it);
+  }
+}
+
+void Engine::run_loop() {
+  const auto idle_wait = std::chrono::microseconds(config_.host.poll.idle_interval_us);
+  for (;;) {
+    Submission sub;
+    Submission* next = nullptr;  // stays valid: only this thread pops, and push_back keeps references
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      while (!stopping_ && queue_.empty()) {
+        if (!cv_.wait_for(lock, idle_wait, [this] { return stopping_ || !queue_.empty(); })) {
+          lock.unlock();
+          service();  // idle ranks answer status questions too
+          lock.lock();
+        }
+      }
+      if (queue_.empty()) return;  // stopping and drained
+      sub = std::move(queue_.front());
+      queue_.pop_front();
+      if (!queue_.empty()) next = &queue_.front();
+      running_ = sub.handle;
+      running_->mark_started();  // under the lock: the watchdog never sees an unstarted handle
+      phase_ = Phase::kAgreeing;
+    }
+    execute(sub, next);
+    std::lock_guard<std::mutex> lock(mu_);
+    running_.reset();
+    phase_ = Phase::kIdle;
+  }
+}
+
+void Engine::agree(Submission& sub) {
+  if (!sub.agreement) sub.agreement = std::make_unique<Agreement>(agree_, sub.fingerprint);
+}
+
+void Engine::abandon_agreement(Submission& sub) {
+  if (sub.agreement && !sub.agreement->complete()) abandoned_.push_back(std::move(sub.agreement));
+}
+
+void Engine::execute(Submission& sub, Submission* next) {
   Handle& h = *sub.handle;
   const std::string what = "pipedap: " + h.description() + " (operation #" + std::to_string(h.seq()) + ") on rank " +
                            std::to_string(world_.rank);
   if (!broken_.empty()) {
-    h.fail(what + " was not run because an earlier operation failed: " + broken_);
+    abandon_agreement(sub);
+    finish(sub, what + " was not run because an earlier operation failed: " + broken_);
     return;
   }
   try {
-    if (config_.check_order) verify_order(sub);
+    if (world_.size > 1) {
+      agree(sub);
+      if (next != nullptr) agree(*next);  // its latency hides behind this submission's data
+      std::vector<MPI_Request> request{*sub.agreement->request()};
+      *sub.agreement->request() = MPI_REQUEST_NULL;
+      wait_all(request, config_.host.poll, world_.rank, /*cancellable=*/false);
+      if (!sub.agreement->agreed()) {
+        finish(sub, what + " was not run: " + sub.agreement->explain(side_, h.description(), config_.host.poll));
+        return;  // every rank failed this same submission: the next ones can still run
+      }
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      phase_ = Phase::kMovingData;
+    }
     if (sub.ops.front().device >= 0) {
       device_->run_group(sub.ops);
     } else {
       run_host_group(world_, sub.ops, config_.host);
     }
-    h.complete();
+    finish(sub, "");
   } catch (const std::exception& e) {
-    // After a failed collective the ranks may disagree on what ran: stop here
+    // After a failed data phase the ranks may disagree on what ran: stop here
     // rather than risk silently wrong results or a hang later.
     broken_ = what + ": " + e.what();
-    h.fail(broken_);
+    finish(sub, broken_);
   }
 }
 
-void Engine::verify_order(const Submission& sub) {
-  const Signature mine = signature_of(sub.handle->seq(), sub.ops);
-  std::vector<Signature> all(world_.size);
-  std::vector<MPI_Request> req(1);
-  check_mpi(MPI_Iallgather(&mine, sizeof mine, MPI_BYTE, all.data(), sizeof mine, MPI_BYTE, world_.comm, &req[0]),
-            "order check (MPI_Iallgather)", world_.rank);
-  wait_all(req, config_.host.poll, world_.rank);
-  for (int r = 1; r < world_.size; ++r) {
-    if (all[r].hash == all[0].hash && all[r].seq == all[0].seq) continue;
-    throw CommError("operation order differs between ranks at operation #" + std::to_string(all[0].seq) +
-                    ": rank 0 submitted " + describe_signature(all[0]) + " but rank " + std::to_string(r) +
-                    " submitted " + describe_signature(all[r]) +
-                    " (operation #" + std::to_string(all[r].seq) +
-                    "). Every rank must submit the same collectives (kind, name, counts, dtype) in the same order.");
+RankStatus Engine::status_snapshot() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  RankStatus s;
+  const int64_t now = monotonic_ns();
+  s.submitted = next_seq_;
+  s.submitted_s = (now - last_submit_ns_) * 1e-9;
+  std::strncpy(s.last_what, last_submitted_.c_str(), sizeof s.last_what - 1);
+  if (running_) {
+    s.running = running_->seq();
+    s.phase = static_cast<int32_t>(phase_);
+    s.running_s = (now - running_->start_ns()) * 1e-9;
+    std::strncpy(s.running_what, running_->description().c_str(), sizeof s.running_what - 1);
   }
+  return s;
+}
+
+std::string Engine::stall_message(const Inquiry& inquiry) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  const double stalled = running_ ? (monotonic_ns() - running_->start_ns()) * 1e-9 : 0;
+  return "pipedap: rank " + std::to_string(world_.rank) + ": " + (running_ ? running_->description() : "?") +
+         " (operation #" + std::to_string(inquiry.seq) + ") has not finished after " +
+         format_number(static_cast<double>(static_cast<int64_t>(stalled))) + " s (" +
+         std::to_string(queue_.size()) + " more queued behind it).";
+}
+
+void Engine::service() {
+  if (world_.size < 2) return;
+  status_->serve(status_snapshot());
+  Inquiry inquiry;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    inquiry = inquiry_;
+  }
+  if (inquiry.seq < 0) return;
+  status_->ask();
+  const auto answers = status_->answers();
+  if (!answers) return;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    inquiry = inquiry_;  // a stall report may have turned into a timeout meanwhile
+    inquiry_ = Inquiry{};
+    if (!running_ || running_->seq() != inquiry.seq) return;  // it finished meanwhile: nothing to report
+  }
+  const std::string timeout = format_number(config_.timeout_seconds);
+  std::string report = stall_message(inquiry) + describe_ranks(world_.rank, inquiry.seq, *answers) +
+                       "\n  A rank that has not submitted it skipped it (a rank-dependent branch), is still "
+                       "computing, or is stuck outside pipedap (look at its stack: py-spy dump --pid PID).";
+  if (inquiry.timeout) {
+    abort_job(report + "\n  Past PIPEDAP_TIMEOUT_SECONDS=" + timeout + ": aborting the job.", 1);
+  }
+  report += config_.timeout_seconds > 0
+                ? "\n  The job aborts after PIPEDAP_TIMEOUT_SECONDS=" + timeout + " (0: never)."
+                : "\n  PIPEDAP_TIMEOUT_SECONDS=0: pipedap waits forever.";
+  std::fprintf(stderr, "%s\n", report.c_str());
+  std::fflush(stderr);
 }
 
 void Engine::watchdog_loop() {
@@ -303,25 +328,25 @@ void Engine::watchdog_loop() {
   while (!stopping_) {
     watchdog_cv_.wait_for(lock, std::chrono::milliseconds(200));
     if (!running_) continue;
-    const double stalled = (monotonic_ns() - running_->timings().start_ns) * 1e-9;
-    const std::string what = "pipedap: rank " + std::to_string(world_.rank) + ": " + running_->description() +
-                             " (operation #" + std::to_string(running_->seq()) + ") has not finished after " +
-                             std::to_string(static_cast<int>(stalled)) + " s";
-    const std::string why =
-        "Likely causes: another rank did not submit this operation (it skipped a step, raised an error, or "
-        "submitted a different operation at this position: run with PIPEDAP_CHECK_ORDER=1 to find the first "
-        "mismatch), or another rank is stuck or dead.";
+    const int64_t now = monotonic_ns();
+    const double stalled = (now - running_->start_ns()) * 1e-9;
+    const int64_t seq = running_->seq();
     if (config_.timeout_seconds > 0 && stalled >= config_.timeout_seconds) {
-      lock.unlock();
-      abort_job(what + ", past PIPEDAP_TIMEOUT_SECONDS=" + std::to_string(config_.timeout_seconds) +
-                    "; aborting the job. " + why,
-                1);
-    }
-    if (config_.stall_seconds > 0 && stalled >= config_.stall_seconds && running_->seq() != reported_seq) {
-      reported_seq = running_->seq();
-      std::fprintf(stderr, "%s (%zu more queued behind it). %s Set PIPEDAP_TIMEOUT_SECONDS to abort instead.\n",
-                   what.c_str(), queue_.size(), why.c_str());
-      std::fflush(stderr);
+      if (!(inquiry_.seq == seq && inquiry_.timeout)) {
+        inquiry_ = Inquiry{seq, true, now};  // the engine thread asks the others, reports, aborts
+      } else if ((now - inquiry_.asked_ns) * 1e-9 > kAnswerSeconds + 10) {
+        const std::string what = "rank " + std::to_string(world_.rank) + ": " + running_->description() +
+                                 " (operation #" + std::to_string(seq) + ") has not finished after " +
+                                 format_number(static_cast<double>(static_cast<int64_t>(stalled))) + " s";
+        lock.unlock();
+        abort_job(what + ", past PIPEDAP_TIMEOUT_SECONDS=" + format_number(config_.timeout_seconds) +
+                      " (the engine thread did not finish the stall report: it is stuck outside its polling loop)",
+                  1);
+      }
+    } else if (config_.stall_seconds > 0 && stalled >= config_.stall_seconds && seq != reported_seq &&
+               inquiry_.seq < 0) {
+      reported_seq = seq;
+      inquiry_ = Inquiry{seq, false, now};
     }
   }
 }
@@ -337,9 +362,9 @@ Engine& engine() {
   return *e;
 }
 
-void init_engine() {
+void init_engine(const EngineConfig& config) {
   std::lock_guard<std::mutex> lock(g_engine_mu);
-  if (!g_engine) g_engine = std::make_unique<Engine>(EngineConfig::from_environment());
+  if (!g_engine) g_engine = std::make_unique<Engine>(config);
 }
 
 void shutdown_engine() {
@@ -360,17 +385,6 @@ void finalize_mpi_if_owned() {
     free_user_ops();
     MPI_Finalize();
   }
-}
-
-void abort_job(const std::string& message, int code) {
-  int rank = -1, initialized = 0, finalized = 0;
-  MPI_Initialized(&initialized);
-  MPI_Finalized(&finalized);
-  if (initialized && !finalized) MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  std::fprintf(stderr, "[pipedap rank %d] aborting the job: %s\n", rank, message.c_str());
-  std::fflush(stderr);
-  if (initialized && !finalized) MPI_Abort(MPI_COMM_WORLD, code);
-  std::_Exit(code);
 }
 
 }  // namespace pipedap

@@ -7,7 +7,9 @@
 // orders and deadlock. Here Python only enqueues (never waiting on the
 // network); the single engine thread issues them in the order they were
 // enqueued, which the caller (the optimizer, from its plan) makes identical on
-// every rank. PIPEDAP_CHECK_ORDER=1 verifies that at run time.
+// every rank. Every submission is agreed across ranks before its data moves
+// (agreement.h), so a rank that submits something else gets an error, never
+// a wrong match.
 #pragma once
 
 #include <mpi.h>
@@ -18,21 +20,22 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <unordered_set>
 #include <vector>
 
+#include "agreement.h"
 #include "device_backend.h"
 #include "host_collectives.h"
 #include "op.h"
+#include "status.h"
 
 namespace pipedap {
 
+// Built by Python from the PIPEDAP_* settings (pipedap/settings.py).
 struct EngineConfig {
   HostCollectiveConfig host;
-  bool check_order = false;     // PIPEDAP_CHECK_ORDER
-  double stall_seconds = 60.0;  // PIPEDAP_STALL_SECONDS; <= 0 disables the report
-  double timeout_seconds = 0;   // PIPEDAP_TIMEOUT_SECONDS; <= 0: never abort
-
-  static EngineConfig from_environment();
+  double stall_seconds = 60.0;     // PIPEDAP_STALL_SECONDS; <= 0 disables the report
+  double timeout_seconds = 600.0;  // PIPEDAP_TIMEOUT_SECONDS; <= 0: never abort
 };
 
 class Engine {
@@ -59,17 +62,37 @@ class Engine {
   struct Submission {
     std::vector<OpSpec> ops;
     std::shared_ptr<Handle> handle;
+    Fingerprint fingerprint;
+    std::unique_ptr<Agreement> agreement;  // started by the engine thread, at most one submission ahead
+  };
+  // A stall report the watchdog asked the engine thread for.
+  struct Inquiry {
+    int64_t seq = -1;  // -1: none
+    bool timeout = false;
+    int64_t asked_ns = 0;
   };
 
   void run_loop();
-  void execute(Submission& sub);
-  void verify_order(const Submission& sub);
+  void execute(Submission& sub, Submission* next);
+  void agree(Submission& sub);
+  void abandon_agreement(Submission& sub);
+  void service();  // engine thread: answer status questions, finish a stall report
+  RankStatus status_snapshot() const;
+  std::string stall_message(const Inquiry& inquiry) const;
   void watchdog_loop();
   std::string describe(const std::vector<OpSpec>& ops) const;
   void validate(const std::vector<OpSpec>& ops) const;
+  void forget_names(const std::vector<OpSpec>& ops);  // under mu_
+  // Completes (error empty) or fails the submission's handle, after forgetting its names.
+  void finish(Submission& sub, const std::string& error);
 
   EngineConfig config_;
-  Communicator world_;  // a duplicate of MPI_COMM_WORLD: our traffic never matches the user's
+  // Three duplicates of MPI_COMM_WORLD: our traffic never matches the user's,
+  // and agreements, data and stall reports never match each other's.
+  Communicator world_;  // data
+  Communicator agree_;  // fingerprints (agreement.h)
+  Communicator side_;   // mismatch descriptions and status questions (status.h)
+  std::unique_ptr<StatusChannel> status_;
   int local_rank_ = 0;
   int local_size_ = 1;
   int thread_level_ = 0;
@@ -79,9 +102,15 @@ class Engine {
   std::condition_variable cv_;
   std::deque<Submission> queue_;
   std::shared_ptr<Handle> running_;  // the submission the engine thread is executing
+  Phase phase_ = Phase::kIdle;
   int64_t next_seq_ = 0;
+  std::string last_submitted_;  // description of the last submission
+  int64_t last_submit_ns_ = 0;
+  std::unordered_multiset<std::string> names_in_flight_;
+  Inquiry inquiry_;
   bool stopping_ = false;
-  std::string broken_;  // set after a failed collective: later ops fail fast with this reason
+  std::string broken_;  // set after a failed data phase: later ops fail fast with this reason
+  std::vector<std::unique_ptr<Agreement>> abandoned_;  // pending agreements of failed submissions (never freed early)
 
   std::thread thread_;
   std::thread watchdog_;
@@ -91,11 +120,9 @@ class Engine {
 // The process-wide engine (created by init, destroyed by shutdown).
 Engine* engine_or_null();
 Engine& engine();  // throws CommError("not initialized: call pipedap.init() first")
-void init_engine();
+void init_engine(const EngineConfig& config);
 void shutdown_engine();
 // Finalizes MPI if this library initialized it (registered with atexit by the binding).
 void finalize_mpi_if_owned();
-// Aborts every rank of the job with `message` (used for unhandled exceptions and timeouts).
-[[noreturn]] void abort_job(const std::string& message, int code);
 
 }  // namespace pipedap

@@ -182,6 +182,7 @@ void run_ring(const Communicator& c, const std::vector<const OpSpec*>& ops, cons
   const size_t reduce_seg = std::max<size_t>(8, cfg.segment_bytes / 8 * 8);  // whole elements of any dtype
   const size_t whole = std::max<size_t>(8, std::min<size_t>(cfg.message_bytes, size_t{1} << 30) / 8 * 8);
   std::vector<MPI_Request> requests;
+  AbandonOnUnwind guard(requests, /*cancellable=*/true, c.rank);  // before the scratch buffers in `rings` go
   std::vector<PendingReduce> reduces;  // one entry per request; count 0: nothing to reduce
   for (int s = 0; s < steps; ++s) {
     std::vector<Transfer> transfers(rings.size());
@@ -217,7 +218,7 @@ void run_ring(const Communicator& c, const std::vector<const OpSpec*>& ops, cons
         reduces.push_back(PendingReduce{});
       }
     }
-    wait_all(requests, cfg.poll, c.rank, [&](int k) {
+    wait_all(requests, cfg.poll, c.rank, /*cancellable=*/true, [&](int k) {
       const PendingReduce& r = reduces[k];
       if (r.count > 0) reduce_sum(r.dtype, r.reduce_dst, r.recv, r.addend, r.count);
     });
@@ -322,9 +323,10 @@ void run_host_group(const Communicator& c, const std::vector<OpSpec>& ops, const
   // Nonblocking MPI collectives start in submission order on every rank and
   // progress while the ring polls.
   std::vector<MPI_Request> requests(native.size(), MPI_REQUEST_NULL);
+  AbandonOnUnwind guard(requests, /*cancellable=*/false, c.rank);  // before `native`'s argument arrays go
   for (size_t i = 0; i < native.size(); ++i) start_native(c, native[i], &requests[i]);
   if (!ring_ops.empty()) run_ring(c, ring_ops, cfg);
-  wait_all(requests, cfg.poll, c.rank);
+  wait_all(requests, cfg.poll, c.rank, /*cancellable=*/false);
   for (const NativeCall& call : native) finish_native(c, call);
 }
 

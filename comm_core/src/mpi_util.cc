@@ -3,6 +3,8 @@
 #include <time.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 
 #include "op.h"
 
@@ -65,14 +67,16 @@ void free_user_ops() {
   if (g_sum_bf16 != MPI_OP_NULL) MPI_Op_free(&g_sum_bf16);
 }
 
-void wait_all(std::vector<MPI_Request>& requests, const PollPolicy& policy, int rank,
+void wait_all(std::vector<MPI_Request>& requests, const PollPolicy& policy, int rank, bool cancellable,
               const std::function<void(int)>& on_complete) {
+  AbandonOnUnwind guard(requests, cancellable, rank);
   const int n = static_cast<int>(requests.size());
   std::vector<int> indices(n);
   std::vector<MPI_Status> statuses(n);
   int remaining = static_cast<int>(std::count_if(requests.begin(), requests.end(),
                                                  [](MPI_Request r) { return r != MPI_REQUEST_NULL; }));
   const int64_t spin_until = now_us() + policy.spin_us;
+  int64_t next_idle = now_us() + policy.idle_interval_us;
   int sleep = 1;
   while (remaining > 0) {
     int completed = 0;
@@ -93,10 +97,66 @@ void wait_all(std::vector<MPI_Request>& requests, const PollPolicy& policy, int 
       sleep = 1;
       continue;
     }
+    if (policy.on_idle && now_us() >= next_idle) {
+      policy.on_idle();
+      next_idle = now_us() + policy.idle_interval_us;
+    }
     if (policy.max_sleep_us <= 0 || now_us() < spin_until) continue;
     sleep_us(sleep);
     sleep = std::min(sleep * 2, policy.max_sleep_us);
   }
+}
+
+void abandon_requests(std::vector<MPI_Request>& requests, bool cancellable, int rank, const std::string& why) {
+  for (MPI_Request& r : requests) {
+    if (r != MPI_REQUEST_NULL && cancellable) MPI_Cancel(&r);
+  }
+  const int64_t deadline = now_us() + static_cast<int64_t>(kAbandonSeconds * 1e6);
+  size_t pending = 0;
+  do {
+    pending = 0;
+    for (MPI_Request& r : requests) {
+      if (r == MPI_REQUEST_NULL) continue;
+      int done = 0;
+      // A request that completed with an error is complete too: MPI_Test's code is not needed here.
+      MPI_Test(&r, &done, MPI_STATUS_IGNORE);
+      if (done) {
+        r = MPI_REQUEST_NULL;
+      } else {
+        ++pending;
+      }
+    }
+    if (pending > 0) sleep_us(1000);
+  } while (pending > 0 && now_us() < deadline);
+  if (pending > 0) {
+    abort_job("rank " + std::to_string(rank) + ": " + std::to_string(pending) +
+                  " MPI request(s) could neither complete nor be cancelled within " + format_number(kAbandonSeconds) +
+                  " s after an error (" + why + "); aborting rather than releasing buffers MPI may still write",
+              1);
+  }
+}
+
+AbandonOnUnwind::~AbandonOnUnwind() {
+  if (std::any_of(requests_.begin(), requests_.end(), [](MPI_Request r) { return r != MPI_REQUEST_NULL; })) {
+    abandon_requests(requests_, cancellable_, rank_, "an operation failed");
+  }
+}
+
+void abort_job(const std::string& message, int code) {
+  int rank = -1, initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (initialized && !finalized) MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  std::fprintf(stderr, "[pipedap rank %d] aborting the job: %s\n", rank, message.c_str());
+  std::fflush(stderr);
+  if (initialized && !finalized) MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);
+}
+
+std::string format_number(double x) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%g", x);
+  return text;
 }
 
 }  // namespace pipedap

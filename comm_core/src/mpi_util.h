@@ -3,6 +3,7 @@
 
 #include <mpi.h>
 
+#include <cstdint>
 #include <functional>
 #include <string>
 #include <vector>
@@ -29,13 +30,52 @@ void free_user_ops();    // before MPI_Finalize
 // operations finish there at full speed), then sleeps with exponential
 // back-off up to PIPEDAP_POLL_MAX_SLEEP_US between MPI_Testsome calls.
 // Kernel socket buffers keep the link busy while the thread sleeps.
+// While it waits, wait_all calls on_idle every idle_interval_us (the engine
+// answers other ranks' status questions there, see status.h).
 struct PollPolicy {
   int spin_us = 500;  // covers a small collective's round trips over TCP
   int max_sleep_us = 200;  // 0: busy-poll (never sleep)
+  std::function<void()> on_idle;
+  int idle_interval_us = 20000;
 };
 
-// Waits for every request; on_complete(i) runs (in this thread) as request i completes.
-void wait_all(std::vector<MPI_Request>& requests, const PollPolicy& policy, int rank,
+// Waits for every request; on_complete(i) runs (in this thread) as request i
+// completes. If a request fails, the others are given up (see
+// abandon_requests) before the error is thrown: no request outlives this call,
+// so the caller may release every buffer the requests pointed at.
+// `cancellable`: the requests are point-to-point (MPI_Cancel applies); a
+// nonblocking collective cannot be cancelled, only waited for.
+void wait_all(std::vector<MPI_Request>& requests, const PollPolicy& policy, int rank, bool cancellable,
               const std::function<void(int)>& on_complete = nullptr);
+
+// [Note: no request outlives its buffers]
+// After an error, cancels what can be cancelled and waits (up to
+// kAbandonSeconds) until every request is complete or cancelled. A request
+// that still pends then may yet write into memory its owner is about to
+// release: rather than risk heap corruption, the job is aborted.
+constexpr double kAbandonSeconds = 10.0;
+void abandon_requests(std::vector<MPI_Request>& requests, bool cancellable, int rank, const std::string& why);
+
+// Declared right after a request vector (so destroyed before it and before the
+// buffers declared earlier): on an exception, abandons whatever still pends.
+class AbandonOnUnwind {
+ public:
+  AbandonOnUnwind(std::vector<MPI_Request>& requests, bool cancellable, int rank)
+      : requests_(requests), cancellable_(cancellable), rank_(rank) {}
+  ~AbandonOnUnwind();
+  AbandonOnUnwind(const AbandonOnUnwind&) = delete;
+  AbandonOnUnwind& operator=(const AbandonOnUnwind&) = delete;
+
+ private:
+  std::vector<MPI_Request>& requests_;
+  bool cancellable_;
+  int rank_;
+};
+
+// Aborts every rank of the job with `message` (MPI_Abort), from any thread.
+[[noreturn]] void abort_job(const std::string& message, int code);
+
+// "600", "0.5", "1e+03": numbers in messages without std::to_string's six decimals.
+std::string format_number(double x);
 
 }  // namespace pipedap

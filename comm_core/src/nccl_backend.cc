@@ -153,7 +153,12 @@ class NcclBackend : public DeviceBackend {
 
   void wait_for_stream(const OpSpec& first) {
     int sleep = 1;
+    int64_t next_idle = monotonic_ns() + poll_.idle_interval_us * 1000LL;
     for (;;) {
+      if (poll_.on_idle && monotonic_ns() >= next_idle) {  // answer other ranks' status questions
+        poll_.on_idle();
+        next_idle = monotonic_ns() + poll_.idle_interval_us * 1000LL;
+      }
       const cudaError_t rc = cudaEventQuery(done_);
       if (rc == cudaSuccess) break;
       if (rc != cudaErrorNotReady) check_cuda(rc, "CUDA stream of " + first.describe(), world_.rank);

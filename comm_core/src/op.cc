@@ -25,6 +25,7 @@ std::string OpSpec::describe() const {
   if (kind != OpKind::kBarrier) {
     s += " (" + std::to_string(total_count()) + " " + dtype_name(dtype);
     if (device >= 0) s += " on cuda:" + std::to_string(device);
+    if (kind == OpKind::kBroadcast) s += " from rank " + std::to_string(root);
     s += ")";
   }
   return s;

@@ -13,7 +13,7 @@ mode = sys.argv[1]
 hvd.init()
 R, P = hvd.rank(), hvd.size()
 
-if mode == "order_mismatch":  # run with PIPEDAP_CHECK_ORDER=1
+if mode == "order_mismatch":
     hvd.allreduce(torch.ones(2), name="agreed")
     name, n = ("grad.b", 5) if R == 1 else ("grad.a", 4)
     try:
@@ -38,6 +38,20 @@ elif mode == "timeout":  # run with PIPEDAP_TIMEOUT_SECONDS=2: rank 1 never join
         time.sleep(120)
     hvd.allreduce(torch.ones(2), name="abandoned.op")
     print(f"rank {R}: NOT ABORTED")
+
+elif mode == "sanitizer":  # under comm_core/sanitized_build.py's environment
+    with open("/proc/self/maps") as maps:
+        mapped = maps.read()
+    print(f"rank {R}: core {core.__file__} asan {'libasan' in mapped}", flush=True)
+    if R == 0:  # the preloaded runtime checks every free in the process: this must abort
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype = ctypes.c_void_p
+        block = libc.malloc(16)
+        libc.free(ctypes.c_void_p(block))
+        libc.free(ctypes.c_void_p(block))
+        print(f"rank {R}: NOT CAUGHT", flush=True)
 
 elif mode == "mpi4py":  # mpi4py and comm_core share one libmpi in one process
     from mpi4py import MPI

@@ -1,0 +1,114 @@
+#include "agreement.h"
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <set>
+
+#include "mpi_util.h"
+
+namespace pipedap {
+namespace {
+
+constexpr size_t kDescriptionBytes = 240;
+
+uint64_t fnv1a(uint64_t h, const void* data, size_t n) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ULL;
+  return h;
+}
+
+std::string rank_list(const std::vector<int>& ranks) {
+  std::string s = ranks.size() == 1 ? "rank " : "ranks ";
+  for (size_t i = 0; i < ranks.size(); ++i) s += (i ? ", " : "") + std::to_string(ranks[i]);
+  return s;
+}
+
+}  // namespace
+
+Fingerprint fingerprint_of(int64_t seq, const std::vector<OpSpec>& ops, int32_t flags) {
+  Fingerprint f;
+  f.seq = seq;
+  f.flags = flags;
+  f.nops = static_cast<int32_t>(ops.size());
+  uint64_t h = 1469598103934665603ULL;
+  for (const OpSpec& op : ops) {
+    const int32_t fields[5] = {static_cast<int32_t>(op.kind), static_cast<int32_t>(op.dtype),
+                               static_cast<int32_t>(op.reduce), op.root, op.device >= 0 ? 1 : 0};
+    h = fnv1a(h, fields, sizeof fields);
+    const int64_t ncounts = static_cast<int64_t>(op.counts.size());
+    h = fnv1a(h, &ncounts, sizeof ncounts);
+    h = fnv1a(h, op.counts.data(), op.counts.size() * sizeof(int64_t));
+    const int64_t nname = static_cast<int64_t>(op.name.size());
+    h = fnv1a(h, &nname, sizeof nname);
+    h = fnv1a(h, op.name.data(), op.name.size());
+  }
+  f.hash = h;
+  return f;
+}
+
+Agreement::Agreement(const Communicator& agree, const Fingerprint& mine) : mine_(mine), all_(agree.size) {
+  check_mpi(MPI_Iallgather(&mine_, sizeof mine_, MPI_BYTE, all_.data(), sizeof mine_, MPI_BYTE, agree.comm, &request_),
+            "agreement on operation #" + std::to_string(mine.seq) + " (MPI_Iallgather)", agree.rank);
+}
+
+bool Agreement::complete() {
+  if (request_ == MPI_REQUEST_NULL) return true;
+  int done = 0;
+  check_mpi(MPI_Test(&request_, &done, MPI_STATUS_IGNORE), "agreement (MPI_Test)", -1);
+  return done != 0;
+}
+
+bool Agreement::agreed() const {
+  return std::all_of(all_.begin(), all_.end(),
+                     [&](const Fingerprint& f) { return f.hash == all_[0].hash && f.seq == all_[0].seq && f.flags == 0; });
+}
+
+std::string Agreement::explain(const Communicator& side, const std::string& my_description,
+                               const PollPolicy& poll) const {
+  std::vector<char> mine(kDescriptionBytes, '\0');
+  std::memcpy(mine.data(), my_description.data(), std::min(my_description.size(), kDescriptionBytes - 1));
+  std::vector<char> all(kDescriptionBytes * side.size);
+  std::vector<MPI_Request> req(1, MPI_REQUEST_NULL);
+  check_mpi(MPI_Iallgather(mine.data(), kDescriptionBytes, MPI_BYTE, all.data(), kDescriptionBytes, MPI_BYTE,
+                           side.comm, &req[0]),
+            "describing a mismatch (MPI_Iallgather)", side.rank);
+  wait_all(req, poll, side.rank, /*cancellable=*/false);
+
+  // Ranks that submitted the same thing are named together, in rank order.
+  std::map<std::pair<uint64_t, std::string>, std::vector<int>> groups;
+  std::vector<std::pair<uint64_t, std::string>> order;
+  std::vector<std::string> descriptions;
+  std::string objections;
+  for (int r = 0; r < side.size; ++r) {
+    const std::string what(all.data() + r * kDescriptionBytes);
+    const auto key = std::make_pair(all_[r].hash, what);
+    if (groups.find(key) == groups.end()) {
+      order.push_back(key);
+      descriptions.push_back(what);
+    }
+    groups[key].push_back(r);
+    if (all_[r].flags & kNameInFlight) {
+      objections += " Rank " + std::to_string(r) + " submitted " + what +
+                    " while an operation of the same name was still in flight there: names must be unique among "
+                    "unfinished operations (synchronize the first one, or give them different names).";
+    }
+  }
+  std::string message;
+  if (order.size() > 1) {
+    message = "operations differ between ranks at operation #" + std::to_string(all_[0].seq) + ":";
+    for (size_t i = 0; i < order.size(); ++i) {
+      message += std::string(i ? ";" : "") + " " + rank_list(groups[order[i]]) + " submitted " + order[i].second;
+    }
+    if (std::set<std::string>(descriptions.begin(), descriptions.end()).size() < order.size()) {
+      message += " (alike in these words, they differ in the reduction: sum or average)";
+    }
+    message += ". Every rank must submit the same collectives (kind, name, element count, dtype, root) in the same "
+               "order: look for a rank-dependent branch or an extra collective on some ranks.";
+  } else {
+    message = "operation #" + std::to_string(all_[0].seq) + " was refused.";
+  }
+  return message + objections + " It ran on no rank (no buffer was touched).";
+}
+
+}  // namespace pipedap

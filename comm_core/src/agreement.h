@@ -1,0 +1,66 @@
+// Cross-rank agreement on each submission before any of its data moves.
+//
+// [Note: every submission is agreed before it runs]
+// Collectives match across ranks by order. If one rank submits something the
+// others do not (an extra operation, another size, dtype or root), MPI would
+// match the wrong messages: truncation errors at best, heap corruption at
+// worst (a message written into a buffer that was already released). So before
+// a submission's data moves, every rank contributes a 16-byte fingerprint of it
+// (kind, name, counts, dtype, reduce, root, device) to one small all-gather on
+// a communicator of its own. Equal fingerprints: the data phase runs. Different
+// ones: every rank sees the same table, so every rank fails that submission
+// (nothing ran, no buffer is touched), after a second all-gather on another
+// communicator that tells each rank what the others submitted. The engine then
+// goes on with the next submission, as Horovod does after a mismatch.
+//
+// The agreement of the next queued submission starts before the current one's
+// data phase, so its latency hides behind the transfer. Both communicators see
+// their collectives in submission order on every rank, which keeps them matched.
+#pragma once
+
+#include <mpi.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "host_collectives.h"
+#include "op.h"
+
+namespace pipedap {
+
+// Why a rank objects to its own submission (bits of Fingerprint::flags).
+enum FingerprintFlag : int32_t { kNameInFlight = 1 };
+
+struct Fingerprint {
+  int64_t seq = 0;
+  uint64_t hash = 0;  // of every op's kind, name, counts, dtype, reduce, root and device kind
+  int32_t flags = 0;
+  int32_t nops = 0;
+};
+
+Fingerprint fingerprint_of(int64_t seq, const std::vector<OpSpec>& ops, int32_t flags);
+
+// One submission's fingerprint exchange. Its buffers must outlive the request:
+// the engine never destroys a pending Agreement (see Engine::abandoned_).
+class Agreement {
+ public:
+  Agreement(const Communicator& agree, const Fingerprint& mine);  // starts the all-gather
+  Agreement(const Agreement&) = delete;
+  Agreement& operator=(const Agreement&) = delete;
+
+  MPI_Request* request() { return &request_; }
+  bool complete();  // progresses it; true once every rank's fingerprint arrived
+  // After completion: every rank submitted the same thing and none objects.
+  bool agreed() const;
+  // After completion, when not agreed: a collective on `side` (every rank calls
+  // it for the same submission) that returns the message this rank raises.
+  std::string explain(const Communicator& side, const std::string& my_description, const PollPolicy& poll) const;
+
+ private:
+  Fingerprint mine_;
+  std::vector<Fingerprint> all_;
+  MPI_Request request_ = MPI_REQUEST_NULL;
+};
+
+}  // namespace pipedap

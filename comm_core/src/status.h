@@ -1,0 +1,77 @@
+// What each rank's engine is doing, told to the other ranks on request.
+//
+// [Note: a stall report asks the other ranks]
+// A rank waiting for an operation cannot tell from its own requests which rank
+// is missing. When the watchdog finds an operation stalled, the engine thread
+// asks every other rank, on a communicator of its own, what it is doing; each
+// engine thread answers from its polling loop, busy or idle, like Horovod's
+// stall inspector. The report then names every rank that has not submitted the
+// operation and what that rank did last. Only the engine thread makes these MPI
+// calls (MPI_THREAD_SERIALIZED is enough).
+#pragma once
+
+#include <mpi.h>
+
+#include <cstdint>
+#include <list>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "host_collectives.h"
+
+namespace pipedap {
+
+enum class Phase : int32_t { kIdle = 0, kAgreeing = 1, kMovingData = 2 };
+
+struct RankStatus {
+  int64_t submitted = 0;  // operations this rank has submitted so far
+  int64_t running = -1;   // the operation it is running, -1: none
+  int32_t phase = 0;      // Phase
+  int32_t pad = 0;
+  double running_s = 0;    // since the running operation started
+  double submitted_s = 0;  // since its last submission
+  char running_what[160] = {};
+  char last_what[160] = {};
+};
+
+// How long a stall report waits for the other ranks' answers.
+constexpr double kAnswerSeconds = 5.0;
+
+class StatusChannel {
+ public:
+  explicit StatusChannel(const Communicator& side) : side_(side) {}
+  ~StatusChannel();  // gives up its pending requests (no buffer outlives them)
+  StatusChannel(const StatusChannel&) = delete;
+  StatusChannel& operator=(const StatusChannel&) = delete;
+
+  // Answers the other ranks' questions with `me`; progresses our own inquiry.
+  void serve(const RankStatus& me);
+  // Asks every other rank what it is doing (nothing if an inquiry is under way).
+  void ask();
+  bool asking() const { return asking_; }
+  // Once every rank answered or kAnswerSeconds passed: each rank's answer
+  // (nullopt: none came; this rank's own entry is nullopt) and the inquiry ends.
+  std::optional<std::vector<std::optional<RankStatus>>> answers();
+
+ private:
+  Communicator side_;
+  struct Answer {
+    RankStatus status;
+    MPI_Request request = MPI_REQUEST_NULL;
+  };
+  void progress_inquiry();
+
+  std::list<Answer> outgoing_;  // answers being sent (a list: their addresses stay put)
+  bool asking_ = false;
+  int64_t deadline_ns_ = 0;
+  int64_t question_ = 0;             // the buffer our questions are sent from
+  std::vector<MPI_Request> asked_;   // per rank: [2r] the question's send, [2r+1] the answer's receive
+  std::vector<RankStatus> received_;
+  std::vector<bool> answered_;
+};
+
+// The stall report of `me`, waiting for operation #seq, from the others' answers.
+std::string describe_ranks(int me, int64_t seq, const std::vector<std::optional<RankStatus>>& answers);
+
+}  // namespace pipedap
