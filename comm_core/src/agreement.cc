@@ -11,11 +11,30 @@ namespace pipedap {
 namespace {
 
 constexpr size_t kDescriptionBytes = 240;
+constexpr int kFingerprintTag = 0;  // on the agreement communicator
+constexpr int kDescriptionTag = 3;  // on the side communicator (status.cc uses 1 and 2)
 
 uint64_t fnv1a(uint64_t h, const void* data, size_t n) {
   const auto* p = static_cast<const unsigned char*>(data);
   for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ULL;
   return h;
+}
+
+// Posts this rank's `bytes` at `mine` to every other rank, and a receive of
+// theirs into `all` (rank r's at all + r * bytes; ours is not copied there).
+void post_exchange(const Communicator& c, int tag, const void* mine, size_t bytes, void* all,
+                   std::vector<MPI_Request>& requests, const std::string& what) {
+  requests.reserve(requests.size() + 2 * c.size);
+  for (int r = 0; r < c.size; ++r) {
+    if (r == c.rank) continue;
+    requests.emplace_back();
+    check_mpi(MPI_Irecv(static_cast<char*>(all) + r * bytes, static_cast<int>(bytes), MPI_BYTE, r, tag, c.comm,
+                        &requests.back()),
+              what + " (MPI_Irecv)", c.rank);
+    requests.emplace_back();
+    check_mpi(MPI_Isend(mine, static_cast<int>(bytes), MPI_BYTE, r, tag, c.comm, &requests.back()),
+              what + " (MPI_Isend)", c.rank);
+  }
 }
 
 std::string rank_list(const std::vector<int>& ranks) {
@@ -48,14 +67,23 @@ Fingerprint fingerprint_of(int64_t seq, const std::vector<OpSpec>& ops, int32_t 
 }
 
 Agreement::Agreement(const Communicator& agree, const Fingerprint& mine) : mine_(mine), all_(agree.size) {
-  check_mpi(MPI_Iallgather(&mine_, sizeof mine_, MPI_BYTE, all_.data(), sizeof mine_, MPI_BYTE, agree.comm, &request_),
-            "agreement on operation #" + std::to_string(mine.seq) + " (MPI_Iallgather)", agree.rank);
+  all_[agree.rank] = mine_;
+  try {
+    post_exchange(agree, kFingerprintTag, &mine_, sizeof(Fingerprint), all_.data(), requests_,
+                  "agreement on operation #" + std::to_string(mine.seq));
+  } catch (const CommError&) {  // what was posted must finish before all_ and mine_ go
+    abandon_requests(requests_, /*cancellable=*/false, agree.rank, "starting an agreement");
+    throw;
+  }
 }
 
+void Agreement::wait(const PollPolicy& poll, int rank) { wait_all(requests_, poll, rank, /*cancellable=*/false); }
+
 bool Agreement::complete() {
-  if (request_ == MPI_REQUEST_NULL) return true;
-  int done = 0;
-  check_mpi(MPI_Test(&request_, &done, MPI_STATUS_IGNORE), "agreement (MPI_Test)", -1);
+  int done = 1;
+  if (!requests_.empty()) {
+    MPI_Testall(static_cast<int>(requests_.size()), requests_.data(), &done, MPI_STATUSES_IGNORE);
+  }
   return done != 0;
 }
 
@@ -69,11 +97,11 @@ std::string Agreement::explain(const Communicator& side, const std::string& my_d
   std::vector<char> mine(kDescriptionBytes, '\0');
   std::memcpy(mine.data(), my_description.data(), std::min(my_description.size(), kDescriptionBytes - 1));
   std::vector<char> all(kDescriptionBytes * side.size);
-  std::vector<MPI_Request> req(1, MPI_REQUEST_NULL);
-  check_mpi(MPI_Iallgather(mine.data(), kDescriptionBytes, MPI_BYTE, all.data(), kDescriptionBytes, MPI_BYTE,
-                           side.comm, &req[0]),
-            "describing a mismatch (MPI_Iallgather)", side.rank);
-  wait_all(req, poll, side.rank, /*cancellable=*/false);
+  std::copy(mine.begin(), mine.end(), all.begin() + side.rank * kDescriptionBytes);
+  std::vector<MPI_Request> requests;
+  AbandonOnUnwind guard(requests, /*cancellable=*/false, side.rank);
+  post_exchange(side, kDescriptionTag, mine.data(), kDescriptionBytes, all.data(), requests, "describing a mismatch");
+  wait_all(requests, poll, side.rank, /*cancellable=*/false);
 
   // Ranks that submitted the same thing are named together, in rank order.
   std::map<std::pair<uint64_t, std::string>, std::vector<int>> groups;

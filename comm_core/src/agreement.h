@@ -5,17 +5,22 @@
 // others do not (an extra operation, another size, dtype or root), MPI would
 // match the wrong messages: truncation errors at best, heap corruption at
 // worst (a message written into a buffer that was already released). So before
-// a submission's data moves, every rank contributes a 16-byte fingerprint of it
-// (kind, name, counts, dtype, reduce, root, device) to one small all-gather on
-// a communicator of its own. Equal fingerprints: the data phase runs. Different
+// a submission's data moves, every rank sends a 24-byte fingerprint of it
+// (kind, name, counts, dtype, reduce, root, device) to every other rank, on a
+// communicator of its own. Equal fingerprints: the data phase runs. Different
 // ones: every rank sees the same table, so every rank fails that submission
-// (nothing ran, no buffer is touched), after a second all-gather on another
+// (nothing ran, no buffer is touched), after an all-gather on another
 // communicator that tells each rank what the others submitted. The engine then
 // goes on with the next submission, as Horovod does after a mismatch.
 //
 // The agreement of the next queued submission starts before the current one's
-// data phase, so its latency hides behind the transfer. Both communicators see
-// their collectives in submission order on every rank, which keeps them matched.
+// data phase, so its latency hides behind the transfer. Fingerprints travel as
+// point-to-point messages of one tag: MPI keeps messages of one (source, tag)
+// in order, and every rank starts agreements in submission order, so they
+// match. (MPI_Iallgather did the same job, but Open MPI's nonblocking
+// collectives slowed the next large shared-memory transfer by up to 40%,
+// bench_comm's 64 MB reduce-scatter; P - 1 tiny messages each way are cheap at
+// the rank counts this library targets, a tree would suit thousands.)
 #pragma once
 
 #include <mpi.h>
@@ -45,11 +50,12 @@ Fingerprint fingerprint_of(int64_t seq, const std::vector<OpSpec>& ops, int32_t 
 // the engine never destroys a pending Agreement (see Engine::abandoned_).
 class Agreement {
  public:
-  Agreement(const Communicator& agree, const Fingerprint& mine);  // starts the all-gather
+  Agreement(const Communicator& agree, const Fingerprint& mine);  // starts the exchange
   Agreement(const Agreement&) = delete;
   Agreement& operator=(const Agreement&) = delete;
 
-  MPI_Request* request() { return &request_; }
+  // Waits until every rank's fingerprint arrived (and ours left).
+  void wait(const PollPolicy& poll, int rank);
   bool complete();  // progresses it; true once every rank's fingerprint arrived
   // After completion: every rank submitted the same thing and none objects.
   bool agreed() const;
@@ -60,7 +66,7 @@ class Agreement {
  private:
   Fingerprint mine_;
   std::vector<Fingerprint> all_;
-  MPI_Request request_ = MPI_REQUEST_NULL;
+  std::vector<MPI_Request> requests_;  // a receive from and a send to every other rank
 };
 
 }  // namespace pipedap

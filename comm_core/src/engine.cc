@@ -239,9 +239,7 @@ void Engine::execute(Submission& sub, Submission* next) {
     if (world_.size > 1) {
       agree(sub);
       if (next != nullptr) agree(*next);  // its latency hides behind this submission's data
-      std::vector<MPI_Request> request{*sub.agreement->request()};
-      *sub.agreement->request() = MPI_REQUEST_NULL;
-      wait_all(request, config_.host.poll, world_.rank, /*cancellable=*/false);
+      sub.agreement->wait(config_.host.poll, world_.rank);
       if (!sub.agreement->agreed()) {
         finish(sub, what + " was not run: " + sub.agreement->explain(side_, h.description(), config_.host.poll));
         return;  // every rank failed this same submission: the next ones can still run
@@ -254,7 +252,7 @@ void Engine::execute(Submission& sub, Submission* next) {
     if (sub.ops.front().device >= 0) {
       device_->run_group(sub.ops);
     } else {
-      run_host_group(world_, sub.ops, config_.host);
+      run_host_group(world_, sub.ops, config_.host, scratch_);
     }
     finish(sub, "");
   } catch (const std::exception& e) {

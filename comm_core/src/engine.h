@@ -93,6 +93,7 @@ class Engine {
   Communicator agree_;  // fingerprints (agreement.h)
   Communicator side_;   // mismatch descriptions and status questions (status.h)
   std::unique_ptr<StatusChannel> status_;
+  ScratchArena scratch_;  // the ring's, reused (engine thread only)
   int local_rank_ = 0;
   int local_size_ = 1;
   int thread_level_ = 0;

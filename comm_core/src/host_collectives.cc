@@ -59,12 +59,13 @@ class RingOp {
 // its own contribution; the last step receives block r itself.
 class RingReduceScatter : public RingOp {
  public:
-  RingReduceScatter(const Communicator& c, const OpSpec& op, const char* in, char* out, std::vector<int64_t> counts)
+  RingReduceScatter(const Communicator& c, const OpSpec& op, const char* in, char* out, std::vector<int64_t> counts,
+                    ScratchArena& scratch)
       : r_(c.rank), p_(c.size), in_(in), out_(out), dtype_(op.dtype), reduce_(op.reduce),
         blocks_(std::move(counts), dtype_size(op.dtype)) {
-    if (p_ > 1) {  // uninitialised: every byte is received before it is read
-      scratch_[0].reset(new char[blocks_.max_bytes()]);
-      scratch_[1].reset(new char[blocks_.max_bytes()]);
+    if (p_ > 1) {  // every byte is received before it is read
+      scratch_[0] = scratch.take(blocks_.max_bytes());
+      scratch_[1] = scratch.take(blocks_.max_bytes());
     }
   }
   int num_steps() const override { return p_ - 1; }
@@ -72,11 +73,11 @@ class RingReduceScatter : public RingOp {
     const int sb = mod(r_ - s - 1, p_);
     const int rb = mod(r_ - s - 2, p_);
     Transfer t;
-    t.send = s == 0 ? in_ + blocks_.offset(sb) : scratch_[(s - 1) % 2].get();
+    t.send = s == 0 ? in_ + blocks_.offset(sb) : scratch_[(s - 1) % 2];
     t.send_bytes = blocks_.bytes(sb);
-    t.recv = scratch_[s % 2].get();
+    t.recv = scratch_[s % 2];
     t.recv_bytes = blocks_.bytes(rb);
-    t.reduce_dst = rb == r_ ? out_ : scratch_[s % 2].get();
+    t.reduce_dst = rb == r_ ? out_ : scratch_[s % 2];
     t.addend = in_ + blocks_.offset(rb);
     return t;
   }
@@ -93,7 +94,7 @@ class RingReduceScatter : public RingOp {
   DType dtype_;
   ReduceOp reduce_;
   Blocks blocks_;
-  std::unique_ptr<char[]> scratch_[2];
+  char* scratch_[2] = {nullptr, nullptr};
 };
 
 // At step s rank r forwards block r-s (its own at s = 0) and receives block r-s-1.
@@ -126,8 +127,8 @@ class RingAllGather : public RingOp {
 // In place (in == out) is safe: every input block is read before the gather writes it.
 class RingAllReduce : public RingOp {
  public:
-  RingAllReduce(const Communicator& c, const OpSpec& op, const char* in, char* out)
-      : RingAllReduce(c, op, in, out, Blocks(even_split(op.counts[0], c.size), dtype_size(op.dtype))) {}
+  RingAllReduce(const Communicator& c, const OpSpec& op, const char* in, char* out, ScratchArena& scratch)
+      : RingAllReduce(c, op, in, out, Blocks(even_split(op.counts[0], c.size), dtype_size(op.dtype)), scratch) {}
   int num_steps() const override { return 2 * (p_ - 1); }
   Transfer step(int s) override {
     if (s < p_ - 1) return rs_.step(s);
@@ -139,20 +140,23 @@ class RingAllReduce : public RingOp {
   }
 
  private:
-  RingAllReduce(const Communicator& c, const OpSpec& op, const char* in, char* out, const Blocks& b)
-      : p_(c.size), rs_(c, op, in, out + b.offset(c.rank), b.counts), ag_(c, op, out + b.offset(c.rank), out, b.counts) {}
+  RingAllReduce(const Communicator& c, const OpSpec& op, const char* in, char* out, const Blocks& b,
+                ScratchArena& scratch)
+      : p_(c.size),
+        rs_(c, op, in, out + b.offset(c.rank), b.counts, scratch),
+        ag_(c, op, out + b.offset(c.rank), out, b.counts) {}
   int p_;
   RingReduceScatter rs_;
   RingAllGather ag_;
 };
 
-std::unique_ptr<RingOp> make_ring_op(const Communicator& c, const OpSpec& op) {
+std::unique_ptr<RingOp> make_ring_op(const Communicator& c, const OpSpec& op, ScratchArena& scratch) {
   const char* in = reinterpret_cast<const char*>(op.input);
   char* out = reinterpret_cast<char*>(op.output);
   switch (op.kind) {
-    case OpKind::kReduceScatter: return std::make_unique<RingReduceScatter>(c, op, in, out, op.counts);
+    case OpKind::kReduceScatter: return std::make_unique<RingReduceScatter>(c, op, in, out, op.counts, scratch);
     case OpKind::kAllGather: return std::make_unique<RingAllGather>(c, op, in, out, op.counts);
-    case OpKind::kAllReduce: return std::make_unique<RingAllReduce>(c, op, in, out);
+    case OpKind::kAllReduce: return std::make_unique<RingAllReduce>(c, op, in, out, scratch);
     default: throw CommError("internal: no ring algorithm for " + op.describe());
   }
 }
@@ -166,11 +170,13 @@ struct PendingReduce {
   size_t count;
 };
 
-void run_ring(const Communicator& c, const std::vector<const OpSpec*>& ops, const HostCollectiveConfig& cfg) {
+void run_ring(const Communicator& c, const std::vector<const OpSpec*>& ops, const HostCollectiveConfig& cfg,
+              ScratchArena& scratch) {
   std::vector<std::unique_ptr<RingOp>> rings;
   int steps = 0;
+  scratch.rewind();
   for (const OpSpec* op : ops) {
-    rings.push_back(make_ring_op(c, *op));
+    rings.push_back(make_ring_op(c, *op, scratch));
     steps = std::max(steps, rings.back()->num_steps());
   }
   const int left = mod(c.rank - 1, c.size);
@@ -309,7 +315,21 @@ bool uses_ring(const OpSpec& op, const HostCollectiveConfig& cfg) {
   return static_cast<size_t>(op.total_count()) * dtype_size(op.dtype) >= cfg.ring_min_bytes;
 }
 
-void run_host_group(const Communicator& c, const std::vector<OpSpec>& ops, const HostCollectiveConfig& cfg) {
+char* ScratchArena::take(size_t bytes) {
+  if (next_ == blocks_.size()) {
+    blocks_.emplace_back();
+    sizes_.push_back(0);
+  }
+  if (sizes_[next_] < bytes) {
+    blocks_[next_].reset();  // only between operations: no request points into it
+    blocks_[next_].reset(new char[bytes]);
+    sizes_[next_] = bytes;
+  }
+  return blocks_[next_++].get();
+}
+
+void run_host_group(const Communicator& c, const std::vector<OpSpec>& ops, const HostCollectiveConfig& cfg,
+                    ScratchArena& scratch) {
   std::vector<const OpSpec*> ring_ops;
   std::vector<NativeCall> native;
   native.reserve(ops.size());
@@ -325,7 +345,7 @@ void run_host_group(const Communicator& c, const std::vector<OpSpec>& ops, const
   std::vector<MPI_Request> requests(native.size(), MPI_REQUEST_NULL);
   AbandonOnUnwind guard(requests, /*cancellable=*/false, c.rank);  // before `native`'s argument arrays go
   for (size_t i = 0; i < native.size(); ++i) start_native(c, native[i], &requests[i]);
-  if (!ring_ops.empty()) run_ring(c, ring_ops, cfg);
+  if (!ring_ops.empty()) run_ring(c, ring_ops, cfg, scratch);
   wait_all(requests, cfg.poll, c.rank, /*cancellable=*/false);
   for (const NativeCall& call : native) finish_native(c, call);
 }
