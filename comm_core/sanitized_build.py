@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -57,6 +58,8 @@ def build(root: Path = REPO / "build" / "sanitized") -> Path:
     package = folder / "pipedap"
     extension = package / ("_comm_core" + sysconfig.get_config_var("EXT_SUFFIX"))
     if not extension.exists():
+        for stale in root.glob("*"):  # builds of older sources
+            shutil.rmtree(stale, ignore_errors=True)
         objects = folder / "obj"
         objects.mkdir(parents=True, exist_ok=True)
 
