@@ -406,10 +406,12 @@ def _check_ranks_agree(named: list[tuple[str, torch.nn.Parameter]]) -> None:
                 )
 
 
-def _resolve_plan(schedule: str, plan, named, fusion_bytes: int, world: int) -> Plan:
-    """The given plan (validated against the model), else the built-in plan of `schedule`.
+def _resolve_plan(schedule: str, plan, named, fusion_bytes: int, world: int) -> tuple[Plan, bool]:
+    """The plan to start with, and whether to plan online.
 
-    ``pipedap`` without a plan starts from DeAR's; the online planner replaces it.
+    The given plan (validated against the model), else the built-in plan of `schedule`.
+    ``pipedap`` without a plan (neither ``plan=`` nor ``$PIPEDAP_PLAN``) starts from DeAR's
+    and plans online; a given plan is kept whatever its schedule (DeAR's included).
     """
     names = [n for n, _ in named]
     if plan is None and schedule == "pipedap":
@@ -424,11 +426,12 @@ def _resolve_plan(schedule: str, plan, named, fusion_bytes: int, world: int) -> 
             raise TypeError(f"plan must be a pipedap.planner.Plan or a JSON file path, not {type(plan).__name__}")
         if plan.world_size != world:
             log.warning("plan %s was made for %d workers, running on %d", plan.schedule, plan.world_size, world)
-        return plan
+        return plan, False
     sizes = {n: p.numel() * p.element_size() for n, p in named}
     groups = [Group(f"{g[0]}..{g[-1]}" if len(g) > 1 else g[0], tuple(g), sum(sizes[n] for n in g))
               for g in default_groups(named, fusion_bytes)]
-    return schedule_plan("dear" if schedule == "pipedap" else schedule, groups, world)
+    plan_online = schedule == "pipedap"
+    return schedule_plan("dear" if plan_online else schedule, groups, world), plan_online
 
 
 def DistributedOptimizer(
@@ -499,13 +502,13 @@ def DistributedOptimizer(
 
     named = _named_trainable(optimizer, model, named_parameters)
     _check_ranks_agree(named)
-    plan = _resolve_plan(schedule, plan, named, fusion_bytes, world)
+    plan, plan_online = _resolve_plan(schedule, plan, named, fusion_bytes, world)
     by_name = dict(named)
     buckets = [build_bucket(i, [(n, by_name[n]) for n in g.params], world, rank) for i, g in enumerate(plan.groups)]
     wrapped._pipedap_plan = plan
     wrapped._pipedap_buckets = buckets
     wrapped._pipedap_online = None
-    if schedule == "pipedap" and plan.schedule == "dear":  # no plan given: measure, then plan
+    if plan_online:  # measure, then plan
         wrapped._pipedap_online = OnlinePlanner(
             buckets, steps=settings.get("PIPEDAP_PROFILE_STEPS"), planner=settings.get("PIPEDAP_PLANNER"))
         wrapped._pipedap_forward_end_hook = model.register_forward_hook(

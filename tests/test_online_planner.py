@@ -65,3 +65,24 @@ def test_warm_up_operations_are_not_samples_but_still_predecessors():
     remove_completion_listener(planner._on_ops)
     planner._on_ops([_op("rs.1", 0, 10, 1000)])
     assert planner.queued_runs() == {} and planner.ends == [1_000_000]
+
+
+@pytest.mark.parametrize("how", ["Plan", "file", "PIPEDAP_PLAN"])
+def test_a_given_dear_plan_is_not_replaced_by_online_planning(how, tmp_path, monkeypatch):
+    """Issue 12: whether to plan online is decided by whether a plan was given, not by its name."""
+    from torch import nn
+
+    from pipedap.optimizer import _resolve_plan, schedule_plan
+    from pipedap.planner.plan import Group
+
+    named = list(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).named_parameters())
+    monkeypatch.delenv("PIPEDAP_PLAN", raising=False)
+    _, online = _resolve_plan("pipedap", None, named, 0, 2)
+    assert online  # no plan given: plan online
+    given = schedule_plan("dear", [Group(n, (n,), p.numel() * 4) for n, p in named], 2)
+    given.save(tmp_path / "dear.json")
+    plan = {"Plan": given, "file": tmp_path / "dear.json", "PIPEDAP_PLAN": None}[how]
+    if how == "PIPEDAP_PLAN":
+        monkeypatch.setenv("PIPEDAP_PLAN", str(tmp_path / "dear.json"))
+    resolved, online = _resolve_plan("pipedap", plan, named, 0, 2)
+    assert not online and resolved.schedule == "dear" and resolved.digest() == given.digest()

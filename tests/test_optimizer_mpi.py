@@ -34,5 +34,13 @@ def test_a_model_that_differs_on_one_rank_raises_on_every_rank():
                      "'fc1.weight' (16, 8) float32 on rank 0 but 'fc1.weight' (12, 8) float32 on rank 1") == 3
 
 
+def test_a_given_dear_plan_is_kept_with_schedule_pipedap():
+    """Issue 12: a DeAR plan (object, file or $PIPEDAP_PLAN) was replaced by online planning."""
+    out = run_part("given_plan", 2)
+    for how in ("Plan", "file", "PIPEDAP_PLAN"):
+        assert out.count(f"given dear plan kept ({how})") == 2, out
+    assert out.count("given plan OK") == 2
+
+
 def test_builtin_plans_follow_the_scheduling_reference():
     run_part("plans", 1)

@@ -430,6 +430,53 @@ def run_mismatch():
         print(f"rank {R}: DETECTED {e}")
 
 
+def run_given_plan():
+    """A given DeAR plan with schedule="pipedap" runs as given: no online planning (issue 12).
+
+    It is given as a Plan, as its JSON file and through $PIPEDAP_PLAN; each run trains past the
+    profiling steps and must still run the given plan, and match single-process training. A
+    control run without a plan must switch within those steps, so the check can fail.
+    """
+    import os
+    import tempfile
+
+    os.environ["PIPEDAP_PROFILE_STEPS"] = "2"
+    steps = 6  # one warm-up + 2 measured steps, then 3 more
+    model_name = "mlp"
+
+    def train(what, plan=None):
+        model, reference = fresh(model_name)
+        opt = hvd.DistributedOptimizer(make_optimizer("sgd", model), model=model, schedule="pipedap", plan=plan)
+        ref_opt = make_optimizer("sgd", reference)
+        plans = [(opt.plan.schedule, opt.plan.digest())]
+        for step in range(steps):
+            distributed_step(model, opt, model_name, step)
+            reference_step(reference, ref_opt, model_name, step)
+            plans.append((opt.plan.schedule, opt.plan.digest()))
+        compare(what, model, reference)
+        return opt, plans
+
+    opt, plans = train("pipedap planned online")  # control
+    assert plans[0][0] == "dear" and plans[-1][0] == "optimal" and opt._pipedap_online is None, plans
+
+    model, _ = fresh(model_name)
+    given = schedule_plan("dear", module_groups(model), P)  # one bucket per module: not the default fusion
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "dear.json")
+        given.save(path)
+        for how, plan in (("Plan", given), ("file", path), ("PIPEDAP_PLAN", None)):
+            if plan is None:
+                os.environ["PIPEDAP_PLAN"] = path
+            try:
+                opt, plans = train(f"pipedap with a dear plan ({how})", plan)
+            finally:
+                os.environ.pop("PIPEDAP_PLAN", None)
+            assert opt._pipedap_online is None, how
+            assert plans == [("dear", given.digest())] * (steps + 1), (how, plans)
+            print(f"rank {R}: given dear plan kept ({how})")
+    print(f"rank {R}: given plan OK")
+
+
 def run_builtin_plans():
     """The runtime's own plans are what SCHEDULING.md says."""
     groups = [Group(f"g{i}", (f"p{i}",), 4) for i in range(3)]
@@ -441,4 +488,4 @@ def run_builtin_plans():
 
 part = sys.argv[1]
 {"matrix": run_matrix, "features": run_features, "broadcasts": run_broadcasts,
- "mismatch": run_mismatch, "plans": run_builtin_plans}[part]()
+ "mismatch": run_mismatch, "given_plan": run_given_plan, "plans": run_builtin_plans}[part]()
