@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 
+import pipedap.log  # noqa: F401  every record of the "pipedap" logger names its rank
+
 __version__ = "0.1.0"
 
 # name -> module that defines it; loaded on first attribute access

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from pipedap import log as rank_logging
 from pipedap import settings
 from pipedap.compression import Compression
 
@@ -89,6 +90,7 @@ def init() -> None:
     for key, value in TCP_EAGER_DEFAULTS.items():
         os.environ.setdefault(key, value)
     core.init(settings.engine_config())
+    rank_logging.start(rank())  # log lines name the engine's rank (PIPEDAP_LOG_RANKS filters them)
     if not _atexit_registered:
         atexit.register(core.finalize)
         _atexit_registered = True

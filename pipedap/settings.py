@@ -28,9 +28,9 @@ from pathlib import Path
 
 from pipedap.planner.costmodel import parse_bandwidth
 
-READERS = ("engine", "optimizer", "bench", "build", "internal", "dist.sh")  # what reads a setting
+READERS = ("engine", "optimizer", "logging", "bench", "build", "internal", "dist.sh")  # what reads a setting
 ACCEPTED = {"flag": "0 or 1", "text": "any text", "path": "a folder path", "file": "an existing file",
-            "rate": "a rate like 500mbit, 1gbit or 125MB/s"}  # types other than int, float and choice
+            "rate": "a rate like 500mbit, 1gbit or 125MB/s", "ranks": "all, or ranks like 0 or 0,3"}  # types other than int, float and choice
 
 
 class SettingsError(ValueError):
@@ -62,7 +62,8 @@ class Setting:
         return ACCEPTED[self.type]
 
     def parse(self, text: str):
-        """The value of ``text``: int, float, bool (flag), Path (path), bytes/s (rate) or str."""
+        """The value of ``text``: int, float, bool (flag), Path (path), bytes/s (rate), str, or
+        (ranks) a frozenset of ranks, None for ``all``."""
         try:
             return self._convert(text.strip())
         except ValueError:
@@ -100,6 +101,13 @@ class Setting:
             if value <= 0:
                 raise ValueError
             return value
+        if self.type == "ranks":
+            if text.lower() == "all":
+                return None
+            parts = [part.strip() for part in text.split(",")]
+            if not all(part.isdigit() for part in parts):  # isdigit: no sign, so no negative rank
+                raise ValueError
+            return frozenset(int(part) for part in parts)
         return text
 
 
@@ -137,6 +145,9 @@ _DECLARED = [
             "of about this many bytes (0: one per module)", "optimizer"),
     Setting("PIPEDAP_CACHE_DIR", "path", "~/.cache/pipedap", "where measured cost models are cached",
             "optimizer"),
+    # logging: pipedap/log.py
+    Setting("PIPEDAP_LOG_RANKS", "ranks", "0", "the ranks whose INFO and DEBUG messages are logged; "
+            "warnings and errors are logged from every rank, each line starting `[rank R]`", "logging"),
     # build and internal
     Setting("PIPEDAP_WITH_NCCL", "choice", "auto", "build time: compile the NCCL backend "
             "(read by comm_core/buildconfig.py)", "build", choices=("auto", "0", "1")),
