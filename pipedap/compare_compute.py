@@ -4,7 +4,7 @@ It runs the benchmark's own timing loop (:func:`pipedap.bench.run`, same model, 
 optimizer and JSON) in one process that communicates nothing: a plain torch optimizer,
 world size 1, no MPI. ``pipedap.compare`` starts one copy per rank at the same time, each
 pinned to that rank's core, so the cores are as busy as in the distributed run
-(``shared/design/TESTBED.md``: the compute-only reference runs on both cores at once).
+(``docs/testbed.md``: the compute-only reference runs on both cores at once).
 """
 
 from __future__ import annotations

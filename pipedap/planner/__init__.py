@@ -1,4 +1,4 @@
-"""The planner: timing model, profiles, schedules, fusion and simulation (SCHEDULING.md).
+"""The planner: timing model, profiles, schedules, fusion and simulation (docs/scheduling.md).
 
 Pure Python + numpy: no torch, no MPI, so plans can be computed, inspected and tested on
 any machine. Layers, bottom up:

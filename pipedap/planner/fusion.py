@@ -1,4 +1,4 @@
-"""Tensor fusion (SCHEDULING.md §5): which consecutive layers share one bucket.
+"""Tensor fusion (docs/scheduling.md §5): which consecutive layers share one bucket.
 
 A grouping is a tuple of groups, each a tuple of consecutive layer indices, in forward
 order, covering every layer once. :func:`fuse` turns a layer profile into a group profile

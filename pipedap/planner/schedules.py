@@ -1,4 +1,4 @@
-"""The schedules of SCHEDULING.md §4, each scored by the simulator.
+"""The schedules of docs/scheduling.md §4, each scored by the simulator.
 
 * :func:`wfbp`: all-reduce of G-1 .. 0 as gradients get ready; forward after all of them.
 * :func:`bytescheduler`: chunked all-reduce by priority within a credit, grid-tuned.
@@ -134,7 +134,7 @@ def bytescheduler(
 
 
 def pipedap(problem: Problem, check: bool = True) -> Schedule:
-    """The PipeDAP greedy (SCHEDULING.md §4), starting from DeAR, n = 1 .. G-1.
+    """The PipeDAP greedy (docs/scheduling.md §4), starting from DeAR, n = 1 .. G-1.
 
     With the current timeline, ``S_bc`` is the idle link time right after RS(n) and
     ``S_fc`` the time the forward-phase AG chain holds the forward back from group n on

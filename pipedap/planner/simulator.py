@@ -1,4 +1,4 @@
-"""The timeline model of SCHEDULING.md §3: one compute stream, one link, plan order.
+"""The timeline model of docs/scheduling.md §3: one compute stream, one link, plan order.
 
 Backward runs groups G-1 .. 0 from t = 0, so the gradients of g are ready at
 ``ready[g] = tb[G-1] + ... + tb[g]``. The link runs one submission at a time in plan order

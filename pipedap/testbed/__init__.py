@@ -2,7 +2,7 @@
 
 ``python -m pipedap.testbed --help`` for the CLI (up, down, run, calibrate);
 :class:`Testbed` for the Python API. Needs root and iproute2. See
-``shared/design/TESTBED.md`` for the recipe and what was measured.
+``docs/testbed.md`` for the recipe and what was measured.
 
 The names below are loaded on first use, so that ``python -m pipedap.testbed.agent``
 and ``pipedap.testbed.pin`` (run once per rank) import nothing they do not need.

@@ -5,7 +5,7 @@
     with Testbed(hosts=2, rate="500mbit") as tb:
         subprocess.run(tb.mpirun(["python", "train.py"]), env=tb.env(), check=True)
 
-Setup follows ``shared/design/TESTBED.md``: a bridge with a /24 of
+Setup follows ``docs/testbed.md``: a bridge with a /24 of
 198.18.0.0/15 (a free one per run, so parallel runs do not clash), one network
 namespace per host, rate limits with tbf or htb, and an "ssh" agent that starts
 mpirun's daemons inside the namespaces. Everything is torn down on exit, on an
