@@ -12,12 +12,11 @@ pipedap`` adds a :class:`RankFilter` to that logger, which
   same progress N times, as with Horovod and DDP. WARNING and above are logged
   on every rank: a problem may be one rank's alone.
 
-Records go through :mod:`logging`, so an application's own configuration
-(handlers, formats, levels) decides where they go. Only when the application
-has configured none by ``pipedap.init()`` does pipedap add a handler that
-writes INFO and above to stderr; once the application configures logging
-(a handler on the root or the ``pipedap`` logger), that handler and its
-level are removed again, and the application's configuration alone decides.
+Records go through :mod:`logging` and pipedap adds no handler (a library
+should not): the application's configuration decides where they go, and
+without one Python prints WARNING and above to stderr. To see pipedap's INFO
+messages (plans, switches), configure logging, e.g.
+``logging.basicConfig(level=logging.INFO)``.
 """
 
 from __future__ import annotations
@@ -80,44 +79,10 @@ def install() -> None:
 
 
 def start(rank: int) -> None:
-    """Called by ``pipedap.init()``: records carry ``rank`` from now on; if the application has
-    configured no logging, pipedap's INFO messages go to stderr until it does."""
+    """Called by ``pipedap.init()``: records carry the engine's ``rank`` from now on."""
     global _engine_rank
     _engine_rank = rank
     install()
-    if _configured() or any(isinstance(f, _UntilConfigured) for f in LOGGER.filters):
-        return
-    handler = logging.StreamHandler()  # stderr
-    handler.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
-    LOGGER.addHandler(handler)
-    LOGGER.addFilter(_UntilConfigured(handler, set_level=LOGGER.level == logging.NOTSET))
-    if LOGGER.level == logging.NOTSET:
-        LOGGER.setLevel(logging.INFO)
-
-
-def _configured(ours: logging.Handler | None = None) -> bool:
-    """Whether the application has a handler on the root or the ``pipedap`` logger."""
-    return bool(logging.getLogger().handlers) or any(h is not ours for h in LOGGER.handlers)
-
-
-class _UntilConfigured(logging.Filter):
-    """Removes pipedap's own handler (and the level it set) as soon as the application configures
-    logging, and judges that record by the application's level, as if pipedap had set nothing.
-    It stays on the logger, inert (removing it while the logger iterates its filters would skip the next)."""
-
-    def __init__(self, handler: logging.Handler, set_level: bool):
-        super().__init__()
-        self.handler: logging.Handler | None = handler
-        self.set_level = set_level
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.handler is None or not _configured(self.handler):
-            return True
-        LOGGER.removeHandler(self.handler)
-        self.handler = None
-        if self.set_level:
-            LOGGER.setLevel(logging.NOTSET)
-        return record.levelno >= LOGGER.getEffectiveLevel()
 
 
 install()

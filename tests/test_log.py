@@ -111,20 +111,18 @@ def test_before_init_the_rank_is_the_launchers_and_the_applications_format_is_us
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
 
 
-def test_without_logging_configured_pipedap_prints_info_until_the_application_configures_it():
+def test_pipedap_adds_no_handler_warnings_reach_stderr_through_python_s_last_resort():
     done = python("""
         import logging
         import pipedap.log
         log = logging.getLogger("pipedap")
         pipedap.log.start(0)  # what pipedap.init() does once the engine runs
-        log.info("first")
-        logging.basicConfig(level=logging.WARNING, format="app %(message)s")
-        log.info("second")  # below the application's level
-        log.warning("third")  # once, through the application's handler
-        assert log.handlers == [] and log.level == logging.NOTSET
+        log.info("hidden: nothing configured")
+        log.warning("shown")
+        assert log.handlers == [] and logging.getLogger().handlers == []
     """)
     assert done.returncode == 0, done.stderr
-    assert done.stderr.splitlines() == ["INFO:pipedap:[rank 0] first", "app [rank 0] third"]
+    assert done.stderr.splitlines() == ["[rank 0] shown"]
 
 
 # --- a real job: the engine's rank after init() ------------------------------------------------------
