@@ -9,7 +9,7 @@
 // (kind, name, counts, dtype, reduce, root, device) to every other rank, on a
 // communicator of its own. Equal fingerprints: the data phase runs. Different
 // ones: every rank sees the same table, so every rank fails that submission
-// (nothing ran, no buffer is touched), after an all-gather on another
+// (nothing ran, no buffer is touched), after a second exchange on another
 // communicator that tells each rank what the others submitted. The engine then
 // goes on with the next submission, as Horovod does after a mismatch.
 //
@@ -17,10 +17,8 @@
 // data phase, so its latency hides behind the transfer. Fingerprints travel as
 // point-to-point messages of one tag: MPI keeps messages of one (source, tag)
 // in order, and every rank starts agreements in submission order, so they
-// match. (MPI_Iallgather did the same job, but Open MPI's nonblocking
-// collectives slowed the next large shared-memory transfer by up to 40%,
-// bench_comm's 64 MB reduce-scatter; P - 1 tiny messages each way are cheap at
-// the rank counts this library targets, a tree would suit thousands.)
+// match. P - 1 tiny messages each way are cheap at the rank counts this library
+// targets; a tree would suit thousands.
 #pragma once
 
 #include <mpi.h>

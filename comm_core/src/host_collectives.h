@@ -2,7 +2,7 @@
 //
 // [Note: why our own ring]
 // Open MPI's default reduce-scatter / all-gather algorithms reached 32% / 47%
-// of the link rate on the emulated cluster (shared/design/TESTBED.md); NCCL
+// of the link rate on the emulated cluster (docs/testbed.md); NCCL
 // does not use MPI's algorithms either. Large operations therefore run a ring
 // over point-to-point messages: each of the p-1 (all-reduce: 2(p-1)) steps
 // sends one block to the right neighbour and receives one from the left, so
