@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipedap.planner.costmodel import parse_bandwidth
+from pipedap.units import parse_rate_bps
 
 MODES = {
     "default": {},
@@ -188,7 +188,7 @@ def run_job(args: argparse.Namespace, mode: str, folder: Path, round_: int) -> l
     """One testbed job with ``mode``'s polling settings; the per-rank results."""
     out = folder / f"{mode}-round{round_}.json"
     worker_cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--worker-json", str(out),
-                  "--rate-bps", str(parse_bandwidth(args.rate) * 8), "--model", args.model,
+                  "--rate-bps", str(parse_rate_bps(args.rate)), "--model", args.model,
                   "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
                   "--seconds", str(args.seconds), "--message-bytes", str(args.message_bytes)]
     command = [sys.executable, "-m", "pipedap.testbed", "run", "--hosts", "2", "--rate", args.rate,

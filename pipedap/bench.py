@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 import models
-from pipedap import timeline
+from pipedap import timeline, units
 from pipedap.bench_baselines import BASELINES, BenchError, Runtime, canonical, check_runnable, start
 
 JSON_VERSION = 1
@@ -279,8 +279,8 @@ def predict(plan, args: argparse.Namespace, batch: tuple, loss_fn, say) -> tuple
     profile = measure.agree_profile(profile_model(copy, *batch, loss_fn, warmup=PROFILE_WARMUP,
                                                   iterations=PROFILE_ITERATIONS))
     if args.bandwidth:
-        cost = costmodel.from_link(comm.size(), costmodel.parse_bandwidth(args.bandwidth),
-                                   costmodel.parse_duration(args.latency))
+        cost = costmodel.from_link(comm.size(), units.parse_bandwidth(args.bandwidth),
+                                   units.parse_duration(args.latency))
         source = f"assumed ring on {args.bandwidth} links, {args.latency}"
     else:
         cost, source = measure.cost_model(), "measured on this cluster (pipedap.measure.cost_model, cached)"

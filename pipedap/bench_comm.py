@@ -22,15 +22,10 @@ import torch
 
 import pipedap
 from pipedap import comm, settings
+from pipedap.units import parse_size
 
 OPS = ("reducescatter", "allgather", "allreduce")
 DEFAULT_SIZES = [4, 4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
-
-
-def parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    text = text.strip().lower().rstrip("b")
-    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
 
 
 class Buffers:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pipedap import comm, measure
+from pipedap import comm, measure, units
 from pipedap.planner import costmodel, fusion
 from pipedap.planner.plan import Plan, hash_inputs
 from pipedap.profiler import profile_model
@@ -39,7 +39,7 @@ def make_plan(model: torch.nn.Module, inputs: Any, targets: Any, loss: Callable,
                                                   iterations=PROFILE_ITERATIONS))
     compute = sum(layer.tf + layer.tb + layer.u for layer in profile.layers)
     say(f"  {len(profile)} layers, compute {compute * 1e3:.1f} ms per batch; took {time.perf_counter() - started:.1f} s")
-    cost = costmodel.from_link(comm.size(), costmodel.parse_bandwidth(bandwidth), costmodel.parse_duration(latency))
+    cost = costmodel.from_link(comm.size(), units.parse_bandwidth(bandwidth), units.parse_duration(latency))
     say(f"cost model: ring on {bandwidth} links with {latency} latency (assumed, not measured)")
 
     def plan_here() -> Plan:

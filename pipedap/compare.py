@@ -54,11 +54,11 @@ from pathlib import Path
 import models
 from pipedap import settings
 from pipedap.bench import confidence
-from pipedap.planner.costmodel import parse_bandwidth
 from pipedap.testbed import calibrate
 from pipedap.testbed.network import TestbedError, stop_process_group
 from pipedap.testbed.pin import core_for
 from pipedap.testbed.testbed import Testbed, signals_as_exceptions
+from pipedap.units import parse_rate_bps
 
 JSON_VERSION = 1
 LAUNCH_S = 5.0  # mpirun, imports and model construction per run
@@ -103,11 +103,6 @@ def gradient_bytes(model: str) -> int:
 def ring_allreduce_s(nbytes: float, ranks: int, rate_bps: float) -> float:
     """Seconds a ring all-reduce of ``nbytes`` needs on links of ``rate_bps``: 2(p-1)/p x bytes per link."""
     return 2 * (ranks - 1) / ranks * nbytes * 8 / rate_bps if ranks > 1 else 0.0
-
-
-def rate_bps(rate: str) -> float:
-    """A tc-style rate (``500mbit``) in bits per second."""
-    return parse_bandwidth(rate) * 8
 
 
 # -- running jobs -----------------------------------------------------------------------------------
@@ -274,8 +269,8 @@ class Sweep:
         except TestbedError as err:
             print(f"  calibration failed (the sweep goes on): {err}", flush=True)
             return {"status": "failed", "error_tail": str(err)[-3000:]}
-        ratios = calibrate.link_ratios(rows, rate_bps(rate))
-        achieved = ratios["pipedap"]["allreduce"] * rate_bps(rate)
+        ratios = calibrate.link_ratios(rows, parse_rate_bps(rate))
+        achieved = ratios["pipedap"]["allreduce"] * parse_rate_bps(rate)
         print(f"  comm core all-reduce reaches {achieved / 1e6:.0f} Mbit/s per link "
               f"({ratios['pipedap']['allreduce']:.0%} of nominal); took {time.perf_counter() - began:.0f} s",
               flush=True)
@@ -318,7 +313,7 @@ class Sweep:
     def batch_guess(self, model: str, hosts: int, rate: str) -> float:
         """A pessimistic time per batch before measuring it: compute plus all-reduce, not overlapped."""
         compute = next(c["batch_s"] for c in self.compute if c["model"] == model and c["hosts"] == hosts)
-        return compute + ring_allreduce_s(gradient_bytes(model), hosts * self.args.slots, rate_bps(rate))
+        return compute + ring_allreduce_s(gradient_bytes(model), hosts * self.args.slots, parse_rate_bps(rate))
 
     @property
     def runnable(self) -> list[System]:
@@ -353,7 +348,7 @@ class Sweep:
                     continue
                 calib = next((t["calibration"].get(rate) for t in self.testbeds if t["hosts"] == hosts), None)
                 achieved = calib["allreduce_achieved_bps"] if calib and calib["status"] == "ok" else None
-                comm = ring_allreduce_s(gradient_bytes(model), ranks, rate_bps(rate))
+                comm = ring_allreduce_s(gradient_bytes(model), ranks, parse_rate_bps(rate))
                 rows.append(compare_row(model, hosts, ranks, self.args.batch_size, rate, ref["batch_s"], comm,
                                         achieved, runs))
         return rows
@@ -387,7 +382,7 @@ def compare_row(model: str, hosts: int, ranks: int, batch_size: int, rate: str, 
                 achieved_bps: float | None, runs: dict[str, dict]) -> dict:
     """The bound of one setting and each system's distance from it and PipeDAP's speedup over it."""
     bound = max(compute, comm)
-    comm_achieved = comm * rate_bps(rate) / achieved_bps if achieved_bps else None
+    comm_achieved = comm * parse_rate_bps(rate) / achieved_bps if achieved_bps else None
     ok = {label: r["batch_s"]["mean"] for label, r in runs.items() if r["status"] == "ok"}
     systems = {}
     for label, r in runs.items():
@@ -403,7 +398,7 @@ def compare_row(model: str, hosts: int, ranks: int, batch_size: int, rate: str, 
         else:
             entry["why"] = r.get("reason") or telling_line(r.get("error_tail", ""))
         systems[label] = entry
-    return {"model": model, "hosts": hosts, "ranks": ranks, "batch_size": batch_size, "rate": rate, "rate_bps": rate_bps(rate),
+    return {"model": model, "hosts": hosts, "ranks": ranks, "batch_size": batch_size, "rate": rate, "rate_bps": parse_rate_bps(rate),
             "gradient_bytes": gradient_bytes(model), "compute_s": compute, "comm_s": comm,
             "comm_achieved_s": comm_achieved, "achieved_bps": achieved_bps, "bound_s": bound,
             "bound_achieved_s": max(compute, comm_achieved) if comm_achieved else None,
@@ -522,7 +517,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.rates = args.rates.split(",")
     for rate in args.rates:
         try:
-            rate_bps(rate)
+            parse_rate_bps(rate)
         except ValueError as err:
             raise CompareError(f"--rates: {err}") from None
     try:

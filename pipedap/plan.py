@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipedap import units
 from pipedap.planner import costmodel, fusion
 from pipedap.planner.costmodel import CostModel
 from pipedap.planner.plan import PlanError, hash_inputs
@@ -94,8 +95,8 @@ def load_cost(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Cost
         return costmodel.load(args.cost_model, args.workers, hosts)
     if not args.bandwidth:
         parser.error("give either --cost-model FILE or --bandwidth (with --workers and --latency)")
-    return costmodel.from_link(args.workers, costmodel.parse_bandwidth(args.bandwidth),
-                               costmodel.parse_duration(args.latency))
+    return costmodel.from_link(args.workers, units.parse_bandwidth(args.bandwidth),
+                               units.parse_duration(args.latency))
 
 
 def groupings(spec: str, profile: Profile, cost: CostModel, trials: int) -> dict[str, fusion.Grouping]:

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipedap.planner.costmodel import parse_bandwidth
+from pipedap.units import parse_bandwidth
 
 READERS = ("engine", "optimizer", "logging", "bench", "build", "internal", "dist.sh")  # what reads a setting
 ACCEPTED = {"flag": "0 or 1", "text": "any text", "path": "a folder path", "file": "an existing file",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,28 +203,3 @@ def _read_entries(path: Path) -> list[dict]:
     for i, entry in enumerate(doc["entries"]):
         CostModel.from_dict(entry, where=f"{path}: entries[{i}]")
     return doc["entries"]
-
-
-_BANDWIDTH_UNITS = {
-    "bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8,
-    "bps": 1 / 8, "kbps": 1e3 / 8, "mbps": 1e6 / 8, "gbps": 1e9 / 8,
-    "b/s": 1, "kb/s": 1e3, "mb/s": 1e6, "gb/s": 1e9,
-}
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
-
-
-def parse_bandwidth(text: str) -> float:
-    """Bytes per second from "10gbit", "100mbit", "1.25GB/s" (bits: *bit, *bps; bytes: *B/s)."""
-    return _parse_quantity(text, _BANDWIDTH_UNITS, "bandwidth", "10gbit, 500mbit or 1.25GB/s")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from "50us", "1.5ms", "0.2s" or "100ns"."""
-    return _parse_quantity(text, _DURATION_UNITS, "duration", "50us, 1ms or 0.1s")
-
-
-def _parse_quantity(text: str, units: Mapping[str, float], what: str, examples: str) -> float:
-    match = re.fullmatch(r"\s*([0-9.]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z/]+)\s*", text)
-    if not match or match.group(2).lower() not in units:
-        raise ValueError(f"cannot parse {what} {text!r}; write it like {examples}")
-    return float(match.group(1)) * units[match.group(2).lower()]

@@ -19,7 +19,7 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
-from pipedap.planner.costmodel import parse_bandwidth, parse_duration
+from pipedap.units import format_duration, parse_duration, parse_rate_bps
 
 PREFIX = "pdtb"
 NETWORK = ipaddress.ip_network("198.18.0.0/15")  # RFC 2544 benchmarking range
@@ -98,21 +98,21 @@ class Shaping:
     latency: str = "20ms"
 
     def __post_init__(self) -> None:
-        parse_bandwidth(self.rate), parse_duration(self.latency)  # ValueError naming the bad value
+        parse_rate_bps(self.rate), parse_duration(self.latency)  # ValueError naming the bad value
         if self.qdisc not in ("tbf", "htb"):
             raise ValueError(f"unknown qdisc {self.qdisc!r}: use tbf or htb (netem is not in this kernel)")
 
     @property
     def rate_bps(self) -> float:
         """The nominal rate in bits per second."""
-        return parse_bandwidth(self.rate) * 8
+        return parse_rate_bps(self.rate)
 
     def tc_args(self, dev: str) -> list[list[str]]:
         """The ``tc`` commands (without ``tc``) that install this shaping on ``dev``."""
         rate = f"{int(self.rate_bps)}bit"
         if self.qdisc == "tbf":
             return [["qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", self.burst,
-                     "latency", f"{parse_duration(self.latency) * 1e3:g}ms"]]
+                     "latency", format_duration(parse_duration(self.latency))]]
         return [["qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", "1"],
                 ["class", "replace", "dev", dev, "parent", "1:", "classid", "1:1", "htb",
                  "rate", rate, "ceil", rate, "burst", self.burst, "cburst", self.burst]]

@@ -1,4 +1,4 @@
-"""Cost model: least-squares fits, ring formulas, files keyed by world size and hosts, units."""
+"""Cost model: least-squares fits, ring formulas, files keyed by world size and hosts."""
 
 from __future__ import annotations
 
@@ -81,20 +81,3 @@ def test_bad_cost_file_names_the_key(tmp_path):
         costmodel.load(path, 2)
     with pytest.raises(ValueError, match="must be finite and >= 0"):
         CostModel(2, AlphaBeta(-1, 0), AlphaBeta(0, 0), AlphaBeta(0, 0))
-
-
-@pytest.mark.parametrize(
-    ("text", "value"),
-    [("1gbit", 1.25e8), ("10Gbit", 1.25e9), ("500mbit", 6.25e7), ("1.25GB/s", 1.25e9), ("8bps", 1.0)],
-)
-def test_parse_bandwidth(text, value):
-    assert costmodel.parse_bandwidth(text) == pytest.approx(value)
-
-
-def test_parse_duration_and_errors():
-    assert costmodel.parse_duration("50us") == pytest.approx(5e-5)
-    assert costmodel.parse_duration("1.5ms") == pytest.approx(1.5e-3)
-    with pytest.raises(ValueError, match="cannot parse bandwidth '1 gigabit'"):
-        costmodel.parse_bandwidth("1 gigabit")
-    with pytest.raises(ValueError, match="write it like 50us"):
-        costmodel.parse_duration("fast")
