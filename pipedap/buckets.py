@@ -14,8 +14,9 @@ of the optimizer step, exactly as single-process training skips ``grad is None``
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -86,14 +87,25 @@ def build_bucket(index: int, named: list[tuple[str, torch.nn.Parameter]], world:
     return bucket
 
 
+T = TypeVar("T")
+
+
+def group_by_module(named: Iterable[tuple[str, T]]) -> dict[str, list[tuple[str, T]]]:
+    """``(name, param)`` pairs grouped by the module that registers them (the name up to its last dot),
+    modules in first-seen order and each module's pairs in the given order; top-level parameters under ``""``.
+    """
+    modules: dict[str, list[tuple[str, T]]] = {}
+    for name, param in named:
+        modules.setdefault(name.rpartition(".")[0], []).append((name, param))
+    return modules
+
+
 def default_groups(named: list[tuple[str, torch.nn.Parameter]], fusion_bytes: int) -> list[list[str]]:
     """Consecutive modules' parameters (named_parameters order ~ forward order), fused up to ``fusion_bytes``.
 
     A module's parameters never split; dtype or device changes start a new group.
     """
-    modules: OrderedDict[str, list[tuple[str, torch.nn.Parameter]]] = OrderedDict()
-    for name, p in named:
-        modules.setdefault(name.rpartition(".")[0], []).append((name, p))
+    modules = group_by_module(named)
     groups: list[list[str]] = []
     current: list[tuple[str, torch.nn.Parameter]] = []
     for members in modules.values():

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipedap.buckets import group_by_module
 from pipedap.planner.profile import Layer, Profile
 
 OptimizerFactory = Callable[[Sequence[torch.Tensor]], torch.optim.Optimizer]
@@ -44,10 +45,7 @@ def _default_loss(output: Any, _target: Any) -> torch.Tensor:
 
 def layers_of(model: nn.Module) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
     """Trainable parameters grouped by the module that registers them (tied ones once)."""
-    owners: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            owners.setdefault(name.rpartition(".")[0], []).append((name, param))
+    owners = group_by_module((name, param) for name, param in model.named_parameters() if param.requires_grad)
     if not owners:
         raise ValueError("the model has no trainable parameters: nothing to profile")
     return owners
