@@ -118,32 +118,40 @@ class Runtime(abc.ABC):
             raise NotImplementedError(f"{self.name} does not report its collectives")
 
 
-class _OverPipedap(Runtime):
+class _OverLibrary(Runtime):
+    """Ranks, barriers and objects across ranks from ``lib``: pipedap or horovod.torch, which share
+    these calls (init, rank, size, local_rank, barrier, allgather_object, shutdown)."""
+
+    def __init__(self, baseline: str, args: Any, lib: Any):
+        self.name, self.args, self.lib = baseline, args, lib
+        lib.init()
+
+    def rank(self) -> int:
+        return self.lib.rank()
+
+    def size(self) -> int:
+        return self.lib.size()
+
+    def local_rank(self) -> int:
+        return self.lib.local_rank()
+
+    def barrier(self) -> None:
+        self.lib.barrier()
+
+    def allgather_object(self, obj: Any) -> list:
+        return self.lib.allgather_object(obj, name="bench.gather")
+
+    def shutdown(self) -> None:
+        self.lib.shutdown()
+
+
+class _OverPipedap(_OverLibrary):
     """Ranks and objects across ranks from pipedap (MPI)."""
 
     def __init__(self, baseline: str, args: Any):
         import pipedap
 
-        self.name, self.args, self.pd = baseline, args, pipedap
-        pipedap.init()
-
-    def rank(self) -> int:
-        return self.pd.rank()
-
-    def size(self) -> int:
-        return self.pd.size()
-
-    def local_rank(self) -> int:
-        return self.pd.local_rank()
-
-    def barrier(self) -> None:
-        self.pd.barrier()
-
-    def allgather_object(self, obj: Any) -> list:
-        return self.pd.allgather_object(obj, name="bench.gather")
-
-    def shutdown(self) -> None:
-        self.pd.shutdown()
+        super().__init__(baseline, args, pipedap)
 
 
 class PipedapRuntime(_OverPipedap):
@@ -170,8 +178,8 @@ class PipedapRuntime(_OverPipedap):
             facts["plan_source"] = "planned online by DistributedOptimizer from its first measured steps"
             say("  no --plan: DistributedOptimizer runs DeAR while it measures the first steps, then plans "
                 "and switches; the warmup lasts until it has switched")
-        self.pd.broadcast_parameters(model.state_dict(), root_rank=0)
-        optimizer = self.pd.DistributedOptimizer(optimizer, model=model, schedule=schedule, plan=plan,
+        self.lib.broadcast_parameters(model.state_dict(), root_rank=0)
+        optimizer = self.lib.DistributedOptimizer(optimizer, model=model, schedule=schedule, plan=plan,
                                                  fusion_bytes=args.threshold)
         initial = optimizer.plan
         online = schedule == "pipedap" and plan is None
@@ -213,7 +221,7 @@ class DDPRuntime(_OverPipedap):
         super().__init__(baseline, args)
         import torch.distributed as dist
 
-        addr, port = self.pd.broadcast_object(_rendezvous(self.size() == self.pd.local_size())
+        addr, port = self.lib.broadcast_object(_rendezvous(self.size() == self.lib.local_size())
                                               if self.rank() == 0 else None, name="bench.rendezvous")
         self.dist = dist
         dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=self.rank(),
@@ -274,7 +282,7 @@ def _interface_address(interface: str) -> str:
     return socket.inet_ntoa(packed[20:24])
 
 
-class HorovodRuntime(Runtime):
+class HorovodRuntime(_OverLibrary):
     """horovod.torch's DistributedOptimizer; pipedap is not initialised in this process."""
 
     def __init__(self, baseline: str, args: Any):
@@ -282,26 +290,10 @@ class HorovodRuntime(Runtime):
             os.environ["HOROVOD_FUSION_THRESHOLD"] = str(args.threshold)
         import horovod.torch as hvd
 
-        self.name, self.args, self.hvd = baseline, args, hvd
-        hvd.init()
-
-    def rank(self) -> int:
-        return self.hvd.rank()
-
-    def size(self) -> int:
-        return self.hvd.size()
-
-    def local_rank(self) -> int:
-        return self.hvd.local_rank()
-
-    def barrier(self) -> None:
-        self.hvd.barrier()
-
-    def allgather_object(self, obj: Any) -> list:
-        return self.hvd.allgather_object(obj, name="bench.gather")
+        super().__init__(baseline, args, hvd)
 
     def distribute(self, model, optimizer, batch, loss, say) -> Distributed:
-        hvd = self.hvd
+        hvd = self.lib
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         wrapped = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
         hvd.broadcast_optimizer_state(wrapped, root_rank=0)
@@ -313,9 +305,6 @@ class HorovodRuntime(Runtime):
 
     def finish(self, optimizer):
         """Nothing: Horovod updates in step()."""
-
-    def shutdown(self):
-        self.hvd.shutdown()
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
