@@ -43,6 +43,7 @@ from pipedap.buckets import Bucket, build_bucket, default_groups
 from pipedap.compression import Compression
 from pipedap.online_planner import OnlinePlanner
 from pipedap.planner.plan import Group, Plan
+from pipedap.planner.schedules import plan_of
 
 log = logging.getLogger("pipedap")
 
@@ -50,19 +51,6 @@ SCHEDULES = ("wfbp", "dear", "pipedap")
 
 # model -> optimizers wrapping it, for pipedap.flush(model)
 _optimizers_of_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def schedule_plan(schedule: str, groups: list[Group], world: int) -> Plan:
-    """The WFBP or DeAR plan for ``groups`` (PipeDAP plans come from the planner)."""
-    n = len(groups)
-    if schedule == "wfbp":
-        backward = tuple((("ar", g),) for g in reversed(range(n)))
-        return Plan("wfbp", world, tuple(groups), backward, (), sync_before_forward=True)
-    if schedule == "dear":
-        backward = tuple((("rs", g),) for g in reversed(range(n)))
-        forward = tuple((("ag", g),) for g in range(n))
-        return Plan("dear", world, tuple(groups), backward, forward)
-    raise ValueError(f"no built-in plan for schedule {schedule!r}; pass plan= for 'pipedap'")
 
 
 class _Submitted:
@@ -431,7 +419,7 @@ def _resolve_plan(schedule: str, plan, named, fusion_bytes: int, world: int) -> 
     groups = [Group(f"{g[0]}..{g[-1]}" if len(g) > 1 else g[0], tuple(g), sum(sizes[n] for n in g))
               for g in default_groups(named, fusion_bytes)]
     plan_online = schedule == "pipedap"
-    return schedule_plan("dear" if plan_online else schedule, groups, world), plan_online
+    return plan_of("dear" if plan_online else schedule, groups, world), plan_online
 
 
 def DistributedOptimizer(

@@ -72,14 +72,15 @@ def test_a_given_dear_plan_is_not_replaced_by_online_planning(how, tmp_path, mon
     """Issue 12: whether to plan online is decided by whether a plan was given, not by its name."""
     from torch import nn
 
-    from pipedap.optimizer import _resolve_plan, schedule_plan
+    from pipedap.optimizer import _resolve_plan
     from pipedap.planner.plan import Group
+    from pipedap.planner.schedules import plan_of
 
     named = list(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).named_parameters())
     monkeypatch.delenv("PIPEDAP_PLAN", raising=False)
     _, online = _resolve_plan("pipedap", None, named, 0, 2)
     assert online  # no plan given: plan online
-    given = schedule_plan("dear", [Group(n, (n,), p.numel() * 4) for n, p in named], 2)
+    given = plan_of("dear", [Group(n, (n,), p.numel() * 4) for n, p in named], 2)
     given.save(tmp_path / "dear.json")
     plan = {"Plan": given, "file": tmp_path / "dear.json", "PIPEDAP_PLAN": None}[how]
     if how == "PIPEDAP_PLAN":

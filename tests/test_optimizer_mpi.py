@@ -40,7 +40,3 @@ def test_a_given_dear_plan_is_kept_with_schedule_pipedap():
     for how in ("Plan", "file", "PIPEDAP_PLAN"):
         assert out.count(f"given dear plan kept ({how})") == 2, out
     assert out.count("given plan OK") == 2
-
-
-def test_builtin_plans_follow_the_scheduling_reference():
-    run_part("plans", 1)

@@ -6,6 +6,9 @@
 * :func:`pipedap`: the paper's greedy, moving AGs from the forward phase into backward.
 * :func:`optimal`: the exact optimum over the greedy's decision space (DP with dominance
   pruning, seeded with the greedy); :func:`exhaustive` enumerates that space (test oracle).
+* :func:`plan_of`: the WFBP or DeAR :class:`Plan` of a grouping without simulation (what
+  the runtime runs when it is given no plan); the same submissions as :func:`wfbp` and
+  :func:`dear`.
 
 The decoupled decision space: the AG of group g >= 1 stays in the forward phase (``"F"``),
 runs right behind RS(g) (``"B"``), or is merged into RS(g-1)'s submission (``"M"``); the AG
@@ -87,7 +90,12 @@ def _make(problem: Problem, name: str, backward: Sequence[Submission], forward: 
 
 def wfbp(problem: Problem) -> Schedule:
     """Horovod/DDP: AR of each group when ready; ``step()`` waits for all before forward."""
-    return _make(problem, "wfbp", [(("ar", g),) for g in reversed(range(problem.size))], sync=True)
+    return _make(problem, "wfbp", _all_reduced(problem.size), sync=True)
+
+
+def _all_reduced(size: int) -> list[Submission]:
+    """WFBP's backward submissions: AR of G-1 .. 0."""
+    return [(("ar", g),) for g in reversed(range(size))]
 
 
 def dear(problem: Problem) -> Schedule:
@@ -109,6 +117,22 @@ def decoupled(options: Sequence[str]) -> tuple[list[Submission], list[Submission
             backward.append((("ag", g),))
     forward = [(("ag", g),) for g, option in enumerate(options) if option == FORWARD]
     return backward, forward
+
+
+def plan_of(name: str, groups: Sequence[Group], world: int) -> Plan:
+    """The built-in ``"wfbp"`` or ``"dear"`` plan of `groups` (forward order), not simulated.
+
+    Its submissions are those of :func:`wfbp` / :func:`dear` (the same code makes them), but
+    it needs no profile or cost model, so it has no prediction.
+    """
+    groups = tuple(groups)
+    if name == "wfbp":
+        return Plan("wfbp", world, groups, tuple(_all_reduced(len(groups))), (), sync_before_forward=True)
+    if name == "dear":
+        backward, forward = decoupled([FORWARD] * len(groups))
+        return Plan("dear", world, groups, tuple(backward), tuple(forward))
+    raise ValueError(f"no built-in plan for schedule {name!r} (only 'wfbp' and 'dear'); "
+                     "plan it from a profile, or pass plan= for 'pipedap'")
 
 
 def from_options(problem: Problem, name: str, options: Sequence[str], **info: object) -> Schedule:

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import pipedap as hvd
-from pipedap.optimizer import schedule_plan
 from pipedap.planner.plan import Group, Plan
+from pipedap.planner.schedules import plan_of
 
 hvd.init()
 R, P = hvd.rank(), hvd.size()
@@ -460,7 +460,7 @@ def run_given_plan():
     assert plans[0][0] == "dear" and plans[-1][0] == "optimal" and opt._pipedap_online is None, plans
 
     model, _ = fresh(model_name)
-    given = schedule_plan("dear", module_groups(model), P)  # one bucket per module: not the default fusion
+    given = plan_of("dear", module_groups(model), P)  # one bucket per module: not the default fusion
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "dear.json")
         given.save(path)
@@ -477,15 +477,6 @@ def run_given_plan():
     print(f"rank {R}: given plan OK")
 
 
-def run_builtin_plans():
-    """The runtime's own plans are what SCHEDULING.md says."""
-    groups = [Group(f"g{i}", (f"p{i}",), 4) for i in range(3)]
-    dear = schedule_plan("dear", groups, P)
-    assert dear.backward == ((("rs", 2),), (("rs", 1),), (("rs", 0),)) and dear.forward == ((("ag", 0),), (("ag", 1),), (("ag", 2),))
-    wfbp = schedule_plan("wfbp", groups, P)
-    assert wfbp.sync_before_forward and wfbp.backward == ((("ar", 2),), (("ar", 1),), (("ar", 0),))
-
-
 part = sys.argv[1]
 {"matrix": run_matrix, "features": run_features, "broadcasts": run_broadcasts,
- "mismatch": run_mismatch, "given_plan": run_given_plan, "plans": run_builtin_plans}[part]()
+ "mismatch": run_mismatch, "given_plan": run_given_plan}[part]()

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from pipedap.planner import schedules
+from pipedap.planner.plan import Group
 from pipedap.planner.simulator import simulate
 
 TOL = 1e-9
@@ -60,6 +61,27 @@ def test_decoupled_layout():
     assert forward == [(("ag", 0),), (("ag", 3),)]
     with pytest.raises(ValueError, match="group 0"):
         schedules.decoupled("MF")
+
+
+def test_plan_of_gives_the_builtin_submission_orders(make_problem):
+    """The runtime's plans without a given plan (docs/scheduling.md §4), for 3 groups."""
+    groups = [Group(f"g{i}", (f"p{i}",), 4 * (i + 1)) for i in range(3)]
+    wfbp = schedules.plan_of("wfbp", groups, 4)
+    assert wfbp.backward == ((("ar", 2),), (("ar", 1),), (("ar", 0),)) and wfbp.forward == ()
+    assert wfbp.sync_before_forward and wfbp.schedule == "wfbp" and wfbp.world_size == 4
+    dear = schedules.plan_of("dear", groups, 4)
+    assert dear.backward == ((("rs", 2),), (("rs", 1),), (("rs", 0),))
+    assert dear.forward == ((("ag", 0),), (("ag", 1),), (("ag", 2),))
+    assert not dear.sync_before_forward and dear.schedule == "dear"
+    assert dear.groups == tuple(groups) and dear.predicted is None
+    # the simulated schedules of the same name run the same submissions
+    problem = make_problem([(4, 1.0, 1.0, 0.0)] * 3)
+    for name, plan in (("wfbp", wfbp), ("dear", dear)):
+        simulated = getattr(schedules, name)(problem)
+        assert (simulated.backward, simulated.forward, simulated.sync_before_forward) == (
+            plan.backward, plan.forward, plan.sync_before_forward)
+    with pytest.raises(ValueError, match="no built-in plan for schedule 'pipedap'"):
+        schedules.plan_of("pipedap", groups, 4)
 
 
 def test_fast_evaluation_matches_simulator(random_problems):
