@@ -228,7 +228,11 @@ class _DistributedMixin:
     # --- internals ---------------------------------------------------------------
 
     def _pipedap_maybe_switch_plan(self) -> None:
-        """After the online planner's last profiling step, run its plan (same step on every rank)."""
+        """After the online planner's last profiling step, run its plan (same step on every rank).
+
+        No digest check here: rank 0 broadcasts the plan with its digest and every rank's
+        ``Plan.from_json`` verifies it (measure.plan_on_rank0), so it is the same everywhere.
+        """
         plan = self._pipedap_online.step_done()
         if plan is None:
             return
@@ -422,6 +426,38 @@ def _resolve_plan(schedule: str, plan, named, fusion_bytes: int, world: int) -> 
     return plan_of("dear" if plan_online else schedule, groups, world), plan_online
 
 
+def _resolve_plan_on_every_rank(schedule: str, plan, named, fusion_bytes: int, world: int) -> tuple[Plan, bool]:
+    """:func:`_resolve_plan`, then the same plan on every rank, or an error on every rank.
+
+    Like the parameter check, every rank shares its plan's digest and schedule (one small
+    all-gather at wrap time); a rank whose plan cannot be resolved shares its error instead
+    of leaving the others waiting in the first collective.
+    """
+    try:
+        resolved = _resolve_plan(schedule, plan, named, fusion_bytes, world)
+        mine = (resolved[0].digest(), resolved[0].schedule, None)
+    except (OSError, TypeError, ValueError) as err:  # PlanError is a ValueError
+        resolved, mine = err, (None, None, f"{type(err).__name__}: {err}")
+    everyone = comm.allgather_object(mine, name="DistributedOptimizer.plan")
+    if isinstance(resolved, Exception):
+        raise resolved
+    for r, (_, _, error) in enumerate(everyone):
+        if error:
+            raise ValueError(f"DistributedOptimizer: rank {r} could not resolve its plan: {error}")
+    ranks_of: dict[tuple[str, str], list[int]] = {}
+    for r, (digest, name, _) in enumerate(everyone):
+        ranks_of.setdefault((digest, name), []).append(r)
+    if len({digest for digest, _ in ranks_of}) > 1:
+        plans = "; ".join(f"plan {digest} (schedule {name!r}) on rank{'s' if len(rs) > 1 else ''} "
+                          f"{', '.join(map(str, rs))}" for (digest, name), rs in ranks_of.items())
+        raise ValueError(
+            f"DistributedOptimizer: the plan differs between ranks: {plans}. Every rank must run the same "
+            "plan; likely cause: a different plan file or $PIPEDAP_PLAN on some ranks (or, without a plan, "
+            "a different schedule or fusion_bytes)."
+        )
+    return resolved
+
+
 def DistributedOptimizer(
     optimizer: torch.optim.Optimizer,
     model: torch.nn.Module | None = None,
@@ -490,7 +526,7 @@ def DistributedOptimizer(
 
     named = _named_trainable(optimizer, model, named_parameters)
     _check_ranks_agree(named)
-    plan, plan_online = _resolve_plan(schedule, plan, named, fusion_bytes, world)
+    plan, plan_online = _resolve_plan_on_every_rank(schedule, plan, named, fusion_bytes, world)
     by_name = dict(named)
     buckets = [build_bucket(i, [(n, by_name[n]) for n in g.params], world, rank) for i, g in enumerate(plan.groups)]
     wrapped._pipedap_plan = plan

@@ -40,3 +40,15 @@ def test_a_given_dear_plan_is_kept_with_schedule_pipedap():
     for how in ("Plan", "file", "PIPEDAP_PLAN"):
         assert out.count(f"given dear plan kept ({how})") == 2, out
     assert out.count("given plan OK") == 2
+
+
+def test_a_plan_that_differs_on_one_rank_raises_on_every_rank():
+    """Issue 12: every rank compares the plan's digest at wrap time (as the parameters')."""
+    out = run_part("plan_mismatch", 2)
+    assert "NOT DETECTED" not in out, out
+    for how in ("Plan", "PIPEDAP_PLAN"):
+        assert out.count(f"DETECTED ({how}) with both digests: DistributedOptimizer: the plan differs between "
+                         "ranks: plan ") == 2, out
+    assert out.count("DETECTED (missing file)") == 2, out
+    assert "rank 1 could not resolve its plan: FileNotFoundError" in out, out
+    assert out.count("same plan OK") == 2, out

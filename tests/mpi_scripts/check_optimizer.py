@@ -477,6 +477,40 @@ def run_given_plan():
     print(f"rank {R}: given plan OK")
 
 
+def run_plan_mismatch():
+    """Every rank compares the plan's digest at wrap time: rank 1 given another plan raises everywhere."""
+    import os
+    import tempfile
+
+    model, _ = fresh("mlp")
+    dear, handwritten = plan_of("dear", module_groups(model), P), handwritten_pipedap_plan(model)
+    digests = (dear.digest(), handwritten.digest())
+
+    def wrap(how, plan=None):
+        try:
+            hvd.DistributedOptimizer(make_optimizer("sgd", model), model=model, schedule="pipedap", plan=plan)
+            print(f"rank {R}: NOT DETECTED ({how})")
+        except (ValueError, OSError) as e:
+            named = all(d in str(e) for d in digests) and "different plan file or $PIPEDAP_PLAN" in str(e)
+            print(f"rank {R}: DETECTED ({how}){' with both digests' if named else ''}: {e}")
+
+    wrap("Plan", dear if R != 1 else handwritten)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [os.path.join(tmp, f"{name}.json") for name in ("dear", "handwritten")]
+        dear.save(paths[0])
+        handwritten.save(paths[1])
+        os.environ["PIPEDAP_PLAN"] = paths[R == 1]
+        try:
+            wrap("PIPEDAP_PLAN")
+        finally:
+            os.environ.pop("PIPEDAP_PLAN")
+        wrap("missing file", paths[0] if R != 1 else os.path.join(tmp, "absent.json"))
+    opt = hvd.DistributedOptimizer(make_optimizer("sgd", model), model=model, schedule="pipedap", plan=dear)
+    assert opt.plan.digest() == digests[0]
+    print(f"rank {R}: same plan OK")
+
+
 part = sys.argv[1]
 {"matrix": run_matrix, "features": run_features, "broadcasts": run_broadcasts,
- "mismatch": run_mismatch, "given_plan": run_given_plan}[part]()
+ "mismatch": run_mismatch, "given_plan": run_given_plan,
+ "plan_mismatch": run_plan_mismatch}[part]()
