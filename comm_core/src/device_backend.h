@@ -20,6 +20,9 @@ class DeviceBackend {
   // On the engine thread: issue the ops as one NCCL group on the communication
   // stream, after their ready events, and wait until they finished.
   virtual void run_group(const std::vector<OpSpec>& ops) = 0;
+  // On the engine thread, for a group that will not run (refused by the
+  // agreement, or after an earlier failure): release what prepare() made.
+  virtual void discard(const std::vector<OpSpec>& ops) = 0;
 };
 
 bool nccl_built();

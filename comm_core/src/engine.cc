@@ -169,7 +169,8 @@ std::shared_ptr<Handle> Engine::submit(std::vector<OpSpec> ops) {
   return handle;
 }
 
-void Engine::finish(Submission& sub, const std::string& error) {
+void Engine::finish(Submission& sub, const std::string& error, bool ran) {
+  if (!ran && sub.ops.front().device >= 0) device_->discard(sub.ops);
   {
     // Before the handle completes: the caller may reuse the names right after.
     std::lock_guard<std::mutex> lock(mu_);
@@ -232,16 +233,18 @@ void Engine::execute(Submission& sub, Submission* next) {
                            std::to_string(world_.rank);
   if (!broken_.empty()) {
     abandon_agreement(sub);
-    finish(sub, what + " was not run because an earlier operation failed: " + broken_);
+    finish(sub, what + " was not run because an earlier operation failed: " + broken_, /*ran=*/false);
     return;
   }
+  bool ran = false;  // whether the data phase started (a device group's events are then its own)
   try {
     if (world_.size > 1) {
       agree(sub);
       if (next != nullptr) agree(*next);  // its latency hides behind this submission's data
       sub.agreement->wait(config_.host.poll, world_.rank);
       if (!sub.agreement->agreed()) {
-        finish(sub, what + " was not run: " + sub.agreement->explain(side_, h.description(), config_.host.poll));
+        finish(sub, what + " was not run: " + sub.agreement->explain(side_, h.description(), config_.host.poll),
+               /*ran=*/false);
         return;  // every rank failed this same submission: the next ones can still run
       }
     }
@@ -249,17 +252,18 @@ void Engine::execute(Submission& sub, Submission* next) {
       std::lock_guard<std::mutex> lock(mu_);
       phase_ = Phase::kMovingData;
     }
+    ran = true;
     if (sub.ops.front().device >= 0) {
       device_->run_group(sub.ops);
     } else {
       run_host_group(world_, sub.ops, config_.host, scratch_);
     }
-    finish(sub, "");
+    finish(sub, "", /*ran=*/true);
   } catch (const std::exception& e) {
     // After a failed data phase the ranks may disagree on what ran: stop here
     // rather than risk silently wrong results or a hang later.
     broken_ = what + ": " + e.what();
-    finish(sub, broken_);
+    finish(sub, broken_, ran);
   }
 }
 

@@ -84,7 +84,8 @@ class Engine {
   void validate(const std::vector<OpSpec>& ops) const;
   void forget_names(const std::vector<OpSpec>& ops);  // under mu_
   // Completes (error empty) or fails the submission's handle, after forgetting its names.
-  void finish(Submission& sub, const std::string& error);
+  // `ran`: its data phase started (else the device backend releases what it prepared).
+  void finish(Submission& sub, const std::string& error, bool ran);
 
   EngineConfig config_;
   // Three duplicates of MPI_COMM_WORLD: our traffic never matches the user's,
