@@ -107,18 +107,7 @@ def test_a_plan_without_prediction_is_simulated_for_the_predicted_lane(tmp_path,
     assert "predicted by the plan" in result.output
 
 
-def drawn_legend(monkeypatch, draw) -> list[str]:
-    """Run ``draw`` and return the legend texts of the figure it closes."""
-    plt = pytest.importorskip("matplotlib.pyplot")
-    figures = []
-    real_close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
-    draw()
-    (fig,) = figures
-    return [text.get_text() for ax in fig.axes if ax.get_legend() for text in ax.get_legend().get_texts()]
-
-
-def test_the_chart_names_every_colour_and_the_predicted_end(tmp_path, monkeypatch):
+def test_the_chart_names_every_colour_and_the_predicted_end(tmp_path, legend_of):
     def slice_(name, cat, pid, tid, ts, dur, **args):
         return {"name": name, "cat": cat, "ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur, "args": args}
 
@@ -128,7 +117,7 @@ def test_the_chart_names_every_colour_and_the_predicted_end(tmp_path, monkeypatc
               slice_("iteration (predicted)", "predicted", 1, 0, 0, 190, batch=0),
               slice_("RS0+AG1", "predicted", 1, 1, 20, 30, batch=0)]
     doc = {"traceEvents": events, "otherData": {"measured_iteration_s": 2e-4, "predicted_iteration_s": 1.9e-4}}
-    labels = drawn_legend(monkeypatch, lambda: timeline.draw(doc, tmp_path / "chart.png", batch=0))
+    labels = legend_of(lambda: timeline.draw(doc, tmp_path / "chart.png", batch=0))
     assert labels == ["forward (F)", "backward (B)", "reduce-scatter (RS)", "all-gather (AG)",
                       "ops sent as one submission (RS+AG)",
                       "predicted iteration (backward start to next forward end)", "predicted end of the batch"]
