@@ -106,15 +106,11 @@ std::string Agreement::explain(const Communicator& side, const std::string& my_d
   // Ranks that submitted the same thing are named together, in rank order.
   std::map<std::pair<uint64_t, std::string>, std::vector<int>> groups;
   std::vector<std::pair<uint64_t, std::string>> order;
-  std::vector<std::string> descriptions;
   std::string objections;
   for (int r = 0; r < side.size; ++r) {
     const std::string what(all.data() + r * kDescriptionBytes);
     const auto key = std::make_pair(all_[r].hash, what);
-    if (groups.find(key) == groups.end()) {
-      order.push_back(key);
-      descriptions.push_back(what);
-    }
+    if (groups.find(key) == groups.end()) order.push_back(key);
     groups[key].push_back(r);
     if (all_[r].flags & kNameInFlight) {
       objections += " Rank " + std::to_string(r) + " submitted " + what +
@@ -128,8 +124,11 @@ std::string Agreement::explain(const Communicator& side, const std::string& my_d
     for (size_t i = 0; i < order.size(); ++i) {
       message += std::string(i ? ";" : "") + " " + rank_list(groups[order[i]]) + " submitted " + order[i].second;
     }
-    if (std::set<std::string>(descriptions.begin(), descriptions.end()).size() < order.size()) {
-      message += " (alike in these words, they differ in the reduction: sum or average)";
+    std::set<std::string> worded;
+    for (const auto& key : order) worded.insert(key.second);
+    if (worded.size() < order.size()) {
+      message += " (alike in these words, they differ in what the words leave out: the reduction, sum or "
+                 "average, or the tail of a long group)";
     }
     message += ". Every rank must submit the same collectives (kind, name, element count, dtype, root) in the same "
                "order: look for a rank-dependent branch or an extra collective on some ranks.";
