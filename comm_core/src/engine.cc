@@ -294,7 +294,7 @@ std::string Engine::stall_message(const Inquiry& inquiry) const {
 
 void Engine::service() {
   if (world_.size < 2) return;
-  status_->serve(status_snapshot());
+  status_->serve([this] { return status_snapshot(); });  // a snapshot only when asked
   Inquiry inquiry;
   {
     std::lock_guard<std::mutex> lock(mu_);

@@ -30,7 +30,7 @@ StatusChannel::~StatusChannel() {
   abandon_requests(asked_, /*cancellable=*/true, side_.rank, "stopping the status channel");
 }
 
-void StatusChannel::serve(const RankStatus& me) {
+void StatusChannel::serve(const std::function<RankStatus()>& me) {
   // Errors here are ignored: the status channel only serves diagnostics.
   for (;;) {
     int flag = 0;
@@ -38,7 +38,7 @@ void StatusChannel::serve(const RankStatus& me) {
     if (MPI_Iprobe(MPI_ANY_SOURCE, kQuestionTag, side_.comm, &flag, &st) != MPI_SUCCESS || !flag) break;
     int64_t question = 0;
     MPI_Recv(&question, 1, MPI_INT64_T, st.MPI_SOURCE, kQuestionTag, side_.comm, MPI_STATUS_IGNORE);
-    outgoing_.push_back(Answer{me, MPI_REQUEST_NULL});
+    outgoing_.push_back(Answer{me(), MPI_REQUEST_NULL});
     MPI_Isend(&outgoing_.back().status, sizeof(RankStatus), MPI_BYTE, st.MPI_SOURCE, kAnswerTag, side_.comm,
               &outgoing_.back().request);
   }

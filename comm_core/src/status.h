@@ -13,6 +13,7 @@
 #include <mpi.h>
 
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <optional>
 #include <string>
@@ -45,8 +46,9 @@ class StatusChannel {
   StatusChannel(const StatusChannel&) = delete;
   StatusChannel& operator=(const StatusChannel&) = delete;
 
-  // Answers the other ranks' questions with `me`; progresses our own inquiry.
-  void serve(const RankStatus& me);
+  // Answers the other ranks' questions with `me()` (called only when one
+  // came); progresses our own inquiry.
+  void serve(const std::function<RankStatus()>& me);
   // Asks every other rank what it is doing (nothing if an inquiry is under way).
   void ask();
   bool asking() const { return asking_; }
