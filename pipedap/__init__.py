@@ -7,8 +7,8 @@ collectives below)::
     pipedap.init()
     x = pipedap.allreduce(torch.ones(3))          # average over all ranks
 
-The communication API lives in :mod:`pipedap.comm` and needs the compiled
-``comm_core``; it is loaded on first use, so the pure-Python parts
+The collectives live in :mod:`pipedap.comm` (over :mod:`pipedap.engine`) and
+need the compiled ``comm_core``; it is loaded on first use, so the pure-Python parts
 (``pipedap.planner``) import on machines without MPI.
 """
 
@@ -21,17 +21,20 @@ import pipedap.log  # noqa: F401  every record of the "pipedap" logger names its
 __version__ = "0.1.0"
 
 # name -> module that defines it; loaded on first attribute access
-_LAZY = {
-    name: "pipedap.comm"
-    for name in (
-        "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
-        "nccl_built", "mpi_threads_supported", "CommError", "Average", "Sum",
-        "allreduce", "allreduce_async", "allreduce_", "allreduce_async_",
-        "allgather", "allgather_async", "reducescatter", "reducescatter_async",
-        "broadcast", "broadcast_async", "broadcast_", "broadcast_async_",
-        "barrier", "synchronize", "poll", "broadcast_object", "allgather_object",
-    )
-}
+_LAZY = dict.fromkeys(
+    ("init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
+     "nccl_built", "mpi_threads_supported", "CommError", "Average", "Sum"),
+    "pipedap.engine",
+)
+_LAZY.update(dict.fromkeys(
+    ("allreduce", "allreduce_async", "allreduce_", "allreduce_async_",
+     "allgather", "allgather_async", "reducescatter", "reducescatter_async",
+     "broadcast", "broadcast_async", "broadcast_", "broadcast_async_",
+     "barrier", "synchronize", "poll", "broadcast_object", "allgather_object"),
+    "pipedap.comm",
+))
+_LAZY.update(dict.fromkeys(("ProcessSet", "add_process_set", "remove_process_set", "global_process_set"),
+                           "pipedap.process_sets"))
 _LAZY.update(dict.fromkeys(("DistributedOptimizer", "flush", "clip_grad_norm_"), "pipedap.optimizer"))
 _LAZY.update(dict.fromkeys(("broadcast_parameters", "broadcast_optimizer_state"), "pipedap.functions"))
 _LAZY["Compression"] = "pipedap.compression"

@@ -15,7 +15,7 @@ of the optimizer step, exactly as single-process training skips ``grad is None``
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -32,15 +32,6 @@ class Bucket:
     shard: torch.Tensor  # this rank's block of buffer: reduce-scatter output, all-gather input
     grad_numel: int  # elements of buffer that hold gradients (the rest: flags and padding)
     shard_start: int  # offset of shard in buffer
-
-    # per-iteration state, owned by the optimizer
-    ready: set = field(default_factory=set)  # indices of params whose gradient is complete
-    handles: dict = field(default_factory=dict)  # "rs"/"ag"/"ar" -> Submitted
-    pending_update: bool = False  # communicated, update not applied yet
-    zero_after_update: bool = False
-    update_scale: float = 1.0  # applied to the gradients just before the pending update
-    hyperparameters: list = field(default_factory=list)  # param-group options at step(), for the pending update
-    last_update_seconds: float = 0.0  # duration of the latest update (for the online planner)
 
     @property
     def nbytes(self) -> int:

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from pipedap import comm
+from pipedap import comm, engine
 
 
 def broadcast_parameters(params: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], root_rank: int = 0) -> None:
@@ -38,7 +38,7 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int =
 
     Works before the first step (empty state: the hyperparameters are still made equal).
     """
-    state = comm.broadcast_object(optimizer.state_dict() if comm.rank() == root_rank else None,
+    state = comm.broadcast_object(optimizer.state_dict() if engine.rank() == root_rank else None,
                                   root_rank, name="optimizer_state")
-    if comm.rank() != root_rank:
+    if engine.rank() != root_rank:
         optimizer.load_state_dict(state)

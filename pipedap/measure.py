@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pipedap import comm, settings
+from pipedap import comm, engine, settings
 from pipedap.planner import costmodel
 from pipedap.planner.costmodel import CostModel, FitReport
 from pipedap.planner.plan import Plan
@@ -42,19 +42,19 @@ def host_set() -> tuple[str, ...]:
 
 def _time_primitive(kind: str, nbytes: int, repeats: int) -> float:
     """Seconds per operation (median of `repeats`, slowest rank) for a float32 buffer of ~nbytes."""
-    world = comm.size()
+    world = engine.size()
     n = max(world, nbytes // 4 // world * world)
     full, part = torch.ones(n), torch.ones(n // world)
-    make = {"rs": lambda: comm.reducescatter_collective(full, part, f"measure.rs.{n}", comm.Sum),
-            "ag": lambda: comm.allgather_collective(part, full, f"measure.ag.{n}"),
-            "ar": lambda: comm.allreduce_collective(full, full, f"measure.ar.{n}", comm.Sum)}[kind]
+    make = {"rs": lambda: engine.reducescatter_collective(full, part, f"measure.rs.{n}", engine.Sum),
+            "ag": lambda: engine.allgather_collective(part, full, f"measure.ag.{n}"),
+            "ar": lambda: engine.allreduce_collective(full, full, f"measure.ar.{n}", engine.Sum)}[kind]
     collective = make()
-    comm.synchronize(comm.submit_group([collective]))  # warm-up
+    engine.submit([collective]).wait()  # warm-up
     samples = []
     for _ in range(repeats):
         comm.barrier()
         start = time.perf_counter()
-        comm.synchronize(comm.submit_group([collective]))
+        engine.submit([collective]).wait()
         samples.append(time.perf_counter() - start)
     samples.sort()
     median = torch.tensor([samples[len(samples) // 2]], dtype=torch.float64)
@@ -64,7 +64,7 @@ def _time_primitive(kind: str, nbytes: int, repeats: int) -> float:
 def measure_cost_model(sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 5,
                        progress: Callable[[str], None] | None = None) -> tuple[CostModel, dict[str, FitReport]]:
     """Microbenchmark rs/ag/ar with the comm core at this world size; least-squares α-β fit per primitive."""
-    if comm.size() < 2:
+    if engine.size() < 2:
         raise ValueError("a cost model needs at least 2 ranks: launch with mpirun -np N (N >= 2)")
     samples: dict[str, list[tuple[float, float]]] = {kind: [] for kind in KIND_OPS}
     for nbytes in sizes:
@@ -73,7 +73,7 @@ def measure_cost_model(sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 5,
             samples[kind].append((float(nbytes), seconds))
             if progress:
                 progress(f"{KIND_OPS[kind]:>14} {nbytes:>10} B: {seconds * 1e6:10.1f} us")
-    return costmodel.fit(samples, comm.size(), host_set())
+    return costmodel.fit(samples, engine.size(), host_set())
 
 
 def cost_model(path: str | os.PathLike | None = None, measure_if_missing: bool = True,
@@ -87,20 +87,20 @@ def cost_model(path: str | os.PathLike | None = None, measure_if_missing: bool =
     hosts = host_set()
     if file.exists():
         try:
-            return costmodel.load(file, comm.size(), hosts)
+            return costmodel.load(file, engine.size(), hosts)
         except (ValueError, KeyError) as err:
             if path or not measure_if_missing:
                 raise
-            log.info("no cached cost model for %d ranks on %s (%s): measuring", comm.size(), ",".join(hosts), err)
+            log.info("no cached cost model for %d ranks on %s (%s): measuring", engine.size(), ",".join(hosts), err)
     elif path:
         raise FileNotFoundError(f"cost model file {file} does not exist; create it with pipedap.measure.cost_model()")
     if not measure_if_missing:
-        raise FileNotFoundError(f"no cost model for {comm.size()} ranks on {hosts} in {file}")
+        raise FileNotFoundError(f"no cost model for {engine.size()} ranks on {hosts} in {file}")
     model, reports = measure_cost_model(sizes)
     for kind, report in reports.items():
         log.info("cost model %s: rms relative residual %.1f%% over %d sizes", kind, 100 * report.rms_relative,
                  report.samples)
-    if comm.rank() == 0:
+    if engine.rank() == 0:
         file.parent.mkdir(parents=True, exist_ok=True)
         costmodel.save(model, file)
     return model
@@ -114,5 +114,5 @@ def agree_profile(profile: Profile) -> Profile:
 
 def plan_on_rank0(make_plan: Callable[[], Plan]) -> Plan:
     """Compute the plan on rank 0 only and give it to every rank (identical digests by construction)."""
-    doc = comm.broadcast_object(make_plan().to_dict() if comm.rank() == 0 else None, 0, name="measure.plan")
+    doc = comm.broadcast_object(make_plan().to_dict() if engine.rank() == 0 else None, 0, name="measure.plan")
     return Plan.from_json(doc)

@@ -23,7 +23,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from pipedap import comm, measure
+from pipedap import comm, engine, measure
 from pipedap.buckets import Bucket
 from pipedap.planner import costmodel, schedules
 from pipedap.planner.costmodel import AlphaBeta, CostModel
@@ -74,11 +74,11 @@ class OnlinePlanner:
         self.steps, self.warmup, self.planner = steps, warmup, planner
         self.records: list[_Step] = []
         self.current = _Step()
-        self.ops: dict[str, list[comm.CompletedOp]] = {}  # rs/ag name -> its runs, in completion order
+        self.ops: dict[str, list[engine.CompletedOp]] = {}  # rs/ag name -> its runs, in completion order
         self.ends: list[int] = []  # end_ns of every submission seen (predecessors of the samples)
         self.step_started = time.monotonic()
         self.step_seconds: list[float] = []
-        comm.add_completion_listener(self._on_ops)
+        engine.add_completion_listener(self._on_ops)
 
     # --- what the optimizer reports -------------------------------------------------
 
@@ -92,7 +92,7 @@ class OnlinePlanner:
         if not self.current.ready:  # the forward that precedes this iteration's backward
             self.current.forward_end = time.monotonic()
 
-    def _on_ops(self, ops: list[comm.CompletedOp]) -> None:
+    def _on_ops(self, ops: list[engine.CompletedOp]) -> None:
         self.ends.append(ops[0].end_ns)
         if len(ops) != 1 or len(self.records) < self.warmup:
             return  # merged submissions do not separate the two primitives; warm-up is not typical
@@ -104,7 +104,7 @@ class OnlinePlanner:
         """Per rs/ag name, its runs on this rank: (bytes, seconds, queued behind its predecessor)."""
         ends = sorted(self.ends)
 
-        def queued(op: comm.CompletedOp) -> bool:
+        def queued(op: engine.CompletedOp) -> bool:
             k = bisect.bisect_right(ends, op.start_ns) - 1  # the last submission that ended before it started
             return k >= 0 and op.enqueue_ns < ends[k] and op.start_ns - ends[k] <= HANDOFF_S * 1e9
 
@@ -120,7 +120,7 @@ class OnlinePlanner:
         self.current = _Step()
         if len(self.records) < self.warmup + self.steps:
             return None
-        comm.remove_completion_listener(self._on_ops)
+        engine.remove_completion_listener(self._on_ops)
         started = time.perf_counter()
         # Everything collective runs on every rank; only the planning itself runs on rank 0.
         profile = measure.agree_profile(self.profile())
@@ -180,7 +180,7 @@ class OnlinePlanner:
         rs, _ = costmodel.fit_line(samples["rs"])
         ag, _ = costmodel.fit_line(samples["ag"])
         # all-reduce is not used by PipeDAP plans; a ring all-reduce is a reduce-scatter then an all-gather
-        return CostModel(comm.size(), rs, ag, AlphaBeta(rs.a + ag.a, rs.b + ag.b))
+        return CostModel(engine.size(), rs, ag, AlphaBeta(rs.a + ag.a, rs.b + ag.b))
 
     def _plan(self, profile: Profile, cost: CostModel) -> Plan:
         problem = Problem(profile, cost)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipedap.comm import CompletedOp, remove_completion_listener
+from pipedap.engine import CompletedOp, remove_completion_listener
 from pipedap.online_planner import OnlinePlanner, skew_free_samples
 from pipedap.planner import costmodel
 

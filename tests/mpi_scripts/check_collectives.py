@@ -88,7 +88,7 @@ for i, h in enumerate(handles):
     check(hvd.synchronize(h), torch.tensor([float(P * i + P * (P - 1) / 2)]), f"small op {i}")
 
 # a grouped submission: RS of one buffer with AG of another and an AR, large (ring) and small (MPI)
-from pipedap import comm  # noqa: E402
+from pipedap import engine  # noqa: E402
 
 for n in (P * 40_000, P * 3):
     a = value(R, n, torch.float32)
@@ -97,10 +97,10 @@ for n in (P * 40_000, P * 3):
     gathered = torch.empty(n)
     c = value(R, n, torch.float32)
     c_out = torch.empty(n)
-    group = [comm.reducescatter_collective(a, shard, f"g.rs.{n}", op=hvd.Sum),
-             comm.allgather_collective(b, gathered, f"g.ag.{n}"),
-             comm.allreduce_collective(c, c_out, f"g.ar.{n}", op=hvd.Average)]
-    rs, ag, ar = hvd.synchronize(comm.submit_group(group))
+    group = [engine.reducescatter_collective(a, shard, f"g.rs.{n}", op=hvd.Sum),
+             engine.allgather_collective(b, gathered, f"g.ag.{n}"),
+             engine.allreduce_collective(c, c_out, f"g.ar.{n}", op=hvd.Average)]
+    rs, ag, ar = engine.submit(group).wait()
     check(rs, total(n, torch.float32).to(torch.float32)[R * (n // P) : (R + 1) * (n // P)], f"group reducescatter n={n}")
     check(ag, torch.arange(P, dtype=torch.float32).repeat_interleave(n // P), f"group allgather n={n}")
     check(ar, average(total(n, torch.float32), torch.float32), f"group allreduce n={n}")
@@ -110,10 +110,10 @@ for n in (P * 40_000, P * 3):
     bucket = value(R, n, torch.float32)
     k = n // P
     shard = bucket[R * k : (R + 1) * k]
-    hvd.synchronize(comm.submit_group([comm.reducescatter_collective(bucket, shard, f"inplace.rs.{n}", op=hvd.Average)]))
+    engine.submit([engine.reducescatter_collective(bucket, shard, f"inplace.rs.{n}", op=hvd.Average)]).wait()
     want = average(total(n, torch.float32), torch.float32)
     check(shard, want[R * k : (R + 1) * k], f"in-place reducescatter n={n}")
-    hvd.synchronize(comm.submit_group([comm.allgather_collective(shard, bucket, f"inplace.ag.{n}")]))
+    engine.submit([engine.allgather_collective(shard, bucket, f"inplace.ag.{n}")]).wait()
     check(bucket, want, f"in-place allgather n={n}")
 
 # half types round once per addition, like torch's float32 add then cast (exact at P == 2: one addition)

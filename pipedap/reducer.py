@@ -1,0 +1,286 @@
+"""The reducer: runs a plan's gradient communication for one model, between optimizer and engine.
+
+It owns the buckets (pipedap.buckets: the layout), one readiness tracker (which
+gradients of this step are complete), the plan runner (issues the plan's
+submissions in plan order as buckets become ready), the state of the step whose
+updates are pending (gradient scale, hyperparameters) and the hand-off to the
+online planner. It registers the hooks that drive it: a post-accumulate-grad
+hook per parameter and a forward pre-hook per module that owns parameters.
+
+The update rule itself stays with the optimizer: the reducer calls
+``apply_update(params, hyperparameters)`` once the buckets' communication is done.
+
+[Note: when updates happen]
+After ``end_step()`` every bucket is *pending*: its all-gather may still be in
+flight. The forward pre-hook of a module finishes the pending buckets of its
+parameters (wait, scale, update) before the module runs, also in ``eval()`` and
+under ``torch.no_grad()``; ``finish_all()`` finishes all of them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from pipedap import engine
+from pipedap.buckets import Bucket
+from pipedap.online_planner import OnlinePlanner
+from pipedap.planner.plan import Plan
+from pipedap.process_sets import ProcessSet
+
+# apply_update(params that got a gradient on some rank, param-group options in force at step())
+ApplyUpdate = Callable[[list[torch.nn.Parameter], list[dict]], None]
+
+
+@dataclass
+class _PendingStep:
+    """What the pending updates need from the step that produced them."""
+
+    scale: float  # applied to the averaged gradients just before the update
+    hyperparameters: list[dict]  # param-group options at step() (an LR scheduler may change them since)
+
+
+class Reducer:
+    """One model's gradient communication over one process set, following one plan."""
+
+    def __init__(self, plan: Plan, buckets: list[Bucket], apply_update: ApplyUpdate, *, op, passes: int,
+                 process_set: ProcessSet, online: OnlinePlanner | None = None):
+        self.plan, self.buckets, self.apply_update = plan, buckets, apply_update
+        self.op, self.passes, self.process_set, self.online = op, passes, process_set, online
+        self.where = {p: (b, i) for b in buckets for i, p in enumerate(b.params)}
+        self.countdown = dict.fromkeys(self.where, passes)  # backward passes left before p's gradient is final
+        self.ready: list[set[int]] = [set() for _ in buckets]  # per bucket: indices of complete gradients
+        self.works: list[dict[str, engine.Work]] = [{} for _ in buckets]  # per bucket: "rs"/"ag"/"ar" -> its work
+        self.pending: set[int] = set()  # buckets communicated (or in flight) whose update is not applied
+        self.zero_after_update: set[int] = set()
+        self.update_seconds = [0.0] * len(buckets)  # the latest update's duration (for the online planner)
+        self.pending_step = _PendingStep(1.0, [])
+        self.module_buckets: dict[torch.nn.Module, list[int]] = {}
+        self.sync_enabled = True  # False inside no_sync()
+        self.grads_complete = False  # synchronize() ran between backward and step()
+        self.clip_coef: float | None = None  # set by clip_grad_norm_ for this step
+        self._lock = threading.Lock()  # gradient hooks may run on autograd's device threads
+        self._forward_end_hook = None
+        self._new_step()
+
+    # --- hooks ---------------------------------------------------------------------
+
+    def attach(self, model: torch.nn.Module | None) -> None:
+        """Register the hooks that drive the reducer (a model is needed for lazy updates)."""
+        for p in self.where:
+            p.register_post_accumulate_grad_hook(self.grad_ready)
+        if model is None:
+            return
+        for module in model.modules():
+            owned = sorted({self.where[p][0].index for p in module.parameters(recurse=False) if p in self.where})
+            if owned:
+                self.module_buckets[module] = owned
+                module.register_forward_pre_hook(self.before_forward)
+        if self.online is not None:  # removed when the plan switches
+            self._forward_end_hook = model.register_forward_hook(lambda *_: self.online.forward_ended())
+
+    def grad_ready(self, p: torch.nn.Parameter) -> None:
+        """Post-accumulate-grad hook: count p's gradient; submit its bucket when complete (in plan order)."""
+        if not self.sync_enabled:
+            return
+        self.countdown[p] -= 1
+        if self.countdown[p] > 0:
+            return
+        self.countdown[p] = self.passes
+        b, i = self.where[p]
+        if b.index in self.pending:
+            raise RuntimeError(
+                f"parameter '{b.names[i]}' got a gradient before its pending update was applied: it was used "
+                "outside the forward of a module that owns it, so it was stale. Call pipedap.flush(model) "
+                "before such use, or use schedule='wfbp'."
+            )
+        ready = self.ready[b.index]
+        if i in ready:
+            raise RuntimeError(
+                f"gradients of '{b.names[i]}' were computed more than backward_passes_per_step="
+                f"{self.passes} times before step(); raise backward_passes_per_step or use no_sync()"
+            )
+        ready.add(i)
+        if p.grad is not None and p.grad.data_ptr() != b.grads[i].data_ptr():
+            b.grads[i].copy_(p.grad)  # the gradient was re-allocated (grad set to None, create_graph)
+            p.grad = b.grads[i]
+        b.flags[i] = 1
+        if len(ready) == len(b.params):
+            if self.online is not None:
+                self.online.bucket_ready(b.index)
+            with self._lock:
+                self._advance()
+
+    def before_forward(self, module: torch.nn.Module, args) -> None:
+        """Forward pre-hook: finish the module's pending buckets (the online planner times it)."""
+        for g in self.module_buckets.get(module, ()):
+            enter = time.monotonic()
+            self.update_seconds[g] = 0.0
+            if g in self.pending:
+                self.finish([g])
+            if self.online is not None:
+                self.online.bucket_entered(g, enter, time.monotonic(), self.update_seconds[g])
+
+    # --- the plan runner ---------------------------------------------------------
+
+    def _new_step(self) -> None:
+        self.next_backward = 0  # index of the plan's next backward submission
+        self.backward_flushed = False  # every bucket counts as ready (gradients that never came are zero)
+        self.forward_submitted = False
+
+    @property
+    def step_started(self) -> bool:
+        return self.next_backward > 0 or any(self.ready)
+
+    def _advance(self) -> None:
+        """Issue the plan's backward submissions whose reduce-scatters' buckets are all complete."""
+        backward = self.plan.backward
+        while self.next_backward < len(backward):
+            sub = backward[self.next_backward]
+            if not self.backward_flushed and any(kind != "ag" and len(self.ready[g]) < len(self.buckets[g].params)
+                                                 for kind, g in sub):
+                return
+            self._submit(sub)
+            self.next_backward += 1
+
+    def flush_backward(self) -> None:
+        """Issue every backward submission left (the previous step's pending updates first)."""
+        self.finish_all()  # buckets not used since the last step() still hold a pending update
+        with self._lock:
+            self.backward_flushed = True
+            self._advance()
+
+    def submit_forward(self) -> None:
+        with self._lock:
+            if not self.forward_submitted:
+                for sub in self.plan.forward:
+                    self._submit(sub)
+                self.forward_submitted = True
+
+    def _submit(self, sub) -> None:
+        collectives = []
+        for kind, g in sub:
+            b, ps = self.buckets[g], self.process_set
+            if kind == "rs":
+                collectives.append(engine.reducescatter_collective(b.buffer, b.shard, f"rs.{g}", self.op, ps))
+            elif kind == "ag":
+                collectives.append(engine.allgather_collective(b.shard, b.buffer, f"ag.{g}", ps))
+            else:
+                collectives.append(engine.allreduce_collective(b.buffer, b.buffer, f"ar.{g}", self.op, ps))
+        work = engine.submit(collectives)
+        for kind, g in sub:
+            self.works[g][kind] = work
+
+    # --- steps and updates -----------------------------------------------------------
+
+    def scale(self) -> float:
+        """The factor this step's averaged gradients get: 1/k for k accumulated passes, times clipping."""
+        scale = 1.0 / self.passes
+        return scale * self.clip_coef if self.clip_coef is not None else scale
+
+    def end_step(self, hyperparameters: list[dict]) -> None:
+        """``optimizer.step()``: finish issuing this step's plan; update now (WFBP) or lazily."""
+        self.flush_backward()
+        self.submit_forward()
+        self.pending_step = _PendingStep(self.scale(), hyperparameters)
+        self.pending = set(range(len(self.buckets)))
+        if self.plan.sync_before_forward or self.grads_complete:
+            self.finish_all()
+        self._new_step()
+        self.grads_complete = False
+        self.clip_coef = None
+        if self.online is not None:
+            self._maybe_switch_plan()
+
+    def synchronize(self) -> None:
+        """Between backward and step(): complete the gradients (``p.grad`` averaged); else apply what is pending."""
+        if not self.step_started:
+            self.finish_all()
+            return
+        self.flush_backward()
+        self.submit_forward()
+        for g, b in enumerate(self.buckets):
+            self._wait(g)
+            b.attach_grads()
+        self.grads_complete = True
+
+    def zero_grad(self) -> None:
+        """Zero the gradients in place (they stay views into the buckets); pending buckets after their update."""
+        for g, b in enumerate(self.buckets):
+            if g in self.pending:
+                self.zero_after_update.add(g)
+            else:
+                b.buffer.zero_()
+                b.attach_grads()
+
+    def finish_all(self) -> None:
+        self.finish(sorted(self.pending))
+
+    def finish(self, groups: list[int]) -> None:
+        """Wait for the buckets' communication and apply their update, in one optimizer step.
+
+        One step for many buckets (WFBP's step(), synchronize(), state_dict()) avoids the
+        optimizer's per-call overhead, which is milliseconds for a large model.
+        """
+        if not groups:
+            return
+        scale = self.pending_step.scale
+        for g in groups:
+            b = self.buckets[g]
+            self._wait(g)
+            b.attach_grads()
+            if scale != 1.0:
+                b.buffer[: b.grad_numel].mul_(scale)
+        used = [p for g in groups for p in self.buckets[g].used_params()]
+        started = time.perf_counter()
+        if used:
+            self.apply_update(used, self.pending_step.hyperparameters)
+        seconds = (time.perf_counter() - started) / len(groups)
+        for g in groups:
+            self.update_seconds[g] = seconds
+            self.works[g].clear()
+            self.ready[g].clear()
+            self.pending.discard(g)
+            if g in self.zero_after_update:
+                self.buckets[g].buffer.zero_()
+                self.zero_after_update.discard(g)
+
+    def _wait(self, g: int) -> None:
+        for work in self.works[g].values():
+            work.wait()
+
+    def reduced_square_sum(self) -> torch.Tensor:
+        """Sum of squares of this rank's share of the reduced gradients (float64 scalar), for clipping.
+
+        Issues what is left of the backward phase and waits for the reductions only, not
+        the all-gathers: after a reduce-scatter this rank's shard holds its share; after an
+        all-reduce the whole buffer does, so counting only the shard counts every element
+        once over all ranks.
+        """
+        self.flush_backward()
+        squares = torch.zeros(1, dtype=torch.float64)
+        for g, b in enumerate(self.buckets):
+            reduced = self.works[g].get("rs") or self.works[g].get("ar")
+            if reduced is not None:
+                reduced.wait()
+            lo, hi = b.shard_start, min(b.shard_start + b.shard.numel(), b.grad_numel)
+            if lo < hi:
+                squares += b.buffer[lo:hi].double().pow(2).sum().cpu()
+        return squares
+
+    def _maybe_switch_plan(self) -> None:
+        """After the online planner's last profiling step, run its plan (same step on every rank).
+
+        No digest check here: rank 0 broadcasts the plan with its digest and every rank's
+        ``Plan.from_json`` verifies it (measure.plan_on_rank0), so it is the same everywhere.
+        """
+        plan = self.online.step_done()
+        if plan is None:
+            return
+        self.plan, self.online = plan, None
+        if self._forward_end_hook is not None:
+            self._forward_end_hook.remove()
