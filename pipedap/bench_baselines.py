@@ -171,8 +171,8 @@ class PipedapRuntime(_OverPipedap):
         if schedule == "pipedap" and args.plan:
             plan, facts["plan_source"] = args.plan, f"file {args.plan}"
         elif schedule == "pipedap" and args.bandwidth:
-            plan, planning = bench_plan.make_plan(model, *batch, loss, bandwidth=args.bandwidth,
-                                                  latency=args.latency, threshold=args.threshold, say=say)
+            plan, planning = bench_plan.plan_for_link(model, *batch, loss, bandwidth=args.bandwidth,
+                                                      latency=args.latency, threshold=args.threshold, say=say)
             facts.update(planning, plan_source="planned in this job for an assumed link")
         elif schedule == "pipedap":
             facts["plan_source"] = "planned online by DistributedOptimizer from its first measured steps"

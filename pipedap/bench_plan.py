@@ -8,8 +8,9 @@ emulating):
 1. profile: every rank times the model on its own batch at the same time (so the numbers
    include the contention of the real run); all ranks agree on the element-wise maximum;
 2. cost model: the ring α-β model of :func:`pipedap.planner.costmodel.from_link`;
-3. plan (rank 0, broadcast): the exact planner (seeded with the PipeDAP greedy) over the
-   fusion candidates, or over the one grouping of ``--threshold`` bytes when given.
+3. plan (rank 0, broadcast): :func:`pipedap.planner.make_plan` with the exact planner
+   (seeded with the PipeDAP greedy) over the fusion candidates, or over the one grouping
+   of ``--threshold`` bytes when given.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Any
 import torch
 
 from pipedap import comm, measure, units
-from pipedap.planner import costmodel, fusion
-from pipedap.planner.plan import Plan, hash_inputs
+from pipedap.planner import costmodel, make_plan
+from pipedap.planner.plan import Plan
 from pipedap.profiler import profile_model
 
 PROFILE_WARMUP, PROFILE_ITERATIONS = 1, 3
@@ -30,8 +31,8 @@ PROFILE_WARMUP, PROFILE_ITERATIONS = 1, 3
 Say = Callable[[str], None]
 
 
-def make_plan(model: torch.nn.Module, inputs: Any, targets: Any, loss: Callable, *, bandwidth: str,
-              latency: str, threshold: int | None, say: Say) -> tuple[Plan, dict]:
+def plan_for_link(model: torch.nn.Module, inputs: Any, targets: Any, loss: Callable, *, bandwidth: str,
+                  latency: str, threshold: int | None, say: Say) -> tuple[Plan, dict]:
     """Profile, plan on rank 0 for the assumed link; every rank returns the same plan and facts."""
     started = time.perf_counter()
     say(f"profiling the model on every rank ({PROFILE_WARMUP} + {PROFILE_ITERATIONS} batches)")
@@ -44,13 +45,11 @@ def make_plan(model: torch.nn.Module, inputs: Any, targets: Any, loss: Callable,
 
     def plan_here() -> Plan:
         began = time.perf_counter()
-        groupings = ({f"threshold:{threshold}B": fusion.by_threshold(profile, threshold)} if threshold
-                     else fusion.candidates(profile, cost))
-        best, _ = fusion.search(profile, cost, planners=("optimal",), groupings=groupings)
-        say(f"planned over {len(groupings)} fusion candidate(s) in {time.perf_counter() - began:.2f} s: "
-            f"fusion {best.fusion}, predicted {best.schedule.iteration_time * 1e3:.1f} ms per batch")
-        inputs_hash = hash_inputs(profile.to_dict(), cost.to_dict(), {"fusion": best.fusion, "schedule": "optimal"})
-        return best.schedule.to_plan(inputs_hash)
+        spec = f"threshold:{threshold}" if threshold else "search"
+        plan = make_plan(profile, cost, planner="optimal", fusion=spec)
+        say(f"planned (fusion {spec}) in {time.perf_counter() - began:.2f} s: {len(plan.groups)} groups, "
+            f"predicted {plan.predicted.iteration_time * 1e3:.1f} ms per batch")
+        return plan
 
     facts = {"cost_model": cost.to_dict(), "cost_source": f"assumed ring on {bandwidth} links, {latency}",
              "profile_layers": len(profile)}

@@ -112,7 +112,7 @@ def agree_profile(profile: Profile) -> Profile:
     return elementwise_max([Profile.from_dict(d) for d in docs])
 
 
-def plan_on_rank0(make_plan: Callable[[], Plan]) -> Plan:
+def plan_on_rank0(compute: Callable[[], Plan]) -> Plan:
     """Compute the plan on rank 0 only and give it to every rank (identical digests by construction)."""
-    doc = comm.broadcast_object(make_plan().to_dict() if engine.rank() == 0 else None, 0, name="measure.plan")
+    doc = comm.broadcast_object(compute().to_dict() if engine.rank() == 0 else None, 0, name="measure.plan")
     return Plan.from_json(doc)

@@ -25,14 +25,15 @@ from dataclasses import dataclass, field
 
 from pipedap import comm, engine, measure
 from pipedap.buckets import Bucket
-from pipedap.planner import costmodel, schedules
+from pipedap.planner import costmodel, make_plan
 from pipedap.planner.costmodel import AlphaBeta, CostModel
 from pipedap.planner.plan import Plan
-from pipedap.planner.profile import Layer, Profile
-from pipedap.planner.simulator import Problem
+from pipedap.planner.profile import Layer, Profile, layer_times
 
 log = logging.getLogger("pipedap")
 
+# PIPEDAP_PLANNER -> make_plan's planner
+PLANNERS = {"optimal": "optimal", "greedy": "pipedap"}
 MIN_DISTINCT_SIZES = 3  # fewer bucket sizes than this cannot separate start-up from bandwidth
 # The engine starts a queued operation microseconds after its predecessor ends, unless the
 # thread it just woke takes the shared core first; a millisecond of skew is negligible here.
@@ -68,7 +69,7 @@ class OnlinePlanner:
     def __init__(self, buckets: list[Bucket], steps: int = 5, warmup: int = 1, planner: str = "optimal"):
         if steps < 1:
             raise ValueError(f"PIPEDAP_PROFILE_STEPS must be >= 1, got {steps}")
-        if planner not in ("optimal", "greedy"):
+        if planner not in PLANNERS:
             raise ValueError(f"PIPEDAP_PLANNER={planner!r}: use optimal (exact) or greedy (the paper's heuristic)")
         self.buckets = buckets
         self.steps, self.warmup, self.planner = steps, warmup, planner
@@ -141,26 +142,23 @@ class OnlinePlanner:
         """Median per-bucket times over the measured steps, as the planner's Profile (forward order)."""
         measured = self.records[self.warmup :]
         n = len(self.buckets)
-        tb, tf, u = ([[] for _ in range(n)] for _ in range(3))
+        u: list[list[float]] = [[] for _ in range(n)]
+        runs = []  # (tf, tb) of every step that saw a forward and a backward
         for rec in measured:
-            if rec.forward_end is not None and rec.ready:
-                previous = rec.forward_end
-                for g, t in sorted(rec.ready.items(), key=lambda item: item[1]):
-                    tb[g].append(max(0.0, t - previous))
-                    previous = t
-            order = sorted(rec.entered.items(), key=lambda item: item[1][0])
-            for i, (g, (_, leave, update)) in enumerate(order):
-                following = order[i + 1][1][0] if i + 1 < len(order) else rec.forward_end
-                if following is not None and following >= leave:
-                    tf[g].append(following - leave)
+            for g, (_, _, update) in rec.entered.items():
                 u[g].append(update)
+            if rec.forward_end is not None and rec.ready:
+                spans = {g: (enter, leave) for g, (enter, leave, _) in rec.entered.items()}
+                runs.append(layer_times(n, spans, rec.forward_end, rec.ready))
 
         def median(values: list[float]) -> float:
             return statistics.median(values) if values else 0.0
 
+        tf = [median([run[0][g] for run in runs]) for g in range(n)]
+        tb = [median([run[1][g] for run in runs]) for g in range(n)]
         layers = tuple(
             Layer(name=b.names[0] if len(b.names) == 1 else f"{b.names[0]}..{b.names[-1]}", params=tuple(b.names),
-                  nbytes=b.nbytes, tf=median(tf[b.index]), tb=median(tb[b.index]), u=median(u[b.index]))
+                  nbytes=b.nbytes, tf=tf[b.index], tb=tb[b.index], u=median(u[b.index]))
             for b in self.buckets
         )
         return Profile(layers, {"source": "online", "steps": len(measured)})
@@ -183,12 +181,13 @@ class OnlinePlanner:
         return CostModel(engine.size(), rs, ag, AlphaBeta(rs.a + ag.a, rs.b + ag.b))
 
     def _plan(self, profile: Profile, cost: CostModel) -> Plan:
-        problem = Problem(profile, cost)
-        schedule = schedules.optimal(problem) if self.planner == "optimal" else schedules.pipedap(problem)
-        baseline = schedules.dear(problem)
+        """The plan of the buckets as they are (no fusion: the buffers exist already)."""
+        plan = make_plan(profile, cost, planner=PLANNERS[self.planner], fusion="none")
+        baseline = make_plan(profile, cost, planner="dear", fusion="none")
         log.info("pipedap: predicted iteration %.1f ms (DeAR %.1f ms, bound %.1f ms)",
-                 1e3 * schedule.iteration_time, 1e3 * baseline.iteration_time, 1e3 * schedule.timeline.lower_bound)
-        return schedule.to_plan()
+                 1e3 * plan.predicted.iteration_time, 1e3 * baseline.predicted.iteration_time,
+                 1e3 * plan.predicted.lower_bound)
+        return plan
 
 
 def skew_free_samples(per_rank: list[dict[str, list[tuple[float, float, bool]]]]) -> dict[str, list[tuple[float, float]]]:

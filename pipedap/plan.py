@@ -22,12 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipedap import units
-from pipedap.planner import costmodel, fusion
+from pipedap.planner import PLANNABLE, costmodel, fusion, make_plan
 from pipedap.planner.costmodel import CostModel
-from pipedap.planner.plan import PlanError, hash_inputs
+from pipedap.planner.plan import PlanError
 from pipedap.planner.profile import Profile
-
-PLANNABLE = ("optimal", "pipedap", "dear", "wfbp")
 
 
 @contextmanager
@@ -57,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency", default="50us", help="assumed per-step latency (default 50us)")
     parser.add_argument(
         "--fusion", default="search",
-        help="search (default: every candidate), none, mgwfbp, threshold:25MB, count:4, or tune (optuna)",
+        help=f"fusion candidates: {fusion.FUSION_SPECS} (default search: every candidate; tune: optuna)",
     )
     parser.add_argument("--tune-trials", type=int, default=30, help="trials for --fusion tune (default 30)")
     parser.add_argument("--schedule", choices=PLANNABLE, default="optimal", help="schedule of the written plan")
@@ -99,25 +97,6 @@ def load_cost(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Cost
                                units.parse_duration(args.latency))
 
 
-def groupings(spec: str, profile: Profile, cost: CostModel, trials: int) -> dict[str, fusion.Grouping]:
-    """The fusion candidates named by --fusion."""
-    kind, _, value = spec.partition(":")
-    if spec == "search":
-        return fusion.candidates(profile, cost)
-    if spec == "none":
-        return {"none": fusion.singletons(profile)}
-    if spec == "mgwfbp":
-        return {"mgwfbp": fusion.mgwfbp(profile, cost)}
-    if kind == "threshold" and value.upper().endswith("MB"):
-        return {spec: fusion.by_threshold(profile, int(float(value[:-2]) * fusion.MB))}
-    if kind == "count" and value.isdigit():
-        return {spec: fusion.by_count(profile, int(value))}
-    if spec == "tune":
-        threshold, _, _ = fusion.tune_threshold(profile, cost, trials=trials)
-        return {f"tuned:{threshold / fusion.MB:.2f}MB": fusion.by_threshold(profile, threshold)}
-    raise ValueError(f"unknown --fusion {spec!r}; use search, none, mgwfbp, threshold:25MB, count:4 or tune")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -134,16 +113,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         nbytes = sum(layer.nbytes for layer in profile.layers)
         print(f"  {len(profile)} layers, {nbytes / 1e6:.1f} MB of gradients, compute {compute * 1e3:.1f} ms/iteration; "
               f"AR of everything at once: {cost.ar.time(nbytes) * 1e3:.1f} ms on {cost.world_size} workers")
-        with _step(f"fusion candidates ({args.fusion})"):
-            candidates = groupings(args.fusion, profile, cost, args.tune_trials)
+        spec = f"tune:{args.tune_trials}" if args.fusion == "tune" else args.fusion
+        with _step(f"fusion candidates ({spec})"):
+            candidates = fusion.groupings(spec, profile, cost)
         with _step(f"planning {len(candidates)} fusion candidate(s) x {len(fusion.PLANNERS)} schedules"):
             _, considered = fusion.search(profile, cost, groupings=candidates)
         chosen = min((s for s in considered if s.schedule.name == args.schedule),
                      key=lambda s: s.schedule.iteration_time)
         print_table(considered, chosen)
         if args.out:
-            inputs = hash_inputs(profile.to_dict(), cost.to_dict(), {"fusion": chosen.fusion, "schedule": args.schedule})
-            plan = chosen.schedule.to_plan(inputs)
+            plan = make_plan(profile, cost, planner=args.schedule, fusion=candidates)
             plan.save(args.out)
             print(f"plan ({args.schedule}, fusion {chosen.fusion}, {len(plan.groups)} groups, digest "
                   f"{plan.digest()[:12]}) written to {args.out}")

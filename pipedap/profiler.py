@@ -8,7 +8,8 @@ measured iterations after `warmup` ones:
   until the next layer starts (parameter-free modules after it, e.g. activations and
   pooling, count with it), the last layer's until the loss is computed;
 * backward: the time at which each layer's gradients are all accumulated (post-accumulate
-  hooks), differenced in backward order;
+  hooks), differenced in backward order ([Note: backward attribution] in
+  :func:`pipedap.planner.profile.layer_times`, shared with the online planner);
 * update: the wrapped optimizer's step on copies of one layer's parameters and gradients.
 
 No MPI here: ranks agree on the numbers through the optional ``agree(profile) -> profile``
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from pipedap.buckets import group_by_module
-from pipedap.planner.profile import Layer, Profile
+from pipedap.planner.profile import Layer, Profile, layer_times
 
 OptimizerFactory = Callable[[Sequence[torch.Tensor]], torch.optim.Optimizer]
 
@@ -153,11 +154,8 @@ def _layer_times(
 ) -> tuple[list[float], list[float]]:
     """Per-layer forward and backward times of one iteration (layers in forward order).
 
-    [Note: backward attribution]
-    Gradients of layer g are complete at ``ready[g]``; in backward order the layer's time is
-    the span since the later layers' gradients were complete. A layer whose gradients finish
-    before a later layer's (shared inputs, reuse) gets 0 and the span goes to the later one,
-    which keeps ``ready`` monotone as the simulator assumes.
+    :func:`pipedap.planner.profile.layer_times` with the first layer's forward from `start`
+    (what runs before its pre-hook counts with it); every layer must have a gradient.
     """
     missing = [owner for owner in order if owner not in ready]
     if missing:
@@ -165,16 +163,9 @@ def _layer_times(
             f"parameters of {missing[:3]} got no gradient; the loss does not depend on them: "
             f"freeze them (requires_grad=False) or use a loss that does"
         )
-    marks = [called[owner] for owner in order] + [forward_end]
-    marks[0] = start
-    tf = [b - a for a, b in zip(marks, marks[1:])]
-    tb = [0.0] * len(order)
-    previous = forward_end
-    for i in reversed(range(len(order))):
-        finished = max(ready[order[i]], previous)
-        tb[i] = finished - previous
-        previous = finished
-    return tf, tb
+    spans = {i: (called[owner], called[owner]) for i, owner in enumerate(order)}
+    spans[0] = (start, start)
+    return layer_times(len(order), spans, forward_end, {i: ready[owner] for i, owner in enumerate(order)})
 
 
 def _update_time(

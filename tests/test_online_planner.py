@@ -87,3 +87,25 @@ def test_a_given_dear_plan_is_not_replaced_by_online_planning(how, tmp_path, mon
         monkeypatch.setenv("PIPEDAP_PLAN", str(tmp_path / "dear.json"))
     resolved, online = _resolve_plan("pipedap", plan, named, 0, 2)
     assert not online and resolved.schedule == "dear" and resolved.digest() == given.digest()
+
+
+def test_the_online_planner_and_the_profiler_attribute_hook_times_alike():
+    """One rule for both (pipedap.planner.profile.layer_times): a bucket ready before a later one gets 0."""
+    from types import SimpleNamespace
+
+    from pipedap.online_planner import _Step
+    from pipedap.profiler import _layer_times
+
+    buckets = [SimpleNamespace(index=g, names=[f"l{g}.w"], nbytes=8) for g in range(3)]
+    planner = OnlinePlanner(buckets, steps=1, warmup=0)
+    remove_completion_listener(planner._on_ops)
+    enter = {0: 1.0, 1: 4.0, 2: 6.0}  # forward 1 .. 9, backward 9 .. 12; bucket 0 ready before bucket 1
+    ready = {0: 11.0, 1: 12.0, 2: 10.0}
+    planner.records = [_Step(ready=ready, entered={g: (t, t, 0.25) for g, t in enter.items()}, forward_end=9.0)]
+    online = planner.profile()
+    assert [layer.tb for layer in online.layers] == [0.0, 2.0, 1.0]
+    assert [layer.tf for layer in online.layers] == [3.0, 2.0, 3.0]
+    assert [layer.u for layer in online.layers] == [0.25] * 3
+    names = ["l0", "l1", "l2"]
+    tf, tb = _layer_times(names, dict(zip(names, enter.values())), dict(zip(names, ready.values())), 1.0, 9.0)
+    assert (tf, tb) == ([layer.tf for layer in online.layers], [layer.tb for layer in online.layers])

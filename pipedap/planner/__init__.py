@@ -9,13 +9,16 @@ any machine. Layers, bottom up:
 * :mod:`.simulator`: the §3 timeline of a schedule: iteration time and lower bounds.
 * :mod:`.schedules`: WFBP, ByteScheduler, DeAR, PipeDAP greedy, the exact planner.
 * :mod:`.fusion`: grouping layers into buckets, and the joint fusion + order search.
+* :mod:`.make`: :func:`make_plan`, the one way a profile and a cost model become a Plan.
 """
 
 from .costmodel import AlphaBeta, CostModel
+from .make import PLANNABLE, make_plan
 from .plan import Plan, PlanError
 from .profile import Layer, Profile
 from .simulator import Problem, Timeline, simulate
 
 __all__ = [
-    "AlphaBeta", "CostModel", "Layer", "Plan", "PlanError", "Problem", "Profile", "Timeline", "simulate",
+    "PLANNABLE", "AlphaBeta", "CostModel", "Layer", "Plan", "PlanError", "Problem", "Profile", "Timeline",
+    "make_plan", "simulate",
 ]

@@ -12,6 +12,7 @@ offline on the simulator or online on measured iteration times (:func:`tune_thre
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -113,6 +114,34 @@ def mgwfbp(profile: Profile, cost: CostModel, kind: str = "rs") -> Grouping:
             free = start + line.time(sum(problem.nbytes[i] for i in current))
             groups.append([g])
     return tuple(tuple(sorted(g)) for g in reversed(groups))
+
+
+FUSION_SPECS = "search, none, mgwfbp, threshold:25MB (or threshold:BYTES), count:4, tune or tune:TRIALS"
+
+
+def groupings(spec: str, profile: Profile, cost: CostModel) -> dict[str, Grouping]:
+    """The named groupings a fusion spec stands for (see :data:`FUSION_SPECS`).
+
+    ``search`` is every candidate; ``tune`` tunes the byte threshold with optuna on the
+    simulator (30 trials, or TRIALS), seeded so every rank gets the same answer.
+    """
+    kind, _, value = spec.partition(":")
+    if spec == "search":
+        return candidates(profile, cost)
+    if spec == "none":
+        return {"none": singletons(profile)}
+    if spec == "mgwfbp":
+        return {"mgwfbp": mgwfbp(profile, cost)}
+    if kind == "threshold" and re.fullmatch(r"\d+(\.\d*)?MB", value, re.IGNORECASE):
+        return {spec: by_threshold(profile, int(float(value[:-2]) * MB))}
+    if kind == "threshold" and value.isdigit():
+        return {spec: by_threshold(profile, int(value))}
+    if kind == "count" and value.isdigit():
+        return {spec: by_count(profile, int(value))}
+    if kind == "tune" and (not value or value.isdigit()):
+        threshold, _, _ = tune_threshold(profile, cost, trials=int(value or 30))
+        return {f"tuned:{threshold / MB:.2f}MB": by_threshold(profile, threshold)}
+    raise ValueError(f"unknown fusion {spec!r}; use {FUSION_SPECS}")
 
 
 def candidates(profile: Profile, cost: CostModel) -> dict[str, Grouping]:

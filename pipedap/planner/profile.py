@@ -109,6 +109,44 @@ class Profile:
         return cls.from_dict(doc, where=str(path))
 
 
+def layer_times(size: int, spans: Mapping[int, tuple[float, float]], forward_end: float,
+                ready: Mapping[int, float]) -> tuple[list[float], list[float]]:
+    """Forward and backward time of each of `size` layers (forward order) in one iteration, from hook times.
+
+    ``spans[g] = (enter, leave)``: when the forward reached layer g and when g's own compute
+    began (after its pre-hook waited for an all-gather and applied the update; the same time
+    where the hook only records it). ``forward_end``: when the forward ended and backward
+    began. ``ready[g]``: when g's gradients were all complete. The profiler and the online
+    planner both turn their hook times into layer times here. A layer missing from `spans`
+    (or `ready`) gets no forward (or backward) time.
+
+    Forward: the compute from a layer's `leave` until the forward reaches the next layer (in
+    time order; `forward_end` after the last) is that layer's, parameter-free modules included.
+
+    [Note: backward attribution]
+    Backward runs from `forward_end`; in backward order (g = size-1 .. 0) layer g's time is
+    the span from the latest readiness among layers g+1 .. size-1 to its own, or 0 if it was
+    ready earlier. This is the only rule under which the simulator's
+    ``ready[g] = tb[size-1] + ... + tb[g]`` equals the measured max over h >= g of ready[h]:
+    when the runtime can actually start RS(g), since every plan issues the backward
+    collectives in order size-1 .. 0 and RS(g) waits for those before it. Charging the spans
+    in completion order instead (the span before each readiness to the layer that became
+    ready) gives the same total, but when a layer finishes before a later one (shared
+    inputs, reuse) its prefix sum falls before its actual readiness: the simulator would
+    start a reduce-scatter before its gradients exist and predict too short an iteration.
+    """
+    tf, tb = [0.0] * size, [0.0] * size
+    order = sorted(spans, key=lambda g: spans[g][0])
+    for g, after in zip(order, [*(spans[h][0] for h in order[1:]), forward_end]):
+        tf[g] = max(0.0, after - spans[g][1])
+    previous = forward_end
+    for g in reversed(range(size)):
+        if g in ready:
+            finished = max(ready[g], previous)
+            tb[g], previous = finished - previous, finished
+    return tf, tb
+
+
 def elementwise_max(profiles: Sequence[Profile]) -> Profile:
     """The profile whose every time is the maximum over `profiles` (one per rank).
 

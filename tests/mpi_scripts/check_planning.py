@@ -8,9 +8,8 @@ import torch
 
 import pipedap as hvd
 from pipedap import measure
-from pipedap.planner import schedules
+from pipedap.planner import make_plan
 from pipedap.planner.profile import Layer, Profile
-from pipedap.planner.simulator import Problem
 
 hvd.init()
 R, P = hvd.rank(), hvd.size()
@@ -33,10 +32,11 @@ layers = [Layer(f"l{i}", (f"p{i}",), 1 << (12 + i % 6), tf=0.001 * (i + 1), tb=0
           for i in range(12)]
 agreed = measure.agree_profile(Profile(tuple(layers)))
 assert agreed.layers[3].tb == max(0.002 * 4 * (1 + 0.1 * r) for r in range(P)), agreed.layers[3]
-local = schedules.optimal(Problem(agreed, model)).to_plan()
-broadcast = measure.plan_on_rank0(lambda: schedules.optimal(Problem(agreed, model)).to_plan())
-digests = hvd.allgather_object((local.digest(), broadcast.digest()))
-assert len({d for pair in digests for d in pair}) == 1, digests
+local = make_plan(agreed, model, fusion="none")
+broadcast = measure.plan_on_rank0(lambda: make_plan(agreed, model, fusion="none"))
+digests = hvd.allgather_object((local.digest(), broadcast.digest(), local.inputs_hash, broadcast.inputs_hash))
+assert len({d for four in digests for d in four[:2]}) == 1, digests
+assert len({h for four in digests for h in four[2:]}) == 1, digests  # every rank planned from the same inputs
 print(f"rank {R}: identical plans {broadcast.digest()[:12]} on {P} ranks")
 
 # schedule="pipedap" without a plan measures, plans on rank 0 and switches on every rank at once

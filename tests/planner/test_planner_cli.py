@@ -50,7 +50,7 @@ def test_plan_with_cost_model_file_and_fixed_fusion(profile_file, tmp_path):
     ("extra", "message"),
     [
         (["--workers", "4", "--bandwidth", "fast"], "cannot parse bandwidth 'fast'"),
-        (["--workers", "4", "--bandwidth", "1gbit", "--fusion", "magic"], "unknown --fusion 'magic'"),
+        (["--workers", "4", "--bandwidth", "1gbit", "--fusion", "magic"], "unknown fusion 'magic'"),
         (["--workers", "16", "--cost-model", "missing.json"], "cannot read cost-model JSON"),
     ],
 )

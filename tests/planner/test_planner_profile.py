@@ -1,4 +1,4 @@
-"""Profiles: JSON round trip, validation, and the element-wise max agreement across ranks."""
+"""Profiles: JSON round trip, validation, the element-wise max agreement across ranks, and hook times -> layer times."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from pipedap.planner.profile import Layer, Profile, elementwise_max
+from pipedap.planner.costmodel import from_link
+from pipedap.planner.profile import Layer, Profile, elementwise_max, layer_times
+from pipedap.planner.simulator import Problem
 
 
 def _profile(scale: float) -> Profile:
@@ -44,3 +46,30 @@ def test_invalid_profiles_name_the_key(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"layers\[1\] has a missing or malformed key \('nbytes'\)"):
         Profile.load(path)
+
+
+def test_backward_time_goes_to_the_layer_that_completes_the_prefix():
+    """Layer 0's gradients finish before layer 1's: the simulator's readiness must still be the measured one.
+
+    Completion-order attribution (1 s each here) would give ready = [3, 2, 1]: RS(1) could
+    start at 2 s although layer 1's gradients exist only at 3 s.
+    """
+    ready = {0: 12.0, 1: 13.0, 2: 11.0}  # backward starts at 10
+    _, tb = layer_times(3, {}, 10.0, ready)
+    assert tb == [0.0, 2.0, 1.0]
+    profile = Profile(tuple(Layer(f"l{g}", (f"l{g}.w",), 8, 0.0, tb[g]) for g in range(3)))
+    simulated = Problem(profile, from_link(2, 1e9, 0.0)).ready
+    plan_can_start = [max(ready[h] for h in range(g, 3)) - 10.0 for g in range(3)]  # RS(g) waits for RS(g+1)
+    assert simulated == plan_can_start == [3.0, 3.0, 1.0]
+
+
+def test_forward_time_runs_from_a_layer_s_compute_to_the_next_layer_reached():
+    """Spans exclude what the pre-hook did (waiting, the update); layers reached out of index order."""
+    spans = {0: (0.0, 0.5), 2: (1.0, 1.25), 1: (2.0, 2.125)}
+    tf, _ = layer_times(4, spans, 3.0, {})
+    assert tf == [0.5, 0.875, 0.75, 0.0]  # layer 3 never ran: no time
+
+
+def test_layer_times_in_order_are_plain_differences():
+    tf, tb = layer_times(2, {0: (0.0, 0.0), 1: (1.0, 1.0)}, 3.0, {1: 4.0, 0: 6.0})
+    assert (tf, tb) == ([1.0, 2.0], [2.0, 1.0])
