@@ -246,6 +246,7 @@ class CompletedOp:
     enqueue_ns: int
     start_ns: int
     end_ns: int
+    process_set: int = 0  # the id of the set it ran on
 
 
 _listeners: list[Callable[[list[CompletedOp]], None]] = []
@@ -293,8 +294,8 @@ class Work:
     def _notify(self) -> None:
         enqueue, start, end = self._core_handle.timings()
         n = len(self.collectives)
-        ops = [CompletedOp(c.spec.name, c.spec.kind.name.lower(), c.nbytes, n, enqueue, start, end)
-               for c in self.collectives]
+        ops = [CompletedOp(c.spec.name, c.spec.kind.name.lower(), c.nbytes, n, enqueue, start, end,
+                           c.process_set.process_set_id) for c in self.collectives]
         for listener in list(_listeners):
             listener(ops)
 

@@ -29,6 +29,7 @@ from pipedap.planner import costmodel, make_plan
 from pipedap.planner.costmodel import AlphaBeta, CostModel
 from pipedap.planner.plan import Plan
 from pipedap.planner.profile import Layer, Profile, layer_times
+from pipedap.process_sets import ProcessSet, global_process_set
 
 log = logging.getLogger("pipedap")
 
@@ -66,13 +67,14 @@ class _Step:
 class OnlinePlanner:
     """Collects per-bucket timings for ``steps`` steps (after ``warmup``), then makes a plan."""
 
-    def __init__(self, buckets: list[Bucket], steps: int = 5, warmup: int = 1, planner: str = "optimal"):
+    def __init__(self, buckets: list[Bucket], steps: int = 5, warmup: int = 1, planner: str = "optimal",
+                 process_set: ProcessSet = global_process_set):
         if steps < 1:
             raise ValueError(f"PIPEDAP_PROFILE_STEPS must be >= 1, got {steps}")
         if planner not in PLANNERS:
             raise ValueError(f"PIPEDAP_PLANNER={planner!r}: use optimal (exact) or greedy (the paper's heuristic)")
         self.buckets = buckets
-        self.steps, self.warmup, self.planner = steps, warmup, planner
+        self.steps, self.warmup, self.planner, self.process_set = steps, warmup, planner, process_set
         self.records: list[_Step] = []
         self.current = _Step()
         self.ops: dict[str, list[engine.CompletedOp]] = {}  # rs/ag name -> its runs, in completion order
@@ -95,8 +97,8 @@ class OnlinePlanner:
 
     def _on_ops(self, ops: list[engine.CompletedOp]) -> None:
         self.ends.append(ops[0].end_ns)
-        if len(ops) != 1 or len(self.records) < self.warmup:
-            return  # merged submissions do not separate the two primitives; warm-up is not typical
+        if len(ops) != 1 or len(self.records) < self.warmup or ops[0].process_set != self.process_set.process_set_id:
+            return  # merged submissions do not separate the two primitives; warm-up is not typical; another set's
         op = ops[0]
         if op.name.split(".", 1)[0] in ("rs", "ag"):
             self.ops.setdefault(op.name, []).append(op)
@@ -124,9 +126,9 @@ class OnlinePlanner:
         engine.remove_completion_listener(self._on_ops)
         started = time.perf_counter()
         # Everything collective runs on every rank; only the planning itself runs on rank 0.
-        profile = measure.agree_profile(self.profile())
+        profile = measure.agree_profile(self.profile(), self.process_set)
         cost = self.cost_model()
-        plan = measure.plan_on_rank0(lambda: self._plan(profile, cost))
+        plan = measure.plan_on_rank0(lambda: self._plan(profile, cost), self.process_set)
         measured = statistics.median(self.step_seconds[self.warmup + 1 :] or self.step_seconds)
         log.info(
             "pipedap: planned from %d measured steps in %.2f s: %s plan predicts %.1f ms per iteration "
@@ -169,16 +171,16 @@ class OnlinePlanner:
         Collective: call it on every rank. The ranks agree on the samples first, so every
         rank takes the same branch.
         """
-        samples = skew_free_samples(comm.allgather_object(self.queued_runs(), name="online.ops"))
+        samples = skew_free_samples(comm.allgather_object(self.queued_runs(), name="online.ops", process_set=self.process_set))
         distinct = min(len({round(m) for m, _ in samples[k]}) for k in samples)
         if distinct < MIN_DISTINCT_SIZES:
             log.info("pipedap: operations that started together on every rank have %d distinct sizes: "
                      "measuring the cost model instead", distinct)
-            return measure.cost_model()
+            return measure.cost_model(process_set=self.process_set)
         rs, _ = costmodel.fit_line(samples["rs"])
         ag, _ = costmodel.fit_line(samples["ag"])
         # all-reduce is not used by PipeDAP plans; a ring all-reduce is a reduce-scatter then an all-gather
-        return CostModel(engine.size(), rs, ag, AlphaBeta(rs.a + ag.a, rs.b + ag.b))
+        return CostModel(self.process_set.size(), rs, ag, AlphaBeta(rs.a + ag.a, rs.b + ag.b))
 
     def _plan(self, profile: Profile, cost: CostModel) -> Plan:
         """The plan of the buckets as they are (no fusion: the buffers exist already)."""

@@ -335,7 +335,7 @@ def DistributedOptimizer(
     online = None
     if plan_online:  # measure, then plan
         online = OnlinePlanner(buckets, steps=settings.get("PIPEDAP_PROFILE_STEPS"),
-                               planner=settings.get("PIPEDAP_PLANNER"))
+                               planner=settings.get("PIPEDAP_PLANNER"), process_set=process_set)
     reducer = Reducer(plan, buckets, wrapped._pipedap_apply_update, op=op, passes=backward_passes_per_step,
                       process_set=process_set, online=online)
     wrapped._pipedap = reducer

@@ -52,3 +52,12 @@ def test_a_plan_that_differs_on_one_rank_raises_on_every_rank():
     assert out.count("DETECTED (missing file)") == 2, out
     assert "rank 1 could not resolve its plan: FileNotFoundError" in out, out
     assert out.count("same plan OK") == 2, out
+
+
+@pytest.mark.parametrize("schedules", [("dear", "wfbp"), ("pipedap", "dear")])
+def test_two_overlapping_process_sets_train_two_models_like_single_process(schedules):
+    """Issue 12: model A on ranks {0, 1} and model B on ranks {1, 2}; rank 1 trains both at once."""
+    result = run_mpi("process_set_training.py", 3, *schedules, timeout=300)
+    assert_ok(result)
+    assert result.output.count("process-set training OK (1 model(s))") == 2, result.output
+    assert result.output.count("process-set training OK (2 model(s))") == 1, result.output
