@@ -37,12 +37,6 @@ void post_exchange(const Communicator& c, int tag, const void* mine, size_t byte
   }
 }
 
-std::string rank_list(const std::vector<int>& ranks) {
-  std::string s = ranks.size() == 1 ? "rank " : "ranks ";
-  for (size_t i = 0; i < ranks.size(); ++i) s += (i ? ", " : "") + std::to_string(ranks[i]);
-  return s;
-}
-
 }  // namespace
 
 Fingerprint fingerprint_of(int64_t seq, const std::vector<OpSpec>& ops, int32_t flags) {
@@ -92,8 +86,9 @@ bool Agreement::agreed() const {
                      [&](const Fingerprint& f) { return f.hash == all_[0].hash && f.seq == all_[0].seq && f.flags == 0; });
 }
 
-std::string Agreement::explain(const Communicator& side, const std::string& my_description,
+std::string Agreement::explain(const ProcessSet& set, const std::string& my_description,
                                const PollPolicy& poll) const {
+  const Communicator& side = set.side;
   std::vector<char> mine(kDescriptionBytes, '\0');
   std::memcpy(mine.data(), my_description.data(), std::min(my_description.size(), kDescriptionBytes - 1));
   std::vector<char> all(kDescriptionBytes * side.size);
@@ -111,16 +106,16 @@ std::string Agreement::explain(const Communicator& side, const std::string& my_d
     const std::string what(all.data() + r * kDescriptionBytes);
     const auto key = std::make_pair(all_[r].hash, what);
     if (groups.find(key) == groups.end()) order.push_back(key);
-    groups[key].push_back(r);
+    groups[key].push_back(set.ranks[r]);
     if (all_[r].flags & kNameInFlight) {
-      objections += " Rank " + std::to_string(r) + " submitted " + what +
+      objections += " Rank " + std::to_string(set.ranks[r]) + " submitted " + what +
                     " while an operation of the same name was still in flight there: names must be unique among "
                     "unfinished operations (synchronize the first one, or give them different names).";
     }
   }
   std::string message;
   if (order.size() > 1) {
-    message = "operations differ between ranks at operation #" + std::to_string(all_[0].seq) + ":";
+    message = "operations differ between ranks at " + set.operation(all_[0].seq) + ":";
     for (size_t i = 0; i < order.size(); ++i) {
       message += std::string(i ? ";" : "") + " " + rank_list(groups[order[i]]) + " submitted " + order[i].second;
     }
@@ -133,7 +128,7 @@ std::string Agreement::explain(const Communicator& side, const std::string& my_d
     message += ". Every rank must submit the same collectives (kind, name, element count, dtype, root) in the same "
                "order: look for a rank-dependent branch or an extra collective on some ranks.";
   } else {
-    message = "operation #" + std::to_string(all_[0].seq) + " was refused.";
+    message = set.operation(all_[0].seq) + " was refused.";
   }
   return message + objections + " It ran on no rank (no buffer was touched).";
 }

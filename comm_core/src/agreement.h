@@ -7,7 +7,9 @@
 // worst (a message written into a buffer that was already released). So before
 // a submission's data moves, every rank sends a 24-byte fingerprint of it
 // (kind, name, counts, dtype, reduce, root, device) to every other rank, on a
-// communicator of its own. Equal fingerprints: the data phase runs. Different
+// communicator of its own. On a process set (process_set.h) "every rank" means
+// every member, on the set's own agreement communicator, with the set's own
+// sequence numbers. Equal fingerprints: the data phase runs. Different
 // ones: every rank sees the same table, so every rank fails that submission
 // (nothing ran, no buffer is touched), after a second exchange on another
 // communicator that tells each rank what the others submitted. The engine then
@@ -29,6 +31,7 @@
 
 #include "host_collectives.h"
 #include "op.h"
+#include "process_set.h"
 
 namespace pipedap {
 
@@ -57,9 +60,10 @@ class Agreement {
   bool complete();  // progresses it; true once every rank's fingerprint arrived
   // After completion: every rank submitted the same thing and none objects.
   bool agreed() const;
-  // After completion, when not agreed: a collective on `side` (every rank calls
-  // it for the same submission) that returns the message this rank raises.
-  std::string explain(const Communicator& side, const std::string& my_description, const PollPolicy& poll) const;
+  // After completion, when not agreed: a collective on the set's side
+  // communicator (every member calls it for the same submission) that returns
+  // the message this rank raises, naming the members by world rank.
+  std::string explain(const ProcessSet& set, const std::string& my_description, const PollPolicy& poll) const;
 
  private:
   Fingerprint mine_;

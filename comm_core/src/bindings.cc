@@ -140,9 +140,26 @@ PYBIND11_MODULE(_comm_core, m) {
   m.def("mpi_library_version", &mpi_library_version);
   m.def("ring_used", [](const OpSpec& op) { return uses_ring(op, engine().config().host); },
         "Whether this op would run as a ring (True) or as an MPI collective.");
-  m.def("submit", [](std::vector<OpSpec> ops) { return engine().submit(std::move(ops)); }, py::arg("ops"),
+  m.def("submit", [](std::vector<OpSpec> ops, int process_set) { return engine().submit(std::move(ops), process_set); },
+        py::arg("ops"), py::arg("process_set") = 0, py::call_guard<py::gil_scoped_release>(),
+        "Enqueue ops to run as one unit on a process set (0: the world), after everything submitted before; "
+        "returns a Handle at once. Counts and broadcast roots are relative to the set. CommError at once if "
+        "the set does not exist or this rank is not a member.");
+  m.def("add_process_set", [](const std::vector<int>& ranks) { return engine().add_process_set(ranks); },
+        py::arg("ranks"), py::call_guard<py::gil_scoped_release>(),
+        "Create a process set of these world ranks (ascending) and return its id. Collective: every rank calls "
+        "it with the same list, in the same order; waits until done. CommError on every rank if the lists "
+        "differ, a rank is out of range, or a set of these ranks exists.");
+  m.def("remove_process_set", [](int id) { engine().remove_process_set(id); }, py::arg("id"),
         py::call_guard<py::gil_scoped_release>(),
-        "Enqueue ops to run as one unit, after everything submitted before; returns a Handle at once.");
+        "Remove a process set after everything submitted on it. Collective over the world, like add_process_set. "
+        "CommError on every rank for the world (0) or an unknown id.");
+  m.def("process_set_ranks", [](int id) { return engine().process_set(id)->ranks; }, py::arg("id"),
+        "The world ranks of a process set, ascending.");
+  m.def("process_set_rank", [](int id) { return engine().process_set(id)->rank; }, py::arg("id"),
+        "This process's rank within a process set, -1 if it is not a member.");
+  m.def("process_set_size", [](int id) { return engine().process_set(id)->ranks.size(); }, py::arg("id"));
+  m.def("process_set_ids", [] { return engine().process_set_ids(); }, "Ids of the existing process sets (0: the world).");
   m.def("abort", [](const std::string& message, int code) { abort_job(message, code); }, py::arg("message"),
         py::arg("code") = 1, "Print `message` and abort every rank of the job (MPI_Abort).");
 }

@@ -50,8 +50,8 @@ Communicator duplicate(MPI_Comm parent, const char* what) {
 Engine::Engine(const EngineConfig& config) : config_(config) {
   ensure_mpi_initialized(&thread_level_);
   world_ = duplicate(MPI_COMM_WORLD, "data");
-  agree_ = duplicate(MPI_COMM_WORLD, "agreement");
   side_ = duplicate(MPI_COMM_WORLD, "side channel");
+  sets_ = std::make_unique<ProcessSetTable>(world_, duplicate(MPI_COMM_WORLD, "agreement"), side_, monotonic_ns());
   MPI_Comm local;
   check_mpi(MPI_Comm_split_type(world_.comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &local), "MPI_Comm_split_type",
             world_.rank);
@@ -61,7 +61,6 @@ Engine::Engine(const EngineConfig& config) : config_(config) {
   create_user_ops();
   status_ = std::make_unique<StatusChannel>(side_);
   config_.host.poll.on_idle = [this] { service(); };
-  last_submit_ns_ = monotonic_ns();
   thread_ = std::thread(&Engine::run_loop, this);
   watchdog_ = std::thread(&Engine::watchdog_loop, this);
 }
@@ -81,7 +80,7 @@ Engine::~Engine() {
   for (auto& a : abandoned_) {
     if (!a->complete()) a.release();
   }
-  for (Communicator* c : {&world_, &agree_, &side_}) MPI_Comm_free(&c->comm);
+  sets_.reset();  // frees every set's communicators, the world's included
 }
 
 size_t Engine::pending() const {
@@ -96,37 +95,31 @@ std::string Engine::describe(const std::vector<OpSpec>& ops) const {
   return d + "]";
 }
 
-void Engine::validate(const std::vector<OpSpec>& ops) const {
-  const std::string where = " (rank " + std::to_string(world_.rank) + ")";
+void Engine::validate(const std::vector<OpSpec>& ops, const ProcessSet& set) const {
+  const std::string where = " (rank " + std::to_string(world_.rank) + (set.id == 0 ? "" : ", " + set.label()) + ")";
+  const int size = static_cast<int>(set.ranks.size());
   if (ops.empty()) throw std::invalid_argument("submit: empty group of operations" + where);
   for (const OpSpec& op : ops) {
     const std::string what = op.describe() + where + ": ";
-    size_t want = 0;
-    switch (op.kind) {
-      case OpKind::kReduceScatter:
-      case OpKind::kAllGather: want = static_cast<size_t>(world_.size); break;
-      case OpKind::kAllReduce:
-      case OpKind::kBroadcast: want = 1; break;
-      case OpKind::kBarrier: want = 0; break;
+    if (is_process_set_op(op.kind)) {
+      throw std::invalid_argument(what + "an internal operation kind: call add_process_set / remove_process_set");
     }
+    const bool per_rank = op.kind == OpKind::kReduceScatter || op.kind == OpKind::kAllGather;
+    const size_t want = per_rank ? static_cast<size_t>(size) : op.kind == OpKind::kBarrier ? 0 : 1;
     if (op.counts.size() != want) {
       throw std::invalid_argument(what + "needs " + std::to_string(want) + " count(s), got " +
-                                  std::to_string(op.counts.size()));
+                                  std::to_string(op.counts.size()) + (per_rank ? " (one per member of the set)" : ""));
     }
     for (int64_t n : op.counts) {
       if (n < 0) throw std::invalid_argument(what + "negative element count " + std::to_string(n));
     }
-    if (op.kind == OpKind::kBroadcast && (op.root < 0 || op.root >= world_.size)) {
+    if (op.kind == OpKind::kBroadcast && (op.root < 0 || op.root >= size)) {
       throw std::invalid_argument(what + "root rank " + std::to_string(op.root) + " is not in [0, " +
-                                  std::to_string(world_.size) + ")");
-    }
-    if (op.comm != 0) {
-      throw std::invalid_argument(what + "communicator " + std::to_string(op.comm) +
-                                  " does not exist (only 0, the world, is available)");
+                                  std::to_string(size) + ")" + (set.id == 0 ? "" : " (roots are ranks within the set)"));
     }
     // Each buffer must exist if it holds elements (this rank's block may be empty).
     const int64_t total = op.total_count();
-    const int64_t mine = want == static_cast<size_t>(world_.size) ? op.counts[world_.rank] : total;
+    const int64_t mine = per_rank ? op.counts[set.rank] : total;
     const int64_t in_count = op.kind == OpKind::kAllGather ? mine : total;
     const int64_t out_count = op.kind == OpKind::kReduceScatter ? mine : total;
     if ((in_count > 0 && op.input == 0) || (out_count > 0 && op.output == 0)) {
@@ -141,32 +134,64 @@ void Engine::validate(const std::vector<OpSpec>& ops) const {
   }
 }
 
-std::shared_ptr<Handle> Engine::submit(std::vector<OpSpec> ops) {
-  validate(ops);
+std::shared_ptr<Handle> Engine::submit(std::vector<OpSpec> ops, int process_set) {
+  const std::shared_ptr<ProcessSet> set = sets_->member_set(process_set, world_.rank);
+  validate(ops, *set);
   std::shared_ptr<Handle> handle;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stopping_) throw CommError("submit: pipedap is shutting down; call pipedap.init() again");
-    if (ops.front().device >= 0) {
-      if (!device_) device_ = make_device_backend(world_, config_.host.poll);
-      for (OpSpec& op : ops) device_->prepare(op);
-    }
-    // Horovod's rule: a name may not be reused while an operation of that name is unfinished.
-    int32_t flags = 0;
-    for (const OpSpec& op : ops) {
-      if (op.kind != OpKind::kBarrier && names_in_flight_.count(op.name)) flags |= kNameInFlight;
-      names_in_flight_.insert(op.name);
-    }
-    const int64_t seq = next_seq_++;
-    handle = std::make_shared<Handle>(seq, describe(ops));
-    handle->set_enqueue_ns(monotonic_ns());
-    last_submitted_ = handle->description();
-    last_submit_ns_ = monotonic_ns();
-    Fingerprint fingerprint = fingerprint_of(seq, ops, flags);
-    queue_.push_back(Submission{std::move(ops), handle, fingerprint, nullptr});
+    handle = enqueue(set, std::move(ops));
   }
   cv_.notify_one();
   return handle;
+}
+
+std::shared_ptr<Handle> Engine::enqueue(const std::shared_ptr<ProcessSet>& set, std::vector<OpSpec> ops) {
+  if (stopping_) throw CommError("submit: pipedap is shutting down; call pipedap.init() again");
+  if (ops.front().device >= 0) {
+    if (!device_) device_ = make_device_backend(world_.rank, config_.host.poll);
+    for (OpSpec& op : ops) device_->prepare(op);
+  }
+  // Horovod's rule: a name may not be reused while an operation of that name is unfinished.
+  int32_t flags = 0;
+  for (const OpSpec& op : ops) {
+    const bool named = op.kind != OpKind::kBarrier && !is_process_set_op(op.kind);
+    if (named && set->names_in_flight.count(op.name)) flags |= kNameInFlight;
+    set->names_in_flight.insert(op.name);
+  }
+  const int64_t seq = set->next_seq++;
+  auto handle = std::make_shared<Handle>(seq, describe(ops));
+  handle->set_enqueue_ns(monotonic_ns());
+  set->last_submitted = handle->description();
+  set->last_submit_ns = monotonic_ns();
+  Fingerprint fingerprint = fingerprint_of(seq, ops, flags);
+  queue_.push_back(Submission{set, std::move(ops), handle, fingerprint, nullptr});
+  return handle;
+}
+
+void Engine::run_on_world(OpSpec op) {
+  std::shared_ptr<Handle> handle;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    handle = enqueue(sets_->find(0), {std::move(op)});
+  }
+  cv_.notify_one();
+  handle->wait(-1);  // throws CommError if refused
+}
+
+int Engine::add_process_set(const std::vector<int>& ranks) {
+  OpSpec op;
+  op.kind = OpKind::kAddProcessSet;
+  op.counts.assign(ranks.begin(), ranks.end());
+  run_on_world(std::move(op));
+  return sets_->id_of(ranks);
+}
+
+void Engine::remove_process_set(int id) {
+  OpSpec op;
+  op.kind = OpKind::kRemoveProcessSet;
+  op.counts = {id};
+  run_on_world(std::move(op));
 }
 
 void Engine::finish(Submission& sub, const std::string& error, bool ran) {
@@ -174,7 +199,7 @@ void Engine::finish(Submission& sub, const std::string& error, bool ran) {
   {
     // Before the handle completes: the caller may reuse the names right after.
     std::lock_guard<std::mutex> lock(mu_);
-    forget_names(sub.ops);
+    forget_names(*sub.set, sub.ops);
   }
   if (error.empty()) {
     sub.handle->complete();
@@ -183,10 +208,10 @@ void Engine::finish(Submission& sub, const std::string& error, bool ran) {
   }
 }
 
-void Engine::forget_names(const std::vector<OpSpec>& ops) {
+void Engine::forget_names(ProcessSet& set, const std::vector<OpSpec>& ops) {
   for (const OpSpec& op : ops) {
-    auto it = names_in_flight_.find(op.name);
-    if (it != names_in_flight_.end()) names_in_flight_.erase(it);
+    auto it = set.names_in_flight.find(op.name);
+    if (it != set.names_in_flight.end()) set.names_in_flight.erase(it);
   }
 }
 
@@ -209,18 +234,23 @@ void Engine::run_loop() {
       queue_.pop_front();
       if (!queue_.empty()) next = &queue_.front();
       running_ = sub.handle;
+      running_set_ = sub.set;
       running_->mark_started();  // under the lock: the watchdog never sees an unstarted handle
       phase_ = Phase::kAgreeing;
     }
     execute(sub, next);
     std::lock_guard<std::mutex> lock(mu_);
     running_.reset();
+    running_set_.reset();
     phase_ = Phase::kIdle;
   }
 }
 
 void Engine::agree(Submission& sub) {
-  if (!sub.agreement) sub.agreement = std::make_unique<Agreement>(agree_, sub.fingerprint);
+  // Not on a single-rank set, nor on a removed one (it fails when it comes up).
+  if (!sub.agreement && !sub.set->removed && sub.set->agree.size > 1) {
+    sub.agreement = std::make_unique<Agreement>(sub.set->agree, sub.fingerprint);
+  }
 }
 
 void Engine::abandon_agreement(Submission& sub) {
@@ -229,23 +259,31 @@ void Engine::abandon_agreement(Submission& sub) {
 
 void Engine::execute(Submission& sub, Submission* next) {
   Handle& h = *sub.handle;
-  const std::string what = "pipedap: " + h.description() + " (operation #" + std::to_string(h.seq()) + ") on rank " +
+  const ProcessSet& set = *sub.set;
+  const std::string what = "pipedap: " + h.description() + " (" + set.operation(h.seq()) + ") on rank " +
                            std::to_string(world_.rank);
   if (!broken_.empty()) {
     abandon_agreement(sub);
     finish(sub, what + " was not run because an earlier operation failed: " + broken_, /*ran=*/false);
     return;
   }
+  if (set.removed) {
+    finish(sub, what + " was not run: " + set.label() + " was removed before it came up", /*ran=*/false);
+    return;
+  }
+  const bool changes_sets = is_process_set_op(sub.ops.front().kind);
   bool ran = false;  // whether the data phase started (a device group's events are then its own)
   try {
-    if (world_.size > 1) {
-      agree(sub);
-      if (next != nullptr) agree(*next);  // its latency hides behind this submission's data
+    agree(sub);
+    // The next agreement's latency hides behind this submission's data. Not
+    // behind a set change: it might remove the set the next one runs on.
+    if (next != nullptr && !changes_sets) agree(*next);
+    if (sub.agreement) {
       sub.agreement->wait(config_.host.poll, world_.rank);
       if (!sub.agreement->agreed()) {
-        finish(sub, what + " was not run: " + sub.agreement->explain(side_, h.description(), config_.host.poll),
+        finish(sub, what + " was not run: " + sub.agreement->explain(set, h.description(), config_.host.poll),
                /*ran=*/false);
-        return;  // every rank failed this same submission: the next ones can still run
+        return;  // every member failed this same submission: the next ones can still run
       }
     }
     {
@@ -253,10 +291,15 @@ void Engine::execute(Submission& sub, Submission* next) {
       phase_ = Phase::kMovingData;
     }
     ran = true;
+    if (changes_sets) {
+      const std::string refused = change_process_sets(sub.ops.front());
+      finish(sub, refused.empty() ? "" : what + " was refused on every rank: " + refused, /*ran=*/true);
+      return;
+    }
     if (sub.ops.front().device >= 0) {
-      device_->run_group(sub.ops);
+      device_->run_group(set.id, set.data, sub.ops);
     } else {
-      run_host_group(world_, sub.ops, config_.host, scratch_);
+      run_host_group(set.data, sub.ops, config_.host, scratch_);
     }
     finish(sub, "", /*ran=*/true);
   } catch (const std::exception& e) {
@@ -267,15 +310,36 @@ void Engine::execute(Submission& sub, Submission* next) {
   }
 }
 
-RankStatus Engine::status_snapshot() const {
+std::string Engine::change_process_sets(const OpSpec& op) {
+  if (op.kind == OpKind::kAddProcessSet) {
+    const std::vector<int> ranks(op.counts.begin(), op.counts.end());
+    std::string refused = sets_->refuse_to_add(ranks);
+    if (refused.empty()) sets_->add(ranks, monotonic_ns());
+    return refused;
+  }
+  const int id = static_cast<int>(op.counts.at(0));
+  std::string refused = sets_->refuse_to_remove(id);
+  if (refused.empty()) {
+    // Every earlier submission on it has finished: this thread ran them in order.
+    if (device_) device_->forget(id);
+    sets_->remove(id);
+  }
+  return refused;
+}
+
+RankStatus Engine::status_snapshot(int64_t set_id) const {
+  const std::shared_ptr<ProcessSet> set = sets_->find(static_cast<int>(set_id));
   std::lock_guard<std::mutex> lock(mu_);
   RankStatus s;
   const int64_t now = monotonic_ns();
-  s.submitted = next_seq_;
-  s.submitted_s = (now - last_submit_ns_) * 1e-9;
-  std::strncpy(s.last_what, last_submitted_.c_str(), sizeof s.last_what - 1);
+  if (set && set->member()) {
+    s.submitted = set->next_seq;
+    s.submitted_s = (now - set->last_submit_ns) * 1e-9;
+    std::strncpy(s.last_what, set->last_submitted.c_str(), sizeof s.last_what - 1);
+  }
   if (running_) {
     s.running = running_->seq();
+    s.running_set = running_set_->id;
     s.phase = static_cast<int32_t>(phase_);
     s.running_s = (now - running_->start_ns()) * 1e-9;
     std::strncpy(s.running_what, running_->description().c_str(), sizeof s.running_what - 1);
@@ -286,32 +350,35 @@ RankStatus Engine::status_snapshot() const {
 std::string Engine::stall_message(const Inquiry& inquiry) const {
   std::lock_guard<std::mutex> lock(mu_);
   const double stalled = running_ ? (monotonic_ns() - running_->start_ns()) * 1e-9 : 0;
-  return "pipedap: rank " + std::to_string(world_.rank) + ": " + (running_ ? running_->description() : "?") +
-         " (operation #" + std::to_string(inquiry.seq) + ") has not finished after " +
+  return "pipedap: rank " + std::to_string(world_.rank) + ": " + (running_ ? running_->description() : "?") + " (" +
+         inquiry.set->operation(inquiry.seq) + ") has not finished after " +
          format_number(static_cast<double>(static_cast<int64_t>(stalled))) + " s (" +
          std::to_string(queue_.size()) + " more queued behind it).";
 }
 
 void Engine::service() {
   if (world_.size < 2) return;
-  status_->serve([this] { return status_snapshot(); });  // a snapshot only when asked
+  status_->serve([this](int64_t set) { return status_snapshot(set); });  // a snapshot only when asked
   Inquiry inquiry;
   {
     std::lock_guard<std::mutex> lock(mu_);
     inquiry = inquiry_;
   }
   if (inquiry.seq < 0) return;
-  status_->ask();
+  status_->ask(inquiry.set->id, inquiry.set->ranks);  // the members of the stalled operation's set
   const auto answers = status_->answers();
   if (!answers) return;
   {
     std::lock_guard<std::mutex> lock(mu_);
     inquiry = inquiry_;  // a stall report may have turned into a timeout meanwhile
     inquiry_ = Inquiry{};
-    if (!running_ || running_->seq() != inquiry.seq) return;  // it finished meanwhile: nothing to report
+    // It finished meanwhile: nothing to report.
+    if (!running_ || running_->seq() != inquiry.seq || running_set_ != inquiry.set) return;
   }
   const std::string timeout = format_number(config_.timeout_seconds);
-  std::string report = stall_message(inquiry) + describe_ranks(world_.rank, inquiry.seq, *answers) +
+  std::string report = stall_message(inquiry) +
+                       describe_ranks(world_.rank, *inquiry.set, inquiry.seq, *answers,
+                                      [this](int id) { return sets_->describe(id); }) +
                        "\n  A rank that has not submitted it skipped it (a rank-dependent branch), is still "
                        "computing, or is stuck outside pipedap (look at its stack: py-spy dump --pid PID).";
   if (inquiry.timeout) {
@@ -325,7 +392,7 @@ void Engine::service() {
 }
 
 void Engine::watchdog_loop() {
-  int64_t reported_seq = -1;
+  std::pair<int, int64_t> reported{-1, -1};  // (set, seq) of the last stall report
   std::unique_lock<std::mutex> lock(mu_);
   while (!stopping_) {
     watchdog_cv_.wait_for(lock, std::chrono::milliseconds(200));
@@ -333,22 +400,24 @@ void Engine::watchdog_loop() {
     const int64_t now = monotonic_ns();
     const double stalled = (now - running_->start_ns()) * 1e-9;
     const int64_t seq = running_->seq();
+    const std::shared_ptr<ProcessSet> set = running_set_;
+    const bool asked = inquiry_.seq == seq && inquiry_.set == set;
     if (config_.timeout_seconds > 0 && stalled >= config_.timeout_seconds) {
-      if (!(inquiry_.seq == seq && inquiry_.timeout)) {
-        inquiry_ = Inquiry{seq, true, now};  // the engine thread asks the others, reports, aborts
+      if (!(asked && inquiry_.timeout)) {
+        inquiry_ = Inquiry{seq, set, true, now};  // the engine thread asks the others, reports, aborts
       } else if ((now - inquiry_.asked_ns) * 1e-9 > kAnswerSeconds + 10) {
-        const std::string what = "rank " + std::to_string(world_.rank) + ": " + running_->description() +
-                                 " (operation #" + std::to_string(seq) + ") has not finished after " +
+        const std::string what = "rank " + std::to_string(world_.rank) + ": " + running_->description() + " (" +
+                                 set->operation(seq) + ") has not finished after " +
                                  format_number(static_cast<double>(static_cast<int64_t>(stalled))) + " s";
         lock.unlock();
         abort_job(what + ", past PIPEDAP_TIMEOUT_SECONDS=" + format_number(config_.timeout_seconds) +
                       " (the engine thread did not finish the stall report: it is stuck outside its polling loop)",
                   1);
       }
-    } else if (config_.stall_seconds > 0 && stalled >= config_.stall_seconds && seq != reported_seq &&
-               inquiry_.seq < 0) {
-      reported_seq = seq;
-      inquiry_ = Inquiry{seq, false, now};
+    } else if (config_.stall_seconds > 0 && stalled >= config_.stall_seconds &&
+               reported != std::make_pair(set->id, seq) && inquiry_.seq < 0) {
+      reported = {set->id, seq};
+      inquiry_ = Inquiry{seq, set, false, now};
     }
   }
 }

@@ -9,7 +9,9 @@
 // enqueued, which the caller (the optimizer, from its plan) makes identical on
 // every rank. Every submission is agreed across ranks before its data moves
 // (agreement.h), so a rank that submits something else gets an error, never
-// a wrong match.
+// a wrong match. A submission runs on a process set (process_set.h; 0, the
+// world, by default); every set's submissions share this one thread and its
+// order.
 #pragma once
 
 #include <mpi.h>
@@ -20,13 +22,13 @@
 #include <mutex>
 #include <string>
 #include <thread>
-#include <unordered_set>
 #include <vector>
 
 #include "agreement.h"
 #include "device_backend.h"
 #include "host_collectives.h"
 #include "op.h"
+#include "process_set.h"
 #include "status.h"
 
 namespace pipedap {
@@ -46,8 +48,17 @@ class Engine {
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
-  // Enqueues ops to run as one unit and returns immediately.
-  std::shared_ptr<Handle> submit(std::vector<OpSpec> ops);
+  // Enqueues ops to run as one unit on process set `process_set` and returns
+  // immediately. CommError at once if the set does not exist or this rank is
+  // not a member.
+  std::shared_ptr<Handle> submit(std::vector<OpSpec> ops, int process_set = 0);
+  // Collective over the world, in the same order on every rank; they wait
+  // until done and raise CommError on every rank if refused.
+  int add_process_set(const std::vector<int>& ranks);  // returns the new set's id
+  void remove_process_set(int id);
+  // Set `id` (CommError if there is none).
+  std::shared_ptr<const ProcessSet> process_set(int id) const { return sets_->existing(id, world_.rank); }
+  std::vector<int> process_set_ids() const { return sets_->ids(); }
 
   int rank() const { return world_.rank; }
   int size() const { return world_.size; }
@@ -60,6 +71,7 @@ class Engine {
 
  private:
   struct Submission {
+    std::shared_ptr<ProcessSet> set;
     std::vector<OpSpec> ops;
     std::shared_ptr<Handle> handle;
     Fingerprint fingerprint;
@@ -68,31 +80,39 @@ class Engine {
   // A stall report the watchdog asked the engine thread for.
   struct Inquiry {
     int64_t seq = -1;  // -1: none
+    std::shared_ptr<ProcessSet> set;
     bool timeout = false;
     int64_t asked_ns = 0;
   };
 
+  // Under mu_: queues `ops` on `set` (validated, and prepared if on a device).
+  std::shared_ptr<Handle> enqueue(const std::shared_ptr<ProcessSet>& set, std::vector<OpSpec> ops);
   void run_loop();
   void execute(Submission& sub, Submission* next);
+  // Queues a process-set change on the world and waits for it.
+  void run_on_world(OpSpec op);
+  // Engine thread: adds or removes a process set; returns why it was refused ("": done).
+  std::string change_process_sets(const OpSpec& op);
   void agree(Submission& sub);
   void abandon_agreement(Submission& sub);
   void service();  // engine thread: answer status questions, finish a stall report
-  RankStatus status_snapshot() const;
+  RankStatus status_snapshot(int64_t set) const;
   std::string stall_message(const Inquiry& inquiry) const;
   void watchdog_loop();
   std::string describe(const std::vector<OpSpec>& ops) const;
-  void validate(const std::vector<OpSpec>& ops) const;
-  void forget_names(const std::vector<OpSpec>& ops);  // under mu_
+  void validate(const std::vector<OpSpec>& ops, const ProcessSet& set) const;
+  void forget_names(ProcessSet& set, const std::vector<OpSpec>& ops);  // under mu_
   // Completes (error empty) or fails the submission's handle, after forgetting its names.
   // `ran`: its data phase started (else the device backend releases what it prepared).
   void finish(Submission& sub, const std::string& error, bool ran);
 
   EngineConfig config_;
   // Three duplicates of MPI_COMM_WORLD: our traffic never matches the user's,
-  // and agreements, data and stall reports never match each other's.
+  // and agreements, data and stall reports never match each other's. They are
+  // process set 0's data, agree and side communicators; `sets_` frees them.
   Communicator world_;  // data
-  Communicator agree_;  // fingerprints (agreement.h)
-  Communicator side_;   // mismatch descriptions and status questions (status.h)
+  Communicator side_;   // status questions (status.h); set 0's mismatch descriptions
+  std::unique_ptr<ProcessSetTable> sets_;
   std::unique_ptr<StatusChannel> status_;
   ScratchArena scratch_;  // the ring's, reused (engine thread only)
   int local_rank_ = 0;
@@ -104,11 +124,8 @@ class Engine {
   std::condition_variable cv_;
   std::deque<Submission> queue_;
   std::shared_ptr<Handle> running_;  // the submission the engine thread is executing
+  std::shared_ptr<ProcessSet> running_set_;  // and its set
   Phase phase_ = Phase::kIdle;
-  int64_t next_seq_ = 0;
-  std::string last_submitted_;  // description of the last submission
-  int64_t last_submit_ns_ = 0;
-  std::unordered_multiset<std::string> names_in_flight_;
   Inquiry inquiry_;
   bool stopping_ = false;
   std::string broken_;  // set after a failed data phase: later ops fail fast with this reason

@@ -292,7 +292,11 @@ void start_native(const Communicator& c, NativeCall& call, MPI_Request* req) {
     case OpKind::kBarrier:
       check_mpi(MPI_Ibarrier(c.comm, req), what, c.rank);
       return;
+    case OpKind::kAddProcessSet:
+    case OpKind::kRemoveProcessSet:
+      break;
   }
+  throw CommError("internal: " + op.describe() + " is not a host collective");
 }
 
 void finish_native(const Communicator& c, const NativeCall& call) {

@@ -14,6 +14,8 @@ const char* op_kind_name(OpKind k) {
     case OpKind::kAllReduce: return "allreduce";
     case OpKind::kBroadcast: return "broadcast";
     case OpKind::kBarrier: return "barrier";
+    case OpKind::kAddProcessSet: return "add_process_set";
+    case OpKind::kRemoveProcessSet: return "remove_process_set";
   }
   return "unknown";
 }
@@ -21,6 +23,12 @@ const char* op_kind_name(OpKind k) {
 int64_t OpSpec::total_count() const { return std::accumulate(counts.begin(), counts.end(), int64_t{0}); }
 
 std::string OpSpec::describe() const {
+  if (kind == OpKind::kAddProcessSet) {  // "add_process_set [0, 2]": each rank's list in a mismatch error
+    std::string s = "add_process_set [";
+    for (size_t i = 0; i < counts.size(); ++i) s += (i ? ", " : "") + std::to_string(counts[i]);
+    return s + "]";
+  }
+  if (kind == OpKind::kRemoveProcessSet) return "remove_process_set " + std::to_string(counts.at(0));
   std::string s = std::string(op_kind_name(kind)) + " '" + name + "'";
   if (kind != OpKind::kBarrier) {
     s += " (" + std::to_string(total_count()) + " " + dtype_name(dtype);

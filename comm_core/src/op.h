@@ -14,17 +14,31 @@
 namespace pipedap {
 
 // Numeric values are part of the Python binding: never renumber.
-enum class OpKind : int { kReduceScatter = 0, kAllGather = 1, kAllReduce = 2, kBroadcast = 3, kBarrier = 4 };
+// kAddProcessSet and kRemoveProcessSet are the engine's own (Python cannot
+// submit them): world submissions whose counts hold the new set's ranks or the
+// removed set's id, so that the agreement covers them (see process_set.h).
+enum class OpKind : int {
+  kReduceScatter = 0,
+  kAllGather = 1,
+  kAllReduce = 2,
+  kBroadcast = 3,
+  kBarrier = 4,
+  kAddProcessSet = 5,
+  kRemoveProcessSet = 6,
+};
 
 const char* op_kind_name(OpKind k);
+inline bool is_process_set_op(OpKind k) { return k == OpKind::kAddProcessSet || k == OpKind::kRemoveProcessSet; }
 
 // One collective on raw buffers.
 //
 // counts: reduce-scatter: elements each rank *receives* (input holds their sum);
 //         all-gather: elements each rank *contributes* (output holds their sum);
 //         all-reduce / broadcast: one entry, the element count; barrier: empty.
+// Counts and the broadcast root are relative to the process set the op is
+// submitted on (rank i of the set, not world rank i).
 // The same OpSpec (kind, counts, dtype, reduce, root) must be submitted on
-// every rank; only the buffer addresses differ.
+// every member; only the buffer addresses differ.
 struct OpSpec {
   OpKind kind = OpKind::kBarrier;
   std::string name;
@@ -34,7 +48,6 @@ struct OpSpec {
   DType dtype = DType::kFloat32;
   ReduceOp reduce = ReduceOp::kSum;
   int root = 0;
-  int comm = 0;          // communicator id; 0 is the world (room for process sets)
   int device = -1;       // -1: host memory; >= 0: CUDA device ordinal
   uintptr_t stream = 0;  // CUDA stream that produced the input (device ops)
   void* ready_event = nullptr;  // set by DeviceBackend::prepare, owned by the backend

@@ -30,7 +30,7 @@ StatusChannel::~StatusChannel() {
   abandon_requests(asked_, /*cancellable=*/true, side_.rank, "stopping the status channel");
 }
 
-void StatusChannel::serve(const std::function<RankStatus()>& me) {
+void StatusChannel::serve(const std::function<RankStatus(int64_t set)>& me) {
   // Errors here are ignored: the status channel only serves diagnostics.
   for (;;) {
     int flag = 0;
@@ -38,7 +38,7 @@ void StatusChannel::serve(const std::function<RankStatus()>& me) {
     if (MPI_Iprobe(MPI_ANY_SOURCE, kQuestionTag, side_.comm, &flag, &st) != MPI_SUCCESS || !flag) break;
     int64_t question = 0;
     MPI_Recv(&question, 1, MPI_INT64_T, st.MPI_SOURCE, kQuestionTag, side_.comm, MPI_STATUS_IGNORE);
-    outgoing_.push_back(Answer{me(), MPI_REQUEST_NULL});
+    outgoing_.push_back(Answer{me(question), MPI_REQUEST_NULL});
     MPI_Isend(&outgoing_.back().status, sizeof(RankStatus), MPI_BYTE, st.MPI_SOURCE, kAnswerTag, side_.comm,
               &outgoing_.back().request);
   }
@@ -50,15 +50,18 @@ void StatusChannel::serve(const std::function<RankStatus()>& me) {
   progress_inquiry();
 }
 
-void StatusChannel::ask() {
-  if (asking_ || side_.size < 2) return;
+void StatusChannel::ask(int64_t set, const std::vector<int>& ranks) {
+  if (asking_) return;
   asking_ = true;
   deadline_ns_ = monotonic_ns() + static_cast<int64_t>(kAnswerSeconds * 1e9);
+  question_ = set;
   asked_.assign(2 * side_.size, MPI_REQUEST_NULL);
   received_.assign(side_.size, RankStatus{});
+  expected_.assign(side_.size, false);
   answered_.assign(side_.size, false);
-  for (int r = 0; r < side_.size; ++r) {
+  for (int r : ranks) {
     if (r == side_.rank) continue;
+    expected_[r] = true;
     MPI_Irecv(&received_[r], sizeof(RankStatus), MPI_BYTE, r, kAnswerTag, side_.comm, &asked_[2 * r + 1]);
     MPI_Isend(&question_, 1, MPI_INT64_T, r, kQuestionTag, side_.comm, &asked_[2 * r]);
   }
@@ -80,21 +83,28 @@ std::optional<std::vector<std::optional<RankStatus>>> StatusChannel::answers() {
   if (!asking_) return std::nullopt;
   progress_inquiry();
   bool all = true;
-  for (int r = 0; r < side_.size; ++r) all = all && (r == side_.rank || answered_[r]);
+  for (int r = 0; r < side_.size; ++r) all = all && (!expected_[r] || answered_[r]);
   if (!all && monotonic_ns() < deadline_ns_) return std::nullopt;
   abandon_requests(asked_, /*cancellable=*/true, side_.rank, "ending a status inquiry");
   std::vector<std::optional<RankStatus>> result(side_.size);
   for (int r = 0; r < side_.size; ++r) {
-    if (r != side_.rank && answered_[r]) result[r] = received_[r];
+    if (answered_[r]) result[r] = received_[r];
   }
   asking_ = false;
   return result;
 }
 
-std::string describe_ranks(int me, int64_t seq, const std::vector<std::optional<RankStatus>>& answers) {
-  const std::string op = "operation #" + std::to_string(seq);
+std::string describe_ranks(int me, const ProcessSet& set, int64_t seq,
+                           const std::vector<std::optional<RankStatus>>& answers,
+                           const std::function<std::string(int)>& label) {
+  const std::string op = set.operation(seq);
+  // "#3 allreduce 'x' (...) (moving its data, for 2 s)", naming the set when it is another one.
+  auto running = [&](const RankStatus& s) {
+    return "#" + std::to_string(s.running) + (s.running_set == set.id ? "" : " of " + label(s.running_set) + ":") +
+           " " + s.running_what + " (" + phase_name(s.phase) + ", for " + seconds(s.running_s) + ")";
+  };
   std::string report;
-  for (int r = 0; r < static_cast<int>(answers.size()); ++r) {
+  for (int r : set.ranks) {
     if (r == me) continue;
     std::string line = "\n  rank " + std::to_string(r) + ": ";
     const std::optional<RankStatus>& s = answers[r];
@@ -102,21 +112,21 @@ std::string describe_ranks(int me, int64_t seq, const std::vector<std::optional<
       line += "did not answer within " + format_number(kAnswerSeconds) +
               " s (dead, stuck outside pipedap's polling, or its engine already shut down)";
     } else if (s->submitted <= seq) {
-      line += "has NOT submitted " + op + "; it submitted " + std::to_string(s->submitted) + " operation(s), ";
+      line += "has NOT submitted " + op + "; it submitted " + std::to_string(s->submitted) + " operation(s)" +
+              (set.id == 0 ? "" : " on that set") + ", ";
       line += s->submitted > 0 ? "the last #" + std::to_string(s->submitted - 1) + " " + s->last_what + " " +
                                      seconds(s->submitted_s) + " ago"
                                : "none yet";
-      if (s->running >= 0) {
-        line += "; it is running #" + std::to_string(s->running) + " " + s->running_what + " (" +
-                phase_name(s->phase) + ", for " + seconds(s->running_s) + ")";
-      }
-    } else if (s->running == seq) {
+      if (s->running >= 0) line += "; it is running " + running(*s);
+    } else if (s->running == seq && s->running_set == set.id) {
       line += "is in " + op + " too (" + std::string(phase_name(s->phase)) + ", for " + seconds(s->running_s) + ")";
     } else {
-      line += "has submitted " + op + "; it is " +
-              (s->running >= 0 ? "running #" + std::to_string(s->running) + " " + s->running_what + " (" +
-                                     phase_name(s->phase) + ", for " + seconds(s->running_s) + ")"
-                               : std::string("idle"));
+      line += "has submitted " + op + "; it is " + (s->running >= 0 ? "running " + running(*s) : std::string("idle"));
+      if (s->running >= 0 && s->running_set != set.id) {
+        line += ", which it runs first (one thread runs a rank's submissions in order): if that waits for this "
+                "rank, overlapping process sets were used in orders that form a cycle across ranks, which waits "
+                "forever; every rank must submit to overlapping sets in one consistent order";
+      }
     }
     report += line;
   }

@@ -7,7 +7,11 @@
 // engine thread answers from its polling loop, busy or idle, like Horovod's
 // stall inspector. The report then names every rank that has not submitted the
 // operation and what that rank did last. Only the engine thread makes these MPI
-// calls (MPI_THREAD_SERIALIZED is enough).
+// calls (MPI_THREAD_SERIALIZED is enough). One channel on the world serves
+// every process set: a question names the set of the stalled operation and
+// goes to its members only; each answers with its progress on that set and
+// with what it is running, on whichever set (which shows a cycle of
+// overlapping sets, see process_set.h).
 #pragma once
 
 #include <mpi.h>
@@ -20,20 +24,22 @@
 #include <vector>
 
 #include "host_collectives.h"
+#include "process_set.h"
 
 namespace pipedap {
 
 enum class Phase : int32_t { kIdle = 0, kAgreeing = 1, kMovingData = 2 };
 
+// A rank's answer about one process set (the one the question named).
 struct RankStatus {
-  int64_t submitted = 0;  // operations this rank has submitted so far
-  int64_t running = -1;   // the operation it is running, -1: none
+  int64_t submitted = 0;  // operations this rank has submitted on the set so far
+  int64_t running = -1;   // the operation it is running (on any set), -1: none
   int32_t phase = 0;      // Phase
-  int32_t pad = 0;
+  int32_t running_set = 0;  // the set of the running operation
   double running_s = 0;    // since the running operation started
   double submitted_s = 0;  // since its last submission
   char running_what[160] = {};
-  char last_what[160] = {};
+  char last_what[160] = {};  // its last submission on the set
 };
 
 // How long a stall report waits for the other ranks' answers.
@@ -46,14 +52,15 @@ class StatusChannel {
   StatusChannel(const StatusChannel&) = delete;
   StatusChannel& operator=(const StatusChannel&) = delete;
 
-  // Answers the other ranks' questions with `me()` (called only when one
+  // Answers the other ranks' questions with `me(set)` (called only when one
   // came); progresses our own inquiry.
-  void serve(const std::function<RankStatus()>& me);
-  // Asks every other rank what it is doing (nothing if an inquiry is under way).
-  void ask();
+  void serve(const std::function<RankStatus(int64_t set)>& me);
+  // Asks the other `ranks` (world ranks) what they are doing, and about
+  // process set `set` (nothing if an inquiry is under way).
+  void ask(int64_t set, const std::vector<int>& ranks);
   bool asking() const { return asking_; }
-  // Once every rank answered or kAnswerSeconds passed: each rank's answer
-  // (nullopt: none came; this rank's own entry is nullopt) and the inquiry ends.
+  // Once every asked rank answered or kAnswerSeconds passed: each world
+  // rank's answer (nullopt: none came, or not asked) and the inquiry ends.
   std::optional<std::vector<std::optional<RankStatus>>> answers();
 
  private:
@@ -67,13 +74,17 @@ class StatusChannel {
   std::list<Answer> outgoing_;  // answers being sent (a list: their addresses stay put)
   bool asking_ = false;
   int64_t deadline_ns_ = 0;
-  int64_t question_ = 0;             // the buffer our questions are sent from
+  int64_t question_ = 0;             // the buffer our questions are sent from: the set
   std::vector<MPI_Request> asked_;   // per rank: [2r] the question's send, [2r+1] the answer's receive
   std::vector<RankStatus> received_;
+  std::vector<bool> expected_;  // per rank: asked
   std::vector<bool> answered_;
 };
 
-// The stall report of `me`, waiting for operation #seq, from the others' answers.
-std::string describe_ranks(int me, int64_t seq, const std::vector<std::optional<RankStatus>>& answers);
+// The stall report of `me`, waiting for operation #seq of `set`, from the
+// members' answers; `label(id)` names the set of a member's running operation.
+std::string describe_ranks(int me, const ProcessSet& set, int64_t seq,
+                           const std::vector<std::optional<RankStatus>>& answers,
+                           const std::function<std::string(int)>& label);
 
 }  // namespace pipedap
