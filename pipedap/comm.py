@@ -84,14 +84,15 @@ def _resolve_op(op, average: bool | None):
     return Average if op is None else op
 
 
-def _member_rank(process_set: ProcessSet, name: str) -> int:
+def check_member(process_set: ProcessSet, name: str) -> int:
     """This rank's rank within ``process_set`` (an error naming the set if it is not a member)."""
     if not isinstance(process_set, ProcessSet):
         raise TypeError(f"{name}: process_set must be a pipedap ProcessSet, not {type(process_set).__name__}")
-    mine = process_set.rank()
-    if mine < 0:
+    if process_set.process_set_id is None:
+        raise ValueError(f"{name}: {process_set} is not registered; pass it to pipedap.add_process_set() first")
+    if not process_set.included():
         raise ValueError(f"{name}: rank {engine.rank()} is not in {process_set}; call it on the set's ranks only")
-    return mine
+    return process_set.rank()
 
 
 def _root_in_set(root_rank: int, process_set: ProcessSet, name: str) -> int:
@@ -115,7 +116,7 @@ def _allreduce_async(tensor, output, average, name, op, prescale_factor, postsca
     name = _name(name, "allreduce")
     op = _resolve_op(op, average)
     engine.check_tensor(tensor, name)
-    _member_rank(process_set, name)
+    check_member(process_set, name)
     output = torch.empty_like(tensor) if output is None else output
     if prescale_factor != 1.0:
         tensor = tensor * prescale_factor if output is not tensor else tensor.mul_(prescale_factor)
@@ -195,7 +196,7 @@ def allgather_async(tensor, name=None, process_set=global_process_set) -> int:
     """
     name = _name(name, "allgather")
     engine.check_tensor(tensor, name)
-    _member_rank(process_set, name)
+    check_member(process_set, name)
     if process_set.size() == 1:
         return _handle(engine.completed(tensor.clone()))
     shapes = _exchange_shapes(tensor, name, process_set)
@@ -233,7 +234,7 @@ def reducescatter_async(tensor, name=None, op=Average, process_set=global_proces
     """
     name = _name(name, "reducescatter")
     engine.check_tensor(tensor, name)
-    mine = _member_rank(process_set, name)
+    mine = check_member(process_set, name)
     if tensor.dim() == 0:
         raise ValueError(f"{name}: reducescatter needs a tensor with at least one dimension")
     if process_set.size() == 1:
@@ -267,7 +268,7 @@ def _broadcast_async(tensor, output, root_rank: int, name, process_set) -> int:
     """``output=None``: allocate a new result tensor."""
     name = _name(name, "broadcast")
     engine.check_tensor(tensor, name)
-    _member_rank(process_set, name)
+    check_member(process_set, name)
     root = _root_in_set(root_rank, process_set, name)
     output = torch.empty_like(tensor) if output is None else output
     return _handle(engine.submit([engine.collective(core.OpKind.BROADCAST, name, tensor, output, [tensor.numel()],
@@ -307,13 +308,14 @@ def broadcast(tensor, root_rank, name=None, process_set=global_process_set):
 
 def barrier(process_set=global_process_set) -> None:
     """Wait until every member reached this point (and all earlier operations ran)."""
-    _member_rank(process_set, "barrier")
+    check_member(process_set, "barrier")
     engine.submit([engine.barrier_collective(process_set=process_set)]).wait()
 
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None, process_set=global_process_set) -> Any:
     """Pickle ``obj`` on ``root_rank`` and return it on every member."""
     name = _name(name, "broadcast_object")
+    check_member(process_set, name)
     if process_set.size() == 1:
         return obj
     is_root = engine.rank() == root_rank
@@ -330,6 +332,7 @@ def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None, proc
 def allgather_object(obj: Any, name: str | None = None, process_set=global_process_set) -> list:
     """Pickle ``obj`` on every member; return every member's object, in the set's rank order."""
     name = _name(name, "allgather_object")
+    check_member(process_set, name)
     if process_set.size() == 1:
         return [obj]
     data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)

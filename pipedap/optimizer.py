@@ -32,7 +32,7 @@ from collections.abc import Iterable
 
 import torch
 
-from pipedap import comm, engine, settings
+from pipedap import comm, settings
 from pipedap.buckets import build_bucket, default_groups
 from pipedap.compression import Compression
 from pipedap.online_planner import OnlinePlanner
@@ -307,11 +307,7 @@ def DistributedOptimizer(
         raise NotImplementedError("DistributedOptimizer supports compression=Compression.none only")
     if backward_passes_per_step < 1:
         raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
-    if not isinstance(process_set, ProcessSet):
-        raise TypeError(f"process_set must be a pipedap ProcessSet, not {type(process_set).__name__}")
-    if process_set.rank() < 0:
-        raise ValueError(f"DistributedOptimizer: rank {engine.rank()} is not in {process_set}; wrap the optimizer "
-                         "on the set's ranks only")
+    comm.check_member(process_set, "DistributedOptimizer")
     if fusion_bytes is None:
         fusion_bytes = settings.get("PIPEDAP_FUSION_BYTES")
 
