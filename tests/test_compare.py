@@ -1,4 +1,4 @@
-"""python -m pipedap.compare: the bound and table arithmetic, and a smoke run on 2 emulated hosts.
+"""python -m pipedap.tools.compare: the bound and table arithmetic, and a smoke run on 2 emulated hosts.
 
 The unit tests run anywhere. The others create network namespaces (skipped with the reason
 where that is impossible, as in test_testbed.py): every system trains a tiny ResNet-50 for a
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipedap import compare
-from pipedap.testbed import network, teardown
+from pipedap.tools import compare
+from pipedap.tools.testbed import network, teardown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_summarize_recomputes_a_stored_sweep_and_keeps_what_it_recorded(tmp_path
                 "batch_s": {"mean": 99.0, "ci95": None}, "result": result}  # stale figures: recomputed
 
     systems = [{"label": "PipeDAP", "baseline": "PipeDAP", "env": {}}, {"label": "DDP", "baseline": "DDP", "env": {}}]
-    doc = {"version": 1, "command": ["python", "-m", "pipedap.compare", "--out", "out/x"], "wall_seconds": 60.0,
+    doc = {"version": 1, "command": ["python", "-m", "pipedap.tools.compare", "--out", "out/x"], "wall_seconds": 60.0,
            "settings": {"models": ["resnet50"], "hosts": [2], "slots": 1, "rates": ["500mbit"], "batch_size": 8,
                         "image_size": None, "sentence_len": None, "warmup": 1, "iters": 3, "batches_per_iter": 1,
                         "quick": False, "out": "out/x", "systems": systems},  # an older file: no "summarize"
@@ -123,8 +123,8 @@ def test_quick_defaults_and_explicit_options() -> None:
 
 def test_pinned_cores_come_from_the_wrappers_lines(tmp_path: Path) -> None:
     log = tmp_path / "run.log"
-    log.write_text("[pipedap.testbed.pin] rank 1 on pdtb5h1 pinned to core 1\nnoise\n"
-                   "[pipedap.testbed.pin] rank 0 on pdtb5h0 pinned to core 0\n")
+    log.write_text("[pipedap.tools.testbed.pin] rank 1 on pdtb5h1 pinned to core 1\nnoise\n"
+                   "[pipedap.tools.testbed.pin] rank 0 on pdtb5h0 pinned to core 0\n")
     assert compare.pinned_cores(log) == {"1": 1, "0": 0}
 
 
@@ -158,7 +158,7 @@ needs_netns = pytest.mark.skipif(_REASON is not None, reason=f"cannot create net
 @pytest.mark.mpi
 def test_every_system_runs_on_two_emulated_hosts_and_is_recorded(tmp_path: Path) -> None:
     # 1 Gbit/s and a 2-step profile keep the 100 MB of ResNet-50 gradients per batch cheap
-    done = run_testbed_job([sys.executable, "-m", "pipedap.compare", "--quick", "--rates", "1gbit", "--no-calibrate",
+    done = run_testbed_job([sys.executable, "-m", "pipedap.tools.compare", "--quick", "--rates", "1gbit", "--no-calibrate",
                             "--out", str(tmp_path)], timeout=240, PIPEDAP_PROFILE_STEPS="2")
     assert done.returncode == 0, done.stdout
     doc = json.loads((tmp_path / "compare.json").read_text())
@@ -171,7 +171,7 @@ def test_every_system_runs_on_two_emulated_hosts_and_is_recorded(tmp_path: Path)
         assert run["status"] == "ok", run.get("error_tail")
         assert run["batch_s"]["mean"] > 0 and run["batch_s"]["iterations"] == doc["settings"]["iters"]
         assert run["pinned"] == {"0": 0, "1": 1} or len(doc["cores"]) < 2
-        assert "pipedap.bench" in run["command"] and Path(run["json"]).exists()
+        assert "pipedap.tools.bench" in run["command"] and Path(run["json"]).exists()
     (testbed,) = doc["testbeds"]
     assert testbed["hosts"] == 2 and testbed["shaping"]["1gbit"]["rate"] == "1gbit"
     assert [p["status"] for p in doc["compute"][0]["processes"]] == ["ok", "ok"]
@@ -193,7 +193,7 @@ def test_every_system_runs_on_two_emulated_hosts_and_is_recorded(tmp_path: Path)
 @needs_netns
 @pytest.mark.mpi
 def test_schedules_match_single_process_training_on_emulated_hosts() -> None:
-    done = run_testbed_job([sys.executable, "-m", "pipedap.testbed", "run", "--hosts", "2", "--rate", "500mbit",
+    done = run_testbed_job([sys.executable, "-m", "pipedap.tools.testbed", "run", "--hosts", "2", "--rate", "500mbit",
                             "--timeout", "150", "--", sys.executable, "tests/mpi_scripts/check_optimizer.py",
                             "matrix"], timeout=180)
     assert done.returncode == 0, done.stdout
@@ -201,6 +201,6 @@ def test_schedules_match_single_process_training_on_emulated_hosts() -> None:
 
 
 def test_help_runs() -> None:
-    done = subprocess.run([sys.executable, "-m", "pipedap.compare", "--help"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "pipedap.tools.compare", "--help"], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert done.returncode == 0 and "--quick" in done.stdout and "bound" in done.stdout

@@ -1,19 +1,19 @@
-"""Every system against the bound on an emulated cluster: ``python -m pipedap.compare --help``.
+"""Every system against the bound on an emulated cluster: ``python -m pipedap.tools.compare --help``.
 
-For each host count it brings up one testbed (:class:`pipedap.testbed.Testbed`) and, per
+For each host count it brings up one testbed (:class:`pipedap.tools.testbed.Testbed`) and, per
 link rate (reshaped in place), per model, runs every system with the same batch and
-iteration counts under ``pipedap.bench``: PipeDAP with the exact planner (online plan),
+iteration counts under ``pipedap.tools.bench``: PipeDAP with the exact planner (online plan),
 PipeDAP with the paper's greedy planner (``PIPEDAP_PLANNER=greedy``), DeAR, WFBP, DDP (gloo)
 and Horovod (when it imports).
 
 [Note: the bound] No data-parallel system beats ``max(compute, communication)``:
 
-* compute: the single-process job with no communication (:mod:`pipedap.compare_compute`),
+* compute: the single-process job with no communication (:mod:`pipedap.tools.compare_compute`),
   one copy per rank at once, each pinned to that rank's core (alone it would run faster
   than any rank of the distributed job, whose cores are busy);
 * communication: a ring all-reduce of the gradients moves ``2(p-1)/p x bytes`` over each
   link, at the nominal rate. The rate the comm core achieved on this testbed (calibration,
-  ``pipedap.bench_comm`` all-reduce) is reported next to it, with the bound it implies.
+  ``pipedap.tools.bench_comm`` all-reduce) is reported next to it, with the bound it implies.
 
 [Note: timing decoupled schedules] DeAR and PipeDAP leave a batch's last collectives
 running when ``step()`` returns. The benchmark's timed window starts after a barrier (nothing
@@ -53,11 +53,11 @@ from pathlib import Path
 
 import models
 from pipedap import settings
-from pipedap.bench import confidence
-from pipedap.testbed import calibrate
-from pipedap.testbed.network import TestbedError, stop_process_group
-from pipedap.testbed.pin import core_for
-from pipedap.testbed.testbed import Testbed, signals_as_exceptions
+from pipedap.tools.bench import confidence
+from pipedap.tools.testbed import calibrate
+from pipedap.tools.testbed.network import TestbedError, stop_process_group
+from pipedap.tools.testbed.pin import core_for
+from pipedap.tools.testbed.testbed import Testbed, signals_as_exceptions
 from pipedap.units import parse_rate_bps
 
 JSON_VERSION = 1
@@ -146,7 +146,7 @@ def finish_job(proc: subprocess.Popen, started: float, deadline: float, log: Pat
     seconds = time.perf_counter() - started
     if returncode == 124:
         with log.open("a") as out:
-            out.write(f"\n[pipedap.compare] stopped after {seconds:.0f} s: over its timeout\n")
+            out.write(f"\n[pipedap.tools.compare] stopped after {seconds:.0f} s: over its timeout\n")
     return Job(list(map(str, proc.args)), returncode, seconds, log)
 
 
@@ -211,7 +211,7 @@ class Sweep:
         for rank in range(ranks):
             core = core_for(rank, self.cores)
             json_path = folder / f"rank{rank}.json"
-            command = ["taskset", "-c", str(core), sys.executable, "-m", "pipedap.compare_compute",
+            command = ["taskset", "-c", str(core), sys.executable, "-m", "pipedap.tools.compare_compute",
                        *self.bench_options(model), "--json", str(json_path)]
             proc, started = start_job(command, clean_env(dict(os.environ)), folder / f"rank{rank}.log")
             jobs.append((rank, core, json_path, proc, started))
@@ -262,7 +262,7 @@ class Sweep:
 
     def calibrate(self, tb: Testbed, rate: str) -> dict:
         """Achieved link rate of each primitive (comm core and mpi4py) at CALIBRATION_SIZE."""
-        print(f"calibrating {rate}: pipedap.bench_comm {CALIBRATION_SIZE} ...", flush=True)
+        print(f"calibrating {rate}: pipedap.tools.bench_comm {CALIBRATION_SIZE} ...", flush=True)
         began = time.perf_counter()
         try:
             rows = calibrate.measure_mpi(tb, CALIBRATION_SIZE, min_time=0.5, timeout=300)
@@ -284,7 +284,7 @@ class Sweep:
         runs = self.out / "runs"
         runs.mkdir(parents=True, exist_ok=True)
         json_path, trace = runs / f"{name}.json", runs / f"{name}.trace.json"
-        command = tb.mpirun([sys.executable, "-m", "pipedap.bench", *self.bench_options(model),
+        command = tb.mpirun([sys.executable, "-m", "pipedap.tools.bench", *self.bench_options(model),
                              "--baseline", system.baseline, "--json", str(json_path), "--timeline", str(trace)])
         env = dict(clean_env(tb.env()), **TESTBED_ENV, **system.env)
         # a cost model measured at one rate must not be reused at the next: same host names
@@ -448,7 +448,7 @@ def clean_env(env: dict[str, str]) -> dict[str, str]:
 
 def pinned_cores(log: Path) -> dict[str, int]:
     """rank -> core, as the testbed's pinning wrapper reported it in the run's output."""
-    found = re.findall(r"\[pipedap\.testbed\.pin\] rank (\d+) on \S+ pinned to core (\d+)", log.read_text(errors="replace"))
+    found = re.findall(r"\[pipedap\.tools\.testbed\.pin\] rank (\d+) on \S+ pinned to core (\d+)", log.read_text(errors="replace"))
     return {rank: int(core) for rank, core in found}
 
 
@@ -463,9 +463,9 @@ def horovod_available() -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipedap.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Example (the real measurement, about an hour):\n  python -m pipedap.compare --out out/compare\n"
-               "Smoke run (a few minutes):\n  python -m pipedap.compare --quick --out out/compare-quick")
+        prog="python -m pipedap.tools.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example (the real measurement, about an hour):\n  python -m pipedap.tools.compare --out out/compare\n"
+               "Smoke run (a few minutes):\n  python -m pipedap.tools.compare --quick --out out/compare-quick")
     parser.add_argument("--models", help="comma-separated models, e.g. resnet50,vgg16,bert_base "
                                                              "(default resnet50)")
     parser.add_argument("--hosts", default="2", help="comma-separated host counts, one testbed each (default 2; "
@@ -599,13 +599,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
         finally:
-            write_results(sweep, time.perf_counter() - began, [sys.executable, "-m", "pipedap.compare", *argv])
+            write_results(sweep, time.perf_counter() - began, [sys.executable, "-m", "pipedap.tools.compare", *argv])
     return 0 if all(r["status"] != "failed" for r in sweep.runs) else 1
 
 
 def write_results(sweep: Sweep, seconds: float, command: list[str]) -> None:
     """The JSON, the charts and the table of whatever has been measured (also after an error)."""
-    from pipedap import compare_charts
+    from pipedap.tools import compare_charts
 
     args = sweep.args
     rows = sweep.comparison() if sweep.compute else []

@@ -1,4 +1,4 @@
-"""The charts of ``python -m pipedap.compare``, drawn from its comparison rows (PNG, matplotlib).
+"""The charts of ``python -m pipedap.tools.compare``, drawn from its comparison rows (PNG, matplotlib).
 
 * ``throughput.png``: samples per second of each system (all ranks) with the 95% confidence
   interval, per link rate; a black line marks the throughput of the bound;

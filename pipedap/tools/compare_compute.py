@@ -1,8 +1,8 @@
-"""The compute-only job of a comparison: ``python -m pipedap.compare_compute BENCH-OPTIONS``.
+"""The compute-only job of a comparison: ``python -m pipedap.tools.compare_compute BENCH-OPTIONS``.
 
-It runs the benchmark's own timing loop (:func:`pipedap.bench.run`, same model, batch,
+It runs the benchmark's own timing loop (:func:`pipedap.tools.bench.run`, same model, batch,
 optimizer and JSON) in one process that communicates nothing: a plain torch optimizer,
-world size 1, no MPI. ``pipedap.compare`` starts one copy per rank at the same time, each
+world size 1, no MPI. ``pipedap.tools.compare`` starts one copy per rank at the same time, each
 pinned to that rank's core, so the cores are as busy as in the distributed run
 (``docs/testbed.md``: the compute-only reference runs on both cores at once).
 """
@@ -14,8 +14,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pipedap import bench
-from pipedap.bench_baselines import BenchError, Distributed, Runtime
+from pipedap.tools import bench
+from pipedap.tools.bench_baselines import BenchError, Distributed, Runtime
 
 
 class LocalRuntime(Runtime):

@@ -1,11 +1,11 @@
-"""Training throughput benchmark on synthetic data: ``python -m pipedap.bench --help``.
+"""Training throughput benchmark on synthetic data: ``python -m pipedap.tools.bench --help``.
 
 Run it under MPI, e.g.::
 
-    mpirun -np 2 python -m pipedap.bench --model resnet50 --batch-size 8 --baseline PipeDAP
+    mpirun -np 2 python -m pipedap.tools.bench --model resnet50 --batch-size 8 --baseline PipeDAP
 
 It trains ``--model`` from the ``models`` package on random batches with SGD (momentum
-0.9) distributed by one baseline (see :mod:`pipedap.bench_baselines`), and prints, like
+0.9) distributed by one baseline (see :mod:`pipedap.tools.bench_baselines`), and prints, like
 upstream PipeDAP's benchmark (Horovod's synthetic benchmark), on rank 0::
 
     Img/sec per worker in each timed iteration (the mean over the 2 ranks' rates):
@@ -27,7 +27,7 @@ has one). ``--json FILE`` writes all of it::
     timeline: FILE or null, wall_seconds
 
 A rate is units (images or sentences) per second: per_worker is the mean over ranks,
-total the sum. ``--timeline FILE`` writes a Chrome trace (see :mod:`pipedap.timeline`).
+total the sum. ``--timeline FILE`` writes a Chrome trace (see :mod:`pipedap.tools.timeline`).
 """
 
 from __future__ import annotations
@@ -46,8 +46,16 @@ from pathlib import Path
 import torch
 
 import models
-from pipedap import timeline, units
-from pipedap.bench_baselines import BASELINES, BenchError, Runtime, canonical, check_runnable, start
+from pipedap import units
+from pipedap.tools import timeline
+from pipedap.tools.bench_baselines import (
+    BASELINES,
+    BenchError,
+    Runtime,
+    canonical,
+    check_runnable,
+    start,
+)
 
 JSON_VERSION = 1
 MAX_WARMUP = 200  # batches; a system not ready by then is reported, not waited for
@@ -61,7 +69,7 @@ T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipedap.bench",
+        prog="python -m pipedap.tools.bench",
         description="Synthetic-data training throughput of a model under one data-parallel system "
                     "(run it with mpirun -np N). Prints images (or sentences) per second per worker "
                     "and in total, and the planner's prediction next to the measured batch time.",
@@ -469,7 +477,7 @@ def report(result: dict, args: argparse.Namespace) -> None:
                     plan_digest=result["plan"]["digest"] if result["plan"] else None,
                     clock="time.monotonic_ns, microseconds from each rank's origin taken after a common barrier")
         timeline.write_trace(args.timeline, events, meta)
-        print(f"timeline written to {args.timeline} ({len(events)} events; python -m pipedap.timeline "
+        print(f"timeline written to {args.timeline} ({len(events)} events; python -m pipedap.tools.timeline "
               f"{args.timeline} draws it)")
     if args.json:
         Path(args.json).write_text(json.dumps({k: v for k, v in result.items() if not k.startswith("_")},
