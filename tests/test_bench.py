@@ -9,7 +9,8 @@ import torch
 from mpi_launch import assert_ok, run_mpi
 
 import pipedap.tools.bench as bench_module
-from pipedap.tools.bench import build_parser, main
+from pipedap.tools.bench import main
+from pipedap.tools.bench_options import build_parser
 
 # ResNet-50 on 32x32 images, batch 2: a few hundred ms per batch on a CPU core.
 TINY = ("--model", "resnet50", "--image-size", "32", "--batch-size", "2", "--num-warmup-batches", "1",

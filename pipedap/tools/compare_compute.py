@@ -16,6 +16,7 @@ from typing import Any
 
 from pipedap.tools import bench
 from pipedap.tools.bench_baselines import BenchError, Distributed, Runtime
+from pipedap.tools.bench_options import build_parser, validate
 
 
 class LocalRuntime(Runtime):
@@ -49,10 +50,10 @@ class LocalRuntime(Runtime):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = bench.build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     began = time.perf_counter()
     try:
-        bench.validate(args)
+        validate(args)
     except (BenchError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
