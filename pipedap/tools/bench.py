@@ -374,7 +374,8 @@ def make_parents(*paths: str | None) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, runtime: Runtime | None = None) -> int:
+    """The benchmark of ``--baseline``, or with ``runtime`` given, of that one (the compute-only job)."""
     args = build_parser().parse_args(argv)
     began = time.perf_counter()
     try:
@@ -393,7 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if launch_rank() == 0:
         make_parents(args.json, args.timeline, args.save_plan)
-    runtime = start(args.baseline, args)
+    if runtime is None:
+        runtime = start(args.baseline, args)
+    else:
+        args.baseline = runtime.name
     result = run(args, runtime)
     if runtime.rank() == 0:
         result["wall_seconds"] = time.perf_counter() - began

@@ -10,6 +10,7 @@ One panel per (model, host count).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -34,13 +35,8 @@ def _labels(rows: list[dict]) -> list[str]:
     return labels
 
 
-def _figure(count: int) -> tuple[plt.Figure, list[plt.Axes]]:
-    fig, axes = plt.subplots(1, count, figsize=(8.5 * count, 4.5), squeeze=False)
-    return fig, list(axes[0])
-
-
-def _grouped(ax: plt.Axes, rows: list[dict], value: str, error: str) -> tuple[list[float], float]:
-    """Bars of ``value`` +- ``error`` per system, grouped by rate; the group centres and bar width."""
+def _grouped(ax: plt.Axes, rows: list[dict], value: str, error: str) -> list[float]:
+    """Bars of ``value`` +- ``error`` per system, grouped by rate; the group centres."""
     labels = _labels(rows)
     width = 0.8 / max(1, len(labels))
     centres = list(range(len(rows)))
@@ -56,7 +52,7 @@ def _grouped(ax: plt.Axes, rows: list[dict], value: str, error: str) -> tuple[li
     ax.set_xticks(centres, [row["rate"] for row in rows])
     ax.set_ylim(bottom=0)
     ax.set_xlabel("link rate (each way)")
-    return centres, width
+    return centres
 
 
 def _levels(ax: plt.Axes, centres: list[float], values: list[float], label: str, style: str) -> None:
@@ -65,67 +61,48 @@ def _levels(ax: plt.Axes, centres: list[float], values: list[float], label: str,
               linestyles=style, linewidth=1.5, label=label)
 
 
-def _title(ax: plt.Axes, rows: list[dict]) -> None:
-    first = rows[0]
-    ax.set_title(f"{first['model']}, {first['ranks']} ranks on {first['hosts']} hosts")
-
-
-def draw_throughput(rows: list[dict], path: Path) -> Path:
+def _chart(rows: list[dict], path: Path, fill: Callable[[plt.Axes, list[dict]], None]) -> Path:
+    """One panel per (model, hosts), each drawn by ``fill``, titled, with its legend; saved to ``path``."""
     panels = _panels(rows)
-    fig, axes = _figure(len(panels))
-    for ax, panel in zip(axes, panels.values()):
-        centres, _ = _grouped(ax, panel, "throughput", "throughput_ci95")
-        _levels(ax, centres, [row["bound_throughput"] for row in panel], "bound", "-")
-        ax.set_ylabel("samples/s, all ranks (95% CI)")
-        _title(ax, panel)
-        _legend(ax)
-    return _save(fig, path)
-
-
-def draw_speedup(rows: list[dict], path: Path) -> Path:
-    panels = _panels(rows)
-    fig, axes = _figure(len(panels))
-    for ax, panel in zip(axes, panels.values()):
-        for label in _labels(panel):
-            points = [(row["rate_bps"] / 1e6, row["systems"][label]["speedup_over_ddp"]) for row in panel
-                      if row["systems"].get(label, {}).get("speedup_over_ddp") is not None]
-            if points:
-                ax.plot(*zip(*sorted(points)), marker="o", label=label)
-        ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.set_xlabel("link rate, Mbit/s (each way)")
-        ax.set_ylabel("speedup over DDP (DDP time / system time)")
-        _title(ax, panel)
-        _legend(ax)
-    return _save(fig, path)
-
-
-def draw_vs_bound(rows: list[dict], path: Path) -> Path:
-    panels = _panels(rows)
-    fig, axes = _figure(len(panels))
-    for ax, panel in zip(axes, panels.values()):
-        centres, _ = _grouped(ax, panel, "batch_s", "ci95")
-        _levels(ax, centres, [row["bound_s"] for row in panel], "bound max(compute, comm)", "-")
-        _levels(ax, centres, [row["compute_s"] for row in panel], "compute only", ":")
-        _levels(ax, centres, [row["comm_s"] for row in panel], "all-reduce at nominal rate", "--")
-        ax.set_ylabel("seconds per batch (95% CI)")
-        _title(ax, panel)
-        _legend(ax)
-    return _save(fig, path)
-
-
-def _legend(ax: plt.Axes) -> None:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-
-
-def _save(fig: plt.Figure, path: Path) -> Path:
+    fig, axes = plt.subplots(1, len(panels), figsize=(8.5 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels.values()):
+        fill(ax, panel)
+        first = panel[0]
+        ax.set_title(f"{first['model']}, {first['ranks']} ranks on {first['hosts']} hosts")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+def _throughput(ax: plt.Axes, panel: list[dict]) -> None:
+    centres = _grouped(ax, panel, "throughput", "throughput_ci95")
+    _levels(ax, centres, [row["bound_throughput"] for row in panel], "bound", "-")
+    ax.set_ylabel("samples/s, all ranks (95% CI)")
+
+
+def _speedup(ax: plt.Axes, panel: list[dict]) -> None:
+    for label in _labels(panel):
+        points = [(row["rate_bps"] / 1e6, row["systems"][label]["speedup_over_ddp"]) for row in panel
+                  if row["systems"].get(label, {}).get("speedup_over_ddp") is not None]
+        if points:
+            ax.plot(*zip(*sorted(points)), marker="o", label=label)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("link rate, Mbit/s (each way)")
+    ax.set_ylabel("speedup over DDP (DDP time / system time)")
+
+
+def _vs_bound(ax: plt.Axes, panel: list[dict]) -> None:
+    centres = _grouped(ax, panel, "batch_s", "ci95")
+    _levels(ax, centres, [row["bound_s"] for row in panel], "bound max(compute, comm)", "-")
+    _levels(ax, centres, [row["compute_s"] for row in panel], "compute only", ":")
+    _levels(ax, centres, [row["comm_s"] for row in panel], "all-reduce at nominal rate", "--")
+    ax.set_ylabel("seconds per batch (95% CI)")
+
+
 def draw(rows: list[dict], folder: Path) -> list[Path]:
     """All three charts into ``folder``; their paths."""
-    return [draw_throughput(rows, folder / "throughput.png"), draw_speedup(rows, folder / "speedup_vs_ddp.png"),
-            draw_vs_bound(rows, folder / "vs_bound.png")]
+    return [_chart(rows, folder / name, fill) for name, fill in
+            (("throughput.png", _throughput), ("speedup_vs_ddp.png", _speedup), ("vs_bound.png", _vs_bound))]

@@ -10,13 +10,11 @@ pinned to that rank's core, so the cores are as busy as in the distributed run
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from pipedap.tools import bench
-from pipedap.tools.bench_baselines import BenchError, Distributed, Runtime
-from pipedap.tools.bench_options import build_parser, validate
+from pipedap.tools.bench_baselines import Distributed, Runtime
 
 
 class LocalRuntime(Runtime):
@@ -50,18 +48,7 @@ class LocalRuntime(Runtime):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    began = time.perf_counter()
-    try:
-        validate(args)
-    except (BenchError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    args.baseline = LocalRuntime.name
-    result = bench.run(args, LocalRuntime())
-    result["wall_seconds"] = time.perf_counter() - began
-    bench.report(result, args)
-    return 0
+    return bench.main(argv, LocalRuntime())
 
 
 if __name__ == "__main__":
