@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Launch the training benchmark (python -m pipedap.bench) on a cluster, upstream-style:
+# Launch the training benchmark (python -m pipedap.tools.bench) on a cluster, upstream-style:
 #
-#   dnn=resnet50 bs=64 nworkers=4 baseline=PipeDAP ./dist.sh [more pipedap.bench options]
+#   dnn=resnet50 bs=64 nworkers=4 baseline=PipeDAP ./dist.sh [more pipedap.tools.bench options]
 #
 # Inputs (environment variables):
 #   dnn       model name (python -m models --list)                    default resnet50
@@ -10,7 +10,7 @@
 #   baseline  PipeDAP, DeAR, WFBP, DDP, Horovod (ByteScheduler: refused with the reason)
 #                                                                     default PipeDAP
 #   configs   folder with envs.conf and the cluster<N> hostfiles      default ./configs
-# Options after ./dist.sh go to pipedap.bench (later ones win), e.g. --num-iters 20 --json out.json.
+# Options after ./dist.sh go to pipedap.tools.bench (later ones win), e.g. --num-iters 20 --json out.json.
 #
 # With none of dnn, bs, nworkers set, it runs the short default job on this machine:
 # 2 local ranks, ResNet-50 on 64x64 images, batch 8, 3 warmup + 5x2 timed batches (about
@@ -68,7 +68,7 @@ if [[ ${TESTBED:-0} != 1 ]]; then  # the testbed makes its own hosts
         say "hosts from $hostfile ($slots slots)"
     fi
 elif (( EUID != 0 )); then
-    fail "TESTBED=1 needs root (network namespaces); see python -m pipedap.testbed --help"
+    fail "TESTBED=1 needs root (network namespaces); see python -m pipedap.tools.testbed --help"
 fi
 
 bench=(--model "$dnn" --batch-size "$bs" --baseline "$baseline")
@@ -77,8 +77,8 @@ if (( default_job )); then
     bench+=(--image-size 64 --num-warmup-batches 3 --num-batches-per-iter 2 --num-iters 5)
 fi
 bench+=("$@")
-say "checking the options with $PY -m pipedap.bench --check"
-(cd "$here" && "$PY" -m pipedap.bench "${bench[@]}" --check --ranks-per-host "$(awk -v n="$nworkers" '!/^[[:space:]]*(#|$)/ { k = 1; for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) { split($i, s, "="); k = s[2] } if (k > n) k = n; n -= k; if (k > most) most = k } END { print most ? most : n }' "${hostfile:-/dev/null}")") || exit 2
+say "checking the options with $PY -m pipedap.tools.bench --check"
+(cd "$here" && "$PY" -m pipedap.tools.bench "${bench[@]}" --check --ranks-per-host "$(awk -v n="$nworkers" '!/^[[:space:]]*(#|$)/ { k = 1; for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) { split($i, s, "="); k = s[2] } if (k > n) k = n; n -= k; if (k > most) most = k } END { print most ? most : n }' "${hostfile:-/dev/null}")") || exit 2
 
 mpi_flags=(--bind-to none --map-by slot)
 (( EUID == 0 )) && mpi_flags+=(--allow-run-as-root)
@@ -90,14 +90,14 @@ for var in PATH LD_LIBRARY_PATH PYTHONPATH MASTER_ADDR $(compgen -v PIPEDAP_ || 
     [[ -n ${!var:-} ]] && mpi_flags+=(-x "$var")
 done
 read -r -a extra <<< "${MPIRUN_FLAGS:-}"
-command=("$PY" -m pipedap.bench "${bench[@]}")
+command=("$PY" -m pipedap.tools.bench "${bench[@]}")
 
 if [[ ${TESTBED:-0} == 1 ]]; then
     rate=${TESTBED_RATE:-500mbit}
-    say "emulated testbed: $nworkers hosts at $rate each way (python -m pipedap.testbed run), then the job"
+    say "emulated testbed: $nworkers hosts at $rate each way (python -m pipedap.tools.testbed run), then the job"
     export GLOO_SOCKET_IFNAME=eth0  # each emulated host's NIC: the DDP rendezvous and gloo use it
     cd "$here"
-    exec "$PY" -m pipedap.testbed run --hosts "$nworkers" --rate "$rate" -- "${command[@]}"
+    exec "$PY" -m pipedap.tools.testbed run --hosts "$nworkers" --rate "$rate" -- "${command[@]}"
 fi
 
 cores=$(nproc 2>/dev/null || echo 1)

@@ -24,7 +24,7 @@ mode set through the comm core's environment variables:
 
 It prints, per mode, the slowdown of compute in each phase and the CPU time per
 100 MB moved each way, and writes everything as JSON. ``--worker`` is the MPI
-job itself (the driver starts it under ``python -m pipedap.testbed run``).
+job itself (the driver starts it under ``python -m pipedap.tools.testbed run``).
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def run_job(args: argparse.Namespace, mode: str, folder: Path, round_: int) -> l
                   "--rate-bps", str(parse_rate_bps(args.rate)), "--model", args.model,
                   "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
                   "--seconds", str(args.seconds), "--message-bytes", str(args.message_bytes)]
-    command = [sys.executable, "-m", "pipedap.testbed", "run", "--hosts", "2", "--rate", args.rate,
+    command = [sys.executable, "-m", "pipedap.tools.testbed", "run", "--hosts", "2", "--rate", args.rate,
                "--timeout", str(args.timeout), "--", *worker_cmd]
     env = {k: v for k, v in os.environ.items() if k not in POLL_VARS}
     env.update(MODES[mode])

@@ -151,7 +151,7 @@ _DECLARED = [
     # build and internal
     Setting("PIPEDAP_WITH_NCCL", "choice", "auto", "build time: compile the NCCL backend "
             "(read by comm_core/buildconfig.py)", "build", choices=("auto", "0", "1")),
-    Setting("PIPEDAP_TESTBED_CORE", "int", None, "set by `python -m pipedap.testbed.pin`: the core this rank "
+    Setting("PIPEDAP_TESTBED_CORE", "int", None, "set by `python -m pipedap.tools.testbed.pin`: the core this rank "
             "is pinned to (benchmarks record it)", "internal"),
 ]
 SETTINGS: dict[str, Setting] = {s.name: s for s in _DECLARED}

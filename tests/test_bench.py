@@ -1,4 +1,4 @@
-"""python -m pipedap.bench end to end at mpirun -np 2 (tiny ResNet-50 input), and its refusals."""
+"""python -m pipedap.tools.bench end to end at mpirun -np 2 (tiny ResNet-50 input), and its refusals."""
 
 import json
 import subprocess
@@ -8,8 +8,9 @@ import pytest
 import torch
 from mpi_launch import assert_ok, run_mpi
 
-import pipedap.bench as bench_module
-from pipedap.bench import build_parser, main
+import pipedap.tools.bench as bench_module
+from pipedap.tools.bench import main
+from pipedap.tools.bench_options import build_parser
 
 # ResNet-50 on 32x32 images, batch 2: a few hundred ms per batch on a CPU core.
 TINY = ("--model", "resnet50", "--image-size", "32", "--batch-size", "2", "--num-warmup-batches", "1",

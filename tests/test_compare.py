@@ -1,4 +1,4 @@
-"""python -m pipedap.compare: the bound and table arithmetic, and a smoke run on 2 emulated hosts.
+"""python -m pipedap.tools.compare: the bound and table arithmetic, and a smoke run on 2 emulated hosts.
 
 The unit tests run anywhere. The others create network namespaces (skipped with the reason
 where that is impossible, as in test_testbed.py): every system trains a tiny ResNet-50 for a
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipedap import compare
-from pipedap.testbed import network, teardown
+from pipedap.tools import compare, compare_jobs, compare_report, compare_sweep, stats
+from pipedap.tools.testbed import network, teardown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # -- unit tests: no namespaces -------------------------------------------------------------------
 
 def test_ring_allreduce_moves_2_p_minus_1_over_p_of_the_bytes_per_link() -> None:
-    assert compare.ring_allreduce_s(1e6, 2, 8e6) == pytest.approx(1.0)  # 1 MB each way at 8 Mbit/s
-    assert compare.ring_allreduce_s(1e6, 4, 8e6) == pytest.approx(1.5)
-    assert compare.ring_allreduce_s(1e6, 1, 8e6) == 0.0
-    assert compare.gradient_bytes("resnet50") == 25_557_032 * 4
+    assert compare_report.ring_allreduce_s(1e6, 2, 8e6) == pytest.approx(1.0)  # 1 MB each way at 8 Mbit/s
+    assert compare_report.ring_allreduce_s(1e6, 4, 8e6) == pytest.approx(1.5)
+    assert compare_report.ring_allreduce_s(1e6, 1, 8e6) == 0.0
+    assert compare_report.gradient_bytes("resnet50") == 25_557_032 * 4
 
 
 def _run(system: str, batch_s: float) -> dict:
@@ -42,7 +42,7 @@ def test_row_against_the_bound() -> None:
     runs = {"PipeDAP": dict(_run("PipeDAP", 4.4), predicted_s=4.0, predicted_over_measured=4.0 / 4.4),
             "DDP": _run("DDP", 6.6), "Horovod": {"status": "skipped", "reason": "not installed"},
             "WFBP": {"status": "failed", "error_tail": "----\nRuntimeError: boom\n-----\nprterun has exited"}}
-    row = compare.compare_row("resnet50", 2, 2, 8, "250mbit", compute=4.0, comm=3.0, achieved_bps=200e6, runs=runs)
+    row = compare_report.compare_row("resnet50", 2, 2, 8, "250mbit", compute=4.0, comm=3.0, achieved_bps=200e6, runs=runs)
     assert row["bound_s"] == 4.0 and row["bound_by"] == "compute" and row["bound_throughput"] == 4.0
     assert row["comm_achieved_s"] == pytest.approx(3.0 * 250 / 200) and row["bound_achieved_s"] == 4.0
     pipedap, ddp = row["systems"]["PipeDAP"], row["systems"]["DDP"]
@@ -50,7 +50,7 @@ def test_row_against_the_bound() -> None:
     assert ddp["pipedap_speedup"] == pytest.approx(1.5) and pipedap["speedup_over_ddp"] == pytest.approx(1.5)
     assert row["systems"]["Horovod"] == {"status": "skipped", "why": "not installed"}
     assert row["systems"]["WFBP"]["why"] == "RuntimeError: boom"
-    text = compare.table([row])
+    text = compare_report.table([row])
     assert "bound 4.00 s (compute)" in text and "WFBP            FAILED: RuntimeError: boom" in text
 
 
@@ -58,20 +58,20 @@ def test_steady_state_leaves_out_the_window_edges() -> None:
     # ResNet-50 at 125 Mbit/s, greedy plan: the link idles in the first forward, the last
     # iteration waits for its whole tail
     seconds = [4.49, 7.22, 7.35, 11.57]
-    mean, ci95, window = compare.steady_statistics(seconds)
+    mean, ci95, window = stats.steady_statistics(seconds)
     assert mean == pytest.approx((7.22 + 7.35) / 2) and window == pytest.approx(sum(seconds) / 4)
-    assert ci95 == pytest.approx(compare.confidence([7.22, 7.35])[1])
-    assert compare.steady_statistics([4.0, 6.0]) == (5.0, pytest.approx(compare.confidence([4.0, 6.0])[1]), 5.0)
-    assert compare.steady_statistics([8.8, 18.83, 32.09])[:2] == (18.83, None)  # one inner iteration
+    assert ci95 == pytest.approx(stats.confidence([7.22, 7.35])[1])
+    assert stats.steady_statistics([4.0, 6.0]) == (5.0, pytest.approx(stats.confidence([4.0, 6.0])[1]), 5.0)
+    assert stats.steady_statistics([8.8, 18.83, 32.09])[:2] == (18.83, None)  # one inner iteration
     result = {"per_iteration": [{"seconds": 2 * t} for t in seconds], "batches_per_iter": 2, "world_size": 2,
               "batch_size": 8, "batch_time": {"predicted_s": 7.0}}
-    stats = compare.run_statistics(result)
-    assert stats["batch_s"]["mean"] == pytest.approx(mean) and stats["batch_s"]["iterations"] == 4
-    assert stats["batch_s"]["window_mean"] == pytest.approx(window)
-    assert stats["throughput"]["mean"] == pytest.approx(16 / mean)
+    run = stats.run_statistics(result)
+    assert run["batch_s"]["mean"] == pytest.approx(mean) and run["batch_s"]["iterations"] == 4
+    assert run["batch_s"]["window_mean"] == pytest.approx(window)
+    assert run["throughput"]["mean"] == pytest.approx(16 / mean)
     # throughput's interval: the relative interval of the time (first-order)
-    assert stats["throughput"]["ci95"] / stats["throughput"]["mean"] == pytest.approx(ci95 / mean)
-    assert stats["predicted_over_measured"] == pytest.approx(7.0 / mean)
+    assert run["throughput"]["ci95"] / run["throughput"]["mean"] == pytest.approx(ci95 / mean)
+    assert run["predicted_over_measured"] == pytest.approx(7.0 / mean)
 
 
 def test_summarize_needs_a_sweep_folder(tmp_path: Path, capsys) -> None:
@@ -87,7 +87,7 @@ def test_summarize_recomputes_a_stored_sweep_and_keeps_what_it_recorded(tmp_path
                 "batch_s": {"mean": 99.0, "ci95": None}, "result": result}  # stale figures: recomputed
 
     systems = [{"label": "PipeDAP", "baseline": "PipeDAP", "env": {}}, {"label": "DDP", "baseline": "DDP", "env": {}}]
-    doc = {"version": 1, "command": ["python", "-m", "pipedap.compare", "--out", "out/x"], "wall_seconds": 60.0,
+    doc = {"version": 1, "command": ["python", "-m", "pipedap.tools.compare", "--out", "out/x"], "wall_seconds": 60.0,
            "settings": {"models": ["resnet50"], "hosts": [2], "slots": 1, "rates": ["500mbit"], "batch_size": 8,
                         "image_size": None, "sentence_len": None, "warmup": 1, "iters": 3, "batches_per_iter": 1,
                         "quick": False, "out": "out/x", "systems": systems},  # an older file: no "summarize"
@@ -117,15 +117,15 @@ def test_quick_defaults_and_explicit_options() -> None:
         ["500mbit", "250mbit", "125mbit"], 8, [2], None)
     for bad, message in ((["--models", "alexnet"], "unknown model"), (["--rates", "fast"], "--rates"),
                          (["--hosts", "1"], "at least 2 hosts"), (["--systems", "NCCL"], "unknown NCCL")):
-        with pytest.raises(compare.CompareError, match=message):
+        with pytest.raises(compare_sweep.CompareError, match=message):
             compare.parse_args(bad)
 
 
 def test_pinned_cores_come_from_the_wrappers_lines(tmp_path: Path) -> None:
     log = tmp_path / "run.log"
-    log.write_text("[pipedap.testbed.pin] rank 1 on pdtb5h1 pinned to core 1\nnoise\n"
-                   "[pipedap.testbed.pin] rank 0 on pdtb5h0 pinned to core 0\n")
-    assert compare.pinned_cores(log) == {"1": 1, "0": 0}
+    log.write_text("[pipedap.tools.testbed.pin] rank 1 on pdtb5h1 pinned to core 1\nnoise\n"
+                   "[pipedap.tools.testbed.pin] rank 0 on pdtb5h0 pinned to core 0\n")
+    assert compare_jobs.pinned_cores(log) == {"1": 1, "0": 0}
 
 
 # -- on emulated hosts ----------------------------------------------------------------------------
@@ -158,11 +158,11 @@ needs_netns = pytest.mark.skipif(_REASON is not None, reason=f"cannot create net
 @pytest.mark.mpi
 def test_every_system_runs_on_two_emulated_hosts_and_is_recorded(tmp_path: Path) -> None:
     # 1 Gbit/s and a 2-step profile keep the 100 MB of ResNet-50 gradients per batch cheap
-    done = run_testbed_job([sys.executable, "-m", "pipedap.compare", "--quick", "--rates", "1gbit", "--no-calibrate",
+    done = run_testbed_job([sys.executable, "-m", "pipedap.tools.compare", "--quick", "--rates", "1gbit", "--no-calibrate",
                             "--out", str(tmp_path)], timeout=240, PIPEDAP_PROFILE_STEPS="2")
     assert done.returncode == 0, done.stdout
     doc = json.loads((tmp_path / "compare.json").read_text())
-    labels = [s.label for s in compare.SYSTEMS]
+    labels = [s.label for s in compare_sweep.SYSTEMS]
     assert [r["system"] for r in doc["runs"]] == labels
     for run in doc["runs"]:
         if run["status"] == "skipped":  # only Horovod, and only where it does not import
@@ -171,7 +171,7 @@ def test_every_system_runs_on_two_emulated_hosts_and_is_recorded(tmp_path: Path)
         assert run["status"] == "ok", run.get("error_tail")
         assert run["batch_s"]["mean"] > 0 and run["batch_s"]["iterations"] == doc["settings"]["iters"]
         assert run["pinned"] == {"0": 0, "1": 1} or len(doc["cores"]) < 2
-        assert "pipedap.bench" in run["command"] and Path(run["json"]).exists()
+        assert "pipedap.tools.bench" in run["command"] and Path(run["json"]).exists()
     (testbed,) = doc["testbeds"]
     assert testbed["hosts"] == 2 and testbed["shaping"]["1gbit"]["rate"] == "1gbit"
     assert [p["status"] for p in doc["compute"][0]["processes"]] == ["ok", "ok"]
@@ -193,7 +193,7 @@ def test_every_system_runs_on_two_emulated_hosts_and_is_recorded(tmp_path: Path)
 @needs_netns
 @pytest.mark.mpi
 def test_schedules_match_single_process_training_on_emulated_hosts() -> None:
-    done = run_testbed_job([sys.executable, "-m", "pipedap.testbed", "run", "--hosts", "2", "--rate", "500mbit",
+    done = run_testbed_job([sys.executable, "-m", "pipedap.tools.testbed", "run", "--hosts", "2", "--rate", "500mbit",
                             "--timeout", "150", "--", sys.executable, "tests/mpi_scripts/check_optimizer.py",
                             "matrix"], timeout=180)
     assert done.returncode == 0, done.stdout
@@ -201,6 +201,6 @@ def test_schedules_match_single_process_training_on_emulated_hosts() -> None:
 
 
 def test_help_runs() -> None:
-    done = subprocess.run([sys.executable, "-m", "pipedap.compare", "--help"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "pipedap.tools.compare", "--help"], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert done.returncode == 0 and "--quick" in done.stdout and "bound" in done.stdout

@@ -1,4 +1,4 @@
-"""Tests for the emulated cluster (pipedap.testbed).
+"""Tests for the emulated cluster (pipedap.tools.testbed).
 
 The unit tests run anywhere. The others create real network namespaces: they
 are skipped, with the reason, where that is impossible (not root, no ip/tc, or
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from pipedap.testbed import agent, network, tcpstream
-from pipedap.testbed.network import Shaping
-from pipedap.testbed.pin import core_for
-from pipedap.testbed.testbed import Testbed, temp_dirs
+from pipedap.tools.testbed import agent, network, tcpstream
+from pipedap.tools.testbed.network import Shaping
+from pipedap.tools.testbed.pin import core_for
+from pipedap.tools.testbed.testbed import Testbed, temp_dirs
 
 RATE = "200mbit"
 NOMINAL_BPS = 200e6
@@ -142,8 +142,8 @@ def test_tcp_stream_is_rate_limited(testbed: Testbed) -> None:
 
 CHILD_SCRIPT = textwrap.dedent("""
     import json, sys, time
-    from pipedap.testbed import Testbed
-    from pipedap.testbed.network import leftovers
+    from pipedap.tools.testbed import Testbed
+    from pipedap.tools.testbed.network import leftovers
 
     with Testbed(hosts=2, rate="200mbit") as tb:
         namespaces, links = leftovers(tb.run_id)

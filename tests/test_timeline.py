@@ -1,4 +1,4 @@
-"""The Chrome trace of pipedap.bench --timeline, the Recorder, and python -m pipedap.timeline."""
+"""The Chrome trace of pipedap.tools.bench --timeline, the Recorder, and python -m pipedap.tools.timeline."""
 
 import json
 from types import SimpleNamespace
@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 from mpi_launch import assert_ok, run_mpi
 
-from pipedap import timeline
 from pipedap.planner.plan import Plan
+from pipedap.tools import timeline
 
 
 def op(name: str, enqueue: int, start: int, end: int) -> SimpleNamespace:

@@ -116,10 +116,10 @@ def main() -> None:
 
     # --- harness -------------------------------------------------------------------------
     region(ax, 10.15, 0.1, 4.65, 4.6, "harness (measure and compare)", HARNESS)
-    box(ax, 10.4, 0.3, 4.15, 3.95, "tools",
+    box(ax, 10.4, 0.3, 4.15, 3.95, "pipedap/tools/",
         ["bench.py: training benchmark, baselines",
          "(PipeDAP, DeAR, WFBP, DDP, Horovod)",
-         "plan.py CLI: profile, plan, what-if",
+         "../plan.py CLI: profile, plan, what-if",
          "timeline.py: measured vs predicted",
          "bench_comm.py: collective bandwidth",
          "compare.py: every system vs the bound",

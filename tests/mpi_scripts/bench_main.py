@@ -1,7 +1,7 @@
-"""``python -m pipedap.bench`` as a script, for run_mpi (which launches files from this folder)."""
+"""``python -m pipedap.tools.bench`` as a script, for run_mpi (which launches files from this folder)."""
 
 import sys
 
-from pipedap.bench import main
+from pipedap.tools.bench import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""Pin an MPI rank to its own core, then run the real command: ``python -m pipedap.testbed.pin -- CMD...``.
+"""Pin an MPI rank to its own core, then run the real command: ``python -m pipedap.tools.testbed.pin -- CMD...``.
 
 Each emulated host's launcher daemon would bind its rank to core 0 (so two
 "hosts" share one core); mpirun runs with ``--bind-to none`` and this wrapper
@@ -25,15 +25,15 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
-        sys.exit("usage: python -m pipedap.testbed.pin -- COMMAND [ARGS...]")
+        sys.exit("usage: python -m pipedap.tools.testbed.pin -- COMMAND [ARGS...]")
     rank_text = os.environ.get("OMPI_COMM_WORLD_RANK")
     if rank_text is None:
-        sys.exit("pipedap.testbed.pin: OMPI_COMM_WORLD_RANK is not set: run it under Open MPI's mpirun")
+        sys.exit("pipedap.tools.testbed.pin: OMPI_COMM_WORLD_RANK is not set: run it under Open MPI's mpirun")
     rank = int(rank_text)
     core = core_for(rank, list(os.sched_getaffinity(0)))
     os.sched_setaffinity(0, {core})
     os.environ["PIPEDAP_TESTBED_CORE"] = str(core)
-    print(f"[pipedap.testbed.pin] rank {rank} on {socket.gethostname()} pinned to core {core}",
+    print(f"[pipedap.tools.testbed.pin] rank {rank} on {socket.gethostname()} pinned to core {core}",
           file=sys.stderr, flush=True)
     os.execvp(argv[0], argv)
 

@@ -26,9 +26,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipedap.testbed import agent, network
-from pipedap.testbed.network import Shaping, TestbedError
-from pipedap.testbed.pin import core_for
+from pipedap.tools.testbed import agent, network
+from pipedap.tools.testbed.network import Shaping, TestbedError
+from pipedap.tools.testbed.pin import core_for
 
 
 def mpirun_path() -> str:
@@ -164,7 +164,7 @@ class Testbed:
     @staticmethod
     def pin_prefix() -> list[str]:
         """The wrapper that pins each rank to core ``rank mod cores`` before it runs the command."""
-        return [sys.executable, "-m", "pipedap.testbed.pin", "--"]
+        return [sys.executable, "-m", "pipedap.tools.testbed.pin", "--"]
 
     def mpirun(self, command: list[str], np: int | None = None) -> list[str]:
         """The full command line: mpirun, its flags, the pinning wrapper, ``command``."""

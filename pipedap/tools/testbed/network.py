@@ -151,7 +151,7 @@ def free_subnet(first: int = 0) -> ipaddress.IPv4Network:
         if not any(subnet.overlaps(u) for u in used):
             return subnet
     raise TestbedError(f"every /24 of {NETWORK} is in use: remove stale testbeds with "
-                       "`python -m pipedap.testbed down`")
+                       "`python -m pipedap.tools.testbed down`")
 
 
 def create(run_id: int, hosts: int, subnet: ipaddress.IPv4Network, shaping: Shaping) -> None:

@@ -1,11 +1,11 @@
-"""Training throughput benchmark on synthetic data: ``python -m pipedap.bench --help``.
+"""Training throughput benchmark on synthetic data: ``python -m pipedap.tools.bench --help``.
 
 Run it under MPI, e.g.::
 
-    mpirun -np 2 python -m pipedap.bench --model resnet50 --batch-size 8 --baseline PipeDAP
+    mpirun -np 2 python -m pipedap.tools.bench --model resnet50 --batch-size 8 --baseline PipeDAP
 
 It trains ``--model`` from the ``models`` package on random batches with SGD (momentum
-0.9) distributed by one baseline (see :mod:`pipedap.bench_baselines`), and prints, like
+0.9) distributed by one baseline (see :mod:`pipedap.tools.bench_baselines`), and prints, like
 upstream PipeDAP's benchmark (Horovod's synthetic benchmark), on rank 0::
 
     Img/sec per worker in each timed iteration (the mean over the 2 ranks' rates):
@@ -27,14 +27,13 @@ has one). ``--json FILE`` writes all of it::
     timeline: FILE or null, wall_seconds
 
 A rate is units (images or sentences) per second: per_worker is the mean over ranks,
-total the sum. ``--timeline FILE`` writes a Chrome trace (see :mod:`pipedap.timeline`).
+total the sum. ``--timeline FILE`` writes a Chrome trace (see :mod:`pipedap.tools.timeline`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -46,110 +45,16 @@ from pathlib import Path
 import torch
 
 import models
-from pipedap import timeline, units
-from pipedap.bench_baselines import BASELINES, BenchError, Runtime, canonical, check_runnable, start
+from pipedap import units
+from pipedap.tools import timeline
+from pipedap.tools.bench_baselines import BenchError, Runtime, start
+from pipedap.tools.bench_options import build_parser, validate
+from pipedap.tools.stats import confidence
 
 JSON_VERSION = 1
 MAX_WARMUP = 200  # batches; a system not ready by then is reported, not waited for
 GB = 1e9
 MEMORY_WARN_FRACTION = 0.8  # of MemAvailable: above it --check warns that the job is close to not fitting
-# Two-sided 95% Student-t quantiles for 1..30 degrees of freedom; the normal 1.96 beyond.
-T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-       2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-       2.045, 2.042)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipedap.bench",
-        description="Synthetic-data training throughput of a model under one data-parallel system "
-                    "(run it with mpirun -np N). Prints images (or sentences) per second per worker "
-                    "and in total, and the planner's prediction next to the measured batch time.",
-        epilog=f"models: {', '.join(models.names())}. Baselines: PipeDAP (a plan from --plan or "
-               "made now), DeAR, WFBP (pipedap's runtime), DDP (torch over gloo), Horovod (when "
-               "horovod.torch imports); ByteScheduler is refused with the reason.",
-    )
-    parser.add_argument("--model", default="resnet50", help="model name (default resnet50)")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size per worker (default 32)")
-    parser.add_argument("--num-warmup-batches", type=int, default=10, help="untimed batches first (default 10)")
-    parser.add_argument("--num-batches-per-iter", type=int, default=10, help="batches per timed iteration (default 10)")
-    parser.add_argument("--num-iters", type=int, default=10, help="timed iterations (default 10)")
-    parser.add_argument("--baseline", "--schedule", default="PipeDAP", metavar="NAME",
-                        help=f"{', '.join(BASELINES)} (case-insensitive; default PipeDAP)")
-    parser.add_argument("--threshold", type=int, metavar="BYTES",
-                        help="tensor-fusion threshold in bytes (pipedap buckets, DDP bucket_cap, Horovod "
-                             "fusion buffer; PipeDAP plans with this fusion). Default: each system's own")
-    parser.add_argument("--fp16", action="store_true",
-                        help="mixed precision (torch.autocast float16) forward and loss; needs CUDA")
-    parser.add_argument("--sentence-len", type=int, help="sequence length of language models (default: the model's)")
-    parser.add_argument("--image-size", type=int, help="image side of image models (default: the model's)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: the local rank's GPU when CUDA is available, else CPU")
-    parser.add_argument("--plan", metavar="FILE", help="PipeDAP: run this plan (python -m pipedap.plan --out); "
-                                                       "default: DistributedOptimizer plans online from its first steps")
-    parser.add_argument("--bandwidth", help="PipeDAP: plan for ring links of this speed (e.g. 1gbit) from a profile "
-                                            "taken now, instead of planning online from measurements. DeAR, WFBP "
-                                            "with --timeline: predict their plan for this link (default: the cost "
-                                            "model measured on this cluster)")
-    parser.add_argument("--latency", default="50us", help="with --bandwidth: per-step latency (default 50us)")
-    parser.add_argument("--save-plan", metavar="FILE", help="PipeDAP: write the plan that ran here (rank 0)")
-    parser.add_argument("--timeline", metavar="FILE", help="write a Chrome trace of the timed batches and the plan's "
-                                                           "predicted link lane (rank 0; DeAR and WFBP plans are "
-                                                           "profiled and simulated after the timed part for it)")
-    parser.add_argument("--json", metavar="FILE", help="write the results as JSON (rank 0)")
-    parser.add_argument("--seed", type=int, default=0, help="model and data seed (default 0)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--check", action="store_true",
-                        help="only check the options and whether the job fits this machine's memory, then exit "
-                             "(dist.sh does this before mpirun)")
-    parser.add_argument("--ranks-per-host", type=int, default=1, metavar="N",
-                        help="with --check: ranks that will share this machine's memory (default 1; dist.sh "
-                             "passes the most ranks it places on one host)")
-    return parser
-
-
-def validate(args: argparse.Namespace) -> None:
-    """Check the options before any process group starts; BenchError says what to change."""
-    args.baseline = canonical(args.baseline)
-    check_runnable(args.baseline)
-    try:
-        info = models.info(args.model)
-    except ValueError as err:
-        raise BenchError(str(err)) from None
-    for name in ("batch_size", "num_batches_per_iter", "num_iters"):
-        if getattr(args, name) < 1:
-            raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.num_warmup_batches < 0:
-        raise BenchError(f"--num-warmup-batches must be >= 0, got {args.num_warmup_batches}")
-    if args.ranks_per_host < 1:
-        raise BenchError(f"--ranks-per-host must be >= 1, got {args.ranks_per_host}")
-    if args.threshold is not None and args.threshold < 0:
-        raise BenchError(f"--threshold is in bytes and must be >= 0, got {args.threshold}")
-    if info.kind == "image" and args.sentence_len is not None:
-        raise BenchError(f"--sentence-len is for language models; {args.model} is an image model (--image-size)")
-    if info.kind == "language" and args.image_size is not None:
-        raise BenchError(f"--image-size is for image models; {args.model} is a language model (--sentence-len)")
-    cuda = torch.cuda.is_available()
-    if args.device == "cuda" and not cuda:
-        raise BenchError("--device cuda: torch sees no CUDA GPU")
-    args.device = "cuda" if args.device == "auto" and cuda else ("cpu" if args.device == "auto" else args.device)
-    if args.fp16 and args.device != "cuda":
-        raise BenchError("--fp16 is not supported on CPU: it means float16 mixed-precision compute, which CPUs "
-                         "do not accelerate (timings would not mean anything); run on GPUs or drop --fp16")
-    if args.fp16 and args.baseline == "Horovod":
-        raise BenchError("--fp16 with Horovod is not implemented here; drop --fp16 or pick another baseline")
-    pipedap_only = [opt for opt in ("plan", "save_plan") if getattr(args, opt)]
-    if pipedap_only and args.baseline != "PipeDAP":
-        raise BenchError(f"--{pipedap_only[0].replace('_', '-')} is for --baseline PipeDAP (it sets PipeDAP's plan)")
-    if args.bandwidth and args.baseline not in ("PipeDAP", "DeAR", "WFBP"):
-        raise BenchError(f"--bandwidth is for PipeDAP, DeAR and WFBP (their plans are simulated); "
-                         f"{args.baseline} has no plan")
-    if args.plan and args.bandwidth:
-        raise BenchError("--plan and --bandwidth exclude each other: --bandwidth plans a new schedule")
-    if args.plan:
-        from pipedap.planner.plan import Plan
-
-        Plan.load(args.plan)  # readable and well-formed; matched against the model later
 
 
 def launch_rank() -> int:
@@ -157,20 +62,6 @@ def launch_rank() -> int:
     from pipedap import settings
 
     return settings.launch_rank(os.environ)
-
-
-def confidence(values: Sequence[float]) -> tuple[float, float | None, float | None]:
-    """(mean, half-width of the 95% confidence interval of the mean, standard deviation).
-
-    With one value there is no spread: None (null in the JSON, which has no NaN).
-    """
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None, None
-    std = statistics.stdev(values)
-    dof = len(values) - 1
-    t = T95[dof - 1] if dof <= len(T95) else 1.96
-    return mean, t * std / math.sqrt(len(values)), std
 
 
 def make_batch(args: argparse.Namespace, rank: int, device: torch.device) -> tuple:
@@ -469,7 +360,7 @@ def report(result: dict, args: argparse.Namespace) -> None:
                     plan_digest=result["plan"]["digest"] if result["plan"] else None,
                     clock="time.monotonic_ns, microseconds from each rank's origin taken after a common barrier")
         timeline.write_trace(args.timeline, events, meta)
-        print(f"timeline written to {args.timeline} ({len(events)} events; python -m pipedap.timeline "
+        print(f"timeline written to {args.timeline} ({len(events)} events; python -m pipedap.tools.timeline "
               f"{args.timeline} draws it)")
     if args.json:
         Path(args.json).write_text(json.dumps({k: v for k, v in result.items() if not k.startswith("_")},
@@ -483,7 +374,8 @@ def make_parents(*paths: str | None) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, runtime: Runtime | None = None) -> int:
+    """The benchmark of ``--baseline``, or with ``runtime`` given, of that one (the compute-only job)."""
     args = build_parser().parse_args(argv)
     began = time.perf_counter()
     try:
@@ -502,7 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if launch_rank() == 0:
         make_parents(args.json, args.timeline, args.save_plan)
-    runtime = start(args.baseline, args)
+    if runtime is None:
+        runtime = start(args.baseline, args)
+    else:
+        args.baseline = runtime.name
     result = run(args, runtime)
     if runtime.rank() == 0:
         result["wall_seconds"] = time.perf_counter() - began

@@ -1,8 +1,8 @@
-"""The compute-only job of a comparison: ``python -m pipedap.compare_compute BENCH-OPTIONS``.
+"""The compute-only job of a comparison: ``python -m pipedap.tools.compare_compute BENCH-OPTIONS``.
 
-It runs the benchmark's own timing loop (:func:`pipedap.bench.run`, same model, batch,
+It runs the benchmark's own timing loop (:func:`pipedap.tools.bench.run`, same model, batch,
 optimizer and JSON) in one process that communicates nothing: a plain torch optimizer,
-world size 1, no MPI. ``pipedap.compare`` starts one copy per rank at the same time, each
+world size 1, no MPI. ``pipedap.tools.compare`` starts one copy per rank at the same time, each
 pinned to that rank's core, so the cores are as busy as in the distributed run
 (``docs/testbed.md``: the compute-only reference runs on both cores at once).
 """
@@ -10,12 +10,11 @@ pinned to that rank's core, so the cores are as busy as in the distributed run
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
-from pipedap import bench
-from pipedap.bench_baselines import BenchError, Distributed, Runtime
+from pipedap.tools import bench
+from pipedap.tools.bench_baselines import Distributed, Runtime
 
 
 class LocalRuntime(Runtime):
@@ -49,18 +48,7 @@ class LocalRuntime(Runtime):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = bench.build_parser().parse_args(argv)
-    began = time.perf_counter()
-    try:
-        bench.validate(args)
-    except (BenchError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    args.baseline = LocalRuntime.name
-    result = bench.run(args, LocalRuntime())
-    result["wall_seconds"] = time.perf_counter() - began
-    bench.report(result, args)
-    return 0
+    return bench.main(argv, LocalRuntime())
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""Emulated cluster CLI: ``python -m pipedap.testbed {up,down,run,calibrate} --help``.
+"""Emulated cluster CLI: ``python -m pipedap.tools.testbed {up,down,run,calibrate} --help``.
 
 Examples::
 
-    python -m pipedap.testbed up --hosts 2 --rate 500mbit      # prints the hostfile and mpirun prefix
-    python -m pipedap.testbed down                             # removes every testbed, also crashed ones
-    python -m pipedap.testbed run --hosts 2 --rate 250mbit -- python -m pipedap.bench_comm --sizes 16m
-    python -m pipedap.testbed calibrate --hosts 2 --rates 500mbit,250mbit --json calib.json
+    python -m pipedap.tools.testbed up --hosts 2 --rate 500mbit      # prints the hostfile and mpirun prefix
+    python -m pipedap.tools.testbed down                             # removes every testbed, also crashed ones
+    python -m pipedap.tools.testbed run --hosts 2 --rate 250mbit -- python -m pipedap.tools.bench_comm --sizes 16m
+    python -m pipedap.tools.testbed calibrate --hosts 2 --rates 500mbit,250mbit --json calib.json
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from pipedap.testbed.calibrate import calibrate
-from pipedap.testbed.network import TestbedError, stop_process_group
-from pipedap.testbed.testbed import Testbed, signals_as_exceptions, step, teardown
+from pipedap.tools.testbed.calibrate import calibrate
+from pipedap.tools.testbed.network import TestbedError, stop_process_group
+from pipedap.tools.testbed.testbed import Testbed, signals_as_exceptions, step, teardown
 
 
 def add_testbed_options(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +45,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     prefix = (f'OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PATH={bin_dir}:"$PATH" '
               + shlex.join(mpirun))
     print(f"{tb.describe()}\nhostfile: {tb.hostfile}\nmpirun prefix (append your command):\n{prefix}\n"
-          f"the hosts stay up; remove them with: python -m pipedap.testbed down --run {tb.run_id}")
+          f"the hosts stay up; remove them with: python -m pipedap.tools.testbed down --run {tb.run_id}")
     return 0
 
 
@@ -98,7 +98,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipedap.testbed", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pipedap.tools.testbed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
 

@@ -1,4 +1,4 @@
-"""The systems ``python -m pipedap.bench`` compares: how each starts, distributes a model, stops.
+"""The systems ``python -m pipedap.tools.bench`` compares: how each starts, distributes a model, stops.
 
 * ``PipeDAP``, ``DeAR``, ``WFBP``: :func:`pipedap.DistributedOptimizer` with that schedule
   (PipeDAP runs a plan: ``--plan FILE``, or one made now by :mod:`pipedap.bench_plan`).

@@ -4,7 +4,7 @@
 source host (all at once, e.g. both directions of a link, as a ring exchange
 uses it) and returns each stream's received rate. The receiver times from its
 first byte to the sender's close, so connection setup is not counted.
-The same module is the per-host program: ``python -m pipedap.testbed.tcpstream
+The same module is the per-host program: ``python -m pipedap.tools.testbed.tcpstream
 serve|send ...`` (run inside a namespace by :func:`measure`).
 """
 
@@ -52,7 +52,7 @@ def measure(streams: list[tuple[str, str, str]], seconds: float = 2.0, port: int
 
     Returns the achieved rate of each stream in bits per second.
     """
-    python = [sys.executable, "-m", "pipedap.testbed.tcpstream"]
+    python = [sys.executable, "-m", "pipedap.tools.testbed.tcpstream"]
     timeout = seconds + 30
     receivers = [subprocess.Popen(["ip", "netns", "exec", dst, *python, "serve", "--port", str(port),
                                    "--timeout", str(timeout)], stdout=subprocess.PIPE, text=True)
@@ -82,7 +82,7 @@ def measure(streams: list[tuple[str, str, str]], seconds: float = 2.0, port: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipedap.testbed.tcpstream", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pipedap.tools.testbed.tcpstream", description=__doc__)
     sub = parser.add_subparsers(dest="role", required=True)
     p = sub.add_parser("serve", help="receive one stream, print its bytes and seconds as JSON")
     p.add_argument("--port", type=int, required=True)

@@ -49,7 +49,7 @@ def write_agent(folder: Path) -> Path:
     package_root = Path(__file__).resolve().parents[2]
     path.write_text("#!/bin/sh\n"
                     f"PYTHONPATH={shlex.quote(str(package_root))}${{PYTHONPATH:+:$PYTHONPATH}} "
-                    f"exec {shlex.quote(sys.executable)} -m pipedap.testbed.agent \"$@\"\n")
+                    f"exec {shlex.quote(sys.executable)} -m pipedap.tools.testbed.agent \"$@\"\n")
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
 
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
     try:
         host, command = parse(argv)
     except ValueError as err:
-        sys.exit(f"pipedap.testbed.agent: {err}")
+        sys.exit(f"pipedap.tools.testbed.agent: {err}")
     args = exec_args(host, command)
     os.execvp(args[0], args)
 

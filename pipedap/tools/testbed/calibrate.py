@@ -5,7 +5,7 @@ first: the least bursty link). Each setting is measured with
 
 * a plain TCP stream from every host to the next, all at once (both directions
   of a link with 2 hosts, as a ring uses it), and
-* ``pipedap.bench_comm`` under mpirun on the hosts: reduce-scatter, all-gather and
+* ``pipedap.tools.bench_comm`` under mpirun on the hosts: reduce-scatter, all-gather and
   all-reduce with PipeDAP's comm core and with mpi4py (Open MPI's own algorithms),
   on the same buffers.
 
@@ -29,9 +29,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from pipedap.testbed import network, tcpstream
-from pipedap.testbed.network import Shaping, TestbedError
-from pipedap.testbed.testbed import Testbed, step
+from pipedap.tools.testbed import network, tcpstream
+from pipedap.tools.testbed.network import Shaping, TestbedError
+from pipedap.tools.testbed.testbed import Testbed, step
 
 SYSTEMS = ("pipedap", "mpi4py")
 OPS = ("reducescatter", "allgather", "allreduce")
@@ -48,7 +48,7 @@ def measure_tcp(tb: Testbed, seconds: float) -> list[float]:
 def measure_mpi(tb: Testbed, sizes: str, min_time: float, timeout: float) -> list[dict]:
     """bench_comm's rows (both systems, every op and size) on the testbed's hosts."""
     out = tb.folder / "bench_comm.json"
-    command = tb.mpirun([sys.executable, "-m", "pipedap.bench_comm", "--sizes", sizes,
+    command = tb.mpirun([sys.executable, "-m", "pipedap.tools.bench_comm", "--sizes", sizes,
                          "--ops", ",".join(OPS), "--min-time", str(min_time), "--repeats", "1",
                          "--json", str(out)])
     try:

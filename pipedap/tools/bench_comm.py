@@ -2,7 +2,7 @@
 
 Run under MPI, e.g.::
 
-    mpirun -np 2 python -m pipedap.bench_comm --json out/bench_comm_np2.json
+    mpirun -np 2 python -m pipedap.tools.bench_comm --json out/bench_comm_np2.json
 
 Prints an nccl-tests-style table (size, op, time, algbw, busbw) for both
 libraries and their busbw ratio, then the per-operation overhead of a 4-byte
@@ -88,7 +88,7 @@ def bus_factor(op: str, world: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m pipedap.bench_comm", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pipedap.tools.bench_comm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
                         help="comma-separated buffer sizes (bytes, or with k/m suffix); default 4 B .. 64 MB")
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     ops = args.ops.split(",")
     say = print if rank == 0 else (lambda *a, **k: None)
-    say(f"# pipedap.bench_comm: {world} ranks, {len(sizes)} sizes x {len(ops)} ops x 2 libraries, "
+    say(f"# pipedap.tools.bench_comm: {world} ranks, {len(sizes)} sizes x {len(ops)} ops x 2 libraries, "
         f"about {len(sizes) * len(ops) * 2 * args.repeats * args.min_time:.0f} s")
     say(f"# {'size':>10} {'op':>14} | {'pipedap us':>11} {'algbw':>7} {'busbw':>7} | "
         f"{'mpi4py us':>11} {'algbw':>7} {'busbw':>7} | busbw ratio")

@@ -15,7 +15,7 @@ https://ui.perfetto.dev or chrome://tracing) with
 Times are microseconds from an origin each rank takes right after a common barrier, so
 ranks on different hosts line up to within the barrier's skew.
 
-``python -m pipedap.timeline TRACE --out chart.png`` draws one batch of a trace: every
+``python -m pipedap.tools.timeline TRACE --out chart.png`` draws one batch of a trace: every
 rank's compute and communication lanes above the predicted link lane.
 """
 
@@ -157,7 +157,7 @@ def load_trace(path: str | Path) -> dict:
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: cannot read a Chrome-trace JSON file: {err}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("traceEvents"), list):
-        raise ValueError(f"{path}: no 'traceEvents' list; write one with python -m pipedap.bench --timeline FILE")
+        raise ValueError(f"{path}: no 'traceEvents' list; write one with python -m pipedap.tools.bench --timeline FILE")
     return doc
 
 
@@ -254,12 +254,12 @@ def draw(doc: dict, path: str | Path, batch: int | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipedap.timeline",
+        prog="python -m pipedap.tools.timeline",
         description="Draw a Gantt chart (PNG) of one batch of a trace written by "
-                    "python -m pipedap.bench --timeline FILE: every rank's compute and communication "
+                    "python -m pipedap.tools.bench --timeline FILE: every rank's compute and communication "
                     "lanes, and the planner's predicted link lane when the plan had one.",
     )
-    parser.add_argument("trace", help="Chrome-trace JSON from python -m pipedap.bench --timeline")
+    parser.add_argument("trace", help="Chrome-trace JSON from python -m pipedap.tools.bench --timeline")
     parser.add_argument("--out", help="PNG to write (default: the trace's name with .png)")
     parser.add_argument("--batch", type=int, help="which measured batch (default: the second to last)")
     return parser

@@ -1,0 +1,78 @@
+"""The comparison's arithmetic and its table: the bound max(compute, communication) of each
+setting (see [Note: the bound] in :mod:`pipedap.tools.compare`) and every system against it.
+"""
+
+from __future__ import annotations
+
+import models
+from pipedap.tools.compare_jobs import telling_line
+from pipedap.units import parse_rate_bps
+
+REFERENCE = "PipeDAP"  # whose speedup over the others is reported
+SPEEDUP_BASE = "DDP"  # the chart's speedups are over this one
+
+
+def gradient_bytes(model: str) -> int:
+    """Bytes of the model's gradients: float32, one per parameter."""
+    return models.count_parameters(model) * 4
+
+
+def ring_allreduce_s(nbytes: float, ranks: int, rate_bps: float) -> float:
+    """Seconds a ring all-reduce of ``nbytes`` needs on links of ``rate_bps``: 2(p-1)/p x bytes per link."""
+    return 2 * (ranks - 1) / ranks * nbytes * 8 / rate_bps if ranks > 1 else 0.0
+
+
+def compare_row(model: str, hosts: int, ranks: int, batch_size: int, rate: str, compute: float, comm: float,
+                achieved_bps: float | None, runs: dict[str, dict]) -> dict:
+    """The bound of one setting and each system's distance from it and PipeDAP's speedup over it."""
+    bound = max(compute, comm)
+    comm_achieved = comm * parse_rate_bps(rate) / achieved_bps if achieved_bps else None
+    ok = {label: r["batch_s"]["mean"] for label, r in runs.items() if r["status"] == "ok"}
+    systems = {}
+    for label, r in runs.items():
+        entry = {"status": r["status"]}
+        if label in ok:
+            t = ok[label]
+            entry.update(batch_s=t, ci95=r["batch_s"]["ci95"], window_s=r["batch_s"].get("window_mean"),
+                         throughput=r["throughput"]["mean"],
+                         throughput_ci95=r["throughput"]["ci95"], over_bound_pct=100 * (t / bound - 1),
+                         pipedap_speedup=t / ok[REFERENCE] if REFERENCE in ok else None,
+                         speedup_over_ddp=ok[SPEEDUP_BASE] / t if SPEEDUP_BASE in ok else None,
+                         predicted_s=r["predicted_s"], predicted_over_measured=r["predicted_over_measured"])
+        else:
+            entry["why"] = r.get("reason") or telling_line(r.get("error_tail", ""))
+        systems[label] = entry
+    return {"model": model, "hosts": hosts, "ranks": ranks, "batch_size": batch_size, "rate": rate, "rate_bps": parse_rate_bps(rate),
+            "gradient_bytes": gradient_bytes(model), "compute_s": compute, "comm_s": comm,
+            "comm_achieved_s": comm_achieved, "achieved_bps": achieved_bps, "bound_s": bound,
+            "bound_achieved_s": max(compute, comm_achieved) if comm_achieved else None,
+            "bound_throughput": ranks * batch_size / bound,
+            "bound_by": "compute" if compute >= comm else "communication", "comm_over_compute": comm / compute,
+            "systems": systems}
+
+
+def table(rows: list[dict]) -> str:
+    """The comparison as text: one block per setting, one line per system."""
+    lines = []
+    for row in rows:
+        achieved = (f", achieved {row['achieved_bps'] / 1e6:.0f} Mbit/s -> {row['comm_achieved_s']:.2f} s"
+                    if row["achieved_bps"] else "")
+        lines += ["", f"{row['model']}, {row['ranks']} ranks on {row['hosts']} hosts, {row['rate']}: "
+                      f"compute {row['compute_s']:.2f} s, all-reduce {row['gradient_bytes'] / 1e6:.0f} MB at "
+                      f"nominal {row['comm_s']:.2f} s{achieved}; bound {row['bound_s']:.2f} s ({row['bound_by']}), "
+                      f"comm/compute {row['comm_over_compute']:.2f}",
+                  f"  {'system':<15} {'s/batch':>15} {'window':>7} {'samples/s':>13} {'vs bound':>9} "
+                  f"{'PipeDAP x':>9} {'predicted':>9} {'pred/meas':>9}"]
+        for label, s in row["systems"].items():
+            if s["status"] != "ok":
+                lines.append(f"  {label:<15} {s['status'].upper()}: {s['why']}")
+                continue
+            lines.append(f"  {label:<15} {s['batch_s']:7.3f} +-{fmt(s['ci95'], '.3f'):>6} "
+                         f"{fmt(s.get('window_s'), '7.3f'):>7} {s['throughput']:6.2f} +-{fmt(s['throughput_ci95'], '.2f'):>4} "
+                         f"{s['over_bound_pct']:+8.1f}% {fmt(s['pipedap_speedup'], '.2f'):>9} "
+                         f"{fmt(s['predicted_s'], '.3f'):>9} {fmt(s['predicted_over_measured'], '.2f'):>9}")
+    return "\n".join(lines)
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

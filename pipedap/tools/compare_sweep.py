@@ -1,0 +1,256 @@
+"""The sweep of a comparison: per host count one testbed, per rate (reshaped in place) and model
+a calibration and one benchmark run of every system, after the compute-only reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import models
+from pipedap import settings
+from pipedap.tools.compare_jobs import finish_job, pinned_cores, run_job, start_job
+from pipedap.tools.compare_report import compare_row, gradient_bytes, ring_allreduce_s
+from pipedap.tools.stats import run_statistics
+from pipedap.tools.testbed import calibrate
+from pipedap.tools.testbed.network import TestbedError
+from pipedap.tools.testbed.pin import core_for
+from pipedap.tools.testbed.testbed import Testbed
+from pipedap.units import parse_rate_bps
+
+LAUNCH_S = 5.0  # mpirun, imports and model construction per run
+CALIBRATION_SIZE = "16m"
+# gloo (DDP) finds rank 0 through the hosts' NIC: their names do not resolve
+TESTBED_ENV = {"GLOO_SOCKET_IFNAME": "eth0"}
+ENV_CLEARED = ("PIPEDAP_PLAN", "PIPEDAP_PLANNER", "PIPEDAP_SCHEDULE")  # would change what a system runs
+
+
+@dataclass(frozen=True)
+class System:
+    """One compared system: a label, the bench baseline that runs it, and extra environment."""
+
+    label: str
+    baseline: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+SYSTEMS = (
+    System("PipeDAP", "PipeDAP", {"PIPEDAP_PLANNER": "optimal"}),
+    System("PipeDAP-greedy", "PipeDAP", {"PIPEDAP_PLANNER": "greedy"}),
+    System("DeAR", "DeAR"),
+    System("WFBP", "WFBP"),
+    System("DDP", "DDP"),
+    System("Horovod", "Horovod"),
+)
+
+
+class CompareError(Exception):
+    """The comparison cannot run as asked; the message says what to change."""
+
+
+def clean_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` without the settings that would make a system run something else than asked."""
+    return {k: v for k, v in env.items() if k not in ENV_CLEARED}
+
+
+class Sweep:
+    """The settings of one comparison and what it has measured so far."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out).absolute()  # the ranks write there, maybe from another folder
+        self.cores = sorted(os.sched_getaffinity(0))
+        self.runs: list[dict] = []
+        self.compute: list[dict] = []
+        self.testbeds: list[dict] = []
+        self.systems: list[System] = args.systems
+        self.skipped: dict[str, str] = {}  # system label -> why it cannot run here
+        self.done_runs = 0
+
+    # -- commands
+
+    def bench_options(self, model: str) -> list[str]:
+        """The benchmark options every run of ``model`` shares (compute-only included)."""
+        a = self.args
+        size = []
+        if a.image_size and models.info(model).kind == "image":
+            size = ["--image-size", str(a.image_size)]
+        if a.sentence_len and models.info(model).kind == "language":
+            size = ["--sentence-len", str(a.sentence_len)]
+        return ["--model", model, "--batch-size", str(a.batch_size), "--num-warmup-batches", str(a.warmup),
+                "--num-batches-per-iter", str(a.batches_per_iter), "--num-iters", str(a.iters),
+                "--no-progress", *size]
+
+    def batches(self, system: System | None) -> int:
+        """Batches one run trains (PipeDAP's warmup lasts until it has planned)."""
+        warmup = self.args.warmup
+        if system is not None and system.baseline == "PipeDAP":
+            warmup = max(warmup, settings.get("PIPEDAP_PROFILE_STEPS") + 2)  # PipeDAP switches plans after these
+        return warmup + self.args.iters * self.args.batches_per_iter
+
+    def estimate_s(self, batch_s: float, system: System | None) -> float:
+        return LAUNCH_S + self.batches(system) * batch_s
+
+    def timeout_s(self, batch_s: float, system: System | None) -> float:
+        return self.args.timeout or 60 + 3 * self.estimate_s(batch_s, system)
+
+    # -- compute-only reference
+
+    def measure_compute(self, model: str, hosts: int) -> dict:
+        """The compute-only time per batch: one pinned copy per rank at once, their mean."""
+        ranks = hosts * self.args.slots
+        folder = self.out / "compute" / f"{model}-{ranks}ranks"
+        jobs = []
+        guess = 10.0 * self.args.batch_size  # seconds per batch, generous: nothing is measured yet
+        deadline = time.perf_counter() + (self.args.timeout or 60 + 3 * self.estimate_s(guess, None))
+        for rank in range(ranks):
+            core = core_for(rank, self.cores)
+            json_path = folder / f"rank{rank}.json"
+            command = ["taskset", "-c", str(core), sys.executable, "-m", "pipedap.tools.compare_compute",
+                       *self.bench_options(model), "--json", str(json_path)]
+            proc, started = start_job(command, clean_env(dict(os.environ)), folder / f"rank{rank}.log")
+            jobs.append((rank, core, json_path, proc, started))
+        processes = []
+        for rank, core, json_path, proc, started in jobs:
+            job = finish_job(proc, started, deadline, folder / f"rank{rank}.log")
+            entry = {"rank": rank, "core": core, "command": job.command, "status": "ok" if job.ok else "failed",
+                     "seconds": job.seconds, "log": str(job.log)}
+            if job.ok:
+                entry["batch_s"] = json.loads(json_path.read_text())["batch_time"]["measured_s"]
+            else:
+                entry["error_tail"] = job.tail()
+            processes.append(entry)
+        failed = [p for p in processes if p["status"] != "ok"]
+        if failed:
+            raise CompareError(f"the compute-only job of {model} failed on core {failed[0]['core']} "
+                               f"(log {failed[0]['log']}):\n{failed[0]['error_tail']}")
+        batch_s = statistics.fmean(p["batch_s"] for p in processes)
+        return {"model": model, "hosts": hosts, "ranks": ranks, "batch_s": batch_s, "processes": processes,
+                "note": "one single-process job per rank at once, each pinned to that rank's core"}
+
+    # -- one testbed
+
+    def sweep_hosts(self, hosts: int) -> None:
+        """Bring up ``hosts`` hosts once; per rate (reshaped) and model, calibrate and run every system."""
+        a = self.args
+        with Testbed(hosts=hosts, rate=a.rates[0], slots=a.slots, qdisc=a.qdisc, burst=a.burst,
+                     latency=a.latency) as tb:
+            record = {"hosts": hosts, "slots": a.slots, "run_id": tb.run_id, "names": tb.names,
+                      "subnet": str(tb.subnet), "affinity": {str(r): c for r, c in tb.affinity().items()},
+                      "mpirun_args": tb.mpirun_args(), "shaping": {}, "calibration": {}}
+            self.testbeds.append(record)
+            print(f"testbed: {tb.describe()}", flush=True)
+            for rate in a.rates:
+                tb.reshape(dataclasses.replace(tb.shaping, rate=rate))
+                record["shaping"][rate] = dataclasses.asdict(tb.shaping)
+                print(f"\n== {hosts} hosts, {tb.shaping.describe()}", flush=True)
+                if a.calibrate:
+                    record["calibration"][rate] = self.calibrate(tb, rate)
+                for model in a.models:
+                    for system in self.systems:
+                        if system.label in self.skipped:
+                            self.runs.append({"model": model, "hosts": hosts, "rate": rate, "system": system.label,
+                                              "baseline": system.baseline, "status": "skipped",
+                                              "reason": self.skipped[system.label]})
+                            continue
+                        self.runs.append(self.run_system(tb, model, rate, system))
+
+    def calibrate(self, tb: Testbed, rate: str) -> dict:
+        """Achieved link rate of each primitive (comm core and mpi4py) at CALIBRATION_SIZE."""
+        print(f"calibrating {rate}: pipedap.tools.bench_comm {CALIBRATION_SIZE} ...", flush=True)
+        began = time.perf_counter()
+        try:
+            rows = calibrate.measure_mpi(tb, CALIBRATION_SIZE, min_time=0.5, timeout=300)
+        except TestbedError as err:
+            print(f"  calibration failed (the sweep goes on): {err}", flush=True)
+            return {"status": "failed", "error_tail": str(err)[-3000:]}
+        ratios = calibrate.link_ratios(rows, parse_rate_bps(rate))
+        achieved = ratios["pipedap"]["allreduce"] * parse_rate_bps(rate)
+        print(f"  comm core all-reduce reaches {achieved / 1e6:.0f} Mbit/s per link "
+              f"({ratios['pipedap']['allreduce']:.0%} of nominal); took {time.perf_counter() - began:.0f} s",
+              flush=True)
+        return {"status": "ok", "size": CALIBRATION_SIZE, "ratio_of_nominal": ratios,
+                "allreduce_achieved_bps": achieved, "rows": rows}
+
+    def run_system(self, tb: Testbed, model: str, rate: str, system: System) -> dict:
+        """One benchmark run on the testbed; its record, failed or not."""
+        a = self.args
+        name = f"{model}-{tb.hosts}h-{rate}-{system.label}"
+        runs = self.out / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        json_path, trace = runs / f"{name}.json", runs / f"{name}.trace.json"
+        command = tb.mpirun([sys.executable, "-m", "pipedap.tools.bench", *self.bench_options(model),
+                             "--baseline", system.baseline, "--json", str(json_path), "--timeline", str(trace)])
+        env = dict(clean_env(tb.env()), **TESTBED_ENV, **system.env)
+        # a cost model measured at one rate must not be reused at the next: same host names
+        env["PIPEDAP_CACHE_DIR"] = str(self.out / "costmodels" / f"{tb.hosts}h-{rate}")
+        batch_guess = self.batch_guess(model, tb.hosts, rate)
+        timeout = self.timeout_s(batch_guess, system)
+        self.done_runs += 1
+        print(f"[{self.done_runs}/{self.total_runs}] {name}: about {self.estimate_s(batch_guess, system):.0f} s "
+              f"(timeout {timeout:.0f} s) ...", flush=True)
+        job = run_job(command, env, self.out / "logs" / f"{name}.log", timeout)
+        record = {"model": model, "hosts": tb.hosts, "ranks": tb.hosts * a.slots, "rate": rate,
+                  "system": system.label, "baseline": system.baseline, "env": system.env, "command": job.command,
+                  "seconds": job.seconds, "log": str(job.log), "pinned": pinned_cores(job.log)}
+        if not job.ok:
+            why = "timed out" if job.returncode == 124 else f"exit {job.returncode}"
+            print(f"  FAILED ({why}) after {job.seconds:.0f} s; log {job.log}", flush=True)
+            return dict(record, status="failed", returncode=job.returncode, error_tail=job.tail())
+        result = json.loads(json_path.read_text())
+        record = dict(record, status="ok", json=str(json_path), timeline=str(trace), unit=result["unit"],
+                      plan=result["plan"], description=result["description"], result=result,
+                      **run_statistics(result))
+        print(f"  {record['batch_s']['mean']:.3f} s per batch, {record['throughput']['mean']:.1f} "
+              f"{result['unit']}/s in total; took {job.seconds:.0f} s", flush=True)
+        return record
+
+    def batch_guess(self, model: str, hosts: int, rate: str) -> float:
+        """A pessimistic time per batch before measuring it: compute plus all-reduce, not overlapped."""
+        compute = next(c["batch_s"] for c in self.compute if c["model"] == model and c["hosts"] == hosts)
+        return compute + ring_allreduce_s(gradient_bytes(model), hosts * self.args.slots, parse_rate_bps(rate))
+
+    @property
+    def runnable(self) -> list[System]:
+        return [s for s in self.systems if s.label not in self.skipped]
+
+    @property
+    def total_runs(self) -> int:
+        return len(self.args.hosts) * len(self.args.rates) * len(self.args.models) * len(self.runnable)
+
+    def plan_estimate_s(self) -> float:
+        """Seconds the testbed part should take (runs, launches, calibrations)."""
+        total = 0.0
+        for hosts in self.args.hosts:
+            for rate in self.args.rates:
+                total += 20.0 if self.args.calibrate else 0.0
+                for model in self.args.models:
+                    guess = self.batch_guess(model, hosts, rate)
+                    total += sum(self.estimate_s(guess, s) for s in self.runnable)
+        return total
+
+    # -- summary
+
+    def comparison(self) -> list[dict]:
+        """Per (model, hosts, rate): the bound and every system against it."""
+        rows = []
+        for rate in self.args.rates:
+            for ref in self.compute:
+                model, hosts, ranks = ref["model"], ref["hosts"], ref["ranks"]
+                runs = {r["system"]: r for r in self.runs
+                        if r["model"] == model and r["hosts"] == hosts and r["rate"] == rate}
+                if not runs:
+                    continue
+                calib = next((t["calibration"].get(rate) for t in self.testbeds if t["hosts"] == hosts), None)
+                achieved = calib["allreduce_achieved_bps"] if calib and calib["status"] == "ok" else None
+                comm = ring_allreduce_s(gradient_bytes(model), ranks, parse_rate_bps(rate))
+                rows.append(compare_row(model, hosts, ranks, self.args.batch_size, rate, ref["batch_s"], comm,
+                                        achieved, runs))
+        return rows
