@@ -280,7 +280,7 @@ def DistributedOptimizer(
         named_parameters: Horovod compatibility: names for the parameters when no model is given.
         schedule: ``pipedap``, ``dear`` or ``wfbp``; default ``$PIPEDAP_SCHEDULE``, else ``pipedap``
             with a model and ``wfbp`` without.
-        plan: a :class:`pipedap.planner.Plan` or its JSON file (``python -m pipedap.plan`` writes
+        plan: a :class:`pipedap.planner.Plan` or its JSON file (``python -m pipedap.tools.plan`` writes
             one; or ``$PIPEDAP_PLAN``). It fixes the buckets and the order. ``pipedap`` without a
             plan plans itself: the first ``$PIPEDAP_PROFILE_STEPS`` (5) steps after one warm-up run
             DeAR while measuring layer and communication times, then rank 0 plans

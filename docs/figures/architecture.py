@@ -62,16 +62,16 @@ def main() -> None:
 
     # --- Python layer --------------------------------------------------------------------
     region(ax, 0.15, 5.05, 9.7, 3.85, "Python package pipedap/ (torch)", PY)
-    box(ax, 0.4, 6.35, 4.3, 2.15, "optimizer.py  DistributedOptimizer",
-        ["wraps any torch.optim optimizer (same class)",
-         "buckets.py: flat buckets, .grad = views",
+    box(ax, 0.4, 6.35, 4.3, 2.15, "optimizer.py -> reducer.py",
+        ["DistributedOptimizer: any torch.optim class",
+         "Reducer: buckets.py (.grad = views), readiness,",
          "grad hook: bucket complete -> submit in plan order",
          "forward pre-hook: wait for AG, apply update"], PY)
-    box(ax, 5.0, 6.35, 4.6, 2.15, "comm.py  Horovod-style collectives",
-        ["allreduce / allgather / reducescatter /",
-         "broadcast / barrier, *_async -> handle",
+    box(ax, 5.0, 6.35, 4.6, 2.15, "comm.py -> engine.py",
+        ["comm: Horovod API, *_async -> int handle",
+         "engine: Collective, submit() -> Work",
          "tensor -> (address, count, dtype, device)",
-         "keeps tensors alive until the op ends"], PY)
+         "process_sets.py: sets of ranks"], PY)
     box(ax, 0.4, 5.25, 4.3, 0.95, "functions.py, profiler.py, settings.py",
         ["broadcast state; layer times; PIPEDAP_* checked"], PY, size=8)
     box(ax, 6.6, 5.25, 3.0, 0.95, "online_planner.py",
@@ -89,7 +89,7 @@ def main() -> None:
          "plan.py: groups + backward/forward",
          "submissions, validated, digest",
          "gantt.py: charts of simulated timelines",
-         "",
+         "make.py: make_plan(), the one entry",
          "in: profile + cost model   out: plan"], PLAN, size=8.5)
 
     # --- C++ core ------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def main() -> None:
          "    MPI nonblocking collectives (small), NCCL (CUDA)",
          "3. complete or fail the Handle"], CORE, size=8)
     box(ax, 0.4, 1.15, 2.2, 2.0, "communicators",
-        ["world dup: data", "agree dup: fingerprints", "side dup: mismatch", "details, status questions"],
+        ["per process set:", "data, agree (fingerprints)", "world side dup: mismatch", "details, status questions"],
         CORE, title_size=9.5, size=8)
     box(ax, 7.6, 2.2, 2.05, 0.95, "watchdog thread",
         ["stall report 60 s, abort 600 s"], CORE, title_size=9, size=7.5)
@@ -119,7 +119,7 @@ def main() -> None:
     box(ax, 10.4, 0.3, 4.15, 3.95, "pipedap/tools/",
         ["bench.py: training benchmark, baselines",
          "(PipeDAP, DeAR, WFBP, DDP, Horovod)",
-         "../plan.py CLI: profile, plan, what-if",
+         "plan.py CLI: profile, plan, what-if",
          "timeline.py: measured vs predicted",
          "bench_comm.py: collective bandwidth",
          "compare.py: every system vs the bound",

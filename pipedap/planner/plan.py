@@ -173,7 +173,7 @@ class Plan:
             try:
                 doc = json.loads(text)
             except json.JSONDecodeError as err:
-                raise PlanError(f"{where}: not valid JSON ({err}); regenerate it with python -m pipedap.plan") from None
+                raise PlanError(f"{where}: not valid JSON ({err}); regenerate it with python -m pipedap.tools.plan") from None
         else:
             doc = text
         plan = _parse(doc, where)
@@ -181,7 +181,7 @@ class Plan:
             raise PlanError(
                 f"{where}: key 'digest' is {doc['digest']!r} but the groups and submissions hash "
                 f"to {plan.digest()!r}: the file was edited or corrupted; regenerate it with "
-                f"python -m pipedap.plan"
+                f"python -m pipedap.tools.plan"
             )
         if params is not None:
             plan.check_params(params, where)
@@ -208,7 +208,7 @@ class Plan:
                     raise PlanError(
                         f"{where}: {key} = {name!r} is not a parameter of the model being wrapped; "
                         f"the plan was made for another model: re-plan for this model "
-                        f"(python -m pipedap.plan --model NAME ... --out FILE)"
+                        f"(python -m pipedap.tools.plan --model NAME ... --out FILE)"
                     )
                 if name in seen:
                     raise PlanError(f"{where}: {key} = {name!r} is already in {seen[name]}; each parameter belongs to one group")
@@ -217,7 +217,7 @@ class Plan:
         if missing:
             raise PlanError(
                 f"{where}: key 'groups' lacks {len(missing)} parameter(s) of the model being wrapped, "
-                f"first {missing[0]!r}; re-plan for this model (python -m pipedap.plan --model NAME ...)"
+                f"first {missing[0]!r}; re-plan for this model (python -m pipedap.tools.plan --model NAME ...)"
             )
 
 
@@ -274,7 +274,7 @@ def _parse(doc: object, where: str) -> Plan:
     if doc.get("version") != VERSION:
         raise PlanError(
             f"{where}: key 'version' is {doc.get('version')!r}, this PipeDAP reads version {VERSION}; "
-            f"regenerate the plan with this version's python -m pipedap.plan"
+            f"regenerate the plan with this version's python -m pipedap.tools.plan"
         )
     for key, kind in (("schedule", str), ("world_size", int), ("groups", list), ("backward", list),
                       ("forward", list), ("sync_before_forward", bool)):

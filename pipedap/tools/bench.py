@@ -150,18 +150,18 @@ def predict(plan, args: argparse.Namespace, batch: tuple, loss_fn, say) -> tuple
     """The running plan with the planner's prediction, for plans that came without one (DeAR, WFBP).
 
     Collective (every rank): a fresh copy of the model is profiled on every rank at once
-    (as in :mod:`pipedap.bench_plan`), fused into the plan's groups and simulated on the
+    (as in :mod:`pipedap.tools.bench_plan`), fused into the plan's groups and simulated on the
     cost model of ``--bandwidth``, or else the one measured on this cluster (cached).
     Returns (plan, planning facts).
     """
     import dataclasses
 
-    from pipedap import comm, measure
-    from pipedap.bench_plan import PROFILE_ITERATIONS, PROFILE_WARMUP
+    from pipedap import engine, measure
     from pipedap.planner import costmodel, fusion
     from pipedap.planner.plan import Prediction
     from pipedap.planner.simulator import Problem, simulate
     from pipedap.profiler import profile_model
+    from pipedap.tools.bench_plan import PROFILE_ITERATIONS, PROFILE_WARMUP
 
     say(f"predicting the {plan.schedule} plan: profiling a copy of the model on every rank "
         f"({PROFILE_WARMUP} + {PROFILE_ITERATIONS} batches)")
@@ -170,7 +170,7 @@ def predict(plan, args: argparse.Namespace, batch: tuple, loss_fn, say) -> tuple
     profile = measure.agree_profile(profile_model(copy, *batch, loss_fn, warmup=PROFILE_WARMUP,
                                                   iterations=PROFILE_ITERATIONS))
     if args.bandwidth:
-        cost = costmodel.from_link(comm.size(), units.parse_bandwidth(args.bandwidth),
+        cost = costmodel.from_link(engine.size(), units.parse_bandwidth(args.bandwidth),
                                    units.parse_duration(args.latency))
         source = f"assumed ring on {args.bandwidth} links, {args.latency}"
     else:

@@ -1,7 +1,7 @@
 """The systems ``python -m pipedap.tools.bench`` compares: how each starts, distributes a model, stops.
 
 * ``PipeDAP``, ``DeAR``, ``WFBP``: :func:`pipedap.DistributedOptimizer` with that schedule
-  (PipeDAP runs a plan: ``--plan FILE``, or one made now by :mod:`pipedap.bench_plan`).
+  (PipeDAP runs a plan: ``--plan FILE``, or one made now by :mod:`pipedap.tools.bench_plan`).
 * ``DDP``: ``torch.nn.parallel.DistributedDataParallel`` over gloo in the same processes;
   pipedap (MPI) only supplies rank, size and the rendezvous address, then stays idle.
 * ``Horovod``: ``horovod.torch`` (when it imports). pipedap is not initialised at all in
@@ -47,7 +47,7 @@ def check_runnable(baseline: str) -> None:
     if baseline == "ByteScheduler":
         raise BenchError(
             "ByteScheduler cannot run: the runtime has no ByteScheduler plan. Its dynamic, chunked, "
-            "credit-based all-reduce is only simulated by the planner (python -m pipedap.plan --model M "
+            "credit-based all-reduce is only simulated by the planner (python -m pipedap.tools.plan --model M "
             "--workers N --bandwidth 1gbit prints its predicted time next to the other schedules). "
             f"Run one of {', '.join(b for b in BASELINES if b != 'ByteScheduler')}."
         )
@@ -164,7 +164,7 @@ class PipedapRuntime(_OverPipedap):
         self._listener: Callable | None = None
 
     def distribute(self, model, optimizer, batch, loss, say) -> Distributed:
-        from pipedap import bench_plan
+        from pipedap.tools import bench_plan
 
         args, schedule = self.args, SCHEDULE_OF[self.name]
         plan, facts = None, {"threshold_bytes": args.threshold}
@@ -198,13 +198,13 @@ class PipedapRuntime(_OverPipedap):
                 f"backward / {len(run.forward)} forward submissions" + (f" ({merged} merged)" if merged else ""))
 
     def listen(self, listener):
-        from pipedap import comm
+        from pipedap import engine
 
         if self._listener is not None:
-            comm.remove_completion_listener(self._listener)
+            engine.remove_completion_listener(self._listener)
         self._listener = listener
         if listener is not None:
-            comm.add_completion_listener(listener)
+            engine.add_completion_listener(listener)
 
     def finish(self, optimizer):
         optimizer.synchronize()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import pipedap
-from pipedap import comm, settings
+from pipedap import engine, settings
 from pipedap.units import parse_size
 
 OPS = ("reducescatter", "allgather", "allreduce")
@@ -44,9 +44,9 @@ class Buffers:
         else:
             self.src, self.dst = self.full, self.out_full
 
-    def pipedap_collective(self, op: str) -> comm.Collective:
-        make = {"reducescatter": comm.reducescatter_collective, "allgather": comm.allgather_collective,
-                "allreduce": comm.allreduce_collective}[op]
+    def pipedap_collective(self, op: str) -> engine.Collective:
+        make = {"reducescatter": engine.reducescatter_collective, "allgather": engine.allgather_collective,
+                "allreduce": engine.allreduce_collective}[op]
         args = (self.src, self.dst, f"bench.{op}") + (() if op == "allgather" else (pipedap.Sum,))
         return make(*args)
 
@@ -54,11 +54,11 @@ class Buffers:
 def time_pipedap(buffers: Buffers, op: str, iters: int) -> float:
     collective = buffers.pipedap_collective(op)
     for _ in range(2):
-        comm.synchronize(comm.submit_group([collective]))
+        engine.submit([collective]).wait()
     pipedap.barrier()
     start = time.perf_counter()
     for _ in range(iters):
-        comm.synchronize(comm.submit_group([collective]))
+        engine.submit([collective]).wait()
     return (time.perf_counter() - start) / iters
 
 

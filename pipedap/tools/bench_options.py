@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, help="image side of image models (default: the model's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: the local rank's GPU when CUDA is available, else CPU")
-    parser.add_argument("--plan", metavar="FILE", help="PipeDAP: run this plan (python -m pipedap.plan --out); "
+    parser.add_argument("--plan", metavar="FILE", help="PipeDAP: run this plan (python -m pipedap.tools.plan --out); "
                                                        "default: DistributedOptimizer plans online from its first steps")
     parser.add_argument("--bandwidth", help="PipeDAP: plan for ring links of this speed (e.g. 1gbit) from a profile "
                                             "taken now, instead of planning online from measurements. DeAR, WFBP "

@@ -1,7 +1,7 @@
 """Measured timelines: a Chrome trace of compute phases and collectives, and its Gantt chart.
 
 A :class:`Recorder` on each rank notes the compute phases of every training batch
-(forward, backward, step) and, through ``comm.add_completion_listener``, every collective
+(forward, backward, step) and, through ``engine.add_completion_listener``, every collective
 with its enqueue, start and end times, all on the ``time.monotonic_ns`` clock. Rank 0
 gathers the ranks' events and writes one Chrome-trace JSON file (open it in
 https://ui.perfetto.dev or chrome://tracing) with
@@ -48,7 +48,7 @@ class Recorder:
         self.origin_ns = 0
         self.batch = -1
         self.phases: list[tuple[str, int, int, int]] = []  # (name, batch, start_ns, end_ns)
-        self.ops: list[Any] = []  # comm.CompletedOp (or anything with the same fields)
+        self.ops: list[Any] = []  # engine.CompletedOp (or anything with the same fields)
 
     def start(self) -> None:
         """Record from now on; now is the origin of this rank's times (take it after a barrier)."""

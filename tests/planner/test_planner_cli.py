@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from pipedap import plan as cli
 from pipedap.planner import costmodel
 from pipedap.planner.plan import Plan
 from pipedap.planner.profile import Layer, Profile
+from pipedap.tools import plan as cli
 
 
 @pytest.fixture

@@ -17,9 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from pipedap.tools.progress import step
 from pipedap.tools.testbed.calibrate import calibrate
 from pipedap.tools.testbed.network import TestbedError, stop_process_group
-from pipedap.tools.testbed.testbed import Testbed, signals_as_exceptions, step, teardown
+from pipedap.tools.testbed.testbed import Testbed, signals_as_exceptions, teardown
 
 
 def add_testbed_options(parser: argparse.ArgumentParser) -> None:

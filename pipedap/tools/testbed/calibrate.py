@@ -29,9 +29,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from pipedap.tools.progress import step
 from pipedap.tools.testbed import network, tcpstream
 from pipedap.tools.testbed.network import Shaping, TestbedError
-from pipedap.tools.testbed.testbed import Testbed, step
+from pipedap.tools.testbed.testbed import Testbed
 
 SYSTEMS = ("pipedap", "mpi4py")
 OPS = ("reducescatter", "allgather", "allreduce")

@@ -21,7 +21,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -197,10 +196,3 @@ class Testbed:
         return self.subnet
 
 
-@contextmanager
-def step(what: str) -> Iterator[None]:
-    """Print what is being done and how long it took (progress lines of the CLI and calibration)."""
-    print(f"{what} ...", flush=True)
-    start = time.perf_counter()
-    yield
-    print(f"  done in {time.perf_counter() - start:.1f} s", flush=True)

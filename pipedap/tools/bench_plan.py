@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pipedap import comm, measure, units
+from pipedap import engine, measure, units
 from pipedap.planner import costmodel, make_plan
 from pipedap.planner.plan import Plan
 from pipedap.profiler import profile_model
@@ -40,7 +40,7 @@ def plan_for_link(model: torch.nn.Module, inputs: Any, targets: Any, loss: Calla
                                                   iterations=PROFILE_ITERATIONS))
     compute = sum(layer.tf + layer.tb + layer.u for layer in profile.layers)
     say(f"  {len(profile)} layers, compute {compute * 1e3:.1f} ms per batch; took {time.perf_counter() - started:.1f} s")
-    cost = costmodel.from_link(comm.size(), units.parse_bandwidth(bandwidth), units.parse_duration(latency))
+    cost = costmodel.from_link(engine.size(), units.parse_bandwidth(bandwidth), units.parse_duration(latency))
     say(f"cost model: ring on {bandwidth} links with {latency} latency (assumed, not measured)")
 
     def plan_here() -> Plan:

@@ -1,4 +1,4 @@
-"""Plan a model's communication: ``python -m pipedap.plan --help``.
+"""Plan a model's communication: ``python -m pipedap.tools.plan --help``.
 
 Reads a layer profile (a JSON file, or measured now on a model from the ``models``
 package), a cost model (a fitted JSON file, or assumed link parameters), searches fusion
@@ -8,7 +8,7 @@ bound, and writes the chosen plan (JSON) and a Gantt chart of the simulated time
 Example (8 workers on 500 Mbit/s links, where communication and compute are about
 equal on a 2-core CPU and the schedules differ most; about 35 s, most of it profiling)::
 
-    python -m pipedap.plan --model resnet50 --batch-size 8 \\
+    python -m pipedap.tools.plan --model resnet50 --batch-size 8 \\
         --workers 8 --bandwidth 500mbit --latency 50us --out out/plan.json --gantt out/plan.png
 """
 
@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 from pipedap import units
@@ -26,20 +24,12 @@ from pipedap.planner import PLANNABLE, costmodel, fusion, make_plan
 from pipedap.planner.costmodel import CostModel
 from pipedap.planner.plan import PlanError
 from pipedap.planner.profile import Profile
-
-
-@contextmanager
-def _step(what: str) -> Iterator[None]:
-    """Print what is being done and how long it took."""
-    print(f"{what} ...", flush=True)
-    start = time.perf_counter()
-    yield
-    print(f"  done in {time.perf_counter() - start:.2f} s", flush=True)
+from pipedap.tools.progress import step
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipedap.plan",
+        prog="python -m pipedap.tools.plan",
         description="Plan the reduce-scatter/all-gather schedule of a model and compare schedules.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
@@ -103,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for path in filter(None, (args.out, args.gantt, args.save_profile)):
             Path(path).parent.mkdir(parents=True, exist_ok=True)  # e.g. out/ on a fresh clone
-        with _step("loading profile" if args.profile else f"profiling {args.model} (batch {args.batch_size}, CPU)"):
+        with step("loading profile" if args.profile else f"profiling {args.model} (batch {args.batch_size}, CPU)"):
             profile = load_profile(args)
         if args.save_profile:
             profile.save(args.save_profile)
@@ -114,9 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {len(profile)} layers, {nbytes / 1e6:.1f} MB of gradients, compute {compute * 1e3:.1f} ms/iteration; "
               f"AR of everything at once: {cost.ar.time(nbytes) * 1e3:.1f} ms on {cost.world_size} workers")
         spec = f"tune:{args.tune_trials}" if args.fusion == "tune" else args.fusion
-        with _step(f"fusion candidates ({spec})"):
+        with step(f"fusion candidates ({spec})"):
             candidates = fusion.groupings(spec, profile, cost)
-        with _step(f"planning {len(candidates)} fusion candidate(s) x {len(fusion.PLANNERS)} schedules"):
+        with step(f"planning {len(candidates)} fusion candidate(s) x {len(fusion.PLANNERS)} schedules"):
             _, considered = fusion.search(profile, cost, groupings=candidates)
         chosen = min((s for s in considered if s.schedule.name == args.schedule),
                      key=lambda s: s.schedule.iteration_time)
@@ -129,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.gantt:
             from pipedap.planner import gantt
 
-            with _step(f"drawing Gantt chart to {args.gantt}"):
+            with step(f"drawing Gantt chart to {args.gantt}"):
                 same = {s.schedule.name: s.schedule.timeline for s in considered if s.fusion == chosen.fusion}
                 gantt.draw(same, args.gantt, title=f"fusion {chosen.fusion}, {cost.world_size} workers")
     except (ValueError, ImportError, PlanError, OSError) as err:
