@@ -197,7 +197,7 @@ def allgather_async(tensor, name=None, process_set=global_process_set) -> int:
     name = _name(name, "allgather")
     engine.check_tensor(tensor, name)
     check_member(process_set, name)
-    if process_set.size() == 1:
+    if engine.alone(process_set):
         return _handle(engine.completed(tensor.clone()))
     shapes = _exchange_shapes(tensor, name, process_set)
     row = tensor[0].numel() if tensor.shape[0] else int(torch.Size(tensor.shape[1:]).numel())
@@ -237,7 +237,7 @@ def reducescatter_async(tensor, name=None, op=Average, process_set=global_proces
     mine = check_member(process_set, name)
     if tensor.dim() == 0:
         raise ValueError(f"{name}: reducescatter needs a tensor with at least one dimension")
-    if process_set.size() == 1:
+    if engine.alone(process_set):
         return _handle(engine.completed(tensor.clone()))
     row = int(torch.Size(tensor.shape[1:]).numel())
     counts = reducescatter_counts(tensor.shape[0], row, process_set.size())

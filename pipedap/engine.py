@@ -62,6 +62,7 @@ DTYPES = {
 
 _atexit_registered = False
 _previous_excepthook: Callable | None = None
+_one_rank_shortcut = True  # a set of one rank copies instead of submitting (PIPEDAP_ONE_RANK_THROUGH_ENGINE=0)
 
 
 # [Note: Open MPI's TCP eager limit]
@@ -83,8 +84,9 @@ def init() -> None:
     Every ``PIPEDAP_*`` variable is checked first: a bad value or an unknown
     name (a typo) raises :class:`pipedap.settings.SettingsError` naming it.
     """
-    global _atexit_registered
+    global _atexit_registered, _one_rank_shortcut
     settings.check_environment()
+    _one_rank_shortcut = not settings.get("PIPEDAP_ONE_RANK_THROUGH_ENGINE")
     for key, value in TCP_EAGER_DEFAULTS.items():
         os.environ.setdefault(key, value)
     core.init(settings.engine_config())
@@ -128,6 +130,11 @@ def nccl_built() -> bool:
 
 def mpi_threads_supported() -> bool:
     return core.mpi_thread_level() >= 3  # MPI_THREAD_MULTIPLE
+
+
+def alone(process_set: ProcessSet) -> bool:
+    """Whether ``process_set`` has one rank and its collectives are local copies, not engine work."""
+    return _one_rank_shortcut and process_set.size() == 1
 
 
 def _install_abort_on_exception() -> None:
@@ -318,7 +325,7 @@ def submit(collectives: list[Collective]) -> Work:
     if any(c.process_set != process_set for c in collectives):
         raise ValueError(f"submit: the collectives {[c.spec.name for c in collectives]} span several process sets; "
                          "submit each set's collectives separately")
-    if process_set.size() == 1:  # every collective of one rank is a copy (barrier: nothing)
+    if alone(process_set):  # every collective of one rank is a copy (barrier: nothing)
         for c in collectives:
             if c.keepalive and c.keepalive[0] is not c.keepalive[1]:
                 c.keepalive[1].view(-1).copy_(c.keepalive[0].view(-1))

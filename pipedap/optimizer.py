@@ -32,7 +32,7 @@ from collections.abc import Iterable
 
 import torch
 
-from pipedap import comm, settings
+from pipedap import comm, engine, settings
 from pipedap.buckets import build_bucket, default_groups
 from pipedap.compression import Compression
 from pipedap.online_planner import OnlinePlanner
@@ -317,7 +317,7 @@ def DistributedOptimizer(
     # call counter) would bypass ours, so it is left behind.
     wrapped.__dict__.update({k: v for k, v in optimizer.__dict__.items() if k != "step"})
     world = process_set.size()
-    if world == 1:  # nothing to communicate: the plain optimizer
+    if engine.alone(process_set):  # nothing to communicate: the plain optimizer
         wrapped._pipedap = Reducer(None, [], wrapped._pipedap_apply_update, op=op, passes=backward_passes_per_step,
                                    process_set=process_set)
         return wrapped

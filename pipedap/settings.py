@@ -132,6 +132,9 @@ _DECLARED = [
             "is unfinished after this long, like PyTorch's collectives; 0 disables", "engine"),
     Setting("PIPEDAP_ABORT_ON_EXCEPTION", "flag", "1", "an unhandled Python exception on one rank aborts "
             "every rank (0: leave the others running)", "engine"),
+    Setting("PIPEDAP_ONE_RANK_THROUGH_ENGINE", "flag", "0", "1: a process set of one rank still runs its "
+            "collectives (and DistributedOptimizer its buckets) through the engine instead of copying, so one "
+            "GPU can test the NCCL path (scripts/gpu_check.sh)", "engine"),
     # optimizer: DistributedOptimizer and its online planner
     Setting("PIPEDAP_SCHEDULE", "choice", None, "the default `schedule=` of DistributedOptimizer (unset: "
             "pipedap with `model=`, else wfbp)", "optimizer", choices=("pipedap", "dear", "wfbp")),

@@ -13,8 +13,21 @@ pytestmark = pytest.mark.mpi
 def test_every_collective_and_dtype(np):
     result = run_mpi("check_collectives.py", np, timeout=300)
     assert_ok(result)
+    path = "local copies" if np == 1 else "the engine"
     for r in range(np):
-        assert f"rank {r} of {np}: all collectives OK" in result.output
+        assert f"rank {r} of {np}: all collectives OK (through {path})" in result.output
+
+
+def test_one_rank_through_the_engine():
+    """PIPEDAP_ONE_RANK_THROUGH_ENGINE=1: one rank's collectives and buckets go through the core
+    (how scripts/gpu_check.sh reaches the NCCL backend on one GPU); here on the CPU path."""
+    env = {"PIPEDAP_ONE_RANK_THROUGH_ENGINE": "1", "PIPEDAP_LOG_RANKS": "all"}
+    result = run_mpi("check_collectives.py", 1, env=env, timeout=300)
+    assert_ok(result)
+    assert "rank 0 of 1: all collectives OK (through the engine)" in result.output
+    result = run_mpi("check_optimizer.py", 1, "matrix", env=env, timeout=300)
+    assert_ok(result)
+    assert "matrix OK: 3 schedules x 4 optimizers x 6 models" in result.output
 
 
 @pytest.mark.parametrize("algorithm", ["ring", "mpi"])

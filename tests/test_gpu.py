@@ -18,6 +18,7 @@ def test_every_collective_and_dtype_on_cuda(np):
         pytest.fail("a GPU is present but comm_core was built without NCCL: reinstall with CUDA and NCCL")
     if np > torch.cuda.device_count():
         pytest.skip(f"{np} ranks need {np} GPUs, {torch.cuda.device_count()} visible")
-    result = run_mpi("check_collectives.py", np, "cuda", timeout=300)
+    # one rank too goes through the core (and NCCL), not through the one-rank copy shortcut
+    result = run_mpi("check_collectives.py", np, "cuda", env={"PIPEDAP_ONE_RANK_THROUGH_ENGINE": "1"}, timeout=300)
     assert_ok(result)
-    assert result.output.count("all collectives OK") == np
+    assert result.output.count("all collectives OK (through the engine)") == np
