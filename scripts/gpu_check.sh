@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: build comm_core with the NCCL backend on a CUDA machine, then on one GPU (np 1):
-#  - gpu_tests: tests/test_gpu.py as it is (check_collectives.py with CUDA tensors; np 2 skips on one GPU).
-#    At world size 1 pipedap.comm copies in Python and never calls comm_core, so this alone does not
-#    reach the NCCL backend; hence the two steps after it, which turn those shortcuts off through
-#    core_at_np1.py (written below: it patches pipedap.comm and pipedap.optimizer as they are imported):
-#  - collectives_np1: check_collectives.py cuda through comm_core and NCCL (a communicator of 1 rank);
+#  - gpu_tests: tests/test_gpu.py (check_collectives.py with CUDA tensors; np 2 skips on one GPU).
+#    One rank would copy in Python; PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 sends it through comm_core and
+#    NCCL (a communicator of 1 rank), here and in the two steps after it:
+#  - collectives_np1: the same script with NCCL's INFO log, to see the communicator's set-up;
 #  - training_np1: a few CUDA training steps of ResNet-50 (32x32 images) under WFBP, DeAR and PipeDAP
 #    (planned for --bandwidth 100gbit), DistributedOptimizer's buckets going through NCCL.
 # One GPU cannot check several ranks, nor the uneven reducescatter/allgather blocks (NCCL refuses two
@@ -33,7 +32,6 @@ OMPI_PREFIX=${OMPI_PREFIX:-/tmp/pipedap-ompi}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, for the scripts mpirun starts
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-SHIM=$(mktemp -d)/core_at_np1.py
 
 SUMMARY=()
 FAILED=0
@@ -140,55 +138,9 @@ gpu_tests() {  # the suite's GPU test, at np 1 (np 2 skips on one GPU)
     timeout 240 "$PY" -m pytest -q -x -rA -p no:cacheprovider tests/test_gpu.py
 }
 
-write_shim() {
-    cat > "$SHIM" <<'EOF'
-"""Run a script (or -m module) with pipedap's world-size-1 shortcuts turned off, so that one rank's
-collectives go through comm_core (CUDA tensors through the NCCL backend) instead of being copied in
-Python, and DistributedOptimizer builds its buckets and plan as with several ranks."""
-import importlib.machinery
-import runpy
-import sys
-
-
-PATCHES = {
-    "pipedap.comm": [("if size() == 1:", "if False:"), ("if size() > 1:", "if True:")],
-    "pipedap.optimizer": [("if world == 1:", "if False:"), ("_pipedap_world == 1:", "_pipedap_world == 0:")],
-}
-
-
-class Loader(importlib.machinery.SourceFileLoader):
-    def get_code(self, fullname):
-        source = self.get_data(self.path).decode()
-        n = 0
-        for old, new in PATCHES[fullname]:
-            n += source.count(old)
-            source = source.replace(old, new)
-        print(f"core_at_np1: {n} world-size-1 shortcuts of {fullname} turned off", file=sys.stderr)
-        return compile(source, self.path, "exec", dont_inherit=True)
-
-
-class Finder:
-    def find_spec(self, name, path, target=None):
-        if name not in PATCHES:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        spec.loader = Loader(name, spec.origin)
-        return spec
-
-
-sys.meta_path.insert(0, Finder())
-if sys.argv[1] == "-m":
-    sys.argv = sys.argv[2:]
-    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-else:
-    sys.argv = sys.argv[1:]
-    runpy.run_path(sys.argv[0], run_name="__main__")
-EOF
-}
-
 collectives_np1() {  # every collective and dtype on CUDA tensors through comm_core and NCCL, one rank
-    NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT timeout 180 mpirun -np 1 --bind-to none \
-        "$PY" "$SHIM" tests/mpi_scripts/check_collectives.py cuda
+    NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 timeout 180 mpirun -np 1 \
+        --bind-to none "$PY" tests/mpi_scripts/check_collectives.py cuda
 }
 
 training_np1() {  # a few CUDA training steps, DistributedOptimizer's buckets through NCCL, one rank
@@ -197,7 +149,8 @@ training_np1() {  # a few CUDA training steps, DistributedOptimizer's buckets th
         echo "----- bench $baseline"
         extra=()
         [ "$baseline" = PipeDAP ] && extra=(--bandwidth 100gbit --json "$OUT/bench_PipeDAP.json")
-        timeout 120 mpirun -np 1 --bind-to none "$PY" "$SHIM" -m pipedap.bench --device cuda \
+        PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 timeout 120 mpirun -np 1 --bind-to none "$PY" -m pipedap.tools.bench \
+            --device cuda \
             --baseline "$baseline" --model resnet50 --image-size 32 --batch-size 8 --num-warmup-batches 2 \
             --num-batches-per-iter 2 --num-iters 3 --no-progress "${extra[@]}"
         one=$?
@@ -213,7 +166,6 @@ step locate_nccl_and_cuda - locate_nccl_and_cuda
 step build - build
 step nccl_built - probe
 step gpu_tests gpu_tests.log gpu_tests
-write_shim
 step collectives_np1 collectives_np1.log collectives_np1
 step training_np1 training_np1.log training_np1
 
