@@ -188,6 +188,8 @@ class Reducer:
         self.submit_forward()
         self.pending_step = _PendingStep(self.scale(), hyperparameters)
         self.pending = set(range(len(self.buckets)))
+        for ready in self.ready:  # this step's gradients are all taken (a pending bucket refuses new ones)
+            ready.clear()
         if self.plan.sync_before_forward or self.grads_complete:
             self.finish_all()
         self._new_step()
@@ -243,7 +245,6 @@ class Reducer:
         for g in groups:
             self.update_seconds[g] = seconds
             self.works[g].clear()
-            self.ready[g].clear()
             self.pending.discard(g)
             if g in self.zero_after_update:
                 self.buckets[g].buffer.zero_()

@@ -315,6 +315,21 @@ def run_features():
             if not torch.allclose(out, reference(probe).detach(), atol=1e-5):
                 sys.exit(f"rank {R}: {schedule}: eval after step {step} did not see the updated weights")
 
+        # synchronize() after step() applies the pending update (before evaluating or saving) and
+        # starts no communication of its own: training goes on exactly
+        model, reference = fresh("mlp")
+        opt = hvd.DistributedOptimizer(make_optimizer("adam", model), model=model, schedule=schedule,
+                                       plan=plan_for(schedule, model), fusion_bytes=0)
+        ref_opt = make_optimizer("adam", reference)
+        for step in range(4):
+            distributed_step(model, opt, "mlp", step)
+            reference_step(reference, ref_opt, "mlp", step)
+            opt.synchronize()
+            for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+                if not torch.allclose(p.detach(), q.detach(), atol=1e-5):
+                    sys.exit(f"rank {R}: {schedule}: after step {step} and synchronize(), {name} is not current")
+        compare(f"{schedule} synchronize after step", model, reference)
+
         # accumulation: backward_passes_per_step=2 averages the micro-batches (= the 2x larger
         # batch); no_sync() accumulates locally and communicates once (sums them, as DDP does)
         for how in ("passes", "no_sync"):
