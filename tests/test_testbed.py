@@ -141,7 +141,9 @@ def test_tcp_stream_is_rate_limited(testbed: Testbed) -> None:
 
 
 CHILD_SCRIPT = textwrap.dedent("""
-    import json, sys, time
+    import json, signal, sys, time
+    # Ctrl-C as in a terminal: a test run started in the background inherits SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from pipedap.tools.testbed import Testbed
     from pipedap.tools.testbed.network import leftovers
 
