@@ -304,7 +304,8 @@ std::string PointToPoint::waiting_for(const Handle& handle) const {
           state = t->send() ? peer + " has not received it all yet" : "its data is still arriving from " + peer;
           break;
       }
-      text += (text.empty() ? "" : "; ") + t->describe() + ": " + state;
+      if (g->transfers.size() > 1) state = t->describe() + ": " + state;  // else the handle's description says it
+      text += (text.empty() ? "" : "; ") + state;
     }
   }
   return text;
