@@ -4,7 +4,8 @@
              every dtype x shapes from 0-d to 4-D, tags received out of order, three sends on one
              tag received in order, a 100 MiB tensor, a send + receive exchange as one submission,
              a receive posted before an all-reduce whose matching send comes after it on the peer,
-             a process set with global-rank peers (3 ranks), argument errors, and mismatched
+             a process set with global-rank peers (3 ranks; removed while a transfer on it moves),
+             argument errors, and mismatched
              size / dtype / multi-segment sends (each followed by a good transfer on the same tag).
              Every result is checked exactly. Ends with "rank R: p2p OK".
   stall      rank 0 receives from rank 1 with tag 7, rank 1 from rank 0 with tag 8: neither sends.
@@ -19,7 +20,7 @@ import torch
 
 import pipedap as hvd
 from pipedap import engine
-from pipedap.process_sets import add_process_set
+from pipedap.process_sets import add_process_set, remove_process_set
 
 case = sys.argv[1]
 hvd.init()
@@ -148,8 +149,16 @@ def process_sets() -> None:
         expect_equal("process set", work.wait()[0], payload(peer, (6,), torch.int32))
         expect_error("peer outside the set", lambda: engine.send(torch.ones(1), 1, 0, process_set=ends),
                      "peer 1 is not in", "peers are global ranks")
+    # removing the set waits for the transfers posted on it before (8 MiB: likely still moving)
+    n = 2**20
+    if R == 0:
+        work = engine.recv(torch.zeros(n, dtype=torch.float64), 2, 1, process_set=ends)
+    elif R == 2:
+        work = engine.send(torch.arange(n, dtype=torch.float64), 0, 1, process_set=ends)
+    remove_process_set(ends)
+    if R in (0, 2):
+        expect_equal("a transfer across the set's removal", work.wait()[0], torch.arange(n, dtype=torch.float64))
         print(f"rank {R}: process set {{0, 2}} with global peers OK", flush=True)
-    hvd.barrier()
 
 
 def argument_errors() -> None:
