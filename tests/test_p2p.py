@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mpi_launch import assert_ok, run_mpi
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "comm_core"))
@@ -72,6 +73,21 @@ def test_a_receive_with_no_sender_is_reported_naming_peer_and_tag_then_the_job_a
                          r"is idle", out), out
     assert "Past PIPEDAP_TIMEOUT_SECONDS=4: aborting the job." in out
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.gpu
+def test_transfers_on_cuda_over_nccl():
+    import pipedap._comm_core as core
+
+    if torch.cuda.device_count() < 2 or not core.nccl_built():
+        pytest.skip(f"needs 2 GPUs ({torch.cuda.device_count()} visible) and a build with NCCL "
+                    f"(nccl_built: {core.nccl_built()}): NCCL refuses two ranks on one GPU")
+    result = run_mpi("p2p.py", 2, "transfers", "cuda", timeout=300)
+    assert_ok(result)
+    check_transfers(result.output, 2)
+    for r in range(2):
+        assert f"rank {r} expected 'act.3' 10 float32 on CUDA from rank {1 - r} with tag 8; rank {1 - r} sent 'x' " \
+               "10 float32." in result.output
 
 
 @pytest.mark.slow
