@@ -118,7 +118,7 @@ class NcclBackend : public DeviceBackend {
     }
     link.seq = pair.next_seq++;
     return hold(Transfer{&pair, true, link.seq, reinterpret_cast<void*>(op.input), dtype_size(op.dtype) * op.counts[0],
-                         static_cast<cudaEvent_t>(op.ready_event), op.describe()});
+                         static_cast<cudaEvent_t>(op.ready_event), op.describe(), false});
   }
 
   int64_t start_recv(int set, int peer, const DeviceLink& link, size_t bytes, const OpSpec* op) override {
@@ -133,7 +133,7 @@ class NcclBackend : public DeviceBackend {
       open(pair, id, 1, what);
     }
     return hold(Transfer{&pair, false, link.seq, op != nullptr ? reinterpret_cast<void*>(op->output) : nullptr, bytes,
-                         op != nullptr ? static_cast<cudaEvent_t>(op->ready_event) : nullptr, what});
+                         op != nullptr ? static_cast<cudaEvent_t>(op->ready_event) : nullptr, what, op == nullptr});
   }
 
   bool p2p_finished(int64_t token) override {
@@ -183,10 +183,11 @@ class NcclBackend : public DeviceBackend {
     Pair* pair;  // std::map keeps it in place
     bool send;
     int64_t seq;
-    void* buffer;  // null: temporary device memory, freed after the receive (a mismatched send)
+    void* buffer;
     size_t bytes;
     cudaEvent_t ready;  // the op's producer-stream event (null for a discarded receive)
     std::string what;
+    bool discard;  // receive into temporary device memory, freed after it (a mismatched send)
     bool issued = false;
     cudaEvent_t done = nullptr;
   };
@@ -254,13 +255,13 @@ class NcclBackend : public DeviceBackend {
       t.ready = nullptr;
     }
     void* buffer = t.buffer;
-    if (buffer == nullptr) check_cuda(cudaMallocAsync(&buffer, t.bytes, pair.stream), "cudaMallocAsync", rank_);
+    if (t.discard) check_cuda(cudaMallocAsync(&buffer, t.bytes, pair.stream), "cudaMallocAsync", rank_);
     const ncclResult_t rc = t.send ? ncclSend(buffer, t.bytes, ncclUint8, 1, pair.comm, pair.stream)
                                    : ncclRecv(buffer, t.bytes, ncclUint8, 0, pair.comm, pair.stream);
     ncclResult_t state = rc;
     while (state == ncclInProgress) ncclCommGetAsyncError(pair.comm, &state);  // a nonblocking enqueue
     check_nccl(state, "NCCL " + t.what, rank_);
-    if (t.buffer == nullptr) check_cuda(cudaFreeAsync(buffer, pair.stream), "cudaFreeAsync", rank_);
+    if (t.discard) check_cuda(cudaFreeAsync(buffer, pair.stream), "cudaFreeAsync", rank_);
     check_cuda(cudaEventCreateWithFlags(&t.done, cudaEventDisableTiming), "cudaEventCreate", rank_);
     check_cuda(cudaEventRecord(t.done, pair.stream), "cudaEventRecord", rank_);
     t.issued = true;
