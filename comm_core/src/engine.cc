@@ -1,9 +1,6 @@
 #include "engine.h"
 
 #include <chrono>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <stdexcept>
 
 #include "mpi_util.h"

@@ -45,7 +45,6 @@
 #include <vector>
 
 #include "device_backend.h"
-#include "host_collectives.h"
 #include "op.h"
 #include "process_set.h"
 
