@@ -26,12 +26,14 @@
 // data carries its tag too, the next receive of a (peer, tag) posts its header
 // receive only after the previous one posted every data receive.
 //
-// Host data travels in segments of PIPEDAP_MESSAGE_BYTES, like the ring's, on
-// the set's point-to-point communicator (never matched by collective traffic);
-// CUDA data over NCCL (device_backend.h). An MPI error while transfers are
-// outstanding gives up every one of them (cancelled and drained, see
-// mpi_util.h) and the engine fails later submissions, as after a failed
-// collective.
+// Host data travels in segments of the sender's PIPEDAP_MESSAGE_BYTES (the
+// header carries it, so the receiver cuts alike), like the ring's, on the
+// set's point-to-point communicator (never matched by collective traffic);
+// CUDA data over NCCL (device_backend.h). The engine's shutdown and
+// remove_process_set wait for outstanding transfers, and the watchdog covers
+// the oldest one. An MPI error while transfers are outstanding gives up every
+// one of them (cancelled and drained, see mpi_util.h) and the engine fails
+// later submissions, as after a failed collective.
 #pragma once
 
 #include <deque>
