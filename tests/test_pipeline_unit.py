@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipedap.pipeline import communication, schedules, stashing, startup
+from pipedap.pipeline import communication, schedules, startup, stashing
 from pipedap.pipeline.config import PipelineConfig, PipelineConfigError
 from pipedap.pipeline.runtime import StageModule, StageRuntime, micro_batch
 
