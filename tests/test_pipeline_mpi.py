@@ -12,6 +12,7 @@ must fail that comparison.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from mpi_launch import assert_ok, run_mpi
@@ -64,3 +65,10 @@ def test_a_stash_with_the_latest_weights_fails_the_1f1b_comparison(runs, np):
 
 def test_1f1b_with_a_replicated_stage_runs_to_the_end(runs):
     assert len(re.findall(r"^CASE 1f1b-hybrid rank \d finite True$", runs(3), re.M)) == 3, runs(3)
+
+
+def test_the_example_trains_resnet50_split_over_two_ranks():
+    example = str(Path(__file__).resolve().parents[1] / "examples" / "pipeline_main.py")
+    result = run_mpi(example, 2, "--minibatches", "4", "-b", "4", timeout=180)
+    assert_ok(result)
+    assert re.search(r"^rank 1 \(stage 1\): 4 minibatches in [\d.]+ s, loss [\d.]+ -> [\d.]+$", result.output, re.M)

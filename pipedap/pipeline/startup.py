@@ -23,13 +23,14 @@ from pipedap.pipeline.config import PipelineConfig, PipelineConfigError
 
 
 def require_mpi_launcher(environ=None) -> None:
-    """RuntimeError unless this process was started by an MPI launcher (mpirun, ./dist.sh)."""
+    """RuntimeError unless this process was started by an MPI launcher (mpirun, or its PMI/PMIx peers)."""
     environ = os.environ if environ is None else environ
     if not any(var in environ for var in settings.RANK_VARIABLES):
         raise RuntimeError(
             "the pipeline runtime needs an MPI launcher for now: start every rank with "
-            "`mpirun -np N python your_script.py` (N = the ranks in the config's stage_to_rank_map) or ./dist.sh; "
-            f"none of {', '.join(settings.RANK_VARIABLES)} is set, so this process was started alone")
+            "`mpirun -np N python your_script.py` (N: the ranks of the config's stage_to_rank_map), e.g. "
+            "`mpirun -np 2 python examples/pipeline_main.py`; none of "
+            f"{', '.join(settings.RANK_VARIABLES)} is set, so this process was started alone")
 
 
 def agree(error: str | None, what: str, value=None) -> list:
