@@ -21,7 +21,7 @@ import sys
 
 # The extension's C++ sources (comm_core/src); the device backend is added by nccl_settings().
 CORE_SOURCES = ["agreement.cc", "bindings.cc", "dtype.cc", "engine.cc", "host_collectives.cc", "mpi_util.cc", "op.cc",
-                "process_set.cc", "status.cc"]
+                "p2p.cc", "process_set.cc", "status.cc", "watchdog.cc"]
 
 
 def log(message: str) -> None:

@@ -14,6 +14,16 @@ Operations match across ranks by *order*: every member of a set must submit the
 same collectives on it in the same order. The engine checks each submission
 across ranks before its data moves; a mismatch raises :class:`CommError` on
 every rank, naming what each rank submitted, and no buffer is touched.
+
+Point-to-point transfers (:func:`send`, :func:`recv`) involve two ranks, not
+the set: they match by peer and tag, not by their order among the collectives,
+and are not agreed. The engine posts them in submission order and goes on
+without waiting, so a receive never holds up the collectives submitted after
+it (rank 0 may receive from rank 1 and then all-reduce while rank 1
+all-reduces and then sends). Transfers between two ranks with the same tag
+match in submission order. The receiver checks the sender's element count and
+dtype first: a mismatch raises :class:`CommError` on the receiving rank naming
+both sides, writes nothing, and discards the sent data (the send completes).
 """
 
 from __future__ import annotations
@@ -180,7 +190,8 @@ def check_tensor(tensor: Any, what: str) -> None:
 
 @dataclass
 class Collective:
-    """One core operation over a process set, and the tensors that must outlive it."""
+    """One core operation (a collective, a send or a receive) over a process set, and the tensors that must
+    outlive it."""
 
     spec: Any  # core.OpSpec
     keepalive: tuple
@@ -247,7 +258,7 @@ class CompletedOp:
     """One finished collective: what it was and when the engine ran it (time.monotonic_ns clock)."""
 
     name: str
-    kind: str  # reducescatter, allgather, allreduce, broadcast, barrier
+    kind: str  # reducescatter, allgather, allreduce, broadcast, barrier, send, recv
     nbytes: int  # the full buffer (the larger of input and output)
     group_size: int  # ops submitted together with it (1: alone; >1: a merged submission)
     enqueue_ns: int
@@ -317,7 +328,8 @@ def submit(collectives: list[Collective]) -> Work:
 
     A group lets the ring advance all its operations step by step together, which
     saves per-operation start-up (PipeDAP's merged RS + AG). All of a group's
-    collectives run on one process set.
+    collectives run on one process set. A group of sends and receives (:func:`transfer`)
+    is posted and not waited for; it cannot hold collectives.
     """
     if not collectives:
         raise ValueError("submit: no collectives")
@@ -331,3 +343,51 @@ def submit(collectives: list[Collective]) -> Work:
                 c.keepalive[1].view(-1).copy_(c.keepalive[0].view(-1))
         return Work(None, collectives)
     return Work(core.submit([c.spec for c in collectives], process_set=process_set.process_set_id), collectives)
+
+
+# --- point-to-point ----------------------------------------------------------------
+
+
+def transfer(kind, tensor: torch.Tensor, peer: int, tag: int, name: str,
+             process_set: ProcessSet = global_process_set) -> Collective:
+    """A checked send (``kind`` SEND) or receive (RECV) of ``tensor`` with ``peer``, a *global* rank of
+    ``process_set``; tags run from 0 to 32767. Several can be submitted as one unit (an exchange)."""
+    check_tensor(tensor, name)
+    what = f"{kind.name.lower()} '{name}'"
+    if process_set.process_set_id is None:
+        raise ValueError(f"{what}: {process_set} is not registered; pass it to pipedap.add_process_set() first")
+    ranks = list(process_set.ranks)
+    if rank() not in ranks:
+        raise ValueError(f"{what}: rank {rank()} is not in {process_set}; call it on the set's ranks only")
+    if len(ranks) == 1:
+        raise ValueError(f"{what}: {process_set} has one rank, so there is no peer to send to or receive from")
+    if peer == rank():
+        raise ValueError(f"{what}: peer {peer} is this rank; a rank cannot send to or receive from itself")
+    if peer not in ranks:
+        raise ValueError(f"{what}: peer {peer} is not in {process_set} (ranks {ranks}); peers are global ranks")
+    device, stream = -1, 0
+    if tensor.device.type == "cuda":
+        device, stream = tensor.device.index, torch.cuda.current_stream(tensor.device).cuda_stream
+    spec = core.OpSpec(kind, name, tensor.data_ptr(), tensor.data_ptr(), [tensor.numel()], DTYPES[tensor.dtype],
+                       root=ranks.index(peer), device=device, stream=stream, tag=tag)
+    return Collective(spec, (tensor,), process_set, result=tensor)
+
+
+def send(tensor: torch.Tensor, peer: int, tag: int, name: str | None = None,
+         process_set: ProcessSet = global_process_set) -> Work:
+    """Send ``tensor`` to global rank ``peer``, which receives it with :func:`recv` and the same ``tag``.
+
+    Returns at once; do not modify ``tensor`` until the Work is done (``wait()`` returns ``[tensor]``).
+    """
+    return submit([transfer(core.OpKind.SEND, tensor, peer, tag, name or f"send.{peer}.{tag}", process_set)])
+
+
+def recv(tensor: torch.Tensor, peer: int, tag: int, name: str | None = None,
+         process_set: ProcessSet = global_process_set) -> Work:
+    """Receive into ``tensor`` (in place) what global rank ``peer`` sends with ``tag``.
+
+    Returns at once; ``wait()`` returns ``[tensor]`` once it arrived, or raises :class:`CommError` if the
+    sender's element count or dtype differ (``tensor`` is then untouched).
+    """
+    return submit([transfer(core.OpKind.RECV, tensor, peer, tag, name or f"recv.{peer}.{tag}", process_set)])
+

@@ -73,7 +73,9 @@ PYBIND11_MODULE(_comm_core, m) {
       .value("ALLGATHER", OpKind::kAllGather)
       .value("ALLREDUCE", OpKind::kAllReduce)
       .value("BROADCAST", OpKind::kBroadcast)
-      .value("BARRIER", OpKind::kBarrier);
+      .value("BARRIER", OpKind::kBarrier)
+      .value("SEND", OpKind::kSend)
+      .value("RECV", OpKind::kRecv);
   py::enum_<DType>(m, "DType")
       .value("FLOAT32", DType::kFloat32)
       .value("FLOAT64", DType::kFloat64)
@@ -87,7 +89,7 @@ PYBIND11_MODULE(_comm_core, m) {
 
   py::class_<OpSpec>(m, "OpSpec")
       .def(py::init([](OpKind kind, std::string name, uintptr_t input, uintptr_t output, std::vector<int64_t> counts,
-                       DType dtype, ReduceOp reduce, int root, int device, uintptr_t stream) {
+                       DType dtype, ReduceOp reduce, int root, int device, uintptr_t stream, int tag) {
              OpSpec op;
              op.kind = kind;
              op.name = std::move(name);
@@ -99,15 +101,21 @@ PYBIND11_MODULE(_comm_core, m) {
              op.root = root;
              op.device = device;
              op.stream = stream;
+             op.tag = tag;
              return op;
            }),
            py::arg("kind"), py::arg("name"), py::arg("input") = 0, py::arg("output") = 0,
            py::arg("counts") = std::vector<int64_t>{}, py::arg("dtype") = DType::kFloat32,
-           py::arg("reduce") = ReduceOp::kSum, py::arg("root") = 0, py::arg("device") = -1, py::arg("stream") = 0)
+           py::arg("reduce") = ReduceOp::kSum, py::arg("root") = 0, py::arg("device") = -1, py::arg("stream") = 0,
+           py::arg("tag") = 0,
+           "One operation. SEND / RECV: `root` is the peer (a rank within the process set), `input` the "
+           "send buffer, `output` the receive buffer, `tag` in [0, 32767].")
       .def_readonly("kind", &OpSpec::kind)
       .def_readonly("name", &OpSpec::name)
       .def_readonly("counts", &OpSpec::counts)
-      .def("__repr__", &OpSpec::describe);
+      .def_readonly("root", &OpSpec::root)
+      .def_readonly("tag", &OpSpec::tag)
+      .def("__repr__", [](const OpSpec& op) { return op.describe(); });
 
   py::class_<Handle, std::shared_ptr<Handle>>(m, "Handle")
       .def_property_readonly("seq", &Handle::seq)
@@ -143,8 +151,9 @@ PYBIND11_MODULE(_comm_core, m) {
   m.def("submit", [](std::vector<OpSpec> ops, int process_set) { return engine().submit(std::move(ops), process_set); },
         py::arg("ops"), py::arg("process_set") = 0, py::call_guard<py::gil_scoped_release>(),
         "Enqueue ops to run as one unit on a process set (0: the world), after everything submitted before; "
-        "returns a Handle at once. Counts and broadcast roots are relative to the set. CommError at once if "
-        "the set does not exist or this rank is not a member.");
+        "returns a Handle at once. Counts, broadcast roots and peers are relative to the set. CommError at once "
+        "if the set does not exist or this rank is not a member. A submission of sends and receives (never "
+        "mixed with collectives) is posted in that order and not waited for: later submissions run meanwhile.");
   m.def("add_process_set", [](const std::vector<int>& ranks) { return engine().add_process_set(ranks); },
         py::arg("ranks"), py::call_guard<py::gil_scoped_release>(),
         "Create a process set of these world ranks (ascending) and return its id. Collective: every rank calls "

@@ -45,13 +45,32 @@ Communicator duplicate(MPI_Comm parent, const char* what) {
   return c;
 }
 
+// A send's or receive's peer and tag (the rest is checked as for a collective).
+void validate_p2p(const OpSpec& op, const ProcessSet& set, const std::string& what) {
+  const int size = static_cast<int>(set.ranks.size());
+  if (size == 1) throw std::invalid_argument(what + set.label() + " has one rank: there is no peer");
+  if (op.root == set.rank) {
+    throw std::invalid_argument(what + "the peer is this rank itself: a rank cannot send to or receive from itself");
+  }
+  if (op.root < 0 || op.root >= size) {
+    throw std::invalid_argument(what + "peer rank " + std::to_string(op.root) + " is not in [0, " +
+                                std::to_string(size) + ")" + (set.id == 0 ? "" : " (peers are ranks within the set)"));
+  }
+  if (op.tag < 0 || op.tag > kMaxTag) {
+    throw std::invalid_argument(what + "tag " + std::to_string(op.tag) + " is not in [0, " + std::to_string(kMaxTag) +
+                                "]: point-to-point tags are MPI tags, and every MPI allows up to " +
+                                std::to_string(kMaxTag));
+  }
+}
+
 }  // namespace
 
 Engine::Engine(const EngineConfig& config) : config_(config) {
   ensure_mpi_initialized(&thread_level_);
   world_ = duplicate(MPI_COMM_WORLD, "data");
   side_ = duplicate(MPI_COMM_WORLD, "side channel");
-  sets_ = std::make_unique<ProcessSetTable>(world_, duplicate(MPI_COMM_WORLD, "agreement"), side_, monotonic_ns());
+  sets_ = std::make_unique<ProcessSetTable>(world_, duplicate(MPI_COMM_WORLD, "agreement"), side_,
+                                            duplicate(MPI_COMM_WORLD, "point-to-point"), monotonic_ns());
   MPI_Comm local;
   check_mpi(MPI_Comm_split_type(world_.comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &local), "MPI_Comm_split_type",
             world_.rank);
@@ -60,7 +79,15 @@ Engine::Engine(const EngineConfig& config) : config_(config) {
   MPI_Comm_free(&local);
   create_user_ops();
   status_ = std::make_unique<StatusChannel>(side_);
+  p2p_ = std::make_unique<PointToPoint>(
+      world_.rank, message_segment_bytes(config_.host),
+      [this]() -> DeviceBackend& {
+        std::lock_guard<std::mutex> lock(mu_);
+        return device_backend();
+      },
+      [this](const std::string& why) { broken_ = why; });
   config_.host.poll.on_idle = [this] { service(); };
+  config_.host.poll.progress = [this] { p2p_->progress(); };
   thread_ = std::thread(&Engine::run_loop, this);
   watchdog_ = std::thread(&Engine::watchdog_loop, this);
 }
@@ -71,9 +98,14 @@ Engine::~Engine() {
     stopping_ = true;
   }
   cv_.notify_all();
+  thread_.join();  // after every submission finished, point-to-point ones included
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopped_ = true;  // the watchdog watched the drain too
+  }
   watchdog_cv_.notify_all();
-  thread_.join();
   watchdog_.join();
+  p2p_.reset();
   device_.reset();
   status_.reset();
   // An agreement whose request still pends keeps its buffers: MPI may write them.
@@ -85,25 +117,38 @@ Engine::~Engine() {
 
 size_t Engine::pending() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return queue_.size() + (running_ ? 1 : 0);
+  return queue_.size() + (running_ ? 1 : 0) + p2p_->oldest().outstanding;
 }
 
-std::string Engine::describe(const std::vector<OpSpec>& ops) const {
-  if (ops.size() == 1) return ops.front().describe();
+std::string Engine::describe(const std::vector<OpSpec>& ops, const ProcessSet& set) const {
+  // A peer by its world rank (validated: it is a member).
+  auto one = [&](const OpSpec& op) { return op.describe(is_p2p_op(op.kind) ? set.ranks.at(op.root) : -1); };
+  if (ops.size() == 1) return one(ops.front());
   std::string d = "group [";
-  for (size_t i = 0; i < ops.size(); ++i) d += (i ? ", " : "") + ops[i].describe();
+  for (size_t i = 0; i < ops.size(); ++i) d += (i ? ", " : "") + one(ops[i]);
   return d + "]";
+}
+
+DeviceBackend& Engine::device_backend() {
+  if (!device_) device_ = make_device_backend(world_.rank, config_.host.poll);
+  return *device_;
 }
 
 void Engine::validate(const std::vector<OpSpec>& ops, const ProcessSet& set) const {
   const std::string where = " (rank " + std::to_string(world_.rank) + (set.id == 0 ? "" : ", " + set.label()) + ")";
   const int size = static_cast<int>(set.ranks.size());
   if (ops.empty()) throw std::invalid_argument("submit: empty group of operations" + where);
+  const bool p2p = is_p2p_op(ops.front().kind);
   for (const OpSpec& op : ops) {
     const std::string what = op.describe() + where + ": ";
     if (is_process_set_op(op.kind)) {
       throw std::invalid_argument(what + "an internal operation kind: call add_process_set / remove_process_set");
     }
+    if (is_p2p_op(op.kind) != p2p) {
+      throw std::invalid_argument(what + "a submission cannot mix point-to-point operations (send, recv) with "
+                                  "collectives: submit them separately");
+    }
+    if (p2p) validate_p2p(op, set, what);
     const bool per_rank = op.kind == OpKind::kReduceScatter || op.kind == OpKind::kAllGather;
     const size_t want = per_rank ? static_cast<size_t>(size) : op.kind == OpKind::kBarrier ? 0 : 1;
     if (op.counts.size() != want) {
@@ -120,8 +165,8 @@ void Engine::validate(const std::vector<OpSpec>& ops, const ProcessSet& set) con
     // Each buffer must exist if it holds elements (this rank's block may be empty).
     const int64_t total = op.total_count();
     const int64_t mine = per_rank ? op.counts[set.rank] : total;
-    const int64_t in_count = op.kind == OpKind::kAllGather ? mine : total;
-    const int64_t out_count = op.kind == OpKind::kReduceScatter ? mine : total;
+    const int64_t in_count = op.kind == OpKind::kAllGather ? mine : op.kind == OpKind::kRecv ? 0 : total;
+    const int64_t out_count = op.kind == OpKind::kReduceScatter ? mine : op.kind == OpKind::kSend ? 0 : total;
     if ((in_count > 0 && op.input == 0) || (out_count > 0 && op.output == 0)) {
       throw std::invalid_argument(what + "null buffer address");
     }
@@ -149,8 +194,13 @@ std::shared_ptr<Handle> Engine::submit(std::vector<OpSpec> ops, int process_set)
 std::shared_ptr<Handle> Engine::enqueue(const std::shared_ptr<ProcessSet>& set, std::vector<OpSpec> ops) {
   if (stopping_) throw CommError("submit: pipedap is shutting down; call pipedap.init() again");
   if (ops.front().device >= 0) {
-    if (!device_) device_ = make_device_backend(world_.rank, config_.host.poll);
-    for (OpSpec& op : ops) device_->prepare(op);
+    for (OpSpec& op : ops) device_backend().prepare(op);
+  }
+  if (is_p2p_op(ops.front().kind)) {  // not agreed: numbered apart, and names are free (p2p.h)
+    auto handle = std::make_shared<Handle>(set->next_p2p_seq++, describe(ops, *set));
+    handle->set_enqueue_ns(monotonic_ns());
+    queue_.push_back(Submission{set, std::move(ops), handle, Fingerprint{}, nullptr});
+    return handle;
   }
   // Horovod's rule: a name may not be reused while an operation of that name is unfinished.
   int32_t flags = 0;
@@ -160,7 +210,7 @@ std::shared_ptr<Handle> Engine::enqueue(const std::shared_ptr<ProcessSet>& set, 
     set->names_in_flight.insert(op.name);
   }
   const int64_t seq = set->next_seq++;
-  auto handle = std::make_shared<Handle>(seq, describe(ops));
+  auto handle = std::make_shared<Handle>(seq, describe(ops, *set));
   handle->set_enqueue_ns(monotonic_ns());
   set->last_submitted = handle->description();
   set->last_submit_ns = monotonic_ns();
@@ -199,7 +249,7 @@ void Engine::finish(Submission& sub, const std::string& error, bool ran) {
   {
     // Before the handle completes: the caller may reuse the names right after.
     std::lock_guard<std::mutex> lock(mu_);
-    forget_names(*sub.set, sub.ops);
+    if (!is_p2p_op(sub.ops.front().kind)) forget_names(*sub.set, sub.ops);
   }
   if (error.empty()) {
     sub.handle->complete();
@@ -216,20 +266,29 @@ void Engine::forget_names(ProcessSet& set, const std::vector<OpSpec>& ops) {
 }
 
 void Engine::run_loop() {
-  const auto idle_wait = std::chrono::microseconds(config_.host.poll.idle_interval_us);
+  const int64_t service_interval_ns = config_.host.poll.idle_interval_us * 1000LL;
+  int64_t next_service_ns = 0;
+  Backoff backoff(config_.host.poll);
   for (;;) {
     Submission sub;
     Submission* next = nullptr;  // stays valid: only this thread pops, and push_back keeps references
     {
       std::unique_lock<std::mutex> lock(mu_);
-      while (!stopping_ && queue_.empty()) {
-        if (!cv_.wait_for(lock, idle_wait, [this] { return stopping_ || !queue_.empty(); })) {
-          lock.unlock();
+      while (queue_.empty()) {
+        const bool transfers = !p2p_->idle();
+        if (stopping_ && !transfers) return;  // drained
+        // Wait for a submission; with transfers outstanding, poll them meanwhile.
+        const auto wait = std::chrono::microseconds(transfers ? backoff.next_sleep_us()
+                                                              : config_.host.poll.idle_interval_us);
+        if (cv_.wait_for(lock, wait, [this] { return !queue_.empty(); })) break;
+        lock.unlock();
+        if (p2p_->progress()) backoff.progressed();
+        if (monotonic_ns() >= next_service_ns) {
           service();  // idle ranks answer status questions too
-          lock.lock();
+          next_service_ns = monotonic_ns() + service_interval_ns;
         }
+        lock.lock();
       }
-      if (queue_.empty()) return;  // stopping and drained
       sub = std::move(queue_.front());
       queue_.pop_front();
       if (!queue_.empty()) next = &queue_.front();
@@ -239,16 +298,31 @@ void Engine::run_loop() {
       phase_ = Phase::kAgreeing;
     }
     execute(sub, next);
-    std::lock_guard<std::mutex> lock(mu_);
-    running_.reset();
-    running_set_.reset();
-    phase_ = Phase::kIdle;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      running_.reset();
+      running_set_.reset();
+      phase_ = Phase::kIdle;
+    }
+    if (p2p_->progress()) backoff.progressed();  // also between submissions that never wait (posting transfers)
+  }
+}
+
+void Engine::wait_for_transfers(int set) {
+  Backoff backoff(config_.host.poll);
+  while (!p2p_->idle(set)) {
+    if (p2p_->progress()) {
+      backoff.progressed();
+      continue;
+    }
+    service();
+    sleep_us(backoff.next_sleep_us());
   }
 }
 
 void Engine::agree(Submission& sub) {
-  // Not on a single-rank set, nor on a removed one (it fails when it comes up).
-  if (!sub.agreement && !sub.set->removed && sub.set->agree.size > 1) {
+  // Not on a single-rank set, nor on a removed one (it fails when it comes up), nor point-to-point.
+  if (!sub.agreement && !sub.set->removed && sub.set->agree.size > 1 && !is_p2p_op(sub.ops.front().kind)) {
     sub.agreement = std::make_unique<Agreement>(sub.set->agree, sub.fingerprint);
   }
 }
@@ -260,7 +334,9 @@ void Engine::abandon_agreement(Submission& sub) {
 void Engine::execute(Submission& sub, Submission* next) {
   Handle& h = *sub.handle;
   const ProcessSet& set = *sub.set;
-  const std::string what = "pipedap: " + h.description() + " (" + set.operation(h.seq()) + ") on rank " +
+  const bool p2p = is_p2p_op(sub.ops.front().kind);
+  const std::string what = "pipedap: " + h.description() + " (" +
+                           (p2p ? set.p2p_operation(h.seq()) : set.operation(h.seq())) + ") on rank " +
                            std::to_string(world_.rank);
   if (!broken_.empty()) {
     abandon_agreement(sub);
@@ -269,6 +345,10 @@ void Engine::execute(Submission& sub, Submission* next) {
   }
   if (set.removed) {
     finish(sub, what + " was not run: " + set.label() + " was removed before it came up", /*ran=*/false);
+    return;
+  }
+  if (p2p) {
+    p2p_->post(sub.set, std::move(sub.ops), sub.handle, what);  // and on with the next submission
     return;
   }
   const bool changes_sets = is_process_set_op(sub.ops.front().kind);
@@ -320,106 +400,15 @@ std::string Engine::change_process_sets(const OpSpec& op) {
   const int id = static_cast<int>(op.counts.at(0));
   std::string refused = sets_->refuse_to_remove(id);
   if (refused.empty()) {
-    // Every earlier submission on it has finished: this thread ran them in order.
+    // Every earlier collective on it has finished (this thread ran them in
+    // order); its transfers finish first. Every rank posted them before this
+    // removal, so only a transfer that was never matched holds it up, and the
+    // watchdog reports that.
+    wait_for_transfers(id);
     if (device_) device_->forget(id);
     sets_->remove(id);
   }
   return refused;
-}
-
-RankStatus Engine::status_snapshot(int64_t set_id) const {
-  const std::shared_ptr<ProcessSet> set = sets_->find(static_cast<int>(set_id));
-  std::lock_guard<std::mutex> lock(mu_);
-  RankStatus s;
-  const int64_t now = monotonic_ns();
-  if (set && set->member()) {
-    s.submitted = set->next_seq;
-    s.submitted_s = (now - set->last_submit_ns) * 1e-9;
-    std::strncpy(s.last_what, set->last_submitted.c_str(), sizeof s.last_what - 1);
-  }
-  if (running_) {
-    s.running = running_->seq();
-    s.running_set = running_set_->id;
-    s.phase = static_cast<int32_t>(phase_);
-    s.running_s = (now - running_->start_ns()) * 1e-9;
-    std::strncpy(s.running_what, running_->description().c_str(), sizeof s.running_what - 1);
-  }
-  return s;
-}
-
-std::string Engine::stall_message(const Inquiry& inquiry) const {
-  std::lock_guard<std::mutex> lock(mu_);
-  const double stalled = running_ ? (monotonic_ns() - running_->start_ns()) * 1e-9 : 0;
-  return "pipedap: rank " + std::to_string(world_.rank) + ": " + (running_ ? running_->description() : "?") + " (" +
-         inquiry.set->operation(inquiry.seq) + ") has not finished after " +
-         format_number(static_cast<double>(static_cast<int64_t>(stalled))) + " s (" +
-         std::to_string(queue_.size()) + " more queued behind it).";
-}
-
-void Engine::service() {
-  if (world_.size < 2) return;
-  status_->serve([this](int64_t set) { return status_snapshot(set); });  // a snapshot only when asked
-  Inquiry inquiry;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    inquiry = inquiry_;
-  }
-  if (inquiry.seq < 0) return;
-  status_->ask(inquiry.set->id, inquiry.set->ranks);  // the members of the stalled operation's set
-  const auto answers = status_->answers();
-  if (!answers) return;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    inquiry = inquiry_;  // a stall report may have turned into a timeout meanwhile
-    inquiry_ = Inquiry{};
-    // It finished meanwhile: nothing to report.
-    if (!running_ || running_->seq() != inquiry.seq || running_set_ != inquiry.set) return;
-  }
-  const std::string timeout = format_number(config_.timeout_seconds);
-  std::string report = stall_message(inquiry) +
-                       describe_ranks(world_.rank, *inquiry.set, inquiry.seq, *answers,
-                                      [this](int id) { return sets_->describe(id); }) +
-                       "\n  A rank that has not submitted it skipped it (a rank-dependent branch), is still "
-                       "computing, or is stuck outside pipedap (look at its stack: py-spy dump --pid PID).";
-  if (inquiry.timeout) {
-    abort_job(report + "\n  Past PIPEDAP_TIMEOUT_SECONDS=" + timeout + ": aborting the job.", 1);
-  }
-  report += config_.timeout_seconds > 0
-                ? "\n  The job aborts after PIPEDAP_TIMEOUT_SECONDS=" + timeout + " (0: never)."
-                : "\n  PIPEDAP_TIMEOUT_SECONDS=0: pipedap waits forever.";
-  std::fprintf(stderr, "%s\n", report.c_str());
-  std::fflush(stderr);
-}
-
-void Engine::watchdog_loop() {
-  std::pair<int, int64_t> reported{-1, -1};  // (set, seq) of the last stall report
-  std::unique_lock<std::mutex> lock(mu_);
-  while (!stopping_) {
-    watchdog_cv_.wait_for(lock, std::chrono::milliseconds(200));
-    if (!running_) continue;
-    const int64_t now = monotonic_ns();
-    const double stalled = (now - running_->start_ns()) * 1e-9;
-    const int64_t seq = running_->seq();
-    const std::shared_ptr<ProcessSet> set = running_set_;
-    const bool asked = inquiry_.seq == seq && inquiry_.set == set;
-    if (config_.timeout_seconds > 0 && stalled >= config_.timeout_seconds) {
-      if (!(asked && inquiry_.timeout)) {
-        inquiry_ = Inquiry{seq, set, true, now};  // the engine thread asks the others, reports, aborts
-      } else if ((now - inquiry_.asked_ns) * 1e-9 > kAnswerSeconds + 10) {
-        const std::string what = "rank " + std::to_string(world_.rank) + ": " + running_->description() + " (" +
-                                 set->operation(seq) + ") has not finished after " +
-                                 format_number(static_cast<double>(static_cast<int64_t>(stalled))) + " s";
-        lock.unlock();
-        abort_job(what + ", past PIPEDAP_TIMEOUT_SECONDS=" + format_number(config_.timeout_seconds) +
-                      " (the engine thread did not finish the stall report: it is stuck outside its polling loop)",
-                  1);
-      }
-    } else if (config_.stall_seconds > 0 && stalled >= config_.stall_seconds &&
-               reported != std::make_pair(set->id, seq) && inquiry_.seq < 0) {
-      reported = {set->id, seq};
-      inquiry_ = Inquiry{seq, set, false, now};
-    }
-  }
 }
 
 Engine* engine_or_null() {

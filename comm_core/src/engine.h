@@ -11,7 +11,9 @@
 // (agreement.h), so a rank that submits something else gets an error, never
 // a wrong match. A submission runs on a process set (process_set.h; 0, the
 // world, by default); every set's submissions share this one thread and its
-// order.
+// order. Point-to-point submissions (sends and receives) are posted in that
+// order but neither agreed nor waited for (p2p.h): they advance while the
+// thread goes on with later submissions.
 #pragma once
 
 #include <mpi.h>
@@ -28,6 +30,7 @@
 #include "device_backend.h"
 #include "host_collectives.h"
 #include "op.h"
+#include "p2p.h"
 #include "process_set.h"
 #include "status.h"
 
@@ -66,7 +69,7 @@ class Engine {
   int local_size() const { return local_size_; }
   int thread_level() const { return thread_level_; }
   const EngineConfig& config() const { return config_; }
-  // Operations submitted and not yet finished (for diagnostics).
+  // Submissions not yet finished, point-to-point ones included (for diagnostics).
   size_t pending() const;
 
  private:
@@ -79,27 +82,35 @@ class Engine {
   };
   // A stall report the watchdog asked the engine thread for.
   struct Inquiry {
-    int64_t seq = -1;  // -1: none
+    std::shared_ptr<Handle> handle;  // the stalled submission; null: none
     std::shared_ptr<ProcessSet> set;
+    bool p2p = false;        // point-to-point (else a collective)
+    std::vector<int> ranks;  // whom to ask (world ranks): the set's members, or the transfers' peers
     bool timeout = false;
     int64_t asked_ns = 0;
+    // "operation #4 of process set 2 (ranks 1, 2)", "point-to-point #3".
+    std::string operation() const { return p2p ? set->p2p_operation(handle->seq()) : set->operation(handle->seq()); }
   };
 
   // Under mu_: queues `ops` on `set` (validated, and prepared if on a device).
   std::shared_ptr<Handle> enqueue(const std::shared_ptr<ProcessSet>& set, std::vector<OpSpec> ops);
   void run_loop();
   void execute(Submission& sub, Submission* next);
+  // Engine thread: advances the transfers (and answers status questions) until none is outstanding on `set`.
+  void wait_for_transfers(int set);
+  DeviceBackend& device_backend();  // under mu_: created on first use
   // Queues a process-set change on the world and waits for it.
   void run_on_world(OpSpec op);
   // Engine thread: adds or removes a process set; returns why it was refused ("": done).
   std::string change_process_sets(const OpSpec& op);
   void agree(Submission& sub);
   void abandon_agreement(Submission& sub);
+  // The watchdog and stall reports (watchdog.cc).
   void service();  // engine thread: answer status questions, finish a stall report
   RankStatus status_snapshot(int64_t set) const;
   std::string stall_message(const Inquiry& inquiry) const;
   void watchdog_loop();
-  std::string describe(const std::vector<OpSpec>& ops) const;
+  std::string describe(const std::vector<OpSpec>& ops, const ProcessSet& set) const;
   void validate(const std::vector<OpSpec>& ops, const ProcessSet& set) const;
   void forget_names(ProcessSet& set, const std::vector<OpSpec>& ops);  // under mu_
   // Completes (error empty) or fails the submission's handle, after forgetting its names.
@@ -107,9 +118,10 @@ class Engine {
   void finish(Submission& sub, const std::string& error, bool ran);
 
   EngineConfig config_;
-  // Three duplicates of MPI_COMM_WORLD: our traffic never matches the user's,
-  // and agreements, data and stall reports never match each other's. They are
-  // process set 0's data, agree and side communicators; `sets_` frees them.
+  // Four duplicates of MPI_COMM_WORLD: our traffic never matches the user's,
+  // and agreements, data, stall reports and point-to-point transfers never
+  // match each other's. They are process set 0's data, agree, side and p2p
+  // communicators; `sets_` frees them.
   Communicator world_;  // data
   Communicator side_;   // status questions (status.h); set 0's mismatch descriptions
   std::unique_ptr<ProcessSetTable> sets_;
@@ -119,6 +131,7 @@ class Engine {
   int local_size_ = 1;
   int thread_level_ = 0;
   std::unique_ptr<DeviceBackend> device_;  // created on the first CUDA op
+  std::unique_ptr<PointToPoint> p2p_;  // engine thread only, but for oldest()
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
@@ -127,7 +140,8 @@ class Engine {
   std::shared_ptr<ProcessSet> running_set_;  // and its set
   Phase phase_ = Phase::kIdle;
   Inquiry inquiry_;
-  bool stopping_ = false;
+  bool stopping_ = false;  // no more submissions; the engine thread stops once everything submitted finished
+  bool stopped_ = false;   // the engine thread stopped: so does the watchdog
   std::string broken_;  // set after a failed data phase: later ops fail fast with this reason
   std::vector<std::unique_ptr<Agreement>> abandoned_;  // pending agreements of failed submissions (never freed early)
 

@@ -186,7 +186,7 @@ void run_ring(const Communicator& c, const std::vector<const OpSpec*>& ops, cons
   // limit needs a rendezvous handshake whose control messages queue behind bulk
   // data on a shaped link, which halved throughput on the emulated cluster.
   const size_t reduce_seg = std::max<size_t>(8, cfg.segment_bytes / 8 * 8);  // whole elements of any dtype
-  const size_t whole = std::max<size_t>(8, std::min<size_t>(cfg.message_bytes, size_t{1} << 30) / 8 * 8);
+  const size_t whole = message_segment_bytes(cfg);
   std::vector<MPI_Request> requests;
   AbandonOnUnwind guard(requests, /*cancellable=*/true, c.rank);  // before the scratch buffers in `rings` go
   std::vector<PendingReduce> reduces;  // one entry per request; count 0: nothing to reduce
@@ -292,8 +292,7 @@ void start_native(const Communicator& c, NativeCall& call, MPI_Request* req) {
     case OpKind::kBarrier:
       check_mpi(MPI_Ibarrier(c.comm, req), what, c.rank);
       return;
-    case OpKind::kAddProcessSet:
-    case OpKind::kRemoveProcessSet:
+    default:
       break;
   }
   throw CommError("internal: " + op.describe() + " is not a host collective");
@@ -311,6 +310,10 @@ void finish_native(const Communicator& c, const NativeCall& call) {
 }
 
 }  // namespace
+
+size_t message_segment_bytes(const HostCollectiveConfig& cfg) {
+  return std::max<size_t>(8, std::min<size_t>(cfg.message_bytes, size_t{1} << 30) / 8 * 8);
+}
 
 bool uses_ring(const OpSpec& op, const HostCollectiveConfig& cfg) {
   if (op.kind != OpKind::kReduceScatter && op.kind != OpKind::kAllGather && op.kind != OpKind::kAllReduce) return false;

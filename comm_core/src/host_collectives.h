@@ -66,6 +66,11 @@ class ScratchArena {
 void run_host_group(const Communicator& c, const std::vector<OpSpec>& ops, const HostCollectiveConfig& cfg,
                     ScratchArena& scratch);
 
+// The size that messages other than reducing ring segments are cut into:
+// PIPEDAP_MESSAGE_BYTES in whole 8-byte units (any dtype's elements), at most
+// 1 GiB (an int count of bytes). Point-to-point data uses it too (p2p.h).
+size_t message_segment_bytes(const HostCollectiveConfig& cfg);
+
 // Whether run_host_group runs `op` as a ring (true) or as an MPI collective; identical on all ranks.
 bool uses_ring(const OpSpec& op, const HostCollectiveConfig& cfg);
 

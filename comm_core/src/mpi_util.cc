@@ -21,12 +21,25 @@ void user_sum(void* in, void* inout, int* len, MPI_Datatype*) {
 
 int64_t now_us() { return monotonic_ns() / 1000; }
 
+}  // namespace
+
 void sleep_us(int us) {
+  if (us <= 0) return;
   timespec ts{us / 1000000, (us % 1000000) * 1000L};
   nanosleep(&ts, nullptr);
 }
 
-}  // namespace
+void Backoff::progressed() {
+  spin_until_us_ = now_us() + policy_.spin_us;
+  sleep_us_ = 1;
+}
+
+int Backoff::next_sleep_us() {
+  if (policy_.max_sleep_us <= 0 || now_us() < spin_until_us_) return 0;
+  const int us = sleep_us_;
+  sleep_us_ = std::min(sleep_us_ * 2, policy_.max_sleep_us);
+  return us;
+}
 
 void check_mpi(int rc, const std::string& what, int rank) {
   if (rc == MPI_SUCCESS) return;
@@ -75,9 +88,8 @@ void wait_all(std::vector<MPI_Request>& requests, const PollPolicy& policy, int 
   std::vector<MPI_Status> statuses(n);
   int remaining = static_cast<int>(std::count_if(requests.begin(), requests.end(),
                                                  [](MPI_Request r) { return r != MPI_REQUEST_NULL; }));
-  const int64_t spin_until = now_us() + policy.spin_us;
+  Backoff backoff(policy);
   int64_t next_idle = now_us() + policy.idle_interval_us;
-  int sleep = 1;
   while (remaining > 0) {
     int completed = 0;
     const int rc = MPI_Testsome(n, requests.data(), &completed, indices.data(), statuses.data());
@@ -93,17 +105,16 @@ void wait_all(std::vector<MPI_Request>& requests, const PollPolicy& policy, int 
     for (int i = 0; i < completed; ++i) {
       if (on_complete) on_complete(indices[i]);
     }
+    if (policy.progress) policy.progress();
     if (completed > 0) {
-      sleep = 1;
+      backoff.progressed();
       continue;
     }
     if (policy.on_idle && now_us() >= next_idle) {
       policy.on_idle();
       next_idle = now_us() + policy.idle_interval_us;
     }
-    if (policy.max_sleep_us <= 0 || now_us() < spin_until) continue;
-    sleep_us(sleep);
-    sleep = std::min(sleep * 2, policy.max_sleep_us);
+    sleep_us(backoff.next_sleep_us());
   }
 }
 

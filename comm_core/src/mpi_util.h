@@ -31,13 +31,31 @@ void free_user_ops();    // before MPI_Finalize
 // back-off up to PIPEDAP_POLL_MAX_SLEEP_US between MPI_Testsome calls.
 // Kernel socket buffers keep the link busy while the thread sleeps.
 // While it waits, wait_all calls on_idle every idle_interval_us (the engine
-// answers other ranks' status questions there, see status.h).
+// answers other ranks' status questions there, see status.h), and `progress`
+// on every round (the engine advances its outstanding point-to-point
+// transfers there, see p2p.h: a collective's wait must not hold them up).
 struct PollPolicy {
   int spin_us = 500;  // covers a small collective's round trips over TCP
   int max_sleep_us = 200;  // 0: busy-poll (never sleep)
   std::function<void()> on_idle;
   int idle_interval_us = 20000;
+  std::function<void()> progress;  // must never wait
 };
+
+// The rhythm of a polling wait: poll at once for spin_us after the last
+// progress, then sleep 1, 2, 4, ... up to max_sleep_us microseconds between polls.
+class Backoff {
+ public:
+  explicit Backoff(const PollPolicy& policy) : policy_(policy) { progressed(); }
+  void progressed();  // something completed: spin again
+  int next_sleep_us();  // how long to sleep before the next poll (0: none); advances the back-off
+
+ private:
+  const PollPolicy& policy_;
+  int64_t spin_until_us_ = 0;
+  int sleep_us_ = 1;
+};
+void sleep_us(int us);  // nothing for us <= 0
 
 // Waits for every request; on_complete(i) runs (in this thread) as request i
 // completes. If a request fails, the others are given up (see

@@ -8,14 +8,25 @@
 // Every op waits on an event recorded on its producer stream at submission,
 // runs on a dedicated communication stream, and completes when an event
 // recorded after it has fired (polled with the same back-off as MPI requests).
+//
+// Point-to-point transfers do not involve the whole set, so they cannot use
+// its communicator (created collectively). Each direction of a pair of members
+// gets a communicator of two ranks (sender 0, receiver 1) and a stream: the
+// first send creates it without blocking (NCCL's nonblocking initialisation),
+// its unique id travelling in the transfer's header (DeviceLink), and the
+// receiver joins when that header arrives. One direction per communicator and
+// stream means a pending receive never holds up a send the other way, nor the
+// collectives. NCCL matches a pair's transfers in issue order, so each is
+// issued when its turn in the sender's order (DeviceLink::seq) comes.
 #include <cuda_runtime.h>
 #include <mpi.h>
 #include <nccl.h>
-#include <time.h>
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <string>
+#include <tuple>
 
 #include "device_backend.h"
 #include "mpi_util.h"
@@ -61,6 +72,7 @@ class NcclBackend : public DeviceBackend {
 
   ~NcclBackend() override {
     for (auto& entry : comms_) ncclCommDestroy(entry.second);
+    for (auto& entry : pairs_) close(entry.second);
     if (done_ != nullptr) cudaEventDestroy(done_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
@@ -77,15 +89,74 @@ class NcclBackend : public DeviceBackend {
     for (const OpSpec& op : ops) cudaEventDestroy(static_cast<cudaEvent_t>(op.ready_event));
   }
 
-  void forget(int set) override {
+  void forget(int set) override {  // the engine waited for the set's transfers
     auto it = comms_.find(set);
-    if (it == comms_.end()) return;
-    ncclCommDestroy(it->second);
-    comms_.erase(it);
+    if (it != comms_.end()) {
+      ncclCommDestroy(it->second);
+      comms_.erase(it);
+    }
+    for (auto p = pairs_.begin(); p != pairs_.end();) {
+      if (std::get<0>(p->first) != set) {
+        ++p;
+        continue;
+      }
+      close(p->second);
+      p = pairs_.erase(p);
+    }
+  }
+
+  int64_t start_send(int set, const OpSpec& op, DeviceLink& link) override {
+    use_device(op.device);
+    Pair& pair = pairs_[PairKey{set, op.root, true}];
+    if (pair.comm == nullptr) {
+      ncclUniqueId id;
+      check_nccl(ncclGetUniqueId(&id), "ncclGetUniqueId for " + op.describe(), rank_);
+      static_assert(sizeof id == sizeof link.id, "DeviceLink::id holds an ncclUniqueId");
+      std::memcpy(link.id, &id, sizeof id);
+      link.new_comm = 1;
+      open(pair, id, 0, op.describe());
+    }
+    link.seq = pair.next_seq++;
+    return hold(Transfer{&pair, true, link.seq, reinterpret_cast<void*>(op.input), dtype_size(op.dtype) * op.counts[0],
+                         static_cast<cudaEvent_t>(op.ready_event), op.describe()});
+  }
+
+  int64_t start_recv(int set, int peer, const DeviceLink& link, size_t bytes, const OpSpec* op) override {
+    int device = op != nullptr ? op->device : device_;
+    if (device < 0) check_cuda(cudaGetDevice(&device), "cudaGetDevice", rank_);  // draining into a host receive
+    use_device(device);
+    const std::string what = op != nullptr ? op->describe() : "a discarded receive from rank " + std::to_string(peer);
+    Pair& pair = pairs_[PairKey{set, peer, false}];
+    if (link.new_comm) {
+      ncclUniqueId id;
+      std::memcpy(&id, link.id, sizeof id);
+      open(pair, id, 1, what);
+    }
+    return hold(Transfer{&pair, false, link.seq, op != nullptr ? reinterpret_cast<void*>(op->output) : nullptr, bytes,
+                         op != nullptr ? static_cast<cudaEvent_t>(op->ready_event) : nullptr, what});
+  }
+
+  bool p2p_finished(int64_t token) override {
+    issue_due();
+    auto it = transfers_.find(token);
+    Transfer& t = it->second;
+    if (!t.issued) return false;
+    const cudaError_t rc = cudaEventQuery(t.done);
+    if (rc == cudaErrorNotReady) {
+      ncclResult_t async = ncclSuccess;
+      ncclCommGetAsyncError(t.pair->comm, &async);
+      check_nccl(async, "NCCL " + t.what, rank_);
+      return false;
+    }
+    check_cuda(rc, "CUDA stream of " + t.what, rank_);
+    cudaEventDestroy(t.done);
+    transfers_.erase(it);
+    return true;
   }
 
   void run_group(int set, const Communicator& c, const std::vector<OpSpec>& ops) override {
-    ncclComm_t comm = communicator(set, c, ops.front().device);
+    use_device(ops.front().device);
+    ncclComm_t comm = communicator(set, c);
     for (const OpSpec& op : ops) {
       auto ready = static_cast<cudaEvent_t>(op.ready_event);
       check_cuda(cudaStreamWaitEvent(stream_, ready, 0), "cudaStreamWaitEvent for " + op.describe(), rank_);
@@ -99,8 +170,29 @@ class NcclBackend : public DeviceBackend {
   }
 
  private:
-  // Set `set`'s NCCL communicator (created on its first use: a collective over `c`).
-  ncclComm_t communicator(int set, const Communicator& c, int device) {
+  // A point-to-point communicator of one direction of a pair, and its stream.
+  struct Pair {
+    ncclComm_t comm = nullptr;
+    cudaStream_t stream = nullptr;
+    bool ready = false;      // its nonblocking initialisation finished
+    int64_t next_seq = 0;    // sender: the seq of its next send
+    int64_t next_issue = 0;  // the seq of the next transfer to issue
+  };
+  using PairKey = std::tuple<int, int, bool>;  // (set, peer within it, this rank sends)
+  struct Transfer {
+    Pair* pair;  // std::map keeps it in place
+    bool send;
+    int64_t seq;
+    void* buffer;  // null: temporary device memory, freed after the receive (a mismatched send)
+    size_t bytes;
+    cudaEvent_t ready;  // the op's producer-stream event (null for a discarded receive)
+    std::string what;
+    bool issued = false;
+    cudaEvent_t done = nullptr;
+  };
+
+  // Every transfer runs on the one device this process drives.
+  void use_device(int device) {
     if (device_ < 0) {
       device_ = device;
       check_cuda(cudaSetDevice(device), "cudaSetDevice", rank_);
@@ -110,6 +202,73 @@ class NcclBackend : public DeviceBackend {
       throw CommError("rank " + std::to_string(rank_) + " used cuda:" + std::to_string(device_) + " and now cuda:" +
                       std::to_string(device) + "; one process drives one GPU (set the device by local rank)");
     }
+  }
+
+  void open(Pair& pair, const ncclUniqueId& id, int rank, const std::string& what) {
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;  // the engine thread never waits for the peer to join (p2p.h)
+    const ncclResult_t rc = ncclCommInitRankConfig(&pair.comm, 2, id, rank, &config);
+    if (rc != ncclInProgress) check_nccl(rc, "ncclCommInitRankConfig for " + what, rank_);
+    check_cuda(cudaStreamCreateWithFlags(&pair.stream, cudaStreamNonBlocking), "cudaStreamCreate", rank_);
+  }
+
+  void close(Pair& pair) {
+    if (pair.comm != nullptr) ncclCommDestroy(pair.comm);
+    if (pair.stream != nullptr) cudaStreamDestroy(pair.stream);
+  }
+
+  int64_t hold(Transfer t) {
+    transfers_.emplace(next_token_, std::move(t));
+    issue_due();
+    return next_token_++;
+  }
+
+  // Issues every held transfer whose turn came on a ready communicator.
+  void issue_due() {
+    for (bool issued = true; issued;) {
+      issued = false;
+      for (auto& entry : transfers_) {
+        Transfer& t = entry.second;
+        if (t.issued || t.seq != t.pair->next_issue || !ready(*t.pair, t.what)) continue;
+        issue(t);
+        issued = true;
+      }
+    }
+  }
+
+  bool ready(Pair& pair, const std::string& what) {
+    if (pair.ready || pair.comm == nullptr) return pair.ready;  // no communicator: the first send has not come
+    ncclResult_t state = ncclSuccess;
+    ncclCommGetAsyncError(pair.comm, &state);
+    if (state == ncclInProgress) return false;
+    check_nccl(state, "NCCL communicator of " + what, rank_);
+    pair.ready = true;
+    return true;
+  }
+
+  void issue(Transfer& t) {
+    Pair& pair = *t.pair;
+    if (t.ready != nullptr) {
+      check_cuda(cudaStreamWaitEvent(pair.stream, t.ready, 0), "cudaStreamWaitEvent for " + t.what, rank_);
+      cudaEventDestroy(t.ready);
+      t.ready = nullptr;
+    }
+    void* buffer = t.buffer;
+    if (buffer == nullptr) check_cuda(cudaMallocAsync(&buffer, t.bytes, pair.stream), "cudaMallocAsync", rank_);
+    const ncclResult_t rc = t.send ? ncclSend(buffer, t.bytes, ncclUint8, 1, pair.comm, pair.stream)
+                                   : ncclRecv(buffer, t.bytes, ncclUint8, 0, pair.comm, pair.stream);
+    ncclResult_t state = rc;
+    while (state == ncclInProgress) ncclCommGetAsyncError(pair.comm, &state);  // a nonblocking enqueue
+    check_nccl(state, "NCCL " + t.what, rank_);
+    if (t.buffer == nullptr) check_cuda(cudaFreeAsync(buffer, pair.stream), "cudaFreeAsync", rank_);
+    check_cuda(cudaEventCreateWithFlags(&t.done, cudaEventDisableTiming), "cudaEventCreate", rank_);
+    check_cuda(cudaEventRecord(t.done, pair.stream), "cudaEventRecord", rank_);
+    t.issued = true;
+    ++pair.next_issue;
+  }
+
+  // Set `set`'s NCCL communicator (created on its first use: a collective over `c`).
+  ncclComm_t communicator(int set, const Communicator& c) {
     auto it = comms_.find(set);
     if (it != comms_.end()) return it->second;
     ncclUniqueId id;
@@ -169,30 +328,30 @@ class NcclBackend : public DeviceBackend {
   }
 
   void wait_for_stream(const OpSpec& first, ncclComm_t comm) {
-    int sleep = 1;
+    Backoff backoff(poll_);
     int64_t next_idle = monotonic_ns() + poll_.idle_interval_us * 1000LL;
     for (;;) {
       if (poll_.on_idle && monotonic_ns() >= next_idle) {  // answer other ranks' status questions
         poll_.on_idle();
         next_idle = monotonic_ns() + poll_.idle_interval_us * 1000LL;
       }
+      if (poll_.progress) poll_.progress();  // the engine's outstanding transfers (p2p.h)
       const cudaError_t rc = cudaEventQuery(done_);
       if (rc == cudaSuccess) break;
       if (rc != cudaErrorNotReady) check_cuda(rc, "CUDA stream of " + first.describe(), rank_);
       ncclResult_t async = ncclSuccess;
       ncclCommGetAsyncError(comm, &async);
       check_nccl(async, "NCCL " + first.describe(), rank_);
-      if (poll_.max_sleep_us > 0) {
-        timespec ts{0, sleep * 1000L};
-        nanosleep(&ts, nullptr);
-        sleep = std::min(sleep * 2, poll_.max_sleep_us);
-      }
+      sleep_us(backoff.next_sleep_us());
     }
   }
 
   int rank_;
   PollPolicy poll_;
   std::map<int, ncclComm_t> comms_;  // by process set
+  std::map<PairKey, Pair> pairs_;
+  std::map<int64_t, Transfer> transfers_;  // by token, in posting order
+  int64_t next_token_ = 0;
   cudaStream_t stream_ = nullptr;
   cudaEvent_t done_ = nullptr;
   int device_ = -1;

@@ -16,13 +16,15 @@ const char* op_kind_name(OpKind k) {
     case OpKind::kBarrier: return "barrier";
     case OpKind::kAddProcessSet: return "add_process_set";
     case OpKind::kRemoveProcessSet: return "remove_process_set";
+    case OpKind::kSend: return "send";
+    case OpKind::kRecv: return "recv";
   }
   return "unknown";
 }
 
 int64_t OpSpec::total_count() const { return std::accumulate(counts.begin(), counts.end(), int64_t{0}); }
 
-std::string OpSpec::describe() const {
+std::string OpSpec::describe(int peer_rank) const {
   if (kind == OpKind::kAddProcessSet) {  // "add_process_set [0, 2]": each rank's list in a mismatch error
     std::string s = "add_process_set [";
     for (size_t i = 0; i < counts.size(); ++i) s += (i ? ", " : "") + std::to_string(counts[i]);
@@ -34,6 +36,10 @@ std::string OpSpec::describe() const {
     s += " (" + std::to_string(total_count()) + " " + dtype_name(dtype);
     if (device >= 0) s += " on cuda:" + std::to_string(device);
     if (kind == OpKind::kBroadcast) s += " from rank " + std::to_string(root);
+    if (is_p2p_op(kind)) {
+      s += std::string(kind == OpKind::kSend ? " to" : " from") + " rank " +
+           std::to_string(peer_rank >= 0 ? peer_rank : root) + ", tag " + std::to_string(tag);
+    }
     s += ")";
   }
   return s;

@@ -21,7 +21,7 @@ Communicator split(const Communicator& parent, bool member, const char* what) {
 }
 
 void free_communicators(ProcessSet& set) {
-  for (Communicator* c : {&set.data, &set.agree, &set.side}) {
+  for (Communicator* c : {&set.data, &set.agree, &set.side, &set.p2p}) {
     if (c->comm != MPI_COMM_NULL) MPI_Comm_free(&c->comm);
   }
 }
@@ -42,14 +42,19 @@ std::string ProcessSet::operation(int64_t seq) const {
   return "operation #" + std::to_string(seq) + (id == 0 ? "" : " of " + label());
 }
 
+std::string ProcessSet::p2p_operation(int64_t seq) const {
+  return "point-to-point #" + std::to_string(seq) + (id == 0 ? "" : " of " + label());
+}
+
 ProcessSetTable::ProcessSetTable(const Communicator& data, const Communicator& agree, const Communicator& side,
-                                 int64_t now_ns) {
+                                 const Communicator& p2p, int64_t now_ns) {
   auto world = std::make_shared<ProcessSet>();
   for (int r = 0; r < data.size; ++r) world->ranks.push_back(r);
   world->rank = data.rank;
   world->data = data;
   world->agree = agree;
   world->side = side;
+  world->p2p = p2p;
   world->last_submit_ns = now_ns;
   sets_[0] = std::move(world);
 }
@@ -129,6 +134,7 @@ void ProcessSetTable::add(const std::vector<int>& ranks, int64_t now_ns) {
   set->data = split(world->data, member, "process set data");
   set->agree = split(world->agree, member, "process set agreement");
   set->side = split(world->side, member, "process set side channel");
+  set->p2p = split(world->p2p, member, "process set point-to-point");
   set->rank = member ? set->data.rank : -1;
   std::lock_guard<std::mutex> lock(mu_);
   set->id = next_id_++;

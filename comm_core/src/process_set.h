@@ -6,8 +6,9 @@
 // submission on the world that is agreed like any other (its fingerprint
 // covers the rank list), so the ids are the same on every rank: 0 is the
 // world, then 1, 2, ... in creation order, never reused. A set's members get
-// three communicators split from the world's three (data, agreement, mismatch
-// descriptions), so a set's traffic never matches another set's. Submissions
+// four communicators split from the world's four (data, agreement, mismatch
+// descriptions, point-to-point), so a set's traffic never matches another
+// set's, and its sends and receives never match its collectives. Submissions
 // on a set are agreed among its members only, with sequence numbers of its
 // own. Counts and broadcast roots are relative to the set: rank i of the set
 // is its i-th smallest world rank. A list equal to an existing set's is
@@ -49,11 +50,12 @@ struct ProcessSet {
   int rank = -1;           // this process's rank within the set, -1: not a member
   // Only members have them (MPI_COMM_NULL elsewhere). Engine thread only:
   // ProcessSetTable::remove frees them there.
-  Communicator data, agree, side;
+  Communicator data, agree, side, p2p;
   bool removed = false;  // engine thread only
 
   // Submission bookkeeping, guarded by the engine's mutex.
-  int64_t next_seq = 0;
+  int64_t next_seq = 0;      // of its collectives (agreed: the same on every member)
+  int64_t next_p2p_seq = 0;  // of this rank's point-to-point submissions on it (numbered apart: not agreed)
   std::string last_submitted;  // description of its last submission
   int64_t last_submit_ns = 0;
   std::unordered_multiset<std::string> names_in_flight;
@@ -63,14 +65,17 @@ struct ProcessSet {
   std::string label() const;
   // "operation #4" on the world, "operation #4 of process set 2 (ranks 1, 2)" elsewhere.
   std::string operation(int64_t seq) const;
+  // The same for point-to-point submission #seq: "point-to-point #4".
+  std::string p2p_operation(int64_t seq) const;
 };
 
 // Every process set of this rank, by id. Lookups may come from any thread;
 // add and remove run on the engine thread only, on every rank in the same order.
 class ProcessSetTable {
  public:
-  // Set 0 from the world's three communicators (the table frees them).
-  ProcessSetTable(const Communicator& data, const Communicator& agree, const Communicator& side, int64_t now_ns);
+  // Set 0 from the world's four communicators (the table frees them).
+  ProcessSetTable(const Communicator& data, const Communicator& agree, const Communicator& side, const Communicator& p2p,
+                  int64_t now_ns);
   ~ProcessSetTable();  // frees every set's communicators
   ProcessSetTable(const ProcessSetTable&) = delete;
   ProcessSetTable& operator=(const ProcessSetTable&) = delete;
@@ -87,7 +92,7 @@ class ProcessSetTable {
 
   // Why `ranks` cannot become a set ("" if it can): the same answer on every rank.
   std::string refuse_to_add(const std::vector<int>& ranks) const;
-  // Collective over the world (MPI_Comm_split of its three communicators).
+  // Collective over the world (MPI_Comm_split of its four communicators).
   void add(const std::vector<int>& ranks, int64_t now_ns);
   std::string refuse_to_remove(int id) const;
   void remove(int id);

@@ -21,6 +21,17 @@ const char* phase_name(int32_t phase) {
   return "?";
 }
 
+// "#3 allreduce 'x' (...) (moving its data, for 2 s)", or "#3 of <set>: ..." when `s` runs it on another set than `set`.
+std::string running_words(const RankStatus& s, int set, const std::function<std::string(int)>& label) {
+  return "#" + std::to_string(s.running) + (s.running_set == set ? "" : " of " + label(s.running_set) + ":") + " " +
+         s.running_what + " (" + phase_name(s.phase) + ", for " + seconds(s.running_s) + ")";
+}
+
+std::string no_answer() {
+  return "did not answer within " + format_number(kAnswerSeconds) +
+         " s (dead, stuck outside pipedap's polling, or its engine already shut down)";
+}
+
 }  // namespace
 
 StatusChannel::~StatusChannel() {
@@ -98,19 +109,14 @@ std::string describe_ranks(int me, const ProcessSet& set, int64_t seq,
                            const std::vector<std::optional<RankStatus>>& answers,
                            const std::function<std::string(int)>& label) {
   const std::string op = set.operation(seq);
-  // "#3 allreduce 'x' (...) (moving its data, for 2 s)", naming the set when it is another one.
-  auto running = [&](const RankStatus& s) {
-    return "#" + std::to_string(s.running) + (s.running_set == set.id ? "" : " of " + label(s.running_set) + ":") +
-           " " + s.running_what + " (" + phase_name(s.phase) + ", for " + seconds(s.running_s) + ")";
-  };
+  auto running = [&](const RankStatus& s) { return running_words(s, set.id, label); };
   std::string report;
   for (int r : set.ranks) {
     if (r == me) continue;
     std::string line = "\n  rank " + std::to_string(r) + ": ";
     const std::optional<RankStatus>& s = answers[r];
     if (!s) {
-      line += "did not answer within " + format_number(kAnswerSeconds) +
-              " s (dead, stuck outside pipedap's polling, or its engine already shut down)";
+      line += no_answer();
     } else if (s->submitted <= seq) {
       line += "has NOT submitted " + op + "; it submitted " + std::to_string(s->submitted) + " operation(s)" +
               (set.id == 0 ? "" : " on that set") + ", ";
@@ -129,6 +135,25 @@ std::string describe_ranks(int me, const ProcessSet& set, int64_t seq,
       }
     }
     report += line;
+  }
+  return report;
+}
+
+std::string describe_peers(const std::vector<int>& peers, const std::vector<std::optional<RankStatus>>& answers,
+                           const std::function<std::string(int)>& label) {
+  std::string report;
+  for (int r : peers) {
+    report += "\n  rank " + std::to_string(r) + ": ";
+    const std::optional<RankStatus>& s = answers[r];
+    if (!s) {
+      report += no_answer();
+      continue;
+    }
+    report += s->p2p_outstanding == 0
+                  ? std::string("has no point-to-point operation outstanding")
+                  : "has " + std::to_string(s->p2p_outstanding) + " point-to-point submission(s) outstanding, the " +
+                        "oldest " + s->p2p_what + " for " + seconds(s->p2p_s);
+    report += s->running >= 0 ? "; it is running " + running_words(*s, -1, label) : "; its engine is idle";
   }
   return report;
 }

@@ -11,7 +11,8 @@
 // every process set: a question names the set of the stalled operation and
 // goes to its members only; each answers with its progress on that set and
 // with what it is running, on whichever set (which shows a cycle of
-// overlapping sets, see process_set.h).
+// overlapping sets, see process_set.h). A stalled point-to-point transfer
+// asks its peers only; each answers with its own oldest outstanding transfer.
 #pragma once
 
 #include <mpi.h>
@@ -40,6 +41,10 @@ struct RankStatus {
   double submitted_s = 0;  // since its last submission
   char running_what[160] = {};
   char last_what[160] = {};  // its last submission on the set
+  int32_t p2p_outstanding = 0;  // point-to-point submissions not finished (on any set)
+  int32_t reserved = 0;
+  double p2p_s = 0;  // since the oldest of them was posted
+  char p2p_what[160] = {};
 };
 
 // How long a stall report waits for the other ranks' answers.
@@ -85,6 +90,9 @@ class StatusChannel {
 // members' answers; `label(id)` names the set of a member's running operation.
 std::string describe_ranks(int me, const ProcessSet& set, int64_t seq,
                            const std::vector<std::optional<RankStatus>>& answers,
+                           const std::function<std::string(int)>& label);
+// The same for a stalled point-to-point submission, from its `peers`' answers.
+std::string describe_peers(const std::vector<int>& peers, const std::vector<std::optional<RankStatus>>& answers,
                            const std::function<std::string(int)>& label);
 
 }  // namespace pipedap
