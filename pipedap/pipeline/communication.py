@@ -67,11 +67,11 @@ def send_tensor(tensor: torch.Tensor, peer: int, tag: int, name: str | None = No
     Do not modify ``tensor`` before the work is done.
     """
     tensor = tensor.detach().contiguous()
-    return engine.send(tensor, peer, tag, name=name or f"send.{tag}")
+    return engine.send(tensor, peer, tag, name=name)
 
 
 def receive_tensor(spec: TensorSpec, peer: int, tag: int, name: str | None = None,
                    device: torch.device | str = "cpu") -> Received:
     """Receive a tensor of ``spec`` from global rank ``peer`` into a new buffer."""
     tensor = spec.empty(device)
-    return Received(engine.recv(tensor, peer, tag, name=name or f"recv.{tag}"), tensor)
+    return Received(engine.recv(tensor, peer, tag, name=name), tensor)
