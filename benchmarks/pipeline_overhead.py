@@ -16,7 +16,7 @@ it measures, on synthetic images:
 
 The transfer is *hidden* as far as the pipeline costs less than the slowest
 compute plus the transfer: hidden = (slowest + transfer - pipeline) / transfer,
-clipped to [0, 1]. Each rank computes with one thread (2 ranks, 2 cores).
+clipped to [0, 1]. Each rank computes with ``--threads`` threads (default 1: 2 ranks, 2 cores).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def measure(name: str, args, say) -> dict:
     slowest = max(stage_seconds)
     hidden = min(1.0, max(0.0, (slowest + transfer - times["1f1b"]) / transfer))
     say(f"  1f1b / slowest stage: {times['1f1b'] / slowest:.3f}; transfer hidden: {100 * hidden:.0f}%")
-    return {"model": name, "batch": args.batch, "image_size": args.image_size, "boundary": str(boundary),
+    return {"model": name, "batch": args.batch, "threads": args.threads, "image_size": args.image_size, "boundary": str(boundary),
             "boundary_mib": mbytes, "stage_seconds": stage_seconds, "slowest_stage_seconds": slowest,
             "transfer_seconds": transfer, "pipeline_seconds": times["1f1b"],
             "no_pipelining_seconds": times["no_pipelining"], "pipeline_over_slowest": times["1f1b"] / slowest,
@@ -155,9 +155,10 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5, help="timed repetitions of compute and transfer alone")
     parser.add_argument("--short", type=int, default=4, help="minibatches of the short pipeline run")
     parser.add_argument("--long", type=int, default=12, help="minibatches of the long pipeline run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--json", help="write the figures here (rank 0)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     pipedap.init()
     if pipedap.size() != 2:
         raise SystemExit("run it on 2 ranks: mpirun -np 2 python benchmarks/pipeline_overhead.py")
