@@ -11,8 +11,8 @@ it measures, on synthetic images:
 * the activation transfer alone: the boundary's activation and targets from
   rank 0 to rank 1 and its gradient back, with nothing to compute;
 * the pipeline's time per minibatch in steady state, 1F1B and with no input
-  pipelining: (T(N2) - T(N1)) / (N2 - N1) over two runs, which cancels the
-  fill and drain.
+  pipelining: the median interval between the last stage's updates
+  (``StageRuntime.step_times``) after the pipeline has filled.
 
 The transfer is *hidden* as far as the pipeline costs less than the slowest
 compute plus the transfer: hidden = (slowest + transfer - pipeline) / transfer,
@@ -99,51 +99,61 @@ def transfer_alone(runtime: StageRuntime, iters: int) -> float:
     return median_seconds(work, iters)
 
 
-def pipeline_per_minibatch(modules, config, sample, schedule: str, short: int, long: int) -> float:
-    """Steady-state seconds per minibatch: the difference of a long and a short run, per extra minibatch."""
+def pipeline_per_minibatch(modules, config, sample, schedule: str, minibatches: int) -> float:
+    """Steady-state seconds per minibatch: the median interval between the last stage's updates,
+    leaving out the pipeline's fill (the first ``minibatches // 3`` intervals)."""
     runtime = StageRuntime(modules, config, optimizer=sgd, sample=sample, schedule=schedule)
-    seconds = []
-    for n in (short, long):
-        pipedap.barrier()
-        start = time.perf_counter()
-        runtime.train(iter(lambda: sample, None), n)
-        pipedap.barrier()
-        seconds.append(time.perf_counter() - start)
+    runtime.train(iter(lambda: sample, None), minibatches)
+    intervals = [b - a for a, b in zip(runtime.step_times, runtime.step_times[1:])]
     runtime.close()
-    return (seconds[1] - seconds[0]) / (long - short)
+    return statistics.median(intervals[minibatches // 3:]) if runtime.is_last else 0.0
 
 
 def sgd(params):
     return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
 
 
+def one_round(modules, config, sample, args, say) -> dict:
+    """Every figure once: compute alone per stage, transfer alone, 1F1B and no pipelining per minibatch."""
+    runtime = StageRuntime(modules, config, optimizer=sgd, sample=sample, schedule="1f1b")
+    figures = {"stage_seconds": compute_alone(runtime, sample, args.iters),
+               "transfer_seconds": max(pipedap.allgather_object(transfer_alone(runtime, args.iters)))}
+    runtime.close()
+    for schedule in ("1f1b", "no_pipelining"):
+        figures[schedule] = max(pipedap.allgather_object(
+            pipeline_per_minibatch(modules, config, sample, schedule, args.minibatches)))
+    stages = ", ".join(f"stage {s} {1e3 * t:.1f} ms" for s, t in enumerate(figures["stage_seconds"]))
+    say(f"  compute alone: {stages}; transfer alone {1e3 * figures['transfer_seconds']:.2f} ms; per minibatch: "
+        f"1f1b {1e3 * figures['1f1b']:.1f} ms, no pipelining {1e3 * figures['no_pipelining']:.1f} ms")
+    return figures
+
+
 def measure(name: str, args, say) -> dict:
+    """The medians over ``--rounds`` rounds (rounds alternate the measurements, so drift hits all alike)."""
     package = importlib.import_module(f"models.{name}.gpus=2")
     config = Path(package.__file__).parent / "mp_conf.json"
     modules = package.model(nn.CrossEntropyLoss(), num_classes=10)
     sample = models.synthetic_batch(name, args.batch, image_size=args.image_size, num_classes=10,
                                     generator=torch.Generator().manual_seed(0))
-    say(f"# {name}: batch {args.batch}, {args.image_size}x{args.image_size} images, 2 stages")
-    runtime = StageRuntime(modules, config, optimizer=sgd, sample=sample, schedule="1f1b")
-    boundary = runtime.specs[0][0]
-    stage_seconds = compute_alone(runtime, sample, args.iters)
-    say(f"  compute alone: stage 0 {1e3 * stage_seconds[0]:.1f} ms, stage 1 {1e3 * stage_seconds[1]:.1f} ms")
-    transfer = max(pipedap.allgather_object(transfer_alone(runtime, args.iters)))
+    probe = StageRuntime(modules, config, optimizer=sgd, sample=sample)
+    boundary = probe.specs[0][0]
+    probe.close()
     mbytes = torch.Size(boundary.shape).numel() * boundary.dtype.itemsize / 2**20
-    say(f"  transfer alone: {1e3 * transfer:.2f} ms ({mbytes:.2f} MiB activation {boundary} and its gradient)")
-    runtime.close()
-    times = {}
-    for schedule in ("1f1b", "no_pipelining"):
-        times[schedule] = max(pipedap.allgather_object(
-            pipeline_per_minibatch(modules, config, sample, schedule, args.short, args.long)))
-        say(f"  {schedule}: {1e3 * times[schedule]:.1f} ms per minibatch")
+    say(f"# {name}: batch {args.batch}, {args.image_size}x{args.image_size} images, 2 stages, boundary "
+        f"{boundary} ({mbytes:.2f} MiB), {args.threads} thread(s) per rank")
+    rounds = [one_round(modules, config, sample, args, say) for _ in range(args.rounds)]
+    stage_seconds = [statistics.median(r["stage_seconds"][s] for r in rounds) for s in range(2)]
+    transfer, pipeline, unpipelined = (statistics.median(r[k] for r in rounds)
+                                       for k in ("transfer_seconds", "1f1b", "no_pipelining"))
     slowest = max(stage_seconds)
-    hidden = min(1.0, max(0.0, (slowest + transfer - times["1f1b"]) / transfer))
-    say(f"  1f1b / slowest stage: {times['1f1b'] / slowest:.3f}; transfer hidden: {100 * hidden:.0f}%")
-    return {"model": name, "batch": args.batch, "threads": args.threads, "image_size": args.image_size, "boundary": str(boundary),
-            "boundary_mib": mbytes, "stage_seconds": stage_seconds, "slowest_stage_seconds": slowest,
-            "transfer_seconds": transfer, "pipeline_seconds": times["1f1b"],
-            "no_pipelining_seconds": times["no_pipelining"], "pipeline_over_slowest": times["1f1b"] / slowest,
+    hidden = min(1.0, max(0.0, (slowest + transfer - pipeline) / transfer))
+    say(f"  median: slowest stage {1e3 * slowest:.1f} ms, transfer {1e3 * transfer:.2f} ms, 1f1b {1e3 * pipeline:.1f}"
+        f" ms = {pipeline / slowest:.3f} x slowest stage; transfer hidden {100 * hidden:.0f}%; no pipelining "
+        f"{1e3 * unpipelined:.1f} ms")
+    return {"model": name, "batch": args.batch, "image_size": args.image_size, "threads": args.threads,
+            "boundary": str(boundary), "boundary_mib": mbytes, "rounds": rounds, "stage_seconds": stage_seconds,
+            "slowest_stage_seconds": slowest, "transfer_seconds": transfer, "pipeline_seconds": pipeline,
+            "no_pipelining_seconds": unpipelined, "pipeline_over_slowest": pipeline / slowest,
             "transfer_hidden": hidden}
 
 
@@ -153,8 +163,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--iters", type=int, default=5, help="timed repetitions of compute and transfer alone")
-    parser.add_argument("--short", type=int, default=4, help="minibatches of the short pipeline run")
-    parser.add_argument("--long", type=int, default=12, help="minibatches of the long pipeline run")
+    parser.add_argument("--minibatches", type=int, default=12, help="minibatches of each pipeline run")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every measurement (medians reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--json", help="write the figures here (rank 0)")
     args = parser.parse_args()

@@ -29,6 +29,7 @@ flush equals data parallelism over its units.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -188,6 +189,7 @@ class StageRuntime:
         self._sends: list[engine.Work] = []
         self._in_flight: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._losses: list[float] = []
+        self.step_times: list[float] = []  # time.perf_counter() after each optimizer step (for measurements)
         report_every = max(1, len(events) // 10)
         for i, event in enumerate(events):
             self._post_receives(events[i:i + 4])
@@ -264,6 +266,7 @@ class StageRuntime:
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad()
+        self.step_times.append(time.perf_counter())
 
     def close(self) -> None:
         """Apply pending updates and remove the stages' process sets (every rank calls it)."""
