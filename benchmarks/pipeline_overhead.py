@@ -12,11 +12,14 @@ it measures, on synthetic images:
   rank 0 to rank 1 and its gradient back, with nothing to compute;
 * the pipeline's time per minibatch in steady state, 1F1B and with no input
   pipelining: the median interval between the last stage's updates
-  (``StageRuntime.step_times``) after the pipeline has filled.
+  (``StageRuntime.step_times``) after the pipeline has filled, and how long
+  each rank waited for its receives per minibatch (``receive_waits``).
 
-The transfer is *hidden* as far as the pipeline costs less than the slowest
-compute plus the transfer: hidden = (slowest + transfer - pipeline) / transfer,
-clipped to [0, 1]. Each rank computes with ``--threads`` threads (default 1: 2 ranks, 2 cores).
+The slowest stage computes all the time unless it waits for a receive; what it
+waits per minibatch in the 1F1B run is the transfer left exposed (at most), so
+hidden = 1 - min(waited, transfer alone) / transfer alone. Measured in the same
+run as the pipeline's time, it does not depend on the machine's load the way
+the figures taken at different times do. Each rank computes with ``--threads`` threads (default 1: 2 ranks, 2 cores).
 """
 
 from __future__ import annotations
@@ -99,14 +102,16 @@ def transfer_alone(runtime: StageRuntime, iters: int) -> float:
     return median_seconds(work, iters)
 
 
-def pipeline_per_minibatch(modules, config, sample, schedule: str, minibatches: int) -> float:
-    """Steady-state seconds per minibatch: the median interval between the last stage's updates,
-    leaving out the pipeline's fill (the first ``minibatches // 3`` intervals)."""
+def pipeline_per_minibatch(modules, config, sample, schedule: str, minibatches: int) -> tuple[float, float]:
+    """Steady state, after the fill (the first ``minibatches // 3`` updates): the median interval between the
+    last stage's updates (0 elsewhere), and the seconds per minibatch this rank waited for receives."""
     runtime = StageRuntime(modules, config, optimizer=sgd, sample=sample, schedule=schedule)
     runtime.train(iter(lambda: sample, None), minibatches)
-    intervals = [b - a for a, b in zip(runtime.step_times, runtime.step_times[1:])]
     runtime.close()
-    return statistics.median(intervals[minibatches // 3:]) if runtime.is_last else 0.0
+    steps = runtime.step_times[minibatches // 3:]
+    intervals = [b - a for a, b in zip(steps, steps[1:])]
+    waited = sum(seconds for arrived, seconds in runtime.receive_waits if steps[0] < arrived <= steps[-1])
+    return (statistics.median(intervals) if runtime.is_last else 0.0), waited / len(intervals)
 
 
 def sgd(params):
@@ -120,11 +125,15 @@ def one_round(modules, config, sample, args, say) -> dict:
                "transfer_seconds": max(pipedap.allgather_object(transfer_alone(runtime, args.iters)))}
     runtime.close()
     for schedule in ("1f1b", "no_pipelining"):
-        figures[schedule] = max(pipedap.allgather_object(
-            pipeline_per_minibatch(modules, config, sample, schedule, args.minibatches)))
+        everyone = pipedap.allgather_object(
+            pipeline_per_minibatch(modules, config, sample, schedule, args.minibatches))
+        figures[schedule] = max(seconds for seconds, _ in everyone)
+        figures[f"{schedule}_waits"] = [waited for _, waited in everyone]
     stages = ", ".join(f"stage {s} {1e3 * t:.1f} ms" for s, t in enumerate(figures["stage_seconds"]))
+    waits = ", ".join(f"{1e3 * w:.1f}" for w in figures["1f1b_waits"])
     say(f"  compute alone: {stages}; transfer alone {1e3 * figures['transfer_seconds']:.2f} ms; per minibatch: "
-        f"1f1b {1e3 * figures['1f1b']:.1f} ms, no pipelining {1e3 * figures['no_pipelining']:.1f} ms")
+        f"1f1b {1e3 * figures['1f1b']:.1f} ms (waiting for receives per rank: {waits} ms), "
+        f"no pipelining {1e3 * figures['no_pipelining']:.1f} ms")
     return figures
 
 
@@ -146,13 +155,17 @@ def measure(name: str, args, say) -> dict:
     transfer, pipeline, unpipelined = (statistics.median(r[k] for r in rounds)
                                        for k in ("transfer_seconds", "1f1b", "no_pipelining"))
     slowest = max(stage_seconds)
-    hidden = min(1.0, max(0.0, (slowest + transfer - pipeline) / transfer))
-    say(f"  median: slowest stage {1e3 * slowest:.1f} ms, transfer {1e3 * transfer:.2f} ms, 1f1b {1e3 * pipeline:.1f}"
-        f" ms = {pipeline / slowest:.3f} x slowest stage; transfer hidden {100 * hidden:.0f}%; no pipelining "
+    bottleneck = stage_seconds.index(slowest)
+    exposed = statistics.median(r["1f1b_waits"][bottleneck] for r in rounds)
+    hidden = 1.0 - min(exposed, transfer) / transfer
+    say(f"  median: slowest stage {bottleneck}: {1e3 * slowest:.1f} ms alone; 1f1b {1e3 * pipeline:.1f} ms per "
+        f"minibatch = {pipeline / slowest:.3f} x; stage {bottleneck} waits {1e3 * exposed:.2f} ms per minibatch for "
+        f"receives, the transfer alone takes {1e3 * transfer:.2f} ms: {100 * hidden:.0f}% hidden; no pipelining "
         f"{1e3 * unpipelined:.1f} ms")
     return {"model": name, "batch": args.batch, "image_size": args.image_size, "threads": args.threads,
             "boundary": str(boundary), "boundary_mib": mbytes, "rounds": rounds, "stage_seconds": stage_seconds,
             "slowest_stage_seconds": slowest, "transfer_seconds": transfer, "pipeline_seconds": pipeline,
+            "bottleneck_stage": bottleneck, "bottleneck_receive_wait_seconds": exposed,
             "no_pipelining_seconds": unpipelined, "pipeline_over_slowest": pipeline / slowest,
             "transfer_hidden": hidden}
 

@@ -42,6 +42,7 @@ from pipedap.pipeline.communication import (
     ACTIVATION,
     GRADIENT,
     TARGET,
+    Received,
     TensorSpec,
     receive_tensor,
     send_tensor,
@@ -146,7 +147,8 @@ class StageRuntime:
                                                           backward_passes_per_step=passes,
                                                           process_set=self.process_set)
         self._stash = schedules.stashes_weights(schedule, self.config, self.stage)
-        self._sample_spec = None if sample is None else tuple(TensorSpec.of(t) for t in probe())
+        self._sample_spec = tuple(TensorSpec.of(t) for t in probe()) if self.is_first else None
+        self._start_run()
         log.info("pipeline: stage %d of %d (replica %d of %d), schedule %s, %d modules", self.stage,
                  self.num_stages, self.replica, len(self.config.ranks(self.stage)), schedule, len(self.module.body))
 
@@ -180,16 +182,11 @@ class StageRuntime:
         events = schedules.events(self.schedule, self.config, self.stage, self.replica, num_minibatches,
                                   self.micro_batches)
         if self.is_first:
-            if data is None or self._sample_spec is None:
-                raise ValueError(f"rank {self.rank} runs stage 0: pass the minibatches as data (and sample= when "
-                                 "building the runtime)")
+            if data is None:
+                raise ValueError(f"rank {self.rank} runs stage 0: pass the job's minibatches as data")
             self._units = _Units(data, self.micro_batches, self._sample_spec, self.device)
         self.module.train()
-        self._received: dict[tuple[int, int], object] = {}
-        self._sends: list[engine.Work] = []
-        self._in_flight: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._losses: list[float] = []
-        self.step_times: list[float] = []  # time.perf_counter() after each optimizer step (for measurements)
+        self._start_run()
         report_every = max(1, len(events) // 10)
         for i, event in enumerate(events):
             self._post_receives(events[i:i + 4])
@@ -206,6 +203,16 @@ class StageRuntime:
             work.wait()
         pipedap.flush(self.module)
         return self._losses
+
+    def _start_run(self) -> None:
+        """The state of one train() call."""
+        self._received: dict[tuple[int, int], Received] = {}  # (unit, kind) -> receive in flight
+        self._sends: list[engine.Work] = []
+        self._in_flight: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # unit -> (input, output or loss)
+        self._losses: list[float] = []
+        # for measurements: time.perf_counter() after each optimizer step; (arrival, seconds waited) per receive
+        self.step_times: list[float] = []
+        self.receive_waits: list[tuple[float, float]] = []
 
     def _peer(self, stage: int, unit: int) -> int:
         return self.config.rank_for(stage, unit)
@@ -224,7 +231,11 @@ class StageRuntime:
                     self._received[e.unit, kind] = receive_tensor(spec, peer, tag(e.unit, kind), device=self.device)
 
     def _take(self, unit: int, kind: int) -> torch.Tensor:
-        return self._received.pop((unit, kind)).wait()
+        started = time.perf_counter()
+        tensor = self._received.pop((unit, kind)).wait()
+        ended = time.perf_counter()
+        self.receive_waits.append((ended, ended - started))
+        return tensor
 
     def _send(self, tensor: torch.Tensor, stage: int, unit: int, kind: int) -> None:
         self._sends.append(send_tensor(tensor, self._peer(stage, unit), tag(unit, kind)))
