@@ -7,7 +7,8 @@ it measures, on synthetic images:
 
 * each stage's compute alone (forward, backward and step of one minibatch, no
   communication, while the other rank waits; the median of ``--iters``), and
-  the slower of the two;
+  the slower of the two; also *side by side*, both ranks computing at once
+  without communicating, which is how busy the cores are in the pipeline;
 * the activation transfer alone: the boundary's activation and targets from
   rank 0 to rank 1 and its gradient back, with nothing to compute;
 * the pipeline's time per minibatch in steady state, 1F1B and with no input
@@ -57,8 +58,10 @@ def median_seconds(work, iters: int) -> float:
     return statistics.median(times)
 
 
-def compute_alone(runtime: StageRuntime, sample, iters: int) -> list[float]:
-    """Each stage's forward, backward and step of one minibatch, one rank at a time (the other waits)."""
+def compute_alone(runtime: StageRuntime, sample, iters: int) -> tuple[list[float], list[float]]:
+    """Each stage's forward, backward and step of one minibatch without communication: one rank at a time
+    (the other waits), and both ranks at once (as busy as in the pipeline: on a loaded machine they share
+    the cores)."""
     stage = runtime.module
 
     def work():
@@ -72,11 +75,14 @@ def compute_alone(runtime: StageRuntime, sample, iters: int) -> list[float]:
         runtime.optimizer.step()
         runtime.optimizer.zero_grad()
 
-    seconds = []
+    alone = []
     for rank in range(pipedap.size()):
         pipedap.barrier()
-        seconds.append(median_seconds(work, iters) if rank == pipedap.rank() else 0.0)
-    return [max(column) for column in zip(*pipedap.allgather_object(seconds))]
+        alone.append(median_seconds(work, iters) if rank == pipedap.rank() else 0.0)
+    pipedap.barrier()
+    together = median_seconds(work, iters)
+    everyone = pipedap.allgather_object((alone, together))
+    return [max(column) for column in zip(*(a for a, _ in everyone))], [t for _, t in everyone]
 
 
 def transfer_alone(runtime: StageRuntime, iters: int) -> float:
@@ -121,15 +127,16 @@ def sgd(params):
 def one_round(modules, config, sample, args, say) -> dict:
     """Every figure once: compute alone per stage, transfer alone, 1F1B and no pipelining per minibatch."""
     runtime = StageRuntime(modules, config, optimizer=sgd, sample=sample, schedule="1f1b")
-    figures = {"stage_seconds": compute_alone(runtime, sample, args.iters),
-               "transfer_seconds": max(pipedap.allgather_object(transfer_alone(runtime, args.iters)))}
+    figures = dict(zip(("stage_seconds", "side_by_side_seconds"), compute_alone(runtime, sample, args.iters)))
+    figures["transfer_seconds"] = max(pipedap.allgather_object(transfer_alone(runtime, args.iters)))
     runtime.close()
     for schedule in ("1f1b", "no_pipelining"):
         everyone = pipedap.allgather_object(
             pipeline_per_minibatch(modules, config, sample, schedule, args.minibatches))
         figures[schedule] = max(seconds for seconds, _ in everyone)
         figures[f"{schedule}_waits"] = [waited for _, waited in everyone]
-    stages = ", ".join(f"stage {s} {1e3 * t:.1f} ms" for s, t in enumerate(figures["stage_seconds"]))
+    stages = ", ".join(f"stage {s} {1e3 * t:.1f} ms ({1e3 * u:.1f} side by side)"
+                       for s, (t, u) in enumerate(zip(figures["stage_seconds"], figures["side_by_side_seconds"])))
     waits = ", ".join(f"{1e3 * w:.1f}" for w in figures["1f1b_waits"])
     say(f"  compute alone: {stages}; transfer alone {1e3 * figures['transfer_seconds']:.2f} ms; per minibatch: "
         f"1f1b {1e3 * figures['1f1b']:.1f} ms (waiting for receives per rank: {waits} ms), "
@@ -151,22 +158,26 @@ def measure(name: str, args, say) -> dict:
     say(f"# {name}: batch {args.batch}, {args.image_size}x{args.image_size} images, 2 stages, boundary "
         f"{boundary} ({mbytes:.2f} MiB), {args.threads} thread(s) per rank")
     rounds = [one_round(modules, config, sample, args, say) for _ in range(args.rounds)]
-    stage_seconds = [statistics.median(r["stage_seconds"][s] for r in rounds) for s in range(2)]
+    stage_seconds, side_by_side = ([statistics.median(r[key][s] for r in rounds) for s in range(2)]
+                                   for key in ("stage_seconds", "side_by_side_seconds"))
     transfer, pipeline, unpipelined = (statistics.median(r[k] for r in rounds)
                                        for k in ("transfer_seconds", "1f1b", "no_pipelining"))
     slowest = max(stage_seconds)
     bottleneck = stage_seconds.index(slowest)
     exposed = statistics.median(r["1f1b_waits"][bottleneck] for r in rounds)
     hidden = 1.0 - min(exposed, transfer) / transfer
-    say(f"  median: slowest stage {bottleneck}: {1e3 * slowest:.1f} ms alone; 1f1b {1e3 * pipeline:.1f} ms per "
-        f"minibatch = {pipeline / slowest:.3f} x; stage {bottleneck} waits {1e3 * exposed:.2f} ms per minibatch for "
+    say(f"  median: slowest stage {bottleneck}: {1e3 * slowest:.1f} ms alone ({1e3 * side_by_side[bottleneck]:.1f} "
+        f"side by side); 1f1b {1e3 * pipeline:.1f} ms per minibatch = {pipeline / slowest:.3f} x alone, "
+        f"{pipeline / side_by_side[bottleneck]:.3f} x side by side; stage {bottleneck} waits {1e3 * exposed:.2f} ms per minibatch for "
         f"receives, the transfer alone takes {1e3 * transfer:.2f} ms: {100 * hidden:.0f}% hidden; no pipelining "
         f"{1e3 * unpipelined:.1f} ms")
     return {"model": name, "batch": args.batch, "image_size": args.image_size, "threads": args.threads,
             "boundary": str(boundary), "boundary_mib": mbytes, "rounds": rounds, "stage_seconds": stage_seconds,
             "slowest_stage_seconds": slowest, "transfer_seconds": transfer, "pipeline_seconds": pipeline,
             "bottleneck_stage": bottleneck, "bottleneck_receive_wait_seconds": exposed,
-            "no_pipelining_seconds": unpipelined, "pipeline_over_slowest": pipeline / slowest,
+            "side_by_side_seconds": side_by_side, "no_pipelining_seconds": unpipelined,
+            "pipeline_over_slowest": pipeline / slowest,
+            "pipeline_over_side_by_side": pipeline / side_by_side[bottleneck],
             "transfer_hidden": hidden}
 
 
