@@ -1,0 +1,287 @@
+"""StageRuntime: runs this rank's stage of a pipeline (PipeDream's runtime, over PipeDAP's engine).
+
+    modules = [block0, block1, block2, nn.CrossEntropyLoss()]        # the last module is the loss
+    runtime = StageRuntime(modules, "mp_conf.json", optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
+                           sample=next(iter(loader)), schedule="1f1b")
+    losses = runtime.train(loader, num_minibatches=100)              # every rank; data is used on stage 0
+    runtime.close()
+
+Every rank builds the same module list; the config says which modules are this
+rank's stage. At start-up every rank agrees on the config, passes a sample
+through the stages in order to learn the shapes sent between them, creates one
+process set per stage and wraps the stage's optimizer in
+``pipedap.DistributedOptimizer`` over its stage's set (replicas average their
+gradients with wfbp, dear or pipedap). Training runs the events of
+:mod:`pipedap.pipeline.schedules`: forward (receive activation -> forward ->
+send), backward (receive gradient -> backward -> send), step.
+
+[Note: loss scaling] The loss is not scaled. A stage's update is the mean of the
+gradients of the units it covers: ``DistributedOptimizer(op=Average,
+backward_passes_per_step=k)`` divides the sum over its n replicas and k
+accumulated backward passes by n * k, which is the number of units per update
+(n with 1F1B and no pipelining; m micro-batches with flush, k = m / n). With a
+loss that is the mean over a unit's samples and equal units, the mean of unit
+gradients is the gradient of the mean loss over all of them: flush equals
+single-process training on the whole minibatch, and a replicated stage without
+flush equals data parallelism over its units.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+import pipedap
+from pipedap import engine
+from pipedap.pipeline import schedules, startup
+from pipedap.pipeline.communication import (
+    ACTIVATION,
+    GRADIENT,
+    TARGET,
+    Received,
+    TensorSpec,
+    receive_tensor,
+    send_tensor,
+    tag,
+)
+from pipedap.pipeline.stashing import stash_weights
+from pipedap.process_sets import add_process_set, global_process_set, remove_process_set
+
+log = logging.getLogger("pipedap")
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class StageModule(nn.Module):
+    """One stage's modules in order; on the last stage the final one is the loss, called as loss(output, target)."""
+
+    def __init__(self, modules: Sequence[nn.Module], has_loss: bool):
+        super().__init__()
+        self.body = nn.Sequential(*(modules[:-1] if has_loss else modules))
+        self.loss = modules[-1] if has_loss else None
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.body(x)
+        return out if self.loss is None else self.loss(out, target)
+
+
+def micro_batch(batch: Batch, micro_batches: int, index: int) -> Batch:
+    """Micro-batch ``index`` of ``micro_batches`` equal slices of ``batch`` along its first dimension."""
+    x, y = batch
+    rows = x.shape[0]
+    if rows % micro_batches or (y.dim() and y.shape[0] != rows):
+        raise ValueError(f"a minibatch of {rows} samples (targets {list(y.shape)}) does not split into "
+                         f"{micro_batches} equal micro-batches; use a batch size that is a multiple of it")
+    size = rows // micro_batches
+    return x.narrow(0, index * size, size), (y.narrow(0, index * size, size) if y.dim() else y)
+
+
+class _Units:
+    """Stage 0's units, drawn from ``data`` (the job's minibatches in order; each replica keeps its own)."""
+
+    def __init__(self, data: Iterable[Batch], micro_batches: int, expected: tuple[TensorSpec, TensorSpec], device):
+        self.batches, self.micro_batches, self.expected, self.device = iter(data), micro_batches, expected, device
+        self.drawn, self.current = 0, None
+
+    def get(self, unit: int) -> Batch:
+        index = unit // self.micro_batches
+        while self.drawn <= index:
+            try:
+                self.current = next(self.batches)
+            except StopIteration:
+                raise ValueError(f"data ran out after {self.drawn} minibatches; train() needs one per minibatch "
+                                 "on every rank of stage 0") from None
+            self.drawn += 1
+        x, y = micro_batch(self.current, self.micro_batches, unit % self.micro_batches)
+        got = (TensorSpec.of(x), TensorSpec.of(y))
+        if got != self.expected:
+            raise ValueError(f"minibatch {index} gives units of input {got[0]}, target {got[1]}, but the pipeline was "
+                             f"set up for {self.expected[0]}, {self.expected[1]} (sample=); every minibatch must have "
+                             "the sample's shapes (e.g. a loader with drop_last=True)")
+        return x.to(self.device), y.to(self.device)
+
+
+class StageRuntime:
+    """This rank's stage: its modules, its optimizer, and the schedule that runs them.
+
+    Args:
+        modules: the whole model as a list of modules, the last one the loss (the same list on every rank).
+        config: a :class:`~pipedap.pipeline.config.PipelineConfig`, its JSON file or dict (PipeDream's format).
+        optimizer: ``optimizer(params)`` builds the stage's optimizer on its parameters.
+        sample: one minibatch ``(input, target)`` as ``data`` yields it (needed on stage 0's ranks).
+        schedule: ``1f1b`` (with weight stashing), ``no_pipelining`` or ``flush``.
+        micro_batches: with ``flush``, the micro-batches of a minibatch (a multiple of every stage's replicas).
+        dp_schedule: how a replicated stage's gradients are averaged: ``wfbp``, ``dear`` or ``pipedap``.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], config, *, optimizer: Callable[[list], torch.optim.Optimizer],
+                 sample: Batch | None = None, schedule: str = "1f1b", micro_batches: int = 1,
+                 dp_schedule: str = "wfbp"):
+        startup.require_mpi_launcher()
+        pipedap.init()
+        modules = list(modules)
+        self.config = startup.checked_config(config, len(modules), engine.size())
+        schedules.check(schedule, self.config, micro_batches)
+        self.schedule, self.micro_batches = schedule, micro_batches
+        self.rank = engine.rank()
+        self.stage = self.config.stage_of(self.rank)
+        self.replica = self.config.ranks(self.stage).index(self.rank)
+        self.num_stages = self.config.num_stages
+        self.is_first, self.is_last = self.stage == 0, self.stage == self.num_stages - 1
+        self.module = StageModule([modules[i] for i in self.config.modules_of(self.stage)], self.is_last)
+        params = list(self.module.parameters())
+        self.device = params[0].device if params else torch.device("cpu")
+        probe = None if sample is None else (lambda: micro_batch(sample, micro_batches, 0))
+        self.specs = startup.boundary_specs(self.config, self.stage, self.module, probe, self.device)
+        self.input_spec = self.specs[self.stage - 1] if not self.is_first else None
+        self.output_spec = self.specs[self.stage] if not self.is_last else None
+        self._stage_sets, self.process_set = self._make_process_sets()
+        self.optimizer = None
+        if params:
+            passes = schedules.backward_passes_per_step(schedule, self.config, self.stage, micro_batches)
+            self.optimizer = pipedap.DistributedOptimizer(optimizer(params), model=self.module, schedule=dp_schedule,
+                                                          backward_passes_per_step=passes,
+                                                          process_set=self.process_set)
+        self._stash = schedules.stashes_weights(schedule, self.config, self.stage)
+        self._sample_spec = tuple(TensorSpec.of(t) for t in probe()) if self.is_first else None
+        self._start_run()
+        log.info("pipeline: stage %d of %d (replica %d of %d), schedule %s, %d modules", self.stage,
+                 self.num_stages, self.replica, len(self.config.ranks(self.stage)), schedule, len(self.module.body))
+
+    def _make_process_sets(self):
+        """One process set per stage (every rank creates all, in stage order); this stage's set."""
+        created, mine = [], None
+        for s in range(self.num_stages):
+            ranks = list(self.config.ranks(s))
+            if len(ranks) == engine.size():
+                ps = global_process_set
+            else:
+                ps = add_process_set(ranks)
+                created.append(ps)
+            if s == self.stage:
+                mine = ps
+        return created, mine
+
+    def parameters(self):
+        return self.module.parameters()
+
+    # --- training ------------------------------------------------------------------
+
+    def train(self, data: Iterable[Batch] | None, num_minibatches: int) -> list[float]:
+        """Train on ``num_minibatches`` minibatches; returns the losses this rank computed (last stage).
+
+        On stage 0's ranks ``data`` yields the job's minibatches in order, the same on
+        every replica; each keeps the units that are its turn. Other ranks pass None.
+        When it returns, every update is applied (the parameters are current).
+        """
+        schedules.check_length(self.schedule, self.config, num_minibatches)
+        events = schedules.events(self.schedule, self.config, self.stage, self.replica, num_minibatches,
+                                  self.micro_batches)
+        if self.is_first:
+            if data is None:
+                raise ValueError(f"rank {self.rank} runs stage 0: pass the job's minibatches as data")
+            self._units = _Units(data, self.micro_batches, self._sample_spec, self.device)
+        self.module.train()
+        self._start_run()
+        report_every = max(1, len(events) // 10)
+        for i, event in enumerate(events):
+            self._post_receives(events[i:i + 4])
+            if event.kind == schedules.FORWARD:
+                self._forward(event.unit)
+            elif event.kind == schedules.BACKWARD:
+                self._backward(event.unit)
+            else:
+                self._step()
+            self._sends = [w for w in self._sends if not w.done()]
+            if self.is_last and self._losses and (i + 1) % report_every == 0:
+                log.info("pipeline: %d/%d events, loss %.4f", i + 1, len(events), self._losses[-1])
+        for work in self._sends:
+            work.wait()
+        pipedap.flush(self.module)
+        return self._losses
+
+    def _start_run(self) -> None:
+        """The state of one train() call."""
+        self._received: dict[tuple[int, int], Received] = {}  # (unit, kind) -> receive in flight
+        self._sends: list[engine.Work] = []
+        self._in_flight: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # unit -> (input, output or loss)
+        self._losses: list[float] = []
+        # for measurements: time.perf_counter() after each optimizer step; (arrival, seconds waited) per receive
+        self.step_times: list[float] = []
+        self.receive_waits: list[tuple[float, float]] = []
+
+    def _peer(self, stage: int, unit: int) -> int:
+        return self.config.rank_for(stage, unit)
+
+    def _post_receives(self, upcoming: list[schedules.Event]) -> None:
+        """Post the receives of the next events early, so their data arrives while this rank computes."""
+        for e in upcoming:
+            wanted = []
+            if e.kind == schedules.FORWARD and not self.is_first:
+                wanted = [(ACTIVATION, self.input_spec[0]), (TARGET, self.input_spec[1])]
+            elif e.kind == schedules.BACKWARD and not self.is_last and self.output_spec[0].dtype.is_floating_point:
+                wanted = [(GRADIENT, self.output_spec[0])]
+            peer = self._peer(self.stage + (1 if e.kind == schedules.BACKWARD else -1), e.unit) if wanted else None
+            for kind, spec in wanted:
+                if (e.unit, kind) not in self._received:
+                    self._received[e.unit, kind] = receive_tensor(spec, peer, tag(e.unit, kind), device=self.device)
+
+    def _take(self, unit: int, kind: int) -> torch.Tensor:
+        started = time.perf_counter()
+        tensor = self._received.pop((unit, kind)).wait()
+        ended = time.perf_counter()
+        self.receive_waits.append((ended, ended - started))
+        return tensor
+
+    def _send(self, tensor: torch.Tensor, stage: int, unit: int, kind: int) -> None:
+        self._sends.append(send_tensor(tensor, self._peer(stage, unit), tag(unit, kind)))
+
+    def _forward(self, unit: int) -> None:
+        """Receive (or read) the unit's input, run the stage's modules, send the output on."""
+        if self.is_first:
+            x, y = self._units.get(unit)
+        else:
+            x, y = self._take(unit, ACTIVATION), self._take(unit, TARGET)
+            if x.is_floating_point():
+                x.requires_grad_()
+        if self._stash:
+            with stash_weights(self.module.parameters()):
+                out = self.module(x, y)
+        else:
+            out = self.module(x, y)
+        if self.is_last:
+            self._losses.append(out.item())
+        else:
+            self._send(out, self.stage + 1, unit, ACTIVATION)
+            self._send(y, self.stage + 1, unit, TARGET)
+        self._in_flight[unit] = (x, out)
+
+    def _backward(self, unit: int) -> None:
+        """Receive the gradient of the unit's output, run backward, send the input's gradient back."""
+        x, out = self._in_flight.pop(unit)
+        pipedap.flush(self.module)  # 1F1B's drain: a backward right after a lazy (dear/pipedap) step
+        if self.is_last:
+            out.backward()
+        elif out.requires_grad:
+            out.backward(self._take(unit, GRADIENT))
+        elif self.output_spec[0].dtype.is_floating_point:
+            self._take(unit, GRADIENT)  # nothing here depends on it, but the message must be taken
+        if not self.is_first and x.requires_grad:
+            self._send(x.grad if x.grad is not None else torch.zeros_like(x), self.stage - 1, unit, GRADIENT)
+
+    def _step(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        self.step_times.append(time.perf_counter())
+
+    def close(self) -> None:
+        """Apply pending updates and remove the stages' process sets (every rank calls it)."""
+        pipedap.flush(self.module)
+        for ps in self._stage_sets:
+            remove_process_set(ps)
+        self._stage_sets = []

@@ -1,0 +1,113 @@
+"""The order in which one replica of a stage runs forwards, backwards and optimizer steps.
+
+A *unit* is what flows through the pipeline as one piece: a minibatch (``1f1b``,
+``no_pipelining``) or a micro-batch (``flush``). Units are numbered globally;
+replica r of a stage of n ranks runs the units j with ``j % n == r``.
+
+* ``1f1b`` (PipeDream, with weight stashing): a stage admits
+  :func:`admitted` units before its first backward (S - s on stage s of S with one
+  rank per stage), then alternates one forward and one backward, and steps after
+  every backward.
+* ``no_pipelining``: forward, backward, step, one unit at a time.
+* ``flush``: each minibatch is m micro-batches, run in 1F1B order; gradients
+  accumulate and the stage steps once, after the minibatch's last backward.
+
+The event lists are pure functions of the config, so every rank can compute any
+rank's order (the tests check them without MPI).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipedap.pipeline.config import PipelineConfig
+
+SCHEDULES = ("1f1b", "no_pipelining", "flush")
+FORWARD, BACKWARD, STEP = "forward", "backward", "step"
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # FORWARD, BACKWARD or STEP
+    unit: int = -1  # the global unit index (-1 for STEP)
+
+
+def check(schedule: str, config: PipelineConfig, micro_batches: int) -> None:
+    """ValueError unless ``schedule`` can run on ``config`` with ``micro_batches``."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if schedule != "flush":
+        if micro_batches != 1:
+            raise ValueError(f"micro_batches={micro_batches} needs schedule='flush' (schedule {schedule!r} runs "
+                             "whole minibatches)")
+        return
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    for s in range(config.num_stages):
+        n = len(config.ranks(s))
+        if micro_batches % n:
+            raise ValueError(f"flush: stage {s} has {n} replicas, which do not share micro_batches={micro_batches} "
+                             f"evenly; choose micro_batches a multiple of {n}")
+
+
+def check_length(schedule: str, config: PipelineConfig, num_minibatches: int) -> None:
+    """ValueError unless every replica of every stage gets the same number of updates."""
+    if num_minibatches < 0:
+        raise ValueError(f"num_minibatches must be >= 0, got {num_minibatches}")
+    if schedule == "flush":
+        return
+    for s in range(config.num_stages):
+        n = len(config.ranks(s))
+        if num_minibatches % n:
+            raise ValueError(f"stage {s} has {n} replicas that update together, so num_minibatches must be a "
+                             f"multiple of {n}, got {num_minibatches}")
+
+
+def admitted(config: PipelineConfig, stage: int) -> int:
+    """Units a replica of ``stage`` forwards before its first backward under 1F1B.
+
+    PipeDream's count: the ranks from this stage to the last, shared among this
+    stage's replicas, rounded up (S - s with one rank per stage; 1 on the last stage).
+    """
+    downstream = sum(len(config.ranks(s)) for s in range(stage, config.num_stages))
+    return -(-downstream // len(config.ranks(stage)))
+
+
+def backward_passes_per_step(schedule: str, config: PipelineConfig, stage: int, micro_batches: int) -> int:
+    """Backward passes a replica of ``stage`` accumulates into one update."""
+    return micro_batches // len(config.ranks(stage)) if schedule == "flush" else 1
+
+
+def one_f_one_b(units: list[int], admit: int) -> list[Event]:
+    """``admit`` forwards, then one backward and one forward alternately, then the remaining backwards."""
+    admit = min(admit, len(units))
+    events = [Event(FORWARD, u) for u in units[:admit]]
+    for k, unit in enumerate(units):
+        events.append(Event(BACKWARD, unit))
+        if admit + k < len(units):
+            events.append(Event(FORWARD, units[admit + k]))
+    return events
+
+
+def events(schedule: str, config: PipelineConfig, stage: int, replica: int, num_minibatches: int,
+           micro_batches: int = 1) -> list[Event]:
+    """Every event of ``replica`` of ``stage`` for ``num_minibatches`` minibatches, in order."""
+    n = len(config.ranks(stage))
+    if schedule == "flush":
+        out: list[Event] = []
+        for t in range(num_minibatches):
+            units = [t * micro_batches + u for u in range(replica, micro_batches, n)]
+            out += one_f_one_b(units, admitted(config, stage)) + [Event(STEP)]
+        return out
+    units = list(range(replica, num_minibatches, n))
+    if schedule == "no_pipelining":
+        return [e for u in units for e in (Event(FORWARD, u), Event(BACKWARD, u), Event(STEP))]
+    out = []
+    for e in one_f_one_b(units, admitted(config, stage)):
+        out += [e, Event(STEP)] if e.kind == BACKWARD else [e]
+    return out
+
+
+def stashes_weights(schedule: str, config: PipelineConfig, stage: int) -> bool:
+    """Whether a replica of ``stage`` updates its weights while units are in flight (1F1B, before the last stage)."""
+    return schedule == "1f1b" and admitted(config, stage) > 1
