@@ -93,4 +93,10 @@ churn = [torch.randn(int(torch.randint(1, 1 << 18, ()))) for _ in range(200)]
 del churn
 print(f"rank {R}: ALIVE", flush=True)
 if case == "extra":
-    os._exit(0)  # desynchronised for good: skip the drain at exit (it would wait for the timeout)
+    # Desynchronised for good: skip the drain at exit (it would wait for the timeout). First
+    # wait, outside the engine, until every rank has said ALIVE: the launcher kills the others
+    # as soon as one rank leaves without finalizing.
+    from mpi4py import MPI
+
+    MPI.COMM_WORLD.Barrier()
+    os._exit(0)
