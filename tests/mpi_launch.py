@@ -64,24 +64,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(script: str, np: int, *args: str, timeout: float = 120) -> list[subprocess.CompletedProcess]:
-    """Start tests/mpi_scripts/<script> as ``np`` processes without mpirun, as PipeDream's users do.
+def run_ranks(script: str, np: int, *args: str, timeout: float = 120, torch_env: bool = True
+              ) -> list[subprocess.CompletedProcess]:
+    """Start tests/mpi_scripts/<script> (or a path) as ``np`` processes without mpirun, as PipeDream's users do.
 
-    Each gets torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, a free
-    MASTER_PORT) and its own session; after ``timeout`` s every group is killed and
-    the call fails with every rank's output. Returns each rank's exit code and output.
+    Each runs in its own session with ``{rank}`` and ``{port}`` (a free port) in
+    ``args`` filled in, and, with ``torch_env``, torchrun's environment (RANK,
+    WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT). After ``timeout`` s every
+    group is killed and the call fails with every rank's output. Returns each
+    rank's exit code and output.
     """
     import tempfile
     import time
 
     port = str(free_port())
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "PMIX_"))}
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("OMPI_", "PMI", "PMIX_")) and k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     procs, logs = [], []
     for r in range(np):
         log = tempfile.TemporaryFile(mode="w+")
-        env = dict(base, RANK=str(r), WORLD_SIZE=str(np), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                   PYTHONUNBUFFERED="1")
-        procs.append(subprocess.Popen([sys.executable, str(SCRIPTS / script), *args], env=env, text=True,
+        env = dict(base, PYTHONUNBUFFERED="1")
+        if torch_env:
+            env.update(RANK=str(r), WORLD_SIZE=str(np), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        filled = [a.format(rank=r, port=port) for a in args]
+        procs.append(subprocess.Popen([sys.executable, str(SCRIPTS / script), *filled], env=env, text=True,
                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         logs.append(log)
     deadline = time.monotonic() + timeout

@@ -117,7 +117,10 @@ class TorchTransport:
                  timeout: float = DEFAULT_TIMEOUT_SECONDS):
         import torch.distributed as dist
 
+        from pipedap import log as rank_logging
+
         self.dist, self.rank, self.size = dist, rank, world_size
+        rank_logging.start(rank)  # pipedap's records say this rank (no launcher variable says it)
         if not dist.is_initialized():
             dist.init_process_group("gloo", init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
                                     world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
