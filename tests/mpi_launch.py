@@ -53,3 +53,59 @@ def run_mpi(script: str, np: int, *args: str, env: dict | None = None, timeout: 
 
 def assert_ok(result: Result) -> None:
     assert result.returncode == 0, f"exit code {result.returncode}; output:\n{result.output}"
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now (for a torch.distributed rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(script: str, np: int, *args: str, timeout: float = 120, torch_env: bool = True
+              ) -> list[subprocess.CompletedProcess]:
+    """Start tests/mpi_scripts/<script> (or a path) as ``np`` processes without mpirun, as PipeDream's users do.
+
+    Each runs in its own session with ``{rank}`` and ``{port}`` (a free port) in
+    ``args`` filled in, and, with ``torch_env``, torchrun's environment (RANK,
+    WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT). After ``timeout`` s every
+    group is killed and the call fails with every rank's output. Returns each
+    rank's exit code and output.
+    """
+    import tempfile
+    import time
+
+    port = str(free_port())
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("OMPI_", "PMI", "PMIX_")) and k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    procs, logs = [], []
+    for r in range(np):
+        log = tempfile.TemporaryFile(mode="w+")
+        env = dict(base, PYTHONUNBUFFERED="1")
+        if torch_env:
+            env.update(RANK=str(r), WORLD_SIZE=str(np), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        filled = [a.format(rank=r, port=port) for a in args]
+        procs.append(subprocess.Popen([sys.executable, str(SCRIPTS / script), *filled], env=env, text=True,
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        logs.append(log)
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    timed_out = [r for r, proc in enumerate(procs) if proc.poll() is None]
+    for r in timed_out:
+        os.killpg(procs[r].pid, signal.SIGKILL)
+        procs[r].wait()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    if timed_out:
+        listing = "\n".join(f"--- rank {r} ---\n{out}" for r, out in enumerate(outputs))
+        raise AssertionError(f"{script} {' '.join(args)}: ranks {timed_out} did not finish in {timeout} s:\n{listing}")
+    return [subprocess.CompletedProcess(script, p.returncode, out) for p, out in zip(procs, outputs)]

@@ -6,13 +6,14 @@ import importlib
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 import models
-from pipedap.pipeline import communication, schedules, startup, stashing
+from pipedap.pipeline import communication, schedules, stashing, transport
 from pipedap.pipeline.config import PipelineConfig, PipelineConfigError
 from pipedap.pipeline.runtime import StageModule, StageRuntime, micro_batch
 
@@ -170,13 +171,35 @@ def test_stashing_makes_backward_use_the_weights_of_its_forward():
 # --- start-up ----------------------------------------------------------------------
 
 
-def test_starting_the_runtime_without_an_mpi_launcher_is_an_explicit_error(monkeypatch):
-    for var in startup.settings.RANK_VARIABLES:
+def test_outside_any_launcher_the_runtime_asks_for_what_gloo_needs(monkeypatch):
+    """No MPI launcher and no torch.distributed environment: the error names the flag to pass."""
+    monkeypatch.setattr(transport, "_connected", None)
+    for var in (*transport.settings.RANK_VARIABLES, "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
-    started_alone = r"needs an MPI launcher for now: start every rank with `mpirun -np N python your_script.py`"
-    with pytest.raises(RuntimeError, match=started_alone):
+    with pytest.raises(RuntimeError, match=r"needs RANK: pass --rank \(or set RANK\)"):
         StageRuntime([nn.Linear(2, 2), nn.MSELoss()], HYBRID, optimizer=torch.optim.SGD)
-    startup.require_mpi_launcher({"OMPI_COMM_WORLD_RANK": "0"})  # under mpirun: fine
+    with pytest.raises(RuntimeError, match=r"needs MASTER_ADDR: pass --master_addr"):
+        transport.connect(rank=0, world_size=2)
+    with pytest.raises(ValueError, match=r"rank 3 is outside the job's 2 ranks \(0..1\); pass --rank"):
+        transport.connect(rank=3, world_size=2, master_addr="127.0.0.1")
+    assert transport._connected is None
+
+
+def test_under_an_mpi_launcher_the_engine_is_the_transport(monkeypatch):
+    monkeypatch.setattr(transport, "_connected", None)
+    engine = SimpleNamespace(rank=0, size=2, name="engine (MPI)")
+    assert transport.connect(environ={"OMPI_COMM_WORLD_RANK": "0"}, make_engine=lambda: engine) is engine
+    assert transport.connect() is engine  # the first call decides
+
+
+def test_gloo_replicas_divide_the_summed_gradients_by_the_units_of_an_update():
+    """One replica (no group) with k = 4 accumulated passes: the step uses the mean, as DistributedOptimizer does."""
+    layer = nn.Linear(3, 1, bias=False)
+    layer.weight.grad = torch.full_like(layer.weight, 8.0)
+    opt = transport.AveragingOptimizer(torch.optim.SGD(layer.parameters(), lr=1.0), None, 4)
+    before = layer.weight.detach().clone()
+    opt.step()
+    assert torch.equal(layer.weight.detach(), before - 2.0)
 
 
 def test_a_stage_module_runs_its_modules_and_the_loss_last():

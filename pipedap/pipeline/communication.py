@@ -1,9 +1,10 @@
 """Tensors between one sender and one receiver: ``send_tensor`` / ``receive_tensor`` (PipeDream's names).
 
-Both return at once with a handle; the comm core's engine thread moves the data
-while this thread computes, so activations and gradients travel behind compute.
-Messages are matched by (peer, tag) in posting order (pipedap.engine's
-point-to-point rule), not by the global order of collectives. The pipeline
+Both return at once with a handle; the transport (:mod:`pipedap.pipeline.transport`:
+the comm core's engine thread, or gloo's) moves the data while this thread
+computes, so activations and gradients travel behind compute. Messages are
+matched by (peer, tag) in posting order (pipedap.engine's point-to-point rule,
+and gloo's), not by the global order of collectives. The pipeline
 derives tags from the unit (minibatch or micro-batch) index and the direction
 with :func:`tag`, so a receive never takes another unit's tensor even when
 several are in flight.
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipedap import engine
+from pipedap.pipeline.transport import connect
 
 ACTIVATION, TARGET, GRADIENT = 0, 1, 2  # what a message carries (forward: activation and target; backward: gradient)
 KINDS = 3
@@ -50,7 +51,7 @@ class TensorSpec:
 class Received:
     """A receive in flight: ``wait()`` returns the filled tensor."""
 
-    def __init__(self, work: engine.Work, tensor: torch.Tensor):
+    def __init__(self, work, tensor: torch.Tensor):
         self._work, self.tensor = work, tensor
 
     def done(self) -> bool:
@@ -61,17 +62,18 @@ class Received:
         return self.tensor
 
 
-def send_tensor(tensor: torch.Tensor, peer: int, tag: int, name: str | None = None) -> engine.Work:
-    """Send ``tensor`` to global rank ``peer``; the returned work keeps it alive until it is sent.
+def send_tensor(tensor: torch.Tensor, peer: int, tag: int, name: str | None = None, transport=None):
+    """Send ``tensor`` to global rank ``peer``; the returned work (``done()``, ``wait()``) keeps it alive until sent.
 
-    Do not modify ``tensor`` before the work is done.
+    Do not modify ``tensor`` before the work is done. ``transport``: this process's
+    (:func:`~pipedap.pipeline.transport.connect`) unless given.
     """
     tensor = tensor.detach().contiguous()
-    return engine.send(tensor, peer, tag, name=name)
+    return (transport or connect()).send(tensor, peer, tag, name=name)
 
 
 def receive_tensor(spec: TensorSpec, peer: int, tag: int, name: str | None = None,
-                   device: torch.device | str = "cpu") -> Received:
+                   device: torch.device | str = "cpu", transport=None) -> Received:
     """Receive a tensor of ``spec`` from global rank ``peer`` into a new buffer."""
     tensor = spec.empty(device)
-    return Received(engine.recv(tensor, peer, tag, name=name), tensor)
+    return Received((transport or connect()).recv(tensor, peer, tag, name=name), tensor)

@@ -1,4 +1,4 @@
-"""StageRuntime: runs this rank's stage of a pipeline (PipeDream's runtime, over PipeDAP's engine).
+"""StageRuntime: runs this rank's stage of a pipeline (PipeDream's runtime, over PipeDAP's engine or gloo).
 
     modules = [block0, block1, block2, nn.CrossEntropyLoss()]        # the last module is the loss
     runtime = StageRuntime(modules, "mp_conf.json", optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
@@ -7,18 +7,20 @@
     runtime.close()
 
 Every rank builds the same module list; the config says which modules are this
-rank's stage. At start-up every rank agrees on the config, passes a sample
-through the stages in order to learn the shapes sent between them, creates one
-process set per stage and wraps the stage's optimizer in
-``pipedap.DistributedOptimizer`` over its stage's set (replicas average their
-gradients with wfbp, dear or pipedap). Training runs the events of
+rank's stage. At start-up every rank connects (:func:`pipedap.pipeline.transport.connect`:
+the engine under an MPI launcher, else torch.distributed with gloo), agrees on
+the config, passes a sample through the stages in order to learn the shapes
+sent between them, creates one group per stage and wraps the stage's optimizer
+so that replicas average their gradients (engine: ``pipedap.DistributedOptimizer``
+over the stage's process set with wfbp, dear or pipedap; gloo: an all-reduce
+of buckets before each step, wfbp's semantics). Training runs the events of
 :mod:`pipedap.pipeline.schedules`: forward (receive activation -> forward ->
 send), backward (receive gradient -> backward -> send), step.
 
 [Note: loss scaling] The loss is not scaled. A stage's update is the mean of the
 gradients of the units it covers: ``DistributedOptimizer(op=Average,
 backward_passes_per_step=k)`` divides the sum over its n replicas and k
-accumulated backward passes by n * k, which is the number of units per update
+accumulated backward passes by n * k (gloo's AveragingOptimizer does the same), which is the number of units per update
 (n with 1F1B and no pipelining; m micro-batches with flush, k = m / n). With a
 loss that is the mean over a unit's samples and equal units, the mean of unit
 gradients is the gradient of the mean loss over all of them: flush equals
@@ -29,15 +31,14 @@ flush equals data parallelism over its units.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-import pipedap
-from pipedap import engine
-from pipedap.pipeline import schedules, startup
+from pipedap.pipeline import schedules, startup, transport
 from pipedap.pipeline.communication import (
     ACTIVATION,
     GRADIENT,
@@ -49,7 +50,6 @@ from pipedap.pipeline.communication import (
     tag,
 )
 from pipedap.pipeline.stashing import stash_weights
-from pipedap.process_sets import add_process_set, global_process_set, remove_process_set
 
 log = logging.getLogger("pipedap")
 
@@ -115,19 +115,26 @@ class StageRuntime:
         sample: one minibatch ``(input, target)`` as ``data`` yields it (needed on stage 0's ranks).
         schedule: ``1f1b`` (with weight stashing), ``no_pipelining`` or ``flush``.
         micro_batches: with ``flush``, the micro-batches of a minibatch (a multiple of every stage's replicas).
-        dp_schedule: how a replicated stage's gradients are averaged: ``wfbp``, ``dear`` or ``pipedap``.
+        dp_schedule: how a replicated stage's gradients are averaged: ``wfbp``, ``dear`` or ``pipedap``
+            (dear and pipedap need the engine: an MPI launcher).
+        connection: keyword arguments of :func:`~pipedap.pipeline.transport.connect` (``rank``,
+            ``master_addr``, ``master_port``, ``timeout``) for a job no MPI launcher started; the
+            world size defaults to the config's number of ranks.
     """
 
     def __init__(self, modules: Sequence[nn.Module], config, *, optimizer: Callable[[list], torch.optim.Optimizer],
                  sample: Batch | None = None, schedule: str = "1f1b", micro_batches: int = 1,
-                 dp_schedule: str = "wfbp"):
-        startup.require_mpi_launcher()
-        pipedap.init()
+                 dp_schedule: str = "wfbp", connection: dict | None = None):
+        connection = dict(connection or {})
+        if "world_size" not in connection and not transport.under_mpi_launcher() and not os.environ.get("WORLD_SIZE"):
+            connection["world_size"] = _config_ranks(config)
+        self.transport = transport.connect(**connection)
         modules = list(modules)
-        self.config = startup.checked_config(config, len(modules), engine.size())
+        self.config = startup.checked_config(self.transport, config, len(modules))
         schedules.check(schedule, self.config, micro_batches)
+        self._check_dp_schedule(dp_schedule)
         self.schedule, self.micro_batches = schedule, micro_batches
-        self.rank = engine.rank()
+        self.rank = self.transport.rank
         self.stage = self.config.stage_of(self.rank)
         self.replica = self.config.ranks(self.stage).index(self.rank)
         self.num_stages = self.config.num_stages
@@ -136,35 +143,35 @@ class StageRuntime:
         params = list(self.module.parameters())
         self.device = params[0].device if params else torch.device("cpu")
         probe = None if sample is None else (lambda: micro_batch(sample, micro_batches, 0))
-        self.specs = startup.boundary_specs(self.config, self.stage, self.module, probe, self.device)
+        self.specs = startup.boundary_specs(self.transport, self.config, self.stage, self.module, probe, self.device)
         self.input_spec = self.specs[self.stage - 1] if not self.is_first else None
         self.output_spec = self.specs[self.stage] if not self.is_last else None
-        self._stage_sets, self.process_set = self._make_process_sets()
+        self._stage_sets, self.process_set = self._make_groups()
         self.optimizer = None
         if params:
             passes = schedules.backward_passes_per_step(schedule, self.config, self.stage, micro_batches)
-            self.optimizer = pipedap.DistributedOptimizer(optimizer(params), model=self.module, schedule=dp_schedule,
-                                                          backward_passes_per_step=passes,
-                                                          process_set=self.process_set)
+            self.optimizer = self.transport.stage_optimizer(optimizer(params), self.module, self.process_set,
+                                                            len(self.config.ranks(self.stage)), passes, dp_schedule)
         self._stash = schedules.stashes_weights(schedule, self.config, self.stage)
         self._sample_spec = tuple(TensorSpec.of(t) for t in probe()) if self.is_first else None
         self._start_run()
         log.info("pipeline: stage %d of %d (replica %d of %d), schedule %s, %d modules", self.stage,
                  self.num_stages, self.replica, len(self.config.ranks(self.stage)), schedule, len(self.module.body))
 
-    def _make_process_sets(self):
-        """One process set per stage (every rank creates all, in stage order); this stage's set."""
-        created, mine = [], None
-        for s in range(self.num_stages):
-            ranks = list(self.config.ranks(s))
-            if len(ranks) == engine.size():
-                ps = global_process_set
-            else:
-                ps = add_process_set(ranks)
-                created.append(ps)
-            if s == self.stage:
-                mine = ps
-        return created, mine
+    def _check_dp_schedule(self, dp_schedule: str) -> None:
+        """ValueError (on every rank: the config is agreed) when gloo would have to run dear or pipedap replicas."""
+        replicated = [s for s in range(self.config.num_stages) if len(self.config.ranks(s)) > 1]
+        if replicated and dp_schedule != "wfbp" and isinstance(self.transport, transport.TorchTransport):
+            raise ValueError(
+                f"dp_schedule={dp_schedule!r} for the replicas of stage {replicated[0]} needs PipeDAP's engine, but "
+                f"no MPI launcher started this job (rank {self.transport.rank} runs over {self.transport.name}, "
+                "which averages replicas like wfbp): launch with `mpirun -np "
+                f"{self.transport.size} python ...` for dear/pipedap, or use dp_schedule='wfbp'")
+
+    def _make_groups(self):
+        """One group per stage (every rank creates all, in stage order); the groups to remove, this stage's."""
+        groups = [self.transport.stage_group(list(self.config.ranks(s))) for s in range(self.num_stages)]
+        return groups, groups[self.stage]
 
     def parameters(self):
         return self.module.parameters()
@@ -201,13 +208,13 @@ class StageRuntime:
                 log.info("pipeline: %d/%d events, loss %.4f", i + 1, len(events), self._losses[-1])
         for work in self._sends:
             work.wait()
-        pipedap.flush(self.module)
+        self.transport.flush(self.module)
         return self._losses
 
     def _start_run(self) -> None:
         """The state of one train() call."""
         self._received: dict[tuple[int, int], Received] = {}  # (unit, kind) -> receive in flight
-        self._sends: list[engine.Work] = []
+        self._sends: list = []  # the transport's works in flight
         self._in_flight: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # unit -> (input, output or loss)
         self._losses: list[float] = []
         # for measurements: time.perf_counter() after each optimizer step; (arrival, seconds waited) per receive
@@ -228,7 +235,8 @@ class StageRuntime:
             peer = self._peer(self.stage + (1 if e.kind == schedules.BACKWARD else -1), e.unit) if wanted else None
             for kind, spec in wanted:
                 if (e.unit, kind) not in self._received:
-                    self._received[e.unit, kind] = receive_tensor(spec, peer, tag(e.unit, kind), device=self.device)
+                    self._received[e.unit, kind] = receive_tensor(spec, peer, tag(e.unit, kind), device=self.device,
+                                                                  transport=self.transport)
 
     def _take(self, unit: int, kind: int) -> torch.Tensor:
         started = time.perf_counter()
@@ -238,7 +246,7 @@ class StageRuntime:
         return tensor
 
     def _send(self, tensor: torch.Tensor, stage: int, unit: int, kind: int) -> None:
-        self._sends.append(send_tensor(tensor, self._peer(stage, unit), tag(unit, kind)))
+        self._sends.append(send_tensor(tensor, self._peer(stage, unit), tag(unit, kind), transport=self.transport))
 
     def _forward(self, unit: int) -> None:
         """Receive (or read) the unit's input, run the stage's modules, send the output on."""
@@ -263,7 +271,7 @@ class StageRuntime:
     def _backward(self, unit: int) -> None:
         """Receive the gradient of the unit's output, run backward, send the input's gradient back."""
         x, out = self._in_flight.pop(unit)
-        pipedap.flush(self.module)  # 1F1B's drain: a backward right after a lazy (dear/pipedap) step
+        self.transport.flush(self.module)  # 1F1B's drain: a backward right after a lazy (dear/pipedap) step
         if self.is_last:
             out.backward()
         elif out.requires_grad:
@@ -280,8 +288,13 @@ class StageRuntime:
         self.step_times.append(time.perf_counter())
 
     def close(self) -> None:
-        """Apply pending updates and remove the stages' process sets (every rank calls it)."""
-        pipedap.flush(self.module)
-        for ps in self._stage_sets:
-            remove_process_set(ps)
+        """Apply pending updates and remove the stages' groups (every rank calls it); the transport stays connected."""
+        self.transport.flush(self.module)
+        self.transport.remove_groups(self._stage_sets)
         self._stage_sets = []
+
+
+def _config_ranks(config) -> int:
+    """The number of ranks ``config`` places: the world size of a job no launcher started (raises if unreadable)."""
+    loaded = startup.PipelineConfig.load(config)
+    return len({r for s in range(loaded.num_stages) for r in loaded.ranks(s)})

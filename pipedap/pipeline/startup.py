@@ -1,8 +1,8 @@
-"""What every rank checks together before the first minibatch: the launcher, the config, the shapes.
+"""What every rank checks together before the first minibatch: the config and the shapes.
 
 A check that fails on one rank must fail on every rank, or the others would
 wait forever for its first tensor. So each check ends in :func:`agree`: one
-``allgather_object`` of every rank's error (or None), and the same error,
+``all_gather_object`` of every rank's error (or None), and the same error,
 naming each failing rank, is raised everywhere.
 """
 
@@ -11,31 +11,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from pipedap import comm, settings
 from pipedap.pipeline.communication import TensorSpec
 from pipedap.pipeline.config import PipelineConfig, PipelineConfigError
 
 
-def require_mpi_launcher(environ=None) -> None:
-    """RuntimeError unless this process was started by an MPI launcher (mpirun, or its PMI/PMIx peers)."""
-    environ = os.environ if environ is None else environ
-    if not any(var in environ for var in settings.RANK_VARIABLES):
-        raise RuntimeError(
-            "the pipeline runtime needs an MPI launcher for now: start every rank with "
-            "`mpirun -np N python your_script.py` (N: the ranks of the config's stage_to_rank_map), e.g. "
-            "`mpirun -np 2 python examples/pipeline_main.py`; none of "
-            f"{', '.join(settings.RANK_VARIABLES)} is set, so this process was started alone")
-
-
-def agree(error: str | None, what: str, value=None) -> list:
+def agree(transport, error: str | None, what: str, value=None) -> list:
     """Every rank's ``value``; raises on every rank, naming the failing ranks, if ``error`` is set on any."""
-    everyone = comm.allgather_object((error, value), name=f"pipeline.{what}")
+    everyone = transport.all_gather_object((error, value), what)
     ranks_of: dict[str, list[int]] = {}
     for r, (e, _) in enumerate(everyone):
         if e:
@@ -46,16 +33,16 @@ def agree(error: str | None, what: str, value=None) -> list:
     return [v for _, v in everyone]
 
 
-def checked_config(source, num_modules: int, world_size: int) -> PipelineConfig:
+def checked_config(transport, source, num_modules: int) -> PipelineConfig:
     """The config, validated on this rank and agreed on by every rank."""
     config, error = None, None
     try:
         config = PipelineConfig.load(source)
-        config.validate(num_modules, world_size)
+        config.validate(num_modules, transport.size)
     except PipelineConfigError as err:
         error = str(err)
     digest = "" if config is None else hashlib.sha256(json.dumps(config.to_dict()).encode()).hexdigest()[:12]
-    views = agree(error, "config", f"{num_modules} modules, config {digest}")
+    views = agree(transport, error, "config", f"{num_modules} modules, config {digest}")
     if len(set(views)) > 1:
         listing = "; ".join(f"rank {r}: {v}" for r, v in enumerate(views))
         raise PipelineConfigError(f"pipeline config: the ranks disagree ({listing}); every rank must start with "
@@ -97,7 +84,7 @@ def _probe(stage: int, num_stages: int, module: nn.Module, x: torch.Tensor, y: t
     return TensorSpec.of(out), TensorSpec.of(y)
 
 
-def boundary_specs(config: PipelineConfig, stage: int, module: nn.Module,
+def boundary_specs(transport, config: PipelineConfig, stage: int, module: nn.Module,
                    sample: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None, device) -> list:
     """``specs[s]`` = (activation, target) that stage s sends to stage s + 1, agreed by every rank.
 
@@ -122,7 +109,7 @@ def boundary_specs(config: PipelineConfig, stage: int, module: nn.Module,
                 mine = _probe(s, config.num_stages, module, x.to(device), y.to(device), source)
             except PipelineConfigError as err:
                 error = str(err)
-        everyone = agree(error, "shapes", mine)
+        everyone = agree(transport, error, "shapes", mine)
         outputs = {everyone[r] for r in config.ranks(s)}
         if len(outputs) > 1:
             raise PipelineConfigError(f"pipeline shapes: the replicas of stage {s} return different tensors "

@@ -1,6 +1,6 @@
 """Bad pipeline inputs and a stage that dies (tests/test_pipeline_failures_mpi.py).
 
-Usage, under mpirun with 3 ranks:
+Usage, under mpirun with 3 ranks (or 3 processes over gloo, tests/test_pipeline_gloo.py):
   pipeline_failures.py bad-inputs     each bad input must raise on every rank before training;
                                       prints ``BAD <case> rank <r>: <message>``
   pipeline_failures.py kill RANK      RANK kills itself (SIGKILL) in its 5th forward
@@ -16,11 +16,10 @@ import time
 import torch
 from torch import nn
 
-import pipedap
-from pipedap.pipeline import PipelineConfigError, StageRuntime
+from pipedap.pipeline import PipelineConfigError, StageRuntime, transport
 
-pipedap.init()
-R, P = pipedap.rank(), pipedap.size()
+T = transport.connect(timeout=15)  # gloo: a peer that stops answering fails a wait after 15 s
+R, P = T.rank, T.size
 MP3 = {"module_to_stage_map": [0, 1, 2, 2], "stage_to_rank_map": {"0": [0], "1": [1], "2": [2]}}
 
 
@@ -64,7 +63,7 @@ def bad_inputs() -> None:
             print(f"BAD {case} rank {R}: {err}", flush=True)
         else:
             sys.exit(f"rank {R}: {case}: no error")
-    pipedap.barrier()
+    T.all_gather_object(None, "done")
     print(f"BAD done rank {R}", flush=True)
 
 

@@ -1,6 +1,7 @@
 """The pipeline runtime against single-process training, fp64 (tests/test_pipeline_mpi.py).
 
-Usage: pipeline_training.py CASE [CASE ...], under mpirun at the case's size.
+Usage: pipeline_training.py CASE [CASE ...], under mpirun at the case's size, or
+as one process per rank with torch.distributed's environment (gloo; tests/test_pipeline_gloo.py).
 Each case trains a small MLP (4 blocks and a loss) with StageRuntime and
 prints, on every rank, ``CASE <name> rank <r> worst <d>``: the worst relative
 difference of this rank's stage parameters from the reference. The test
@@ -14,11 +15,11 @@ from pipeline_reference import replay_1f1b, worst_relative_difference
 from torch import nn
 
 import pipedap
-from pipedap.pipeline import StageRuntime, stashing
+from pipedap.pipeline import StageRuntime, stashing, transport
 
 torch.set_default_dtype(torch.float64)
-pipedap.init()
-R, P = pipedap.rank(), pipedap.size()
+T = transport.connect(timeout=60)
+R, P = T.rank, T.size
 BATCH, LR, MOMENTUM = 8, 0.1, 0.9
 
 
@@ -131,6 +132,16 @@ def case_1f1b_hybrid(name: str) -> None:
     runtime.close()
 
 
+def case_dear_refused(name: str) -> None:
+    """Over gloo a replicated stage cannot use dear: every rank must raise the explicit error."""
+    try:
+        run("00111", 4, {0: [0, 1], 1: [2]}, schedule="flush", micro_batches=4, dp_schedule="dear")
+    except ValueError as err:
+        print(f"CASE {name} rank {R} refused: {err}", flush=True)
+    else:
+        sys.exit(f"rank {R}: dear over {T.name} was not refused")
+
+
 CASES = {
     "no-pipelining": case_no_pipelining,
     "flush": case_flush,
@@ -142,6 +153,7 @@ CASES = {
     "1f1b": case_1f1b,
     "wrong-stash": case_wrong_stash,
     "1f1b-hybrid": case_1f1b_hybrid,
+    "dear-refused": case_dear_refused,
 }
 
 for case in sys.argv[1:]:
