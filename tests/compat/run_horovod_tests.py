@@ -114,6 +114,7 @@ def rank_job(outdir: Path, pytest_args: list[str]) -> int:
     import pytest
 
     rank = os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK") or "0"
+    (outdir / f"pid-{rank}").write_text(str(os.getpid()))  # mpirun gives ranks their own process groups
     recorder = OutcomeRecorder(outdir / f"rank-{rank}.jsonl")
     return int(pytest.main(["-p", "no:cacheprovider", "-q", "--rootdir", os.getcwd(), *pytest_args], plugins=[recorder]))
 
@@ -182,7 +183,8 @@ def mpirun_command(np: int, outdir: Path, pytest_args: list[str]) -> list[str]:
 
 def job_environment() -> dict:
     paths = [str(SHIM), str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)), str(FALLBACKS)]
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1",
+    # no third-party pytest plugins: Horovod's tests need none, and hypothesis' alone costs each rank ~2 s
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",
                 OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                 OMPI_MCA_rmaps_base_oversubscribe="1")
 
@@ -201,11 +203,11 @@ def run_job(np: int, pytest_args: list[str], cwd: Path, timeout: float, nodeids:
             output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            os.killpg(proc.pid, signal.SIGTERM)
+            kill_job(proc, outdir, signal.SIGTERM)
             try:
                 output, _ = proc.communicate(timeout=5)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_job(proc, outdir, signal.SIGKILL)
                 output, _ = proc.communicate()
         seconds = time.monotonic() - started
         if log_path is not None:
@@ -221,6 +223,21 @@ def run_job(np: int, pytest_args: list[str], cwd: Path, timeout: float, nodeids:
                     result["message"] = result["message"] or "the job ended before this test finished"
                     result["message"] += f" (exit code {proc.returncode}; last output: {last_line(output)})"
         return outcomes, timed_out, seconds
+
+
+def kill_job(proc: subprocess.Popen, outdir: Path, sig: int) -> None:
+    """Signal mpirun's process group and each rank (they run in process groups of their own)."""
+    groups = [proc.pid] if proc.poll() is None else []
+    for path in outdir.glob("pid-*"):
+        try:
+            groups.append(int(path.read_text()))
+        except ValueError:
+            pass
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def last_line(output: str) -> str:
