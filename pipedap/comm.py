@@ -115,6 +115,7 @@ def _allreduce_async(tensor, output, average, name, op, prescale_factor, postsca
     """``output=None``: allocate a new result tensor."""
     name = _name(name, "allreduce")
     op = _resolve_op(op, average)
+    engine.check_op(op, name)
     engine.check_tensor(tensor, name)
     check_member(process_set, name)
     output = torch.empty_like(tensor) if output is None else output
@@ -233,6 +234,7 @@ def reducescatter_async(tensor, name=None, op=Average, process_set=global_proces
     members get ``d0 // size + 1`` rows and the others ``d0 // size``.
     """
     name = _name(name, "reducescatter")
+    engine.check_op(op, name)
     engine.check_tensor(tensor, name)
     mine = check_member(process_set, name)
     if tensor.dim() == 0:

@@ -56,6 +56,34 @@ CommError = core.CommError
 Average = core.ReduceOp.AVERAGE
 Sum = core.ReduceOp.SUM
 
+
+class UnsupportedOp:
+    """A Horovod reduction pipedap does not implement: the name exists so that scripts import, and
+    every collective given it raises NotImplementedError naming it (Horovod's tests expect an error
+    that is a RuntimeError, which NotImplementedError is)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"pipedap.{self.name}"
+
+
+Adasum = UnsupportedOp("Adasum")
+Min = UnsupportedOp("Min")
+Max = UnsupportedOp("Max")
+Product = UnsupportedOp("Product")
+
+
+def check_op(op, what: str) -> None:
+    """``op`` is Average or Sum, or an error naming what pipedap supports."""
+    if op is Average or op is Sum:
+        return
+    if isinstance(op, UnsupportedOp):
+        raise NotImplementedError(f"{what}: op={op.name} is not supported by pipedap; use pipedap.Average or "
+                                  "pipedap.Sum")
+    raise ValueError(f"{what}: unknown op {op!r}; use pipedap.Average or pipedap.Sum")
+
 DTYPES = {
     torch.float32: core.DType.FLOAT32,
     torch.float64: core.DType.FLOAT64,
@@ -272,6 +300,7 @@ class Collective:
 def collective(kind, name: str, input: torch.Tensor, output: torch.Tensor, counts: list[int], op=Sum,
                root: int = 0, process_set: ProcessSet = global_process_set) -> Collective:
     """A checked collective of ``kind``; ``counts`` and ``root`` are relative to ``process_set``."""
+    check_op(op, name)
     check_tensor(input, name)
     if output.device != input.device or output.dtype != input.dtype:
         raise ValueError(f"{name}: output must match the input's device and dtype")

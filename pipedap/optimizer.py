@@ -344,6 +344,7 @@ def DistributedOptimizer(
         raise ValueError(f"schedule {schedule!r} needs model=: updates run just before each layer's forward")
     if compression is not Compression.none:
         raise NotImplementedError("DistributedOptimizer supports compression=Compression.none only")
+    engine.check_op(op, "DistributedOptimizer")
     if backward_passes_per_step < 1:
         raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
     comm.check_member(process_set, "DistributedOptimizer")

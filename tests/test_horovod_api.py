@@ -108,3 +108,24 @@ def test_warning_text_starts_as_horovods():
 
     assert SYNCHRONIZE_THEN_STEP.startswith(
         "optimizer.step() called without optimizer.skip_synchronize() context after optimizer.synchronize().")
+
+
+@pytest.mark.parametrize("name", ["Adasum", "Min", "Max", "Product"])
+def test_horovod_ops_pipedap_lacks_are_named_and_refused_as_not_implemented(name):
+    """Horovod's test_horovod_reducescatter_adasum expects a RuntimeError; the message says what works."""
+    hvd.init()
+    op = getattr(hvd, name)
+    assert name in hvd.__all__
+    model = torch.nn.Linear(1, 1)
+    for call in (lambda: hvd.allreduce(torch.ones(4), op=op), lambda: hvd.allreduce_async_(torch.ones(4), op=op),
+                 lambda: hvd.reducescatter(torch.ones(4), op=op),
+                 lambda: hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), op=op)):
+        with pytest.raises(NotImplementedError, match=f"op={name} is not supported by pipedap; use pipedap.Average"):
+            call()
+    assert issubclass(NotImplementedError, RuntimeError)
+
+
+def test_an_unknown_op_is_a_value_error():
+    hvd.init()
+    with pytest.raises(ValueError, match="unknown op 'max'"):
+        hvd.allreduce(torch.ones(4), op="max")
