@@ -182,8 +182,8 @@ def _exchange_shapes(tensor: torch.Tensor, name: str, process_set: ProcessSet) -
     engine.submit([engine.allgather_collective(mine, everyone, f"{name}.shapes", process_set)]).wait()
     shapes = [torch.Size(row[1 : int(row[0]) + 1].tolist()) for row in everyone.view(members, max_dims + 1)]
     for r, s in enumerate(shapes):
-        if s[1:] != tensor.shape[1:]:
-            raise ValueError(
+        if s[1:] != tensor.shape[1:]:  # every member sees every shape: each raises, and none submits the data
+            raise engine.CommError(
                 f"{name}: allgather needs the same shape on every rank except dim 0; "
                 f"rank {engine.rank()} has {tuple(tensor.shape)}, rank {process_set.ranks[r]} has {tuple(s)}"
             )
