@@ -23,7 +23,9 @@ __version__ = "0.1.0"
 # name -> module that defines it; loaded on first attribute access
 _LAZY = dict.fromkeys(
     ("init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
-     "nccl_built", "mpi_threads_supported", "CommError", "Average", "Sum"),
+     "nccl_built", "cuda_built", "mpi_built", "mpi_enabled", "gloo_built", "gloo_enabled", "ccl_built",
+     "ddl_built", "rocm_built", "mpi_threads_supported", "CommError", "Average", "Sum", "Adasum", "Min", "Max",
+     "Product"),
     "pipedap.engine",
 )
 _LAZY.update(dict.fromkeys(

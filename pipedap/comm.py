@@ -115,6 +115,7 @@ def _allreduce_async(tensor, output, average, name, op, prescale_factor, postsca
     """``output=None``: allocate a new result tensor."""
     name = _name(name, "allreduce")
     op = _resolve_op(op, average)
+    engine.check_op(op, name)
     engine.check_tensor(tensor, name)
     check_member(process_set, name)
     output = torch.empty_like(tensor) if output is None else output
@@ -181,8 +182,8 @@ def _exchange_shapes(tensor: torch.Tensor, name: str, process_set: ProcessSet) -
     engine.submit([engine.allgather_collective(mine, everyone, f"{name}.shapes", process_set)]).wait()
     shapes = [torch.Size(row[1 : int(row[0]) + 1].tolist()) for row in everyone.view(members, max_dims + 1)]
     for r, s in enumerate(shapes):
-        if s[1:] != tensor.shape[1:]:
-            raise ValueError(
+        if s[1:] != tensor.shape[1:]:  # every member sees every shape: each raises, and none submits the data
+            raise engine.CommError(
                 f"{name}: allgather needs the same shape on every rank except dim 0; "
                 f"rank {engine.rank()} has {tuple(tensor.shape)}, rank {process_set.ranks[r]} has {tuple(s)}"
             )
@@ -233,6 +234,7 @@ def reducescatter_async(tensor, name=None, op=Average, process_set=global_proces
     members get ``d0 // size + 1`` rows and the others ``d0 // size``.
     """
     name = _name(name, "reducescatter")
+    engine.check_op(op, name)
     engine.check_tensor(tensor, name)
     mine = check_member(process_set, name)
     if tensor.dim() == 0:

@@ -56,6 +56,34 @@ CommError = core.CommError
 Average = core.ReduceOp.AVERAGE
 Sum = core.ReduceOp.SUM
 
+
+class UnsupportedOp:
+    """A Horovod reduction pipedap does not implement: the name exists so that scripts import, and
+    every collective given it raises NotImplementedError naming it (Horovod's tests expect an error
+    that is a RuntimeError, which NotImplementedError is)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"pipedap.{self.name}"
+
+
+Adasum = UnsupportedOp("Adasum")
+Min = UnsupportedOp("Min")
+Max = UnsupportedOp("Max")
+Product = UnsupportedOp("Product")
+
+
+def check_op(op, what: str) -> None:
+    """``op`` is Average or Sum, or an error naming what pipedap supports."""
+    if op is Average or op is Sum:
+        return
+    if isinstance(op, UnsupportedOp):
+        raise NotImplementedError(f"{what}: op={op.name} is not supported by pipedap; use pipedap.Average or "
+                                  "pipedap.Sum")
+    raise ValueError(f"{what}: unknown op {op!r}; use pipedap.Average or pipedap.Sum")
+
 DTYPES = {
     torch.float32: core.DType.FLOAT32,
     torch.float64: core.DType.FLOAT64,
@@ -133,9 +161,73 @@ def local_size() -> int:
     return core.local_size()
 
 
-def nccl_built() -> bool:
-    """Whether this build can communicate CUDA tensors (over NCCL)."""
-    return core.nccl_built()
+# [Note: what this build has, in Horovod's words]
+# Horovod's scripts and tests ask which backends the library was built with
+# (``hvd.ccl_built()``, ``hvd.gloo_built() and not hvd.mpi_built()``, ...) and branch
+# on the answer. pipedap has one controller and one CPU data path, MPI, and
+# optionally NCCL for CUDA tensors; it has no Gloo, oneCCL, DDL or ROCm. Each
+# answer below is the truth for this build, never what Horovod would say.
+
+
+def nccl_built() -> int:
+    """Whether this build can communicate CUDA tensors over NCCL: as Horovod, the NCCL version
+    code (e.g. 22304 for 2.23.4; the library loaded at run time) when built with it, else 0."""
+    if not core.nccl_built():
+        return 0
+    return _nccl_version() or 1  # built with NCCL, version unreadable: still true
+
+
+def _nccl_version() -> int:
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libnccl.so.2")  # the one comm_core links (already loaded)
+        version = ctypes.c_int(0)
+        if lib.ncclGetVersion(ctypes.byref(version)) != 0:
+            return 0
+        return int(version.value)
+    except (OSError, AttributeError):
+        return 0
+
+
+def cuda_built() -> bool:
+    """Whether CUDA tensors can be communicated (pipedap moves them over NCCL only)."""
+    return bool(core.nccl_built())
+
+
+def mpi_built() -> bool:
+    """True: MPI is pipedap's controller and CPU data path."""
+    return True
+
+
+def mpi_enabled() -> bool:
+    """True: MPI is always in use at run time (there is no other controller)."""
+    return True
+
+
+def gloo_built() -> bool:
+    """False: pipedap has no Gloo backend."""
+    return False
+
+
+def gloo_enabled() -> bool:
+    """False: pipedap has no Gloo backend."""
+    return False
+
+
+def ccl_built() -> bool:
+    """False: pipedap has no oneCCL backend."""
+    return False
+
+
+def ddl_built() -> bool:
+    """False: pipedap has no IBM DDL backend."""
+    return False
+
+
+def rocm_built() -> bool:
+    """False: pipedap has no ROCm (RCCL) backend."""
+    return False
 
 
 def mpi_threads_supported() -> bool:
@@ -208,6 +300,7 @@ class Collective:
 def collective(kind, name: str, input: torch.Tensor, output: torch.Tensor, counts: list[int], op=Sum,
                root: int = 0, process_set: ProcessSet = global_process_set) -> Collective:
     """A checked collective of ``kind``; ``counts`` and ``root`` are relative to ``process_set``."""
+    check_op(op, name)
     check_tensor(input, name)
     if output.device != input.device or output.dtype != input.dtype:
         raise ValueError(f"{name}: output must match the input's device and dtype")

@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import warnings
 import weakref
 from collections.abc import Iterable
 
@@ -44,6 +45,13 @@ from pipedap.reducer import Reducer
 log = logging.getLogger("pipedap")
 
 SCHEDULES = ("wfbp", "dear", "pipedap")
+
+# Horovod's warning, word for word at the start (scripts and Horovod's tests match on it)
+SYNCHRONIZE_THEN_STEP = (
+    "optimizer.step() called without optimizer.skip_synchronize() context after optimizer.synchronize(). "
+    "This can cause training slowdown. You may want to consider using optimizer.skip_synchronize() "
+    "context if you use optimizer.synchronize() in your code."
+)
 
 # model -> optimizers wrapping it, for pipedap.flush(model)
 _optimizers_of_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -66,6 +74,9 @@ class _DistributedMixin:
         updated just before its next forward (or by ``synchronize()``).
         """
         reducer = self._pipedap
+        synchronized, self._pipedap_synchronized = getattr(self, "_pipedap_synchronized", False), False
+        if synchronized and not getattr(self, "_pipedap_skipping", False):
+            warnings.warn(SYNCHRONIZE_THEN_STEP, stacklevel=2)
         if reducer.plan is None:
             return self._pipedap_local_step(closure)
         if closure is not None and not reducer.plan.sync_before_forward:
@@ -90,14 +101,26 @@ class _DistributedMixin:
         the averaged gradients and ``step()`` will update at once. Otherwise: applies every
         pending update (after training, before evaluation or saving).
         """
-        self._pipedap.synchronize()
+        reducer = self._pipedap
+        reducer.synchronize()
+        # only a synchronize() between backward and step() makes the next step() warn (not one that
+        # applied pending updates after training); one rank has nothing to synchronize
+        self._pipedap_synchronized = reducer.plan is not None and reducer.grads_complete
 
     @contextlib.contextmanager
     def skip_synchronize(self):
-        """Horovod's idiom: ``synchronize()``, modify gradients, then ``step()`` inside this block."""
+        """Horovod's idiom: ``synchronize()``, modify gradients, then ``step()`` inside this block.
+
+        ``step()`` after ``synchronize()`` outside this block warns (as Horovod does); the update is
+        the same either way.
+        """
         if self._pipedap.plan is not None and not self._pipedap.grads_complete:
             raise RuntimeError("skip_synchronize(): call optimizer.synchronize() first, after backward")
-        yield
+        previous, self._pipedap_skipping = getattr(self, "_pipedap_skipping", False), True
+        try:
+            yield
+        finally:
+            self._pipedap_skipping = previous
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -157,6 +180,20 @@ class _DistributedMixin:
             for group, original in zip(self.param_groups, saved):
                 group.clear()
                 group.update(original)
+
+
+def _check_named_parameters(named_parameters) -> list[tuple[str, torch.nn.Parameter]]:
+    """``named_parameters`` as a list of (name, parameter) with unique names, or Horovod's ValueError."""
+    named = list(named_parameters)  # may be a generator (model.named_parameters()): read it once
+    if any(not isinstance(item, tuple) for item in named):
+        raise ValueError("named_parameters should be a sequence of tuples (name, parameter), usually produced "
+                         "by model.named_parameters()")
+    seen: set[str] = set()
+    duplicates = sorted({name for name, _ in named if name in seen or seen.add(name)})
+    if duplicates:
+        raise ValueError("Parameter names in named_parameters must be unique. Found duplicates: "
+                         + ", ".join(duplicates))
+    return named
 
 
 def _named_trainable(optimizer, model, named_parameters) -> list[tuple[str, torch.nn.Parameter]]:
@@ -298,6 +335,8 @@ def DistributedOptimizer(
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, _DistributedMixin):
         raise ValueError("this optimizer is already wrapped by pipedap.DistributedOptimizer")
+    if named_parameters is not None:  # checked before anything communicates, as Horovod does
+        named_parameters = _check_named_parameters(named_parameters)
     schedule = (schedule or settings.get("PIPEDAP_SCHEDULE") or ("pipedap" if model is not None else "wfbp")).lower()
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
@@ -305,6 +344,7 @@ def DistributedOptimizer(
         raise ValueError(f"schedule {schedule!r} needs model=: updates run just before each layer's forward")
     if compression is not Compression.none:
         raise NotImplementedError("DistributedOptimizer supports compression=Compression.none only")
+    engine.check_op(op, "DistributedOptimizer")
     if backward_passes_per_step < 1:
         raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
     comm.check_member(process_set, "DistributedOptimizer")

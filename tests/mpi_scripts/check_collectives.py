@@ -132,6 +132,16 @@ x = torch.ones(4, requires_grad=True)
 hvd.allreduce(x, op=hvd.Sum, name="autograd").sum().backward()
 check(x.grad, torch.full((4,), float(P)), "allreduce backward")
 
+# a cross-rank mismatch is a CommError (a RuntimeError, as Horovod's) on every rank, and the ranks go on
+if P > 1:
+    try:
+        hvd.allgather(torch.ones(2, R + 1), name="mismatched")
+        sys.exit("allgather of (2, r + 1) tensors should raise")
+    except hvd.CommError as e:
+        assert isinstance(e, RuntimeError) and "same shape on every rank except dim 0" in str(e), e
+    check(hvd.allgather(torch.full((1, 2), float(R)), name="after.mismatch"),
+          torch.arange(P, dtype=torch.float32).repeat_interleave(2).view(P, 2), "allgather after a mismatch")
+
 # objects, barrier, poll
 obj = hvd.broadcast_object({"rank": R, "data": list(range(R + 3))}, root_rank=P - 1)
 assert obj == {"rank": P - 1, "data": list(range(P + 2))}, obj
