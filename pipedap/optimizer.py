@@ -74,8 +74,7 @@ class _DistributedMixin:
         updated just before its next forward (or by ``synchronize()``).
         """
         reducer = self._pipedap
-        synchronized, self._pipedap_synchronized = getattr(self, "_pipedap_synchronized", False), False
-        if synchronized and not getattr(self, "_pipedap_skipping", False):
+        if reducer.grads_complete and not reducer.skipping_synchronize:
             warnings.warn(SYNCHRONIZE_THEN_STEP, stacklevel=2)
         if reducer.plan is None:
             return self._pipedap_local_step(closure)
@@ -101,11 +100,7 @@ class _DistributedMixin:
         the averaged gradients and ``step()`` will update at once. Otherwise: applies every
         pending update (after training, before evaluation or saving).
         """
-        reducer = self._pipedap
-        reducer.synchronize()
-        # only a synchronize() between backward and step() makes the next step() warn (not one that
-        # applied pending updates after training); one rank has nothing to synchronize
-        self._pipedap_synchronized = reducer.plan is not None and reducer.grads_complete
+        self._pipedap.synchronize()
 
     @contextlib.contextmanager
     def skip_synchronize(self):
@@ -116,11 +111,11 @@ class _DistributedMixin:
         """
         if self._pipedap.plan is not None and not self._pipedap.grads_complete:
             raise RuntimeError("skip_synchronize(): call optimizer.synchronize() first, after backward")
-        previous, self._pipedap_skipping = getattr(self, "_pipedap_skipping", False), True
+        previous, self._pipedap.skipping_synchronize = self._pipedap.skipping_synchronize, True
         try:
             yield
         finally:
-            self._pipedap_skipping = previous
+            self._pipedap.skipping_synchronize = previous
 
     @contextlib.contextmanager
     def no_sync(self):

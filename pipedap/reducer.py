@@ -61,7 +61,8 @@ class Reducer:
         self.pending_step = _PendingStep(1.0, [])
         self.module_buckets: dict[torch.nn.Module, list[int]] = {}
         self.sync_enabled = True  # False inside no_sync()
-        self.grads_complete = False  # synchronize() ran between backward and step()
+        self.grads_complete = False  # synchronize() ran between backward and step() (step() then warns ...)
+        self.skipping_synchronize = False  # ... unless inside skip_synchronize(), as Horovod
         self.clip_coef: float | None = None  # set by clip_grad_norm_ for this step
         self._lock = threading.Lock()  # gradient hooks may run on autograd's device threads
         self._forward_end_hook = None
