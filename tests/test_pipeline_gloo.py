@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from mpi_launch import run_ranks
+from pipeline_output import worst
 
 TOLERANCE = 1e-12
 CASES = {2: ["no-pipelining", "flush", "1f1b", "wrong-stash"], 3: ["no-pipelining", "flush", "1f1b", "dear-refused"]}
@@ -35,10 +36,6 @@ def runs():
     return output
 
 
-def worst(output: str, case: str, np: int) -> list[float]:
-    found = dict(re.findall(rf"^CASE {re.escape(case)} rank (\d+) worst (\S+)$", output, re.M))
-    assert sorted(map(int, found)) == list(range(np)), f"{case}: not every rank reported:\n{output}"
-    return [float(v) for v in found.values()]
 
 
 @pytest.mark.parametrize("np, case", [(np, c) for np, cases in CASES.items() for c in cases

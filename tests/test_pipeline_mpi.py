@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from mpi_launch import assert_ok, run_mpi
+from pipeline_output import worst
 
 pytestmark = pytest.mark.mpi
 TOLERANCE = 1e-12
@@ -40,11 +41,6 @@ def runs() -> dict[int, str]:
     return output
 
 
-def worst(output: str, case: str, np: int) -> list[float]:
-    """The case's worst relative difference on every rank (each rank must report it)."""
-    found = dict(re.findall(rf"^CASE {re.escape(case)} rank (\d+) worst (\S+)$", output, re.M))
-    assert sorted(map(int, found)) == list(range(np)), f"{case}: not every rank reported:\n{output}"
-    return [float(v) for v in found.values()]
 
 
 @pytest.mark.parametrize("np, case", [(np, c) for np, cases in CASES.items() for c in cases
