@@ -263,11 +263,3 @@ def _pick(value, environ, variable: str, flag: str, kind, default=None):
         f"runs over torch.distributed with gloo and needs {variable}: pass {flag} (or set {variable}), e.g. "
         "`python examples/pipeline_main.py --rank 0 --master_addr localhost` on every rank with its own --rank; "
         "or start every rank with `mpirun -np N python your_script.py`")
-
-
-def disconnect() -> None:
-    """Close this process's transport (a later :func:`connect` starts a new one)."""
-    global _connected
-    if _connected is not None:
-        _connected.close()
-        _connected = None
