@@ -20,8 +20,8 @@ import subprocess
 import sys
 
 # The extension's C++ sources (comm_core/src); the device backend is added by nccl_settings().
-CORE_SOURCES = ["agreement.cc", "bindings.cc", "dtype.cc", "engine.cc", "host_collectives.cc", "mpi_util.cc", "op.cc",
-                "p2p.cc", "process_set.cc", "status.cc", "watchdog.cc"]
+CORE_SOURCES = ["agreement.cc", "bindings.cc", "dtype.cc", "engine.cc", "host_collectives.cc", "join.cc", "mpi_util.cc",
+                "op.cc", "p2p.cc", "process_set.cc", "status.cc", "watchdog.cc"]
 
 
 def log(message: str) -> None:

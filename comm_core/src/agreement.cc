@@ -39,10 +39,9 @@ void post_exchange(const Communicator& c, int tag, const void* mine, size_t byte
 
 }  // namespace
 
-Fingerprint fingerprint_of(int64_t seq, const std::vector<OpSpec>& ops, int32_t flags) {
+Fingerprint fingerprint_of(int64_t seq, const std::vector<OpSpec>& ops) {
   Fingerprint f;
   f.seq = seq;
-  f.flags = flags;
   f.nops = static_cast<int32_t>(ops.size());
   uint64_t h = 1469598103934665603ULL;
   for (const OpSpec& op : ops) {
@@ -52,11 +51,24 @@ Fingerprint fingerprint_of(int64_t seq, const std::vector<OpSpec>& ops, int32_t 
     const int64_t ncounts = static_cast<int64_t>(op.counts.size());
     h = fnv1a(h, &ncounts, sizeof ncounts);
     h = fnv1a(h, op.counts.data(), op.counts.size() * sizeof(int64_t));
-    const int64_t nname = static_cast<int64_t>(op.name.size());
-    h = fnv1a(h, &nname, sizeof nname);
-    h = fnv1a(h, op.name.data(), op.name.size());
+    const int64_t nshape = static_cast<int64_t>(op.shape.size());
+    h = fnv1a(h, &nshape, sizeof nshape);
+    h = fnv1a(h, op.shape.data(), op.shape.size() * sizeof(int64_t));
+    if (op.name_agreed) {
+      const int64_t nname = static_cast<int64_t>(op.name.size());
+      h = fnv1a(h, &nname, sizeof nname);
+      h = fnv1a(h, op.name.data(), op.name.size());
+    }
   }
   f.hash = h;
+  return f;
+}
+
+Fingerprint join_fingerprint(int64_t seq, int64_t joined_at) {
+  Fingerprint f;
+  f.seq = seq;
+  f.hash = static_cast<uint64_t>(joined_at);
+  f.flags = kJoined;
   return f;
 }
 
@@ -81,9 +93,32 @@ bool Agreement::complete() {
   return done != 0;
 }
 
-bool Agreement::agreed() const {
-  return std::all_of(all_.begin(), all_.end(),
-                     [&](const Fingerprint& f) { return f.hash == all_[0].hash && f.seq == all_[0].seq && f.flags == 0; });
+Verdict Agreement::verdict() const {
+  const auto first_active = std::find_if(all_.begin(), all_.end(), [](const Fingerprint& f) { return !(f.flags & kJoined); });
+  if (first_active == all_.end()) return Verdict::kAllJoined;
+  bool same = true;
+  for (const Fingerprint& f : all_) {
+    if (f.seq != all_[0].seq) return Verdict::kDiffer;
+    if (!(f.flags & kJoined) && f.hash != first_active->hash) same = false;
+  }
+  if (!same) return Verdict::kDiffer;
+  return joined().empty() ? Verdict::kAgreed : Verdict::kJoinRound;
+}
+
+std::vector<int> Agreement::joined() const {
+  std::vector<int> ranks;
+  for (size_t r = 0; r < all_.size(); ++r) {
+    if (all_[r].flags & kJoined) ranks.push_back(static_cast<int>(r));
+  }
+  return ranks;
+}
+
+int Agreement::last_joined() const {
+  int last = 0;
+  for (size_t r = 1; r < all_.size(); ++r) {
+    if (all_[r].hash >= all_[last].hash) last = static_cast<int>(r);
+  }
+  return last;
 }
 
 std::string Agreement::explain(const ProcessSet& set, const std::string& my_description,
@@ -101,17 +136,11 @@ std::string Agreement::explain(const ProcessSet& set, const std::string& my_desc
   // Ranks that submitted the same thing are named together, in rank order.
   std::map<std::pair<uint64_t, std::string>, std::vector<int>> groups;
   std::vector<std::pair<uint64_t, std::string>> order;
-  std::string objections;
   for (int r = 0; r < side.size; ++r) {
     const std::string what(all.data() + r * kDescriptionBytes);
     const auto key = std::make_pair(all_[r].hash, what);
     if (groups.find(key) == groups.end()) order.push_back(key);
     groups[key].push_back(set.ranks[r]);
-    if (all_[r].flags & kNameInFlight) {
-      objections += " Rank " + std::to_string(set.ranks[r]) + " submitted " + what +
-                    " while an operation of the same name was still in flight there: names must be unique among "
-                    "unfinished operations (synchronize the first one, or give them different names).";
-    }
   }
   std::string message;
   if (order.size() > 1) {
@@ -125,12 +154,12 @@ std::string Agreement::explain(const ProcessSet& set, const std::string& my_desc
       message += " (alike in these words, they differ in what the words leave out: the reduction, sum or "
                  "average, or the tail of a long group)";
     }
-    message += ". Every rank must submit the same collectives (kind, name, element count, dtype, root) in the same "
+    message += ". Every rank must submit the same collectives (kind, name, element count, shape, dtype, root) in the same "
                "order: look for a rank-dependent branch or an extra collective on some ranks.";
   } else {
     message = set.operation(all_[0].seq) + " was refused.";
   }
-  return message + objections + " It ran on no rank (no buffer was touched).";
+  return message + " It ran on no rank (no buffer was touched).";
 }
 
 }  // namespace pipedap

@@ -6,7 +6,7 @@
 // match the wrong messages: truncation errors at best, heap corruption at
 // worst (a message written into a buffer that was already released). So before
 // a submission's data moves, every rank sends a 24-byte fingerprint of it
-// (kind, name, counts, dtype, reduce, root, device) to every other rank, on a
+// (kind, name, counts, shape, dtype, reduce, root, device) to every other rank, on a
 // communicator of its own. On a process set (process_set.h) "every rank" means
 // every member, on the set's own agreement communicator, with the set's own
 // sequence numbers. Equal fingerprints: the data phase runs. Different
@@ -35,17 +35,29 @@
 
 namespace pipedap {
 
-// Why a rank objects to its own submission (bits of Fingerprint::flags).
-enum FingerprintFlag : int32_t { kNameInFlight = 1 };
+// Bits of Fingerprint::flags.
+enum FingerprintFlag : int32_t {
+  kJoined = 1,  // the rank waits in join() (engine.h, [Note: join]); `hash` holds the sequence number it joined at
+};
 
 struct Fingerprint {
   int64_t seq = 0;
-  uint64_t hash = 0;  // of every op's kind, name, counts, dtype, reduce, root and device kind
+  uint64_t hash = 0;  // of every op's kind, name, counts, shape, dtype, reduce, root and device kind
   int32_t flags = 0;
   int32_t nops = 0;
 };
 
-Fingerprint fingerprint_of(int64_t seq, const std::vector<OpSpec>& ops, int32_t flags);
+Fingerprint fingerprint_of(int64_t seq, const std::vector<OpSpec>& ops);
+// The fingerprint of a rank in join() at round `seq`, having joined at `joined_at`.
+Fingerprint join_fingerprint(int64_t seq, int64_t joined_at);
+
+// What the fingerprints of one round say.
+enum class Verdict {
+  kAgreed,     // every rank submitted the same thing: it runs
+  kDiffer,     // they differ: it runs nowhere (explain says why)
+  kJoinRound,  // the ranks that have not joined agree; the joined ones take part (engine.h, [Note: join])
+  kAllJoined,  // every rank is in join(): it returns
+};
 
 // One submission's fingerprint exchange. Its buffers must outlive the request:
 // the engine never destroys a pending Agreement (see Engine::abandoned_).
@@ -58,8 +70,12 @@ class Agreement {
   // Waits until every rank's fingerprint arrived (and ours left).
   void wait(const PollPolicy& poll, int rank);
   bool complete();  // progresses it; true once every rank's fingerprint arrived
-  // After completion: every rank submitted the same thing and none objects.
-  bool agreed() const;
+  // After completion.
+  Verdict verdict() const;
+  // After completion: the ranks within the set that are in join(), ascending.
+  std::vector<int> joined() const;
+  // kAllJoined: the rank within the set that joined last (the highest of those that joined together).
+  int last_joined() const;
   // After completion, when not agreed: a collective on the set's side
   // communicator (every member calls it for the same submission) that returns
   // the message this rank raises, naming the members by world rank.

@@ -3,20 +3,52 @@
 namespace pipedap {
 namespace {
 
-template <typename T>
-void add_native(void* dst, const void* a, const void* b, size_t n) {
+struct Add {
+  template <typename T> T operator()(T x, T y) const { return static_cast<T>(x + y); }
+};
+struct Minimum {
+  template <typename T> T operator()(T x, T y) const { return y < x ? y : x; }
+};
+struct Maximum {
+  template <typename T> T operator()(T x, T y) const { return x < y ? y : x; }
+};
+struct Multiply {
+  template <typename T> T operator()(T x, T y) const { return static_cast<T>(x * y); }
+};
+
+template <typename T, typename Op>
+void combine_native(void* dst, const void* a, const void* b, size_t n) {
   T* d = static_cast<T*>(dst);
   const T* x = static_cast<const T*>(a);
   const T* y = static_cast<const T*>(b);
-  for (size_t i = 0; i < n; ++i) d[i] = x[i] + y[i];
+  const Op op;
+  for (size_t i = 0; i < n; ++i) d[i] = op(x[i], y[i]);
 }
 
-template <float (*ToFloat)(uint16_t), uint16_t (*FromFloat)(float)>
-void add_16bit(void* dst, const void* a, const void* b, size_t n) {
+// 16-bit floats: widened to float32 for each operation and rounded back (see dtype.h).
+template <float (*ToFloat)(uint16_t), uint16_t (*FromFloat)(float), typename Op>
+void combine_16bit(void* dst, const void* a, const void* b, size_t n) {
   uint16_t* d = static_cast<uint16_t*>(dst);
   const uint16_t* x = static_cast<const uint16_t*>(a);
   const uint16_t* y = static_cast<const uint16_t*>(b);
-  for (size_t i = 0; i < n; ++i) d[i] = FromFloat(ToFloat(x[i]) + ToFloat(y[i]));
+  const Op op;
+  for (size_t i = 0; i < n; ++i) d[i] = FromFloat(op(ToFloat(x[i]), ToFloat(y[i])));
+}
+
+template <typename Op>
+void combine(DType t, void* dst, const void* a, const void* b, size_t n) {
+  switch (t) {
+    case DType::kFloat32: return combine_native<float, Op>(dst, a, b, n);
+    case DType::kFloat64: return combine_native<double, Op>(dst, a, b, n);
+    case DType::kInt32: return combine_native<int32_t, Op>(dst, a, b, n);
+    case DType::kInt64: return combine_native<int64_t, Op>(dst, a, b, n);
+    case DType::kUInt8: return combine_native<uint8_t, Op>(dst, a, b, n);
+    case DType::kInt8: return combine_native<int8_t, Op>(dst, a, b, n);
+    case DType::kInt16: return combine_native<int16_t, Op>(dst, a, b, n);
+    case DType::kFloat16: return combine_16bit<half_to_float, float_to_half, Op>(dst, a, b, n);
+    case DType::kBFloat16: return combine_16bit<bf16_to_float, float_to_bf16, Op>(dst, a, b, n);
+  }
+  throw std::invalid_argument("reduce: unknown dtype");
 }
 
 // True division (not multiplication by 1/divisor) so that an average equals
@@ -35,18 +67,26 @@ void divide_16bit(void* buf, size_t n, float divisor) {
 
 }  // namespace
 
-void reduce_sum(DType t, void* dst, const void* a, const void* b, size_t n) {
-  switch (t) {
-    case DType::kFloat32: return add_native<float>(dst, a, b, n);
-    case DType::kFloat64: return add_native<double>(dst, a, b, n);
-    case DType::kInt32: return add_native<int32_t>(dst, a, b, n);
-    case DType::kInt64: return add_native<int64_t>(dst, a, b, n);
-    case DType::kUInt8: return add_native<uint8_t>(dst, a, b, n);
-    case DType::kInt8: return add_native<int8_t>(dst, a, b, n);
-    case DType::kFloat16: return add_16bit<half_to_float, float_to_half>(dst, a, b, n);
-    case DType::kBFloat16: return add_16bit<bf16_to_float, float_to_bf16>(dst, a, b, n);
+const char* reduce_op_name(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum: return "sum";
+    case ReduceOp::kAverage: return "average";
+    case ReduceOp::kMin: return "min";
+    case ReduceOp::kMax: return "max";
+    case ReduceOp::kProduct: return "product";
   }
-  throw std::invalid_argument("reduce_sum: unknown dtype");
+  return "unknown";
+}
+
+void reduce(ReduceOp op, DType t, void* dst, const void* a, const void* b, size_t n) {
+  switch (op) {
+    case ReduceOp::kSum:
+    case ReduceOp::kAverage: return combine<Add>(t, dst, a, b, n);
+    case ReduceOp::kMin: return combine<Minimum>(t, dst, a, b, n);
+    case ReduceOp::kMax: return combine<Maximum>(t, dst, a, b, n);
+    case ReduceOp::kProduct: return combine<Multiply>(t, dst, a, b, n);
+  }
+  throw std::invalid_argument("reduce: unknown reduction");
 }
 
 void divide_inplace(DType t, void* buf, size_t n, int64_t divisor) {
@@ -58,6 +98,7 @@ void divide_inplace(DType t, void* buf, size_t n, int64_t divisor) {
     case DType::kInt64: return divide_native<int64_t>(buf, n, divisor);
     case DType::kUInt8: return divide_native<uint8_t>(buf, n, static_cast<uint8_t>(divisor));
     case DType::kInt8: return divide_native<int8_t>(buf, n, static_cast<int8_t>(divisor));
+    case DType::kInt16: return divide_native<int16_t>(buf, n, static_cast<int16_t>(divisor));
     case DType::kFloat16:
       return divide_16bit<half_to_float, float_to_half>(buf, n, static_cast<float>(divisor));
     case DType::kBFloat16:

@@ -19,9 +19,12 @@ namespace pipedap {
 // The numeric values are part of the Python binding (pipedap/comm.py maps
 // torch dtypes to them): never renumber.
 enum class DType : int {
-  kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3, kInt32 = 4, kInt64 = 5, kUInt8 = 6, kInt8 = 7
+  kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3, kInt32 = 4, kInt64 = 5, kUInt8 = 6, kInt8 = 7, kInt16 = 8
 };
-enum class ReduceOp : int { kSum = 0, kAverage = 1 };
+// Average is a sum divided by the number of ranks after the reduction.
+enum class ReduceOp : int { kSum = 0, kAverage = 1, kMin = 2, kMax = 3, kProduct = 4 };
+
+const char* reduce_op_name(ReduceOp op);
 
 inline size_t dtype_size(DType t) {
   switch (t) {
@@ -33,6 +36,7 @@ inline size_t dtype_size(DType t) {
     case DType::kInt64: return 8;
     case DType::kUInt8: return 1;
     case DType::kInt8: return 1;
+    case DType::kInt16: return 2;
   }
   throw std::invalid_argument("unknown dtype code " + std::to_string(static_cast<int>(t)));
 }
@@ -47,12 +51,13 @@ inline const char* dtype_name(DType t) {
     case DType::kInt64: return "int64";
     case DType::kUInt8: return "uint8";
     case DType::kInt8: return "int8";
+    case DType::kInt16: return "int16";
   }
   return "unknown";
 }
 
 inline bool dtype_is_integer(DType t) {
-  return t == DType::kInt32 || t == DType::kInt64 || t == DType::kUInt8 || t == DType::kInt8;
+  return t == DType::kInt32 || t == DType::kInt64 || t == DType::kUInt8 || t == DType::kInt8 || t == DType::kInt16;
 }
 
 // --- 16-bit float conversions (bit-exact IEEE 754 binary16 / bfloat16) -------
@@ -126,8 +131,9 @@ inline uint16_t float_to_bf16(float f) {
 
 // --- kernels -----------------------------------------------------------------
 
-// dst[i] = a[i] + b[i] for n elements; dst may alias a or b.
-void reduce_sum(DType t, void* dst, const void* a, const void* b, size_t n);
+// dst[i] = a[i] (op) b[i] for n elements; dst may alias a or b. Average adds
+// (the division follows the whole reduction: divide_inplace).
+void reduce(ReduceOp op, DType t, void* dst, const void* a, const void* b, size_t n);
 
 // buf[i] /= divisor (integers truncate toward zero).
 void divide_inplace(DType t, void* buf, size_t n, int64_t divisor);

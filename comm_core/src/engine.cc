@@ -1,8 +1,10 @@
 #include "engine.h"
 
 #include <chrono>
+#include <set>
 #include <stdexcept>
 
+#include "join.h"
 #include "mpi_util.h"
 
 namespace pipedap {
@@ -42,6 +44,16 @@ Communicator duplicate(MPI_Comm parent, const char* what) {
   return c;
 }
 
+// The lowest rank within the set that is not in `joined` (ascending): who leads a join round.
+int lowest_not_in(const std::vector<int>& joined) {
+  int r = 0;
+  for (int j : joined) {
+    if (j != r) break;
+    ++r;
+  }
+  return r;
+}
+
 // A send's or receive's peer and tag (the rest is checked as for a collective).
 void validate_p2p(const OpSpec& op, const ProcessSet& set, const std::string& what) {
   const int size = static_cast<int>(set.ranks.size());
@@ -58,6 +70,14 @@ void validate_p2p(const OpSpec& op, const ProcessSet& set, const std::string& wh
                                 "]: point-to-point tags are MPI tags, and every MPI allows up to " +
                                 std::to_string(kMaxTag));
   }
+}
+
+void validate_join(const std::vector<OpSpec>& ops, const ProcessSet& set, const std::string& what) {
+  if (ops.size() != 1) throw std::invalid_argument(what + "join is submitted alone, not in a group");
+  if (set.id != 0) {
+    throw std::invalid_argument(what + "join runs on the world (process set 0): it covers the world's collectives");
+  }
+  if (ops.front().device >= 0) throw std::invalid_argument(what + "join is a host operation (device=-1)");
 }
 
 }  // namespace
@@ -146,11 +166,17 @@ void Engine::validate(const std::vector<OpSpec>& ops, const ProcessSet& set) con
                                   "collectives: submit them separately");
     }
     if (p2p) validate_p2p(op, set, what);
+    if (op.kind == OpKind::kJoin) validate_join(ops, set, what);
     const bool per_rank = op.kind == OpKind::kReduceScatter || op.kind == OpKind::kAllGather;
-    const size_t want = per_rank ? static_cast<size_t>(size) : op.kind == OpKind::kBarrier ? 0 : 1;
+    const bool matrix = op.kind == OpKind::kAllToAll;
+    const size_t want = per_rank ? static_cast<size_t>(size)
+                        : matrix ? static_cast<size_t>(size) * size
+                        : op.kind == OpKind::kBarrier || op.kind == OpKind::kJoin ? 0 : 1;
     if (op.counts.size() != want) {
       throw std::invalid_argument(what + "needs " + std::to_string(want) + " count(s), got " +
-                                  std::to_string(op.counts.size()) + (per_rank ? " (one per member of the set)" : ""));
+                                  std::to_string(op.counts.size()) +
+                                  (per_rank ? " (one per member of the set)"
+                                   : matrix ? " (a members x members matrix: what each sends to each)" : ""));
     }
     for (int64_t n : op.counts) {
       if (n < 0) throw std::invalid_argument(what + "negative element count " + std::to_string(n));
@@ -162,8 +188,16 @@ void Engine::validate(const std::vector<OpSpec>& ops, const ProcessSet& set) con
     // Each buffer must exist if it holds elements (this rank's block may be empty).
     const int64_t total = op.total_count();
     const int64_t mine = per_rank ? op.counts[set.rank] : total;
-    const int64_t in_count = op.kind == OpKind::kAllGather ? mine : op.kind == OpKind::kRecv ? 0 : total;
-    const int64_t out_count = op.kind == OpKind::kReduceScatter ? mine : op.kind == OpKind::kSend ? 0 : total;
+    int64_t in_count = op.kind == OpKind::kAllGather ? mine : op.kind == OpKind::kRecv ? 0 : total;
+    int64_t out_count = op.kind == OpKind::kReduceScatter ? mine : op.kind == OpKind::kSend ? 0 : total;
+    if (matrix) {  // row set.rank is sent, column set.rank received
+      in_count = out_count = 0;
+      for (int j = 0; j < size; ++j) {
+        in_count += op.counts[static_cast<size_t>(set.rank) * size + j];
+        out_count += op.counts[static_cast<size_t>(j) * size + set.rank];
+      }
+    }
+    if (op.kind == OpKind::kJoin) out_count = 1;
     if ((in_count > 0 && op.input == 0) || (out_count > 0 && op.output == 0)) {
       throw std::invalid_argument(what + "null buffer address");
     }
@@ -190,28 +224,42 @@ std::shared_ptr<Handle> Engine::submit(std::vector<OpSpec> ops, int process_set)
 
 std::shared_ptr<Handle> Engine::enqueue(const std::shared_ptr<ProcessSet>& set, std::vector<OpSpec> ops) {
   if (stopping_) throw CommError("submit: pipedap is shutting down; call pipedap.init() again");
+  if (joining_) {
+    throw CommError("submit: " + describe(ops, *set) + " on rank " + std::to_string(world_.rank) +
+                    ": this rank is in join() and submits nothing until it returns");
+  }
+  const bool p2p = is_p2p_op(ops.front().kind);
+  if (!p2p) {  // Horovod's rule: a name may not be reused while an operation of that name is unfinished
+    std::set<std::string> names;
+    for (const OpSpec& op : ops) {
+      const bool named = op.kind != OpKind::kBarrier && op.kind != OpKind::kJoin && !is_process_set_op(op.kind);
+      if (named && (set->names_in_flight.count(op.name) || !names.insert(op.name).second)) {
+        throw std::invalid_argument(op.describe() + " on rank " + std::to_string(world_.rank) +
+                                    ": an operation named '" + op.name + "' is still in flight" +
+                                    (set->id == 0 ? "" : " on " + set->label()) +
+                                    "; names must be unique among unfinished operations (synchronize the first "
+                                    "one, or give them different names)");
+      }
+    }
+  }
   if (ops.front().device >= 0) {
     for (OpSpec& op : ops) device_backend().prepare(op);
   }
-  if (is_p2p_op(ops.front().kind)) {  // not agreed: numbered apart, and names are free (p2p.h)
+  if (p2p) {  // not agreed: numbered apart, and names are free (p2p.h)
     auto handle = std::make_shared<Handle>(set->next_p2p_seq++, describe(ops, *set));
     handle->set_enqueue_ns(monotonic_ns());
     queue_.push_back(Submission{set, std::move(ops), handle, Fingerprint{}, nullptr});
     return handle;
   }
-  // Horovod's rule: a name may not be reused while an operation of that name is unfinished.
-  int32_t flags = 0;
-  for (const OpSpec& op : ops) {
-    const bool named = op.kind != OpKind::kBarrier && !is_process_set_op(op.kind);
-    if (named && set->names_in_flight.count(op.name)) flags |= kNameInFlight;
-    set->names_in_flight.insert(op.name);
-  }
+  for (const OpSpec& op : ops) set->names_in_flight.insert(op.name);
   const int64_t seq = set->next_seq++;
   auto handle = std::make_shared<Handle>(seq, describe(ops, *set));
   handle->set_enqueue_ns(monotonic_ns());
   set->last_submitted = handle->description();
   set->last_submit_ns = monotonic_ns();
-  Fingerprint fingerprint = fingerprint_of(seq, ops, flags);
+  const bool join = ops.front().kind == OpKind::kJoin;
+  joining_ = join;
+  Fingerprint fingerprint = join ? join_fingerprint(seq, seq) : fingerprint_of(seq, ops);
   queue_.push_back(Submission{set, std::move(ops), handle, fingerprint, nullptr});
   return handle;
 }
@@ -247,6 +295,7 @@ void Engine::finish(Submission& sub, const std::string& error, bool ran) {
     // Before the handle completes: the caller may reuse the names right after.
     std::lock_guard<std::mutex> lock(mu_);
     if (!is_p2p_op(sub.ops.front().kind)) forget_names(*sub.set, sub.ops);
+    if (sub.ops.front().kind == OpKind::kJoin) joining_ = false;
   }
   if (error.empty()) {
     sub.handle->complete();
@@ -348,6 +397,10 @@ void Engine::execute(Submission& sub, Submission* next) {
     p2p_->post(sub.set, std::move(sub.ops), sub.handle, what);  // and on with the next submission
     return;
   }
+  if (sub.ops.front().kind == OpKind::kJoin) {
+    run_join(sub, what);
+    return;
+  }
   const bool changes_sets = is_process_set_op(sub.ops.front().kind);
   bool ran = false;  // whether the data phase started (a device group's events are then its own)
   try {
@@ -357,7 +410,16 @@ void Engine::execute(Submission& sub, Submission* next) {
     if (next != nullptr && !changes_sets) agree(*next);
     if (sub.agreement) {
       sub.agreement->wait(config_.host.poll, world_.rank);
-      if (!sub.agreement->agreed()) {
+      const Verdict verdict = sub.agreement->verdict();
+      if (verdict == Verdict::kJoinRound) {  // [Note: join] in join.h
+        const std::vector<int> joined = sub.agreement->joined();
+        if (set.rank == lowest_not_in(joined)) send_join_ops(set, sub.ops, joined, config_.host.poll);
+        const std::string refused = join_refusal(sub.ops, set, joined);
+        if (!refused.empty()) {
+          finish(sub, what + " was not run: " + refused, /*ran=*/false);
+          return;
+        }
+      } else if (verdict != Verdict::kAgreed) {
         finish(sub, what + " was not run: " + sub.agreement->explain(set, h.description(), config_.host.poll),
                /*ran=*/false);
         return;  // every member failed this same submission: the next ones can still run
@@ -384,6 +446,42 @@ void Engine::execute(Submission& sub, Submission* next) {
     // rather than risk silently wrong results or a hang later.
     broken_ = what + ": " + e.what();
     finish(sub, broken_, ran);
+  }
+}
+
+void Engine::run_join(Submission& sub, const std::string& what) {
+  ProcessSet& set = *sub.set;
+  const int64_t joined_at = sub.handle->seq();
+  int last = 0;  // within the set: alone, this rank
+  try {
+    agree(sub);  // the first round (it may have started behind the previous submission)
+    while (sub.agreement) {
+      sub.agreement->wait(config_.host.poll, world_.rank);
+      const Verdict verdict = sub.agreement->verdict();
+      if (verdict == Verdict::kAllJoined) {
+        last = sub.agreement->last_joined();
+        break;
+      }
+      if (verdict == Verdict::kJoinRound) {
+        const std::vector<int> joined = sub.agreement->joined();
+        std::vector<OpSpec> ops = receive_join_ops(set, lowest_not_in(joined), config_.host.poll);
+        if (join_refusal(ops, set, joined).empty()) run_with_zeros(set.data, std::move(ops), config_.host, scratch_);
+      } else {
+        sub.agreement->explain(set, "join", config_.host.poll);  // the others' error; this rank goes on waiting
+      }
+      sub.handle->mark_started();  // the watchdog measures the wait since the last round
+      int64_t seq;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        seq = set.next_seq++;
+      }
+      sub.agreement = std::make_unique<Agreement>(set.agree, join_fingerprint(seq, joined_at));
+    }
+    *reinterpret_cast<int64_t*>(sub.ops.front().output) = set.ranks[last];
+    finish(sub, "", /*ran=*/true);
+  } catch (const std::exception& e) {
+    broken_ = what + ": " + e.what();
+    finish(sub, broken_, /*ran=*/true);
   }
 }
 

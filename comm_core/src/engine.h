@@ -101,6 +101,8 @@ class Engine {
   DeviceBackend& device_backend();  // under mu_: created on first use
   // Queues a process-set change on the world and waits for it.
   void run_on_world(OpSpec op);
+  // Engine thread: a join() ([Note: join] in join.h), until every rank joined.
+  void run_join(Submission& sub, const std::string& what);
   // Engine thread: adds or removes a process set; returns why it was refused ("": done).
   std::string change_process_sets(const OpSpec& op);
   void agree(Submission& sub);
@@ -140,6 +142,7 @@ class Engine {
   std::shared_ptr<ProcessSet> running_set_;  // and its set
   Phase phase_ = Phase::kIdle;
   Inquiry inquiry_;
+  bool joining_ = false;   // a join() is queued or running: nothing more may be submitted until it returns
   bool stopping_ = false;  // no more submissions; the engine thread stops once everything submitted finished
   bool stopped_ = false;   // the engine thread stopped: so does the watchdog
   std::string broken_;  // set after a failed data phase: later ops fail fast with this reason

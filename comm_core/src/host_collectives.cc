@@ -36,7 +36,7 @@ std::vector<int64_t> even_split(int64_t n, int p) {
 }
 
 // What one op moves in one ring step. After `recv` arrives, if `addend` is
-// set: reduce_dst[i] = recv[i] + addend[i].
+// set: reduce_dst[i] = recv[i] (the op's reduction) addend[i].
 struct Transfer {
   const char* send = nullptr;
   size_t send_bytes = 0;
@@ -161,8 +161,9 @@ std::unique_ptr<RingOp> make_ring_op(const Communicator& c, const OpSpec& op, Sc
   }
 }
 
-// A received message segment of a reducing op: reduce_dst = recv + addend, once it arrived.
+// A received message segment of a reducing op: reduce_dst = recv (op) addend, once it arrived.
 struct PendingReduce {
+  ReduceOp op;
   DType dtype;
   char* reduce_dst;
   const char* recv;
@@ -210,7 +211,7 @@ void run_ring(const Communicator& c, const std::vector<const OpSpec*>& ops, cons
         check_mpi(MPI_Irecv(t.recv + off, static_cast<int>(n), MPI_BYTE, left, static_cast<int>(i), c.comm, &requests.back()),
                   "MPI_Irecv in " + ops[i]->describe(), c.rank);
         reduces.push_back(t.addend == nullptr ? PendingReduce{}
-                                              : PendingReduce{ops[i]->dtype, t.reduce_dst + off, t.recv + off, t.addend + off, n / esize});
+                                              : PendingReduce{ops[i]->reduce, ops[i]->dtype, t.reduce_dst + off, t.recv + off, t.addend + off, n / esize});
       }
     }
     for (size_t i = 0; i < rings.size(); ++i) {
@@ -226,7 +227,7 @@ void run_ring(const Communicator& c, const std::vector<const OpSpec*>& ops, cons
     }
     wait_all(requests, cfg.poll, c.rank, /*cancellable=*/true, [&](int k) {
       const PendingReduce& r = reduces[k];
-      if (r.count > 0) reduce_sum(r.dtype, r.reduce_dst, r.recv, r.addend, r.count);
+      if (r.count > 0) reduce(r.op, r.dtype, r.reduce_dst, r.recv, r.addend, r.count);
     });
   }
   for (auto& ring : rings) ring->finish();
@@ -242,10 +243,12 @@ int to_int_count(int64_t n, const OpSpec& op, int rank) {
 
 // Argument arrays of a nonblocking MPI collective: they must live until it completes.
 struct NativeCall {
+  explicit NativeCall(const OpSpec* o) : op(o) {}
   const OpSpec* op;
   std::vector<int> counts;
   std::vector<int> displs;
   std::vector<char> staging;  // reduce-scatter output when it lies inside the input (MPI forbids aliasing)
+  std::vector<int> send_counts, send_displs, recv_counts, recv_displs;  // all-to-all
 };
 
 void start_native(const Communicator& c, NativeCall& call, MPI_Request* req) {
@@ -266,7 +269,7 @@ void start_native(const Communicator& c, NativeCall& call, MPI_Request* req) {
         call.staging.resize(out_bytes);
         out = call.staging.data();
       }
-      check_mpi(MPI_Ireduce_scatter(in, out, call.counts.data(), type, mpi_sum_op(op.dtype), c.comm, req), what, c.rank);
+      check_mpi(MPI_Ireduce_scatter(in, out, call.counts.data(), type, mpi_reduce_op(op.reduce, op.dtype), c.comm, req), what, c.rank);
       return;
     }
     case OpKind::kAllGather: {
@@ -282,7 +285,7 @@ void start_native(const Communicator& c, NativeCall& call, MPI_Request* req) {
       return;
     }
     case OpKind::kAllReduce:
-      check_mpi(MPI_Iallreduce(in == out ? MPI_IN_PLACE : in, out, call.counts[0], type, mpi_sum_op(op.dtype), c.comm, req),
+      check_mpi(MPI_Iallreduce(in == out ? MPI_IN_PLACE : in, out, call.counts[0], type, mpi_reduce_op(op.reduce, op.dtype), c.comm, req),
                 what, c.rank);
       return;
     case OpKind::kBroadcast:
@@ -292,6 +295,21 @@ void start_native(const Communicator& c, NativeCall& call, MPI_Request* req) {
     case OpKind::kBarrier:
       check_mpi(MPI_Ibarrier(c.comm, req), what, c.rank);
       return;
+    case OpKind::kAllToAll: {  // row c.rank of the matrix is sent, column c.rank received
+      int64_t sent = 0, received = 0;
+      for (int j = 0; j < c.size; ++j) {
+        call.send_counts.push_back(call.counts[c.rank * c.size + j]);
+        call.send_displs.push_back(to_int_count(sent, op, c.rank));
+        sent += call.send_counts.back();
+        call.recv_counts.push_back(call.counts[j * c.size + c.rank]);
+        call.recv_displs.push_back(to_int_count(received, op, c.rank));
+        received += call.recv_counts.back();
+      }
+      check_mpi(MPI_Ialltoallv(in, call.send_counts.data(), call.send_displs.data(), type, out,
+                               call.recv_counts.data(), call.recv_displs.data(), type, c.comm, req),
+                what, c.rank);
+      return;
+    }
     default:
       break;
   }
@@ -344,7 +362,7 @@ void run_host_group(const Communicator& c, const std::vector<OpSpec>& ops, const
     if (uses_ring(op, cfg)) {
       ring_ops.push_back(&op);
     } else {
-      native.push_back(NativeCall{&op, {}, {}});
+      native.emplace_back(&op);
     }
   }
   // Nonblocking MPI collectives start in submission order on every rank and

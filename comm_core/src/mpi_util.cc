@@ -11,12 +11,21 @@
 namespace pipedap {
 namespace {
 
-MPI_Op g_sum_f16 = MPI_OP_NULL;
-MPI_Op g_sum_bf16 = MPI_OP_NULL;
+constexpr int kReduceOps = 5;  // ReduceOp's values
+// MPI's built-in operators do not know float16 and bfloat16: ours, one per
+// reduction and type ([reduction][0: float16, 1: bfloat16]).
+MPI_Op g_16bit_ops[kReduceOps][2];
+bool g_user_ops_created = false;
 
-template <DType T>
-void user_sum(void* in, void* inout, int* len, MPI_Datatype*) {
-  reduce_sum(T, inout, inout, in, static_cast<size_t>(*len));
+template <ReduceOp Op, DType T>
+void user_reduce(void* in, void* inout, int* len, MPI_Datatype*) {
+  reduce(Op, T, inout, inout, in, static_cast<size_t>(*len));
+}
+
+template <ReduceOp Op>
+void create_16bit(int index) {
+  check_mpi(MPI_Op_create(&user_reduce<Op, DType::kFloat16>, 1, &g_16bit_ops[index][0]), "MPI_Op_create", -1);
+  check_mpi(MPI_Op_create(&user_reduce<Op, DType::kBFloat16>, 1, &g_16bit_ops[index][1]), "MPI_Op_create", -1);
 }
 
 int64_t now_us() { return monotonic_ns() / 1000; }
@@ -60,24 +69,41 @@ MPI_Datatype mpi_datatype(DType t) {
     case DType::kInt64: return MPI_INT64_T;
     case DType::kUInt8: return MPI_UINT8_T;
     case DType::kInt8: return MPI_INT8_T;
+    case DType::kInt16: return MPI_INT16_T;
   }
   throw std::invalid_argument("mpi_datatype: unknown dtype");
 }
 
-MPI_Op mpi_sum_op(DType t) {
-  if (t == DType::kFloat16) return g_sum_f16;
-  if (t == DType::kBFloat16) return g_sum_bf16;
-  return MPI_SUM;
+MPI_Op mpi_reduce_op(ReduceOp op, DType t) {
+  const int index = static_cast<int>(op);
+  if (t == DType::kFloat16) return g_16bit_ops[index][0];
+  if (t == DType::kBFloat16) return g_16bit_ops[index][1];
+  switch (op) {
+    case ReduceOp::kSum:
+    case ReduceOp::kAverage: return MPI_SUM;
+    case ReduceOp::kMin: return MPI_MIN;
+    case ReduceOp::kMax: return MPI_MAX;
+    case ReduceOp::kProduct: return MPI_PROD;
+  }
+  throw std::invalid_argument("mpi_reduce_op: unknown reduction");
 }
 
 void create_user_ops() {
-  if (g_sum_f16 == MPI_OP_NULL) check_mpi(MPI_Op_create(&user_sum<DType::kFloat16>, 1, &g_sum_f16), "MPI_Op_create", -1);
-  if (g_sum_bf16 == MPI_OP_NULL) check_mpi(MPI_Op_create(&user_sum<DType::kBFloat16>, 1, &g_sum_bf16), "MPI_Op_create", -1);
+  if (g_user_ops_created) return;
+  create_16bit<ReduceOp::kSum>(0);
+  create_16bit<ReduceOp::kAverage>(1);
+  create_16bit<ReduceOp::kMin>(2);
+  create_16bit<ReduceOp::kMax>(3);
+  create_16bit<ReduceOp::kProduct>(4);
+  g_user_ops_created = true;
 }
 
 void free_user_ops() {
-  if (g_sum_f16 != MPI_OP_NULL) MPI_Op_free(&g_sum_f16);
-  if (g_sum_bf16 != MPI_OP_NULL) MPI_Op_free(&g_sum_bf16);
+  if (!g_user_ops_created) return;
+  for (auto& pair : g_16bit_ops) {
+    for (MPI_Op& op : pair) MPI_Op_free(&op);
+  }
+  g_user_ops_created = false;
 }
 
 void wait_all(std::vector<MPI_Request>& requests, const PollPolicy& policy, int rank, bool cancellable,

@@ -15,11 +15,11 @@ namespace pipedap {
 // Throws CommError("<what> failed on rank R: <MPI error string>") unless rc == MPI_SUCCESS.
 void check_mpi(int rc, const std::string& what, int rank);
 
-// The MPI datatype that carries `t`, and the MPI operator that sums it.
-// float16 / bfloat16 travel as 16-bit integers and are summed by a
-// user-defined operator (MPI's own operators do not know them).
+// The MPI datatype that carries `t`, and the MPI operator that reduces it
+// (Average: the sum). float16 / bfloat16 travel as 16-bit integers and are
+// reduced by user-defined operators (MPI's own operators do not know them).
 MPI_Datatype mpi_datatype(DType t);
-MPI_Op mpi_sum_op(DType t);
+MPI_Op mpi_reduce_op(ReduceOp op, DType t);
 void create_user_ops();  // once, after MPI_Init
 void free_user_ops();    // before MPI_Finalize
 

@@ -54,8 +54,21 @@ ncclDataType_t nccl_dtype(DType t) {
     case DType::kInt64: return ncclInt64;
     case DType::kUInt8: return ncclUint8;
     case DType::kInt8: return ncclInt8;
+    case DType::kInt16:
+      throw CommError("NCCL has no 16-bit integer type: move int16 tensors to the CPU, or cast them to int32");
   }
   throw CommError("nccl: unknown dtype");
+}
+
+ncclRedOp_t nccl_reduce_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum: return ncclSum;
+    case ReduceOp::kAverage: return ncclAvg;
+    case ReduceOp::kMin: return ncclMin;
+    case ReduceOp::kMax: return ncclMax;
+    case ReduceOp::kProduct: return ncclProd;
+  }
+  throw CommError("nccl: unknown reduction");
 }
 
 class NcclBackend : public DeviceBackend {
@@ -284,7 +297,7 @@ class NcclBackend : public DeviceBackend {
   void issue(const OpSpec& op, ncclComm_t comm, const Communicator& c) {
     const std::string what = "NCCL " + op.describe();
     const ncclDataType_t type = nccl_dtype(op.dtype);
-    const ncclRedOp_t red = op.reduce == ReduceOp::kAverage ? ncclAvg : ncclSum;
+    const ncclRedOp_t red = nccl_reduce_op(op.reduce);
     if (op.reduce == ReduceOp::kAverage && dtype_is_integer(op.dtype)) {
       throw CommError(what + ": NCCL averages floating-point types only; use op=Sum for integers");
     }
@@ -323,6 +336,20 @@ class NcclBackend : public DeviceBackend {
           }
         }
         return;
+      case OpKind::kAllToAll: {  // a send and a receive per peer (inside the caller's group)
+        size_t sent = 0, received = 0;
+        for (int j = 0; j < c.size; ++j) {
+          const size_t send_count = op.counts[static_cast<size_t>(c.rank) * c.size + j];
+          const size_t recv_count = op.counts[static_cast<size_t>(j) * c.size + c.rank];
+          if (send_count > 0) check_nccl(ncclSend(in + sent * esize, send_count, type, j, comm, stream_), what, rank_);
+          if (recv_count > 0) {
+            check_nccl(ncclRecv(out + received * esize, recv_count, type, j, comm, stream_), what, rank_);
+          }
+          sent += send_count;
+          received += recv_count;
+        }
+        return;
+      }
       default:
         throw CommError("internal: " + op.describe() + " is not a device operation");
     }

@@ -18,6 +18,8 @@ const char* op_kind_name(OpKind k) {
     case OpKind::kRemoveProcessSet: return "remove_process_set";
     case OpKind::kSend: return "send";
     case OpKind::kRecv: return "recv";
+    case OpKind::kAllToAll: return "alltoall";
+    case OpKind::kJoin: return "join";
   }
   return "unknown";
 }
@@ -32,8 +34,18 @@ std::string OpSpec::describe(int peer_rank) const {
   }
   if (kind == OpKind::kRemoveProcessSet) return "remove_process_set " + std::to_string(counts.at(0));
   std::string s = std::string(op_kind_name(kind)) + " '" + name + "'";
+  if (kind == OpKind::kJoin) return "join";
   if (kind != OpKind::kBarrier) {
     s += " (" + std::to_string(total_count()) + " " + dtype_name(dtype);
+    if (!shape.empty()) {
+      s += ", shape [";
+      for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+      s += "]";
+    }
+    if (reduce != ReduceOp::kSum && reduce != ReduceOp::kAverage &&
+        (kind == OpKind::kAllReduce || kind == OpKind::kReduceScatter)) {
+      s += std::string(", ") + reduce_op_name(reduce);
+    }
     if (device >= 0) s += " on cuda:" + std::to_string(device);
     if (kind == OpKind::kBroadcast) s += " from rank " + std::to_string(root);
     if (is_p2p_op(kind)) {
