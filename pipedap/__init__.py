@@ -32,9 +32,17 @@ _LAZY.update(dict.fromkeys(
     ("allreduce", "allreduce_async", "allreduce_", "allreduce_async_",
      "allgather", "allgather_async", "reducescatter", "reducescatter_async",
      "broadcast", "broadcast_async", "broadcast_", "broadcast_async_",
-     "barrier", "synchronize", "poll", "broadcast_object", "allgather_object"),
+     "barrier", "synchronize", "poll", "broadcast_object", "allgather_object", "alltoall", "alltoall_async",
+     "join", "sparse_allreduce_async"),
     "pipedap.comm",
 ))
+_LAZY.update(dict.fromkeys(
+    ("grouped_allreduce", "grouped_allreduce_async", "grouped_allreduce_", "grouped_allreduce_async_",
+     "grouped_allgather", "grouped_allgather_async", "grouped_reducescatter", "grouped_reducescatter_async"),
+    "pipedap.grouped",
+))
+_LAZY.update(dict.fromkeys(("start_timeline", "stop_timeline"), "pipedap.op_timeline"))
+_LAZY["SyncBatchNorm"] = "pipedap.sync_batch_norm"
 _LAZY.update(dict.fromkeys(("ProcessSet", "add_process_set", "remove_process_set", "global_process_set"),
                            "pipedap.process_sets"))
 _LAZY.update(dict.fromkeys(("DistributedOptimizer", "flush", "clip_grad_norm_"), "pipedap.optimizer"))

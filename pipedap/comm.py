@@ -10,6 +10,13 @@ in Horovod.
 
 Operations match across ranks by *order*: every rank must call the same
 collectives in the same order (see :mod:`pipedap.engine`, which these wrap).
+
+Gradients follow Horovod's conventions, each the gradient of a global loss built
+from the ranks' local losses L_r: ``allreduce`` of the summed loss sum_r L_r;
+``allgather`` and ``broadcast`` of the averaged loss (1/size) sum_r L_r;
+``reducescatter`` and ``alltoall`` of size x sum_r L_r and sum_r L_r respectively
+(``reducescatter``'s factor is Horovod's: its backward is the all-gather of the
+upstream gradient, times size for Sum).
 """
 
 from __future__ import annotations
@@ -28,19 +35,20 @@ from pipedap.process_sets import ProcessSet, global_process_set
 
 # --- handles -------------------------------------------------------------------
 
-_works: dict[int, Work] = {}
+_works: dict[int, tuple[Work, bool]] = {}  # handle -> (work, whether synchronize returns a list)
 _works_lock = threading.Lock()
 _handle_ids = itertools.count(1)
 
 
-def _handle(work: Work) -> int:
+def _handle(work: Work, grouped: bool = False) -> int:
+    """A new integer handle for ``work``; ``grouped``: its result is a list, however long."""
     with _works_lock:
         handle = next(_handle_ids)
-        _works[handle] = work
+        _works[handle] = (work, grouped)
     return handle
 
 
-def _work(handle: int) -> Work:
+def _work(handle: int) -> tuple[Work, bool]:
     try:
         return _works[handle]
     except KeyError:
@@ -49,12 +57,13 @@ def _work(handle: int) -> Work:
 
 def poll(handle: int) -> bool:
     """True when the operation behind ``handle`` has finished (``synchronize`` will not wait)."""
-    return _work(handle).done()
+    return _work(handle)[0].done()
 
 
 def synchronize(handle: int):
-    """Wait for ``handle`` and return its result tensor."""
-    work = _work(handle)
+    """Wait for ``handle`` and return its result: a tensor, a list for a grouped operation, and
+    ``(output, received_splits)`` for ``alltoall_async``."""
+    work, grouped = _work(handle)
     try:
         results = work.wait()
     finally:
@@ -63,7 +72,7 @@ def synchronize(handle: int):
         if work.done():
             with _works_lock:
                 _works.pop(handle, None)
-    return results[0] if len(results) == 1 else results
+    return list(results) if grouped else results[0] if len(results) == 1 else results
 
 
 # --- arguments -------------------------------------------------------------------
@@ -72,8 +81,9 @@ _auto_names = itertools.count()
 
 
 def _name(name: str | None, kind: str) -> str:
-    """Auto-generated names are the same on every rank that calls the same sequence."""
-    return name if name is not None else f"{kind}.noname.{next(_auto_names)}"
+    """``name``, or a new one from a per-rank counter (unique among this rank's operations; not agreed
+    across ranks, see engine.AUTO_NAME)."""
+    return name if name is not None else f"{kind}{engine.AUTO_NAME}{next(_auto_names)}"
 
 
 def _resolve_op(op, average: bool | None):
@@ -84,13 +94,16 @@ def _resolve_op(op, average: bool | None):
     return Average if op is None else op
 
 
-def check_member(process_set: ProcessSet, name: str) -> int:
-    """This rank's rank within ``process_set`` (an error naming the set if it is not a member)."""
+def check_member(process_set: ProcessSet, name: str, outsider_ok: bool = False) -> int:
+    """This rank's rank within ``process_set`` (an error naming the set if it is not a member; -1 with
+    ``outsider_ok``)."""
     if not isinstance(process_set, ProcessSet):
         raise TypeError(f"{name}: process_set must be a pipedap ProcessSet, not {type(process_set).__name__}")
     if process_set.process_set_id is None:
         raise ValueError(f"{name}: {process_set} is not registered; pass it to pipedap.add_process_set() first")
     if not process_set.included():
+        if outsider_ok:
+            return -1
         raise ValueError(f"{name}: rank {engine.rank()} is not in {process_set}; call it on the set's ranks only")
     return process_set.rank()
 
@@ -111,19 +124,50 @@ def reducescatter_counts(rows: int, row_elems: int, members: int) -> list[int]:
 # --- Horovod-compatible collectives ----------------------------------------------
 
 
-def _allreduce_async(tensor, output, average, name, op, prescale_factor, postscale_factor, process_set) -> int:
-    """``output=None``: allocate a new result tensor."""
-    name = _name(name, "allreduce")
-    op = _resolve_op(op, average)
+def scaled(tensor: torch.Tensor, factor: float) -> torch.Tensor:
+    """``tensor * factor`` in ``tensor``'s dtype, computed as Horovod does: integers in float64,
+    16-bit floats in float32 (then rounded back), other floats in their own precision."""
+    if tensor.is_floating_point() and tensor.element_size() > 2:
+        return tensor * factor
+    wide = torch.float64 if not tensor.is_floating_point() else torch.float32
+    return (tensor.to(wide) * factor).to(tensor.dtype)
+
+
+def _prescaled(tensor: torch.Tensor, output: torch.Tensor | None, factor: float) -> torch.Tensor:
+    """The tensor to reduce: ``tensor`` scaled by ``factor`` (in place when the result goes back into it)."""
+    if factor == 1.0:
+        return tensor
+    return tensor.copy_(scaled(tensor, factor)) if output is tensor else scaled(tensor, factor)
+
+
+def _postscale(factor: float):
+    """What to apply to a reduced result: None, or scaling it in place by ``factor``."""
+    return None if factor == 1.0 else (lambda t: t.copy_(scaled(t, factor)))
+
+
+def _allreduce_spec(tensor, output, name, op, prescale_factor, postscale_factor, process_set) -> engine.Collective:
+    """A checked all-reduce of ``tensor`` into ``output`` (None: a new tensor), its shape agreed across ranks."""
     engine.check_op(op, name)
     engine.check_tensor(tensor, name)
     check_member(process_set, name)
     output = torch.empty_like(tensor) if output is None else output
-    if prescale_factor != 1.0:
-        tensor = tensor * prescale_factor if output is not tensor else tensor.mul_(prescale_factor)
-    c = engine.allreduce_collective(tensor, output, name, op, process_set)
-    if postscale_factor != 1.0:
-        c.after = lambda t: t.mul_(postscale_factor)
+    c = engine.allreduce_collective(_prescaled(tensor, output, prescale_factor), output, name, op, process_set,
+                                    shape=tensor.shape)
+    c.after = _chain(c.after, _postscale(postscale_factor))
+    return c
+
+
+def _chain(first, then):
+    """Two optional in-place steps applied to a result one after the other."""
+    if first is None or then is None:
+        return first or then
+    return lambda t: then(first(t))
+
+
+def _allreduce_async(tensor, output, average, name, op, prescale_factor, postscale_factor, process_set) -> int:
+    """``output=None``: allocate a new result tensor."""
+    c = _allreduce_spec(tensor, output, _name(name, "allreduce"), _resolve_op(op, average), prescale_factor,
+                        postscale_factor, process_set)
     return _handle(engine.submit([c]))
 
 
@@ -200,12 +244,16 @@ def allgather_async(tensor, name=None, process_set=global_process_set) -> int:
     check_member(process_set, name)
     if engine.alone(process_set):
         return _handle(engine.completed(tensor.clone()))
+    return _handle(engine.submit([_allgather_spec(tensor, name, process_set)]))
+
+
+def _allgather_spec(tensor, name: str, process_set: ProcessSet) -> engine.Collective:
+    """An all-gather of ``tensor`` (checked) into a new tensor sized from the members' shapes (exchanged here)."""
     shapes = _exchange_shapes(tensor, name, process_set)
-    row = tensor[0].numel() if tensor.shape[0] else int(torch.Size(tensor.shape[1:]).numel())
+    row = int(torch.Size(tensor.shape[1:]).numel())
     output = tensor.new_empty((sum(s[0] for s in shapes), *tensor.shape[1:]))
-    counts = [s[0] * row for s in shapes]
-    return _handle(engine.submit([engine.collective(core.OpKind.ALLGATHER, name, tensor, output, counts,
-                                                    process_set=process_set)]))
+    return engine.collective(core.OpKind.ALLGATHER, name, tensor, output, [s[0] * row for s in shapes],
+                             process_set=process_set)
 
 
 class _AllgatherFn(torch.autograd.Function):
@@ -216,7 +264,7 @@ class _AllgatherFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        reduced = allreduce(grad.contiguous(), op=Sum, process_set=ctx.process_set)
+        reduced = allreduce(grad.contiguous(), op=Average, process_set=ctx.process_set)
         rows = allgather(torch.tensor([ctx.rows], dtype=torch.int64, device="cpu"), process_set=ctx.process_set)
         offset = int(rows[: ctx.process_set.rank()].sum())
         return reduced.narrow(0, offset, ctx.rows), None, None
@@ -227,43 +275,62 @@ def allgather(tensor, name=None, process_set=global_process_set):
     return _AllgatherFn.apply(tensor, name, process_set)
 
 
-def reducescatter_async(tensor, name=None, op=Average, process_set=global_process_set) -> int:
+def _check_reducescatter(tensor, name, op, process_set) -> int:
+    """This rank's rank within the set, once the arguments are checked."""
+    engine.check_op(op, name)
+    engine.check_tensor(tensor, name)
+    mine = check_member(process_set, name)
+    if tensor.dim() == 0:
+        raise ValueError(f"{name}: reducescatter needs a tensor with at least one dimension")
+    return mine
+
+
+def _reducescatter_spec(tensor, name, op, process_set, prescale_factor, postscale_factor) -> engine.Collective:
+    """A checked reduce-scatter of ``tensor`` along dim 0 into a new tensor (Horovod's row split)."""
+    mine = _check_reducescatter(tensor, name, op, process_set)
+    row = int(torch.Size(tensor.shape[1:]).numel())
+    counts = reducescatter_counts(tensor.shape[0], row, process_set.size())
+    output = tensor.new_empty((counts[mine] // row if row else 0, *tensor.shape[1:]))
+    c = engine.collective(core.OpKind.REDUCESCATTER, name, _prescaled(tensor, None, prescale_factor), output, counts,
+                          op, process_set=process_set, shape=tensor.shape)
+    c.after = _chain(c.after, _postscale(postscale_factor))
+    return c
+
+
+def reducescatter_async(tensor, name=None, op=Average, process_set=global_process_set, prescale_factor=1.0,
+                        postscale_factor=1.0) -> int:
     """Start reducing ``tensor`` over the set's ranks and splitting the result along dim 0.
 
     Member r receives rows [start_r, start_r + rows_r) where the first ``d0 % size``
     members get ``d0 // size + 1`` rows and the others ``d0 // size``.
     """
     name = _name(name, "reducescatter")
-    engine.check_op(op, name)
-    engine.check_tensor(tensor, name)
-    mine = check_member(process_set, name)
-    if tensor.dim() == 0:
-        raise ValueError(f"{name}: reducescatter needs a tensor with at least one dimension")
     if engine.alone(process_set):
-        return _handle(engine.completed(tensor.clone()))
-    row = int(torch.Size(tensor.shape[1:]).numel())
-    counts = reducescatter_counts(tensor.shape[0], row, process_set.size())
-    output = tensor.new_empty((counts[mine] // row if row else 0, *tensor.shape[1:]))
-    return _handle(engine.submit([engine.collective(core.OpKind.REDUCESCATTER, name, tensor, output, counts, op,
-                                                    process_set=process_set)]))
+        _check_reducescatter(tensor, name, op, process_set)
+        return _handle(engine.completed(scaled(scaled(tensor, prescale_factor), postscale_factor)))
+    return _handle(engine.submit([_reducescatter_spec(tensor, name, op, process_set, prescale_factor,
+                                                      postscale_factor)]))
 
 
 class _ReducescatterFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor, name, op, process_set):
-        ctx.op, ctx.process_set = op, process_set
-        return synchronize(reducescatter_async(tensor, name, op, process_set))
+    def forward(ctx, tensor, name, op, process_set, prescale_factor, postscale_factor):
+        ctx.op, ctx.process_set, ctx.scale = op, process_set, prescale_factor * postscale_factor
+        return synchronize(reducescatter_async(tensor, name, op, process_set, prescale_factor, postscale_factor))
 
     @staticmethod
     def backward(ctx, grad):
+        factor = ctx.scale * (ctx.process_set.size() if ctx.op == Sum else 1)
         gathered = allgather(grad.contiguous(), process_set=ctx.process_set)
-        return (gathered / ctx.process_set.size() if ctx.op == Average else gathered), None, None, None
+        return (gathered * factor if factor != 1 else gathered), None, None, None, None, None
 
 
-def reducescatter(tensor, name=None, compression=Compression.none, op=Average, process_set=global_process_set):
+def reducescatter(tensor, name=None, compression=Compression.none, op=Average, process_set=global_process_set,
+                  prescale_factor=1.0, postscale_factor=1.0):
     """Reduce ``tensor`` over the set's ranks and return this rank's dim-0 slice; differentiable."""
     compressed, ctx = compression.compress(tensor)
-    return compression.decompress(_ReducescatterFn.apply(compressed, name, op, process_set), ctx)
+    reduced = _ReducescatterFn.apply(compressed, name, op, process_set, prescale_factor, postscale_factor)
+    return compression.decompress(reduced, ctx)
 
 
 def _broadcast_async(tensor, output, root_rank: int, name, process_set) -> int:
@@ -274,7 +341,7 @@ def _broadcast_async(tensor, output, root_rank: int, name, process_set) -> int:
     root = _root_in_set(root_rank, process_set, name)
     output = torch.empty_like(tensor) if output is None else output
     return _handle(engine.submit([engine.collective(core.OpKind.BROADCAST, name, tensor, output, [tensor.numel()],
-                                                    root=root, process_set=process_set)]))
+                                                    root=root, process_set=process_set, shape=tensor.shape)]))
 
 
 def broadcast_async(tensor, root_rank, name=None, process_set=global_process_set) -> int:
@@ -299,13 +366,132 @@ class _BroadcastFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        reduced = allreduce(grad.contiguous(), op=Sum, process_set=ctx.process_set)
+        reduced = allreduce(grad.contiguous(), op=Average, process_set=ctx.process_set)
         return (reduced if engine.rank() == ctx.root_rank else torch.zeros_like(reduced)), None, None, None
 
 
 def broadcast(tensor, root_rank, name=None, process_set=global_process_set):
     """Copy ``tensor`` from ``root_rank`` to every member; differentiable."""
     return _BroadcastFn.apply(tensor, root_rank, name, process_set)
+
+
+def _alltoall_splits(tensor: torch.Tensor, splits, name: str, members: int) -> list[int]:
+    """Rows of ``tensor`` for each member, in set rank order (checked here: a ValueError names the fix)."""
+    rows = tensor.shape[0]
+    if splits is None:
+        if rows % members:
+            raise ValueError(f"{name}: the first dimension ({rows}) is not divisible by the {members} ranks; pass "
+                             "splits= to say how many rows go to each")
+        return [rows // members] * members
+    if isinstance(splits, torch.Tensor):
+        if splits.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name}: splits must be an int32 or int64 tensor, got {splits.dtype}")
+        values = splits.flatten().tolist()
+    elif all(isinstance(v, int) for v in splits):
+        values = list(splits)
+    else:
+        raise ValueError(f"{name}: splits must be a tensor or list of integers, got {splits!r}")
+    if len(values) != members:
+        raise ValueError(f"{name}: {len(values)} splits for {members} ranks; give one row count per rank")
+    if min(values) < 0:
+        raise ValueError(f"{name}: splits {values} hold a negative row count")
+    if sum(values) > rows:
+        raise ValueError(f"{name}: splits {values} send {sum(values)} rows, but the tensor has {rows}")
+    return values
+
+
+def alltoall_async(tensor, splits=None, name=None, process_set=global_process_set) -> int:
+    """Start sending ``splits[r]`` rows of ``tensor`` (in order along dim 0) to each member r and
+    receiving theirs; ``synchronize`` returns ``(output, received_splits)``.
+
+    ``splits`` defaults to an equal split of dim 0. The row counts are exchanged first (one small
+    all-gather), so this waits for that exchange. Shapes beyond dim 0 must be the same on every rank.
+    """
+    name = _name(name, "alltoall")
+    engine.check_tensor(tensor, name)
+    mine = check_member(process_set, name)
+    if tensor.dim() == 0:
+        raise ValueError(f"{name}: alltoall needs a tensor with at least one dimension")
+    members = process_set.size()
+    send = _alltoall_splits(tensor, splits, name, members)
+    # received_splits: like splits (dtype, device), else int32 on the CPU, as Horovod's
+    like = splits if isinstance(splits, torch.Tensor) else torch.empty(0, dtype=torch.int32, device="cpu")
+    if engine.alone(process_set):
+        received = torch.tensor(send, dtype=like.dtype, device=like.device)
+        return _handle(engine.completed(tensor.narrow(0, 0, send[0]).clone(), lambda out: (out, received)))
+    everyone = torch.empty(members * members, dtype=torch.int64, device="cpu")
+    engine.submit([engine.allgather_collective(torch.tensor(send, dtype=torch.int64, device="cpu"), everyone,
+                                               f"{name}.splits", process_set)]).wait()
+    matrix = everyone.view(members, members)  # matrix[i, j]: rows member i sends to member j
+    received = matrix[:, mine].to(dtype=like.dtype, device=like.device)
+    row = int(torch.Size(tensor.shape[1:]).numel())
+    output = tensor.new_empty((int(received.sum()), *tensor.shape[1:]))
+    c = engine.collective(core.OpKind.ALLTOALL, name, tensor, output, (matrix * row).flatten().tolist(),
+                          process_set=process_set, shape=tensor.shape[1:])
+    c.after = lambda out: (out, received)
+    return _handle(engine.submit([c]))
+
+
+class _AlltoallFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, splits, name, process_set):
+        output, received = synchronize(alltoall_async(tensor, splits, name, process_set))
+        ctx.received, ctx.rows, ctx.process_set = received, tensor.shape[0], process_set
+        if splits is None:
+            return output
+        ctx.mark_non_differentiable(received)
+        return output, received
+
+    @staticmethod
+    def backward(ctx, grad, *unused):
+        back, _ = synchronize(alltoall_async(grad.contiguous(), ctx.received, process_set=ctx.process_set))
+        if back.shape[0] < ctx.rows:  # rows beyond the splits' sum were not sent: no gradient
+            back = torch.cat([back, back.new_zeros((ctx.rows - back.shape[0], *back.shape[1:]))])
+        return back, None, None, None
+
+
+def alltoall(tensor, splits=None, name=None, process_set=global_process_set):
+    """Send ``splits[r]`` rows of ``tensor`` to each member r and concatenate what arrives, in rank
+    order; differentiable. Returns the output, and with ``splits`` given also the received splits."""
+    return _AlltoallFn.apply(tensor, splits, name, process_set)
+
+
+def join(device: int = -1) -> int:
+    """Wait, taking part in the others' all-reduces with zeros, until every rank called join;
+    return the rank that joined last (the same on every rank).
+
+    For data that runs out unevenly: a rank that has no batch left calls ``join()`` and the
+    others' gradient all-reduces go on (an average still divides by the world's size, as in
+    Horovod). Other collectives raise a CommError on the ranks that call them while a rank
+    has joined. ``device`` is accepted for Horovod's signature: the zeros live in host memory,
+    so collectives on CUDA tensors are among those refused during a join.
+    """
+    if engine.size() == 1:
+        return engine.rank()
+    last = torch.zeros(1, dtype=torch.int64)
+    spec = core.OpSpec(core.OpKind.JOIN, "join", 0, last.data_ptr())
+    engine.submit([engine.Collective(spec, (last,), result=last)]).wait()
+    return int(last)
+
+
+def sparse_allreduce_async(tensor, name, op, process_set=global_process_set):
+    """Start reducing a sparse COO ``tensor`` as Horovod does: all-gather its indices and values
+    (no densifying). Returns a function that waits and returns the reduced sparse tensor."""
+    if op not in (Average, Sum):
+        raise ValueError(f"{name}: a sparse allreduce sums or averages (op=Sum or Average), not {op!r}")
+    if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.sparse_coo:
+        raise TypeError(f"{name}: sparse_allreduce_async needs a sparse COO tensor; use allreduce for dense ones")
+    indices = allgather_async(tensor._indices().t().contiguous(), f"{name}.indices", process_set)
+    values = allgather_async(tensor._values().contiguous(), f"{name}.values", process_set)
+
+    def wait():
+        gathered_values = synchronize(values)
+        gathered_indices = synchronize(indices)
+        if op == Average:
+            gathered_values = gathered_values / process_set.size()
+        return torch.sparse_coo_tensor(gathered_indices.t(), gathered_values, tensor.shape, check_invariants=True)
+
+    return wait
 
 
 def barrier(process_set=global_process_set) -> None:
@@ -316,7 +502,7 @@ def barrier(process_set=global_process_set) -> None:
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None, process_set=global_process_set) -> Any:
     """Pickle ``obj`` on ``root_rank`` and return it on every member."""
-    name = _name(name, "broadcast_object")
+    name = name or "broadcast_object"  # no counter: ranks that ran other unnamed operations still match
     check_member(process_set, name)
     if process_set.size() == 1:
         return obj
@@ -333,7 +519,7 @@ def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None, proc
 
 def allgather_object(obj: Any, name: str | None = None, process_set=global_process_set) -> list:
     """Pickle ``obj`` on every member; return every member's object, in the set's rank order."""
-    name = _name(name, "allgather_object")
+    name = name or "allgather_object"  # no counter: ranks that ran other unnamed operations still match
     check_member(process_set, name)
     if process_set.size() == 1:
         return [obj]

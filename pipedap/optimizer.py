@@ -85,6 +85,11 @@ class _DistributedMixin:
         reducer.end_step(self._pipedap_hyperparameters())
         return loss
 
+    @property
+    def _parameter_names(self) -> dict[torch.nn.Parameter, str]:
+        """Horovod's attribute: each parameter whose gradient is reduced, and the name it is reduced under."""
+        return {p: n for b in self._pipedap.buckets for n, p in zip(b.names, b.params)}
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients. They stay views into the buckets (never None) so no copy is needed;
         a bucket whose update is still pending is zeroed right after that update."""
@@ -166,12 +171,17 @@ class _DistributedMixin:
         """
         ids = {id(p) for p in used}
         saved = [dict(group) for group in self.param_groups]
+        sparse = [(p, p.grad) for p in used if p in self._pipedap.sparse_grads]
         try:
             for group, hyper in zip(self.param_groups, hyperparameters):
                 group.update(hyper)
                 group["params"] = [p for p in group["params"] if id(p) in ids]
+            for p, dense in sparse:  # as it came (SparseAdam takes sparse gradients only)
+                p.grad = dense.to_sparse()
             super().step()
         finally:
+            for p, dense in sparse:
+                p.grad = dense
             for group, original in zip(self.param_groups, saved):
                 group.clear()
                 group.update(original)
@@ -302,6 +312,7 @@ def DistributedOptimizer(
     compression=Compression.none,
     fusion_bytes: int | None = None,
     process_set: ProcessSet = global_process_set,
+    sparse_as_dense: bool = False,
 ):
     """Wrap ``optimizer`` so that gradients are averaged over the ranks with a communication schedule.
 
@@ -324,7 +335,11 @@ def DistributedOptimizer(
         fusion_bytes: without a plan, fuse consecutive modules into buckets of about this many
             bytes (default ``$PIPEDAP_FUSION_BYTES`` or 4 MiB; 0: one bucket per module).
         process_set: average over this set's ranks only (default: every rank), e.g. the
-            replicas of one pipeline stage; call it on the set's ranks only.
+            replicas of one pipeline stage. On a rank outside the set the optimizer steps
+            locally, communicating nothing (Horovod's rule).
+        sparse_as_dense: Horovod's option, accepted with either value: sparse gradients (an
+            ``nn.Embedding(sparse=True)``) are always reduced dense in their bucket, and the
+            optimizer gets them back sparse (rows whose reduced gradient is zero left out).
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -340,9 +355,11 @@ def DistributedOptimizer(
     if compression is not Compression.none:
         raise NotImplementedError("DistributedOptimizer supports compression=Compression.none only")
     engine.check_op(op, "DistributedOptimizer")
+    if op not in (comm.Average, comm.Sum):
+        raise ValueError(f"DistributedOptimizer reduces gradients with Average or Sum, not {op!r}")
     if backward_passes_per_step < 1:
         raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
-    comm.check_member(process_set, "DistributedOptimizer")
+    member = comm.check_member(process_set, "DistributedOptimizer", outsider_ok=True) >= 0
     if fusion_bytes is None:
         fusion_bytes = settings.get("PIPEDAP_FUSION_BYTES")
 
@@ -352,7 +369,10 @@ def DistributedOptimizer(
     # call counter) would bypass ours, so it is left behind.
     wrapped.__dict__.update({k: v for k, v in optimizer.__dict__.items() if k != "step"})
     world = process_set.size()
-    if engine.alone(process_set):  # nothing to communicate: the plain optimizer
+    if not member:
+        log.info("DistributedOptimizer: rank %d is not in %s: its optimizer steps locally (as Horovod's)",
+                 engine.rank(), process_set)
+    if engine.alone(process_set) or not member:  # nothing to communicate: the plain optimizer
         wrapped._pipedap = Reducer(None, [], wrapped._pipedap_apply_update, op=op, passes=backward_passes_per_step,
                                    process_set=process_set)
         return wrapped

@@ -64,6 +64,7 @@ class Reducer:
         self.grads_complete = False  # synchronize() ran between backward and step() (step() then warns ...)
         self.skipping_synchronize = False  # ... unless inside skip_synchronize(), as Horovod
         self.clip_coef: float | None = None  # set by clip_grad_norm_ for this step
+        self.sparse_grads: set[torch.nn.Parameter] = set()  # parameters whose gradients came sparse (embeddings)
         self._lock = threading.Lock()  # gradient hooks may run on autograd's device threads
         self._forward_end_hook = None
         self._new_step()
@@ -74,6 +75,7 @@ class Reducer:
         """Register the hooks that drive the reducer (a model is needed for lazy updates)."""
         for p in self.where:
             p.register_post_accumulate_grad_hook(self.grad_ready)
+            self._note_layout_once(p)
         if model is None:
             return
         for module in model.modules():
@@ -83,6 +85,16 @@ class Reducer:
                 module.register_forward_pre_hook(self.before_forward)
         if self.online is not None:  # removed when the plan switches
             self._forward_end_hook = model.register_forward_hook(lambda *_: self.online.forward_ended())
+
+    def _note_layout_once(self, p: torch.nn.Parameter) -> None:
+        """Note whether p's first gradient comes sparse (an embedding's): it accumulates dense into the
+        bucket, and the update gets it back sparse. One look is enough: a module's layout is fixed."""
+        def look(grad: torch.Tensor) -> None:
+            if grad.is_sparse:
+                self.sparse_grads.add(p)
+            handle.remove()
+
+        handle = p.register_hook(look)
 
     def grad_ready(self, p: torch.nn.Parameter) -> None:
         """Post-accumulate-grad hook: count p's gradient; submit its bucket when complete (in plan order)."""
@@ -106,7 +118,10 @@ class Reducer:
                 f"{self.passes} times before step(); raise backward_passes_per_step or use no_sync()"
             )
         ready.add(i)
-        if p.grad is not None and p.grad.data_ptr() != b.grads[i].data_ptr():
+        if p.grad is not None and p.grad.is_sparse:  # the gradient was re-allocated, sparse
+            b.grads[i].copy_(p.grad.to_dense())
+            p.grad = b.grads[i]
+        elif p.grad is not None and p.grad.data_ptr() != b.grads[i].data_ptr():
             b.grads[i].copy_(p.grad)  # the gradient was re-allocated (grad set to None, create_graph)
             p.grad = b.grads[i]
         b.flags[i] = 1
