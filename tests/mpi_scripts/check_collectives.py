@@ -5,6 +5,7 @@ GPU of this rank's local rank and goes over NCCL. Inputs are small integers, exa
 averages of half types allow one rounding. Exits non-zero on the first failure.
 """
 
+import math
 import sys
 
 import torch
@@ -17,7 +18,10 @@ DEVICE = sys.argv[1] if len(sys.argv) > 1 else "cpu"
 if DEVICE == "cuda":
     torch.cuda.set_device(hvd.local_rank())
 torch.set_default_device(DEVICE)
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.uint8, torch.int8]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.uint8, torch.int8,
+          torch.int16]
+if DEVICE == "cuda":
+    DTYPES.remove(torch.int16)  # NCCL has no 16-bit integer type (a CommError says so)
 # 0 and 1 elements, not divisible by P, and large enough for the ring path (>= 64 KiB)
 SIZES = [0, 1, 7, 1000, 100_003]
 
@@ -52,6 +56,13 @@ for dtype in DTYPES:
         # allreduce: sum, average, in place
         check(hvd.allreduce(x, op=hvd.Sum, name=f"ar.{tag}"), total(n, dtype).to(dtype), f"allreduce sum {tag}")
         check(hvd.allreduce(x, name=f"avg.{tag}"), average(total(n, dtype), dtype), f"allreduce average {tag}")
+        # min, max (ranks' values grow with the rank) and product (of ranks 1..P: exact in the wide types)
+        check(hvd.allreduce(x, op=hvd.Min, name=f"min.{tag}"), value(0, n, dtype), f"allreduce min {tag}")
+        check(hvd.allreduce(x, op=hvd.Max, name=f"max.{tag}"), value(P - 1, n, dtype), f"allreduce max {tag}")
+        if dtype in (torch.float32, torch.float64, torch.int32, torch.int64):
+            want = torch.full((n,), float(math.factorial(P))).to(dtype)
+            check(hvd.allreduce(torch.full((n,), R + 1).to(dtype), op=hvd.Product, name=f"prod.{tag}"), want,
+                  f"allreduce product {tag}")
         y = x.clone()
         hvd.allreduce_(y, op=hvd.Sum, name=f"ar_.{tag}")
         check(y, total(n, dtype).to(dtype), f"allreduce_ {tag}")
@@ -67,6 +78,13 @@ for dtype in DTYPES:
         mine = summed[start : start + n // P + (R < n % P)]
         check(hvd.reducescatter(m, op=hvd.Sum, name=f"rs.{tag}"), mine.to(dtype), f"reducescatter sum {tag}")
         check(hvd.reducescatter(m, name=f"rsavg.{tag}"), average(mine, dtype), f"reducescatter average {tag}")
+        check(hvd.reducescatter(m, op=hvd.Max, name=f"rsmax.{tag}"),
+              value(P - 1, n * 2, dtype).view(n, 2)[start : start + n // P + (R < n % P)], f"reducescatter max {tag}")
+        # alltoall: rank r sends j + 1 rows of (r + 1) to rank j, so it receives its own rank + 1 rows from each
+        sent = torch.cat([torch.full((j + 1, 2), R + 1) for j in range(P)]).to(dtype)
+        got, splits = hvd.alltoall(sent, torch.arange(1, P + 1, dtype=torch.int32), name=f"a2a.{tag}")
+        check(got, torch.cat([torch.full((R + 1, 2), r + 1) for r in range(P)]).to(dtype), f"alltoall {tag}")
+        check(splits, torch.full((P,), R + 1, dtype=torch.int32), f"alltoall received splits {tag}")
         # broadcast from every root, copy and in place
         for root in range(P):
             check(hvd.broadcast(x, root, name=f"bc.{root}.{tag}"), value(root, n, dtype), f"broadcast root {root} {tag}")

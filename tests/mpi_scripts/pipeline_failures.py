@@ -65,6 +65,7 @@ def bad_inputs() -> None:
             sys.exit(f"rank {R}: {case}: no error")
     T.all_gather_object(None, "done")
     print(f"BAD done rank {R}", flush=True)
+    T.close()  # a gloo process group left to the interpreter's exit may abort it ("terminate called ...")
 
 
 class Failing(nn.Module):
