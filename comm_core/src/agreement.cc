@@ -72,7 +72,8 @@ Fingerprint join_fingerprint(int64_t seq, int64_t joined_at) {
   return f;
 }
 
-Agreement::Agreement(const Communicator& agree, const Fingerprint& mine) : mine_(mine), all_(agree.size) {
+Agreement::Agreement(const Communicator& agree, const Fingerprint& mine)
+    : rank_(agree.rank), mine_(mine), all_(agree.size) {
   all_[agree.rank] = mine_;
   try {
     post_exchange(agree, kFingerprintTag, &mine_, sizeof(Fingerprint), all_.data(), requests_,
@@ -83,14 +84,25 @@ Agreement::Agreement(const Communicator& agree, const Fingerprint& mine) : mine_
   }
 }
 
-void Agreement::wait(const PollPolicy& poll, int rank) { wait_all(requests_, poll, rank, /*cancellable=*/false); }
-
 bool Agreement::complete() {
-  int done = 1;
-  if (!requests_.empty()) {
-    MPI_Testall(static_cast<int>(requests_.size()), requests_.data(), &done, MPI_STATUSES_IGNORE);
+  bool done = true;
+  for (MPI_Request& r : requests_) {  // one at a time: a completed request becomes MPI_REQUEST_NULL (see missing())
+    int flag = 1;
+    if (r != MPI_REQUEST_NULL) MPI_Test(&r, &flag, MPI_STATUS_IGNORE);
+    done = done && flag;
   }
-  return done != 0;
+  return done;
+}
+
+std::vector<int> Agreement::missing() const {
+  std::vector<int> ranks;
+  // post_exchange posted, for each other rank in order, a receive and then a send
+  for (size_t r = 0, k = 0; r < all_.size(); ++r) {
+    if (static_cast<int>(r) == rank_) continue;
+    if (requests_[k] != MPI_REQUEST_NULL) ranks.push_back(static_cast<int>(r));
+    k += 2;
+  }
+  return ranks;
 }
 
 Verdict Agreement::verdict() const {

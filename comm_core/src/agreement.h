@@ -67,9 +67,9 @@ class Agreement {
   Agreement(const Agreement&) = delete;
   Agreement& operator=(const Agreement&) = delete;
 
-  // Waits until every rank's fingerprint arrived (and ours left).
-  void wait(const PollPolicy& poll, int rank);
   bool complete();  // progresses it; true once every rank's fingerprint arrived
+  // The ranks (within the set) whose fingerprint has not arrived yet, as of the last complete().
+  std::vector<int> missing() const;
   // After completion.
   Verdict verdict() const;
   // After completion: the ranks within the set that are in join(), ascending.
@@ -82,6 +82,7 @@ class Agreement {
   std::string explain(const ProcessSet& set, const std::string& my_description, const PollPolicy& poll) const;
 
  private:
+  int rank_;  // this rank within the set
   Fingerprint mine_;
   std::vector<Fingerprint> all_;
   std::vector<MPI_Request> requests_;  // a receive from and a send to every other rank

@@ -12,6 +12,7 @@ namespace {
 
 std::unique_ptr<Engine> g_engine;
 std::mutex g_engine_mu;
+int64_t g_generation = 0;  // engines this process started ([Note: departure notices] in status.h)
 bool g_owns_mpi = false;  // this library called MPI_Init, so it finalizes
 
 void ensure_mpi_initialized(int* thread_level) {
@@ -95,7 +96,7 @@ Engine::Engine(const EngineConfig& config) : config_(config) {
   MPI_Comm_size(local, &local_size_);
   MPI_Comm_free(&local);
   create_user_ops();
-  status_ = std::make_unique<StatusChannel>(side_);
+  status_ = std::make_unique<StatusChannel>(side_, ++g_generation);
   p2p_ = std::make_unique<PointToPoint>(
       world_.rank, message_segment_bytes(config_.host),
       [this]() -> DeviceBackend& {
@@ -122,6 +123,7 @@ Engine::~Engine() {
   }
   watchdog_cv_.notify_all();
   watchdog_.join();
+  status_->announce_departure();  // a rank still waiting for this one fails at once instead of timing out
   p2p_.reset();
   device_.reset();
   status_.reset();
@@ -366,6 +368,30 @@ void Engine::wait_for_transfers(int set) {
   }
 }
 
+std::string Engine::await_agreement(Agreement& agreement, const ProcessSet& set) {
+  const int64_t service_interval_ns = config_.host.poll.idle_interval_us * 1000LL;
+  int64_t next_service_ns = 0;
+  Backoff backoff(config_.host.poll);
+  while (!agreement.complete()) {
+    if (p2p_->progress()) backoff.progressed();
+    if (monotonic_ns() >= next_service_ns) {
+      service();  // answers status questions, and receives departure notices
+      next_service_ns = monotonic_ns() + service_interval_ns;
+    }
+    std::vector<int> gone;  // departed without submitting it (one that did may have left after it failed)
+    for (int r : agreement.missing()) {
+      if (status_->departed()[set.ranks[r]]) gone.push_back(set.ranks[r]);
+    }
+    if (!gone.empty()) {
+      return rank_list(gone) + (gone.size() == 1 ? " has" : " have") +
+             " shut down (pipedap.shutdown() or the end of the script) without submitting it: the ranks ran "
+             "different numbers of collectives (with uneven data, let ranks that run out call join())";
+    }
+    sleep_us(backoff.next_sleep_us());
+  }
+  return "";
+}
+
 void Engine::agree(Submission& sub) {
   // Not on a single-rank set, nor on a removed one (it fails when it comes up), nor point-to-point.
   if (!sub.agreement && !sub.set->removed && sub.set->agree.size > 1 && !is_p2p_op(sub.ops.front().kind)) {
@@ -409,7 +435,12 @@ void Engine::execute(Submission& sub, Submission* next) {
     // behind a set change: it might remove the set the next one runs on.
     if (next != nullptr && !changes_sets) agree(*next);
     if (sub.agreement) {
-      sub.agreement->wait(config_.host.poll, world_.rank);
+      const std::string gone = await_agreement(*sub.agreement, set);
+      if (!gone.empty()) {
+        abandon_agreement(sub);
+        finish(sub, what + " was not run: " + gone, /*ran=*/false);
+        return;
+      }
       const Verdict verdict = sub.agreement->verdict();
       if (verdict == Verdict::kJoinRound) {  // [Note: join] in join.h
         const std::vector<int> joined = sub.agreement->joined();
@@ -456,7 +487,12 @@ void Engine::run_join(Submission& sub, const std::string& what) {
   try {
     agree(sub);  // the first round (it may have started behind the previous submission)
     while (sub.agreement) {
-      sub.agreement->wait(config_.host.poll, world_.rank);
+      const std::string gone = await_agreement(*sub.agreement, set);
+      if (!gone.empty()) {
+        abandon_agreement(sub);
+        finish(sub, what + " failed: " + gone, /*ran=*/true);
+        return;
+      }
       const Verdict verdict = sub.agreement->verdict();
       if (verdict == Verdict::kAllJoined) {
         last = sub.agreement->last_joined();

@@ -106,6 +106,9 @@ class Engine {
   // Engine thread: adds or removes a process set; returns why it was refused ("": done).
   std::string change_process_sets(const OpSpec& op);
   void agree(Submission& sub);
+  // Engine thread: waits until `agreement` completes (""), or returns why it never will: a member of
+  // `set` shut down ([Note: departure notices] in status.h).
+  std::string await_agreement(Agreement& agreement, const ProcessSet& set);
   void abandon_agreement(Submission& sub);
   // The watchdog and stall reports (watchdog.cc).
   void service();  // engine thread: answer status questions, finish a stall report

@@ -37,7 +37,7 @@ std::string OpSpec::describe(int peer_rank) const {
   if (kind == OpKind::kJoin) return "join";
   if (kind != OpKind::kBarrier) {
     s += " (" + std::to_string(total_count()) + " " + dtype_name(dtype);
-    if (!shape.empty()) {
+    if (shape.size() > 1) {  // a 1-D shape says no more than the count
       s += ", shape [";
       for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
       s += "]";

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "mpi_util.h"
 #include "op.h"
 
 namespace pipedap {
@@ -9,6 +10,7 @@ namespace {
 
 constexpr int kQuestionTag = 1;
 constexpr int kAnswerTag = 2;
+constexpr int kDepartureTag = 5;  // (agreement.cc uses 3, join.cc 4)
 
 std::string seconds(double s) { return format_number(static_cast<double>(static_cast<int64_t>(s))) + " s"; }
 
@@ -52,6 +54,14 @@ void StatusChannel::serve(const std::function<RankStatus(int64_t set)>& me) {
     outgoing_.push_back(Answer{me(question), MPI_REQUEST_NULL});
     MPI_Isend(&outgoing_.back().status, sizeof(RankStatus), MPI_BYTE, st.MPI_SOURCE, kAnswerTag, side_.comm,
               &outgoing_.back().request);
+  }
+  for (;;) {
+    int flag = 0;
+    MPI_Status st;
+    if (MPI_Iprobe(MPI_ANY_SOURCE, kDepartureTag, side_.comm, &flag, &st) != MPI_SUCCESS || !flag) break;
+    int64_t generation = -1;
+    MPI_Recv(&generation, 1, MPI_INT64_T, st.MPI_SOURCE, kDepartureTag, side_.comm, MPI_STATUS_IGNORE);
+    if (generation == generation_) departed_[st.MPI_SOURCE] = true;
   }
   for (auto it = outgoing_.begin(); it != outgoing_.end();) {
     int done = 1;
@@ -103,6 +113,30 @@ std::optional<std::vector<std::optional<RankStatus>>> StatusChannel::answers() {
   }
   asking_ = false;
   return result;
+}
+
+void StatusChannel::announce_departure() {
+  // Eight bytes go eagerly, so the sends complete at once unless a peer is gone (and then nobody waits for
+  // this rank). One that has not completed by the deadline is left to MPI: its buffer is static.
+  static int64_t payload;
+  payload = generation_;
+  std::vector<MPI_Request> sends;
+  for (int r = 0; r < side_.size; ++r) {
+    if (r == side_.rank) continue;
+    sends.emplace_back();
+    if (MPI_Isend(&payload, 1, MPI_INT64_T, r, kDepartureTag, side_.comm, &sends.back()) != MPI_SUCCESS) {
+      sends.pop_back();
+    }
+  }
+  const int64_t deadline = monotonic_ns() + static_cast<int64_t>(kAnswerSeconds * 1e9);
+  int done = sends.empty() ? 1 : 0;
+  while (!done && monotonic_ns() < deadline) {
+    MPI_Testall(static_cast<int>(sends.size()), sends.data(), &done, MPI_STATUSES_IGNORE);
+    if (!done) sleep_us(1000);
+  }
+  for (MPI_Request& r : sends) {
+    if (r != MPI_REQUEST_NULL) MPI_Request_free(&r);
+  }
 }
 
 std::string describe_ranks(int me, const ProcessSet& set, int64_t seq,

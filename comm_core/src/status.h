@@ -50,9 +50,20 @@ struct RankStatus {
 // How long a stall report waits for the other ranks' answers.
 constexpr double kAnswerSeconds = 5.0;
 
+// [Note: departure notices]
+// A rank whose engine shuts down (pipedap.shutdown(), or the end of its
+// script) will submit nothing more. If another rank still waits for it in an
+// operation it never submitted (the ranks ran different numbers of
+// collectives: uneven data without join(), a rank that left a loop early), that
+// rank would wait for PIPEDAP_TIMEOUT_SECONDS. So a departing engine tells
+// every other rank, and their engines fail such operations at once, naming the
+// departed rank. A notice carries the engine's generation (how many engines
+// this process started), so a stale one, sent to an engine that has since been
+// restarted on communicators that MPI may have numbered alike, is ignored.
 class StatusChannel {
  public:
-  explicit StatusChannel(const Communicator& side) : side_(side) {}
+  StatusChannel(const Communicator& side, int64_t generation)
+      : side_(side), generation_(generation), departed_(side.size, false) {}
   ~StatusChannel();  // gives up its pending requests (no buffer outlives them)
   StatusChannel(const StatusChannel&) = delete;
   StatusChannel& operator=(const StatusChannel&) = delete;
@@ -67,9 +78,15 @@ class StatusChannel {
   // Once every asked rank answered or kAnswerSeconds passed: each world
   // rank's answer (nullopt: none came, or not asked) and the inquiry ends.
   std::optional<std::vector<std::optional<RankStatus>>> answers();
+  // Tells every other rank that this engine shuts down (waits at most kAnswerSeconds for the sends).
+  void announce_departure();
+  // Per world rank: its engine announced its departure (as far as serve() has seen).
+  const std::vector<bool>& departed() const { return departed_; }
 
  private:
   Communicator side_;
+  int64_t generation_;
+  std::vector<bool> departed_;
   struct Answer {
     RankStatus status;
     MPI_Request request = MPI_REQUEST_NULL;

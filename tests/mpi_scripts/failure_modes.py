@@ -28,6 +28,17 @@ elif mode == "exception":  # rank 1 dies; the others are blocked in a collective
     hvd.allreduce(torch.ones(2), name="never.completes")
     print(f"rank {R}: NOT ABORTED")
 
+elif mode == "early_end":  # rank 1 runs out of data one step early (no join): the others fail at once
+    for step in range(3):
+        hvd.allreduce(torch.ones(2), name=f"step.{step}")
+    if R != 1:  # one step more
+        start = time.monotonic()
+        try:
+            hvd.allreduce(torch.ones(2), name="after.rank.1.left")
+            print(f"rank {R}: NOT DETECTED")
+        except hvd.CommError as e:
+            print(f"rank {R}: FAILED after {time.monotonic() - start:.1f} s: {e}")
+
 elif mode == "stall":  # run with PIPEDAP_STALL_SECONDS=1: rank 1 is late, then all finish
     if R == 1:
         time.sleep(3)
