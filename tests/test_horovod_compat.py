@@ -18,10 +18,21 @@ from compat import run_horovod_tests as runner
 
 HOROVOD_SOURCE = os.environ.get("PIPEDAP_HOROVOD_SOURCE")
 
-# The ratchet: tests of Horovod's test_torch.py (head 2626dc87) that pass with each test in its own
-# 2-rank job. Raise it when a fix lands; the run fails if fewer pass (a regression). 18 before the
-# build queries, op names, optimizer checks and allgather's error type; at least 26 after.
-MIN_PASSED_PER_TEST = 26
+# Tests of Horovod's test_torch.py (head 2626dc87) that fail, each test in its own 2-rank job, and
+# why. Any other failure is a regression. (18 of them passed before issue 14, 96 after.)
+ORDER_NOT_NAME = ("rank 0 submits a collective before a barrier, rank 1 after it: only Horovod's matching by "
+                  "name accepts that; pipedap matches by order, so both fail with a CommError at the barrier")
+MUON = ("torch 2.13's Muon (which needs 2-D parameters) is among the optimizers the test constructs for a "
+        "model with 1-D biases: torch raises before pipedap is called")
+EXPECTED_FAILURES = {
+    "test_horovod_allreduce_duplicate_name_error": ORDER_NOT_NAME,
+    "test_horovod_allgather_duplicate_name_error": ORDER_NOT_NAME,
+    "test_horovod_broadcast_duplicate_name_error": ORDER_NOT_NAME,
+    "test_horovod_reducescatter_duplicate_name_error": ORDER_NOT_NAME,
+    "test_broadcast_state": MUON,
+    "test_broadcast_state_options": MUON,
+    "test_force_allreduce": MUON,
+}
 
 
 SAMPLE = '''
@@ -142,4 +153,7 @@ def test_horovod_test_torch_per_test(tmp_path):
     result = json.loads(out.read_text())
     counts = result["counts"]
     assert sum(counts.values()) == len(runner.list_tests(Path(HOROVOD_SOURCE) / runner.TEST_FILE))
-    assert counts["passed"] >= MIN_PASSED_PER_TEST, done.stdout[-5000:]
+    failed = {nodeid.split("::")[-1] for nodeid, test in result["tests"].items()
+              if test["outcome"] in ("failed", "timeout")}
+    assert failed <= set(EXPECTED_FAILURES), f"new failures: {sorted(failed - set(EXPECTED_FAILURES))}\n" + \
+        done.stdout[-5000:]
