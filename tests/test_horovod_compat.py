@@ -157,3 +157,16 @@ def test_horovod_test_torch_per_test(tmp_path):
               if test["outcome"] in ("failed", "timeout")}
     assert failed <= set(EXPECTED_FAILURES), f"new failures: {sorted(failed - set(EXPECTED_FAILURES))}\n" + \
         done.stdout[-5000:]
+
+
+@pytest.mark.skipif(not HOROVOD_SOURCE, reason="set PIPEDAP_HOROVOD_SOURCE to a Horovod checkout to run Horovod's "
+                                                "test/parallel/test_torch.py through the shim")
+def test_horovod_test_torch_in_one_job_finishes(tmp_path):
+    """As Horovod's CI runs it: after the first order-vs-name failure the ranks stay one operation
+    apart, so later tests fail, but each failure is immediate and the job ends (no hang)."""
+    out = tmp_path / "horovod.json"
+    done = subprocess.run([sys.executable, str(Path(runner.__file__)), "--horovod", HOROVOD_SOURCE, "--one-job",
+                           "--timeout", "900", "--json", str(out)], capture_output=True, text=True, timeout=1200)
+    result = json.loads(out.read_text())
+    assert result["one_job"]["finished"], done.stdout[-5000:]
+    assert result["counts"]["timeout"] == 0, done.stdout[-5000:]

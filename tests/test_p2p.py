@@ -36,7 +36,7 @@ def check_transfers(output: str, np: int) -> None:
     for r in range(np):
         prev = (r - 1) % np
         assert f"rank {r}: p2p OK" in output, output
-        assert f"rank {r}: 48 dtype x shape transfers OK" in output
+        assert f"rank {r}: 54 dtype x shape transfers OK" in output  # 9 dtypes x 6 shapes
         assert re.search(rf"rank {r}: 100 MiB OK in [\d.]+ s", output)
         for case, (tag, expected, sent) in MISMATCHES.items():
             message = re.search(rf"rank {r}: mismatch {case} ERROR (.*)", output).group(1)

@@ -73,7 +73,9 @@ def test_over_gloo_a_stage_that_dies_ends_every_rank_within_30_s_naming_it():
     assert ranks[1].returncode == -9, output
     for r in (0, 2):
         assert ranks[r].returncode != 0, output
-        assert f"RuntimeError: rank {r}: receiving from rank 1 failed: rank 1 died" in ranks[r].stdout, output
+        # waiting for rank 1, or posting to it once gloo has seen its connection close
+        assert re.search(rf"RuntimeError: rank {r}: (receiving from|sending to) rank 1 failed: rank 1 died",
+                         ranks[r].stdout), output
     assert "trained to the end" not in output
 
 

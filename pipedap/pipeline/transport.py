@@ -104,8 +104,13 @@ class _TorchWork:
         try:
             self._work.wait()
         except RuntimeError as err:
-            raise RuntimeError(f"rank {self._rank}: {self._what} rank {self._peer} failed: rank {self._peer} died, "
-                               f"stalled or was stopped (look at its output) [{err}]") from None
+            raise peer_failed(self._what, self._rank, self._peer, err) from None
+
+
+def peer_failed(what: str, rank: int, peer: int, err: Exception) -> RuntimeError:
+    """The error of a gloo transfer that failed because its peer went away (at posting or at waiting)."""
+    return RuntimeError(f"rank {rank}: {what} rank {peer} failed: rank {peer} died, stalled or was stopped (look at "
+                        f"its output) [{err}]")
 
 
 class TorchTransport:
@@ -126,10 +131,16 @@ class TorchTransport:
                                     world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
 
     def send(self, tensor: torch.Tensor, peer: int, tag: int, name: str | None = None) -> _TorchWork:
-        return _TorchWork(self.dist.isend(tensor, peer, tag=tag), "sending to", self.rank, peer)
+        return self._post(self.dist.isend, tensor, peer, tag, "sending to")
 
     def recv(self, tensor: torch.Tensor, peer: int, tag: int, name: str | None = None) -> _TorchWork:
-        return _TorchWork(self.dist.irecv(tensor, peer, tag=tag), "receiving from", self.rank, peer)
+        return self._post(self.dist.irecv, tensor, peer, tag, "receiving from")
+
+    def _post(self, post, tensor: torch.Tensor, peer: int, tag: int, what: str) -> _TorchWork:
+        try:  # gloo fails at once when the peer's connection is already closed
+            return _TorchWork(post(tensor, peer, tag=tag), what, self.rank, peer)
+        except RuntimeError as err:
+            raise peer_failed(what, self.rank, peer, err) from None
 
     def all_gather_object(self, obj, what: str) -> list:
         everyone = [None] * self.size
