@@ -40,7 +40,7 @@ _works_lock = threading.Lock()
 _handle_ids = itertools.count(1)
 
 
-def _handle(work: Work, grouped: bool = False) -> int:
+def new_handle(work: Work, grouped: bool = False) -> int:
     """A new integer handle for ``work``; ``grouped``: its result is a list, however long."""
     with _works_lock:
         handle = next(_handle_ids)
@@ -86,7 +86,7 @@ def _name(name: str | None, kind: str) -> str:
     return name if name is not None else f"{kind}{engine.AUTO_NAME}{next(_auto_names)}"
 
 
-def _resolve_op(op, average: bool | None):
+def resolve_op(op, average: bool | None):
     if average is not None:
         if op is not None:
             raise ValueError("give either op= or the deprecated average=, not both")
@@ -145,7 +145,7 @@ def _postscale(factor: float):
     return None if factor == 1.0 else (lambda t: t.copy_(scaled(t, factor)))
 
 
-def _allreduce_spec(tensor, output, name, op, prescale_factor, postscale_factor, process_set) -> engine.Collective:
+def allreduce_spec(tensor, output, name, op, prescale_factor, postscale_factor, process_set) -> engine.Collective:
     """A checked all-reduce of ``tensor`` into ``output`` (None: a new tensor), its shape agreed across ranks."""
     engine.check_op(op, name)
     engine.check_tensor(tensor, name)
@@ -166,9 +166,9 @@ def _chain(first, then):
 
 def _allreduce_async(tensor, output, average, name, op, prescale_factor, postscale_factor, process_set) -> int:
     """``output=None``: allocate a new result tensor."""
-    c = _allreduce_spec(tensor, output, _name(name, "allreduce"), _resolve_op(op, average), prescale_factor,
+    c = allreduce_spec(tensor, output, _name(name, "allreduce"), resolve_op(op, average), prescale_factor,
                         postscale_factor, process_set)
-    return _handle(engine.submit([c]))
+    return new_handle(engine.submit([c]))
 
 
 def allreduce_async(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
@@ -205,7 +205,7 @@ class _AllreduceFn(torch.autograd.Function):
 def allreduce(tensor, average=None, name=None, compression=Compression.none, op=None, prescale_factor=1.0,
               postscale_factor=1.0, process_set=global_process_set):
     """Average (default) or sum ``tensor`` over the set's ranks; differentiable, input not modified."""
-    op = _resolve_op(op, average)
+    op = resolve_op(op, average)
     compressed, ctx = compression.compress(tensor)
     reduced = _AllreduceFn.apply(compressed, op, name, prescale_factor, postscale_factor, process_set)
     return compression.decompress(reduced, ctx)
@@ -243,11 +243,11 @@ def allgather_async(tensor, name=None, process_set=global_process_set) -> int:
     engine.check_tensor(tensor, name)
     check_member(process_set, name)
     if engine.alone(process_set):
-        return _handle(engine.completed(tensor.clone()))
-    return _handle(engine.submit([_allgather_spec(tensor, name, process_set)]))
+        return new_handle(engine.completed(tensor.clone()))
+    return new_handle(engine.submit([allgather_spec(tensor, name, process_set)]))
 
 
-def _allgather_spec(tensor, name: str, process_set: ProcessSet) -> engine.Collective:
+def allgather_spec(tensor, name: str, process_set: ProcessSet) -> engine.Collective:
     """An all-gather of ``tensor`` (checked) into a new tensor sized from the members' shapes (exchanged here)."""
     shapes = _exchange_shapes(tensor, name, process_set)
     row = int(torch.Size(tensor.shape[1:]).numel())
@@ -275,7 +275,7 @@ def allgather(tensor, name=None, process_set=global_process_set):
     return _AllgatherFn.apply(tensor, name, process_set)
 
 
-def _check_reducescatter(tensor, name, op, process_set) -> int:
+def check_reducescatter(tensor, name, op, process_set) -> int:
     """This rank's rank within the set, once the arguments are checked."""
     engine.check_op(op, name)
     engine.check_tensor(tensor, name)
@@ -285,9 +285,9 @@ def _check_reducescatter(tensor, name, op, process_set) -> int:
     return mine
 
 
-def _reducescatter_spec(tensor, name, op, process_set, prescale_factor, postscale_factor) -> engine.Collective:
+def reducescatter_spec(tensor, name, op, process_set, prescale_factor, postscale_factor) -> engine.Collective:
     """A checked reduce-scatter of ``tensor`` along dim 0 into a new tensor (Horovod's row split)."""
-    mine = _check_reducescatter(tensor, name, op, process_set)
+    mine = check_reducescatter(tensor, name, op, process_set)
     row = int(torch.Size(tensor.shape[1:]).numel())
     counts = reducescatter_counts(tensor.shape[0], row, process_set.size())
     output = tensor.new_empty((counts[mine] // row if row else 0, *tensor.shape[1:]))
@@ -306,9 +306,9 @@ def reducescatter_async(tensor, name=None, op=Average, process_set=global_proces
     """
     name = _name(name, "reducescatter")
     if engine.alone(process_set):
-        _check_reducescatter(tensor, name, op, process_set)
-        return _handle(engine.completed(scaled(scaled(tensor, prescale_factor), postscale_factor)))
-    return _handle(engine.submit([_reducescatter_spec(tensor, name, op, process_set, prescale_factor,
+        check_reducescatter(tensor, name, op, process_set)
+        return new_handle(engine.completed(scaled(scaled(tensor, prescale_factor), postscale_factor)))
+    return new_handle(engine.submit([reducescatter_spec(tensor, name, op, process_set, prescale_factor,
                                                       postscale_factor)]))
 
 
@@ -340,7 +340,7 @@ def _broadcast_async(tensor, output, root_rank: int, name, process_set) -> int:
     check_member(process_set, name)
     root = _root_in_set(root_rank, process_set, name)
     output = torch.empty_like(tensor) if output is None else output
-    return _handle(engine.submit([engine.collective(core.OpKind.BROADCAST, name, tensor, output, [tensor.numel()],
+    return new_handle(engine.submit([engine.collective(core.OpKind.BROADCAST, name, tensor, output, [tensor.numel()],
                                                     root=root, process_set=process_set, shape=tensor.shape)]))
 
 
@@ -418,7 +418,7 @@ def alltoall_async(tensor, splits=None, name=None, process_set=global_process_se
     like = splits if isinstance(splits, torch.Tensor) else torch.empty(0, dtype=torch.int32, device="cpu")
     if engine.alone(process_set):
         received = torch.tensor(send, dtype=like.dtype, device=like.device)
-        return _handle(engine.completed(tensor.narrow(0, 0, send[0]).clone(), lambda out: (out, received)))
+        return new_handle(engine.completed(tensor.narrow(0, 0, send[0]).clone(), lambda out: (out, received)))
     everyone = torch.empty(members * members, dtype=torch.int64, device="cpu")
     engine.submit([engine.allgather_collective(torch.tensor(send, dtype=torch.int64, device="cpu"), everyone,
                                                f"{name}.splits", process_set)]).wait()
@@ -429,7 +429,7 @@ def alltoall_async(tensor, splits=None, name=None, process_set=global_process_se
     c = engine.collective(core.OpKind.ALLTOALL, name, tensor, output, (matrix * row).flatten().tolist(),
                           process_set=process_set, shape=tensor.shape[1:])
     c.after = lambda out: (out, received)
-    return _handle(engine.submit([c]))
+    return new_handle(engine.submit([c]))
 
 
 class _AlltoallFn(torch.autograd.Function):

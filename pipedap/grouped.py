@@ -33,11 +33,11 @@ def _names(name: str | None, kind: str, tensors) -> list[str]:
 
 def _grouped_allreduce_async(tensors, in_place, average, name, op, prescale_factor, postscale_factor,
                              process_set) -> int:
-    op = comm._resolve_op(op, average)
-    collectives = [comm._allreduce_spec(t, t if in_place else None, n, op, prescale_factor, postscale_factor,
+    op = comm.resolve_op(op, average)
+    collectives = [comm.allreduce_spec(t, t if in_place else None, n, op, prescale_factor, postscale_factor,
                                         process_set)
                    for t, n in zip(tensors, _names(name, "allreduce", tensors))]
-    return comm._handle(engine.submit(collectives), grouped=True)
+    return comm.new_handle(engine.submit(collectives), grouped=True)
 
 
 def grouped_allreduce_async(tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
@@ -77,7 +77,7 @@ class _GroupedAllreduceFn(torch.autograd.Function):
 def grouped_allreduce(tensors, average=None, name=None, compression=Compression.none, op=None, prescale_factor=1.0,
                       postscale_factor=1.0, process_set=global_process_set) -> list:
     """Average (default) or reduce every tensor of the list over the set's ranks; differentiable."""
-    op = comm._resolve_op(op, average)
+    op = comm.resolve_op(op, average)
     compressed = [compression.compress(t) for t in tensors]
     reduced = _GroupedAllreduceFn.apply(op, name, prescale_factor, postscale_factor, process_set,
                                         *(c for c, _ in compressed))
@@ -97,8 +97,8 @@ def grouped_allgather_async(tensors, name=None, process_set=global_process_set) 
         engine.check_tensor(tensor, n)
         comm.check_member(process_set, n)
     if engine.alone(process_set):
-        return comm._handle(engine.completed_group([t.clone() for t in tensors]), grouped=True)
-    return comm._handle(engine.submit([comm._allgather_spec(t, n, process_set) for t, n in zip(tensors, names)]),
+        return comm.new_handle(engine.completed_group([t.clone() for t in tensors]), grouped=True)
+    return comm.new_handle(engine.submit([comm.allgather_spec(t, n, process_set) for t, n in zip(tensors, names)]),
                         grouped=True)
 
 
@@ -130,12 +130,12 @@ def grouped_reducescatter_async(tensors, name=None, op=Average, process_set=glob
     names = _names(name, "reducescatter", tensors)
     if engine.alone(process_set):
         for t, n in zip(tensors, names):
-            comm._check_reducescatter(t, n, op, process_set)
+            comm.check_reducescatter(t, n, op, process_set)
         results = [comm.scaled(comm.scaled(t, prescale_factor), postscale_factor) for t in tensors]
-        return comm._handle(engine.completed_group(results), grouped=True)
-    collectives = [comm._reducescatter_spec(t, n, op, process_set, prescale_factor, postscale_factor)
+        return comm.new_handle(engine.completed_group(results), grouped=True)
+    collectives = [comm.reducescatter_spec(t, n, op, process_set, prescale_factor, postscale_factor)
                    for t, n in zip(tensors, names)]
-    return comm._handle(engine.submit(collectives), grouped=True)
+    return comm.new_handle(engine.submit(collectives), grouped=True)
 
 
 class _GroupedReducescatterFn(torch.autograd.Function):
