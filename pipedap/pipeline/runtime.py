@@ -49,6 +49,7 @@ from pipedap.pipeline.communication import (
     send_tensor,
     tag,
 )
+from pipedap.pipeline.config import PipelineConfigError
 from pipedap.pipeline.stashing import stash_weights
 
 log = logging.getLogger("pipedap")
@@ -80,23 +81,62 @@ def micro_batch(batch: Batch, micro_batches: int, index: int) -> Batch:
     return x.narrow(0, index * size, size), (y.narrow(0, index * size, size) if y.dim() else y)
 
 
-class _Units:
-    """Stage 0's units, drawn from ``data`` (the job's minibatches in order; each replica keeps its own)."""
+def module_list(model: Sequence) -> list[nn.Module]:
+    """The modules of ``model``, the last one the loss: a list of modules, or PipeDream's stage list.
 
-    def __init__(self, data: Iterable[Batch], micro_batches: int, expected: tuple[TensorSpec, TensorSpec], device):
-        self.batches, self.micro_batches, self.expected, self.device = iter(data), micro_batches, expected, device
+    PipeDream's generated packages return ``[(module, input_names, output_names), ...]``
+    from ``model(criterion)``. The runtime passes one tensor between consecutive
+    modules, so each entry must take exactly the one output of the entry before it.
+    """
+    entries = list(model)
+    if not entries:
+        raise PipelineConfigError("the model has no modules; it needs at least a loss")
+    if all(isinstance(e, nn.Module) for e in entries):
+        return entries
+    modules, previous = [], None
+    for i, entry in enumerate(entries):
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 3 and isinstance(entry[0], nn.Module)):
+            raise PipelineConfigError(
+                f"model entry {i} is {type(entry).__name__}; give a list of modules, or PipeDream's list of "
+                "(module, input_names, output_names)")
+        module, inputs, outputs = entry
+        if len(inputs) != 1 or len(outputs) != 1 or (previous is not None and list(inputs) != [previous]):
+            raise PipelineConfigError(
+                f"model entry {i} takes {list(inputs)} and returns {list(outputs)}; pipedap's runtime passes one "
+                f"tensor between consecutive modules, so entry {i} must take only "
+                f"{[previous] if previous else 'the input'} and return one tensor (regenerate the stages with "
+                "python -m pipedap.tools.partition)")
+        modules.append(module)
+        previous = outputs[0]
+    return modules
+
+
+class _Units:
+    """Stage 0's units for one replica, drawn from ``data``: this replica's minibatches, in order.
+
+    Replica r of n runs units r, r + n, r + 2n, ... (with flush too: m is a multiple
+    of n), so its p-th unit is unit p·n + r. Each of its minibatches holds
+    ``per_batch`` of them: 1, or with flush the m / n micro-batches of the job's
+    minibatch that are its share.
+    """
+
+    def __init__(self, data: Iterable[Batch], per_batch: int, replicas: int, expected: tuple[TensorSpec, TensorSpec],
+                 device):
+        self.batches, self.per_batch, self.replicas = iter(data), per_batch, replicas
+        self.expected, self.device = expected, device
         self.drawn, self.current = 0, None
 
     def get(self, unit: int) -> Batch:
-        index = unit // self.micro_batches
+        position = unit // self.replicas
+        index = position // self.per_batch
         while self.drawn <= index:
             try:
                 self.current = next(self.batches)
             except StopIteration:
-                raise ValueError(f"data ran out after {self.drawn} minibatches; train() needs one per minibatch "
-                                 "on every rank of stage 0") from None
+                raise ValueError(f"data ran out after {self.drawn} minibatches; train() needs this replica's share "
+                                 "of the job's minibatches (see StageRuntime.train)") from None
             self.drawn += 1
-        x, y = micro_batch(self.current, self.micro_batches, unit % self.micro_batches)
+        x, y = micro_batch(self.current, self.per_batch, position % self.per_batch)
         got = (TensorSpec.of(x), TensorSpec.of(y))
         if got != self.expected:
             raise ValueError(f"minibatch {index} gives units of input {got[0]}, target {got[1]}, but the pipeline was "
@@ -109,10 +149,11 @@ class StageRuntime:
     """This rank's stage: its modules, its optimizer, and the schedule that runs them.
 
     Args:
-        modules: the whole model as a list of modules, the last one the loss (the same list on every rank).
+        modules: the whole model as a list of modules, the last one the loss (the same list on every rank),
+            or PipeDream's ``[(module, input_names, output_names), ...]`` (:func:`module_list`).
         config: a :class:`~pipedap.pipeline.config.PipelineConfig`, its JSON file or dict (PipeDream's format).
         optimizer: ``optimizer(params)`` builds the stage's optimizer on its parameters.
-        sample: one minibatch ``(input, target)`` as ``data`` yields it (needed on stage 0's ranks).
+        sample: one minibatch ``(input, target)`` as ``data`` yields it on this rank (needed on stage 0's ranks).
         schedule: ``1f1b`` (with weight stashing), ``no_pipelining`` or ``flush``.
         micro_batches: with ``flush``, the micro-batches of a minibatch (a multiple of every stage's replicas).
         dp_schedule: how a replicated stage's gradients are averaged: ``wfbp``, ``dear`` or ``pipedap``
@@ -125,11 +166,11 @@ class StageRuntime:
     def __init__(self, modules: Sequence[nn.Module], config, *, optimizer: Callable[[list], torch.optim.Optimizer],
                  sample: Batch | None = None, schedule: str = "1f1b", micro_batches: int = 1,
                  dp_schedule: str = "wfbp", connection: dict | None = None):
+        modules = module_list(modules)
         connection = dict(connection or {})
         if "world_size" not in connection and not transport.under_mpi_launcher() and not os.environ.get("WORLD_SIZE"):
             connection["world_size"] = _config_ranks(config)
         self.transport = transport.connect(**connection)
-        modules = list(modules)
         self.config = startup.checked_config(self.transport, config, len(modules))
         schedules.check(schedule, self.config, micro_batches)
         self._check_dp_schedule(dp_schedule)
@@ -142,7 +183,8 @@ class StageRuntime:
         self.module = StageModule([modules[i] for i in self.config.modules_of(self.stage)], self.is_last)
         params = list(self.module.parameters())
         self.device = params[0].device if params else torch.device("cpu")
-        probe = None if sample is None else (lambda: micro_batch(sample, micro_batches, 0))
+        self._per_batch = schedules.backward_passes_per_step(schedule, self.config, 0, micro_batches)
+        probe = None if sample is None else (lambda: micro_batch(sample, self._per_batch, 0))
         self.specs = startup.boundary_specs(self.transport, self.config, self.stage, self.module, probe, self.device)
         self.input_spec = self.specs[self.stage - 1] if not self.is_first else None
         self.output_spec = self.specs[self.stage] if not self.is_last else None
@@ -178,27 +220,57 @@ class StageRuntime:
 
     # --- training ------------------------------------------------------------------
 
-    def train(self, data: Iterable[Batch] | None, num_minibatches: int) -> list[float]:
+    def train(self, data: Iterable[Batch] | None, num_minibatches: int,
+              on_loss: Callable[[int, float], None] | None = None) -> list[float]:
         """Train on ``num_minibatches`` minibatches; returns the losses this rank computed (last stage).
 
-        On stage 0's ranks ``data`` yields the job's minibatches in order, the same on
-        every replica; each keeps the units that are its turn. Other ranks pass None.
+        On stage 0's ranks ``data`` yields this replica's minibatches (its own shard, as
+        each rank's sampler in data parallelism): with n replicas of stage 0, replica r
+        runs the job's minibatches r, r + n, ... (``num_minibatches / n`` of them); with
+        flush, its share of every minibatch: ``m / n`` of the ``m`` micro-batches
+        (``num_minibatches`` batches of ``batch / n`` samples). Other ranks pass None.
+        ``on_loss(unit, loss)`` is called on the last stage after each unit's forward.
         When it returns, every update is applied (the parameters are current).
         """
         schedules.check_length(self.schedule, self.config, num_minibatches)
         events = schedules.events(self.schedule, self.config, self.stage, self.replica, num_minibatches,
                                   self.micro_batches)
+        self.module.train()
+        return self._run(events, data, on_loss)
+
+    def evaluate(self, data: Iterable[Batch] | None, num_minibatches: int,
+                 on_loss: Callable[[int, float], None] | None = None) -> list[float]:
+        """Forward passes only (PipeDream's ``--forward_only``): eval mode, no gradients, no update.
+
+        ``data`` and the return value are as in :meth:`train`; not with ``flush``.
+        """
+        if self.schedule == "flush":
+            raise ValueError("evaluate() runs whole minibatches; build the runtime with schedule '1f1b' or "
+                             "'no_pipelining' to evaluate")
+        schedules.check_length("no_pipelining", self.config, num_minibatches)
+        events = [e for e in schedules.events("no_pipelining", self.config, self.stage, self.replica,
+                                              num_minibatches) if e.kind == schedules.FORWARD]
+        training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                return self._run(events, data, on_loss)
+        finally:
+            self.module.train(training)
+
+    def _run(self, events: list[schedules.Event], data, on_loss) -> list[float]:
         if self.is_first:
             if data is None:
                 raise ValueError(f"rank {self.rank} runs stage 0: pass the job's minibatches as data")
-            self._units = _Units(data, self.micro_batches, self._sample_spec, self.device)
-        self.module.train()
+            self._units = _Units(data, self._per_batch, len(self.config.ranks(0)), self._sample_spec, self.device)
         self._start_run()
         report_every = max(1, len(events) // 10)
         for i, event in enumerate(events):
             self._post_receives(events[i:i + 4])
             if event.kind == schedules.FORWARD:
                 self._forward(event.unit)
+                if self.is_last and on_loss is not None:
+                    on_loss(event.unit, self._losses[-1])
             elif event.kind == schedules.BACKWARD:
                 self._backward(event.unit)
             else:
@@ -256,7 +328,7 @@ class StageRuntime:
             x, y = self._take(unit, ACTIVATION), self._take(unit, TARGET)
             if x.is_floating_point():
                 x.requires_grad_()
-        if self._stash:
+        if self._stash and torch.is_grad_enabled():
             with stash_weights(self.module.parameters()):
                 out = self.module(x, y)
         else:
@@ -266,7 +338,8 @@ class StageRuntime:
         else:
             self._send(out, self.stage + 1, unit, ACTIVATION)
             self._send(y, self.stage + 1, unit, TARGET)
-        self._in_flight[unit] = (x, out)
+        if torch.is_grad_enabled():  # not in evaluate(): no backward will come
+            self._in_flight[unit] = (x, out)
 
     def _backward(self, unit: int) -> None:
         """Receive the gradient of the unit's output, run backward, send the input's gradient back."""

@@ -222,6 +222,12 @@ class AveragingOptimizer:
     def param_groups(self):
         return self.optimizer.param_groups
 
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
 
 _connected = None
 
@@ -272,5 +278,5 @@ def _pick(value, environ, variable: str, flag: str, kind, default=None):
     raise RuntimeError(
         f"no MPI launcher started this process (none of {', '.join(settings.RANK_VARIABLES)} is set), so the pipeline "
         f"runs over torch.distributed with gloo and needs {variable}: pass {flag} (or set {variable}), e.g. "
-        "`python examples/pipeline_main.py --rank 0 --master_addr localhost` on every rank with its own --rank; "
+        "`python main_with_runtime.py --rank 0 --master_addr localhost` on every rank with its own --rank; "
         "or start every rank with `mpirun -np N python your_script.py`")

@@ -57,11 +57,28 @@ def single_process(batches_per_step: list[list[int]]) -> list[nn.Module]:
     return modules
 
 
+def my_share(t: int, replica: int, replicas: int):
+    """What replica ``replica`` of stage 0 reads for minibatch ``t`` with flush: its rows (any equal split works)."""
+    x, y = minibatch(t)
+    rows = BATCH // replicas
+    return x[replica * rows:(replica + 1) * rows], y[replica * rows:(replica + 1) * rows]
+
+
 def run(stage_map: str, num: int, ranks=None, **options) -> tuple[StageRuntime, list[nn.Module]]:
-    """Train with StageRuntime on ``num`` minibatches; the runtime and this rank's copy of every module."""
+    """Train with StageRuntime on ``num`` minibatches; the runtime and this rank's copy of every module.
+
+    A replica of stage 0 reads its own share: every n-th minibatch, or with flush its rows of each.
+    """
     modules = make_modules()
-    runtime = StageRuntime(modules, config(stage_map, ranks), optimizer=sgd, sample=minibatch(0), **options)
-    runtime.train((minibatch(t) for t in range(num)), num)
+    conf = config(stage_map, ranks)
+    first = conf["stage_to_rank_map"]["0"]
+    replica, n = (first.index(R) if R in first else 0), len(first)
+    if options.get("schedule") == "flush":
+        data, sample = (my_share(t, replica, n) for t in range(num)), my_share(0, replica, n)
+    else:
+        data, sample = (minibatch(t) for t in range(replica, num, n)), minibatch(replica)
+    runtime = StageRuntime(modules, conf, optimizer=sgd, sample=sample, **options)
+    runtime.train(data, num)
     return runtime, modules
 
 
