@@ -82,6 +82,19 @@ def gpt2_batch(
     return tokens[:, :-1], tokens[:, 1:]
 
 
+def template_images(batch_size: int, image_size: int, num_classes: int, *, seed: int = 0):
+    """Learnable synthetic images, forever: each class a fixed random image, each sample it plus noise.
+
+    The templates are the same for every seed; ``seed`` fixes the draws, so replicas
+    given different seeds read different samples of the same task.
+    """
+    templates = torch.randn(num_classes, 3, image_size, image_size, generator=torch.Generator().manual_seed(1234))
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        labels = torch.randint(0, num_classes, (batch_size,), generator=g)
+        yield templates[labels] + torch.randn(batch_size, 3, image_size, image_size, generator=g), labels
+
+
 class ImageFolder(Dataset):
     """Images in class subfolders of `root`, as (float32 (3, size, size), int label) pairs.
 
@@ -148,15 +161,18 @@ def image_folder_loader(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
+    drop_last: bool = False,
 ) -> DataLoader:
     """A DataLoader over ImageFolder(root, image_size) giving this rank's shard of the images.
 
     With world_size > 1 each rank reads a disjoint 1/world_size of the images (padded to equal
     length by repeating some, as DistributedSampler does); the order depends only on `seed`.
-    Call ``loader.sampler.set_epoch(epoch)`` to reshuffle between epochs.
+    Call ``loader.sampler.set_epoch(epoch)`` to reshuffle between epochs. ``drop_last`` drops
+    a last, smaller batch (a pipeline needs every minibatch of one shape).
     """
     dataset = ImageFolder(root, image_size)
     sampler = DistributedSampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
     )
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      drop_last=drop_last)

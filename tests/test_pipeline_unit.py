@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -12,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-import models
 from pipedap.pipeline import communication, schedules, stashing, transport
 from pipedap.pipeline.config import PipelineConfig, PipelineConfigError
 from pipedap.pipeline.runtime import StageModule, StageRuntime, micro_batch
@@ -206,18 +204,3 @@ def test_a_stage_module_runs_its_modules_and_the_loss_last():
     stage = StageModule([nn.Identity(), nn.MSELoss()], has_loss=True)
     assert stage(torch.ones(2), torch.zeros(2)).item() == 1.0
     assert torch.equal(StageModule([nn.Identity()], has_loss=False)(torch.ones(2)), torch.ones(2))
-
-
-@pytest.mark.parametrize("name", ["resnet50", "vgg16"])
-def test_the_two_stage_packages_compute_what_the_whole_model_computes(name):
-    package = importlib.import_module(f"models.{name}.gpus=2")
-    torch.manual_seed(0)
-    modules = package.model(nn.CrossEntropyLoss(), num_classes=10)
-    torch.manual_seed(0)
-    whole = models.get(name, num_classes=10)
-    x, _ = models.synthetic_batch(name, 2, image_size=32, num_classes=10, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(nn.Sequential(*modules[:-1]).eval()(x), whole.eval()(x))
-    here = Path(package.__file__).parent
-    for conf, world in (("mp_conf.json", 2), ("dp_conf.json", 2), ("hybrid_conf.json", 3)):
-        PipelineConfig.load(here / conf).validate(len(modules), world)

@@ -1,28 +1,53 @@
-"""ResNet-50 as PipeDream's stage modules: four pieces and the loss, for the configs beside this file.
+"""resnet50 in 2 stage(s) on 2 rank(s), written by the partitioner:
 
-    package = importlib.import_module("models.resnet50.gpus=2")
-    modules = package.model(nn.CrossEntropyLoss())   # stem + layer1, layer2, layer3, layer4 + head, loss
+    python -m pipedap.tools.partition --model resnet50 -b 8 --image-size 224 --workers 2 --bandwidth 250mbit --parallelism pipeline --out models/resnet50/gpus=2
 
-``mp_conf.json`` puts pieces 0-1 on rank 0 and pieces 2-3 with the loss on rank 1
-(the boundary carries layer2's 512 x 28 x 28 output at 224 x 224); ``dp_conf.json``
-runs everything on ranks 0 and 1; ``hybrid_conf.json`` replicates stage 0 on
-ranks 0 and 1 before stage 1 on rank 2. The pieces share the modules (and
-weights) of one ``models.get("resnet50")``, so they compute what it computes.
+stage 0: modules 0-8 (conv1 .. layer2.2), 1 rank(s), 1.216 s per minibatch (compute 1.216 s)
+  boundary 0 -> 1: 12.8 MB each way, 0.822 s per minibatch
+stage 1: modules 9-21 (layer2.3 .. fc), 1 rank(s), 1.225 s per minibatch (compute 1.225 s)
+pipeline: 1.225 s per minibatch, bound by the slowest stage or boundary
+
+Regenerate rather than edit. ``model(criterion)`` returns PipeDream's stage list:
+[(stage module, input names, output names), ..., (criterion, [last output], ["loss"])].
 """
 
-from __future__ import annotations
+from models.sequential import stage_modules
 
-from torch import nn
-
-import models
+MODEL = 'resnet50'
+STAGES = [
+    [
+        "conv1",
+        "bn1",
+        "maxpool",
+        "layer1.0",
+        "layer1.1",
+        "layer1.2",
+        "layer2.0",
+        "layer2.1",
+        "layer2.2"
+    ],
+    [
+        "layer2.3",
+        "layer3.0",
+        "layer3.1",
+        "layer3.2",
+        "layer3.3",
+        "layer3.4",
+        "layer3.5",
+        "layer4.0",
+        "layer4.1",
+        "layer4.2",
+        "avgpool",
+        "flatten",
+        "fc"
+    ]
+]
 
 
 def arch() -> str:
-    return "resnet50"
+    return MODEL
 
 
-def model(criterion: nn.Module, **kwargs) -> list[nn.Module]:
+def model(criterion, **kwargs):
     """The stage modules, then ``criterion``; ``kwargs`` go to ``models.get`` (e.g. num_classes)."""
-    net = models.get("resnet50", **kwargs)
-    return [nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1), net.layer2, net.layer3,
-            nn.Sequential(net.layer4, net.avgpool, nn.Flatten(1), net.fc), criterion]
+    return stage_modules(MODEL, STAGES, criterion, **kwargs)

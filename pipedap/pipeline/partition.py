@@ -1,0 +1,262 @@
+"""PipeDream's optimizer: cut a chain of modules into pipeline stages, each replicated over some ranks.
+
+Input: per module of the chain (``models.sequential``), the measured forward and
+backward time of one minibatch, the bytes of its output (what crosses a stage
+boundary: the activation forward, its gradient back) and of its parameters; the
+number of workers; the link. A dynamic programme (PipeDream, Narayanan et al.,
+SOSP 2019, section 3.1) chooses the stage boundaries and each stage's number of
+replicas that minimise the time per minibatch of the slowest part of the
+pipeline, a stage or a boundary:
+
+    A(j, k) = min over i < j, m < k of max(A(i, k - m), boundary(i), stage(i..j, m)),
+    with A(j, k) = stage(0..j, k) for one stage on all k workers.
+
+``stage(i..j, m)`` is the time per minibatch of a stage of m replicas: each
+replica runs every m-th minibatch, so it is the replicas' iteration time over m.
+Where PipeDream charges a replicated stage a plain all-reduce of its weights,
+the iteration time here is what **PipeDAP's planner** predicts for the stage's
+layers on m workers (:func:`pipedap.planner.make_plan`: fusion and the decoupled
+reduce-scatter/all-gather overlapping the stage's backward and next forward).
+``boundary(i)`` is PipeDream's ``2 a / B``: module i's output and its gradient,
+each ``latency + bytes / bandwidth``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from pipedap.planner import costmodel, make_plan
+from pipedap.planner.profile import Layer, Profile
+
+PARALLELISMS = ("pipeline", "hybrid", "data")
+
+
+@dataclass(frozen=True)
+class ModuleCost:
+    """One module of the chain, measured on one minibatch: seconds and bytes."""
+
+    label: str
+    forward: float
+    backward: float
+    output_bytes: int
+    param_bytes: int
+
+    @property
+    def compute(self) -> float:
+        return self.forward + self.backward
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Modules ``start`` to ``end - 1`` of the chain on ``replicas`` ranks, and its time per minibatch."""
+
+    start: int
+    end: int
+    replicas: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The chosen stages in order, the boundary times between them, and the pipeline's time per minibatch."""
+
+    stages: tuple[Stage, ...]
+    boundaries: tuple[float, ...]  # seconds per minibatch at the boundary after each stage but the last
+
+    @property
+    def seconds(self) -> float:
+        """The slowest stage or boundary: the pipeline's time per minibatch in steady state."""
+        return max([s.seconds for s in self.stages] + list(self.boundaries))
+
+    @property
+    def workers(self) -> int:
+        return sum(s.replicas for s in self.stages)
+
+    def module_to_stage_map(self) -> list[int]:
+        """PipeDream's map over the stage modules of the generated package: one per stage, then the loss."""
+        return list(range(len(self.stages))) + [len(self.stages) - 1]
+
+    def stage_to_rank_map(self) -> dict[str, list[int]]:
+        """Consecutive ranks per stage, stage 0 first."""
+        out, rank = {}, 0
+        for s, stage in enumerate(self.stages):
+            out[str(s)] = list(range(rank, rank + stage.replicas))
+            rank += stage.replicas
+        return out
+
+    def kind(self) -> str:
+        """``data`` (one stage), ``pipeline`` (one rank per stage) or ``hybrid``: the config file it goes in."""
+        if len(self.stages) == 1:
+            return "data"
+        return "pipeline" if all(s.replicas == 1 for s in self.stages) else "hybrid"
+
+
+StageTime = Callable[[int, int, int], float]  # (start, end, replicas) -> seconds per minibatch
+BoundaryTime = Callable[[int], float]  # (index of the last module before the boundary) -> seconds per minibatch
+
+
+def best_partition(num_modules: int, workers: int, stage_time: StageTime, boundary_time: BoundaryTime,
+                   parallelism: str = "hybrid") -> Partition:
+    """The partition of ``num_modules`` modules over exactly ``workers`` ranks with the least time per minibatch.
+
+    ``pipeline``: ``workers`` stages of one rank each; ``data``: one stage on every rank;
+    ``hybrid``: any number of stages and replicas. Ties go to fewer stages, then to the
+    earlier boundary, so the result is deterministic.
+    """
+    _check(num_modules, workers, parallelism)
+    if parallelism == "data":
+        return _assemble([(0, num_modules, workers)], stage_time, boundary_time)
+    inf = (math.inf, ())
+    # best[j][k]: (seconds, stages) for modules 0..j-1 on exactly k workers
+    best = [[inf] * (workers + 1) for _ in range(num_modules + 1)]
+    for j in range(1, num_modules + 1):
+        for k in range(1, workers + 1):
+            one_stage = parallelism == "hybrid" or k == 1
+            candidates = [(stage_time(0, j, k), ((0, j, k),))] if one_stage else []
+            for i in range(1, j):
+                for m in ([1] if parallelism == "pipeline" else range(1, k)):
+                    before = best[i][k - m]
+                    if before[0] == math.inf:
+                        continue
+                    seconds = max(before[0], boundary_time(i - 1), stage_time(i, j, m))
+                    candidates.append((seconds, before[1] + ((i, j, m),)))
+            if candidates:
+                best[j][k] = min(candidates, key=lambda c: (c[0], len(c[1])))
+    seconds, stages = best[num_modules][workers]
+    if seconds == math.inf:
+        raise ValueError(f"no {parallelism} partition of {num_modules} modules over {workers} workers")
+    return _assemble(list(stages), stage_time, boundary_time)
+
+
+def exhaustive_partition(num_modules: int, workers: int, stage_time: StageTime, boundary_time: BoundaryTime,
+                         parallelism: str = "hybrid") -> float:
+    """The least time per minibatch over every partition, by enumeration (for testing the programme)."""
+    _check(num_modules, workers, parallelism)
+    allowed = {"pipeline": lambda s: s == workers, "data": lambda s: s == 1, "hybrid": lambda s: True}[parallelism]
+    best = math.inf
+    for num_stages in filter(allowed, range(1, min(num_modules, workers) + 1)):
+        for cuts in itertools.combinations(range(1, num_modules), num_stages - 1):
+            bounds = (0, *cuts, num_modules)
+            for replicas in _compositions(workers, num_stages):
+                stages = [(bounds[s], bounds[s + 1], replicas[s]) for s in range(num_stages)]
+                best = min(best, _assemble(stages, stage_time, boundary_time).seconds)
+    return best
+
+
+def _compositions(total: int, parts: int):
+    """Every tuple of ``parts`` positive integers summing to ``total``."""
+    for cuts in itertools.combinations(range(1, total), parts - 1):
+        bounds = (0, *cuts, total)
+        yield tuple(bounds[i + 1] - bounds[i] for i in range(parts))
+
+
+def _assemble(stages: Sequence[tuple[int, int, int]], stage_time: StageTime, boundary_time: BoundaryTime) -> Partition:
+    return Partition(tuple(Stage(a, b, m, stage_time(a, b, m)) for a, b, m in stages),
+                     tuple(boundary_time(b - 1) for _, b, _ in stages[:-1]))
+
+
+def _check(num_modules: int, workers: int, parallelism: str) -> None:
+    if parallelism not in PARALLELISMS:
+        raise ValueError(f"parallelism {parallelism!r}: choose one of {', '.join(PARALLELISMS)}")
+    if workers < 1 or num_modules < 1:
+        raise ValueError(f"need at least one module and one worker, got {num_modules} modules, {workers} workers")
+    if parallelism == "pipeline" and workers > num_modules:
+        raise ValueError(f"a pipeline of {workers} stages needs at least {workers} modules; the chain has "
+                         f"{num_modules}: use fewer workers or --parallelism hybrid")
+
+
+# --- the cost of a stage and of a boundary, from measurements --------------------------------------------
+
+
+class Costs:
+    """Stage and boundary times of a measured chain on a link: what :func:`best_partition` minimises.
+
+    ``sync_model(m)`` is the cost model of m workers' collectives (fitted, or from the
+    link); ``latency`` and ``bandwidth`` (bytes/s) price a boundary's point-to-point
+    transfers. A replicated stage's iteration time is PipeDAP's plan's prediction.
+    """
+
+    def __init__(self, modules: Sequence[ModuleCost], *, bandwidth: float, latency: float,
+                 sync_model: Callable[[int], costmodel.CostModel] | None = None):
+        self.modules = tuple(modules)
+        self.bandwidth, self.latency = bandwidth, latency
+        self.sync_model = sync_model or (lambda m: costmodel.from_link(m, bandwidth, latency))
+        self.stage_time = lru_cache(maxsize=None)(self._stage_time)
+
+    def boundary_time(self, last: int) -> float:
+        return 2 * (self.latency + self.modules[last].output_bytes / self.bandwidth)
+
+    def compute(self, start: int, end: int) -> float:
+        return sum(m.compute for m in self.modules[start:end])
+
+    def _stage_time(self, start: int, end: int, replicas: int) -> float:
+        if replicas == 1:
+            return self.compute(start, end)
+        profile = stage_profile(self.modules[start:end])
+        if profile is None:  # no parameters: nothing to synchronise
+            return self.compute(start, end) / replicas
+        plan = make_plan(profile, self.sync_model(replicas), planner="pipedap", fusion="search")
+        return plan.predicted.iteration_time / replicas
+
+
+def stage_profile(modules: Sequence[ModuleCost]) -> Profile | None:
+    """The planner's profile of a stage: one layer per module with parameters (others' times go to a neighbour)."""
+    layers: list[list] = []
+    pending_tf = pending_tb = 0.0
+    for m in modules:
+        if m.param_bytes:
+            layers.append([m.label, m.param_bytes, m.forward + pending_tf, m.backward + pending_tb])
+            pending_tf = pending_tb = 0.0
+        elif layers:
+            layers[-1][2] += m.forward
+            layers[-1][3] += m.backward
+        else:
+            pending_tf, pending_tb = pending_tf + m.forward, pending_tb + m.backward
+    if not layers:
+        return None
+    return Profile(tuple(Layer(label, (f"{label}.params",), nbytes, tf, tb) for label, nbytes, tf, tb in layers))
+
+
+# --- measuring a chain -----------------------------------------------------------------------------------
+
+
+def measure(chain: Sequence[tuple[str, nn.Module]], sample: torch.Tensor, *, iterations: int = 3,
+            warmup: int = 1) -> list[ModuleCost]:
+    """Each module's forward and backward seconds on ``sample`` (one minibatch), output and parameter bytes.
+
+    Module i runs on module i - 1's output, detached (so each backward is its own);
+    the median of ``iterations`` timed runs after ``warmup``. Training mode, as in
+    training (BatchNorm's running statistics move); gradients are cleared afterwards.
+    """
+    if iterations < 1 or warmup < 0:
+        raise ValueError(f"need iterations >= 1 and warmup >= 0, got {iterations}, {warmup}")
+    costs = []
+    x = sample
+    for label, module in chain:
+        module.train()
+        forwards, backwards = [], []
+        for run in range(warmup + iterations):
+            inp = x.detach().requires_grad_(x.is_floating_point())
+            t0 = time.perf_counter()
+            out = module(inp)
+            t1 = time.perf_counter()
+            out.backward(torch.ones_like(out))
+            t2 = time.perf_counter()
+            if run >= warmup:
+                forwards.append(t1 - t0)
+                backwards.append(t2 - t1)
+        params = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+        costs.append(ModuleCost(label, statistics.median(forwards), statistics.median(backwards),
+                                out.numel() * out.element_size(), params))
+        module.zero_grad(set_to_none=True)
+        x = out.detach()
+    return costs

@@ -1,0 +1,206 @@
+"""The pipeline partitioner: chains of modules, the dynamic programme, the generated stage packages."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import models
+from models import sequential
+from pipedap.pipeline import partition as P
+from pipedap.pipeline.config import PipelineConfig, PipelineConfigError
+from pipedap.pipeline.runtime import module_list
+from pipedap.tools import partition as tool
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_costs(seed: int, n: int):
+    """A stage time that is compute over replicas plus a random synchronisation cost, and random boundaries."""
+    rng = random.Random(seed)
+    compute = [rng.uniform(0.1, 2.0) for _ in range(n)]
+    sync = {}
+    boundary = [rng.uniform(0.0, 1.5) for _ in range(n)]
+
+    def stage_time(i: int, j: int, m: int) -> float:
+        if m > 1 and (i, j, m) not in sync:
+            sync[i, j, m] = rng.uniform(0.0, 1.0) * (j - i)
+        return (sum(compute[i:j]) + sync.get((i, j, m), 0.0)) / m
+
+    return stage_time, boundary.__getitem__
+
+
+@pytest.mark.parametrize("parallelism", P.PARALLELISMS)
+def test_the_programme_finds_what_exhaustive_search_finds(parallelism):
+    checked = 0
+    for seed in range(40):
+        for n in range(1, 7):
+            for workers in range(1, 5):
+                if parallelism == "pipeline" and workers > n:
+                    continue
+                stage_time, boundary = random_costs(seed * 100 + n * 10 + workers, n)
+                got = P.best_partition(n, workers, stage_time, boundary, parallelism)
+                assert got.workers == workers
+                assert got.stages[0].start == 0 and got.stages[-1].end == n
+                assert all(a.end == b.start for a, b in zip(got.stages, got.stages[1:]))
+                assert got.seconds == pytest.approx(P.exhaustive_partition(n, workers, stage_time, boundary,
+                                                                           parallelism), rel=1e-12)
+                checked += 1
+    assert checked > 500
+
+
+def test_a_slow_boundary_keeps_the_modules_on_one_stage_and_a_fast_one_splits_them():
+    compute = [1.0, 1.0, 1.0, 1.0]
+
+    def stage_time(i, j, m):
+        return sum(compute[i:j]) / m + (0.0 if m == 1 else 5.0)  # replicas pay a heavy synchronisation
+
+    slow = P.best_partition(4, 2, stage_time, lambda i: 10.0, "hybrid")
+    fast = P.best_partition(4, 2, stage_time, lambda i: 0.1, "hybrid")
+    assert [(s.start, s.end, s.replicas) for s in fast.stages] == [(0, 2, 1), (2, 4, 1)]
+    assert len(slow.stages) == 1 and slow.stages[0].replicas == 2 and slow.seconds == pytest.approx(7.0)
+
+
+def test_a_partition_names_its_configs():
+    result = P.best_partition(4, 3, lambda i, j, m: (j - i) / m, lambda i: 0.0, "pipeline")
+    assert result.kind() == "pipeline"
+    assert result.module_to_stage_map() == [0, 1, 2, 2]
+    assert result.stage_to_rank_map() == {"0": [0], "1": [1], "2": [2]}
+    PipelineConfig.load({"module_to_stage_map": result.module_to_stage_map(),
+                         "stage_to_rank_map": result.stage_to_rank_map()}).validate(4, 3)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((3, 4, "pipeline"), "a pipeline of 4 stages needs at least 4 modules"),
+    ((3, 2, "diagonal"), "parallelism 'diagonal'"),
+    ((0, 2, "hybrid"), "need at least one module"),
+])
+def test_impossible_partitions_are_refused(args, message):
+    n, workers, parallelism = args
+    with pytest.raises(ValueError, match=message):
+        P.best_partition(n, workers, lambda i, j, m: 1.0, lambda i: 0.0, parallelism)
+
+
+def test_a_replicated_stage_is_priced_by_pipedaps_planner():
+    modules = [P.ModuleCost(f"m{i}", 0.01, 0.02, 1000, 4_000_000) for i in range(4)]
+    fast = P.Costs(modules, bandwidth=1e12, latency=0.0)
+    slow = P.Costs(modules, bandwidth=1e6, latency=0.0)
+    assert fast.stage_time(0, 4, 1) == pytest.approx(0.12)
+    assert fast.stage_time(0, 4, 2) == pytest.approx(0.06, rel=0.01)  # free link: half the minibatches each
+    # 16 MB of gradients over 1 MB/s: the synchronisation (and so the stage) takes seconds
+    assert slow.stage_time(0, 4, 2) > 5.0
+    assert fast.boundary_time(0) == pytest.approx(2 * 1000 / 1e12)
+
+
+def test_measuring_a_chain_gives_times_and_sizes():
+    chain = [("a", nn.Linear(8, 16)), ("b", nn.ReLU()), ("c", nn.Linear(16, 4))]
+    costs = P.measure(chain, torch.randn(5, 8), iterations=2)
+    assert [c.label for c in costs] == ["a", "b", "c"]
+    assert [c.output_bytes for c in costs] == [5 * 16 * 4, 5 * 16 * 4, 5 * 4 * 4]
+    assert [c.param_bytes for c in costs] == [(8 * 16 + 16) * 4, 0, (16 * 4 + 4) * 4]
+    assert all(c.forward > 0 and c.backward > 0 for c in costs)
+    assert all(p.grad is None for _, m in chain for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", sequential.names())
+def test_each_chain_computes_what_its_model_computes(name):
+    torch.manual_seed(0)
+    model = models.get(name, num_classes=10).eval()
+    side = max(32, models.info(name).min_input_size)
+    x = torch.randn(2, 3, side, side)
+    y = x
+    with torch.no_grad():
+        for _, module in sequential.chain(name, model):
+            y = module(y)
+        assert torch.equal(y, model(x))
+
+
+def test_no_chain_entry_starts_with_an_in_place_operation():
+    for name in sequential.names():
+        for label, module in sequential.chain(name):
+            first = next(iter(module)) if isinstance(module, nn.Sequential) and len(module) else module
+            assert not getattr(first, "inplace", False), (name, label)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert_base", "bert_large"])
+def test_the_language_models_are_not_chains_and_it_says_why(name):
+    with pytest.raises(sequential.NotAChainError, match=rf"{name} is not a chain of modules: .*tied"):
+        sequential.chain(name)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "vgg16"])
+def test_the_committed_two_stage_packages_compute_what_the_whole_model_computes(name):
+    package = importlib.import_module(f"models.{name}.gpus=2")
+    torch.manual_seed(0)
+    staged = package.model(nn.CrossEntropyLoss(), num_classes=10)
+    assert [entry[1:] for entry in staged] == [(["input0"], ["out0"]), (["out0"], ["out1"]), (["out1"], ["loss"])]
+    torch.manual_seed(0)
+    whole = models.get(name, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(nn.Sequential(*module_list(staged)[:-1]).eval()(x), whole.eval()(x))
+    here = Path(package.__file__).parent
+    for conf, world in (("mp_conf.json", 2), ("dp_conf.json", 2), ("hybrid_conf.json", 3)):
+        PipelineConfig.load(here / conf).validate(len(staged), world)
+    record = json.loads((here / "partition.json").read_text())
+    assert record["model"] == name and record["workers"] == 2 and len(record["stages"]) == 2
+
+
+def test_a_stage_list_that_is_not_a_chain_is_refused_naming_the_entry():
+    entries = [(nn.Identity(), ["input0"], ["out0", "out1"]), (nn.MSELoss(), ["out0", "out1"], ["loss"])]
+    with pytest.raises(PipelineConfigError, match=r"model entry 0 takes \['input0'\] and returns \['out0', 'out1'\]"):
+        module_list(entries)
+    with pytest.raises(PipelineConfigError, match=r"model entry 1 takes \['out9'\]"):
+        module_list([(nn.Identity(), ["input0"], ["out0"]), (nn.MSELoss(), ["out9"], ["loss"])])
+
+
+def test_a_package_whose_model_changed_says_to_regenerate():
+    with pytest.raises(sequential.NotAChainError, match="regenerate it"):
+        sequential.stage_modules("resnet50", [["conv1"], ["fc"]], nn.CrossEntropyLoss())
+
+
+def _import(path: Path):
+    spec = importlib.util.spec_from_file_location(f"generated_{path.parent.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("parallelism, conf", [("pipeline", "mp_conf.json"), ("data", "dp_conf.json")])
+def test_the_tool_writes_a_package_that_loads_and_configs_that_fit_it(tmp_path, capsys, parallelism, conf):
+    costs = ROOT / "models" / "vgg16" / "gpus=2" / "partition.json"
+    out = tmp_path / "pkg"
+    assert tool.main(["--model", "vgg16", "--workers", "2", "--bandwidth", "125mbit", "--costs", str(costs),
+                      "--parallelism", parallelism, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "pipeline:" in printed and f"wrote {out / conf}" in printed
+    staged = _import(out / "__init__.py").model(nn.CrossEntropyLoss(), num_classes=10)
+    PipelineConfig.load(out / conf).validate(len(staged), 2)
+    PipelineConfig.load(out / "dp_conf.json").validate(len(staged), 2)
+    record = json.loads((out / "partition.json").read_text())
+    assert record["parallelism"] == parallelism and record["command"].startswith("python -m pipedap.tools.partition")
+    assert len(record["stages"]) == (2 if parallelism == "pipeline" else 1)
+
+
+def test_the_tool_refuses_a_language_model_naming_why(tmp_path, capsys):
+    assert tool.main(["--model", "gpt2", "--workers", "2", "--bandwidth", "1gbit", "--out", str(tmp_path)]) == 2
+    assert "gpt2 is not a chain of modules" in capsys.readouterr().err
+
+
+def test_the_tool_measures_when_given_no_costs(tmp_path, monkeypatch, capsys):
+    """A small image keeps the measurement short; the package still loads."""
+    monkeypatch.setattr(sys, "argv", ["partition"])
+    out = tmp_path / "r"
+    assert tool.main(["--model", "resnet50", "--workers", "2", "--bandwidth", "1gbit", "-b", "2", "--image-size",
+                      "32", "--iterations", "1", "--parallelism", "hybrid", "--out", str(out)]) == 0
+    record = json.loads((out / "partition.json").read_text())
+    assert len(record["modules"]) == len(sequential.chain("resnet50"))
+    assert all(m["forward"] > 0 for m in record["modules"])
