@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import pytest
 from mpi_launch import run_ranks
@@ -77,27 +76,3 @@ def test_over_gloo_a_stage_that_dies_ends_every_rank_within_30_s_naming_it():
         assert re.search(rf"RuntimeError: rank {r}: (receiving from|sending to) rank 1 failed: rank 1 died",
                          ranks[r].stdout), output
     assert "trained to the end" not in output
-
-
-EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "pipeline_main.py")
-
-
-def test_the_example_runs_from_pipedreams_per_rank_command_lines():
-    ranks = run_ranks(EXAMPLE, 2, "--module", "models.resnet50.gpus=2", "-b", "2", "--minibatches", "2",
-                      "--rank", "{rank}", "--local_rank", "{rank}", "--master_addr", "127.0.0.1", "--master_port",
-                      "{port}", "--config_path", "mp_conf.json", "--distributed_backend", "gloo",
-                      timeout=120, torch_env=False)
-    output = "\n".join(r.stdout for r in ranks)
-    assert all(r.returncode == 0 for r in ranks), output
-    assert "[rank 0] pipeline: rank 0 of 2 over torch.distributed (gloo)" in ranks[0].stdout, output
-    assert re.search(r"^rank 1 \(stage 1\): 2 minibatches in [\d.]+ s, loss [\d.]+ -> [\d.]+$", ranks[1].stdout, re.M)
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--distributed_backend", "nccl"], "--distributed_backend nccl: without mpirun the pipeline runs over "
-                                        "torch.distributed with gloo only"),
-    (["--rank", "0", "-b", "4"], "needs MASTER_ADDR: pass --master_addr"),
-])
-def test_the_example_outside_any_launcher_names_what_to_pass(args, message):
-    (result,) = run_ranks(EXAMPLE, 1, *args, timeout=60, torch_env=False)
-    assert result.returncode != 0 and message in result.stdout, result.stdout

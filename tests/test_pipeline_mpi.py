@@ -63,8 +63,13 @@ def test_1f1b_with_a_replicated_stage_runs_to_the_end(runs):
     assert len(re.findall(r"^CASE 1f1b-hybrid rank \d finite True$", runs(3), re.M)) == 3, runs(3)
 
 
-def test_the_example_trains_resnet50_split_over_two_ranks():
-    example = str(Path(__file__).resolve().parents[1] / "examples" / "pipeline_main.py")
-    result = run_mpi(example, 2, "--minibatches", "4", "-b", "4", timeout=180)
+def test_main_with_runtime_trains_resnet50_split_over_two_ranks_under_mpirun():
+    """The seed's command line under mpirun: rank and world from the launcher, PipeDAP's engine."""
+    main = str(Path(__file__).resolve().parents[1] / "main_with_runtime.py")
+    result = run_mpi(main, 2, "--module", "models.resnet50.gpus=2", "-b", "4", "--image-size", "32",
+                     "--config_path", "models/resnet50/gpus=2/mp_conf.json", "--num_minibatches", "4",
+                     "--distributed_backend", "mpi", timeout=180)
     assert_ok(result)
-    assert re.search(r"^rank 1 \(stage 1\): 4 minibatches in [\d.]+ s, loss [\d.]+ -> [\d.]+$", result.output, re.M)
+    assert re.search(r"^Epoch: \[0\]\[4/4\]", result.output, re.M), result.output
+    assert re.search(r"^rank 1 \(stage 1 of 2\): epoch 0: 4 minibatches in [\d.]+ s, [\d.]+ images/s", result.output,
+                     re.M), result.output
