@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
 import logging
 import math
 import sys
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--recompute", action="store_true", help="PipeDream's activation recomputation (refused: not implemented)")
     add("--resume", metavar="PATH", help="checkpoint prefix: each stage loads PATH.<stage>.pth.tar")
     add("--checkpoint_dir", metavar="DIR", help="save DIR/checkpoint.<stage>.pth.tar after every epoch")
+    add("--json", metavar="FILE", help="the last stage writes the last epoch's time per minibatch here (the "
+                                       "benchmark's JSON form, for pipedap.tools.compare)")
+    add("--warmup", type=int, default=3, help="minibatches left out of the --json timing (default 3)")
     launch = parser.add_argument_group("starting each rank by hand (ignored under an MPI launcher)")
     launch.add_argument("--rank", type=int, help="this process's rank (default: $RANK)")
     launch.add_argument("--local_rank", type=int, default=0, help="GPU on this host (CUDA runs only)")
@@ -258,18 +262,17 @@ def main() -> None:
 
     runtime = StageRuntime(model, config, optimizer=sgd, sample=sample, schedule=schedule,
                            micro_batches=args.micro_batches, dp_schedule=args.dp_schedule)
-    try:
-        data, error = None, None
-        if runtime.is_first:
-            try:  # a bad --data_dir fails on every rank (agreed), not only on the ranks that read it
-                data = Data(args, runtime.replica, len(runtime.config.ranks(0)))
-            except (OSError, ValueError, ImportError) as err:
-                error = f"--data_dir {args.data_dir}: {err}"
-        startup.agree(runtime.transport, error, "data")
-        run(args, runtime, package, data)
-    finally:
-        runtime.close()
-        runtime.transport.close()
+    data, error = None, None
+    if runtime.is_first:
+        try:  # a bad --data_dir fails on every rank (agreed), not only on the ranks that read it
+            data = Data(args, runtime.replica, len(runtime.config.ranks(0)))
+        except (OSError, ValueError, ImportError) as err:
+            error = f"--data_dir {args.data_dir}: {err}"
+    startup.agree(runtime.transport, error, "data")
+    # No try/finally: a rank that fails must not wait in close() for the others; its error ends the job.
+    run(args, runtime, package, data)
+    runtime.close()
+    runtime.transport.close()
 
 
 def run(args, runtime: StageRuntime, package, data: Data | None) -> None:
@@ -291,10 +294,12 @@ def run(args, runtime: StageRuntime, package, data: Data | None) -> None:
             for group in runtime.optimizer.param_groups:
                 group["lr"] = lr
         started = time.perf_counter()
+        finished: list[float] = []  # when each minibatch's loss was known (last stage)
 
-        def progress(unit: int, loss: float, epoch=epoch, started=started, lr=lr) -> None:
+        def progress(unit: int, loss: float, epoch=epoch, started=started, lr=lr, finished=finished) -> None:
             if (unit + 1) % runtime.micro_batches:
                 return  # flush: report a minibatch at its last micro-batch
+            finished.append(time.perf_counter())
             done = unit // runtime.micro_batches + 1
             if done % args.print_freq == 0 or done == n:
                 elapsed = time.perf_counter() - started
@@ -311,6 +316,34 @@ def run(args, runtime: StageRuntime, package, data: Data | None) -> None:
               f"whole job{mean}", flush=True)
         if args.checkpoint_dir and not args.forward_only and runtime.replica == 0:
             save_checkpoint(args, runtime, package, epoch)
+        if args.json and runtime.is_last and runtime.replica == 0:
+            write_timing(args, runtime, package, finished, images // n)
+
+
+def write_timing(args, runtime: StageRuntime, package, finished: list[float], samples: int) -> None:
+    """The time per minibatch in steady state, in the benchmark's JSON form (one iteration per minibatch).
+
+    The last stage's replica 0 knows when each of its minibatches ended; with n replicas
+    of the last stage it sees every n-th, so an interval counts n minibatches.
+    """
+    replicas = len(runtime.config.ranks(runtime.num_stages - 1))
+    steady = finished[args.warmup:]
+    if len(steady) < 2:
+        raise SystemExit(f"--json: {len(finished)} minibatches seen by rank {runtime.rank} leave fewer than 2 after "
+                         f"--warmup {args.warmup}; pass a larger --num_minibatches")
+    intervals = [(b - a) / replicas for a, b in zip(steady, steady[1:])]
+    partition = Path(package.__file__).parent / "partition.json"
+    predicted = None
+    if partition.exists() and args.config_path and Path(args.config_path).name == "mp_conf.json":
+        predicted = json.loads(partition.read_text())["seconds_per_minibatch"]
+    record = {"unit": "images", "world_size": runtime.transport.size, "batch_size": args.batch_size,
+              "samples_per_batch": samples, "batches_per_iter": 1, "per_iteration": [{"seconds": s} for s in intervals],
+              "batch_time": {"measured_s": sum(intervals) / len(intervals), "predicted_s": predicted},
+              "plan": None, "description": f"pipeline {runtime.schedule}, {runtime.num_stages} stages of "
+                                           f"{args.module} ({args.config_path or 'one stage'})"}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+    print(f"rank {runtime.rank}: timing written to {args.json}", flush=True)
 
 
 if __name__ == "__main__":

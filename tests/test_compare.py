@@ -54,6 +54,30 @@ def test_row_against_the_bound() -> None:
     assert "bound 4.00 s (compute)" in text and "WFBP            FAILED: RuntimeError: boom" in text
 
 
+def test_a_pipeline_is_judged_against_its_own_bound_and_compared_in_samples_per_second() -> None:
+    """A pipeline's batch is one minibatch of 8 images; a data-parallel batch is 8 per rank (16)."""
+    pipeline = dict(_run("Pipeline-1F1B", 2.0), own_bound={"bound_s": 1.6})
+    pipeline["throughput"] = {"mean": 8 / 2.0, "ci95": None}
+    runs = {"PipeDAP": _run("PipeDAP", 8.0), "Pipeline-1F1B": pipeline}
+    row = compare_report.compare_row("vgg16", 2, 2, 8, "125mbit", compute=4.0, comm=7.0, achieved_bps=None, runs=runs)
+    entry = row["systems"]["Pipeline-1F1B"]
+    assert entry["bound_s"] == 1.6 and entry["over_bound_pct"] == pytest.approx(25.0)
+    assert entry["pipedap_speedup"] == pytest.approx(2.0 / 4.0)  # PipeDAP: 16 images / 8 s; pipeline: 8 / 2 s
+
+
+def test_the_pipeline_bound_comes_from_the_packages_measurements() -> None:
+    package = compare_sweep.stage_package("vgg16", 2)
+    record = json.loads((package / "partition.json").read_text())
+    bound = compare_sweep.pipeline_bound(package, None, 125e6, record["batch_size"], record["image_size"])
+    boundary = record["modules"][record["stages"][0]["end"] - 1]["output_bytes"]
+    assert [s["send_s"] for s in bound["stages"]] == pytest.approx([boundary * 8 / 125e6] * 2)
+    assert sum(s["compute_s"] for s in bound["stages"]) == pytest.approx(
+        sum(m["forward"] + m["backward"] for m in record["modules"]))
+    assert bound["bound_s"] == max(max(s["compute_s"] + s["send_s"] for s in bound["stages"]), bound["link_s"])
+    other = compare_sweep.pipeline_bound(package, None, 125e6, 2, 32)
+    assert other["bound_s"] is None and "this run uses batch 2" in other["why"]
+
+
 def test_steady_state_leaves_out_the_window_edges() -> None:
     # ResNet-50 at 125 Mbit/s, greedy plan: the link idles in the first forward, the last
     # iteration waits for its whole tail
@@ -171,7 +195,12 @@ def test_every_system_runs_on_two_emulated_hosts_and_is_recorded(tmp_path: Path)
         assert run["status"] == "ok", run.get("error_tail")
         assert run["batch_s"]["mean"] > 0 and run["batch_s"]["iterations"] == doc["settings"]["iters"]
         assert run["pinned"] == {"0": 0, "1": 1} or len(doc["cores"]) < 2
-        assert "pipedap.tools.bench" in run["command"] and Path(run["json"]).exists()
+        assert Path(run["json"]).exists()
+        if run["system"].startswith("Pipeline"):  # the stage package's timing; its bound needs its batch size
+            assert "main_with_runtime.py --module models.resnet50.gpus=2" in " ".join(run["command"])
+            assert run["own_bound"]["bound_s"] is None and "measured batch 8" in run["own_bound"]["why"]
+        else:
+            assert "pipedap.tools.bench" in run["command"]
     (testbed,) = doc["testbeds"]
     assert testbed["hosts"] == 2 and testbed["shaping"]["1gbit"]["rate"] == "1gbit"
     assert [p["status"] for p in doc["compute"][0]["processes"]] == ["ok", "ok"]

@@ -34,11 +34,18 @@ ENV_CLEARED = ("PIPEDAP_PLAN", "PIPEDAP_PLANNER", "PIPEDAP_SCHEDULE")  # would c
 
 @dataclass(frozen=True)
 class System:
-    """One compared system: a label, the bench baseline that runs it, and extra environment."""
+    """One compared system: a label, what runs it, and extra environment.
+
+    ``program`` ``bench``: data parallelism, ``pipedap.tools.bench --baseline <baseline>``;
+    ``pipeline``: ``main_with_runtime.py`` with the model's stage package for this many ranks
+    (``models/<model>/gpus=<ranks>/mp_conf.json``) and schedule ``baseline`` (flush: 4 micro-batches,
+    or the most of 4, 2, 1 that divides the batch into micro-batches of 2 or more: BatchNorm needs 2).
+    """
 
     label: str
     baseline: str
     env: dict[str, str] = field(default_factory=dict)
+    program: str = "bench"
 
 
 SYSTEMS = (
@@ -48,7 +55,10 @@ SYSTEMS = (
     System("WFBP", "WFBP"),
     System("DDP", "DDP"),
     System("Horovod", "Horovod"),
+    System("Pipeline-1F1B", "1f1b", program="pipeline"),
+    System("Pipeline-flush", "flush", program="pipeline"),
 )
+MAIN_WITH_RUNTIME = Path(__file__).resolve().parents[2] / "main_with_runtime.py"
 
 
 class CompareError(Exception):
@@ -186,8 +196,19 @@ class Sweep:
         runs = self.out / "runs"
         runs.mkdir(parents=True, exist_ok=True)
         json_path, trace = runs / f"{name}.json", runs / f"{name}.trace.json"
-        command = tb.mpirun([sys.executable, "-m", "pipedap.tools.bench", *self.bench_options(model),
-                             "--baseline", system.baseline, "--json", str(json_path), "--timeline", str(trace)])
+        ranks = tb.hosts * a.slots
+        record = {"model": model, "hosts": tb.hosts, "ranks": ranks, "rate": rate, "system": system.label,
+                  "baseline": system.baseline, "env": system.env}
+        if system.program == "pipeline":
+            package = stage_package(model, ranks)
+            if not package.is_dir():
+                return dict(record, status="skipped", reason=f"no stage package {package}: generate it with "
+                            f"python -m pipedap.tools.partition --model {model} --workers {ranks} --out {package}")
+            command = tb.mpirun([sys.executable, str(MAIN_WITH_RUNTIME), *self.pipeline_options(model, ranks, system),
+                                 "--json", str(json_path)])
+        else:
+            command = tb.mpirun([sys.executable, "-m", "pipedap.tools.bench", *self.bench_options(model),
+                                 "--baseline", system.baseline, "--json", str(json_path), "--timeline", str(trace)])
         env = dict(clean_env(tb.env()), **TESTBED_ENV, **system.env)
         # a cost model measured at one rate must not be reused at the next: same host names
         env["PIPEDAP_CACHE_DIR"] = str(self.out / "costmodels" / f"{tb.hosts}h-{rate}")
@@ -197,20 +218,37 @@ class Sweep:
         print(f"[{self.done_runs}/{self.total_runs}] {name}: about {self.estimate_s(batch_guess, system):.0f} s "
               f"(timeout {timeout:.0f} s) ...", flush=True)
         job = run_job(command, env, self.out / "logs" / f"{name}.log", timeout)
-        record = {"model": model, "hosts": tb.hosts, "ranks": tb.hosts * a.slots, "rate": rate,
-                  "system": system.label, "baseline": system.baseline, "env": system.env, "command": job.command,
-                  "seconds": job.seconds, "log": str(job.log), "pinned": pinned_cores(job.log)}
+        record.update(command=job.command, seconds=job.seconds, log=str(job.log), pinned=pinned_cores(job.log))
         if not job.ok:
             why = "timed out" if job.returncode == 124 else f"exit {job.returncode}"
             print(f"  FAILED ({why}) after {job.seconds:.0f} s; log {job.log}", flush=True)
             return dict(record, status="failed", returncode=job.returncode, error_tail=job.tail())
         result = json.loads(json_path.read_text())
-        record = dict(record, status="ok", json=str(json_path), timeline=str(trace), unit=result["unit"],
-                      plan=result["plan"], description=result["description"], result=result,
-                      **run_statistics(result))
+        record = dict(record, status="ok", json=str(json_path), unit=result["unit"], plan=result["plan"],
+                      description=result["description"], result=result, **run_statistics(result))
+        if system.program == "pipeline":
+            record["own_bound"] = pipeline_bound(stage_package(model, ranks), self.achieved_bps(tb.hosts, rate),
+                                                 parse_rate_bps(rate), a.batch_size, a.image_size)
+        else:
+            record["timeline"] = str(trace)
         print(f"  {record['batch_s']['mean']:.3f} s per batch, {record['throughput']['mean']:.1f} "
               f"{result['unit']}/s in total; took {job.seconds:.0f} s", flush=True)
         return record
+
+    def pipeline_options(self, model: str, ranks: int, system: System) -> list[str]:
+        """main_with_runtime.py's flags: the same batch, image size and timed minibatches as the benchmark."""
+        a = self.args
+        size = ["--image-size", str(a.image_size)] if a.image_size else []
+        warmup = max(a.warmup, ranks + 1)  # the pipeline fills before its steady state
+        return ["--module", f"models.{model}.gpus={ranks}", "--config_path", "mp_conf.json", "-b", str(a.batch_size),
+                *size, "--num_minibatches", str(warmup + a.iters * a.batches_per_iter + 1), "--warmup", str(warmup),
+                "--distributed_backend", "mpi", "--schedule", system.baseline, "-j", "0", "--print-freq", "1000",
+                *(["--micro-batches", str(next(m for m in (4, 2, 1) if a.batch_size % m == 0 and a.batch_size // m >= 2))]
+                  if system.baseline == "flush" else [])]
+
+    def achieved_bps(self, hosts: int, rate: str) -> float | None:
+        calib = next((t["calibration"].get(rate) for t in self.testbeds if t["hosts"] == hosts), None)
+        return calib["allreduce_achieved_bps"] if calib and calib["status"] == "ok" else None
 
     def batch_guess(self, model: str, hosts: int, rate: str) -> float:
         """A pessimistic time per batch before measuring it: compute plus all-reduce, not overlapped."""
@@ -254,3 +292,36 @@ class Sweep:
                 rows.append(compare_row(model, hosts, ranks, self.args.batch_size, rate, ref["batch_s"], comm,
                                         achieved, runs))
         return rows
+
+
+def stage_package(model: str, ranks: int) -> Path:
+    """Where the model's stage package for ``ranks`` ranks is (PipeDream's layout)."""
+    return MAIN_WITH_RUNTIME.parent / "models" / model / f"gpus={ranks}"
+
+
+def pipeline_bound(package: Path, achieved_bps: float | None, nominal_bps: float, batch_size: int,
+                   image_size: int | None) -> dict:
+    """[Note: the pipeline's bound] from the partition's measurements: no pipeline of these stages beats
+    ``max(max over stages of (compute + its sends at the achieved rate), the boundary's bytes at the nominal rate)``.
+
+    A stage computes its minibatch and sends its output (forward: the activation; backward:
+    its input's gradient); the link carries one activation each way per minibatch. Stage
+    compute comes from ``partition.json`` (measured when the package was generated), valid
+    for its batch and image size only: otherwise the bound is not given.
+    """
+    record = json.loads((package / "partition.json").read_text())
+    if record["batch_size"] != batch_size or (image_size or 224) != record["image_size"]:
+        return {"bound_s": None, "why": f"{package / 'partition.json'} measured batch {record['batch_size']} at "
+                                        f"{record['image_size']} px, this run uses batch {batch_size}"}
+    modules = record["modules"]
+    rate = (achieved_bps or nominal_bps) / 8
+    stages = []
+    for s, stage in enumerate(record["stages"]):
+        compute = sum(m["forward"] + m["backward"] for m in modules[stage["start"]:stage["end"]])
+        sent = (modules[stage["end"] - 1]["output_bytes"] if s < len(record["stages"]) - 1 else 0) + \
+               (modules[stage["start"] - 1]["output_bytes"] if s > 0 else 0)
+        stages.append({"compute_s": compute, "send_s": sent / rate})
+    link = max((modules[st["end"] - 1]["output_bytes"] for st in record["stages"][:-1]), default=0) * 8 / nominal_bps
+    bound = max([st["compute_s"] + st["send_s"] for st in stages] + [link])
+    return {"bound_s": bound, "stages": stages, "link_s": link, "rate_bps": rate * 8,
+            "rate_is": "achieved" if achieved_bps else "nominal", "predicted_s": record["seconds_per_minibatch"]}

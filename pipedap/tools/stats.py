@@ -47,7 +47,7 @@ def run_statistics(result: dict) -> dict:
     """A benchmark result's time per batch and throughput (each with its interval), predicted vs measured."""
     mean, ci95, window = steady_statistics([it["seconds"] / result["batches_per_iter"]
                                             for it in result["per_iteration"]])
-    samples_per_batch = result["world_size"] * result["batch_size"]
+    samples_per_batch = result.get("samples_per_batch", result["world_size"] * result["batch_size"])
     predicted = result["batch_time"]["predicted_s"]
     return {"batch_s": {"mean": mean, "ci95": ci95, "iterations": len(result["per_iteration"]),
                         "window_mean": window},
