@@ -226,10 +226,7 @@ class Sweep:
         result = json.loads(json_path.read_text())
         record = dict(record, status="ok", json=str(json_path), unit=result["unit"], plan=result["plan"],
                       description=result["description"], result=result, **run_statistics(result))
-        if system.program == "pipeline":
-            record["own_bound"] = pipeline_bound(stage_package(model, ranks), self.achieved_bps(tb.hosts, rate),
-                                                 parse_rate_bps(rate), a.batch_size, a.image_size)
-        else:
+        if system.program != "pipeline":
             record["timeline"] = str(trace)
         print(f"  {record['batch_s']['mean']:.3f} s per batch, {record['throughput']['mean']:.1f} "
               f"{result['unit']}/s in total; took {job.seconds:.0f} s", flush=True)
@@ -286,8 +283,12 @@ class Sweep:
                         if r["model"] == model and r["hosts"] == hosts and r["rate"] == rate}
                 if not runs:
                     continue
-                calib = next((t["calibration"].get(rate) for t in self.testbeds if t["hosts"] == hosts), None)
-                achieved = calib["allreduce_achieved_bps"] if calib and calib["status"] == "ok" else None
+                achieved = self.achieved_bps(hosts, rate)
+                pipelines = {s.label for s in self.systems if s.program == "pipeline"}
+                runs = {label: dict(r, own_bound=pipeline_bound(stage_package(model, ranks), achieved,
+                                                                parse_rate_bps(rate), self.args.batch_size,
+                                                                self.args.image_size, ref["batch_s"]))
+                        if label in pipelines and r["status"] == "ok" else r for label, r in runs.items()}
                 comm = ring_allreduce_s(gradient_bytes(model), ranks, parse_rate_bps(rate))
                 rows.append(compare_row(model, hosts, ranks, self.args.batch_size, rate, ref["batch_s"], comm,
                                         achieved, runs))
@@ -300,28 +301,32 @@ def stage_package(model: str, ranks: int) -> Path:
 
 
 def pipeline_bound(package: Path, achieved_bps: float | None, nominal_bps: float, batch_size: int,
-                   image_size: int | None) -> dict:
-    """[Note: the pipeline's bound] from the partition's measurements: no pipeline of these stages beats
+                   image_size: int | None, compute_s: float) -> dict:
+    """[Note: the pipeline's bound] No pipeline of the package's stages beats
     ``max(max over stages of (compute + its sends at the achieved rate), the boundary's bytes at the nominal rate)``.
 
     A stage computes its minibatch and sends its output (forward: the activation; backward:
-    its input's gradient); the link carries one activation each way per minibatch. Stage
-    compute comes from ``partition.json`` (measured when the package was generated), valid
-    for its batch and image size only: otherwise the bound is not given.
+    its input's gradient); the link carries one activation each way per minibatch. The
+    split of compute between stages is the partition's (``partition.json``); its total is
+    ``compute_s``, this sweep's compute-only reference (one pinned process per rank at
+    once), because the partition may have been measured on another load or thread count.
+    Valid for the partition's batch and image size only: otherwise the bound is not given.
     """
     record = json.loads((package / "partition.json").read_text())
     if record["batch_size"] != batch_size or (image_size or 224) != record["image_size"]:
         return {"bound_s": None, "why": f"{package / 'partition.json'} measured batch {record['batch_size']} at "
                                         f"{record['image_size']} px, this run uses batch {batch_size}"}
     modules = record["modules"]
+    scale = compute_s / sum(m["forward"] + m["backward"] for m in modules)
     rate = (achieved_bps or nominal_bps) / 8
+    last = len(record["stages"]) - 1
     stages = []
     for s, stage in enumerate(record["stages"]):
-        compute = sum(m["forward"] + m["backward"] for m in modules[stage["start"]:stage["end"]])
-        sent = (modules[stage["end"] - 1]["output_bytes"] if s < len(record["stages"]) - 1 else 0) + \
-               (modules[stage["start"] - 1]["output_bytes"] if s > 0 else 0)
+        compute = scale * sum(m["forward"] + m["backward"] for m in modules[stage["start"]:stage["end"]])
+        sent = ((modules[stage["end"] - 1]["output_bytes"] if s < last else 0)
+                + (modules[stage["start"] - 1]["output_bytes"] if s > 0 else 0))
         stages.append({"compute_s": compute, "send_s": sent / rate})
     link = max((modules[st["end"] - 1]["output_bytes"] for st in record["stages"][:-1]), default=0) * 8 / nominal_bps
     bound = max([st["compute_s"] + st["send_s"] for st in stages] + [link])
-    return {"bound_s": bound, "stages": stages, "link_s": link, "rate_bps": rate * 8,
+    return {"bound_s": bound, "stages": stages, "link_s": link, "rate_bps": rate * 8, "compute_scale": scale,
             "rate_is": "achieved" if achieved_bps else "nominal", "predicted_s": record["seconds_per_minibatch"]}

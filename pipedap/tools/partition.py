@@ -13,7 +13,7 @@ replicated stages priced by PipeDAP's planner), and writes into ``--out``:
 * ``partition.json``: the inputs (the module measurements, the link), the stages and the
   predicted time per minibatch of every stage and boundary.
 
-Example (VGG-16 on 2 workers over 125 Mbit/s, about 40 s of measuring on a 2-core CPU)::
+Example (VGG-16 on 2 workers over 125 Mbit/s, about a minute of measuring on a 2-core CPU)::
 
     python -m pipedap.tools.partition --model vgg16 --batch-size 16 --image-size 112 --workers 2 \\
         --bandwidth 125mbit --parallelism pipeline --out models/vgg16/gpus=2
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-b", "--batch-size", type=int, default=8, help="minibatch size (default 8)")
     parser.add_argument("--image-size", type=int, default=224, help="image side in pixels (default 224)")
     parser.add_argument("--iterations", type=int, default=3, help="timed runs per module (default 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads while measuring (default 1, as each "
+                        "rank of main_with_runtime.py and the benchmarks computes)")
     parser.add_argument("--costs", metavar="FILE", help="reuse the module measurements of a partition.json")
     parser.add_argument("--out", required=True, help="the package directory to write, e.g. models/vgg16/gpus=2")
     return parser
@@ -71,6 +73,7 @@ def module_costs(args: argparse.Namespace) -> list[P.ModuleCost]:
     from models import sequential
 
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     chain = sequential.chain(args.model)
     sample = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     return P.measure(chain, sample, iterations=args.iterations)
@@ -151,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bandwidth, latency = units.parse_bandwidth(args.bandwidth), units.parse_duration(args.latency)
         what = (f"reading the measurements in {args.costs}" if args.costs else
                 f"measuring each module of {args.model} (batch {args.batch_size}, {args.image_size} px, "
-                f"{args.iterations} runs; tens of seconds on a CPU)")
+                f"{args.iterations} runs, {args.threads} thread(s); a minute or two on a CPU)")
         with step(what):
             costs = module_costs(args)
         print(f"  {len(costs)} modules, compute {sum(m.compute for m in costs):.3f} s per minibatch, "
