@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--weight-decay", "--wd", type=float, default=1e-4)
     add("--print-freq", "-p", type=int, default=10, help="print the loss every N minibatches (default 10)")
     add("-v", "--verbose_frequency", type=int, default=0, help="PipeDream's verbose logging: the runtime's progress")
-    add("--seed", type=int, default=0, help="data order and synthetic data")
+    add("--seed", type=int, default=0, help="initial weights, data order and synthetic data")
     add("--no_input_pipelining", action="store_true", help="one minibatch at a time (schedule no_pipelining)")
     add("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule (default 1f1b, PipeDream's)")
     add("--micro-batches", type=int, default=1, help="micro-batches per minibatch, with --schedule flush")
@@ -249,6 +249,7 @@ def main() -> None:
     check_arguments(parser, args)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO if args.verbose_frequency else logging.WARNING, format="%(message)s")
+    torch.manual_seed(args.seed)  # every rank builds the same weights: replicas of a stage start equal
     package, model = load_stages(args)
     link = connect(args, package, len(model))
     config = load_config(args, package, len(model), link.size)

@@ -172,3 +172,22 @@ def test_iter_lines_and_the_interval_are_the_rank_averaged_rate(capsys):
     # iteration 0: ranks at 2 and 4 img/s -> 3.0; iteration 1: 1 and 4 -> 2.5 (rank 0 alone would say 2.0 and 1.0)
     assert "Iter #0: 3.0 img/sec per worker\nIter #1: 2.5 img/sec per worker\n" in out
     assert "Img/sec per worker: 2.8 +-3.2 (mean of the Iter lines +- its 95% confidence interval)" in out
+
+
+@pytest.mark.mpi
+def test_data_dir_trains_each_rank_on_its_shard_of_an_image_folder(tmp_path):
+    """--data-dir (also ./dist.sh --data-dir): the batches come from the folder, not a synthetic batch."""
+    from PIL import Image
+
+    for c in range(2):
+        (tmp_path / "train" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (36, 36), (40 + 100 * c, 20 * i, 90)).save(tmp_path / "train" / f"c{c}" / f"{i}.jpg")
+    doc, output = bench(tmp_path, "WFBP", "--data-dir", str(tmp_path), "--workers", "0")
+    check_common(doc, output, "WFBP")
+
+
+def test_data_dir_must_be_a_folder_of_images_for_an_image_model(capsys, tmp_path):
+    assert "--data-dir /nonexistent: no such folder" in refused(capsys, "--data-dir", "/nonexistent")
+    assert main(["--model", "bert_base", "--data-dir", str(tmp_path), "--check"]) == 2
+    assert "--data-dir is an image folder; bert_base is a language model" in capsys.readouterr().err

@@ -33,12 +33,13 @@ total the sum. ``--timeline FILE`` writes a Chrome trace (see :mod:`pipedap.tool
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -70,6 +71,29 @@ def make_batch(args: argparse.Namespace, rank: int, device: torch.device) -> tup
     sizes = {"image_size": args.image_size} if kind == "image" else {"seq_len": args.sentence_len}
     return models.synthetic_batch(args.model, args.batch_size, generator=torch.Generator().manual_seed(
         args.seed + 1 + rank), device=device, **sizes)
+
+
+def make_data(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> Iterator[tuple]:
+    """This rank's batches, forever: its synthetic batch again and again, or its shard of ``--data-dir``,
+    reshuffled every epoch and decoded by ``--workers`` processes (their time counts, as in training)."""
+    if not args.data_dir:
+        return itertools.repeat(make_batch(args, rank, device))
+    root = Path(args.data_dir)
+    root = root / "train" if (root / "train").is_dir() else root
+    side = args.image_size or models.info(args.model).input_shape[-1]
+    loader = models.data.image_folder_loader(root, args.batch_size, side, seed=args.seed, rank=rank,
+                                             world_size=world, num_workers=args.workers, drop_last=True)
+    if len(loader) == 0:
+        raise ValueError(f"--data-dir {root}: {len(loader.dataset)} images make no batch of {args.batch_size} for "
+                         f"each of {world} ranks; use a smaller --batch-size")
+
+    def epochs() -> Iterator[tuple]:
+        for epoch in itertools.count():
+            loader.sampler.set_epoch(epoch)
+            for x, y in loader:
+                yield x.to(device), y.to(device)
+
+    return epochs()
 
 
 def meminfo_kib(field: str, path: str = "/proc/meminfo") -> int | None:
@@ -202,7 +226,8 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
     who = "GPU" if device.type == "cuda" else "worker"
     torch.manual_seed(args.seed)  # the same initial weights everywhere (they are broadcast too)
     model = models.get(args.model).to(device)
-    inputs, targets = make_batch(args, rank, device)
+    data = make_data(args, rank, world, device)
+    inputs, targets = next(data)  # the first batch: for planning and the shapes
     loss_fn = models.loss_fn(args.model)
     say(f"Model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
         f"input {tuple(inputs.shape[1:])})\nBatch size: {args.batch_size}\n"
@@ -219,6 +244,7 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
 
     def batch() -> None:
         recorder.next_batch()
+        inputs, targets = next(data)
         optimizer.zero_grad()
         with recorder.phase("forward"), autocast():
             loss = loss_fn(model(inputs), targets)

@@ -5,6 +5,7 @@ process group starts, so that a wrong option fails at once on rank 0 with what t
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -36,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mixed precision (torch.autocast float16) forward and loss; needs CUDA")
     parser.add_argument("--sentence-len", type=int, help="sequence length of language models (default: the model's)")
     parser.add_argument("--image-size", type=int, help="image side of image models (default: the model's)")
+    parser.add_argument("--data-dir", "--data_dir", metavar="DIR", help="train on this image folder (DIR/train/<class>/"
+                        "*.jpg or DIR/<class>/*.jpg; each rank its shard) instead of a synthetic batch")
+    parser.add_argument("--workers", type=int, default=2, help="with --data-dir: data-loading processes per rank "
+                        "(default 2)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: the local rank's GPU when CUDA is available, else CPU")
     parser.add_argument("--plan", metavar="FILE", help="PipeDAP: run this plan (python -m pipedap.tools.plan --out); "
@@ -82,6 +87,12 @@ def validate(args: argparse.Namespace) -> None:
         raise BenchError(f"--sentence-len is for language models; {args.model} is an image model (--image-size)")
     if info.kind == "language" and args.image_size is not None:
         raise BenchError(f"--image-size is for image models; {args.model} is a language model (--sentence-len)")
+    if args.data_dir and info.kind != "image":
+        raise BenchError(f"--data-dir is an image folder; {args.model} is a language model")
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        raise BenchError(f"--data-dir {args.data_dir}: no such folder (expected DIR/train/<class>/*.jpg)")
+    if args.workers < 0:
+        raise BenchError(f"--workers must be >= 0, got {args.workers}")
     cuda = torch.cuda.is_available()
     if args.device == "cuda" and not cuda:
         raise BenchError("--device cuda: torch sees no CUDA GPU")

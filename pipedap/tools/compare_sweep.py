@@ -238,6 +238,7 @@ class Sweep:
         size = ["--image-size", str(a.image_size)] if a.image_size else []
         warmup = max(a.warmup, ranks + 1)  # the pipeline fills before its steady state
         return ["--module", f"models.{model}.gpus={ranks}", "--config_path", "mp_conf.json", "-b", str(a.batch_size),
+                "--lr", "0.01",  # the benchmark's SGD
                 *size, "--num_minibatches", str(warmup + a.iters * a.batches_per_iter + 1), "--warmup", str(warmup),
                 "--distributed_backend", "mpi", "--schedule", system.baseline, "-j", "0", "--print-freq", "1000",
                 *(["--micro-batches", str(next(m for m in (4, 2, 1) if a.batch_size % m == 0 and a.batch_size // m >= 2))]

@@ -2,10 +2,10 @@
 
     python -m pipedap.tools.partition --model resnet50 -b 8 --image-size 224 --workers 2 --bandwidth 250mbit --parallelism pipeline --out models/resnet50/gpus=2
 
-stage 0: modules 0-8 (conv1 .. layer2.2), 1 rank(s), 1.216 s per minibatch (compute 1.216 s)
+stage 0: modules 0-9 (conv1 .. layer2.3), 1 rank(s), 2.058 s per minibatch (compute 2.058 s)
   boundary 0 -> 1: 12.8 MB each way, 0.822 s per minibatch
-stage 1: modules 9-21 (layer2.3 .. fc), 1 rank(s), 1.225 s per minibatch (compute 1.225 s)
-pipeline: 1.225 s per minibatch, bound by the slowest stage or boundary
+stage 1: modules 10-21 (layer3.0 .. fc), 1 rank(s), 1.996 s per minibatch (compute 1.996 s)
+pipeline: 2.058 s per minibatch, bound by the slowest stage or boundary
 
 Regenerate rather than edit. ``model(criterion)`` returns PipeDream's stage list:
 [(stage module, input names, output names), ..., (criterion, [last output], ["loss"])].
@@ -24,10 +24,10 @@ STAGES = [
         "layer1.2",
         "layer2.0",
         "layer2.1",
-        "layer2.2"
+        "layer2.2",
+        "layer2.3"
     ],
     [
-        "layer2.3",
         "layer3.0",
         "layer3.1",
         "layer3.2",

@@ -2,10 +2,10 @@
 
     python -m pipedap.tools.partition --model vgg16 -b 16 --image-size 112 --workers 2 --bandwidth 125mbit --parallelism pipeline --out models/vgg16/gpus=2
 
-stage 0: modules 0-7 (features.0 .. features.12), 1 rank(s), 2.227 s per minibatch (compute 2.227 s)
+stage 0: modules 0-7 (features.0 .. features.12), 1 rank(s), 3.997 s per minibatch (compute 3.997 s)
   boundary 0 -> 1: 12.8 MB each way, 1.644 s per minibatch
-stage 1: modules 8-24 (features.14 .. classifier.6), 1 rank(s), 2.420 s per minibatch (compute 2.420 s)
-pipeline: 2.420 s per minibatch, bound by the slowest stage or boundary
+stage 1: modules 8-24 (features.14 .. classifier.6), 1 rank(s), 3.875 s per minibatch (compute 3.875 s)
+pipeline: 3.997 s per minibatch, bound by the slowest stage or boundary
 
 Regenerate rather than edit. ``model(criterion)`` returns PipeDream's stage list:
 [(stage module, input names, output names), ..., (criterion, [last output], ["loss"])].
