@@ -116,6 +116,9 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--num_minibatches must be >= 1, got {args.num_minibatches}")
     if args.forward_only and args.schedule == "flush":
         parser.error("--forward_only runs whole minibatches; drop --schedule flush")
+    if args.no_input_pipelining and args.schedule != "1f1b":
+        parser.error(f"--no_input_pipelining is --schedule no_pipelining; drop one of it and --schedule "
+                     f"{args.schedule}")
 
 
 def load_stages(args: argparse.Namespace) -> tuple[object, list]:
@@ -192,12 +195,14 @@ def learning_rate(args: argparse.Namespace, epoch: int) -> float:
     return args.lr * 0.97 ** (epoch / args.epochs)
 
 
-def minibatches_per_epoch(args: argparse.Namespace, config: PipelineConfig, replicas0: int, shared: int | None) -> int:
-    """The job's minibatches per epoch: --num_minibatches, else an epoch of the data; a multiple of every stage's
-    replicas (1F1B and no pipelining update replicas together)."""
-    wanted = args.num_minibatches or (shared * replicas0 if shared else 100)
-    if args.schedule == "flush":
-        return wanted
+def minibatches_per_epoch(args: argparse.Namespace, runtime: StageRuntime, shared: int | None) -> int:
+    """The job's minibatches per epoch: --num_minibatches, else an epoch of the data (``shared``: the fewest
+    batches a replica of stage 0 has); under 1F1B and no pipelining a multiple of every stage's replicas,
+    which update together. With flush each replica reads its share of every minibatch."""
+    config = runtime.config
+    if runtime.schedule == "flush":
+        return args.num_minibatches or shared or 100
+    wanted = args.num_minibatches or (shared * len(config.ranks(0)) if shared else 100)
     step = math.lcm(*(len(config.ranks(s)) for s in range(config.num_stages)))
     rounded = wanted // step * step
     if rounded < 1:
@@ -215,11 +220,11 @@ def save_checkpoint(args, runtime: StageRuntime, package, epoch: int) -> None:
 
 
 def resume(args, runtime: StageRuntime) -> int:
-    """Load this stage's checkpoint; the epoch to start at."""
+    """Load this stage's checkpoint; the epoch to start at. A missing file fails every rank (agreed)."""
     path = Path(f"{args.resume}.{runtime.stage}.pth.tar")
-    if not path.is_file():
-        raise SystemExit(f"--resume {args.resume}: no checkpoint {path} for stage {runtime.stage} (expected "
-                         f"--resume DIR/checkpoint, as written by --checkpoint_dir DIR)")
+    error = None if path.is_file() else (f"--resume {args.resume}: no checkpoint {path} for stage {runtime.stage} "
+                                         "(expected --resume DIR/checkpoint, as written by --checkpoint_dir DIR)")
+    startup.agree(runtime.transport, error, "resume")
     state = torch.load(path, weights_only=False)
     runtime.module.load_state_dict(state["state_dict"])
     if runtime.optimizer is not None and state.get("optimizer") is not None:
@@ -285,7 +290,7 @@ def run(args, runtime: StageRuntime, package, data: Data | None) -> None:
     shared = runtime.transport.all_gather_object(data.batches_per_epoch() if data else None, "epoch length")
     per_replica = min((n for n in shared if n is not None), default=None)
     replicas0 = len(runtime.config.ranks(0))
-    n = minibatches_per_epoch(args, runtime.config, replicas0, per_replica)
+    n = minibatches_per_epoch(args, runtime, per_replica)
     mode = "forward only" if args.forward_only else f"schedule {runtime.schedule}"
     print(f"{who}: {args.epochs - start_epoch} epoch(s) of {n} minibatches of {args.batch_size} images, {mode}",
           flush=True)

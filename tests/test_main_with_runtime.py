@@ -101,7 +101,19 @@ def test_a_missing_data_dir_fails_on_every_rank_naming_it():
                "does not exist" in r.stdout, output
 
 
+def test_a_missing_checkpoint_fails_every_rank_naming_the_stage(tmp_path):
+    ranks = run_ranks(MAIN, 2, "--module", "models.resnet50.gpus=2", *SMALL, "--resume", str(tmp_path / "checkpoint"),
+                      "--rank", "{rank}", "--master_addr", "127.0.0.1", "--master_port", "{port}", "--config_path",
+                      "mp_conf.json", timeout=120, torch_env=False)
+    output = "\n".join(p.stdout for p in ranks)
+    for r in ranks:
+        assert r.returncode != 0
+        assert f"pipeline resume: rank 0: --resume {tmp_path / 'checkpoint'}: no checkpoint " \
+               f"{tmp_path / 'checkpoint.0.pth.tar'} for stage 0" in r.stdout, output
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--no_input_pipelining", "--schedule", "flush"], "--no_input_pipelining is --schedule no_pipelining"),
     (["--recompute"], "--recompute (recomputing activations in backward) is not implemented"),
     (["--distributed_backend", "mpi"], "--distributed_backend mpi runs over PipeDAP's engine, which needs an MPI "
                                        "launcher"),
