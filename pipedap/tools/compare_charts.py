@@ -1,7 +1,8 @@
 """The charts of ``python -m pipedap.tools.compare``, drawn from its comparison rows (PNG, matplotlib).
 
 * ``throughput.png``: samples per second of each system (all ranks) with the 95% confidence
-  interval, per link rate; a black line marks the throughput of the bound;
+  interval, per link rate; black lines mark the throughput of the data-parallel bound and,
+  with pipeline systems, of the pipeline's bound (dashed);
 * ``speedup_vs_ddp.png``: each system's speedup over DDP against the link rate;
 * ``vs_bound.png``: time per batch of each system against the bound (and its parts).
 
@@ -79,7 +80,13 @@ def _chart(rows: list[dict], path: Path, fill: Callable[[plt.Axes, list[dict]], 
 
 def _throughput(ax: plt.Axes, panel: list[dict]) -> None:
     centres = _grouped(ax, panel, "throughput", "throughput_ci95")
-    _levels(ax, centres, [row["bound_throughput"] for row in panel], "bound", "-")
+    _levels(ax, centres, [row["bound_throughput"] for row in panel], "data-parallel bound", "-")
+    pipeline = [(c, row["batch_size"] / own["bound_s"]) for c, row in zip(centres, panel)
+                for own in [next((s["own_bound"] for s in row["systems"].values() if s.get("own_bound")), None)]
+                if own and own.get("bound_s")]
+    if pipeline:
+        xs, values = zip(*pipeline)
+        _levels(ax, list(xs), list(values), "pipeline bound", "--")
     ax.set_ylabel("samples/s, all ranks (95% CI)")
 
 
@@ -91,7 +98,7 @@ def _speedup(ax: plt.Axes, panel: list[dict]) -> None:
             ax.plot(*zip(*sorted(points)), marker="o", label=label)
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xlabel("link rate, Mbit/s (each way)")
-    ax.set_ylabel("speedup over DDP (DDP time / system time)")
+    ax.set_ylabel("speedup over DDP (samples/s over DDP's)")
 
 
 def _vs_bound(ax: plt.Axes, panel: list[dict]) -> None:
