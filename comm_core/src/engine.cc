@@ -13,6 +13,7 @@ namespace {
 std::unique_ptr<Engine> g_engine;
 std::mutex g_engine_mu;
 int64_t g_generation = 0;  // engines this process started ([Note: departure notices] in status.h)
+constexpr int64_t kDepartureGraceNs = 1'000'000'000;  // see Engine::await_agreement
 bool g_owns_mpi = false;  // this library called MPI_Init, so it finalizes
 
 void ensure_mpi_initialized(int* thread_level) {
@@ -371,6 +372,7 @@ void Engine::wait_for_transfers(int set) {
 std::string Engine::await_agreement(Agreement& agreement, const ProcessSet& set) {
   const int64_t service_interval_ns = config_.host.poll.idle_interval_us * 1000LL;
   int64_t next_service_ns = 0;
+  int64_t gone_since_ns = 0;  // when a rank missing from the agreement was first seen departed
   Backoff backoff(config_.host.poll);
   while (!agreement.complete()) {
     if (p2p_->progress()) backoff.progressed();
@@ -378,11 +380,19 @@ std::string Engine::await_agreement(Agreement& agreement, const ProcessSet& set)
       service();  // answers status questions, and receives departure notices
       next_service_ns = monotonic_ns() + service_interval_ns;
     }
+    if (agreement.complete()) break;  // service() may have let a last fingerprint in
     std::vector<int> gone;  // departed without submitting it (one that did may have left after it failed)
     for (int r : agreement.missing()) {
       if (status_->departed()[set.ranks[r]]) gone.push_back(set.ranks[r]);
     }
-    if (!gone.empty()) {
+    // A rank that submitted this operation, saw it agreed and then shut down sent its fingerprint before its
+    // departure notice, but on another communicator: MPI does not order the two, so the notice can come
+    // first. Only a fingerprint still missing kDepartureGraceNs after the notice means it never submitted.
+    if (gone.empty()) {
+      gone_since_ns = 0;
+    } else if (gone_since_ns == 0) {
+      gone_since_ns = monotonic_ns();
+    } else if (monotonic_ns() - gone_since_ns >= kDepartureGraceNs) {
       return rank_list(gone) + (gone.size() == 1 ? " has" : " have") +
              " shut down (pipedap.shutdown() or the end of the script) without submitting it: the ranks ran "
              "different numbers of collectives (with uneven data, let ranks that run out call join())";

@@ -108,6 +108,10 @@ class Settings:
         """The distinct hosts, in order of first appearance."""
         return list(dict.fromkeys(host for host, _ in self.machines))
 
+    @property
+    def ranks_per_host(self) -> dict[str, int]:
+        return {host: sum(1 for h, _ in self.machines if h == host) for host in self.hosts}
+
     def flags(self) -> list[str]:
         """main_with_runtime.py's flags for these settings (rank and rendezvous flags come per launch)."""
         out = []
@@ -217,7 +221,7 @@ def mpirun_command(settings: Settings, program: Path = PROGRAM) -> list[str]:
     """The mpirun line for local or remote hosts (``--host h1:n1,h2:n2``)."""
     from pipedap.tools.testbed.testbed import mpirun_path
 
-    counts = {host: sum(1 for h, _ in settings.machines if h == host) for host in settings.hosts}
+    counts = settings.ranks_per_host
     return [mpirun_path(), "-np", str(settings.world), "--host", ",".join(f"{h}:{n}" for h, n in counts.items()),
             "--oversubscribe", "--bind-to", "none", sys.executable, str(program), *settings.flags()]
 
@@ -360,7 +364,7 @@ def _on_testbed(settings: Settings, program: Path):
     if unknown:
         raise DriverConfigError(f"{settings.where}:{settings.lines['testbed']}: testbed: unknown key(s) "
                                 f"{', '.join(sorted(unknown))}; it takes rate, qdisc, burst, latency")
-    per_host = {host: sum(1 for h, _ in settings.machines if h == host) for host in settings.hosts}
+    per_host = settings.ranks_per_host
     if len(set(per_host.values())) != 1:
         raise DriverConfigError(f"{settings.where}:{settings.lines['machines']}: the emulated hosts take the same "
                                 f"number of ranks each; machines gives {per_host}")
