@@ -10,6 +10,14 @@ set to 1 when this rank produced a gradient for it; after the reduction a flag i
 non-zero iff *some* rank did. Parameters whose flag is zero everywhere are left out
 of the optimizer step, exactly as single-process training skips ``grad is None``
 (otherwise weight decay and momentum would still move them).
+
+[Note: compressed buckets]
+With a wire dtype (``compression=Compression.fp16``/``bf16``) the bucket also has
+a ``wire`` buffer of that dtype, laid out as ``buffer``. ``pack()`` casts the
+gradients into it just before the reduce-scatter (or all-reduce); the reduction,
+the shard and the all-gather stay in the wire dtype (half the bytes on the link);
+``unpack()`` casts the gathered result back into ``buffer``, where the update
+runs in the parameters' dtype.
 """
 
 from __future__ import annotations
@@ -29,13 +37,35 @@ class Bucket:
     buffer: torch.Tensor
     grads: list[torch.Tensor]  # views into buffer, shaped like the params
     flags: torch.Tensor  # view into buffer: one element per param
-    shard: torch.Tensor  # this rank's block of buffer: reduce-scatter output, all-gather input
+    shard: torch.Tensor  # this rank's block of buffer (of sent: the reduce-scatter's output, all-gather's input)
     grad_numel: int  # elements of buffer that hold gradients (the rest: flags and padding)
     shard_start: int  # offset of shard in buffer
+    wire: torch.Tensor | None = None  # [Note: compressed buckets]: what travels, when it is not buffer itself
+    wire_shard: torch.Tensor | None = None  # this rank's block of wire
+
+    @property
+    def sent(self) -> torch.Tensor:
+        """The buffer the collectives run on: ``wire`` when compressed, else ``buffer``."""
+        return self.buffer if self.wire is None else self.wire
+
+    @property
+    def sent_shard(self) -> torch.Tensor:
+        return self.shard if self.wire_shard is None else self.wire_shard
 
     @property
     def nbytes(self) -> int:
-        return self.grad_numel * self.buffer.element_size()
+        """Gradient bytes on the link (in the wire dtype)."""
+        return self.grad_numel * self.sent.element_size()
+
+    def pack(self) -> None:
+        """Cast the gradients (and flags) into the wire buffer, before they are reduced."""
+        if self.wire is not None:
+            self.wire.copy_(self.buffer)
+
+    def unpack(self) -> None:
+        """Cast the reduced, gathered wire buffer back into ``buffer`` (the gradients' views)."""
+        if self.wire is not None:
+            self.buffer.copy_(self.wire)
 
     def attach_grads(self) -> None:
         """Point every parameter's ``.grad`` at its view (keeping a gradient that was produced elsewhere)."""
@@ -50,7 +80,10 @@ class Bucket:
         return [p for p, used in zip(self.params, self.flags.tolist()) if used != 0]
 
 
-def build_bucket(index: int, named: list[tuple[str, torch.nn.Parameter]], world: int, rank: int) -> Bucket:
+def build_bucket(index: int, named: list[tuple[str, torch.nn.Parameter]], world: int, rank: int,
+                 wire_dtype: torch.dtype | None = None) -> Bucket:
+    """The bucket of ``named``'s gradients, shards for ``world`` ranks; with ``wire_dtype`` (a floating
+    dtype other than the parameters') a compressed one ([Note: compressed buckets])."""
     names = [n for n, _ in named]
     params = [p for _, p in named]
     dtypes = {p.dtype for p in params}
@@ -69,10 +102,14 @@ def build_bucket(index: int, named: list[tuple[str, torch.nn.Parameter]], world:
         grads.append(buffer[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
     shard_numel = total // world
+    own = slice(rank * shard_numel, (rank + 1) * shard_numel)
+    wire = None
+    if wire_dtype is not None and wire_dtype != buffer.dtype and buffer.is_floating_point():
+        wire = torch.zeros(total, dtype=wire_dtype, device=buffer.device)
     bucket = Bucket(
         index=index, names=names, params=params, buffer=buffer, grads=grads,
-        flags=buffer[grad_numel:used], shard=buffer[rank * shard_numel : (rank + 1) * shard_numel],
-        grad_numel=grad_numel, shard_start=rank * shard_numel,
+        flags=buffer[grad_numel:used], shard=buffer[own], grad_numel=grad_numel, shard_start=rank * shard_numel,
+        wire=wire, wire_shard=None if wire is None else wire[own],
     )
     bucket.attach_grads()
     return bucket

@@ -35,7 +35,7 @@ import torch
 
 from pipedap import comm, engine, settings
 from pipedap.buckets import build_bucket, default_groups
-from pipedap.compression import Compression
+from pipedap.compression import Compression, wire_dtype_for_buckets
 from pipedap.online_planner import OnlinePlanner
 from pipedap.planner.plan import Group, Plan
 from pipedap.planner.schedules import plan_of
@@ -240,8 +240,9 @@ def _check_ranks_agree(named: list[tuple[str, torch.nn.Parameter]], process_set:
                 )
 
 
-def _resolve_plan(schedule: str, plan, named, fusion_bytes: int, world: int) -> tuple[Plan, bool]:
-    """The plan to start with, and whether to plan online.
+def _resolve_plan(schedule: str, plan, named, fusion_bytes: int, world: int,
+                  wire_dtype: torch.dtype | None = None) -> tuple[Plan, bool]:
+    """The plan to start with, and whether to plan online (group sizes in bytes on the link).
 
     The given plan (validated against the model), else the built-in plan of `schedule`.
     ``pipedap`` without a plan (neither ``plan=`` nor ``$PIPEDAP_PLAN``) starts from DeAR's
@@ -261,15 +262,16 @@ def _resolve_plan(schedule: str, plan, named, fusion_bytes: int, world: int) -> 
         if plan.world_size != world:
             log.warning("plan %s was made for %d workers, running on %d", plan.schedule, plan.world_size, world)
         return plan, False
-    sizes = {n: p.numel() * p.element_size() for n, p in named}
+    wire_size = torch.finfo(wire_dtype).bits // 8 if wire_dtype else None
+    sizes = {n: p.numel() * (wire_size or p.element_size()) for n, p in named}
     groups = [Group(f"{g[0]}..{g[-1]}" if len(g) > 1 else g[0], tuple(g), sum(sizes[n] for n in g))
               for g in default_groups(named, fusion_bytes)]
     plan_online = schedule == "pipedap"
     return plan_of("dear" if plan_online else schedule, groups, world), plan_online
 
 
-def _resolve_plan_on_every_rank(schedule: str, plan, named, fusion_bytes: int, process_set: ProcessSet
-                                ) -> tuple[Plan, bool]:
+def _resolve_plan_on_every_rank(schedule: str, plan, named, fusion_bytes: int, process_set: ProcessSet,
+                                wire_dtype: torch.dtype | None = None) -> tuple[Plan, bool]:
     """:func:`_resolve_plan`, then the same plan on every rank, or an error on every rank.
 
     Like the parameter check, every rank shares its plan's digest and schedule (one small
@@ -277,7 +279,7 @@ def _resolve_plan_on_every_rank(schedule: str, plan, named, fusion_bytes: int, p
     of leaving the others waiting in the first collective.
     """
     try:
-        resolved = _resolve_plan(schedule, plan, named, fusion_bytes, process_set.size())
+        resolved = _resolve_plan(schedule, plan, named, fusion_bytes, process_set.size(), wire_dtype)
         mine = (resolved[0].digest(), resolved[0].schedule, None)
     except (OSError, TypeError, ValueError) as err:  # PlanError is a ValueError
         resolved, mine = err, (None, None, f"{type(err).__name__}: {err}")
@@ -331,7 +333,9 @@ def DistributedOptimizer(
         backward_passes_per_step: communicate and update every k-th backward; the k accumulated
             gradients are averaged, which equals one k-times larger batch.
         op: ``pipedap.Average`` (default) or ``pipedap.Sum`` over ranks.
-        compression: only ``Compression.none`` is supported.
+        compression: ``Compression.fp16`` or ``.bf16`` reduce-scatter and all-gather each bucket
+            in that dtype (half of float32's bytes); the averaged gradient is cast back and the
+            update, the optimizer state and the parameters stay in the parameters' dtype.
         fusion_bytes: without a plan, fuse consecutive modules into buckets of about this many
             bytes (default ``$PIPEDAP_FUSION_BYTES`` or 4 MiB; 0: one bucket per module).
         process_set: average over this set's ranks only (default: every rank), e.g. the
@@ -352,8 +356,7 @@ def DistributedOptimizer(
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if model is None and schedule != "wfbp":
         raise ValueError(f"schedule {schedule!r} needs model=: updates run just before each layer's forward")
-    if compression is not Compression.none:
-        raise NotImplementedError("DistributedOptimizer supports compression=Compression.none only")
+    wire_dtype = wire_dtype_for_buckets(compression)
     engine.check_op(op, "DistributedOptimizer")
     if op not in (comm.Average, comm.Sum):
         raise ValueError(f"DistributedOptimizer reduces gradients with Average or Sum, not {op!r}")
@@ -379,9 +382,9 @@ def DistributedOptimizer(
 
     named = _named_trainable(optimizer, model, named_parameters)
     _check_ranks_agree(named, process_set)
-    plan, plan_online = _resolve_plan_on_every_rank(schedule, plan, named, fusion_bytes, process_set)
+    plan, plan_online = _resolve_plan_on_every_rank(schedule, plan, named, fusion_bytes, process_set, wire_dtype)
     by_name = dict(named)
-    buckets = [build_bucket(i, [(n, by_name[n]) for n in g.params], world, process_set.rank())
+    buckets = [build_bucket(i, [(n, by_name[n]) for n in g.params], world, process_set.rank(), wire_dtype)
                for i, g in enumerate(plan.groups)]
     online = None
     if plan_online:  # measure, then plan
@@ -394,8 +397,8 @@ def DistributedOptimizer(
     if model is not None:
         model.register_state_dict_pre_hook(lambda *_: reducer.finish_all())
         _optimizers_of_model.setdefault(model, weakref.WeakSet()).add(wrapped)
-    log.info("DistributedOptimizer: schedule %s, %d buckets, %d parameters, %d ranks",
-             schedule, len(buckets), len(named), world)
+    log.info("DistributedOptimizer: schedule %s, %d buckets, %d parameters, %d ranks%s",
+             schedule, len(buckets), len(named), world, f", gradients sent as {wire_dtype}" if wire_dtype else "")
     return wrapped
 
 

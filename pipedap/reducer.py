@@ -56,6 +56,7 @@ class Reducer:
         self.ready: list[set[int]] = [set() for _ in buckets]  # per bucket: indices of complete gradients
         self.works: list[dict[str, engine.Work]] = [{} for _ in buckets]  # per bucket: "rs"/"ag"/"ar" -> its work
         self.pending: set[int] = set()  # buckets communicated (or in flight) whose update is not applied
+        self.packed: set[int] = set()  # compressed buckets whose wire buffer holds a result not yet unpacked
         self.zero_after_update: set[int] = set()
         self.update_seconds = [0.0] * len(buckets)  # the latest update's duration (for the online planner)
         self.pending_step = _PendingStep(1.0, [])
@@ -181,12 +182,16 @@ class Reducer:
         collectives = []
         for kind, g in sub:
             b, ps = self.buckets[g], self.process_set
+            if kind != "ag":  # the gradients are complete: cast them for the link ([Note: compressed buckets])
+                b.pack()
+            if kind != "rs" and b.wire is not None:
+                self.packed.add(g)
             if kind == "rs":
-                collectives.append(engine.reducescatter_collective(b.buffer, b.shard, f"rs.{g}", self.op, ps))
+                collectives.append(engine.reducescatter_collective(b.sent, b.sent_shard, f"rs.{g}", self.op, ps))
             elif kind == "ag":
-                collectives.append(engine.allgather_collective(b.shard, b.buffer, f"ag.{g}", ps))
+                collectives.append(engine.allgather_collective(b.sent_shard, b.sent, f"ag.{g}", ps))
             else:
-                collectives.append(engine.allreduce_collective(b.buffer, b.buffer, f"ar.{g}", self.op, ps))
+                collectives.append(engine.allreduce_collective(b.sent, b.sent, f"ar.{g}", self.op, ps))
         work = engine.submit(collectives)
         for kind, g in sub:
             self.works[g][kind] = work
@@ -267,8 +272,12 @@ class Reducer:
                 self.zero_after_update.discard(g)
 
     def _wait(self, g: int) -> None:
+        """Wait for bucket g's communication; its buffer then holds the reduced gradients."""
         for work in self.works[g].values():
             work.wait()
+        if g in self.packed:
+            self.buckets[g].unpack()
+            self.packed.discard(g)
 
     def reduced_square_sum(self) -> torch.Tensor:
         """Sum of squares of this rank's share of the reduced gradients (float64 scalar), for clipping.
@@ -286,7 +295,7 @@ class Reducer:
                 reduced.wait()
             lo, hi = b.shard_start, min(b.shard_start + b.shard.numel(), b.grad_numel)
             if lo < hi:
-                squares += b.buffer[lo:hi].double().pow(2).sum().cpu()
+                squares += b.sent[lo:hi].double().pow(2).sum().cpu()
         return squares
 
     def _maybe_switch_plan(self) -> None:

@@ -16,7 +16,7 @@ from pipedap.tools.bench_options import build_parser
 TINY = ("--model", "resnet50", "--image-size", "32", "--batch-size", "2", "--num-warmup-batches", "1",
         "--num-batches-per-iter", "1", "--num-iters", "3", "--no-progress")
 FIELDS = {"version", "command", "model", "kind", "unit", "input_shape", "batch_size", "baseline", "description",
-          "world_size", "device", "fp16", "threshold_bytes", "warmup_batches", "batches_per_iter", "iterations",
+          "world_size", "device", "fp16", "compression", "threshold_bytes", "warmup_batches", "batches_per_iter", "iterations",
           "per_iteration", "per_rank_mean", "per_worker", "total", "batch_time", "phases_ms", "plan", "planning",
           "timeline", "wall_seconds"}
 
@@ -74,6 +74,15 @@ def test_ddp_over_gloo(tmp_path):
     check_common(doc, output, "DDP")
     assert doc["plan"] is None and "gloo (rendezvous 127.0.0.1:" in doc["description"]
     assert doc["threshold_bytes"] == 4 << 20 and "buckets of 4 MiB" in doc["description"]
+    assert doc["compression"] == "none" and "compress" not in doc["description"]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("baseline, compression", [("DeAR", "bf16"), ("DDP", "fp16")])
+def test_compression_runs_and_is_recorded(tmp_path, baseline, compression):
+    doc, output = bench(tmp_path, baseline, "--compression", compression)
+    check_common(doc, output, baseline)
+    assert doc["compression"] == compression and f"gradients sent as {compression}" in doc["description"]
 
 
 def horovod_importable() -> bool:
@@ -118,6 +127,8 @@ def test_horovod_missing_gives_a_clear_message(capsys, monkeypatch):
     (("--sentence-len", "64"), "--sentence-len is for language models"),
     (("--baseline", "DeAR", "--plan", "p.json"), "--plan is for --baseline PipeDAP"),
     (("--num-iters", "0"), "--num-iters must be >= 1"),
+    (("--baseline", "Horovod", "--compression", "bf16"), "Horovod has no bf16 compressor"),
+    (("--baseline", "DDP", "--compression", "bf16"), "--compression bf16 with DDP needs CUDA"),
 ])
 def test_bad_options_are_refused(capsys, args, message):
     assert message in refused(capsys, *args)

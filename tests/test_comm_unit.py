@@ -67,6 +67,28 @@ def test_fp16_compression_round_trip():
     assert out.dtype == torch.float32 and torch.equal(out, x)
 
 
+def test_bf16_compression_round_trip_and_integers_pass_unchanged():
+    x = torch.tensor([1.5, -2.25], dtype=torch.float32)
+    compressed, ctx = hvd.Compression.bf16.compress(x)
+    assert compressed.dtype == torch.bfloat16 and ctx == torch.float32
+    assert torch.equal(hvd.allreduce(x, compression=hvd.Compression.bf16), x)
+    ints = torch.tensor([3, 4])
+    assert hvd.Compression.fp16.compress(ints) == (ints, None)
+
+
+def test_distributed_optimizer_refuses_a_compressor_it_cannot_apply_to_buckets():
+    class TopK(hvd.compression.Compressor):
+        @staticmethod
+        def compress(tensor):
+            return tensor, None
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="compression TopK overrides compress"):
+        hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, compression=TopK)
+    with pytest.raises(TypeError, match="compression must be pipedap.Compression.none, .fp16, .bf16"):
+        hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model, compression="fp16")
+
+
 def test_core_validates_what_python_submits():
     with pytest.raises(ValueError, match=r"allreduce 'x' .*needs 1 count\(s\), got 2"):
         core.submit([core.OpSpec(core.OpKind.ALLREDUCE, "x", 8, 8, [1, 1])])

@@ -23,6 +23,14 @@ def test_scheduler_checkpoint_eval_accumulation_clipping_match_single_process(np
     assert run_part("features", np).count("features OK") == np
 
 
+@pytest.mark.parametrize("part", ["curve", "wire"])
+def test_fp16_and_bf16_compression_halve_the_bytes_and_keep_the_loss_curve(part):
+    """Issue 16: compression=Compression.fp16/bf16 in DistributedOptimizer, every schedule (check_compression.py)."""
+    result = run_mpi("check_compression.py", 2, part, timeout=300)
+    assert_ok(result)
+    assert result.output.count(f"{part} OK") == 2, result.output
+
+
 def test_broadcast_parameters_buffers_and_optimizer_state():
     assert run_part("broadcasts", 3).count("broadcasts OK") == 3
 

@@ -336,7 +336,7 @@ def summarize(args: argparse.Namespace, context: dict, everyone: list[dict], pla
     measured = statistics.fmean(p["seconds"] for p in per_iteration) / args.num_batches_per_iter
     return {
         "version": JSON_VERSION, "command": sys.argv, **context, "batch_size": args.batch_size,
-        "baseline": args.baseline, "fp16": args.fp16, "threshold_bytes": facts.get("threshold_bytes"),
+        "baseline": args.baseline, "fp16": args.fp16, "compression": args.compression, "threshold_bytes": facts.get("threshold_bytes"),
         "warmup_batches": args.num_warmup_batches, "batches_per_iter": args.num_batches_per_iter,
         "iterations": args.num_iters, "per_iteration": per_iteration,
         "per_rank_mean": [units / statistics.fmean(r["seconds"]) for r in everyone],

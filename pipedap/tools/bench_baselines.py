@@ -59,6 +59,11 @@ def check_runnable(baseline: str) -> None:
                              "Build it with scripts/build_horovod.sh, or pick another baseline.") from None
 
 
+def compressed(compression: str) -> str:
+    """The description's note of --compression."""
+    return "" if compression == "none" else f", gradients sent as {compression}"
+
+
 @dataclass
 class Distributed:
     """A model and optimizer ready to train with one system, and what to report about it."""
@@ -172,7 +177,8 @@ class PipedapRuntime(_OverPipedap):
             plan, facts["plan_source"] = args.plan, f"file {args.plan}"
         elif schedule == "pipedap" and args.bandwidth:
             plan, planning = bench_plan.plan_for_link(model, *batch, loss, bandwidth=args.bandwidth,
-                                                      latency=args.latency, threshold=args.threshold, say=say)
+                                                      latency=args.latency, threshold=args.threshold, say=say,
+                                                      wire_fraction=0.5 if args.compression != "none" else 1.0)
             facts.update(planning, plan_source="planned in this job for an assumed link")
         elif schedule == "pipedap":
             facts["plan_source"] = "planned online by DistributedOptimizer from its first measured steps"
@@ -180,10 +186,12 @@ class PipedapRuntime(_OverPipedap):
                 "and switches; the warmup lasts until it has switched")
         self.lib.broadcast_parameters(model.state_dict(), root_rank=0)
         optimizer = self.lib.DistributedOptimizer(optimizer, model=model, schedule=schedule, plan=plan,
-                                                 fusion_bytes=args.threshold)
+                                                 fusion_bytes=args.threshold,
+                                                 compression=getattr(self.lib.Compression, args.compression))
         initial = optimizer.plan
         online = schedule == "pipedap" and plan is None
-        return Distributed(model, optimizer, f"pipedap.DistributedOptimizer, schedule {schedule}", facts,
+        return Distributed(model, optimizer, f"pipedap.DistributedOptimizer, schedule {schedule}"
+                           + compressed(args.compression), facts,
                            warm=(lambda: optimizer.plan is not initial) if online else lambda: True)
 
     def plan(self, optimizer) -> Plan:
@@ -234,9 +242,14 @@ class DDPRuntime(_OverPipedap):
         kw = {"bucket_cap_mb": self.args.threshold / 2**20} if self.args.threshold else {}
         device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
         wrapped = DistributedDataParallel(model, device_ids=device_ids, **kw)  # broadcasts rank 0's weights
+        if self.args.compression != "none":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            wrapped.register_comm_hook(None, getattr(default_hooks, f"{self.args.compression}_compress_hook"))
         cap = self.args.threshold or 25 * 2**20
         return Distributed(wrapped, optimizer, f"torch DDP over gloo (rendezvous {self.address}), "
-                           f"buckets of {cap / 2**20:g} MiB", {"threshold_bytes": cap})
+                           f"buckets of {cap / 2**20:g} MiB" + compressed(self.args.compression),
+                           {"threshold_bytes": cap})
 
     def finish(self, optimizer):
         """Nothing: DDP updates in step()."""
@@ -295,13 +308,15 @@ class HorovodRuntime(_OverLibrary):
     def distribute(self, model, optimizer, batch, loss, say) -> Distributed:
         hvd = self.lib
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        wrapped = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+        wrapped = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                           compression=getattr(hvd.Compression, self.args.compression))
         hvd.broadcast_optimizer_state(wrapped, root_rank=0)
         import horovod
 
         threshold = int(os.environ.get("HOROVOD_FUSION_THRESHOLD", 64 * 2**20))
         return Distributed(model, wrapped, f"horovod.torch {horovod.__version__} DistributedOptimizer, "
-                           f"fusion buffer {threshold / 2**20:g} MiB", {"threshold_bytes": threshold})
+                           f"fusion buffer {threshold / 2**20:g} MiB" + compressed(self.args.compression),
+                           {"threshold_bytes": threshold})
 
     def finish(self, optimizer):
         """Nothing: Horovod updates in step()."""

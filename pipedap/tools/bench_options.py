@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "fusion buffer; PipeDAP plans with this fusion). Default: each system's own")
     parser.add_argument("--fp16", action="store_true",
                         help="mixed precision (torch.autocast float16) forward and loss; needs CUDA")
+    parser.add_argument("--compression", choices=("none", "fp16", "bf16"), default="none",
+                        help="gradients on the link in this dtype (PipeDAP's DistributedOptimizer(compression=), "
+                             "DDP's fp16/bf16 compress hook, Horovod's Compression.fp16); default none")
     parser.add_argument("--sentence-len", type=int, help="sequence length of language models (default: the model's)")
     parser.add_argument("--image-size", type=int, help="image side of image models (default: the model's)")
     parser.add_argument("--data-dir", "--data_dir", metavar="DIR", help="train on this image folder (DIR/train/<class>/"
@@ -69,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 def validate(args: argparse.Namespace) -> None:
     """Check the options before any process group starts; BenchError says what to change."""
     args.baseline = canonical(args.baseline)
+    if args.compression == "bf16" and args.baseline == "Horovod":
+        raise BenchError("--compression bf16: Horovod has no bf16 compressor (Compression.fp16 only); use fp16")
     check_runnable(args.baseline)
     try:
         info = models.info(args.model)
@@ -102,6 +107,9 @@ def validate(args: argparse.Namespace) -> None:
                          "do not accelerate (timings would not mean anything); run on GPUs or drop --fp16")
     if args.fp16 and args.baseline == "Horovod":
         raise BenchError("--fp16 with Horovod is not implemented here; drop --fp16 or pick another baseline")
+    if args.compression == "bf16" and args.baseline == "DDP" and args.device != "cuda":
+        raise BenchError("--compression bf16 with DDP needs CUDA (torch's bf16_compress_hook runs on NCCL only); "
+                         "use fp16, or another baseline")
     pipedap_only = [opt for opt in ("plan", "save_plan") if getattr(args, opt)]
     if pipedap_only and args.baseline != "PipeDAP":
         raise BenchError(f"--{pipedap_only[0].replace('_', '-')} is for --baseline PipeDAP (it sets PipeDAP's plan)")

@@ -15,6 +15,7 @@ emulating):
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,12 +33,18 @@ Say = Callable[[str], None]
 
 
 def plan_for_link(model: torch.nn.Module, inputs: Any, targets: Any, loss: Callable, *, bandwidth: str,
-                  latency: str, threshold: int | None, say: Say) -> tuple[Plan, dict]:
-    """Profile, plan on rank 0 for the assumed link; every rank returns the same plan and facts."""
+                  latency: str, threshold: int | None, say: Say, wire_fraction: float = 1.0) -> tuple[Plan, dict]:
+    """Profile, plan on rank 0 for the assumed link; every rank returns the same plan and facts.
+
+    ``wire_fraction``: the bytes on the link per gradient byte (0.5 with fp16/bf16 compression).
+    """
     started = time.perf_counter()
     say(f"profiling the model on every rank ({PROFILE_WARMUP} + {PROFILE_ITERATIONS} batches)")
     profile = measure.agree_profile(profile_model(model, inputs, targets, loss, warmup=PROFILE_WARMUP,
                                                   iterations=PROFILE_ITERATIONS))
+    if wire_fraction != 1.0:
+        profile = dataclasses.replace(profile, layers=tuple(
+            dataclasses.replace(layer, nbytes=round(layer.nbytes * wire_fraction)) for layer in profile.layers))
     compute = sum(layer.tf + layer.tb + layer.u for layer in profile.layers)
     say(f"  {len(profile)} layers, compute {compute * 1e3:.1f} ms per batch; took {time.perf_counter() - started:.1f} s")
     cost = costmodel.from_link(engine.size(), units.parse_bandwidth(bandwidth), units.parse_duration(latency))
