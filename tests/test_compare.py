@@ -98,6 +98,83 @@ def test_steady_state_leaves_out_the_window_edges() -> None:
     assert run["predicted_over_measured"] == pytest.approx(7.0 / mean)
 
 
+def _result(seconds: list[float], predicted: float | None = None) -> dict:
+    return {"per_iteration": [{"seconds": t} for t in seconds], "batches_per_iter": 1, "world_size": 2,
+            "batch_size": 8, "batch_time": {"predicted_s": predicted}}
+
+
+def test_rounds_pool_their_steady_iterations_and_take_the_interval_from_the_round_means() -> None:
+    rounds = [_result([9.0, 4.0, 5.0, 9.0], 4.0), _result([9.0, 6.0, 7.0, 9.0], 5.0), _result([1.0, 5.0, 6.0, 1.0], 6.0)]
+    run = stats.rounds_statistics(rounds)
+    assert run["batch_s"]["rounds"] == 3 and run["batch_s"]["iterations"] == 12 and run["batch_s"]["steady_iterations"] == 6
+    assert run["batch_s"]["mean"] == pytest.approx(33 / 6)  # the edges of every round left out
+    assert run["batch_s"]["round_means"] == [4.5, 6.5, 5.5]
+    assert run["batch_s"]["ci95"] == pytest.approx(stats.confidence([4.5, 6.5, 5.5])[1])
+    assert run["predicted_s"] == pytest.approx(5.0) and run["throughput"]["mean"] == pytest.approx(16 / (33 / 6))
+    single = stats.run_statistics(rounds[0])
+    single["batch_s"]["rounds"] = 1
+    assert stats.rounds_statistics(rounds[:1]) == single
+
+
+def test_every_round_runs_every_system_in_a_rotated_order_and_a_failed_round_is_kept(monkeypatch, tmp_path) -> None:
+    class FakeTestbed:
+        """What sweep_hosts uses of a testbed, without namespaces."""
+
+        def __init__(self, hosts, rate, **_):
+            self.hosts, self.run_id, self.names, self.subnet = hosts, 1, ["h0", "h1"], "10.0.0.0/24"
+            self.shaping = network.Shaping(rate=rate)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return False
+
+        def affinity(self):
+            return {0: 0, 1: 1}
+
+        def mpirun_args(self):
+            return []
+
+        def reshape(self, shaping):
+            self.shaping = shaping
+
+        def describe(self):
+            return "fake"
+
+    order = []
+
+    def run_system(self, tb, model, rate, system, round_index):
+        order.append((round_index, system.label))
+        if (round_index, system.label) == (1, "DDP"):
+            return {"system": system.label, "round": round_index, "status": "failed", "error_tail": "boom"}
+        return {"model": model, "hosts": 2, "rate": rate, "system": system.label, "round": round_index, "status": "ok",
+                "result": _result([9.0, 2.0 + round_index, 9.0]), "json": f"{system.label}-{round_index}.json"}
+
+    monkeypatch.setattr(compare_sweep, "Testbed", FakeTestbed)
+    monkeypatch.setattr(compare_sweep.Sweep, "run_system", run_system)
+    args = compare.parse_args(["--systems", "PipeDAP,DeAR,DDP", "--rates", "1gbit", "--no-calibrate",
+                               "--out", str(tmp_path)])
+    assert (args.rounds, args.iters) == (3, 4)
+    sweep = compare_sweep.Sweep(args)
+    sweep.sweep_hosts(2)
+    assert order == [(0, "PipeDAP"), (0, "DeAR"), (0, "DDP"), (1, "DeAR"), (1, "DDP"), (1, "PipeDAP"),
+                     (2, "DDP"), (2, "PipeDAP"), (2, "DeAR")]
+    pipedap, _, ddp = sweep.runs
+    assert pipedap["rounds"][2]["round"] == 2 and pipedap["json"] == "PipeDAP-0.json"
+    assert pipedap["batch_s"]["round_means"] == [2.0, 3.0, 4.0] and pipedap["batch_s"]["mean"] == pytest.approx(3.0)
+    assert ddp["status"] == "ok" and ddp["failed_rounds"] == [1] and ddp["batch_s"]["round_means"] == [2.0, 4.0]
+
+
+def test_compression_halves_the_bytes_of_the_communication_bound(tmp_path) -> None:
+    plain = compare_sweep.Sweep(compare.parse_args(["--out", str(tmp_path)]))
+    fp16 = compare_sweep.Sweep(compare.parse_args(["--compression", "fp16", "--out", str(tmp_path)]))
+    assert fp16.wire_bytes("resnet50") == plain.wire_bytes("resnet50") / 2 == compare_report.gradient_bytes("resnet50") / 2
+    row = compare_report.compare_row("resnet50", 2, 2, 8, "125mbit", compute=4.0, comm=3.0, achieved_bps=None,
+                                     runs={}, compression="fp16")
+    assert row["wire_bytes"] == row["gradient_bytes"] // 2 and "all-reduce 51 MB (fp16) at" in compare_report.table([row])
+
+
 def test_summarize_needs_a_sweep_folder(tmp_path: Path, capsys) -> None:
     assert compare.main(["--summarize", str(tmp_path)]) == 2
     assert "compare.json does not exist" in capsys.readouterr().err

@@ -49,7 +49,7 @@ import models
 from pipedap.tools.compare_jobs import horovod_available
 from pipedap.tools.compare_report import table
 from pipedap.tools.compare_sweep import SYSTEMS, CompareError, Sweep, System
-from pipedap.tools.stats import run_statistics
+from pipedap.tools.stats import rounds_statistics
 from pipedap.tools.testbed.network import TestbedError
 from pipedap.tools.testbed.testbed import signals_as_exceptions
 from pipedap.units import parse_rate_bps
@@ -76,9 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sentence-len", type=int, help="sequence length of language models (default: the model's)")
     parser.add_argument("--warmup", type=int, help="untimed batches (default 3; --quick: 1); PipeDAP's warmup "
                                                    "lasts until it has planned online")
-    parser.add_argument("--iters", type=int, help="timed iterations; time per batch is the mean of the inner "
-                                                  "ones, see the note above (default 6; --quick: 3)")
+    parser.add_argument("--iters", type=int, help="timed iterations per round; time per batch is the mean of the "
+                                                  "inner ones, see the note above (default 4; --quick: 3)")
     parser.add_argument("--batches-per-iter", type=int, default=1, help="batches per timed iteration (default 1)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds: every system runs once per round, the order "
+                                                   "rotated (default 3; --quick: 1); see the note in compare_sweep")
+    parser.add_argument("--compression", choices=("none", "fp16", "bf16"), default="none",
+                        help="data-parallel systems send gradients in this dtype (bench --compression); the "
+                             "communication bound counts those bytes (default none)")
     parser.add_argument("--quick", action="store_true", help="smoke run: resnet50 at 32x32, batch 2, 1 warmup, "
                                                              "3 iterations, one rate (explicit options win)")
     parser.add_argument("--qdisc", default="tbf", choices=("tbf", "htb"), help="the testbed's rate limiter")
@@ -94,8 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-QUICK = {"models": "resnet50", "rates": "500mbit", "batch_size": 2, "image_size": 32, "warmup": 1, "iters": 3}
-DEFAULTS = {"models": "resnet50", "rates": "500mbit,250mbit,125mbit", "batch_size": 8, "warmup": 3, "iters": 6}
+QUICK = {"models": "resnet50", "rates": "500mbit", "batch_size": 2, "image_size": 32, "warmup": 1, "iters": 3,
+         "rounds": 1}
+# 3 rounds of 4 timed iterations: 6 steady-state iterations per system (the edges of each round are left out)
+DEFAULTS = {"models": "resnet50", "rates": "500mbit,250mbit,125mbit", "batch_size": 8, "warmup": 3, "iters": 4,
+            "rounds": 3}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -127,7 +135,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         raise CompareError(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(s.label for s in SYSTEMS)}")
     args.systems = [labels[s.lower()] for s in args.systems.split(",")]
-    for name in ("batch_size", "iters", "batches_per_iter", "slots"):
+    for name in ("batch_size", "iters", "batches_per_iter", "slots", "rounds"):
         if getattr(args, name) < 1:
             raise CompareError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -144,10 +152,13 @@ def summarize(folder: str) -> int:
         return 2
     doc = json.loads(path.read_text())
     settings = doc["settings"]
-    sweep = Sweep(argparse.Namespace(**dict(settings, out=folder, systems=[System(**s) for s in settings["systems"]])))
+    older = {"rounds": 1, "compression": "none"}  # sweeps recorded before these options
+    sweep = Sweep(argparse.Namespace(**{**older, **settings, "out": folder,
+                                        "systems": [System(**s) for s in settings["systems"]]}))
     sweep.args.out = settings["out"]  # as the sweep recorded it; the files go to sweep.out (folder)
     sweep.compute, sweep.testbeds, sweep.cores = doc["compute"], doc["testbeds"], doc["cores"]
-    sweep.runs = [dict(r, **run_statistics(r["result"])) if r["status"] == "ok" else r for r in doc["runs"]]
+    sweep.runs = [dict(r, **rounds_statistics([x["result"] for x in r.get("rounds", [r]) if x["status"] == "ok"]))
+                  if r["status"] == "ok" else r for r in doc["runs"]]
     write_results(sweep, doc["wall_seconds"], doc["command"])
     return 0
 
@@ -185,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                     sweep.compute.append(sweep.measure_compute(model, hosts))
                     print(f"  {sweep.compute[-1]['batch_s']:.3f} s per batch", flush=True)
             estimate = sweep.plan_estimate_s()
-            print(f"\n{sweep.total_runs} runs ({len(sweep.runnable)} systems x {len(args.rates)} rates x "
-                  f"{len(args.models)} models x {len(args.hosts)} host counts); estimated {estimate / 60:.0f} min "
+            print(f"\n{sweep.total_runs} runs ({len(sweep.runnable)} systems x {args.rounds} interleaved rounds x "
+                  f"{len(args.rates)} rates x {len(args.models)} models x {len(args.hosts)} host counts); estimated {estimate / 60:.0f} min "
                   f"(each run: launch + {args.warmup} warmup + {args.iters}x{args.batches_per_iter} timed batches at "
                   "compute + all-reduce time, PipeDAP planning included)", flush=True)
             for hosts in args.hosts:

@@ -1,5 +1,12 @@
 """The sweep of a comparison: per host count one testbed, per rate (reshaped in place) and model
-a calibration and one benchmark run of every system, after the compute-only reference.
+a calibration and, in interleaved rounds, one benchmark run of every system per round, after the
+compute-only reference.
+
+[Note: interleaved rounds] A shared machine drifts (other jobs, thermal state, page cache):
+systems measured one after the other see different machines, and their difference can be the
+drift's. So every system runs once per round, the order rotated each round (round k starts
+at the k-th system), and a system's figure is the mean of its rounds' steady-state
+iterations with the interval of its rounds' means (:func:`pipedap.tools.stats.rounds_statistics`).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import models
 from pipedap import settings
 from pipedap.tools.compare_jobs import finish_job, pinned_cores, run_job, start_job
 from pipedap.tools.compare_report import compare_row, gradient_bytes, ring_allreduce_s
-from pipedap.tools.stats import run_statistics
+from pipedap.tools.stats import rounds_statistics
 from pipedap.tools.testbed import calibrate
 from pipedap.tools.testbed.network import TestbedError
 from pipedap.tools.testbed.pin import core_for
@@ -98,6 +105,10 @@ class Sweep:
                 "--num-batches-per-iter", str(a.batches_per_iter), "--num-iters", str(a.iters),
                 "--no-progress", *size]
 
+    def wire_bytes(self, model: str) -> float:
+        """Gradient bytes a data-parallel system moves per all-reduce (half with --compression)."""
+        return gradient_bytes(model) * (0.5 if self.args.compression != "none" else 1.0)
+
     def batches(self, system: System | None) -> int:
         """Batches one run trains (PipeDAP's warmup lasts until it has planned)."""
         warmup = self.args.warmup
@@ -164,13 +175,18 @@ class Sweep:
                 if a.calibrate:
                     record["calibration"][rate] = self.calibrate(tb, rate)
                 for model in a.models:
+                    rounds: dict[str, list[dict]] = {s.label: [] for s in self.runnable}
+                    for k in range(a.rounds):  # [Note: interleaved rounds]
+                        start = k % len(self.runnable)
+                        for system in self.runnable[start:] + self.runnable[:start]:
+                            rounds[system.label].append(self.run_system(tb, model, rate, system, k))
                     for system in self.systems:
                         if system.label in self.skipped:
                             self.runs.append({"model": model, "hosts": hosts, "rate": rate, "system": system.label,
                                               "baseline": system.baseline, "status": "skipped",
                                               "reason": self.skipped[system.label]})
-                            continue
-                        self.runs.append(self.run_system(tb, model, rate, system))
+                        else:
+                            self.runs.append(merge_rounds(rounds[system.label]))
 
     def calibrate(self, tb: Testbed, rate: str) -> dict:
         """Achieved link rate of each primitive (comm core and mpi4py) at CALIBRATION_SIZE."""
@@ -189,16 +205,16 @@ class Sweep:
         return {"status": "ok", "size": CALIBRATION_SIZE, "ratio_of_nominal": ratios,
                 "allreduce_achieved_bps": achieved, "rows": rows}
 
-    def run_system(self, tb: Testbed, model: str, rate: str, system: System) -> dict:
-        """One benchmark run on the testbed; its record, failed or not."""
+    def run_system(self, tb: Testbed, model: str, rate: str, system: System, round_index: int) -> dict:
+        """One benchmark run on the testbed (round ``round_index``); its record, failed or not."""
         a = self.args
-        name = f"{model}-{tb.hosts}h-{rate}-{system.label}"
+        name = f"{model}-{tb.hosts}h-{rate}-{system.label}" + (f"-round{round_index}" if a.rounds > 1 else "")
         runs = self.out / "runs"
         runs.mkdir(parents=True, exist_ok=True)
         json_path, trace = runs / f"{name}.json", runs / f"{name}.trace.json"
         ranks = tb.hosts * a.slots
         record = {"model": model, "hosts": tb.hosts, "ranks": ranks, "rate": rate, "system": system.label,
-                  "baseline": system.baseline, "env": system.env}
+                  "baseline": system.baseline, "env": system.env, "round": round_index}
         if system.program == "pipeline":
             package = stage_package(model, ranks)
             if not package.is_dir():
@@ -208,7 +224,8 @@ class Sweep:
                                  "--json", str(json_path)])
         else:
             command = tb.mpirun([sys.executable, "-m", "pipedap.tools.bench", *self.bench_options(model),
-                                 "--baseline", system.baseline, "--json", str(json_path), "--timeline", str(trace)])
+                                 "--baseline", system.baseline, "--compression", a.compression,
+                                 "--json", str(json_path), "--timeline", str(trace)])
         env = dict(clean_env(tb.env()), **TESTBED_ENV, **system.env)
         # a cost model measured at one rate must not be reused at the next: same host names
         env["PIPEDAP_CACHE_DIR"] = str(self.out / "costmodels" / f"{tb.hosts}h-{rate}")
@@ -225,7 +242,7 @@ class Sweep:
             return dict(record, status="failed", returncode=job.returncode, error_tail=job.tail())
         result = json.loads(json_path.read_text())
         record = dict(record, status="ok", json=str(json_path), unit=result["unit"], plan=result["plan"],
-                      description=result["description"], result=result, **run_statistics(result))
+                      description=result["description"], result=result, **rounds_statistics([result]))
         if system.program != "pipeline":
             record["timeline"] = str(trace)
         print(f"  {record['batch_s']['mean']:.3f} s per batch, {record['throughput']['mean']:.1f} "
@@ -251,7 +268,7 @@ class Sweep:
     def batch_guess(self, model: str, hosts: int, rate: str) -> float:
         """A pessimistic time per batch before measuring it: compute plus all-reduce, not overlapped."""
         compute = next(c["batch_s"] for c in self.compute if c["model"] == model and c["hosts"] == hosts)
-        return compute + ring_allreduce_s(gradient_bytes(model), hosts * self.args.slots, parse_rate_bps(rate))
+        return compute + ring_allreduce_s(self.wire_bytes(model), hosts * self.args.slots, parse_rate_bps(rate))
 
     @property
     def runnable(self) -> list[System]:
@@ -259,7 +276,8 @@ class Sweep:
 
     @property
     def total_runs(self) -> int:
-        return len(self.args.hosts) * len(self.args.rates) * len(self.args.models) * len(self.runnable)
+        a = self.args
+        return len(a.hosts) * len(a.rates) * len(a.models) * len(self.runnable) * a.rounds
 
     def plan_estimate_s(self) -> float:
         """Seconds the testbed part should take (runs, launches, calibrations)."""
@@ -269,7 +287,7 @@ class Sweep:
                 total += 20.0 if self.args.calibrate else 0.0
                 for model in self.args.models:
                     guess = self.batch_guess(model, hosts, rate)
-                    total += sum(self.estimate_s(guess, s) for s in self.runnable)
+                    total += self.args.rounds * sum(self.estimate_s(guess, s) for s in self.runnable)
         return total
 
     # -- summary
@@ -290,10 +308,22 @@ class Sweep:
                                                                 parse_rate_bps(rate), self.args.batch_size,
                                                                 self.args.image_size, ref["batch_s"]))
                         if label in pipelines and r["status"] == "ok" else r for label, r in runs.items()}
-                comm = ring_allreduce_s(gradient_bytes(model), ranks, parse_rate_bps(rate))
+                comm = ring_allreduce_s(self.wire_bytes(model), ranks, parse_rate_bps(rate))
                 rows.append(compare_row(model, hosts, ranks, self.args.batch_size, rate, ref["batch_s"], comm,
-                                        achieved, runs))
+                                        achieved, runs, compression=self.args.compression))
         return rows
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One system's record from its rounds' records: the first successful round's fields (its
+    command, log, JSON), the statistics of every successful round, and every round's record."""
+    ok = [r for r in rounds if r["status"] == "ok"]
+    if not ok:
+        return dict(rounds[0], rounds=rounds)
+    merged = dict(ok[0], rounds=rounds, **rounds_statistics([r["result"] for r in ok]))
+    if len(ok) < len(rounds):
+        merged["failed_rounds"] = [r["round"] for r in rounds if r["status"] != "ok"]
+    return merged
 
 
 def stage_package(model: str, ranks: int) -> Path:

@@ -3,7 +3,8 @@
 :func:`confidence` is the mean with its 95% interval (Student t); :func:`run_statistics`
 turns one benchmark result into the time per batch and throughput the comparison reports,
 from the steady-state iterations (see [Note: timing decoupled schedules] in
-:mod:`pipedap.tools.compare`).
+:mod:`pipedap.tools.compare`); :func:`rounds_statistics` does the same for the results of
+one system's interleaved rounds, its interval from the rounds' means.
 """
 
 from __future__ import annotations
@@ -32,25 +33,58 @@ def confidence(values: Sequence[float]) -> tuple[float, float | None, float | No
     return mean, t * std / math.sqrt(len(values)), std
 
 
-def steady_statistics(seconds: Sequence[float]) -> tuple[float, float | None, float]:
-    """(steady-state mean, half-width of its 95% interval, window mean) of timed iterations.
+def steady(seconds: Sequence[float]) -> list[float]:
+    """The steady-state iterations: those between the window's first and last (its edges are
+    not steady: see the note named above), or all of them when there are fewer than 3."""
+    return list(seconds[1:-1]) if len(seconds) >= 3 else list(seconds)
 
-    Steady state: the iterations between the window's first and last (its edges are not
-    steady: see the note named above), or all of them when there are fewer than 3.
-    """
-    inner = list(seconds[1:-1]) if len(seconds) >= 3 else list(seconds)
-    mean, ci95, _ = confidence(inner)
+
+def steady_statistics(seconds: Sequence[float]) -> tuple[float, float | None, float]:
+    """(steady-state mean, half-width of its 95% interval, window mean) of timed iterations."""
+    mean, ci95, _ = confidence(steady(seconds))
     return mean, ci95, statistics.fmean(seconds)
+
+
+def batch_seconds(result: dict) -> list[float]:
+    """A benchmark result's seconds per batch, one value per timed iteration."""
+    return [it["seconds"] / result["batches_per_iter"] for it in result["per_iteration"]]
 
 
 def run_statistics(result: dict) -> dict:
     """A benchmark result's time per batch and throughput (each with its interval), predicted vs measured."""
-    mean, ci95, window = steady_statistics([it["seconds"] / result["batches_per_iter"]
-                                            for it in result["per_iteration"]])
+    mean, ci95, window = steady_statistics(batch_seconds(result))
+    return _summary(result, mean, ci95, window, iterations=len(result["per_iteration"]),
+                    predicted=result["batch_time"]["predicted_s"])
+
+
+def rounds_statistics(results: Sequence[dict]) -> dict:
+    """:func:`run_statistics` over one system's rounds (one benchmark result each, same settings).
+
+    The time per batch is the mean of every round's steady-state iterations; its interval
+    comes from the rounds' steady-state means (a round is a job of its own: its launch,
+    warm-up, plan and neighbours vary with it, which the iterations inside one job do not
+    show). With one round, :func:`run_statistics`.
+    """
+    if len(results) == 1:
+        single = run_statistics(results[0])
+        single["batch_s"]["rounds"] = 1
+        return single
+    seconds = [batch_seconds(r) for r in results]
+    inner = [t for s in seconds for t in steady(s)]
+    round_means = [statistics.fmean(steady(s)) for s in seconds]
+    predictions = [r["batch_time"]["predicted_s"] for r in results]
+    summary = _summary(results[0], statistics.fmean(inner), confidence(round_means)[1],
+                       statistics.fmean(statistics.fmean(s) for s in seconds),
+                       iterations=sum(map(len, seconds)),
+                       predicted=statistics.fmean(predictions) if all(predictions) else None)
+    summary["batch_s"].update(rounds=len(results), steady_iterations=len(inner), round_means=round_means)
+    return summary
+
+
+def _summary(result: dict, mean: float, ci95: float | None, window: float, iterations: int,
+             predicted: float | None) -> dict:
     samples_per_batch = result.get("samples_per_batch", result["world_size"] * result["batch_size"])
-    predicted = result["batch_time"]["predicted_s"]
-    return {"batch_s": {"mean": mean, "ci95": ci95, "iterations": len(result["per_iteration"]),
-                        "window_mean": window},
+    return {"batch_s": {"mean": mean, "ci95": ci95, "iterations": iterations, "window_mean": window},
             "throughput": {"mean": samples_per_batch / mean,
                            "ci95": samples_per_batch / mean * ci95 / mean if ci95 is not None else None},
             "predicted_s": predicted, "predicted_over_measured": predicted / mean if predicted else None}
