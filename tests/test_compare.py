@@ -166,13 +166,24 @@ def test_every_round_runs_every_system_in_a_rotated_order_and_a_failed_round_is_
     assert ddp["status"] == "ok" and ddp["failed_rounds"] == [1] and ddp["batch_s"]["round_means"] == [2.0, 4.0]
 
 
-def test_compression_halves_the_bytes_of_the_communication_bound(tmp_path) -> None:
-    plain = compare_sweep.Sweep(compare.parse_args(["--out", str(tmp_path)]))
-    fp16 = compare_sweep.Sweep(compare.parse_args(["--compression", "fp16", "--out", str(tmp_path)]))
-    assert fp16.wire_bytes("resnet50") == plain.wire_bytes("resnet50") / 2 == compare_report.gradient_bytes("resnet50") / 2
-    row = compare_report.compare_row("resnet50", 2, 2, 8, "125mbit", compute=4.0, comm=3.0, achieved_bps=None,
-                                     runs={}, compression="fp16")
-    assert row["wire_bytes"] == row["gradient_bytes"] // 2 and "all-reduce 51 MB (fp16) at" in compare_report.table([row])
+def test_a_compressed_system_is_named_with_its_dtype_and_judged_against_half_the_bytes(tmp_path) -> None:
+    args = compare.parse_args(["--systems", "PipeDAP,pipedap-FP16,DDP-bf16", "--out", str(tmp_path)])
+    assert [(s.label, s.baseline, s.compression) for s in args.systems] == [
+        ("PipeDAP", "PipeDAP", "none"), ("PipeDAP-fp16", "PipeDAP", "fp16"), ("DDP-bf16", "DDP", "bf16")]
+    assert args.systems[1].env == {"PIPEDAP_PLANNER": "optimal"}
+    for bad, message in (("Pipeline-1F1B-fp16", "compression is for data-parallel systems"),
+                         ("PipeDAP-int8", "unknown PipeDAP-int8")):
+        with pytest.raises(compare_sweep.CompareError, match=message):
+            compare.parse_args(["--systems", bad])
+    sweep = compare_sweep.Sweep(args)
+    sweep.compute = [{"model": "resnet50", "hosts": 2, "ranks": 2, "batch_s": 1.0}]
+    sweep.runs = [dict(_run(label, 2.0), model="resnet50", hosts=2, rate="125mbit") for label in
+                  ("PipeDAP", "PipeDAP-fp16")]
+    sweep.args.rates = ["125mbit"]
+    (row,) = sweep.comparison()
+    comm = compare_report.ring_allreduce_s(compare_report.gradient_bytes("resnet50"), 2, 125e6)
+    assert row["bound_s"] == pytest.approx(comm) and row["systems"]["PipeDAP"]["own_bound"] is None
+    assert row["systems"]["PipeDAP-fp16"]["bound_s"] == pytest.approx(comm / 2)
 
 
 def test_summarize_needs_a_sweep_folder(tmp_path: Path, capsys) -> None:
@@ -217,7 +228,8 @@ def test_quick_defaults_and_explicit_options() -> None:
     assert (real.rates, real.batch_size, real.hosts, real.image_size) == (
         ["500mbit", "250mbit", "125mbit"], 8, [2], None)
     for bad, message in ((["--models", "alexnet"], "unknown model"), (["--rates", "fast"], "--rates"),
-                         (["--hosts", "1"], "at least 2 hosts"), (["--systems", "NCCL"], "unknown NCCL")):
+                         (["--hosts", "1"], "at least 2 hosts"), (["--systems", "NCCL"], "unknown NCCL"),
+                         (["--rounds", "0"], "--rounds must be >= 1")):
         with pytest.raises(compare_sweep.CompareError, match=message):
             compare.parse_args(bad)
 

@@ -48,7 +48,7 @@ from pathlib import Path
 import models
 from pipedap.tools.compare_jobs import horovod_available
 from pipedap.tools.compare_report import table
-from pipedap.tools.compare_sweep import SYSTEMS, CompareError, Sweep, System
+from pipedap.tools.compare_sweep import SYSTEMS, CompareError, Sweep, System, system_named
 from pipedap.tools.stats import rounds_statistics
 from pipedap.tools.testbed.network import TestbedError
 from pipedap.tools.testbed.testbed import signals_as_exceptions
@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rates", help="comma-separated link rates, each way (default 500mbit,250mbit,125mbit; "
                                         "--quick: 500mbit)")
     parser.add_argument("--systems", default=",".join(s.label for s in SYSTEMS),
-                        help="comma-separated subset of the systems (default: all; Horovod only when it imports)")
+                        help="comma-separated subset of the systems (default: all; Horovod only when it imports); "
+                             "a data-parallel one with -fp16 or -bf16 appended (PipeDAP-fp16, DDP-fp16) sends its "
+                             "gradients in that dtype (bench --compression)")
     parser.add_argument("--batch-size", type=int, help="per rank (default 8; --quick: 2)")
     parser.add_argument("--image-size", type=int, help="image side of image models (default: the model's; --quick: 32)")
     parser.add_argument("--sentence-len", type=int, help="sequence length of language models (default: the model's)")
@@ -81,9 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches-per-iter", type=int, default=1, help="batches per timed iteration (default 1)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds: every system runs once per round, the order "
                                                    "rotated (default 3; --quick: 1); see the note in compare_sweep")
-    parser.add_argument("--compression", choices=("none", "fp16", "bf16"), default="none",
-                        help="data-parallel systems send gradients in this dtype (bench --compression); the "
-                             "communication bound counts those bytes (default none)")
     parser.add_argument("--quick", action="store_true", help="smoke run: resnet50 at 32x32, batch 2, 1 warmup, "
                                                              "3 iterations, one rate (explicit options win)")
     parser.add_argument("--qdisc", default="tbf", choices=("tbf", "htb"), help="the testbed's rate limiter")
@@ -130,11 +129,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise CompareError(f"--hosts takes comma-separated integers, got {args.hosts!r}") from None
     if any(h < 2 for h in args.hosts):
         raise CompareError("--hosts: a comparison needs at least 2 hosts (the compute-only job is the 1-rank case)")
-    labels = {s.label.lower(): s for s in SYSTEMS}
-    unknown = [s for s in args.systems.split(",") if s.lower() not in labels]
-    if unknown:
-        raise CompareError(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(s.label for s in SYSTEMS)}")
-    args.systems = [labels[s.lower()] for s in args.systems.split(",")]
+    args.systems = [system_named(name) for name in args.systems.split(",")]
     for name in ("batch_size", "iters", "batches_per_iter", "slots", "rounds"):
         if getattr(args, name) < 1:
             raise CompareError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -152,7 +147,7 @@ def summarize(folder: str) -> int:
         return 2
     doc = json.loads(path.read_text())
     settings = doc["settings"]
-    older = {"rounds": 1, "compression": "none"}  # sweeps recorded before these options
+    older = {"rounds": 1}  # sweeps recorded before this option
     sweep = Sweep(argparse.Namespace(**{**older, **settings, "out": folder,
                                         "systems": [System(**s) for s in settings["systems"]]}))
     sweep.args.out = settings["out"]  # as the sweep recorded it; the files go to sweep.out (folder)

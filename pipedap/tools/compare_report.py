@@ -23,11 +23,8 @@ def ring_allreduce_s(nbytes: float, ranks: int, rate_bps: float) -> float:
 
 
 def compare_row(model: str, hosts: int, ranks: int, batch_size: int, rate: str, compute: float, comm: float,
-                achieved_bps: float | None, runs: dict[str, dict], compression: str = "none") -> dict:
-    """The bound of one setting and each system's distance from it and PipeDAP's speedup over it.
-
-    ``comm``: the all-reduce of the bytes on the link (half the gradients' with fp16/bf16 ``compression``).
-    """
+                achieved_bps: float | None, runs: dict[str, dict]) -> dict:
+    """The bound of one setting and each system's distance from it and PipeDAP's speedup over it."""
     bound = max(compute, comm)
     comm_achieved = comm * parse_rate_bps(rate) / achieved_bps if achieved_bps else None
     # speedups in samples per second of the whole job: the unit that is fair across parallelisms
@@ -37,7 +34,7 @@ def compare_row(model: str, hosts: int, ranks: int, batch_size: int, rate: str, 
         entry = {"status": r["status"]}
         if label in ok:
             t = r["batch_s"]["mean"]
-            own = r.get("own_bound")  # a pipeline's bound (a data-parallel system's is the row's)
+            own = r.get("own_bound")  # a pipeline's or a compressed system's bound (else the row's)
             limit = own["bound_s"] if own else bound
             entry.update(batch_s=t, ci95=r["batch_s"]["ci95"], window_s=r["batch_s"].get("window_mean"),
                          throughput=ok[label], throughput_ci95=r["throughput"]["ci95"],
@@ -50,8 +47,7 @@ def compare_row(model: str, hosts: int, ranks: int, batch_size: int, rate: str, 
             entry["why"] = r.get("reason") or telling_line(r.get("error_tail", ""))
         systems[label] = entry
     return {"model": model, "hosts": hosts, "ranks": ranks, "batch_size": batch_size, "rate": rate, "rate_bps": parse_rate_bps(rate),
-            "gradient_bytes": gradient_bytes(model), "compression": compression,
-            "wire_bytes": gradient_bytes(model) // (1 if compression == "none" else 2), "compute_s": compute, "comm_s": comm,
+            "gradient_bytes": gradient_bytes(model), "compute_s": compute, "comm_s": comm,
             "comm_achieved_s": comm_achieved, "achieved_bps": achieved_bps, "bound_s": bound,
             "bound_achieved_s": max(compute, comm_achieved) if comm_achieved else None,
             "bound_throughput": ranks * batch_size / bound,
@@ -66,8 +62,7 @@ def table(rows: list[dict]) -> str:
         achieved = (f", achieved {row['achieved_bps'] / 1e6:.0f} Mbit/s -> {row['comm_achieved_s']:.2f} s"
                     if row["achieved_bps"] else "")
         lines += ["", f"{row['model']}, {row['ranks']} ranks on {row['hosts']} hosts, {row['rate']}: "
-                      f"compute {row['compute_s']:.2f} s, all-reduce {row.get('wire_bytes', row['gradient_bytes']) / 1e6:.0f} MB"
-                      f"{'' if row.get('compression', 'none') == 'none' else ' (' + row['compression'] + ')'} at "
+                      f"compute {row['compute_s']:.2f} s, all-reduce {row['gradient_bytes'] / 1e6:.0f} MB at "
                       f"nominal {row['comm_s']:.2f} s{achieved}; bound {row['bound_s']:.2f} s ({row['bound_by']}), "
                       f"comm/compute {row['comm_over_compute']:.2f}",
                   f"  {'system':<15} {'s/batch':>15} {'window':>7} {'samples/s':>13} {'vs bound':>9} "

@@ -53,6 +53,7 @@ class System:
     baseline: str
     env: dict[str, str] = field(default_factory=dict)
     program: str = "bench"
+    compression: str = "none"  # bench --compression (data parallelism only)
 
 
 SYSTEMS = (
@@ -66,10 +67,28 @@ SYSTEMS = (
     System("Pipeline-flush", "flush", program="pipeline"),
 )
 MAIN_WITH_RUNTIME = Path(__file__).resolve().parents[2] / "main_with_runtime.py"
+COMPRESSIONS = ("fp16", "bf16")
 
 
 class CompareError(Exception):
     """The comparison cannot run as asked; the message says what to change."""
+
+
+def system_named(name: str) -> System:
+    """The system ``name`` (case-insensitive) of SYSTEMS, or a data-parallel one with ``-fp16``/``-bf16``
+    appended: that system with its gradients compressed."""
+    labels = {s.label.lower(): s for s in SYSTEMS}
+    base, _, suffix = name.lower().rpartition("-")
+    if name.lower() not in labels and suffix in COMPRESSIONS and base in labels:
+        system = labels[base]
+        if system.program != "bench":
+            raise CompareError(f"--systems: {name}: compression is for data-parallel systems; a pipeline sends "
+                               "activations, not gradients")
+        return dataclasses.replace(system, label=f"{system.label}-{suffix}", compression=suffix)
+    if name.lower() not in labels:
+        raise CompareError(f"--systems: unknown {name}; choose from {', '.join(s.label for s in SYSTEMS)}, each "
+                           f"data-parallel one also with -{' or -'.join(COMPRESSIONS)}")
+    return labels[name.lower()]
 
 
 def clean_env(env: dict[str, str]) -> dict[str, str]:
@@ -105,9 +124,7 @@ class Sweep:
                 "--num-batches-per-iter", str(a.batches_per_iter), "--num-iters", str(a.iters),
                 "--no-progress", *size]
 
-    def wire_bytes(self, model: str) -> float:
-        """Gradient bytes a data-parallel system moves per all-reduce (half with --compression)."""
-        return gradient_bytes(model) * (0.5 if self.args.compression != "none" else 1.0)
+
 
     def batches(self, system: System | None) -> int:
         """Batches one run trains (PipeDAP's warmup lasts until it has planned)."""
@@ -224,7 +241,7 @@ class Sweep:
                                  "--json", str(json_path)])
         else:
             command = tb.mpirun([sys.executable, "-m", "pipedap.tools.bench", *self.bench_options(model),
-                                 "--baseline", system.baseline, "--compression", a.compression,
+                                 "--baseline", system.baseline, "--compression", system.compression,
                                  "--json", str(json_path), "--timeline", str(trace)])
         env = dict(clean_env(tb.env()), **TESTBED_ENV, **system.env)
         # a cost model measured at one rate must not be reused at the next: same host names
@@ -268,7 +285,7 @@ class Sweep:
     def batch_guess(self, model: str, hosts: int, rate: str) -> float:
         """A pessimistic time per batch before measuring it: compute plus all-reduce, not overlapped."""
         compute = next(c["batch_s"] for c in self.compute if c["model"] == model and c["hosts"] == hosts)
-        return compute + ring_allreduce_s(self.wire_bytes(model), hosts * self.args.slots, parse_rate_bps(rate))
+        return compute + ring_allreduce_s(gradient_bytes(model), hosts * self.args.slots, parse_rate_bps(rate))
 
     @property
     def runnable(self) -> list[System]:
@@ -303,14 +320,21 @@ class Sweep:
                 if not runs:
                     continue
                 achieved = self.achieved_bps(hosts, rate)
-                pipelines = {s.label for s in self.systems if s.program == "pipeline"}
-                runs = {label: dict(r, own_bound=pipeline_bound(stage_package(model, ranks), achieved,
-                                                                parse_rate_bps(rate), self.args.batch_size,
-                                                                self.args.image_size, ref["batch_s"]))
-                        if label in pipelines and r["status"] == "ok" else r for label, r in runs.items()}
-                comm = ring_allreduce_s(self.wire_bytes(model), ranks, parse_rate_bps(rate))
+                comm = ring_allreduce_s(gradient_bytes(model), ranks, parse_rate_bps(rate))
+                systems = {s.label: s for s in self.systems}
+                for label, r in runs.items():
+                    system = systems.get(label)
+                    if r["status"] != "ok" or system is None:
+                        continue
+                    if system.program == "pipeline":
+                        runs[label] = dict(r, own_bound=pipeline_bound(stage_package(model, ranks), achieved,
+                                                                       parse_rate_bps(rate), self.args.batch_size,
+                                                                       self.args.image_size, ref["batch_s"]))
+                    elif system.compression != "none":  # half the bytes on the link
+                        runs[label] = dict(r, own_bound={"bound_s": max(ref["batch_s"], comm / 2),
+                                                         "comm_s": comm / 2, "why": f"gradients as {system.compression}"})
                 rows.append(compare_row(model, hosts, ranks, self.args.batch_size, rate, ref["batch_s"], comm,
-                                        achieved, runs, compression=self.args.compression))
+                                        achieved, runs))
         return rows
 
 
