@@ -7,7 +7,7 @@
 #   dnn       model name (python -m models --list)                    default resnet50
 #   bs        batch size per worker                                   default 8
 #   nworkers  number of ranks; the hostfile is configs/cluster<nworkers> default 2
-#   baseline  PipeDAP, DeAR, WFBP, DDP, Horovod (ByteScheduler: refused with the reason)
+#   baseline  PipeDAP, DeAR, WFBP, ByteScheduler, DDP, Horovod
 #                                                                     default PipeDAP
 #   configs   folder with envs.conf and the cluster<N> hostfiles      default ./configs
 # Options after ./dist.sh go to pipedap.tools.bench (later ones win), e.g. --num-iters 20 --json out.json.

@@ -33,8 +33,8 @@ from pipedap.process_sets import ProcessSet, global_process_set
 
 log = logging.getLogger("pipedap")
 
-# PIPEDAP_PLANNER -> make_plan's planner
-PLANNERS = {"optimal": "optimal", "greedy": "pipedap"}
+# PIPEDAP_PLANNER (or schedule="bytescheduler") -> make_plan's planner
+PLANNERS = {"optimal": "optimal", "greedy": "pipedap", "bytescheduler": "bytescheduler"}
 MIN_DISTINCT_SIZES = 3  # fewer bucket sizes than this cannot separate start-up from bandwidth
 # The engine starts a queued operation microseconds after its predecessor ends, unless the
 # thread it just woke takes the shared core first; a millisecond of skew is negligible here.

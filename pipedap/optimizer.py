@@ -44,7 +44,8 @@ from pipedap.reducer import Reducer
 
 log = logging.getLogger("pipedap")
 
-SCHEDULES = ("wfbp", "dear", "pipedap")
+SCHEDULES = ("wfbp", "dear", "pipedap", "bytescheduler")
+PLANNED_ONLINE = ("pipedap", "bytescheduler")  # without a plan: measure under DeAR, then plan and switch
 
 # Horovod's warning, word for word at the start (scripts and Horovod's tests match on it)
 SYNCHRONIZE_THEN_STEP = (
@@ -266,7 +267,7 @@ def _resolve_plan(schedule: str, plan, named, fusion_bytes: int, world: int,
     sizes = {n: p.numel() * (wire_size or p.element_size()) for n, p in named}
     groups = [Group(f"{g[0]}..{g[-1]}" if len(g) > 1 else g[0], tuple(g), sum(sizes[n] for n in g))
               for g in default_groups(named, fusion_bytes)]
-    plan_online = schedule == "pipedap"
+    plan_online = schedule in PLANNED_ONLINE
     return plan_of("dear" if plan_online else schedule, groups, world), plan_online
 
 
@@ -323,8 +324,10 @@ def DistributedOptimizer(
         model: the model being trained; needed for ``dear`` / ``pipedap`` (updates run in its
             modules' forward pre-hooks). Without it, the schedule defaults to ``wfbp``.
         named_parameters: Horovod compatibility: names for the parameters when no model is given.
-        schedule: ``pipedap``, ``dear`` or ``wfbp``; default ``$PIPEDAP_SCHEDULE``, else ``pipedap``
-            with a model and ``wfbp`` without.
+        schedule: ``pipedap``, ``dear``, ``wfbp`` or ``bytescheduler`` (a baseline: all-reduces cut
+            into pieces, the earliest layers' first; it plans online like ``pipedap``, tuning the
+            piece size by simulation); default ``$PIPEDAP_SCHEDULE``, else ``pipedap`` with a
+            model and ``wfbp`` without.
         plan: a :class:`pipedap.planner.Plan` or its JSON file (``python -m pipedap.tools.plan`` writes
             one; or ``$PIPEDAP_PLAN``). It fixes the buckets and the order. ``pipedap`` without a
             plan plans itself: the first ``$PIPEDAP_PROFILE_STEPS`` (5) steps after one warm-up run
@@ -388,8 +391,9 @@ def DistributedOptimizer(
                for i, g in enumerate(plan.groups)]
     online = None
     if plan_online:  # measure, then plan
-        online = OnlinePlanner(buckets, steps=settings.get("PIPEDAP_PROFILE_STEPS"),
-                               planner=settings.get("PIPEDAP_PLANNER"), process_set=process_set)
+        planner = "bytescheduler" if schedule == "bytescheduler" else settings.get("PIPEDAP_PLANNER")
+        online = OnlinePlanner(buckets, steps=settings.get("PIPEDAP_PROFILE_STEPS"), planner=planner,
+                               process_set=process_set)
     reducer = Reducer(plan, buckets, wrapped._pipedap_apply_update, op=op, passes=backward_passes_per_step,
                       process_set=process_set, online=online)
     wrapped._pipedap = reducer

@@ -146,6 +146,7 @@ class Reducer:
 
     def _new_step(self) -> None:
         self.next_backward = 0  # index of the plan's next backward submission
+        self.pieces_issued = [0] * len(self.buckets)  # of chunked all-reduces (Plan.chunks)
         self.backward_flushed = False  # every bucket counts as ready (gradients that never came are zero)
         self.forward_submitted = False
 
@@ -179,21 +180,29 @@ class Reducer:
                 self.forward_submitted = True
 
     def _submit(self, sub) -> None:
-        collectives = []
+        collectives, keys = [], []
         for kind, g in sub:
             b, ps = self.buckets[g], self.process_set
-            if kind != "ag":  # the gradients are complete: cast them for the link ([Note: compressed buckets])
-                b.pack()
+            pieces, piece = self.plan.pieces(g), self.pieces_issued[g]
+            if kind == "rs" or (kind == "ar" and piece == 0):  # the gradients are complete: cast them
+                b.pack()                                         # for the link ([Note: compressed buckets])
             if kind != "rs" and b.wire is not None:
                 self.packed.add(g)
             if kind == "rs":
                 collectives.append(engine.reducescatter_collective(b.sent, b.sent_shard, f"rs.{g}", self.op, ps))
             elif kind == "ag":
                 collectives.append(engine.allgather_collective(b.sent_shard, b.sent, f"ag.{g}", ps))
+            elif pieces > 1:  # the piece-th of `pieces` equal parts of the bucket (Plan.chunks)
+                n = b.sent.numel()
+                part = b.sent[piece * n // pieces:(piece + 1) * n // pieces]
+                collectives.append(engine.allreduce_collective(part, part, f"ar.{g}.{piece}", self.op, ps))
+                self.pieces_issued[g] += 1
+                kind = f"ar.{piece}"
             else:
                 collectives.append(engine.allreduce_collective(b.sent, b.sent, f"ar.{g}", self.op, ps))
+            keys.append((kind, g))
         work = engine.submit(collectives)
-        for kind, g in sub:
+        for kind, g in keys:
             self.works[g][kind] = work
 
     # --- steps and updates -----------------------------------------------------------
@@ -290,9 +299,9 @@ class Reducer:
         self.flush_backward()
         squares = torch.zeros(1, dtype=torch.float64)
         for g, b in enumerate(self.buckets):
-            reduced = self.works[g].get("rs") or self.works[g].get("ar")
-            if reduced is not None:
-                reduced.wait()
+            for kind, work in self.works[g].items():
+                if kind != "ag":  # the reduce-scatter, or the all-reduce (all its pieces)
+                    work.wait()
             lo, hi = b.shard_start, min(b.shard_start + b.shard.numel(), b.grad_numel)
             if lo < hi:
                 squares += b.sent[lo:hi].double().pow(2).sum().cpu()

@@ -137,7 +137,7 @@ _DECLARED = [
             "GPU can test the NCCL path (scripts/gpu_check.sh)", "engine"),
     # optimizer: DistributedOptimizer and its online planner
     Setting("PIPEDAP_SCHEDULE", "choice", None, "the default `schedule=` of DistributedOptimizer (unset: "
-            "pipedap with `model=`, else wfbp)", "optimizer", choices=("pipedap", "dear", "wfbp")),
+            "pipedap with `model=`, else wfbp)", "optimizer", choices=("pipedap", "dear", "wfbp", "bytescheduler")),
     Setting("PIPEDAP_PLAN", "file", None, "a plan JSON for `schedule=\"pipedap\"` (skips online planning)",
             "optimizer"),
     Setting("PIPEDAP_PROFILE_STEPS", "int", "5", "`pipedap` without a plan: steps measured (after one "

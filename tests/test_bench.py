@@ -69,6 +69,15 @@ def test_pipedap_plans_online_then_times_its_plan_against_the_prediction(tmp_pat
 
 
 @pytest.mark.mpi
+def test_bytescheduler_plans_its_piece_order_online_and_runs_it(tmp_path):
+    doc, output = bench(tmp_path, "bytescheduler", "--threshold", "8000000")
+    check_common(doc, output, "ByteScheduler")
+    assert doc["plan"]["schedule"] == "bytescheduler" and "planned online" in doc["plan"]["source"]
+    assert "warmup extended until the optimizer had planned" in output
+    assert doc["batch_time"]["predicted_s"] > 0
+
+
+@pytest.mark.mpi
 def test_ddp_over_gloo(tmp_path):
     doc, output = bench(tmp_path, "DDP", "--threshold", str(4 << 20))
     check_common(doc, output, "DDP")
@@ -107,10 +116,6 @@ def refused(capsys, *args: str) -> str:
     return err
 
 
-def test_bytescheduler_is_refused_with_the_reason(capsys):
-    err = refused(capsys, "--baseline", "ByteScheduler")
-    assert "ByteScheduler cannot run: the runtime has no ByteScheduler plan" in err
-    assert "only simulated by the planner" in err
 
 
 def test_horovod_missing_gives_a_clear_message(capsys, monkeypatch):

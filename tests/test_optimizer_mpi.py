@@ -15,7 +15,7 @@ def run_part(part: str, np: int):
 @pytest.mark.parametrize("np", [1, 2, 3, 4])
 def test_every_schedule_optimizer_and_model_matches_single_process(np):
     out = run_part("matrix", np)
-    assert out.count("matrix OK: 3 schedules x 4 optimizers x 6 models") == np
+    assert out.count("matrix OK: 4 schedules x 4 optimizers x 6 models") == np
 
 
 @pytest.mark.parametrize("np", [1, 3])

@@ -46,7 +46,7 @@ BAD = [
     ("PIPEDAP_TIMEOUT_SECONDS", "inf", "a number >= 0"),
     ("PIPEDAP_ALGORITHM", "fastest", "auto, ring or mpi"),
     ("PIPEDAP_PLANNER", "exact", "optimal or greedy"),
-    ("PIPEDAP_SCHEDULE", "ddp", "pipedap, dear or wfbp"),
+    ("PIPEDAP_SCHEDULE", "ddp", "pipedap, dear, wfbp or bytescheduler"),
     ("PIPEDAP_ABORT_ON_EXCEPTION", "maybe", "0 or 1"),
     ("PIPEDAP_ABORT_ON_EXCEPTION", "yes", "0 or 1"),
     ("PIPEDAP_WITH_NCCL", "maybe", "auto, 0 or 1"),

@@ -13,8 +13,8 @@ from .fusion import FUSION_SPECS, Grouping, groupings, search
 from .plan import Plan, hash_inputs
 from .profile import Profile
 
-# The schedules a plan can be made with (ByteScheduler is simulated for comparison only).
-PLANNABLE = ("optimal", "pipedap", "dear", "wfbp")
+# The schedules a plan can be made with.
+PLANNABLE = ("optimal", "pipedap", "dear", "wfbp", "bytescheduler")
 
 
 def make_plan(profile: Profile, cost: CostModel, *, planner: str = "optimal",

@@ -16,9 +16,12 @@ Structure (what the runtime consumes)
   update of g, and lets the forward of g run.
 * ``sync_before_forward``: True for WFBP: ``step()`` waits for all communication and
   updates every group before the forward (Horovod/DDP behaviour).
+* ``chunks``: groups all-reduced in pieces (ByteScheduler): ``{group: n}`` with n >= 2. Such
+  a group has n ``ar`` ops; the k-th covers the k-th of n equal, contiguous parts of the
+  bucket, so the pieces of different groups can interleave (the earliest layers' first).
 
 Every group is either decoupled (exactly one ``rs`` and one later ``ag``) or all-reduced
-(exactly one ``ar``). Examples with 3 groups: DeAR is backward ``[rs2], [rs1], [rs0]``,
+(one ``ar``, or its ``chunks`` count of them). Examples with 3 groups: DeAR is backward ``[rs2], [rs1], [rs0]``,
 forward ``[ag0], [ag1], [ag2]``; PipeDAP may give backward ``[rs2], [ag2], [rs1],
 [rs0, ag1]``, forward ``[ag0]``; WFBP is backward ``[ar2], [ar1], [ar0]`` with
 ``sync_before_forward``.
@@ -31,7 +34,8 @@ JSON (``Plan.to_json``)::
                  "params": ["conv1.weight", "bn1.weight", "bn1.bias"]}, ...],
      "backward": [{"ops": [["rs", 2]], "merged": false, "start": 0.01, "end": 0.02}, ...],
      "forward": [{"ops": [["ag", 0]], "merged": false, "start": 0.05, "end": 0.06}, ...],
-     "predicted": {"iteration_time": 0.31, "lower_bound": 0.29}}
+     "predicted": {"iteration_time": 0.31, "lower_bound": 0.29},
+     "chunks": {"5": 4}}                              (only when some group is chunked)
 
 ``start``/``end`` are the simulator's predicted times (seconds from the start of backward);
 they are informative, the runtime ignores them. ``Plan.load`` validates everything and
@@ -88,10 +92,12 @@ class Plan:
     predicted: Prediction | None = None
     inputs_hash: str = ""
     version: int = VERSION
+    chunks: tuple[tuple[int, int], ...] = ()  # (group, pieces) of the chunked groups, by group
     _digest: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        check_schedule(len(self.groups), self.backward, self.forward)
+        object.__setattr__(self, "chunks", tuple(sorted((int(g), int(n)) for g, n in dict(self.chunks).items())))
+        check_schedule(len(self.groups), self.backward, self.forward, dict(self.chunks))
         count = len(self.backward) + len(self.forward)
         if self.predicted is not None and len(self.predicted.times) not in (0, count):
             raise PlanError(
@@ -112,8 +118,14 @@ class Plan:
                 "forward": [[list(op) for op in sub] for sub in self.forward],
                 "sync_before_forward": self.sync_before_forward,
             }
+            if self.chunks:  # absent otherwise: the digests of unchunked plans stay what they were
+                content["chunks"] = [list(c) for c in self.chunks]
             object.__setattr__(self, "_digest", _sha256(content))
         return self._digest
+
+    def pieces(self, group: int) -> int:
+        """How many ``ar`` ops all-reduce ``group`` (1 unless it is chunked)."""
+        return dict(self.chunks).get(group, 1)
 
     @property
     def params(self) -> list[str]:
@@ -152,6 +164,8 @@ class Plan:
                 "iteration_time": self.predicted.iteration_time,
                 "lower_bound": self.predicted.lower_bound,
             }
+        if self.chunks:
+            doc["chunks"] = {str(g): n for g, n in self.chunks}
         return doc
 
     def to_json(self) -> str:
@@ -221,12 +235,20 @@ class Plan:
             )
 
 
-def check_schedule(num_groups: int, backward: Sequence[Submission], forward: Sequence[Submission]) -> None:
+def check_schedule(num_groups: int, backward: Sequence[Submission], forward: Sequence[Submission],
+                   chunks: Mapping[int, int] | None = None) -> None:
     """Raise :class:`PlanError` unless the submissions form a valid schedule of `num_groups`.
 
-    Valid: every group has exactly one ``ar``, or exactly one ``rs`` and one ``ag`` in a later
+    Valid: every group has exactly one ``ar`` (``chunks[g]`` of them in separate backward
+    submissions if it is chunked), or exactly one ``rs`` and one ``ag`` in a later
     submission; ``forward`` holds ``ag`` ops only; groups are in ``0 .. num_groups-1``.
     """
+    chunks = dict(chunks or {})
+    for g, n in chunks.items():
+        if not 0 <= g < num_groups or n < 2:
+            raise PlanError(f"chunks: group {g} in {n} pieces; chunked groups are 0..{num_groups - 1}, "
+                            "in 2 or more pieces")
+    pieces = dict.fromkeys(chunks, 0)
     seen: dict[Op, int] = {}
     for phase, subs, offset in (("backward", backward, 0), ("forward", forward, len(backward))):
         for i, sub in enumerate(subs):
@@ -241,8 +263,13 @@ def check_schedule(num_groups: int, backward: Sequence[Submission], forward: Seq
                     raise PlanError(f"{key} names group {g}; the plan has groups 0..{num_groups - 1}")
                 if phase == "forward" and kind != "ag":
                     raise PlanError(f"{key} is {kind!r}; only 'ag' ops may be issued in the forward phase")
+                if g in chunks and kind == "ar" and phase == "backward" and pieces[g] < chunks[g] and op not in sub[:j]:
+                    pieces[g] += 1  # the next piece of a chunked all-reduce
+                    seen[op] = offset + i
+                    continue
                 if op in seen:
-                    raise PlanError(f"{key} repeats {kind} of group {g}; each op is issued once")
+                    raise PlanError(f"{key} repeats {kind} of group {g}; each op is issued once"
+                                    + (f" (group {g} has {chunks[g]} pieces)" if g in chunks else ""))
                 if kind == "ag" and seen.get(("rs", g), offset + i) >= offset + i:
                     raise PlanError(
                         f"{key}: ag of group {g} is not after the rs of group {g}; "
@@ -251,6 +278,9 @@ def check_schedule(num_groups: int, backward: Sequence[Submission], forward: Seq
                 seen[op] = offset + i
     for g in range(num_groups):
         has = {kind for kind in KINDS if (kind, g) in seen}
+        if g in chunks and (has != {"ar"} or pieces[g] != chunks[g]):
+            raise PlanError(f"group {g} is chunked in {chunks[g]} pieces but has {pieces[g]} backward 'ar' ops "
+                            f"(and ops {sorted(has)}); a chunked group is all-reduced, one piece per submission")
         if has not in ({"ar"}, {"rs", "ag"}):
             raise PlanError(
                 f"group {g} has ops {sorted(has) or 'none'}; each group needs exactly one 'ar', "
@@ -316,6 +346,11 @@ def _parse(doc: object, where: str) -> Plan:
             predicted = Prediction(float(p["iteration_time"]), float(p["lower_bound"]), tuple(times) if complete else ())
         except (KeyError, TypeError, ValueError):
             raise PlanError(f"{where}: key 'predicted' needs numeric iteration_time and lower_bound") from None
+    chunks = doc.get("chunks", {})
+    if not isinstance(chunks, Mapping) or not all(
+            isinstance(g, str) and g.isdigit() and isinstance(n, int) and not isinstance(n, bool)
+            for g, n in chunks.items()):
+        raise PlanError(f"{where}: key 'chunks' must map group indices (strings) to piece counts, got {chunks!r}")
     try:
         return Plan(
             schedule=doc["schedule"],
@@ -327,6 +362,7 @@ def _parse(doc: object, where: str) -> Plan:
             predicted=predicted,
             inputs_hash=str(doc.get("inputs_hash", "")),
             version=doc["version"],
+            chunks=tuple((int(g), n) for g, n in chunks.items()),
         )
     except PlanError as err:
         raise PlanError(f"{where}: {err}") from None

@@ -55,6 +55,7 @@ class Schedule:
     forward: tuple[Submission, ...] = ()
     sync_before_forward: bool = False
     info: Mapping[str, object] = field(default_factory=dict)
+    chunks: Mapping[int, int] = field(default_factory=dict)  # group -> pieces of its all-reduce (Plan.chunks)
 
     @property
     def iteration_time(self) -> float:
@@ -63,10 +64,8 @@ class Schedule:
     def to_plan(self, inputs_hash: str = "") -> Plan:
         """The runtime-consumable :class:`Plan` of this schedule."""
         if not self.backward:
-            raise PlanError(
-                f"{self.name} is a dynamic chunked policy, simulated for comparison only; "
-                f"choose wfbp, dear, pipedap or optimal for a plan"
-            )
+            raise PlanError(f"{self.name} has no submissions to run; choose wfbp, dear, pipedap, optimal or "
+                            "bytescheduler for a plan")
         problem = self.timeline.problem
         groups = tuple(Group(layer.name, layer.params, layer.nbytes) for layer in problem.profile.layers)
         times = tuple(zip(self.timeline.starts, self.timeline.ends))
@@ -79,6 +78,7 @@ class Schedule:
             sync_before_forward=self.sync_before_forward,
             predicted=Prediction(self.iteration_time, self.timeline.lower_bound, times),
             inputs_hash=inputs_hash,
+            chunks=tuple(self.chunks.items()),
         )
 
 
@@ -146,14 +146,29 @@ def bytescheduler(
     partitions: Sequence[int] = tuple(4**k * 65536 for k in range(6)),
     credits: Sequence[int] = (1, 2, 4),
 ) -> Schedule:
-    """ByteScheduler-style schedule, tuned over partition sizes and credits (in partitions)."""
+    """ByteScheduler-style schedule, tuned over partition sizes and credits (in partitions).
+
+    [Note: ByteScheduler as a plan]
+    The runtime runs the simulated commit order as a plan: each piece of an all-reduce is
+    one ``ar`` submission (``Plan.chunks`` says how many pieces a group has), issued once
+    its group's gradients are ready and every earlier piece was issued, as for any plan.
+    ByteScheduler proper decides the order at run time from a priority queue; here ranks
+    match collectives by order, so each rank would have to agree with the others on every
+    choice. The order is the one that queue takes when the layers finish as profiled;
+    when they finish later than that, a rank waits for the next piece's layer where the
+    queue would have sent another piece.
+    """
     if not partitions or not credits:
         raise ValueError("bytescheduler needs at least one partition size and one credit")
-    tried = (
-        Schedule("bytescheduler", simulate_bytescheduler(problem, partition, credit * partition),
-                 info={"partition": partition, "credit": credit * partition})
-        for partition, credit in itertools.product(partitions, credits)
-    )
+    tried = []
+    for partition, credit in itertools.product(partitions, credits):
+        timeline = simulate_bytescheduler(problem, partition, credit * partition)
+        pieces: dict[int, int] = {}
+        for sub in timeline.submissions:
+            pieces[sub[0][1]] = pieces.get(sub[0][1], 0) + 1
+        tried.append(Schedule("bytescheduler", timeline, timeline.submissions, (), False,
+                              {"partition": partition, "credit": credit * partition},
+                              {g: n for g, n in sorted(pieces.items()) if n > 1}))
     return min(tried, key=lambda schedule: schedule.iteration_time)
 
 
@@ -347,4 +362,4 @@ def _lower_bound(t: np.ndarray, z: np.ndarray, pending: np.ndarray, g: int, floo
 
 def _renamed(schedule: Schedule, name: str, info: Mapping[str, object]) -> Schedule:
     return Schedule(name, schedule.timeline, schedule.backward, schedule.forward,
-                    schedule.sync_before_forward, {**schedule.info, **info})
+                    schedule.sync_before_forward, {**schedule.info, **info}, schedule.chunks)

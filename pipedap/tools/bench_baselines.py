@@ -1,14 +1,15 @@
 """The systems ``python -m pipedap.tools.bench`` compares: how each starts, distributes a model, stops.
 
-* ``PipeDAP``, ``DeAR``, ``WFBP``: :func:`pipedap.DistributedOptimizer` with that schedule
-  (PipeDAP runs a plan: ``--plan FILE``, or one made now by :mod:`pipedap.tools.bench_plan`).
+* ``PipeDAP``, ``DeAR``, ``WFBP``, ``ByteScheduler``: :func:`pipedap.DistributedOptimizer` with
+  that schedule (PipeDAP runs a plan: ``--plan FILE``, or one made now by
+  :mod:`pipedap.tools.bench_plan`; PipeDAP and ByteScheduler without one plan online from
+  their first measured steps; ByteScheduler's plan is its simulated piece order, see
+  [Note: ByteScheduler as a plan] in :mod:`pipedap.planner.schedules`).
 * ``DDP``: ``torch.nn.parallel.DistributedDataParallel`` over gloo in the same processes;
   pipedap (MPI) only supplies rank, size and the rendezvous address, then stays idle.
 * ``Horovod``: ``horovod.torch`` (when it imports). pipedap is not initialised at all in
   such a run: both libraries would drive MPI from their own background thread in one
   process, which is only safe with MPI_THREAD_MULTIPLE and a matching finalize order.
-* ``ByteScheduler`` is refused: the planner simulates its chunked, credit-based policy, but
-  the runtime has no such plan, and running another schedule under its name would lie.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 from pipedap.planner.plan import Plan
 
 BASELINES = ("PipeDAP", "DeAR", "WFBP", "ByteScheduler", "DDP", "Horovod")
-SCHEDULE_OF = {"PipeDAP": "pipedap", "DeAR": "dear", "WFBP": "wfbp"}
+SCHEDULE_OF = {"PipeDAP": "pipedap", "DeAR": "dear", "WFBP": "wfbp", "ByteScheduler": "bytescheduler"}
+PLANNED = {"pipedap": "optimal", "bytescheduler": "bytescheduler"}  # schedule -> planner; the others are built in
 
 Say = Callable[[str], None]
 
@@ -44,13 +46,6 @@ def canonical(name: str) -> str:
 
 def check_runnable(baseline: str) -> None:
     """Raise BenchError when ``baseline`` cannot run here, saying why."""
-    if baseline == "ByteScheduler":
-        raise BenchError(
-            "ByteScheduler cannot run: the runtime has no ByteScheduler plan. Its dynamic, chunked, "
-            "credit-based all-reduce is only simulated by the planner (python -m pipedap.tools.plan --model M "
-            "--workers N --bandwidth 1gbit prints its predicted time next to the other schedules). "
-            f"Run one of {', '.join(b for b in BASELINES if b != 'ByteScheduler')}."
-        )
     if baseline == "Horovod":
         try:
             import horovod.torch  # noqa: F401
@@ -175,12 +170,13 @@ class PipedapRuntime(_OverPipedap):
         plan, facts = None, {"threshold_bytes": args.threshold}
         if schedule == "pipedap" and args.plan:
             plan, facts["plan_source"] = args.plan, f"file {args.plan}"
-        elif schedule == "pipedap" and args.bandwidth:
+        elif schedule in PLANNED and args.bandwidth:
             plan, planning = bench_plan.plan_for_link(model, *batch, loss, bandwidth=args.bandwidth,
                                                       latency=args.latency, threshold=args.threshold, say=say,
-                                                      wire_fraction=0.5 if args.compression != "none" else 1.0)
+                                                      wire_fraction=0.5 if args.compression != "none" else 1.0,
+                                                      planner=PLANNED[schedule])
             facts.update(planning, plan_source="planned in this job for an assumed link")
-        elif schedule == "pipedap":
+        elif schedule in PLANNED:
             facts["plan_source"] = "planned online by DistributedOptimizer from its first measured steps"
             say("  no --plan: DistributedOptimizer runs DeAR while it measures the first steps, then plans "
                 "and switches; the warmup lasts until it has switched")
@@ -189,7 +185,7 @@ class PipedapRuntime(_OverPipedap):
                                                  fusion_bytes=args.threshold,
                                                  compression=getattr(self.lib.Compression, args.compression))
         initial = optimizer.plan
-        online = schedule == "pipedap" and plan is None
+        online = schedule in PLANNED and plan is None
         return Distributed(model, optimizer, f"pipedap.DistributedOptimizer, schedule {schedule}"
                            + compressed(args.compression), facts,
                            warm=(lambda: optimizer.plan is not initial) if online else lambda: True)

@@ -20,8 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(run it with mpirun -np N). Prints images (or sentences) per second per worker "
                     "and in total, and the planner's prediction next to the measured batch time.",
         epilog=f"models: {', '.join(models.names())}. Baselines: PipeDAP (a plan from --plan or "
-               "made now), DeAR, WFBP (pipedap's runtime), DDP (torch over gloo), Horovod (when "
-               "horovod.torch imports); ByteScheduler is refused with the reason.",
+               "made now), DeAR, WFBP, ByteScheduler (pipedap's runtime; ByteScheduler runs its simulated "
+               "piece order), DDP (torch over gloo), Horovod (when horovod.torch imports).",
     )
     parser.add_argument("--model", default="resnet50", help="model name (default resnet50)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size per worker (default 32)")
@@ -113,8 +113,8 @@ def validate(args: argparse.Namespace) -> None:
     pipedap_only = [opt for opt in ("plan", "save_plan") if getattr(args, opt)]
     if pipedap_only and args.baseline != "PipeDAP":
         raise BenchError(f"--{pipedap_only[0].replace('_', '-')} is for --baseline PipeDAP (it sets PipeDAP's plan)")
-    if args.bandwidth and args.baseline not in ("PipeDAP", "DeAR", "WFBP"):
-        raise BenchError(f"--bandwidth is for PipeDAP, DeAR and WFBP (their plans are simulated); "
+    if args.bandwidth and args.baseline not in ("PipeDAP", "DeAR", "WFBP", "ByteScheduler"):
+        raise BenchError(f"--bandwidth is for PipeDAP, DeAR, WFBP and ByteScheduler (their plans are simulated); "
                          f"{args.baseline} has no plan")
     if args.plan and args.bandwidth:
         raise BenchError("--plan and --bandwidth exclude each other: --bandwidth plans a new schedule")

@@ -9,8 +9,8 @@ emulating):
    include the contention of the real run); all ranks agree on the element-wise maximum;
 2. cost model: the ring α-β model of :func:`pipedap.planner.costmodel.from_link`;
 3. plan (rank 0, broadcast): :func:`pipedap.planner.make_plan` with the exact planner
-   (seeded with the PipeDAP greedy) over the fusion candidates, or over the one grouping
-   of ``--threshold`` bytes when given.
+   (seeded with the PipeDAP greedy; ByteScheduler's tuned piece order for that baseline)
+   over the fusion candidates, or over the one grouping of ``--threshold`` bytes when given.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ Say = Callable[[str], None]
 
 
 def plan_for_link(model: torch.nn.Module, inputs: Any, targets: Any, loss: Callable, *, bandwidth: str,
-                  latency: str, threshold: int | None, say: Say, wire_fraction: float = 1.0) -> tuple[Plan, dict]:
+                  latency: str, threshold: int | None, say: Say, wire_fraction: float = 1.0,
+                  planner: str = "optimal") -> tuple[Plan, dict]:
     """Profile, plan on rank 0 for the assumed link; every rank returns the same plan and facts.
 
     ``wire_fraction``: the bytes on the link per gradient byte (0.5 with fp16/bf16 compression).
@@ -53,7 +54,7 @@ def plan_for_link(model: torch.nn.Module, inputs: Any, targets: Any, loss: Calla
     def plan_here() -> Plan:
         began = time.perf_counter()
         spec = f"threshold:{threshold}" if threshold else "search"
-        plan = make_plan(profile, cost, planner="optimal", fusion=spec)
+        plan = make_plan(profile, cost, planner=planner, fusion=spec)
         say(f"planned (fusion {spec}) in {time.perf_counter() - began:.2f} s: {len(plan.groups)} groups, "
             f"predicted {plan.predicted.iteration_time * 1e3:.1f} ms per batch")
         return plan

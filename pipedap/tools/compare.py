@@ -3,8 +3,9 @@
 For each host count it brings up one testbed (:class:`pipedap.tools.testbed.Testbed`) and, per
 link rate (reshaped in place), per model, runs every system with the same batch and
 iteration counts under ``pipedap.tools.bench``: PipeDAP with the exact planner (online plan),
-PipeDAP with the paper's greedy planner (``PIPEDAP_PLANNER=greedy``), DeAR, WFBP, DDP (gloo)
-and Horovod (when it imports).
+PipeDAP with the paper's greedy planner (``PIPEDAP_PLANNER=greedy``), DeAR, WFBP, ByteScheduler
+(online plan of its piece order), DDP (gloo), Horovod (when it imports) and the pipelines, in
+interleaved rounds (see [Note: interleaved rounds] in :mod:`pipedap.tools.compare_sweep`).
 
 [Note: the bound] No data-parallel system beats ``max(compute, communication)``:
 

@@ -61,6 +61,7 @@ SYSTEMS = (
     System("PipeDAP-greedy", "PipeDAP", {"PIPEDAP_PLANNER": "greedy"}),
     System("DeAR", "DeAR"),
     System("WFBP", "WFBP"),
+    System("ByteScheduler", "ByteScheduler"),
     System("DDP", "DDP"),
     System("Horovod", "Horovod"),
     System("Pipeline-1F1B", "1f1b", program="pipeline"),
@@ -129,8 +130,8 @@ class Sweep:
     def batches(self, system: System | None) -> int:
         """Batches one run trains (PipeDAP's warmup lasts until it has planned)."""
         warmup = self.args.warmup
-        if system is not None and system.baseline == "PipeDAP":
-            warmup = max(warmup, settings.get("PIPEDAP_PROFILE_STEPS") + 2)  # PipeDAP switches plans after these
+        if system is not None and system.baseline in ("PipeDAP", "ByteScheduler"):  # they plan online,
+            warmup = max(warmup, settings.get("PIPEDAP_PROFILE_STEPS") + 2)  # switching plans after these
         return warmup + self.args.iters * self.args.batches_per_iter
 
     def estimate_s(self, batch_s: float, system: System | None) -> float:

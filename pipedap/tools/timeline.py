@@ -164,13 +164,13 @@ def load_trace(path: str | Path) -> dict:
 # --- Gantt chart ------------------------------------------------------------------
 
 def _label(event: dict) -> str:
-    """Short label of a slice: F/B/U for compute phases, RS3 / AG3+RS2 for collectives."""
+    """Short label of a slice: F/B/U for compute phases, RS3 / AG3+RS2 / AR3.1 (a piece) for collectives."""
     if event.get("cat") == "compute":
         return {"forward": "F", "backward": "B", "step": "U"}.get(event["name"], event["name"])
     if event.get("cat") == "comm":
         kind = COMM_KINDS.get(event["args"].get("kind"), "")
-        index = event["name"].rpartition(".")[2]
-        return f"{kind}{index}" if kind and index.isdigit() else event["name"]
+        index = event["name"].partition(".")[2]  # "3", or "3.1" for piece 1 of a chunked all-reduce
+        return f"{kind}{index}" if kind and index.replace(".", "", 1).isdigit() else event["name"]
     return event["name"]
 
 

@@ -181,8 +181,22 @@ def handwritten_pipedap_plan(model: nn.Module) -> Plan:
     return Plan("handwritten", P, tuple(groups), tuple(backward), tuple(forward))
 
 
+def handwritten_bytescheduler_plan(model: nn.Module) -> Plan:
+    """ByteScheduler's kind of plan: the last group in 3 pieces and the first in 2, the first's
+    pieces overtaking the last one's third (Plan.chunks)."""
+    groups = module_groups(model)
+    n = len(groups)
+    backward = [(("ar", n - 1),), (("ar", n - 1),), *[(("ar", g),) for g in reversed(range(1, n - 1))],
+                (("ar", 0),), (("ar", n - 1),), (("ar", 0),)]
+    return Plan("bytescheduler", P, tuple(groups), tuple(backward), (), chunks=((n - 1, 3), (0, 2)))
+
+
+SCHEDULES = ("wfbp", "dear", "pipedap", "bytescheduler")
+
+
 def plan_for(schedule: str, model: nn.Module):
-    return handwritten_pipedap_plan(model) if schedule == "pipedap" else None
+    plans = {"pipedap": handwritten_pipedap_plan, "bytescheduler": handwritten_bytescheduler_plan}
+    return plans[schedule](model) if schedule in plans else None
 
 
 # --- training ---------------------------------------------------------------------
@@ -240,7 +254,7 @@ def fresh(model_name):
 
 def run_matrix():
     worst = 0.0
-    for schedule in ("wfbp", "dear", "pipedap"):
+    for schedule in SCHEDULES:
         for opt_name in OPTIMIZERS:
             for model_name in MODELS:
                 model, reference = fresh(model_name)
@@ -257,12 +271,12 @@ def run_matrix():
                     init = untouched().branch.weight
                     if not torch.equal(model.branch.weight, init):
                         sys.exit(f"rank {R}: {schedule}/{opt_name}: the unused branch was modified")
-    print(f"rank {R}: matrix OK: 3 schedules x {len(OPTIMIZERS)} optimizers x {len(MODELS)} models, "
+    print(f"rank {R}: matrix OK: {len(SCHEDULES)} schedules x {len(OPTIMIZERS)} optimizers x {len(MODELS)} models, "
           f"worst relative difference {worst:.2e}")
 
 
 def run_features():
-    for schedule in ("wfbp", "dear", "pipedap"):
+    for schedule in SCHEDULES:
         # an LR scheduler changes the effective rate (and matches the reference)
         model, reference = fresh("mlp")
         opt = hvd.DistributedOptimizer(make_optimizer("sgd", model), model=model, schedule=schedule,

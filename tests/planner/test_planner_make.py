@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pipedap.planner import PLANNABLE, Plan, PlanError, fusion, make_plan
+from pipedap.planner import PLANNABLE, Plan, PlanError, fusion, make_plan, schedules
 from pipedap.planner.costmodel import from_link
 from pipedap.planner.profile import Layer, Profile
 from pipedap.planner.simulator import Problem
@@ -101,10 +101,19 @@ def test_tuned_fusion_is_reachable_and_seeded():
     assert [g.nbytes for g in plan.groups] == [g.nbytes for g in fusion.fuse(profile, fusion.by_threshold(profile, threshold)).layers]
 
 
+def test_bytescheduler_plan_is_its_tuned_simulation():
+    plan = make_plan(_profile(), COST, planner="bytescheduler", fusion="none")
+    problem = Problem(_profile(), COST)
+    best = schedules.bytescheduler(problem)
+    assert plan.schedule == "bytescheduler" and plan.backward == best.backward
+    assert plan.predicted.iteration_time == best.iteration_time and dict(plan.chunks) == dict(best.chunks)
+    assert all(n >= 2 for _, n in plan.chunks) and len(plan.backward) == sum(plan.pieces(g) for g in range(len(SIZES)))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"planner": "bytescheduler"}, "planner 'bytescheduler' cannot make a plan; use one of optimal"),
+        ({"planner": "mgwfbp"}, "planner 'mgwfbp' cannot make a plan; use one of optimal"),
         ({"fusion": "threshold:lots"}, "unknown fusion 'threshold:lots'; use search"),
         ({"fusion": {}}, "no fusion candidates"),
     ],

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipedap.planner import schedules
-from pipedap.planner.plan import Plan, PlanError
+from pipedap.planner.plan import Group, Plan, PlanError
 
 LAYERS = [(4, 1.0, 2.0, 0.5), (2, 1.0, 1.0, 0.0), (8, 0.5, 1.0, 0.0)]
 
@@ -101,7 +101,31 @@ def test_duplicate_parameter_rejected(plan):
         Plan.from_json(doc, params=["l0.weight", "l1.weight", "l2.weight"])
 
 
-def test_bytescheduler_has_no_static_plan(make_problem):
-    schedule = schedules.bytescheduler(make_problem(LAYERS), partitions=(2,), credits=(1,))
-    with pytest.raises(PlanError, match="simulated for comparison only"):
-        schedule.to_plan()
+def test_bytescheduler_plan_runs_the_simulated_piece_order(make_problem, tmp_path):
+    """The preemption case of test_bytescheduler_priority_and_credit: g0's piece overtakes g1's second."""
+    problem = make_problem([(2, 1.0, 1.0, 0.0), (4, 1.0, 1.0, 0.0)])
+    plan = schedules.bytescheduler(problem, partitions=(2,), credits=(1,)).to_plan()
+    assert plan.schedule == "bytescheduler" and not plan.sync_before_forward and plan.forward == ()
+    assert plan.backward == ((("ar", 1),), (("ar", 0),), (("ar", 1),)) and plan.chunks == ((1, 2),)
+    assert (plan.pieces(0), plan.pieces(1)) == (1, 2) and plan.predicted.iteration_time == 14
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    assert Plan.load(path) == plan and json.loads(path.read_text())["chunks"] == {"1": 2}
+    doc = plan.to_dict()
+    doc["chunks"] = {"1": 3}
+    with pytest.raises(PlanError, match="group 1 is chunked in 3 pieces but has 2 backward 'ar' ops"):
+        Plan.from_json(doc)
+
+
+@pytest.mark.parametrize(("backward", "chunks", "message"), [
+    ([(("ar", 1),), (("ar", 1),), (("ar", 0),)], (), r"repeats ar of group 1; each op is issued once"),
+    ([(("ar", 1), ("ar", 1)), (("ar", 0),)], ((1, 2),), r"repeats ar of group 1; .*\(group 1 has 2 pieces\)"),
+    ([(("ar", 1),), (("ar", 0),)], ((1, 1),), r"chunks: group 1 in 1 pieces"),
+    ([(("ar", 1),), (("ar", 0),)], ((5, 2),), r"chunks: group 5 in 2 pieces"),
+    ([(("rs", 1),), (("rs", 1),), (("ar", 0),)], ((1, 2),), r"repeats rs of group 1"),
+])
+def test_bad_chunked_plans_are_refused(backward, chunks, message):
+    groups = (Group("a", ("a.w",), 8), Group("b", ("b.w",), 8))
+    with pytest.raises(PlanError, match=message):
+        Plan("bytescheduler", 2, groups, tuple(backward), (), chunks=chunks)
+
