@@ -151,13 +151,25 @@ def test_every_round_runs_every_system_in_a_rotated_order_and_a_failed_round_is_
         return {"model": model, "hosts": 2, "rate": rate, "system": system.label, "round": round_index, "status": "ok",
                 "result": _result([9.0, 2.0 + round_index, 9.0]), "json": f"{system.label}-{round_index}.json"}
 
+    references = iter([2.0, 3.0, 7.0])
+
+    def measure_compute(self, model, hosts, tag=""):
+        order.append(("compute", tag))
+        return {"batch_s": next(references)}
+
     monkeypatch.setattr(compare_sweep, "Testbed", FakeTestbed)
     monkeypatch.setattr(compare_sweep.Sweep, "run_system", run_system)
+    monkeypatch.setattr(compare_sweep.Sweep, "measure_compute", measure_compute)
     args = compare.parse_args(["--systems", "PipeDAP,DeAR,DDP", "--rates", "1gbit", "--no-calibrate",
                                "--out", str(tmp_path)])
     assert (args.rounds, args.iters) == (3, 4)
     sweep = compare_sweep.Sweep(args)
+    sweep.compute = [{"model": "resnet50", "hosts": 2, "ranks": 2, "batch_s": 9.0}]  # measured before the testbed
     sweep.sweep_hosts(2)
+    assert [what for what in order if what[0] == "compute"] == [("compute", f"1gbit-round{k}") for k in range(3)]
+    order[:] = [what for what in order if what[0] != "compute"]
+    assert sweep.compute[0]["by_rate"] == {"1gbit": [2.0, 3.0, 7.0]}
+    assert sweep.comparison()[0]["compute_s"] == pytest.approx(4.0)  # the rounds' mean, not the first 9.0
     assert order == [(0, "PipeDAP"), (0, "DeAR"), (0, "DDP"), (1, "DeAR"), (1, "DDP"), (1, "PipeDAP"),
                      (2, "DDP"), (2, "PipeDAP"), (2, "DeAR")]
     pipedap, _, ddp = sweep.runs

@@ -7,6 +7,9 @@ systems measured one after the other see different machines, and their differenc
 drift's. So every system runs once per round, the order rotated each round (round k starts
 at the k-th system), and a system's figure is the mean of its rounds' steady-state
 iterations with the interval of its rounds' means (:func:`pipedap.tools.stats.rounds_statistics`).
+The compute-only reference drifts too (3.70 and 4.60 s per batch for ResNet-50, measured
+40 minutes apart on the development machine): it is measured again at the start of every
+round of every rate, and a rate's bound uses the mean of its rounds.
 """
 
 from __future__ import annotations
@@ -142,10 +145,10 @@ class Sweep:
 
     # -- compute-only reference
 
-    def measure_compute(self, model: str, hosts: int) -> dict:
+    def measure_compute(self, model: str, hosts: int, tag: str = "") -> dict:
         """The compute-only time per batch: one pinned copy per rank at once, their mean."""
         ranks = hosts * self.args.slots
-        folder = self.out / "compute" / f"{model}-{ranks}ranks"
+        folder = self.out / "compute" / (f"{model}-{ranks}ranks" + (f"-{tag}" if tag else ""))
         jobs = []
         guess = 10.0 * self.args.batch_size  # seconds per batch, generous: nothing is measured yet
         deadline = time.perf_counter() + (self.args.timeout or 60 + 3 * self.estimate_s(guess, None))
@@ -195,6 +198,7 @@ class Sweep:
                 for model in a.models:
                     rounds: dict[str, list[dict]] = {s.label: [] for s in self.runnable}
                     for k in range(a.rounds):  # [Note: interleaved rounds]
+                        self.remeasure_compute(model, hosts, rate, k)
                         start = k % len(self.runnable)
                         for system in self.runnable[start:] + self.runnable[:start]:
                             rounds[system.label].append(self.run_system(tb, model, rate, system, k))
@@ -205,6 +209,20 @@ class Sweep:
                                               "reason": self.skipped[system.label]})
                         else:
                             self.runs.append(merge_rounds(rounds[system.label]))
+
+    def reference(self, model: str, hosts: int) -> dict:
+        return next(c for c in self.compute if c["model"] == model and c["hosts"] == hosts)
+
+    def remeasure_compute(self, model: str, hosts: int, rate: str, round_index: int) -> None:
+        """Round ``round_index``'s compute-only reference at ``rate`` ([Note: interleaved rounds])."""
+        sample = self.measure_compute(model, hosts, tag=f"{rate}-round{round_index}")
+        self.reference(model, hosts).setdefault("by_rate", {}).setdefault(rate, []).append(sample["batch_s"])
+        print(f"compute-only reference, round {round_index}: {sample['batch_s']:.3f} s per batch", flush=True)
+
+    def compute_s(self, ref: dict, rate: str) -> float:
+        """The compute-only time per batch a rate's bound uses: the mean of its rounds' references."""
+        rounds = ref.get("by_rate", {}).get(rate)
+        return statistics.fmean(rounds) if rounds else ref["batch_s"]
 
     def calibrate(self, tb: Testbed, rate: str) -> dict:
         """Achieved link rate of each primitive (comm core and mpi4py) at CALIBRATION_SIZE."""
@@ -285,7 +303,7 @@ class Sweep:
 
     def batch_guess(self, model: str, hosts: int, rate: str) -> float:
         """A pessimistic time per batch before measuring it: compute plus all-reduce, not overlapped."""
-        compute = next(c["batch_s"] for c in self.compute if c["model"] == model and c["hosts"] == hosts)
+        compute = self.reference(model, hosts)["batch_s"]
         return compute + ring_allreduce_s(gradient_bytes(model), hosts * self.args.slots, parse_rate_bps(rate))
 
     @property
@@ -321,6 +339,7 @@ class Sweep:
                 if not runs:
                     continue
                 achieved = self.achieved_bps(hosts, rate)
+                compute = self.compute_s(ref, rate)
                 comm = ring_allreduce_s(gradient_bytes(model), ranks, parse_rate_bps(rate))
                 systems = {s.label: s for s in self.systems}
                 for label, r in runs.items():
@@ -330,11 +349,11 @@ class Sweep:
                     if system.program == "pipeline":
                         runs[label] = dict(r, own_bound=pipeline_bound(stage_package(model, ranks), achieved,
                                                                        parse_rate_bps(rate), self.args.batch_size,
-                                                                       self.args.image_size, ref["batch_s"]))
+                                                                       self.args.image_size, compute))
                     elif system.compression != "none":  # half the bytes on the link
-                        runs[label] = dict(r, own_bound={"bound_s": max(ref["batch_s"], comm / 2),
+                        runs[label] = dict(r, own_bound={"bound_s": max(compute, comm / 2),
                                                          "comm_s": comm / 2, "why": f"gradients as {system.compression}"})
-                rows.append(compare_row(model, hosts, ranks, self.args.batch_size, rate, ref["batch_s"], comm,
+                rows.append(compare_row(model, hosts, ranks, self.args.batch_size, rate, compute, comm,
                                         achieved, runs))
         return rows
 
