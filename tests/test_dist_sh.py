@@ -49,8 +49,7 @@ def test_bad_inputs_fail_with_the_documented_message(configs, env, message):
 
 @pytest.mark.parametrize("env, message", [
     ({"dnn": "resnet5"}, "unknown model 'resnet5'"),
-    ({"baseline": "Gloo"}, "unknown baseline 'Gloo'"),
-    ({"baseline": "ByteScheduler"}, "ByteScheduler cannot run"),
+    ({"baseline": "Gloo"}, "unknown baseline 'Gloo'; choose one of PipeDAP, DeAR, WFBP, ByteScheduler, DDP, Horovod"),
 ])
 def test_unknown_model_or_baseline_is_refused_before_launch(configs, env, message):
     result = dist({"configs": str(configs), **env})
