@@ -18,6 +18,13 @@ gradients into it just before the reduce-scatter (or all-reduce); the reduction,
 the shard and the all-gather stay in the wire dtype (half the bytes on the link);
 ``unpack()`` casts the gathered result back into ``buffer``, where the update
 runs in the parameters' dtype.
+
+[Note: parameter buffers]
+With ``shard_update`` (pipedap/shard_update.py) the parameters move into a second
+flat buffer, ``params_buffer``, laid out as ``buffer`` (each parameter's ``.data`` a
+view into it). This rank's block of it, ``params_shard``, is what this rank
+updates; the all-gather then gathers the updated blocks into every rank's
+``params_buffer``, in the parameters' dtype.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ class Bucket:
     shard_start: int  # offset of shard in buffer
     wire: torch.Tensor | None = None  # [Note: compressed buckets]: what travels, when it is not buffer itself
     wire_shard: torch.Tensor | None = None  # this rank's block of wire
+    params_buffer: torch.Tensor | None = None  # [Note: parameter buffers]
+    params_shard: torch.Tensor | None = None  # this rank's block of params_buffer
 
     @property
     def sent(self) -> torch.Tensor:
@@ -66,6 +75,31 @@ class Bucket:
         """Cast the reduced, gathered wire buffer back into ``buffer`` (the gradients' views)."""
         if self.wire is not None:
             self.buffer.copy_(self.wire)
+
+    def unpack_shard(self) -> None:
+        """Cast this rank's reduced block of the wire buffer back into ``shard`` (before a sharded update)."""
+        if self.wire is not None:
+            self.shard.copy_(self.wire_shard)
+
+    def flatten_params(self) -> None:
+        """Move the parameters into ``params_buffer`` ([Note: parameter buffers]); their values are kept."""
+        if self.params_buffer is not None:
+            return
+        self.params_buffer = torch.zeros_like(self.buffer)
+        offset = 0
+        for p in self.params:
+            view = self.params_buffer[offset : offset + p.numel()].view_as(p)
+            view.copy_(p.detach())
+            p.data = view
+            offset += p.numel()
+        self.params_shard = self.params_buffer[self.shard_start : self.shard_start + self.shard.numel()]
+
+    def offsets(self) -> list[int]:
+        """Where each parameter starts in the buffer (and, last, where the gradients end)."""
+        out = [0]
+        for p in self.params:
+            out.append(out[-1] + p.numel())
+        return out
 
     def attach_grads(self) -> None:
         """Point every parameter's ``.grad`` at its view (keeping a gradient that was produced elsewhere)."""

@@ -37,8 +37,10 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int =
     """Give every rank root_rank's optimizer state and hyperparameters (per param group).
 
     Works before the first step (empty state: the hyperparameters are still made equal).
+    With ``shard_update`` every rank gathers the whole state first (state_dict() is collective).
     """
-    state = comm.broadcast_object(optimizer.state_dict() if engine.rank() == root_rank else None,
+    sharded = getattr(getattr(optimizer, "_pipedap", None), "shard_pieces", None) is not None
+    state = comm.broadcast_object(optimizer.state_dict() if sharded or engine.rank() == root_rank else None,
                                   root_rank, name="optimizer_state")
     if engine.rank() != root_rank:
         optimizer.load_state_dict(state)

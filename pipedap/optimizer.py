@@ -18,11 +18,14 @@ bucket's update runs, belong to :class:`pipedap.reducer.Reducer`.
 The wrapped optimizer's own ``step()`` runs with each ``param_groups[i]["params"]``
 narrowed to the bucket's parameters, so its update rule, per-group
 hyperparameters and per-parameter state are used unchanged, for any
-``torch.optim.Optimizer`` (SGD, Adam, user subclasses, ...).
+``torch.optim.Optimizer`` (SGD, Adam, user subclasses, ...). With ``shard_update``
+the narrowed groups hold this rank's flat pieces of the bucket's parameters instead
+(pipedap/shard_update.py), and the state exists for those pieces only.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
@@ -34,6 +37,7 @@ from collections.abc import Iterable
 import torch
 
 from pipedap import comm, engine, settings
+from pipedap import shard_update as shard_update_module
 from pipedap.buckets import build_bucket, default_groups
 from pipedap.compression import Compression, wire_dtype_for_buckets
 from pipedap.online_planner import OnlinePlanner
@@ -133,12 +137,48 @@ class _DistributedMixin:
             self._pipedap.sync_enabled = previous
 
     def state_dict(self):
+        """The optimizer's state in torch's format. With ``shard_update`` it is gathered from every
+        rank (call it on every rank): whole parameters, the same on every rank, loadable at any
+        world size or into the plain torch optimizer."""
         self._pipedap.finish_all()
-        return super().state_dict()
+        if self._pipedap.shard_pieces is None:
+            return super().state_dict()
+        everyone = comm.allgather_object(self._pipedap_state_ranges(), name="optimizer.state_dict",
+                                         process_set=self._pipedap.process_set)
+        ranges = [r for rank_ranges in everyone for r in rank_ranges]
+        return self._pipedap_with_state(
+            {p: s for i, p in enumerate(self._pipedap_params())
+             if (s := shard_update_module.whole_param_state(ranges, i, p)) is not None},
+            super().state_dict)
 
     def load_state_dict(self, state_dict):
+        """Load a state in torch's format (from this optimizer at any world size, or a plain one)."""
         self._pipedap.finish_all()
-        return super().load_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+        if self._pipedap.shard_pieces is not None:  # keep this rank's pieces of it
+            self._pipedap_load_ranges(shard_update_module.ranges_of_params(self.state, self._pipedap_index_of()))
+
+    def sharded_state_dict(self) -> dict:
+        """With ``shard_update``: this rank's part of the state (no communication); save one per rank.
+        ``load_sharded_state_dict`` takes the parts of every rank, at any world size."""
+        if self._pipedap.shard_pieces is None:
+            raise RuntimeError("sharded_state_dict() needs DistributedOptimizer(..., shard_update=True) on more "
+                               "than one rank; use state_dict()")
+        self._pipedap.finish_all()
+        groups = self._pipedap_with_state({}, super().state_dict)["param_groups"]
+        return {"format": shard_update_module.SHARDED_FORMAT, "rank": self._pipedap.process_set.rank(),
+                "world_size": self._pipedap.process_set.size(), "param_groups": groups,
+                "ranges": self._pipedap_state_ranges()}
+
+    def load_sharded_state_dict(self, parts: list[dict]) -> None:
+        """Load the ``sharded_state_dict()`` of every rank of a save (made at any world size)."""
+        if self._pipedap.shard_pieces is None:
+            raise RuntimeError("load_sharded_state_dict() needs DistributedOptimizer(..., shard_update=True) on "
+                               "more than one rank; use load_state_dict()")
+        shard_update_module.check_sharded_parts(parts)
+        self._pipedap.finish_all()
+        super().load_state_dict({"state": {}, "param_groups": parts[0]["param_groups"]})
+        self._pipedap_load_ranges([r for part in parts for r in part["ranges"]])
 
     @property
     def plan(self) -> Plan | None:
@@ -146,6 +186,35 @@ class _DistributedMixin:
         return self._pipedap.plan
 
     # --- internals ---------------------------------------------------------------
+
+    def _pipedap_params(self) -> list[torch.nn.Parameter]:
+        """The parameters in param_groups order (their position is torch's state_dict key)."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _pipedap_index_of(self) -> dict[int, int]:
+        return {id(p): i for i, p in enumerate(self._pipedap_params())}
+
+    def _pipedap_pieces(self) -> list[shard_update_module.Piece]:
+        return [pc for pieces in self._pipedap.shard_pieces for pc in pieces]
+
+    def _pipedap_state_ranges(self) -> list[shard_update_module.StateRange]:
+        return shard_update_module.ranges_of_pieces(self._pipedap_pieces(), self.state)
+
+    def _pipedap_load_ranges(self, ranges: list[shard_update_module.StateRange]) -> None:
+        """Make the state this rank's pieces' parts of ``ranges`` (and nothing else)."""
+        state = collections.defaultdict(dict)
+        for pc in self._pipedap_pieces():
+            if (s := shard_update_module.assemble(ranges, pc.index, pc.start, pc.stop)) is not None:
+                state[pc.tensor] = s
+        self.state = state
+
+    def _pipedap_with_state(self, state: dict, call):
+        """``call()`` while ``self.state`` is ``state`` (torch's state_dict packs whatever it holds)."""
+        kept, self.state = self.state, state
+        try:
+            return call()
+        finally:
+            self.state = kept
 
     def _pipedap_local_step(self, closure):
         """One rank: the plain step, with the same gradient scaling (accumulation, clipping)."""
@@ -173,10 +242,12 @@ class _DistributedMixin:
         ids = {id(p) for p in used}
         saved = [dict(group) for group in self.param_groups]
         sparse = [(p, p.grad) for p in used if p in self._pipedap.sparse_grads]
+        group_of_piece = self._pipedap.group_of_piece  # with shard_update, `used` are pieces
         try:
-            for group, hyper in zip(self.param_groups, hyperparameters):
+            for i, (group, hyper) in enumerate(zip(self.param_groups, hyperparameters)):
                 group.update(hyper)
-                group["params"] = [p for p in group["params"] if id(p) in ids]
+                group["params"] = ([t for t in used if group_of_piece[id(t)] == i] if group_of_piece
+                                   else [p for p in group["params"] if id(p) in ids])
             for p, dense in sparse:  # as it came (SparseAdam takes sparse gradients only)
                 p.grad = dense.to_sparse()
             super().step()
@@ -316,6 +387,7 @@ def DistributedOptimizer(
     fusion_bytes: int | None = None,
     process_set: ProcessSet = global_process_set,
     sparse_as_dense: bool = False,
+    shard_update: bool = False,
 ):
     """Wrap ``optimizer`` so that gradients are averaged over the ranks with a communication schedule.
 
@@ -347,6 +419,12 @@ def DistributedOptimizer(
         sparse_as_dense: Horovod's option, accepted with either value: sparse gradients (an
             ``nn.Embedding(sparse=True)``) are always reduced dense in their bucket, and the
             optimizer gets them back sparse (rows whose reduced gradient is zero left out).
+        shard_update: ZeRO stage 1 (pipedap/shard_update.py): each rank updates only its shard of
+            every bucket and keeps optimizer state for it (``optimizer.state`` then holds 1/N of
+            it); the all-gathers carry the updated parameters, in the forward phase (a ``pipedap``
+            plan's backward all-gathers move there too). Needs an element-wise update rule
+            (tested at wrap time: LAMB-like or factored rules are refused) and a schedule other
+            than ``bytescheduler``. ``state_dict()`` then communicates: call it on every rank.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -359,6 +437,11 @@ def DistributedOptimizer(
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if model is None and schedule != "wfbp":
         raise ValueError(f"schedule {schedule!r} needs model=: updates run just before each layer's forward")
+    if shard_update and schedule == "bytescheduler":
+        raise ValueError("shard_update=True with schedule 'bytescheduler': ByteScheduler all-reduces buckets in "
+                         "pieces, a sharded update needs each bucket reduce-scattered whole; use wfbp, dear or pipedap")
+    if shard_update:
+        shard_update_module.check_elementwise(optimizer)
     wire_dtype = wire_dtype_for_buckets(compression)
     engine.check_op(op, "DistributedOptimizer")
     if op not in (comm.Average, comm.Sum):
@@ -390,13 +473,20 @@ def DistributedOptimizer(
     buckets = [build_bucket(i, [(n, by_name[n]) for n in g.params], world, process_set.rank(), wire_dtype)
                for i, g in enumerate(plan.groups)]
     online = None
-    if plan_online:  # measure, then plan
+    if plan_online and shard_update:
+        log.info("DistributedOptimizer: shard_update puts every all-gather in the forward phase, so the online "
+                 "planner has no order to choose: running DeAR's order on the buckets as they are")
+    elif plan_online:  # measure, then plan
         planner = "bytescheduler" if schedule == "bytescheduler" else settings.get("PIPEDAP_PLANNER")
         online = OnlinePlanner(buckets, steps=settings.get("PIPEDAP_PROFILE_STEPS"), planner=planner,
                                process_set=process_set)
+    shard_pieces = _shard(wrapped, buckets) if shard_update else None
     reducer = Reducer(plan, buckets, wrapped._pipedap_apply_update, op=op, passes=backward_passes_per_step,
-                      process_set=process_set, online=online)
+                      process_set=process_set, online=online, shard_pieces=shard_pieces)
     wrapped._pipedap = reducer
+    if shard_pieces is not None:
+        existing = shard_update_module.ranges_of_params(wrapped.state, wrapped._pipedap_index_of())
+        wrapped._pipedap_load_ranges(existing)  # a state loaded before wrapping: keep this rank's part
     reducer.attach(model)
     if model is not None:
         model.register_state_dict_pre_hook(lambda *_: reducer.finish_all())
@@ -404,6 +494,16 @@ def DistributedOptimizer(
     log.info("DistributedOptimizer: schedule %s, %d buckets, %d parameters, %d ranks%s",
              schedule, len(buckets), len(named), world, f", gradients sent as {wire_dtype}" if wire_dtype else "")
     return wrapped
+
+
+def _shard(optimizer, buckets) -> list[list[shard_update_module.Piece]]:
+    """Move each bucket's parameters into its parameter buffer and cut out this rank's pieces."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    index_of = {id(p): i for i, p in enumerate(params)}
+    group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    for b in buckets:
+        b.flatten_params()
+    return [shard_update_module.pieces_of(b, index_of, group_of) for b in buckets]
 
 
 def flush(model: torch.nn.Module) -> None:

@@ -15,6 +15,15 @@ After ``end_step()`` every bucket is *pending*: its all-gather may still be in
 flight. The forward pre-hook of a module finishes the pending buckets of its
 parameters (wait, scale, update) before the module runs, also in ``eval()`` and
 under ``torch.no_grad()``; ``finish_all()`` finishes all of them.
+
+[Note: sharded steps]
+With ``shard_update`` (pipedap/shard_update.py) the plan is ``Plan.sharded()``: every
+all-gather is in the forward phase. ``end_step()`` then, for each forward submission in
+order, waits for its buckets' reduce-scatters, scales the shards, steps this rank's
+pieces of them and submits the all-gather of the updated parameters, so the first
+buckets' all-gathers travel while the later buckets update. Pending buckets wait only
+for their all-gather. Which parameters got a gradient somewhere comes from one small
+all-reduce of the used flags per step: after the reduce-scatter only one rank holds them.
 """
 
 from __future__ import annotations
@@ -26,13 +35,15 @@ from typing import Callable
 
 import torch
 
-from pipedap import engine
+from pipedap import comm, engine
 from pipedap.buckets import Bucket
 from pipedap.online_planner import OnlinePlanner
 from pipedap.planner.plan import Plan
 from pipedap.process_sets import ProcessSet
+from pipedap.shard_update import Piece
 
-# apply_update(params that got a gradient on some rank, param-group options in force at step())
+# apply_update(parameters, or with shard_update their pieces, that got a gradient on some rank,
+#              param-group options in force at step())
 ApplyUpdate = Callable[[list[torch.nn.Parameter], list[dict]], None]
 
 
@@ -48,8 +59,12 @@ class Reducer:
     """One model's gradient communication over one process set, following one plan."""
 
     def __init__(self, plan: Plan, buckets: list[Bucket], apply_update: ApplyUpdate, *, op, passes: int,
-                 process_set: ProcessSet, online: OnlinePlanner | None = None):
-        self.plan, self.buckets, self.apply_update = plan, buckets, apply_update
+                 process_set: ProcessSet, online: OnlinePlanner | None = None,
+                 shard_pieces: list[list[Piece]] | None = None):
+        self.shard_pieces = shard_pieces  # per bucket: this rank's pieces, with shard_update ([Note: sharded steps])
+        self.group_of_piece = {id(pc.tensor): pc.group for pieces in shard_pieces or () for pc in pieces}
+        self.plan = plan.sharded() if shard_pieces is not None else plan
+        self.buckets, self.apply_update = buckets, apply_update
         self.op, self.passes, self.process_set, self.online = op, passes, process_set, online
         self.where = {p: (b, i) for b in buckets for i, p in enumerate(b.params)}
         self.countdown = dict.fromkeys(self.where, passes)  # backward passes left before p's gradient is final
@@ -57,6 +72,7 @@ class Reducer:
         self.works: list[dict[str, engine.Work]] = [{} for _ in buckets]  # per bucket: "rs"/"ag"/"ar" -> its work
         self.pending: set[int] = set()  # buckets communicated (or in flight) whose update is not applied
         self.packed: set[int] = set()  # compressed buckets whose wire buffer holds a result not yet unpacked
+        self.local_flags: list[torch.Tensor | None] = [None] * len(buckets)  # sharded: this rank's, at its RS
         self.zero_after_update: set[int] = set()
         self.update_seconds = [0.0] * len(buckets)  # the latest update's duration (for the online planner)
         self.pending_step = _PendingStep(1.0, [])
@@ -186,10 +202,14 @@ class Reducer:
             pieces, piece = self.plan.pieces(g), self.pieces_issued[g]
             if kind == "rs" or (kind == "ar" and piece == 0):  # the gradients are complete: cast them
                 b.pack()                                         # for the link ([Note: compressed buckets])
-            if kind != "rs" and b.wire is not None:
+            if kind != "rs" and b.wire is not None and self.shard_pieces is None:
                 self.packed.add(g)
             if kind == "rs":
+                if self.shard_pieces is not None:
+                    self.local_flags[g] = b.flags.clone()
                 collectives.append(engine.reducescatter_collective(b.sent, b.sent_shard, f"rs.{g}", self.op, ps))
+            elif kind == "ag" and self.shard_pieces is not None:  # the updated parameters
+                collectives.append(engine.allgather_collective(b.params_shard, b.params_buffer, f"ag.{g}", ps))
             elif kind == "ag":
                 collectives.append(engine.allgather_collective(b.sent_shard, b.sent, f"ag.{g}", ps))
             elif pieces > 1:  # the piece-th of `pieces` equal parts of the bucket (Plan.chunks)
@@ -215,7 +235,10 @@ class Reducer:
     def end_step(self, hyperparameters: list[dict]) -> None:
         """``optimizer.step()``: finish issuing this step's plan; update now (WFBP) or lazily."""
         self.flush_backward()
-        self.submit_forward()
+        if self.shard_pieces is not None:
+            self._update_shards(hyperparameters)
+        else:
+            self.submit_forward()
         self.pending_step = _PendingStep(self.scale(), hyperparameters)
         self.pending = set(range(len(self.buckets)))
         for ready in self.ready:  # this step's gradients are all taken (a pending bucket refuses new ones)
@@ -228,22 +251,73 @@ class Reducer:
         if self.online is not None:
             self._maybe_switch_plan()
 
+    def _update_shards(self, hyperparameters: list[dict]) -> None:
+        """Step this rank's pieces of every bucket and submit the all-gathers ([Note: sharded steps])."""
+        scale = self.scale()
+        used = self._used_everywhere()
+        with self._lock:
+            for sub in self.plan.forward:
+                pieces = []
+                for _, g in sub:
+                    b = self.buckets[g]
+                    if not self.grads_complete:  # else synchronize() has waited and gathered the gradients
+                        self.works[g].pop("rs").wait()
+                        b.unpack_shard()
+                    if scale != 1.0:
+                        b.shard.mul_(scale)
+                    pieces += [pc.tensor for pc in self.shard_pieces[g] if id(pc.param) in used]
+                started = time.perf_counter()
+                if pieces:
+                    self.apply_update(pieces, hyperparameters)
+                for _, g in sub:
+                    self.update_seconds[g] = (time.perf_counter() - started) / len(sub)
+                self._submit(sub)
+            self.forward_submitted = True
+
+    def _used_everywhere(self) -> set[int]:
+        """ids of the parameters that got a gradient on some rank this step (one all-reduce of the flags)."""
+        flags = torch.cat([f if f is not None else b.flags for f, b in zip(self.local_flags, self.buckets)])
+        reduced = comm.allreduce(flags, op=comm.Sum, name="shard_update.used", process_set=self.process_set)
+        used, offset = set(), 0
+        for b in self.buckets:
+            used.update(id(p) for p, n in zip(b.params, reduced[offset : offset + len(b.params)].tolist()) if n != 0)
+            offset += len(b.params)
+        self.local_flags = [None] * len(self.buckets)
+        return used
+
     def synchronize(self) -> None:
-        """Between backward and step(): complete the gradients (``p.grad`` averaged); else apply what is pending."""
+        """Between backward and step(): complete the gradients (``p.grad`` averaged); else apply what is pending.
+
+        With shard_update the gradients are then all-gathered once more (only this rank's shard
+        is averaged after the reduce-scatter), so that every rank's ``p.grad`` is complete.
+        """
         if not self.step_started:
             self.finish_all()
             return
         self.flush_backward()
-        self.submit_forward()
+        if self.shard_pieces is not None:
+            self._gather_gradients()
+        else:
+            self.submit_forward()
         for g, b in enumerate(self.buckets):
             self._wait(g)
             b.attach_grads()
         self.grads_complete = True
 
+    def _gather_gradients(self) -> None:
+        """shard_update's synchronize(): after each reduce-scatter, all-gather the averaged gradients."""
+        works = []
+        for g, b in enumerate(self.buckets):
+            self.works[g].pop("rs").wait()
+            b.unpack_shard()
+            works.append(engine.submit([engine.allgather_collective(b.shard, b.buffer, f"grads.{g}", self.process_set)]))
+        for work in works:
+            work.wait()
+
     def zero_grad(self) -> None:
         """Zero the gradients in place (they stay views into the buckets); pending buckets after their update."""
         for g, b in enumerate(self.buckets):
-            if g in self.pending:
+            if g in self.pending and self.shard_pieces is None:  # (a sharded all-gather moves parameters)
                 self.zero_after_update.add(g)
             else:
                 b.buffer.zero_()
@@ -259,6 +333,12 @@ class Reducer:
         optimizer's per-call overhead, which is milliseconds for a large model.
         """
         if not groups:
+            return
+        if self.shard_pieces is not None:  # updated at step(): the all-gathers bring the parameters
+            for g in groups:
+                self._wait(g)
+                self.works[g].clear()
+                self.pending.discard(g)
             return
         scale = self.pending_step.scale
         for g in groups:

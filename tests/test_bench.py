@@ -16,9 +16,9 @@ from pipedap.tools.bench_options import build_parser
 TINY = ("--model", "resnet50", "--image-size", "32", "--batch-size", "2", "--num-warmup-batches", "1",
         "--num-batches-per-iter", "1", "--num-iters", "3", "--no-progress")
 FIELDS = {"version", "command", "model", "kind", "unit", "input_shape", "batch_size", "baseline", "description",
-          "world_size", "device", "fp16", "compression", "threshold_bytes", "warmup_batches", "batches_per_iter", "iterations",
+          "world_size", "device", "fp16", "compression", "optimizer", "shard_update", "threshold_bytes", "warmup_batches", "batches_per_iter", "iterations",
           "per_iteration", "per_rank_mean", "per_worker", "total", "batch_time", "phases_ms", "plan", "planning",
-          "timeline", "wall_seconds"}
+          "timeline", "wall_seconds", "optimizer_state_bytes"}
 
 
 def bench(tmp_path, baseline: str, *extra: str) -> tuple[dict, str]:
@@ -53,6 +53,22 @@ def test_pipedap_runtime_baselines_run_their_schedule(tmp_path, baseline):
     check_common(doc, output, baseline)
     assert doc["plan"]["schedule"] == baseline.lower() and doc["plan"]["source"] == "built-in"
     assert doc["plan"]["predicted_iteration_s"] is None and doc["batch_time"]["predicted_s"] is None
+
+
+@pytest.mark.mpi
+def test_shard_update_keeps_half_of_adamw_state_on_each_rank(tmp_path):
+    """Issue 17: --shard-update --optimizer adamw; AdamW's state is two float32 copies of the weights."""
+    doc, output = bench(tmp_path, "PipeDAP", "--optimizer", "adamw", "--shard-update")
+    check_common(doc, output, "PipeDAP")
+    assert doc["shard_update"] is True and doc["optimizer"] == "adamw"
+    assert doc["plan"]["schedule"] == "dear" and "shard_update moves every all-gather" in doc["plan"]["source"]
+    assert "sharded update" in doc["description"]
+    import models
+
+    weights = 4 * sum(p.numel() for p in models.get("resnet50").parameters())
+    per_rank = doc["optimizer_state_bytes"]
+    assert sum(per_rank) == pytest.approx(2 * weights, rel=1e-3), per_rank  # (plus Adam's step counters)
+    assert max(per_rank) / min(per_rank) < 1.05, per_rank
 
 
 @pytest.mark.mpi
@@ -134,6 +150,8 @@ def test_horovod_missing_gives_a_clear_message(capsys, monkeypatch):
     (("--num-iters", "0"), "--num-iters must be >= 1"),
     (("--baseline", "Horovod", "--compression", "bf16"), "Horovod has no bf16 compressor"),
     (("--baseline", "DDP", "--compression", "bf16"), "--compression bf16 with DDP needs CUDA"),
+    (("--baseline", "DDP", "--shard-update"), "--shard-update is pipedap's DistributedOptimizer(shard_update=True): "
+                                              "for PipeDAP, DeAR and WFBP, not DDP"),
 ])
 def test_bad_options_are_refused(capsys, args, message):
     assert message in refused(capsys, *args)
@@ -179,7 +197,8 @@ def test_check_passes_the_default_job_and_warns_when_memory_is_tight(capsys, mon
 
 def test_iter_lines_and_the_interval_are_the_rank_averaged_rate(capsys):
     args = build_parser().parse_args([*TINY, "--num-iters", "2"])  # 2 images per iteration
-    everyone = [{"seconds": [1.0, 2.0], "phases_ms": {}}, {"seconds": [0.5, 0.5], "phases_ms": {}}]
+    everyone = [{"seconds": [1.0, 2.0], "phases_ms": {}, "state_bytes": 0},
+                {"seconds": [0.5, 0.5], "phases_ms": {}, "state_bytes": 0}]
     context = {"model": "resnet50", "kind": "image", "unit": "img", "input_shape": [3, 32, 32], "description": "",
                "world_size": 2, "device": "cpu", "_who": "worker"}
     result = bench_module.summarize(args, context, everyone, None, {})

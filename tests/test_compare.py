@@ -188,6 +188,7 @@ def test_a_compressed_system_is_named_with_its_dtype_and_judged_against_half_the
         with pytest.raises(compare_sweep.CompareError, match=message):
             compare.parse_args(["--systems", bad])
     sweep = compare_sweep.Sweep(args)
+    assert "--optimizer" in sweep.bench_options("resnet50")
     sweep.compute = [{"model": "resnet50", "hosts": 2, "ranks": 2, "batch_s": 1.0}]
     sweep.runs = [dict(_run(label, 2.0), model="resnet50", hosts=2, rate="125mbit") for label in
                   ("PipeDAP", "PipeDAP-fp16")]
@@ -335,3 +336,21 @@ def test_help_runs() -> None:
     done = subprocess.run([sys.executable, "-m", "pipedap.tools.compare", "--help"], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert done.returncode == 0 and "--quick" in done.stdout and "bound" in done.stdout
+
+
+def test_a_sharded_system_is_named_with_its_suffix_and_runs_bench_with_shard_update(tmp_path) -> None:
+    """Issue 17: -sharded after the dtype, for pipedap's own schedules only."""
+    args = compare.parse_args(["--systems", "DeAR,DeAR-sharded,pipedap-fp16-SHARDED", "--optimizer", "adamw",
+                               "--out", str(tmp_path)])
+    assert [(s.label, s.baseline, s.compression, s.shard_update) for s in args.systems] == [
+        ("DeAR", "DeAR", "none", False), ("DeAR-sharded", "DeAR", "none", True),
+        ("PipeDAP-fp16-sharded", "PipeDAP", "fp16", True)]
+    sweep = compare_sweep.Sweep(args)
+    options = sweep.bench_options("bert_base")
+    assert options[options.index("--optimizer") + 1] == "adamw"
+    # a sharded PipeDAP does not plan online: no longer warmup
+    assert sweep.batches(args.systems[2]) == sweep.batches(args.systems[0])
+    for bad, message in (("DDP-sharded", "is for PipeDAP, DeAR, WFBP"), ("DeAR-sharded-fp16", "unknown"),
+                         ("Pipeline-flush-sharded", "is for PipeDAP, DeAR, WFBP")):
+        with pytest.raises(compare_sweep.CompareError, match=message):
+            compare.parse_args(["--systems", bad])

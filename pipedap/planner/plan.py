@@ -123,6 +123,25 @@ class Plan:
             object.__setattr__(self, "_digest", _sha256(content))
         return self._digest
 
+    def sharded(self) -> Plan:
+        """This plan as ``shard_update`` runs it: every all-reduce becomes a reduce-scatter in its
+        place, and every all-gather (it carries updated parameters) moves to the forward phase,
+        in group order, because a shard can only be updated once ``step()`` has the whole step
+        (its clipping coefficient, its hyperparameters). Fusion and the backward order stay."""
+        if self.chunks:
+            raise PlanError(f"plan {self.schedule!r} all-reduces groups in pieces (chunks); a sharded update "
+                            "needs each group reduce-scattered whole: use schedule wfbp, dear or pipedap")
+        backward = []
+        for sub in self.backward:
+            ops = tuple(("rs", g) if kind == "ar" else (kind, g) for kind, g in sub if kind != "ag")
+            if ops:
+                backward.append(ops)
+        forward = tuple((("ag", g),) for g in range(len(self.groups)))
+        if tuple(backward) == self.backward and forward == self.forward:
+            return self
+        return Plan(self.schedule, self.world_size, self.groups, tuple(backward), forward,
+                    sync_before_forward=self.sync_before_forward, inputs_hash=self.inputs_hash)
+
     def pieces(self, group: int) -> int:
         """How many ``ar`` ops all-reduce ``group`` (1 unless it is chunked)."""
         return dict(self.chunks).get(group, 1)

@@ -5,7 +5,7 @@ Run it under MPI, e.g.::
     mpirun -np 2 python -m pipedap.tools.bench --model resnet50 --batch-size 8 --baseline PipeDAP
 
 It trains ``--model`` from the ``models`` package on random batches with SGD (momentum
-0.9) distributed by one baseline (see :mod:`pipedap.tools.bench_baselines`), and prints, like
+0.9; or ``--optimizer adamw``) distributed by one baseline (see :mod:`pipedap.tools.bench_baselines`), and prints, like
 upstream PipeDAP's benchmark (Horovod's synthetic benchmark), on rank 0::
 
     Img/sec per worker in each timed iteration (the mean over the 2 ranks' rates):
@@ -17,8 +17,9 @@ followed by the measured time per batch next to the planner's prediction (when t
 has one). ``--json FILE`` writes all of it::
 
     version, command, model, kind, unit, input_shape, batch_size, baseline, description,
-    world_size, device, fp16, threshold_bytes, warmup_batches, batches_per_iter, iterations,
+    world_size, device, fp16, compression, optimizer, shard_update, threshold_bytes, warmup_batches, batches_per_iter, iterations,
     per_iteration: [{seconds, per_worker, total}], per_rank_mean: [rate of each rank],
+    optimizer_state_bytes: [bytes of each rank's optimizer state tensors after the run],
     per_worker: {mean, ci95, std}, total: {mean, ci95},
     batch_time: {measured_s, predicted_s, predicted_over_measured},
     phases_ms: {forward, backward, step} (rank 0's means),
@@ -130,15 +131,16 @@ def saved_activation_bytes(model: torch.nn.Module, inputs, targets, loss_fn) -> 
 
 def memory_estimate(args: argparse.Namespace) -> dict[str, int]:
     """Bytes one CPU rank needs, by part: the Python/torch runtime (this process, measured now),
-    parameters, gradients, SGD momentum, and the activations of one batch (those of a batch
-    of 2 measured, scaled to the batch size; 2 because batch norm refuses a single sample)."""
+    parameters, gradients, the optimizer's state (SGD momentum: one copy of the weights; AdamW: two;
+    the upper bound without --shard-update's saving), and the activations of one batch (those of a
+    batch of 2 measured, scaled to the batch size; 2 because batch norm refuses a single sample)."""
     runtime = (meminfo_kib("VmRSS", "/proc/self/status") or 0) * 1024
     torch.manual_seed(args.seed)
     model = models.get(args.model)
     two = argparse.Namespace(**{**vars(args), "batch_size": 2})
     per_sample = saved_activation_bytes(model, *make_batch(two, 0, torch.device("cpu")), models.loss_fn(args.model)) / 2
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"runtime": runtime, "parameters": weights, "gradients": weights, "optimizer state": weights,
+    return {"runtime": runtime, "parameters": weights, "gradients": weights, "optimizer state": weights * (2 if args.optimizer == "adamw" else 1),
             "activations": round(per_sample * args.batch_size)}
 
 
@@ -232,7 +234,8 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
     say(f"Model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
         f"input {tuple(inputs.shape[1:])})\nBatch size: {args.batch_size}\n"
         f"Number of {who}s: {world} ({device.type})\nBaseline: {args.baseline}")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = (torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01) if args.optimizer == "adamw"
+                 else torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
     dist = runtime.distribute(model, optimizer, (inputs, targets), loss_fn, say)
     described = runtime.describe(dist)
     say(f"  {described}")
@@ -305,7 +308,7 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
     runtime.listen(None)
     bar.close()
 
-    mine = {"seconds": seconds, "phases_ms": recorder.phase_means_ms(),
+    mine = {"seconds": seconds, "phases_ms": recorder.phase_means_ms(), "state_bytes": state_bytes(optimizer),
             "events": recorder.events(rank) if args.timeline else None}
     everyone = runtime.allgather_object(mine)
     plan = runtime.plan(optimizer)
@@ -322,6 +325,12 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
     return summarize(args, context, everyone, plan, dist.facts)
 
 
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of this rank's optimizer state tensors (with --shard-update: its shards' only)."""
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+               if isinstance(v, torch.Tensor))
+
+
 def summarize(args: argparse.Namespace, context: dict, everyone: list[dict], plan, facts: dict) -> dict:
     """The results dict (the JSON fields, plus ``_``-prefixed ones for printing) from every rank's numbers."""
     units = args.batch_size * args.num_batches_per_iter
@@ -336,7 +345,8 @@ def summarize(args: argparse.Namespace, context: dict, everyone: list[dict], pla
     measured = statistics.fmean(p["seconds"] for p in per_iteration) / args.num_batches_per_iter
     return {
         "version": JSON_VERSION, "command": sys.argv, **context, "batch_size": args.batch_size,
-        "baseline": args.baseline, "fp16": args.fp16, "compression": args.compression, "threshold_bytes": facts.get("threshold_bytes"),
+        "baseline": args.baseline, "fp16": args.fp16, "compression": args.compression,
+        "optimizer": args.optimizer, "shard_update": args.shard_update, "threshold_bytes": facts.get("threshold_bytes"),
         "warmup_batches": args.num_warmup_batches, "batches_per_iter": args.num_batches_per_iter,
         "iterations": args.num_iters, "per_iteration": per_iteration,
         "per_rank_mean": [units / statistics.fmean(r["seconds"]) for r in everyone],
@@ -345,6 +355,7 @@ def summarize(args: argparse.Namespace, context: dict, everyone: list[dict], pla
         "batch_time": {"measured_s": measured, "predicted_s": predicted,
                        "predicted_over_measured": predicted / measured if predicted else None},
         "phases_ms": everyone[0]["phases_ms"],
+        "optimizer_state_bytes": [r["state_bytes"] for r in everyone],
         "plan": None if plan is None else {
             "schedule": plan.schedule, "groups": len(plan.groups), "digest": plan.digest(),
             "predicted_iteration_s": predicted, "source": facts.get("plan_source", "built-in")},

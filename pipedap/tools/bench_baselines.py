@@ -176,6 +176,8 @@ class PipedapRuntime(_OverPipedap):
                                                       wire_fraction=0.5 if args.compression != "none" else 1.0,
                                                       planner=PLANNED[schedule])
             facts.update(planning, plan_source="planned in this job for an assumed link")
+        elif schedule in PLANNED and args.shard_update:
+            facts["plan_source"] = "DeAR's order (shard_update moves every all-gather to the forward phase)"
         elif schedule in PLANNED:
             facts["plan_source"] = "planned online by DistributedOptimizer from its first measured steps"
             say("  no --plan: DistributedOptimizer runs DeAR while it measures the first steps, then plans "
@@ -183,11 +185,12 @@ class PipedapRuntime(_OverPipedap):
         self.lib.broadcast_parameters(model.state_dict(), root_rank=0)
         optimizer = self.lib.DistributedOptimizer(optimizer, model=model, schedule=schedule, plan=plan,
                                                  fusion_bytes=args.threshold,
-                                                 compression=getattr(self.lib.Compression, args.compression))
+                                                 compression=getattr(self.lib.Compression, args.compression),
+                                                 shard_update=args.shard_update)
         initial = optimizer.plan
-        online = schedule in PLANNED and plan is None
+        online = schedule in PLANNED and plan is None and not args.shard_update
         return Distributed(model, optimizer, f"pipedap.DistributedOptimizer, schedule {schedule}"
-                           + compressed(args.compression), facts,
+                           + compressed(args.compression) + (", sharded update" if args.shard_update else ""), facts,
                            warm=(lambda: optimizer.plan is not initial) if online else lambda: True)
 
     def plan(self, optimizer) -> Plan:

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compression", choices=("none", "fp16", "bf16"), default="none",
                         help="gradients on the link in this dtype (PipeDAP's DistributedOptimizer(compression=), "
                              "DDP's fp16/bf16 compress hook, Horovod's Compression.fp16); default none")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                        help="sgd (momentum 0.9, lr 0.01; default) or adamw (lr 1e-4, weight decay 0.01)")
+    parser.add_argument("--shard-update", action="store_true",
+                        help="PipeDAP, DeAR, WFBP: DistributedOptimizer(shard_update=True): each rank updates only "
+                             "its shard and keeps optimizer state for it; the all-gathers carry parameters")
     parser.add_argument("--sentence-len", type=int, help="sequence length of language models (default: the model's)")
     parser.add_argument("--image-size", type=int, help="image side of image models (default: the model's)")
     parser.add_argument("--data-dir", "--data_dir", metavar="DIR", help="train on this image folder (DIR/train/<class>/"
@@ -110,6 +115,9 @@ def validate(args: argparse.Namespace) -> None:
     if args.compression == "bf16" and args.baseline == "DDP" and args.device != "cuda":
         raise BenchError("--compression bf16 with DDP needs CUDA (torch's bf16_compress_hook runs on NCCL only); "
                          "use fp16, or another baseline")
+    if args.shard_update and args.baseline not in ("PipeDAP", "DeAR", "WFBP"):
+        raise BenchError(f"--shard-update is pipedap's DistributedOptimizer(shard_update=True): for PipeDAP, DeAR "
+                         f"and WFBP, not {args.baseline}")
     pipedap_only = [opt for opt in ("plan", "save_plan") if getattr(args, opt)]
     if pipedap_only and args.baseline != "PipeDAP":
         raise BenchError(f"--{pipedap_only[0].replace('_', '-')} is for --baseline PipeDAP (it sets PipeDAP's plan)")

@@ -73,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--systems", default=",".join(s.label for s in SYSTEMS),
                         help="comma-separated subset of the systems (default: all; Horovod only when it imports); "
                              "a data-parallel one with -fp16 or -bf16 appended (PipeDAP-fp16, DDP-fp16) sends its "
-                             "gradients in that dtype (bench --compression)")
+                             "gradients in that dtype (bench --compression); PipeDAP, DeAR or WFBP with -sharded appended "
+                             "(last: DeAR-fp16-sharded) updates sharded (bench --shard-update)")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                        help="the optimizer every system trains with (bench --optimizer; default sgd)")
     parser.add_argument("--batch-size", type=int, help="per rank (default 8; --quick: 2)")
     parser.add_argument("--image-size", type=int, help="image side of image models (default: the model's; --quick: 32)")
     parser.add_argument("--sentence-len", type=int, help="sequence length of language models (default: the model's)")

@@ -57,6 +57,7 @@ class System:
     env: dict[str, str] = field(default_factory=dict)
     program: str = "bench"
     compression: str = "none"  # bench --compression (data parallelism only)
+    shard_update: bool = False  # bench --shard-update (pipedap's data-parallel schedules only)
 
 
 SYSTEMS = (
@@ -72,6 +73,8 @@ SYSTEMS = (
 )
 MAIN_WITH_RUNTIME = Path(__file__).resolve().parents[2] / "main_with_runtime.py"
 COMPRESSIONS = ("fp16", "bf16")
+SHARDED = "sharded"
+SHARDABLE = ("PipeDAP", "DeAR", "WFBP")
 
 
 class CompareError(Exception):
@@ -79,20 +82,28 @@ class CompareError(Exception):
 
 
 def system_named(name: str) -> System:
-    """The system ``name`` (case-insensitive) of SYSTEMS, or a data-parallel one with ``-fp16``/``-bf16``
-    appended: that system with its gradients compressed."""
+    """The system ``name`` (case-insensitive) of SYSTEMS, or one with suffixes: ``-fp16``/``-bf16`` (a
+    data-parallel system with its gradients compressed) and ``-sharded`` (PipeDAP, DeAR or WFBP with
+    shard_update), in that order, e.g. ``DeAR-fp16-sharded``."""
     labels = {s.label.lower(): s for s in SYSTEMS}
-    base, _, suffix = name.lower().rpartition("-")
-    if name.lower() not in labels and suffix in COMPRESSIONS and base in labels:
-        system = labels[base]
-        if system.program != "bench":
-            raise CompareError(f"--systems: {name}: compression is for data-parallel systems; a pipeline sends "
-                               "activations, not gradients")
-        return dataclasses.replace(system, label=f"{system.label}-{suffix}", compression=suffix)
-    if name.lower() not in labels:
+    base, compression, sharded = name.lower(), "none", False
+    if base not in labels and base.endswith(f"-{SHARDED}"):
+        base, sharded = base[: -len(SHARDED) - 1], True
+    if base not in labels and base.rpartition("-")[2] in COMPRESSIONS:
+        base, _, compression = base.rpartition("-")
+    if base not in labels:
         raise CompareError(f"--systems: unknown {name}; choose from {', '.join(s.label for s in SYSTEMS)}, each "
-                           f"data-parallel one also with -{' or -'.join(COMPRESSIONS)}")
-    return labels[name.lower()]
+                           f"data-parallel one also with -{' or -'.join(COMPRESSIONS)}, and {', '.join(SHARDABLE)} "
+                           f"also with -{SHARDED}")
+    system = labels[base]
+    if compression != "none" and system.program != "bench":
+        raise CompareError(f"--systems: {name}: compression is for data-parallel systems; a pipeline sends "
+                           "activations, not gradients")
+    if sharded and system.label not in SHARDABLE:
+        raise CompareError(f"--systems: {name}: -{SHARDED} (DistributedOptimizer's shard_update) is for "
+                           f"{', '.join(SHARDABLE)}")
+    label = system.label + (f"-{compression}" if compression != "none" else "") + (f"-{SHARDED}" if sharded else "")
+    return dataclasses.replace(system, label=label, compression=compression, shard_update=sharded)
 
 
 def clean_env(env: dict[str, str]) -> dict[str, str]:
@@ -126,15 +137,14 @@ class Sweep:
             size = ["--sentence-len", str(a.sentence_len)]
         return ["--model", model, "--batch-size", str(a.batch_size), "--num-warmup-batches", str(a.warmup),
                 "--num-batches-per-iter", str(a.batches_per_iter), "--num-iters", str(a.iters),
-                "--no-progress", *size]
-
-
+                "--optimizer", a.optimizer, "--no-progress", *size]
 
     def batches(self, system: System | None) -> int:
         """Batches one run trains (PipeDAP's warmup lasts until it has planned)."""
         warmup = self.args.warmup
-        if system is not None and system.baseline in ("PipeDAP", "ByteScheduler"):  # they plan online,
-            warmup = max(warmup, settings.get("PIPEDAP_PROFILE_STEPS") + 2)  # switching plans after these
+        planned_online = system is not None and system.baseline in ("PipeDAP", "ByteScheduler") and not system.shard_update
+        if planned_online:  # they switch plans after these
+            warmup = max(warmup, settings.get("PIPEDAP_PROFILE_STEPS") + 2)
         return warmup + self.args.iters * self.args.batches_per_iter
 
     def estimate_s(self, batch_s: float, system: System | None) -> float:
@@ -261,6 +271,7 @@ class Sweep:
         else:
             command = tb.mpirun([sys.executable, "-m", "pipedap.tools.bench", *self.bench_options(model),
                                  "--baseline", system.baseline, "--compression", system.compression,
+                                 *(["--shard-update"] if system.shard_update else []),
                                  "--json", str(json_path), "--timeline", str(trace)])
         env = dict(clean_env(tb.env()), **TESTBED_ENV, **system.env)
         # a cost model measured at one rate must not be reused at the next: same host names

@@ -5,7 +5,9 @@ back-propagates every rank's shard with the loss divided by the world size and
 steps a plain optimizer, which is single-process training on the concatenated
 batch (for models without batch statistics it is the same gradient; with
 BatchNorm it is what data parallelism computes, each shard normalised alone).
-Exits non-zero on the first mismatch.
+Exits non-zero on the first mismatch. With ``--shard-update`` the parts wrap with
+``shard_update=True`` (issue 17) and run in float64, so that the sharded update must
+match single-process training to 1e-9.
 """
 
 import copy
@@ -23,7 +25,10 @@ hvd.init()
 R, P = hvd.rank(), hvd.size()
 B = 4  # samples per rank and step
 STEPS = 20
-TOL = 1e-5
+SHARD = "--shard-update" in sys.argv
+TOL = 1e-9 if SHARD else 1e-5
+if SHARD:
+    torch.set_default_dtype(torch.float64)
 
 
 # --- models -----------------------------------------------------------------------
@@ -191,12 +196,18 @@ def handwritten_bytescheduler_plan(model: nn.Module) -> Plan:
     return Plan("bytescheduler", P, tuple(groups), tuple(backward), (), chunks=((n - 1, 3), (0, 2)))
 
 
-SCHEDULES = ("wfbp", "dear", "pipedap", "bytescheduler")
+SCHEDULES = ("wfbp", "dear", "pipedap") if SHARD else ("wfbp", "dear", "pipedap", "bytescheduler")
 
 
 def plan_for(schedule: str, model: nn.Module):
     plans = {"pipedap": handwritten_pipedap_plan, "bytescheduler": handwritten_bytescheduler_plan}
     return plans[schedule](model) if schedule in plans else None
+
+
+def wrap(opt, model, schedule, **options):
+    """DistributedOptimizer as the parts test it: a bucket per module, the schedule's handwritten plan."""
+    return hvd.DistributedOptimizer(opt, model=model, schedule=schedule, plan=plan_for(schedule, model),
+                                    fusion_bytes=0, shard_update=SHARD, **options)
 
 
 # --- training ---------------------------------------------------------------------
@@ -246,6 +257,17 @@ def compare(what, model, reference):
     return worst
 
 
+def compare_state(what, ours, theirs):
+    """Two optimizer state_dicts in torch's format: same keys, hyperparameters and values."""
+    if ours["param_groups"] != theirs["param_groups"] or ours["state"].keys() != theirs["state"].keys():
+        sys.exit(f"rank {R}: {what}: param_groups or state keys differ: {ours['param_groups']} / {theirs['param_groups']}")
+    for index, entries in theirs["state"].items():
+        for key, value in entries.items():
+            mine = ours["state"][index][key]
+            if not (torch.is_tensor(value) and mine.shape == value.shape and torch.allclose(mine, value, atol=TOL)):
+                sys.exit(f"rank {R}: {what}: state of parameter #{index}, {key!r} differs")
+
+
 def fresh(model_name):
     torch.manual_seed(0)
     model = MODELS[model_name]()
@@ -258,8 +280,7 @@ def run_matrix():
         for opt_name in OPTIMIZERS:
             for model_name in MODELS:
                 model, reference = fresh(model_name)
-                opt = hvd.DistributedOptimizer(make_optimizer(opt_name, model), model=model,
-                                               schedule=schedule, plan=plan_for(schedule, model), fusion_bytes=0)
+                opt = wrap(make_optimizer(opt_name, model), model, schedule)
                 ref_opt = make_optimizer(opt_name, reference)
                 for step in range(STEPS):
                     distributed_step(model, opt, model_name, step)
@@ -279,8 +300,7 @@ def run_features():
     for schedule in SCHEDULES:
         # an LR scheduler changes the effective rate (and matches the reference)
         model, reference = fresh("mlp")
-        opt = hvd.DistributedOptimizer(make_optimizer("sgd", model), model=model, schedule=schedule,
-                                       plan=plan_for(schedule, model), fusion_bytes=0)
+        opt = wrap(make_optimizer("sgd", model), model, schedule)
         ref_opt = make_optimizer("sgd", reference)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.1)
         ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=3, gamma=0.1)
@@ -294,20 +314,19 @@ def run_features():
 
         # save mid-run, load into a fresh run and continue = uninterrupted
         model, reference = fresh("cnn_bn")
-        opt = hvd.DistributedOptimizer(make_optimizer("adamw", model), model=model, schedule=schedule,
-                                       plan=plan_for(schedule, model), fusion_bytes=0)
+        opt = wrap(make_optimizer("adamw", model), model, schedule)
         ref_opt = make_optimizer("adamw", reference)
         for step in range(6):
             distributed_step(model, opt, "cnn_bn", step)
             reference_step(reference, ref_opt, "cnn_bn", step)
         checkpoint = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict())}
+        compare_state(f"{schedule} optimizer state_dict", checkpoint["opt"], ref_opt.state_dict())
         torch.manual_seed(123)
         resumed = SmallCNN()
         resumed.load_state_dict(checkpoint["model"])
         resumed_opt = make_optimizer("adamw", resumed)
         resumed_opt.load_state_dict(checkpoint["opt"])
-        resumed_opt = hvd.DistributedOptimizer(resumed_opt, model=resumed, schedule=schedule,
-                                               plan=plan_for(schedule, resumed), fusion_bytes=0)
+        resumed_opt = wrap(resumed_opt, resumed, schedule)
         for step in range(6, 12):
             distributed_step(resumed, resumed_opt, "cnn_bn", step)
             reference_step(reference, ref_opt, "cnn_bn", step)
@@ -315,8 +334,7 @@ def run_features():
 
         # eval between steps sees the updated weights (the forward pre-hooks apply them)
         model, reference = fresh("mlp")
-        opt = hvd.DistributedOptimizer(make_optimizer("adam", model), model=model, schedule=schedule,
-                                       plan=plan_for(schedule, model), fusion_bytes=0)
+        opt = wrap(make_optimizer("adam", model), model, schedule)
         ref_opt = make_optimizer("adam", reference)
         probe = torch.randn(5, 8, generator=torch.Generator().manual_seed(7))
         for step in range(4):
@@ -332,8 +350,7 @@ def run_features():
         # synchronize() after step() applies the pending update (before evaluating or saving) and
         # starts no communication of its own: training goes on exactly
         model, reference = fresh("mlp")
-        opt = hvd.DistributedOptimizer(make_optimizer("adam", model), model=model, schedule=schedule,
-                                       plan=plan_for(schedule, model), fusion_bytes=0)
+        opt = wrap(make_optimizer("adam", model), model, schedule)
         ref_opt = make_optimizer("adam", reference)
         for step in range(4):
             distributed_step(model, opt, "mlp", step)
@@ -348,9 +365,8 @@ def run_features():
         # batch); no_sync() accumulates locally and communicates once (sums them, as DDP does)
         for how in ("passes", "no_sync"):
             model, reference = fresh("mlp")
-            opt = hvd.DistributedOptimizer(make_optimizer("sgd", model), model=model, schedule=schedule,
-                                           plan=plan_for(schedule, model), fusion_bytes=0,
-                                           backward_passes_per_step=2 if how == "passes" else 1)
+            opt = wrap(make_optimizer("sgd", model), model, schedule,
+                       backward_passes_per_step=2 if how == "passes" else 1)
             ref_opt = make_optimizer("sgd", reference)
             for step in range(5):
                 opt.zero_grad()
@@ -368,8 +384,7 @@ def run_features():
 
         # global-norm clipping from the reduce-scatter shards = torch's clip on the averaged gradients
         model, reference = fresh("cnn_bn")
-        opt = hvd.DistributedOptimizer(make_optimizer("sgd", model), model=model, schedule=schedule,
-                                       plan=plan_for(schedule, model), fusion_bytes=0)
+        opt = wrap(make_optimizer("sgd", model), model, schedule)
         ref_opt = make_optimizer("sgd", reference)
         for step in range(6):
             distributed_step(model, opt, "cnn_bn", step, clip=0.05)
@@ -378,8 +393,7 @@ def run_features():
 
         # Horovod's idiom: synchronize(), clip with torch, step inside skip_synchronize()
         model, reference = fresh("mlp")
-        opt = hvd.DistributedOptimizer(make_optimizer("sgd", model), model=model, schedule=schedule,
-                                       plan=plan_for(schedule, model), fusion_bytes=0)
+        opt = wrap(make_optimizer("sgd", model), model, schedule)
         ref_opt = make_optimizer("sgd", reference)
         for step in range(5):
             opt.zero_grad()
@@ -394,8 +408,7 @@ def run_features():
 
         # AMP's GradScaler: synchronize, unscale, then the scaler steps inside skip_synchronize
         model, reference = fresh("mlp")
-        opt = hvd.DistributedOptimizer(make_optimizer("adam", model), model=model, schedule=schedule,
-                                       plan=plan_for(schedule, model), fusion_bytes=0)
+        opt = wrap(make_optimizer("adam", model), model, schedule)
         ref_opt = make_optimizer("adam", reference)
         scaler, ref_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0), torch.amp.GradScaler("cpu", init_scale=1024.0)
         for step in range(5):
@@ -420,12 +433,13 @@ def run_features():
     os.environ["PIPEDAP_PROFILE_STEPS"] = "2"
     for model_name in MODELS:
         model, reference = fresh(model_name)
-        opt = hvd.DistributedOptimizer(make_optimizer("adamw", model), model=model, schedule="pipedap", fusion_bytes=0)
+        opt = hvd.DistributedOptimizer(make_optimizer("adamw", model), model=model, schedule="pipedap", fusion_bytes=0,
+                                       shard_update=SHARD)
         ref_opt = make_optimizer("adamw", reference)
         for step in range(8):
             distributed_step(model, opt, model_name, step)
             reference_step(reference, ref_opt, model_name, step)
-        assert P == 1 or opt.plan.schedule == "optimal", opt.plan
+        assert P == 1 or opt.plan.schedule == ("dear" if SHARD else "optimal"), opt.plan  # (no order to plan)
         compare(f"online-planned pipedap/{model_name}", model, reference)
     print(f"rank {R}: features OK")
 
@@ -515,7 +529,7 @@ def run_plan_mismatch():
     dear, handwritten = plan_of("dear", module_groups(model), P), handwritten_pipedap_plan(model)
     digests = (dear.digest(), handwritten.digest())
 
-    def wrap(how, plan=None):
+    def try_wrap(how, plan=None):
         try:
             hvd.DistributedOptimizer(make_optimizer("sgd", model), model=model, schedule="pipedap", plan=plan)
             print(f"rank {R}: NOT DETECTED ({how})")
@@ -523,17 +537,17 @@ def run_plan_mismatch():
             named = all(d in str(e) for d in digests) and "different plan file or $PIPEDAP_PLAN" in str(e)
             print(f"rank {R}: DETECTED ({how}){' with both digests' if named else ''}: {e}")
 
-    wrap("Plan", dear if R != 1 else handwritten)
+    try_wrap("Plan", dear if R != 1 else handwritten)
     with tempfile.TemporaryDirectory() as tmp:
         paths = [os.path.join(tmp, f"{name}.json") for name in ("dear", "handwritten")]
         dear.save(paths[0])
         handwritten.save(paths[1])
         os.environ["PIPEDAP_PLAN"] = paths[R == 1]
         try:
-            wrap("PIPEDAP_PLAN")
+            try_wrap("PIPEDAP_PLAN")
         finally:
             os.environ.pop("PIPEDAP_PLAN")
-        wrap("missing file", paths[0] if R != 1 else os.path.join(tmp, "absent.json"))
+        try_wrap("missing file", paths[0] if R != 1 else os.path.join(tmp, "absent.json"))
     opt = hvd.DistributedOptimizer(make_optimizer("sgd", model), model=model, schedule="pipedap", plan=dear)
     assert opt.plan.digest() == digests[0]
     print(f"rank {R}: same plan OK")
