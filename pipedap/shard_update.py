@@ -151,13 +151,11 @@ def assemble(ranges: list[StateRange], index: int, start: int, stop: int) -> dic
     if not over:
         return None
     cursor = start
-    for _, a, b, _ in over:
-        if a > cursor:
-            break
+    for _, a, b, _ in [*over, (index, stop, stop, {})]:
+        if a > cursor:  # a gap from cursor to a
+            raise ValueError(f"optimizer state: elements {cursor}..{a} of parameter #{index} are in none of the "
+                             "given parts; load the parts of every rank that saved them")
         cursor = max(cursor, b)
-    if cursor < stop:
-        raise ValueError(f"optimizer state: elements {cursor}..{stop} of parameter #{index} are in none of the "
-                         "given parts; load the parts of every rank that saved them")
     state = {}
     for key, value in over[0][3].items():
         if _elementwise(value, over[0][2] - over[0][1]):

@@ -168,9 +168,9 @@ class Scored:
 
 
 def score(profile: Profile, cost: CostModel, fusion: str, grouping: Grouping,
-          planners: Sequence[str] = tuple(PLANNERS)) -> list[Scored]:
+          planners: Sequence[str] = tuple(PLANNERS), shard_update: bool = False) -> list[Scored]:
     """Every schedule in `planners` for one grouping, with its planning time."""
-    problem = Problem(fuse(profile, grouping), cost)
+    problem = Problem(fuse(profile, grouping), cost, shard_update)
     out = []
     for name in planners:
         start = time.perf_counter()
@@ -180,14 +180,14 @@ def score(profile: Profile, cost: CostModel, fusion: str, grouping: Grouping,
 
 
 def search(profile: Profile, cost: CostModel, planners: Sequence[str] = tuple(PLANNERS),
-           groupings: dict[str, Grouping] | None = None) -> tuple[Scored, list[Scored]]:
+           groupings: dict[str, Grouping] | None = None, shard_update: bool = False) -> tuple[Scored, list[Scored]]:
     """Joint fusion + order search: every candidate grouping under every planner.
 
     Returns the best plannable (fusion, schedule) pair and everything considered.
     """
     considered = []
     for fusion, grouping in (groupings or candidates(profile, cost)).items():
-        considered += score(profile, cost, fusion, grouping, planners)
+        considered += score(profile, cost, fusion, grouping, planners, shard_update)
     plannable = [s for s in considered if s.schedule.backward]
     if not plannable:
         raise ValueError(f"no plannable schedule among {list(planners)}; include dear, pipedap or optimal")

@@ -14,6 +14,15 @@ overlap the forward of g-1: ``fstart[g] = max(fend[g-1], done[g]) + u[g]``. With
 ``sync_before_forward`` (WFBP) every group waits for the last collective instead.
 Forward-phase submissions are handed over at ``step()``, after backward; that never
 delays them, because they follow RS(0) in plan order, which needs all of backward.
+
+[Note: sharded updates in the timeline]
+With ``shard_update`` (Problem(..., shard_update=True); plans of ``Plan.sharded()`` form,
+every AG in the forward phase) the update of g runs in ``step()``, before AG(g) is
+issued, in the order of the forward submissions: ``uend[g] = max(uend[previous], end of
+RS(g)) + u[g]``, and AG(g) cannot start before ``uend[g]``. The forward then waits for
+the last update and for AG(g) only (``w[g] = tf[g]``). ``u`` is the update of this
+rank's shard (a measured sharded profile; :func:`pipedap.planner.make_plan` divides a
+whole-bucket profile's ``u`` by the world size).
 """
 
 from __future__ import annotations
@@ -31,15 +40,18 @@ from .profile import Profile
 class Problem:
     """Per-group inputs precomputed for fast simulation (groups in forward order)."""
 
-    def __init__(self, profile: Profile, cost: CostModel) -> None:
+    def __init__(self, profile: Profile, cost: CostModel, shard_update: bool = False) -> None:
         layers = profile.layers
         self.profile = profile
         self.cost = cost
+        self.shard_update = shard_update
         self.size = len(layers)
         self.nbytes = [layer.nbytes for layer in layers]
         self.tb = [layer.tb for layer in layers]
-        # w[g]: compute the forward spends on g (update, then forward).
-        self.w = [layer.u + layer.tf for layer in layers]
+        self.u = [layer.u for layer in layers]
+        # w[g]: compute the forward spends on g (update, then forward; sharded: the forward only).
+        self.w = [layer.tf if shard_update else layer.u + layer.tf for layer in layers]
+        self.step_updates = sum(self.u) if shard_update else 0.0  # compute in step() (sharded updates)
         self.costs = {kind: [cost.of(kind).time(m) for m in self.nbytes] for kind in ("rs", "ag", "ar")}
         self.startup = {kind: cost.of(kind).a for kind in ("rs", "ag", "ar")}
         # What merging an AG into an RS submission saves: the smaller of the two start-ups.
@@ -65,7 +77,17 @@ class Problem:
 
     def compute_bound(self) -> float:
         """Backward plus update plus forward: no schedule can beat the compute alone."""
-        return self.backward_end + self.tail[0]
+        return self.backward_end + self.step_updates + self.tail[0]
+
+    def update_ends(self, subs: Sequence[Submission], end_of: dict[Op, float]) -> dict[int, float]:
+        """Sharded: when the update of each group ends in ``step()`` ([Note: sharded updates in the timeline])."""
+        ends, t = {}, self.backward_end
+        for sub in subs:
+            for kind, g in sub:
+                if kind == "ag":
+                    t = max(t, end_of[("rs", g)]) + self.u[g]
+                    ends[g] = t
+        return ends
 
     def lower_bound(self) -> float:
         """A bound below every schedule the planner considers (any fusion held fixed).
@@ -124,8 +146,11 @@ class Timeline:
         """(label, start, end) of every block on the compute stream, for Gantt charts."""
         p = self.problem
         spans = [(f"B{g}", p.ready[g] - p.tb[g], p.ready[g]) for g in reversed(range(p.size))]
+        if p.shard_update:  # the updates run in step(), before the forward
+            for g, end in p.update_ends(self.submissions, self.end_of).items():
+                spans.append((f"U{g}", end - p.u[g], end))
         for g in range(p.size):
-            u = p.profile.layers[g].u
+            u = 0.0 if p.shard_update else p.u[g]
             if u > 0:
                 spans.append((f"U{g}", self.forward_start[g], self.forward_start[g] + u))
             spans.append((f"F{g}", self.forward_start[g] + u, self.forward_start[g] + p.w[g]))
@@ -150,10 +175,13 @@ def simulate(
     subs = (*backward, *forward)
     starts, ends = [], []
     free = 0.0
-    for sub in subs:
+    updated: dict[int, float] = {}  # sharded: update ends, known once the backward phase is simulated
+    for i, sub in enumerate(subs):
+        if problem.shard_update and i == len(backward):
+            updated = problem.update_ends(forward, end_of)
         start = free
         for kind, g in sub:
-            need = end_of[("rs", g)] if kind == "ag" else ready[g]
+            need = updated.get(g, end_of[("rs", g)]) if kind == "ag" else ready[g]
             if need > start:
                 start = need
         if len(sub) == 1:
@@ -183,6 +211,8 @@ def complete(
     last = max(ends, default=0.0)
     starts_fwd = []
     t = problem.backward_end
+    if problem.shard_update:  # the forward starts when step() has updated every shard
+        t = max(problem.update_ends(subs, end_of).values(), default=t)
     for g in range(problem.size):
         done = end_of.get(("ag", g), end_of.get(("ar", g)))
         if done is None:

@@ -174,7 +174,7 @@ class PipedapRuntime(_OverPipedap):
             plan, planning = bench_plan.plan_for_link(model, *batch, loss, bandwidth=args.bandwidth,
                                                       latency=args.latency, threshold=args.threshold, say=say,
                                                       wire_fraction=0.5 if args.compression != "none" else 1.0,
-                                                      planner=PLANNED[schedule])
+                                                      planner=PLANNED[schedule], shard_update=args.shard_update)
             facts.update(planning, plan_source="planned in this job for an assumed link")
         elif schedule in PLANNED and args.shard_update:
             facts["plan_source"] = "DeAR's order (shard_update moves every all-gather to the forward phase)"

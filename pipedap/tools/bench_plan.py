@@ -34,7 +34,7 @@ Say = Callable[[str], None]
 
 def plan_for_link(model: torch.nn.Module, inputs: Any, targets: Any, loss: Callable, *, bandwidth: str,
                   latency: str, threshold: int | None, say: Say, wire_fraction: float = 1.0,
-                  planner: str = "optimal") -> tuple[Plan, dict]:
+                  planner: str = "optimal", shard_update: bool = False) -> tuple[Plan, dict]:
     """Profile, plan on rank 0 for the assumed link; every rank returns the same plan and facts.
 
     ``wire_fraction``: the bytes on the link per gradient byte (0.5 with fp16/bf16 compression).
@@ -54,7 +54,7 @@ def plan_for_link(model: torch.nn.Module, inputs: Any, targets: Any, loss: Calla
     def plan_here() -> Plan:
         began = time.perf_counter()
         spec = f"threshold:{threshold}" if threshold else "search"
-        plan = make_plan(profile, cost, planner=planner, fusion=spec)
+        plan = make_plan(profile, cost, planner=planner, fusion=spec, shard_update=shard_update)
         say(f"planned (fusion {spec}) in {time.perf_counter() - began:.2f} s: {len(plan.groups)} groups, "
             f"predicted {plan.predicted.iteration_time * 1e3:.1f} ms per batch")
         return plan

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipedap import units
 from pipedap.planner import PLANNABLE, costmodel, fusion, make_plan
+from pipedap.planner.make import sharded_profile
 from pipedap.planner.costmodel import CostModel
 from pipedap.planner.plan import PlanError
 from pipedap.planner.profile import Profile
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tune-trials", type=int, default=30, help="trials for --fusion tune (default 30)")
     parser.add_argument("--schedule", choices=PLANNABLE, default="optimal", help="schedule of the written plan")
+    parser.add_argument("--shard-update", action="store_true",
+                        help="plan for DistributedOptimizer(shard_update=True): each rank updates 1/N of every "
+                             "bucket in step(), before its all-gather; the order is DeAR's, the fusion is searched")
     parser.add_argument("--out", metavar="FILE", help="write the plan JSON here")
     parser.add_argument("--gantt", metavar="FILE", help="write a Gantt chart (PNG) of every schedule here")
     return parser
@@ -106,13 +110,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = f"tune:{args.tune_trials}" if args.fusion == "tune" else args.fusion
         with step(f"fusion candidates ({spec})"):
             candidates = fusion.groupings(spec, profile, cost)
-        with step(f"planning {len(candidates)} fusion candidate(s) x {len(fusion.PLANNERS)} schedules"):
-            _, considered = fusion.search(profile, cost, groupings=candidates)
-        chosen = min((s for s in considered if s.schedule.name == args.schedule),
+        planners, chosen_name = tuple(fusion.PLANNERS), args.schedule
+        if args.shard_update:  # the only order a sharded update allows
+            planners, chosen_name = ("dear",), "dear"
+        with step(f"planning {len(candidates)} fusion candidate(s) x {len(planners)} schedules"
+                  + (" (sharded update)" if args.shard_update else "")):
+            searched = sharded_profile(profile, cost.world_size) if args.shard_update else profile
+            _, considered = fusion.search(searched, cost, planners=planners, groupings=candidates,
+                                          shard_update=args.shard_update)
+        chosen = min((s for s in considered if s.schedule.name == chosen_name),
                      key=lambda s: s.schedule.iteration_time)
         print_table(considered, chosen)
         if args.out:
-            plan = make_plan(profile, cost, planner=args.schedule, fusion=candidates)
+            plan = make_plan(profile, cost, planner=args.schedule, fusion=candidates, shard_update=args.shard_update)
             plan.save(args.out)
             print(f"plan ({args.schedule}, fusion {chosen.fusion}, {len(plan.groups)} groups, digest "
                   f"{plan.digest()[:12]}) written to {args.out}")

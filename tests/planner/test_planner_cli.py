@@ -77,3 +77,13 @@ def test_outputs_go_into_folders_that_do_not_exist_yet(profile_file, tmp_path):
             "--out", str(out / "plan.json"), "--gantt", str(out / "plan.png")]
     assert cli.main(argv) == 0
     assert (out / "plan.json").is_file() and (out / "plan.png").is_file()
+
+
+def test_shard_update_plans_dear_order_for_the_sharded_timeline(profile_file, tmp_path, capsys):
+    """Issue 17: --shard-update writes a plan DistributedOptimizer(shard_update=True) runs as it is."""
+    out = tmp_path / "plan.json"
+    assert cli.main(["--profile", str(profile_file), "--workers", "4", "--bandwidth", "1gbit", "--shard-update",
+                 "--out", str(out)]) == 0
+    plan = Plan.load(out)
+    assert plan.schedule == "dear" and plan.sharded() is plan
+    assert "(sharded update)" in capsys.readouterr().out

@@ -142,3 +142,24 @@ def test_the_planner_stays_pure():
             "and not m.startswith('pipedap.planner')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "['pipedap.log']"
+
+
+def test_a_plan_for_shard_update_has_dear_order_and_per_shard_update_times():
+    """Issue 17: make_plan(shard_update=True) plans the fusion for the sharded timeline."""
+    import dataclasses
+
+    from pipedap.planner.profile import Layer, Profile
+
+    layers = tuple(Layer(f"l{i}", (f"l{i}.w",), 4_000_000, 0.01, 0.02, 0.04) for i in range(6))
+    profile, cost = Profile(layers), from_link(4, 1.25e8, 5e-5)
+    plan = make_plan(profile, cost, planner="optimal", shard_update=True)
+    assert plan.schedule == "dear" and plan.sharded() is plan  # every all-gather in the forward phase
+    unsharded = make_plan(profile, cost, planner="dear")
+    assert plan.inputs_hash != unsharded.inputs_hash
+    # the sharded update of 1/4 of each bucket, in step(): faster than DeAR's whole updates in the forward
+    assert plan.predicted.iteration_time < unsharded.predicted.iteration_time
+    slower = make_plan(Profile(tuple(dataclasses.replace(layer, u=0.16) for layer in layers)), cost,
+                       planner="dear", shard_update=True)
+    assert slower.predicted.iteration_time > plan.predicted.iteration_time
+    with pytest.raises(ValueError, match="a sharded plan has DeAR's order"):
+        make_plan(profile, cost, planner="wfbp", shard_update=True)

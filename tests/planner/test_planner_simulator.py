@@ -84,3 +84,18 @@ def test_global_lower_bound_by_hand(make_problem):
 def test_invalid_bytescheduler_parameters(make_problem):
     with pytest.raises(ValueError, match="partition and credit"):
         simulate_bytescheduler(make_problem(LAYERS), partition=0, credit=1)
+
+
+def test_sharded_updates_run_in_step_before_their_all_gathers(make_problem):
+    """[Note: sharded updates in the timeline] (issue 17), on the same groups."""
+    from pipedap.planner.simulator import Problem
+
+    plain = make_problem(LAYERS)
+    problem = Problem(plain.profile, plain.cost, shard_update=True)
+    tl = simulate(problem, [(("rs", 1),), (("rs", 0),)], [(("ag", 0),), (("ag", 1),)])
+    # rs1 1-3, rs0 3-6; step(): update g0 6-6.5 (after rs0), g1 (u 0) at 6.5; ag0 6.5-9.5,
+    # ag1 9.5-11.5; forward from 6.5: g0 waits for ag0 (9.5), no update, to 10.5; g1 11.5-12.5.
+    assert tl.starts == (1, 3, 6.5, 9.5) and tl.ends == (3, 6, 9.5, 11.5)
+    assert tl.forward_start == (9.5, 11.5) and tl.iteration_time == 12.5
+    assert problem.compute_bound() == 3 + 0.5 + 2  # backward, the updates in step(), the forward
+    assert ("U0", 6.0, 6.5) in tl.compute_spans() and ("F0", 9.5, 10.5) in tl.compute_spans()
