@@ -159,11 +159,8 @@ class _DistributedMixin:
             self._pipedap_load_ranges(shard_update_module.ranges_of_params(self.state, self._pipedap_index_of()))
 
     def sharded_state_dict(self) -> dict:
-        """With ``shard_update``: this rank's part of the state (no communication); save one per rank.
-        ``load_sharded_state_dict`` takes the parts of every rank, at any world size."""
-        if self._pipedap.shard_pieces is None:
-            raise RuntimeError("sharded_state_dict() needs DistributedOptimizer(..., shard_update=True) on more "
-                               "than one rank; use state_dict()")
+        """This rank's part of the state (no communication; with ``shard_update`` 1/N of it, else all
+        of it): save one per rank. ``load_sharded_state_dict`` takes every rank's, at any world size."""
         self._pipedap.finish_all()
         groups = self._pipedap_with_state({}, super().state_dict)["param_groups"]
         return {"format": shard_update_module.SHARDED_FORMAT, "rank": self._pipedap.process_set.rank(),
@@ -171,10 +168,7 @@ class _DistributedMixin:
                 "ranges": self._pipedap_state_ranges()}
 
     def load_sharded_state_dict(self, parts: list[dict]) -> None:
-        """Load the ``sharded_state_dict()`` of every rank of a save (made at any world size)."""
-        if self._pipedap.shard_pieces is None:
-            raise RuntimeError("load_sharded_state_dict() needs DistributedOptimizer(..., shard_update=True) on "
-                               "more than one rank; use load_state_dict()")
+        """Load the ``sharded_state_dict()`` of every rank of a save (made at any world size, sharded or not)."""
         shard_update_module.check_sharded_parts(parts)
         self._pipedap.finish_all()
         super().load_state_dict({"state": {}, "param_groups": parts[0]["param_groups"]})
@@ -198,14 +192,22 @@ class _DistributedMixin:
         return [pc for pieces in self._pipedap.shard_pieces for pc in pieces]
 
     def _pipedap_state_ranges(self) -> list[shard_update_module.StateRange]:
+        """This rank's state as ranges ([Note: rank-independent optimizer state]): its pieces', or all of it."""
+        if self._pipedap.shard_pieces is None:
+            return shard_update_module.ranges_of_params(self.state, self._pipedap_index_of())
         return shard_update_module.ranges_of_pieces(self._pipedap_pieces(), self.state)
 
     def _pipedap_load_ranges(self, ranges: list[shard_update_module.StateRange]) -> None:
-        """Make the state this rank's pieces' parts of ``ranges`` (and nothing else)."""
+        """Make the state this rank's parts of ``ranges`` (its pieces', or whole parameters) and nothing else."""
         state = collections.defaultdict(dict)
-        for pc in self._pipedap_pieces():
-            if (s := shard_update_module.assemble(ranges, pc.index, pc.start, pc.stop)) is not None:
-                state[pc.tensor] = s
+        if self._pipedap.shard_pieces is None:
+            for i, p in enumerate(self._pipedap_params()):
+                if (s := shard_update_module.whole_param_state(ranges, i, p)) is not None:
+                    state[p] = s
+        else:
+            for pc in self._pipedap_pieces():
+                if (s := shard_update_module.assemble(ranges, pc.index, pc.start, pc.stop)) is not None:
+                    state[pc.tensor] = s
         self.state = state
 
     def _pipedap_with_state(self, state: dict, call):
@@ -498,8 +500,7 @@ def DistributedOptimizer(
 
 def _shard(optimizer, buckets) -> list[list[shard_update_module.Piece]]:
     """Move each bucket's parameters into its parameter buffer and cut out this rank's pieces."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    index_of = {id(p): i for i, p in enumerate(params)}
+    index_of = optimizer._pipedap_index_of()
     group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
     for b in buckets:
         b.flatten_params()

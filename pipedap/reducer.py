@@ -233,7 +233,7 @@ class Reducer:
         return scale * self.clip_coef if self.clip_coef is not None else scale
 
     def end_step(self, hyperparameters: list[dict]) -> None:
-        """``optimizer.step()``: finish issuing this step's plan; update now (WFBP) or lazily."""
+        """``optimizer.step()``: finish issuing this step's plan; update now (WFBP, or sharded) or lazily."""
         self.flush_backward()
         if self.shard_pieces is not None:
             self._update_shards(hyperparameters)
@@ -266,17 +266,14 @@ class Reducer:
                     if scale != 1.0:
                         b.shard.mul_(scale)
                     pieces += [pc.tensor for pc in self.shard_pieces[g] if id(pc.param) in used]
-                started = time.perf_counter()
                 if pieces:
                     self.apply_update(pieces, hyperparameters)
-                for _, g in sub:
-                    self.update_seconds[g] = (time.perf_counter() - started) / len(sub)
                 self._submit(sub)
             self.forward_submitted = True
 
     def _used_everywhere(self) -> set[int]:
         """ids of the parameters that got a gradient on some rank this step (one all-reduce of the flags)."""
-        flags = torch.cat([f if f is not None else b.flags for f, b in zip(self.local_flags, self.buckets)])
+        flags = torch.cat(self.local_flags)  # (every bucket's RS was submitted: flush_backward)
         reduced = comm.allreduce(flags, op=comm.Sum, name="shard_update.used", process_set=self.process_set)
         used, offset = set(), 0
         for b in self.buckets:

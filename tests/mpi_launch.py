@@ -10,6 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipedap.pipeline.driver import free_port
+
 SCRIPTS = Path(__file__).parent / "mpi_scripts"
 
 
@@ -53,15 +55,6 @@ def run_mpi(script: str, np: int, *args: str, env: dict | None = None, timeout: 
 
 def assert_ok(result: Result) -> None:
     assert result.returncode == 0, f"exit code {result.returncode}; output:\n{result.output}"
-
-
-def free_port() -> int:
-    """A TCP port on the loopback that nothing listens on now (for a torch.distributed rendezvous)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(script: str, np: int, *args: str, timeout: float = 120, torch_env: bool = True

@@ -60,7 +60,8 @@ def test_a_sharded_checkpoint_saved_at_3_ranks_resumes_at_2_exactly(tmp_path):
     resumed = run_mpi("check_shard_update.py", 2, "resume", str(tmp_path), timeout=300)
     assert_ok(resumed)
     assert resumed.output.count("resume OK at 2 ranks") == 2, resumed.output
-    assert resumed.output.count("saved at 3 ranks, resumed at 2 from sharded_state_dict") == 2 * 3
+    assert resumed.output.count("saved at 3 ranks, resumed at 2 from sharded_state_dict: ") == 2 * 3
+    assert resumed.output.count("saved at 3 ranks, resumed at 2 from sharded_state_dict, unsharded: ") == 2 * 3
 
 
 def test_broadcast_parameters_buffers_and_optimizer_state():

@@ -328,7 +328,7 @@ def run(settings: Settings, *, log_directory: str | None = None, timeout: float 
     testbed = None
     try:
         if how == "local":
-            port = _free_port()
+            port = free_port()
             for rank in range(settings.world):
                 command = rank_command(settings, rank, port, program)
                 if "container" in settings.values:
@@ -383,7 +383,8 @@ def _environment() -> dict:
     return env
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now (for a torch.distributed rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from pipedap import units
 from pipedap.planner import PLANNABLE, costmodel, fusion, make_plan
-from pipedap.planner.make import sharded_profile
 from pipedap.planner.costmodel import CostModel
+from pipedap.planner.make import sharded_profile
 from pipedap.planner.plan import PlanError
 from pipedap.planner.profile import Profile
 from pipedap.tools.progress import step

@@ -4,10 +4,11 @@
 ``compression``: with fp16/bf16 the reduce-scatters move half of float32's bytes, the
 all-gathers move the float32 parameters, and the parameters equal the unsharded
 compressed run's exactly (both update float32 with the same reduced gradients).
-``save DIR`` then ``resume DIR`` (at another world size): training in float64 with a global
-batch that does not depend on the world size; ``save`` checkpoints at step 4, with
-state_dict() (whole, torch's format) and sharded_state_dict() (a file per rank);
-``resume`` loads each and continues to step 10, and must equal uninterrupted single-process
+``save DIR`` then ``resume DIR`` (at another world size): float64, a global batch that does
+not depend on the world size; ``save`` checkpoints at step 4, with state_dict() (whole,
+torch's format) and sharded_state_dict() (a file per rank); ``resume`` loads each (also
+the parts into an unsharded optimizer, and the whole state into a plain torch optimizer
+before wrapping) and continues to step 10, which must equal uninterrupted single-process
 training to 1e-9. Also broadcast_optimizer_state on a sharded optimizer (collective).
 Exits non-zero on the first failure.
 """
@@ -142,16 +143,16 @@ def run_resume(directory: str) -> None:
         saved = torch.load(os.path.join(directory, f"{schedule}.whole.pt"))
         check(saved["world_size"] != P, "resume must run at another world size than save")
         parts = [torch.load(os.path.join(directory, f"{schedule}.part{r}.pt")) for r in range(saved["world_size"])]
-        for how in ("state_dict", "sharded_state_dict", "plain torch optimizer"):
+        for how in ("state_dict", "sharded_state_dict", "plain torch optimizer", "sharded_state_dict, unsharded"):
             model = make_model()
             model.load_state_dict(saved["model"])
             base = make_optimizer(model)
             if how == "plain torch optimizer":  # loaded before wrapping: each rank keeps its part
                 base.load_state_dict(saved["opt"])
-            opt = hvd.DistributedOptimizer(base, model=model, schedule=schedule, shard_update=True)
+            opt = hvd.DistributedOptimizer(base, model=model, schedule=schedule, shard_update="unsharded" not in how)
             if how == "state_dict":
                 opt.load_state_dict(saved["opt"])
-            elif how == "sharded_state_dict":
+            elif how.startswith("sharded_state_dict"):
                 opt.load_sharded_state_dict(parts)
             train_steps(model, opt, range(SAVE_AT, STEPS))
             hvd.flush(model)
