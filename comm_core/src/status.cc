@@ -31,7 +31,8 @@ std::string running_words(const RankStatus& s, int set, const std::function<std:
 
 std::string no_answer() {
   return "did not answer within " + format_number(kAnswerSeconds) +
-         " s (dead, stuck outside pipedap's polling, or its engine already shut down)";
+         " s (dead, its link slow or down: the answer waits behind the data, stuck outside pipedap's polling, "
+         "or its engine already shut down)";
 }
 
 }  // namespace
@@ -106,6 +107,16 @@ std::optional<std::vector<std::optional<RankStatus>>> StatusChannel::answers() {
   bool all = true;
   for (int r = 0; r < side_.size; ++r) all = all && (!expected_[r] || answered_[r]);
   if (!all && monotonic_ns() < deadline_ns_) return std::nullopt;
+  // A question still unsent (it waits behind bulk data to a peer whose link is slow or down) cannot be
+  // cancelled in Open MPI, and waiting for it would end the job before the report names that peer. It is
+  // left to complete among the outgoing messages (its buffer, question_, stays put); the unanswered
+  // receives are cancelled.
+  for (int r = 0; r < side_.size; ++r) {
+    if (asked_[2 * r] != MPI_REQUEST_NULL) {
+      outgoing_.push_back(Answer{RankStatus{}, asked_[2 * r]});
+      asked_[2 * r] = MPI_REQUEST_NULL;
+    }
+  }
   abandon_requests(asked_, /*cancellable=*/true, side_.rank, "ending a status inquiry");
   std::vector<std::optional<RankStatus>> result(side_.size);
   for (int r = 0; r < side_.size; ++r) {

@@ -93,7 +93,7 @@ class StatusChannel {
   };
   void progress_inquiry();
 
-  std::list<Answer> outgoing_;  // answers being sent (a list: their addresses stay put)
+  std::list<Answer> outgoing_;  // answers being sent, and questions left unsent (a list: addresses stay put)
   bool asking_ = false;
   int64_t deadline_ns_ = 0;
   int64_t question_ = 0;             // the buffer our questions are sent from: the set

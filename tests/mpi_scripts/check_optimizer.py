@@ -24,7 +24,7 @@ from pipedap.planner.schedules import plan_of
 hvd.init()
 R, P = hvd.rank(), hvd.size()
 B = 4  # samples per rank and step
-STEPS = 20
+STEPS = 10
 SHARD = "--shard-update" in sys.argv
 TOL = 1e-9 if SHARD else 1e-5
 if SHARD:

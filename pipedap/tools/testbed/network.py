@@ -193,6 +193,21 @@ def leftovers(run_id: int | None = None) -> tuple[list[str], list[str]]:
     return [n for n in namespaces if ours(n)], [link for link in links if ours(link)]
 
 
+def kill_processes_in(namespace: str) -> list[int]:
+    """SIGKILL what still runs in ``namespace`` (an MPI daemon that lost its link outlives its job,
+    and deleting the namespace's name would leave it running); the pids it killed."""
+    try:
+        pids = [int(pid) for pid in run(["ip", "netns", "pids", namespace]).split()]
+    except TestbedError:  # gone meanwhile
+        return []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
 def teardown(run_id: int | None = None) -> list[str]:
     """Delete the links and namespaces of run ``run_id`` (of every run if None); return what was removed.
 
@@ -203,6 +218,8 @@ def teardown(run_id: int | None = None) -> list[str]:
     """
     removed = []
     namespaces, links = leftovers(run_id)
+    for name in namespaces:
+        kill_processes_in(name)
     bridge_ports_first = sorted(links, key=lambda name: name.endswith("br"))
     for kind, name in [("link", n) for n in bridge_ports_first] + [("netns", n) for n in namespaces]:
         try:
