@@ -106,8 +106,8 @@ def checksums(output: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def undisturbed(testbed) -> str:
-    """The checksum of the parameters after 12 undisturbed steps."""
-    job = Job(testbed, "train", 12, env={"PIPEDAP_FUSION_BYTES": str(64 << 20)})
+    """The checksum of the parameters after 8 undisturbed steps."""
+    job = Job(testbed, "train", 8, env={"PIPEDAP_FUSION_BYTES": str(64 << 20)})
     assert job.finish(120) == 0, job.output
     sums = checksums(job.output)
     assert len(sums) == 2 and len(set(sums.values())) == 1, job.output
@@ -157,9 +157,9 @@ def test_a_link_taken_down_mid_collective_ends_the_job_naming_the_peer(testbed):
 
 def test_a_link_slowed_to_10_mbit_is_reported_and_the_job_completes_correctly(testbed, undisturbed):
     # one bucket (11 MB): each reduce-scatter then takes about 4.5 s at 10 Mbit/s
-    job = Job(testbed, "train", 12, env={"PIPEDAP_STALL_SECONDS": "1", "PIPEDAP_FUSION_BYTES": str(64 << 20)})
+    job = Job(testbed, "train", 8, env={"PIPEDAP_STALL_SECONDS": "1", "PIPEDAP_FUSION_BYTES": str(64 << 20)})
     try:
-        job.wait_for(r"rank 0: step 4", 120)
+        job.wait_for(r"rank 0: step 2", 120)
         network.shape(testbed.run_id, 1, Shaping(rate="10mbit"))
         try:
             job.wait_for(r"has not finished after \d+ s", 60)

@@ -12,7 +12,7 @@ def run_part(part: str, np: int, *options: str):
     return result.output
 
 
-@pytest.mark.parametrize("np", [1, 2, 3, 4])
+@pytest.mark.parametrize("np", [1, 2, 4])  # 3 ranks (uneven shards): the features part
 def test_every_schedule_optimizer_and_model_matches_single_process(np):
     out = run_part("matrix", np)
     assert out.count("matrix OK: 4 schedules x 4 optimizers x 6 models") == np
@@ -31,7 +31,7 @@ def test_fp16_and_bf16_compression_halve_the_bytes_and_keep_the_loss_curve(part)
     assert result.output.count(f"{part} OK") == 2, result.output
 
 
-@pytest.mark.parametrize("np", [1, 2, 4])
+@pytest.mark.parametrize("np", [2, 4])  # (one rank: the plain optimizer, as unsharded)
 def test_shard_update_matches_single_process_in_float64_for_every_schedule_optimizer_and_model(np):
     """Issue 17: the matrix again with shard_update=True (no ByteScheduler: refused), to 1e-9 in float64."""
     out = run_part("matrix", np, "--shard-update")
