@@ -350,6 +350,13 @@ def test_a_sharded_system_is_named_with_its_suffix_and_runs_bench_with_shard_upd
     assert options[options.index("--optimizer") + 1] == "adamw"
     # a sharded PipeDAP does not plan online: no longer warmup
     assert sweep.batches(args.systems[2]) == sweep.batches(args.systems[0])
+    # compressed and sharded: 16-bit reduce-scatters, full-size all-gathers of parameters
+    sweep.compute = [{"model": "resnet50", "hosts": 2, "ranks": 2, "batch_s": 1.0}]
+    sweep.runs = [dict(_run("PipeDAP-fp16-sharded", 2.0), model="resnet50", hosts=2, rate="125mbit")]
+    sweep.args.rates = ["125mbit"]
+    (row,) = sweep.comparison()
+    comm = compare_report.ring_allreduce_s(compare_report.gradient_bytes("resnet50"), 2, 125e6)
+    assert row["systems"]["PipeDAP-fp16-sharded"]["bound_s"] == pytest.approx(comm * 0.75)
     for bad, message in (("DDP-sharded", "is for PipeDAP, DeAR, WFBP"), ("DeAR-sharded-fp16", "unknown"),
                          ("Pipeline-flush-sharded", "is for PipeDAP, DeAR, WFBP")):
         with pytest.raises(compare_sweep.CompareError, match=message):

@@ -99,7 +99,7 @@ def system_named(name: str) -> System:
     if compression != "none" and system.program != "bench":
         raise CompareError(f"--systems: {name}: compression is for data-parallel systems; a pipeline sends "
                            "activations, not gradients")
-    if sharded and system.label not in SHARDABLE:
+    if sharded and system.baseline not in SHARDABLE:
         raise CompareError(f"--systems: {name}: -{SHARDED} (DistributedOptimizer's shard_update) is for "
                            f"{', '.join(SHARDABLE)}")
     label = system.label + (f"-{compression}" if compression != "none" else "") + (f"-{SHARDED}" if sharded else "")
@@ -361,9 +361,11 @@ class Sweep:
                         runs[label] = dict(r, own_bound=pipeline_bound(stage_package(model, ranks), achieved,
                                                                        parse_rate_bps(rate), self.args.batch_size,
                                                                        self.args.image_size, compute))
-                    elif system.compression != "none":  # half the bytes on the link
-                        runs[label] = dict(r, own_bound={"bound_s": max(compute, comm / 2),
-                                                         "comm_s": comm / 2, "why": f"gradients as {system.compression}"})
+                    elif system.compression != "none":  # half the bytes on the link (sharded: the all-gathers
+                        fraction = 0.75 if system.shard_update else 0.5  # carry full-size parameters)
+                        runs[label] = dict(r, own_bound={"bound_s": max(compute, comm * fraction),
+                                                         "comm_s": comm * fraction,
+                                                         "why": f"gradients as {system.compression}"})
                 rows.append(compare_row(model, hosts, ranks, self.args.batch_size, rate, compute, comm,
                                         achieved, runs))
         return rows
