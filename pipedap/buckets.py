@@ -86,12 +86,10 @@ class Bucket:
         if self.params_buffer is not None:
             return
         self.params_buffer = torch.zeros_like(self.buffer)
-        offset = 0
-        for p in self.params:
+        for p, offset in zip(self.params, self.offsets()):
             view = self.params_buffer[offset : offset + p.numel()].view_as(p)
             view.copy_(p.detach())
             p.data = view
-            offset += p.numel()
         self.params_shard = self.params_buffer[self.shard_start : self.shard_start + self.shard.numel()]
 
     def offsets(self) -> list[int]:

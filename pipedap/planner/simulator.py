@@ -30,7 +30,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .costmodel import CostModel
 from .plan import Op, Submission
@@ -126,6 +126,7 @@ class Timeline:
     iteration_time: float
     lower_bound: float  # for this plan: compute, or head + link busy + tail
     labels: tuple[str, ...] = ()  # optional names of the submissions (chunked schedules)
+    update_end: dict[int, float] = field(default_factory=dict)  # sharded: when each update in step() ends
 
     @property
     def link(self) -> tuple[LinkSpan, ...]:
@@ -146,9 +147,8 @@ class Timeline:
         """(label, start, end) of every block on the compute stream, for Gantt charts."""
         p = self.problem
         spans = [(f"B{g}", p.ready[g] - p.tb[g], p.ready[g]) for g in reversed(range(p.size))]
-        if p.shard_update:  # the updates run in step(), before the forward
-            for g, end in p.update_ends(self.submissions, self.end_of).items():
-                spans.append((f"U{g}", end - p.u[g], end))
+        for g, end in self.update_end.items():  # sharded: the updates run in step(), before the forward
+            spans.append((f"U{g}", end - p.u[g], end))
         for g in range(p.size):
             u = 0.0 if p.shard_update else p.u[g]
             if u > 0:
@@ -194,7 +194,7 @@ def simulate(
         for op in sub:
             start_of[op] = start
             end_of[op] = free
-    return complete(problem, subs, starts, ends, start_of, end_of, sync_before_forward)
+    return complete(problem, subs, starts, ends, start_of, end_of, sync_before_forward, update_end=updated)
 
 
 def complete(
@@ -206,13 +206,17 @@ def complete(
     end_of: dict[Op, float],
     sync_before_forward: bool,
     labels: Sequence[str] = (),
+    update_end: dict[int, float] | None = None,
 ) -> Timeline:
-    """Complete a timeline from the link: forward-phase waits, the iteration time, the bound."""
+    """Complete a timeline from the link: forward-phase waits, the iteration time, the bound.
+
+    ``update_end``: with shard_update, when each group's update in ``step()`` ends (simulate's).
+    """
     last = max(ends, default=0.0)
     starts_fwd = []
     t = problem.backward_end
-    if problem.shard_update:  # the forward starts when step() has updated every shard
-        t = max(problem.update_ends(subs, end_of).values(), default=t)
+    if update_end:  # sharded: the forward starts when step() has updated every shard
+        t = max(t, *update_end.values())
     for g in range(problem.size):
         done = end_of.get(("ag", g), end_of.get(("ar", g)))
         if done is None:
@@ -231,7 +235,7 @@ def complete(
     busy = sum(ends) - sum(starts)
     bound = max(problem.compute_bound(), problem.tb[-1] + busy + problem.tail[first_completed])
     return Timeline(problem, tuple(subs), tuple(starts), tuple(ends), start_of, end_of,
-                    tuple(starts_fwd), t, bound, tuple(labels))
+                    tuple(starts_fwd), t, bound, tuple(labels), dict(update_end or {}))
 
 
 def simulate_bytescheduler(problem: Problem, partition: int, credit: int) -> Timeline:
