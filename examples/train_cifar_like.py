@@ -1,10 +1,17 @@
 """Train a small CNN on CIFAR-like 32x32 images with PipeDAP: the two-line integration.
 
-    mpirun -np 2 python examples/train_cifar_like.py --epochs 5 --checkpoint /tmp/cnn.pt
-    mpirun -np 2 python examples/train_cifar_like.py --epochs 8 --checkpoint /tmp/cnn.pt --resume
+    mpirun -np 2 python examples/train_cifar_like.py --epochs 5 --checkpoint-dir /tmp/cnn
+    mpirun -np 2 python examples/train_cifar_like.py --epochs 8 --checkpoint-dir /tmp/cnn   # continues at epoch 6
+
+    # restarted from the last checkpoint (up to 3 times) when a rank or host fails:
+    python -m pipedap.tools.launch -np 2 --max-restarts 3 --checkpoint-dir /tmp/cnn -- \
+        python examples/train_cifar_like.py --epochs 8
 
 A plain PyTorch training loop (data loader with a distributed sampler, SGD with momentum,
 an LR scheduler, evaluation, checkpoints) plus the two PipeDAP lines marked below. The
+checkpoints are pipedap.save_checkpoint's (after every epoch): complete on every rank or
+not at all, and loaded at start when there is one, so a restarted job goes on where the
+last one stopped. The
 data are synthetic so the example runs anywhere in seconds: each of 10 classes is a fixed
 random 32x32 "template" image, and a sample is its class's template plus noise, so a
 CNN can learn them and the loss visibly falls. To use real CIFAR-10, swap
@@ -73,8 +80,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05, help="for the global batch (batch-size x workers)")
     parser.add_argument("--train-samples", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, default=256)
-    parser.add_argument("--checkpoint", help="save here after every epoch (rank 0)")
-    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    parser.add_argument("--checkpoint-dir", default=os.environ.get("PIPEDAP_CHECKPOINT_DIR"),
+                        help="save a checkpoint here after every epoch and continue from the last one at start "
+                             "(default: $PIPEDAP_CHECKPOINT_DIR, set by pipedap.tools.launch --checkpoint-dir)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -96,18 +104,16 @@ def main() -> None:
     # halve the learning rate every 3 epochs (resuming with more --epochs continues the same rule)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
 
-    start_epoch = 0
-    if args.resume and args.checkpoint and os.path.exists(args.checkpoint):
-        state = torch.load(args.checkpoint, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = state["epoch"]
-        if rank == 0:
-            print(f"resumed from {args.checkpoint} at epoch {start_epoch}", flush=True)
     # every rank starts from rank 0's weights and optimizer state (Horovod's idiom)
     pipedap.broadcast_parameters(model.state_dict(), root_rank=0)
     pipedap.broadcast_optimizer_state(optimizer, root_rank=0)
+    start_epoch = 0
+    found = pipedap.load_checkpoint(args.checkpoint_dir, model, optimizer) if args.checkpoint_dir else None
+    if found is not None:  # every rank loads the same checkpoint (None on every rank when there is none)
+        scheduler.load_state_dict(found.extra["scheduler"])
+        start_epoch = found.step
+        if rank == 0:
+            print(f"resumed from {found.folder} at epoch {start_epoch}", flush=True)
 
     if rank == 0:
         print(f"training {sum(p.numel() for p in model.parameters())} parameters on {world} worker(s), "
@@ -129,11 +135,9 @@ def main() -> None:
         if rank == 0:
             print(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, eval loss {eval_loss:.4f}, "
                   f"accuracy {accuracy:.1%}, lr {lr:.4f}, {time.perf_counter() - began:.1f} s", flush=True)
-        if args.checkpoint:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1}
-            if rank == 0:  # state_dict() above ran on every rank: it completes pending updates
-                torch.save(state, args.checkpoint)
+        if args.checkpoint_dir:  # on every rank; the step is the number of epochs done
+            pipedap.save_checkpoint(args.checkpoint_dir, epoch + 1, model, optimizer,
+                                    extra={"scheduler": scheduler.state_dict()})
     if rank == 0:
         print(f"plan after training: {optimizer.plan.schedule if world > 1 else 'none (one worker)'}")
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from pipedap.units import parse_bandwidth
 
-READERS = ("engine", "optimizer", "logging", "bench", "build", "internal", "dist.sh")  # what reads a setting
+READERS = ("engine", "optimizer", "logging", "bench", "build", "internal", "dist.sh",
+           "launch")  # what reads a setting (launch: set by pipedap.tools.launch, read by the job)
 ACCEPTED = {"flag": "0 or 1", "text": "any text", "path": "a folder path", "file": "an existing file",
             "rate": "a rate like 500mbit, 1gbit or 125MB/s", "ranks": "all, or ranks like 0 or 0,3"}  # types other than int, float and choice
 
@@ -151,6 +152,11 @@ _DECLARED = [
     # logging: pipedap/log.py
     Setting("PIPEDAP_LOG_RANKS", "ranks", "0", "the ranks whose INFO and DEBUG messages are logged; "
             "warnings and errors are logged from every rank, each line starting `[rank R]`", "logging"),
+    # launch: set by python -m pipedap.tools.launch for the job it runs (docs/restart.md)
+    Setting("PIPEDAP_RESTART_COUNT", "int", None, "set by `python -m pipedap.tools.launch`: 0 on the first "
+            "attempt, k on the k-th restart", "launch"),
+    Setting("PIPEDAP_CHECKPOINT_DIR", "path", None, "set by `python -m pipedap.tools.launch --checkpoint-dir`: "
+            "the job's checkpoint folder, for the script to pass to `pipedap.load_checkpoint`", "launch"),
     # build and internal
     Setting("PIPEDAP_WITH_NCCL", "choice", "auto", "build time: compile the NCCL backend "
             "(read by comm_core/buildconfig.py)", "build", choices=("auto", "0", "1")),
