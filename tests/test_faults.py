@@ -1,7 +1,8 @@
 """Issue 18: faults injected into a training job on 2 emulated hosts (TESTBED.md), the way users meet them.
 
 A rank that vanishes (SIGKILL), a host whose link goes down mid-collective, a link slowed to
-10 Mbit/s, and a desynchronised rank. Each job is bounded in time and killed with its whole
+10 Mbit/s, and a desynchronised rank; for the pipeline runtime (2 stages on 2 hosts), a stage
+that vanishes and a stage whose link goes down mid-transfer. Each job is bounded in time and killed with its whole
 process group on any failure; the testbed (namespaces, bridge, shaping) is torn down after
 the module, also on failure. Run them alone with ``pytest -m faults``; without the rights to
 create network namespaces they are skipped with the reason.
@@ -25,6 +26,7 @@ from pipedap.tools.testbed import Testbed, network
 from pipedap.tools.testbed.network import Shaping
 
 SCRIPT = Path(__file__).parent / "mpi_scripts" / "fault_training.py"
+PIPELINE_SCRIPT = Path(__file__).parent / "mpi_scripts" / "pipeline_fault_training.py"
 RATE = "500mbit"
 _REASON = network.namespaces_unavailable(98)
 pytestmark = [pytest.mark.faults, pytest.mark.mpi,
@@ -40,8 +42,8 @@ def testbed():
 class Job:
     """An mpirun job on the testbed whose output is read while it runs."""
 
-    def __init__(self, tb: Testbed, mode: str, steps: int, env: dict[str, str] | None = None):
-        command = tb.mpirun([sys.executable, str(SCRIPT), mode, str(steps)])
+    def __init__(self, tb: Testbed, mode: str, steps: int, env: dict[str, str] | None = None, script: Path = SCRIPT):
+        command = tb.mpirun([sys.executable, str(script), mode, str(steps)])
         self.proc = subprocess.Popen(command, env=dict(tb.env(), **(env or {})), text=True, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.lines: list[str] = []
@@ -187,3 +189,45 @@ def test_a_desynchronised_rank_fails_both_ranks_naming_both_operations(testbed):
     assert returncode != 0 and "done" not in job.output, job.output
     assert re.search(r"rank 0 submitted (reducescatter|allgather) '(rs|ag)\.\d+' \(\d+ float32\); "
                      r"rank 1 submitted allreduce 'extra\.op' \(4 float32\)", job.output), job.output
+
+
+# --- the pipeline runtime: 2 stages, one per host ------------------------------------------------
+
+def test_a_pipeline_stage_killed_ends_the_job_within_30_s_naming_its_host(testbed):
+    job = Job(testbed, "kill", 400, script=PIPELINE_SCRIPT)
+    try:
+        job.wait_for(r"rank 1: vanishing", 120)
+        killed = time.monotonic()
+        returncode = job.finish(60)
+    finally:
+        job.kill()
+    took = time.monotonic() - killed
+    assert returncode != 0 and "done" not in job.output, job.output
+    assert took < 30, f"the job took {took:.0f} s to end after stage 1 vanished"
+    host = testbed.names[1]
+    assert (re.search(rf"rank 1 .*{host}.*signal 9", job.output, re.S)
+            or re.search(rf"Peer host: +{host}", job.output)), job.output
+
+
+def test_a_pipeline_stage_link_taken_down_ends_the_job_naming_the_peer(testbed):
+    timeout_s = 8
+    job = Job(testbed, "train", 4000, env={"PIPEDAP_TIMEOUT_SECONDS": str(timeout_s), "PIPEDAP_STALL_SECONDS": "3"},
+              script=PIPELINE_SCRIPT)
+    host = testbed.names[1]
+    try:
+        job.wait_for(r"rank 0: minibatch 20", 120)
+        subprocess.run(["ip", "-n", host, "link", "set", "eth0", "down"], check=True, timeout=10)
+        down = time.monotonic()
+        try:
+            aborted = job.wait_for(rf"Past PIPEDAP_TIMEOUT_SECONDS={timeout_s}: aborting the job", timeout_s + 30)
+        finally:
+            subprocess.run(["ip", "-n", host, "link", "set", "eth0", "up"], check=True, timeout=10)
+        returncode = job.finish(60)
+    finally:
+        job.kill()
+    assert returncode != 0 and "done" not in job.output, job.output
+    assert aborted - down < timeout_s + 15, f"the abort came {aborted - down:.0f} s after the link went down"
+    # the stage names the activation or gradient transfer it waits for, and the peer stage that does not answer
+    assert re.search(r"rank (\d): (recv|send) '(recv|send)\.(\d)\.\d+' \(\d+ float32 (from|to) rank \4, tag \d+\) "
+                     r"\(point-to-point #\d+\) has not finished after \d+ s.*\n  rank \4: did not answer within 5 s "
+                     r"\(dead, its link slow or down", job.output), job.output
