@@ -160,6 +160,8 @@ _DECLARED = [
     # build and internal
     Setting("PIPEDAP_WITH_NCCL", "choice", "auto", "build time: compile the NCCL backend "
             "(read by comm_core/buildconfig.py)", "build", choices=("auto", "0", "1")),
+    Setting("PIPEDAP_BUILD_JOBS", "int", "0", "build time: compile the core's sources in this many parallel jobs "
+            "(0: one per core; read by setup.py)", "build"),
     Setting("PIPEDAP_TESTBED_CORE", "int", None, "set by `python -m pipedap.tools.testbed.pin`: the core this rank "
             "is pinned to (benchmarks record it)", "internal"),
 ]

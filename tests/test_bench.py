@@ -18,7 +18,7 @@ TINY = ("--model", "resnet50", "--image-size", "32", "--batch-size", "2", "--num
 FIELDS = {"version", "command", "model", "kind", "unit", "input_shape", "batch_size", "baseline", "description",
           "world_size", "device", "fp16", "compression", "optimizer", "shard_update", "threshold_bytes", "warmup_batches", "batches_per_iter", "iterations",
           "per_iteration", "per_rank_mean", "per_worker", "total", "batch_time", "phases_ms", "plan", "planning",
-          "timeline", "wall_seconds", "optimizer_state_bytes"}
+          "timeline", "wall_seconds", "optimizer_state_bytes", "energy"}
 
 
 def bench(tmp_path, baseline: str, *extra: str) -> tuple[dict, str]:
@@ -94,12 +94,25 @@ def test_bytescheduler_plans_its_piece_order_online_and_runs_it(tmp_path):
 
 
 @pytest.mark.mpi
-def test_ddp_over_gloo(tmp_path):
-    doc, output = bench(tmp_path, "DDP", "--threshold", str(4 << 20))
+def test_ddp_over_gloo_with_an_energy_estimate(tmp_path):
+    doc, output = bench(tmp_path, "DDP", "--threshold", str(4 << 20), "--power", "busy=300,idle=60,link_busy=10,"
+                        "link_idle=5", "--link-rate", "8gbit")
     check_common(doc, output, "DDP")
     assert doc["plan"] is None and "gloo (rendezvous 127.0.0.1:" in doc["description"]
     assert doc["threshold_bytes"] == 4 << 20 and "buckets of 4 MiB" in doc["description"]
     assert doc["compression"] == "none" and "compress" not in doc["description"]
+    # issue 18: the compute alone is timed after the run; the link from ResNet-50's gradients (2 ranks: one copy)
+    e, batch_s = doc["energy"], doc["batch_time"]["measured_s"]
+    import models
+
+    gradient_bytes = 4 * sum(p.numel() for p in models.get("resnet50").parameters())
+    assert e["seconds"] == batch_s and 0 < e["compute"]["busy_s"] <= batch_s
+    assert e["compute"]["busy_s"] + e["compute"]["idle_s"] == pytest.approx(batch_s)
+    assert e["link"]["busy_s"] == pytest.approx(min(batch_s, gradient_bytes / 1e9), rel=1e-6)
+    assert e["joules"] == pytest.approx(e["compute"]["joules"] + e["link"]["joules"])
+    assert e["compute"]["joules"] == pytest.approx(300 * e["compute"]["busy_s"] + 60 * e["compute"]["idle_s"])
+    assert e["joules_per_sample"] == pytest.approx(e["joules"] / 2) and e["link_rate"] == "8gbit"
+    assert "Timing the compute alone for --power" in output and "Per worker and batch: compute busy" in output
 
 
 @pytest.mark.mpi
@@ -152,6 +165,8 @@ def test_horovod_missing_gives_a_clear_message(capsys, monkeypatch):
     (("--baseline", "DDP", "--compression", "bf16"), "--compression bf16 with DDP needs CUDA"),
     (("--baseline", "DDP", "--shard-update"), "--shard-update is pipedap's DistributedOptimizer(shard_update=True): "
                                               "for PipeDAP, DeAR and WFBP, not DDP"),
+    (("--link-rate", "1gbit"), "--link-rate is for the energy estimate: give --power too"),
+    (("--power", "busy=1,idle=1", "--link-rate", "fast"), "--link-rate 'fast': expected a rate > 0"),
 ])
 def test_bad_options_are_refused(capsys, args, message):
     assert message in refused(capsys, *args)

@@ -230,6 +230,20 @@ def test_summarize_recomputes_a_stored_sweep_and_keeps_what_it_recorded(tmp_path
     assert pipedap["ci95"] is None  # one inner iteration
     assert pipedap["speedup_over_ddp"] == pytest.approx(1.5) and row["bound_s"] == 4.0
     assert (tmp_path / "vs_bound.png").stat().st_size > 0
+    assert "energy" not in pipedap and not (tmp_path / "energy.png").exists()
+
+    # issue 18: the same sweep with device powers: joules per sample from each system's throughput
+    assert compare.main(["--summarize", str(tmp_path), "--power", "busy=300,idle=60,link_busy=10,link_idle=5"]) == 0
+    again = json.loads((tmp_path / "compare.json").read_text())
+    assert again["settings"]["power"]["compute"] == {"busy": 300.0, "idle": 60.0}
+    (row,) = again["comparison"]
+    for label, s in row["systems"].items():  # compute 4.0 s per batch of 8, the all-reduce row["comm_s"]
+        busy_c = min(2, s["throughput"] * 4.0 / 8)
+        busy_l = min(2, s["throughput"] * row["comm_s"] / 8)
+        watts = 300 * busy_c + 60 * (2 - busy_c) + 10 * busy_l + 5 * (2 - busy_l)
+        assert s["joules_per_sample"] == pytest.approx(watts / s["throughput"]), label
+    assert row["systems"]["PipeDAP"]["joules_per_sample"] < row["systems"]["DDP"]["joules_per_sample"]
+    assert (tmp_path / "energy.png").stat().st_size > 0
 
 
 def test_quick_defaults_and_explicit_options() -> None:

@@ -25,6 +25,8 @@ has one). ``--json FILE`` writes all of it::
     phases_ms: {forward, backward, step} (rank 0's means),
     plan: {schedule, groups, digest, predicted_iteration_s, source} or null,
     planning: {cost_model, cost_source, profile_layers} (PipeDAP with --bandwidth) or null,
+    energy: {seconds, compute: {busy_s, idle_s, joules}, link: {...} (with --link-rate), joules,
+             joules_per_sample, power, link_rate, compute_busy_source} per worker and batch (--power) or null,
     timeline: FILE or null, wall_seconds
 
 A rate is units (images or sentences) per second: per_worker is the mean over ranks,
@@ -48,6 +50,7 @@ import torch
 
 import models
 from pipedap import units
+from pipedap.planner import energy
 from pipedap.tools import timeline
 from pipedap.tools.bench_baselines import BenchError, Runtime, start
 from pipedap.tools.bench_options import build_parser, validate
@@ -308,8 +311,10 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
     runtime.listen(None)
     bar.close()
 
+    compute_s = compute_alone(args, device, data, loss_fn, say) if args.power else None
     mine = {"seconds": seconds, "phases_ms": recorder.phase_means_ms(), "state_bytes": state_bytes(optimizer),
-            "events": recorder.events(rank) if args.timeline else None}
+            "events": recorder.events(rank) if args.timeline else None, "compute_s": compute_s,
+            "wire_bytes": wire_bytes_per_batch(model, world, args) if args.power else None}
     everyone = runtime.allgather_object(mine)
     plan = runtime.plan(optimizer)
     if args.timeline and plan is not None and plan.predicted is None:
@@ -323,6 +328,44 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
     context = {"model": args.model, "kind": info.kind, "unit": unit, "input_shape": list(inputs.shape[1:]),
                "description": runtime.describe(dist), "world_size": world, "device": device.type, "_who": who}
     return summarize(args, context, everyone, plan, dist.facts)
+
+
+COMPUTE_ALONE_BATCHES = 3  # timed after one untimed batch
+
+
+def compute_alone(args: argparse.Namespace, device: torch.device, data: Iterator[tuple], loss_fn, say) -> float:
+    """Seconds per batch of this rank's compute alone (forward, backward, update of a fresh copy of
+    the model with a plain optimizer, no communication): the compute device's busy time for --power."""
+    say(f"Timing the compute alone for --power: 1 + {COMPUTE_ALONE_BATCHES} batches on a copy of the model")
+    torch.manual_seed(args.seed)
+    copy = models.get(args.model).to(device)
+    plain = (torch.optim.AdamW(copy.parameters(), lr=1e-4) if args.optimizer == "adamw"
+             else torch.optim.SGD(copy.parameters(), lr=0.01, momentum=0.9))
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if args.fp16 else nullcontext
+    times = []
+    for _ in range(1 + COMPUTE_ALONE_BATCHES):
+        inputs, targets = next(data)
+        began = time.perf_counter()
+        plain.zero_grad()
+        with autocast():
+            loss = loss_fn(copy(inputs), targets)
+        loss.backward()
+        plain.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times[1:])
+
+
+def wire_bytes_per_batch(model: torch.nn.Module, world: int, args: argparse.Namespace) -> float:
+    """Bytes each worker sends (and receives) per batch for its gradients: a ring all-reduce moves
+    2 (N-1)/N of them; compressed, 2 bytes per element; with --shard-update the all-gather
+    half carries parameters in the model's dtype."""
+    elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    gradient_bytes = 2 * elements if args.compression != "none" else model_bytes
+    gather_bytes = model_bytes if args.shard_update else gradient_bytes
+    return (world - 1) / world * (gradient_bytes + gather_bytes)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -361,9 +404,21 @@ def summarize(args: argparse.Namespace, context: dict, everyone: list[dict], pla
             "predicted_iteration_s": predicted, "source": facts.get("plan_source", "built-in")},
         "planning": {k: facts[k] for k in ("cost_model", "cost_source", "profile_layers")}
         if "cost_model" in facts else None,
+        "energy": energy_of(args, measured, everyone),
         "timeline": args.timeline,
         "_events": [r["events"] for r in everyone] if args.timeline else None, "_plan": plan,
     }
+
+
+def energy_of(args: argparse.Namespace, batch_s: float, everyone: list[dict]) -> dict | None:
+    """--power: busy and idle time per batch of each device, the energy per batch and per sample (per worker)."""
+    if not args.power:
+        return None
+    link_s = (statistics.fmean(r["wire_bytes"] for r in everyone) / units.parse_bandwidth(args.link_rate)
+              if args.link_rate else None)
+    occupancy = energy.Occupancy(batch_s, statistics.fmean(r["compute_s"] for r in everyone), link_s)
+    return {**energy.estimate(occupancy, args.power, args.batch_size), "link_rate": args.link_rate,
+            "compute_busy_source": f"compute alone, median of {COMPUTE_ALONE_BATCHES} batches, mean over ranks"}
 
 
 def report(result: dict, args: argparse.Namespace) -> None:
@@ -387,6 +442,8 @@ def report(result: dict, args: argparse.Namespace) -> None:
     print(line)
     phases = ", ".join(f"{name} {ms:.1f} ms" for name, ms in result["phases_ms"].items())
     print(f"Rank 0 phases per batch: {phases}")
+    if result["energy"]:
+        print(f"Per worker and batch: {energy.describe(result['energy'])}")
     if args.timeline:
         events = [e for rank_events in result["_events"] for e in rank_events]
         plan = result["_plan"]

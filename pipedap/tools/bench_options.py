@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 import models
+from pipedap import units
+from pipedap.planner import energy
 from pipedap.tools.bench_baselines import BASELINES, BenchError, canonical, check_runnable
 
 
@@ -62,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeline", metavar="FILE", help="write a Chrome trace of the timed batches and the plan's "
                                                            "predicted link lane (rank 0; DeAR and WFBP plans are "
                                                            "profiled and simulated after the timed part for it)")
+    parser.add_argument("--power", metavar="SPEC", type=energy.power_argument,
+                        help="estimate the energy per iteration and per sample from each device's busy and idle "
+                             "time: busy=W,idle=W[,link_busy=W,link_idle=W] or a JSON file "
+                             "(pipedap/planner/energy.py); times a few batches of compute alone after the run")
+    parser.add_argument("--link-rate", metavar="RATE", help="with --power: each worker's link rate (e.g. 500mbit), "
+                                                            "for the link's busy time (default: no link estimate)")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON (rank 0)")
     parser.add_argument("--seed", type=int, default=0, help="model and data seed (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -124,6 +132,14 @@ def validate(args: argparse.Namespace) -> None:
     if args.bandwidth and args.baseline not in ("PipeDAP", "DeAR", "WFBP", "ByteScheduler"):
         raise BenchError(f"--bandwidth is for PipeDAP, DeAR, WFBP and ByteScheduler (their plans are simulated); "
                          f"{args.baseline} has no plan")
+    if args.link_rate is not None:
+        if not args.power:
+            raise BenchError("--link-rate is for the energy estimate: give --power too")
+        try:
+            if units.parse_bandwidth(args.link_rate) <= 0:
+                raise ValueError
+        except ValueError:
+            raise BenchError(f"--link-rate {args.link_rate!r}: expected a rate > 0 like 500mbit, 1gbit or 125MB/s") from None
     if args.plan and args.bandwidth:
         raise BenchError("--plan and --bandwidth exclude each other: --bandwidth plans a new schedule")
     if args.plan:

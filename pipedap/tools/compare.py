@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 import models
+from pipedap.planner import energy
 from pipedap.tools.compare_jobs import horovod_available
 from pipedap.tools.compare_report import table
 from pipedap.tools.compare_sweep import SYSTEMS, CompareError, Sweep, System, system_named
@@ -96,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip measuring the achieved link rate at each rate (about 20 s each)")
     parser.add_argument("--timeout", type=float, help="seconds per run (default: 60 + 3x its estimate)")
     parser.add_argument("--out", help="output folder (default out/compare-<date>-<time>)")
+    parser.add_argument("--power", metavar="SPEC", type=energy.power_argument,
+                        help="device powers: each system's energy per sample in the table, the JSON and energy.png "
+                             "(busy=W,idle=W[,link_busy=W,link_idle=W] or a JSON file; pipedap/planner/energy.py); "
+                             "also with --summarize, for a finished sweep")
     parser.add_argument("--summarize", metavar="FOLDER",
                         help="no runs: recompute the table, JSON and charts of the sweep in FOLDER from its "
                              "compare.json and the benchmark results it holds")
@@ -143,8 +148,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def summarize(folder: str) -> int:
-    """Recompute a finished sweep's statistics, comparison, table and charts from its compare.json."""
+def summarize(folder: str, power: energy.Powers | None = None) -> int:
+    """Recompute a finished sweep's statistics, comparison, table and charts from its compare.json
+    (with ``power``: its energy too)."""
     path = Path(folder) / "compare.json"
     if not path.exists():
         print(f"error: --summarize: {path} does not exist; give the --out folder of a sweep", file=sys.stderr)
@@ -152,7 +158,9 @@ def summarize(folder: str) -> int:
     doc = json.loads(path.read_text())
     settings = doc["settings"]
     older = {"rounds": 1}  # sweeps recorded before this option
-    sweep = Sweep(argparse.Namespace(**{**older, **settings, "out": folder,
+    if power is None and settings.get("power"):
+        power = energy.Powers.from_dict(settings["power"])
+    sweep = Sweep(argparse.Namespace(**{**older, **settings, "out": folder, "power": power,
                                         "systems": [System(**s) for s in settings["systems"]]}))
     sweep.args.out = settings["out"]  # as the sweep recorded it; the files go to sweep.out (folder)
     sweep.compute, sweep.testbeds, sweep.cores = doc["compute"], doc["testbeds"], doc["cores"]
@@ -168,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         if args.summarize:
-            return summarize(args.summarize)
+            return summarize(args.summarize, args.power)
     except CompareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -215,8 +223,9 @@ def write_results(sweep: Sweep, seconds: float, command: list[str]) -> None:
 
     args = sweep.args
     rows = sweep.comparison() if sweep.compute else []
-    settings = {k: v for k, v in vars(args).items() if k != "systems"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("systems", "power")}
     settings["systems"] = [dataclasses.asdict(s) for s in args.systems]
+    settings["power"] = args.power.to_dict() if getattr(args, "power", None) else None
     doc = {"version": JSON_VERSION, "command": command,
            "wall_seconds": seconds, "settings": settings, "cores": sweep.cores,
            "compute": sweep.compute, "testbeds": sweep.testbeds, "runs": sweep.runs, "comparison": rows}

@@ -4,7 +4,8 @@
   interval, per link rate; black lines mark the throughput of the data-parallel bound and,
   with pipeline systems, of the pipeline's bound (dashed);
 * ``speedup_vs_ddp.png``: each system's speedup over DDP against the link rate;
-* ``vs_bound.png``: time per batch of each system against the bound (and its parts).
+* ``vs_bound.png``: time per batch of each system against the bound (and its parts);
+* ``energy.png`` (with ``--power``): joules per sample of each system, per link rate.
 
 One panel per (model, host count).
 """
@@ -109,7 +110,14 @@ def _vs_bound(ax: plt.Axes, panel: list[dict]) -> None:
     ax.set_ylabel("seconds per batch (95% CI)")
 
 
+def _energy(ax: plt.Axes, panel: list[dict]) -> None:
+    _grouped(ax, panel, "joules_per_sample", "joules_ci95")
+    ax.set_ylabel("joules per sample, all devices (--power)")
+
+
 def draw(rows: list[dict], folder: Path) -> list[Path]:
-    """All three charts into ``folder``; their paths."""
-    return [_chart(rows, folder / name, fill) for name, fill in
-            (("throughput.png", _throughput), ("speedup_vs_ddp.png", _speedup), ("vs_bound.png", _vs_bound))]
+    """The charts into ``folder`` (energy.png when the rows have energy); their paths."""
+    charts = [("throughput.png", _throughput), ("speedup_vs_ddp.png", _speedup), ("vs_bound.png", _vs_bound)]
+    if any("energy" in s for row in rows for s in row["systems"].values()):
+        charts.append(("energy.png", _energy))
+    return [_chart(rows, folder / name, fill) for name, fill in charts]

@@ -5,6 +5,7 @@ setting (see [Note: the bound] in :mod:`pipedap.tools.compare`) and every system
 from __future__ import annotations
 
 import models
+from pipedap.planner import energy
 from pipedap.tools.compare_jobs import telling_line
 from pipedap.units import parse_rate_bps
 
@@ -23,8 +24,10 @@ def ring_allreduce_s(nbytes: float, ranks: int, rate_bps: float) -> float:
 
 
 def compare_row(model: str, hosts: int, ranks: int, batch_size: int, rate: str, compute: float, comm: float,
-                achieved_bps: float | None, runs: dict[str, dict]) -> dict:
-    """The bound of one setting and each system's distance from it and PipeDAP's speedup over it."""
+                achieved_bps: float | None, runs: dict[str, dict], powers: energy.Powers | None = None) -> dict:
+    """The bound of one setting and each system's distance from it and PipeDAP's speedup over it;
+    with ``powers``, each system's energy per sample (:func:`pipedap.planner.energy.job_estimate`:
+    compute busy for the compute-only time, the link for the bytes its bound counts)."""
     bound = max(compute, comm)
     comm_achieved = comm * parse_rate_bps(rate) / achieved_bps if achieved_bps else None
     # speedups in samples per second of the whole job: the unit that is fair across parallelisms
@@ -43,6 +46,10 @@ def compare_row(model: str, hosts: int, ranks: int, batch_size: int, rate: str, 
                          speedup_over_ddp=ok[label] / ok[SPEEDUP_BASE] if SPEEDUP_BASE in ok else None,
                          predicted_s=r["predicted_s"], predicted_over_measured=r["predicted_over_measured"],
                          own_bound=own)
+            link = comm if own is None else own.get("comm_s", own.get("link_s"))  # a pipeline's boundary
+            if powers is not None and link is not None:
+                joules = energy.job_estimate(powers, ranks, ok[label], compute / batch_size, link / batch_size)
+                entry.update(energy=joules, joules_per_sample=joules["joules_per_sample"], joules_ci95=None)
         else:
             entry["why"] = r.get("reason") or telling_line(r.get("error_tail", ""))
         systems[label] = entry
@@ -66,7 +73,8 @@ def table(rows: list[dict]) -> str:
                       f"nominal {row['comm_s']:.2f} s{achieved}; bound {row['bound_s']:.2f} s ({row['bound_by']}), "
                       f"comm/compute {row['comm_over_compute']:.2f}",
                   f"  {'system':<15} {'s/batch':>15} {'window':>7} {'samples/s':>13} {'vs bound':>9} "
-                  f"{'PipeDAP x':>9} {'predicted':>9} {'pred/meas':>9}"]
+                  f"{'PipeDAP x':>9} {'predicted':>9} {'pred/meas':>9}"
+                  + (f" {'J/sample':>9}" if any("energy" in s for s in row["systems"].values()) else "")]
         for label, s in row["systems"].items():
             if s["status"] != "ok":
                 lines.append(f"  {label:<15} {s['status'].upper()}: {s['why']}")
@@ -74,7 +82,8 @@ def table(rows: list[dict]) -> str:
             lines.append(f"  {label:<15} {s['batch_s']:7.3f} +-{fmt(s['ci95'], '.3f'):>6} "
                          f"{fmt(s.get('window_s'), '7.3f'):>7} {s['throughput']:6.2f} +-{fmt(s['throughput_ci95'], '.2f'):>4} "
                          f"{fmt(s['over_bound_pct'], '+8.1f'):>8}% {fmt(s['pipedap_speedup'], '.2f'):>9} "
-                         f"{fmt(s['predicted_s'], '.3f'):>9} {fmt(s['predicted_over_measured'], '.2f'):>9}")
+                         f"{fmt(s['predicted_s'], '.3f'):>9} {fmt(s['predicted_over_measured'], '.2f'):>9}"
+                         + (f" {s['joules_per_sample']:9.3f}" if "energy" in s else ""))
     return "\n".join(lines)
 
 

@@ -367,7 +367,7 @@ class Sweep:
                                                          "comm_s": comm * fraction,
                                                          "why": f"gradients as {system.compression}"})
                 rows.append(compare_row(model, hosts, ranks, self.args.batch_size, rate, compute, comm,
-                                        achieved, runs))
+                                        achieved, runs, getattr(self.args, "power", None)))
         return rows
 
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipedap import units
-from pipedap.planner import PLANNABLE, costmodel, fusion, make_plan
+from pipedap.planner import PLANNABLE, costmodel, energy, fusion, make_plan
 from pipedap.planner.costmodel import CostModel
 from pipedap.planner.make import sharded_profile
 from pipedap.planner.plan import PlanError
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "bucket in step(), before its all-gather; the order is DeAR's, the fusion is searched")
     parser.add_argument("--out", metavar="FILE", help="write the plan JSON here")
     parser.add_argument("--gantt", metavar="FILE", help="write a Gantt chart (PNG) of every schedule here")
+    parser.add_argument("--power", metavar="SPEC", type=energy.power_argument,
+                        help="device powers for an energy estimate per schedule: busy=W,idle=W[,link_busy=W,"
+                             "link_idle=W] or a JSON file (pipedap/planner/energy.py)")
     return parser
 
 
@@ -121,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         chosen = min((s for s in considered if s.schedule.name == chosen_name),
                      key=lambda s: s.schedule.iteration_time)
         print_table(considered, chosen)
+        print_energy(considered, args.power, int(profile.meta.get("batch_size", args.batch_size)))
         if args.out:
             plan = make_plan(profile, cost, planner=args.schedule, fusion=candidates, shard_update=args.shard_update)
             plan.save(args.out)
@@ -157,6 +161,28 @@ def print_table(considered: Sequence[fusion.Scored], chosen: fusion.Scored) -> N
     info = chosen.schedule.info
     if "proven_optimal" in info:
         print(f"exact planner: proven optimal = {info['proven_optimal']}, peak states {info['peak_states']}")
+    print()
+
+
+def print_energy(considered: Sequence[fusion.Scored], powers: energy.Powers | None, batch_size: int) -> None:
+    """Per schedule (its best fusion): each device's busy and idle time per iteration, and the energy."""
+    best: dict[str, fusion.Scored] = {}
+    for s in considered:
+        if s.schedule.name not in best or s.schedule.iteration_time < best[s.schedule.name].schedule.iteration_time:
+            best[s.schedule.name] = s
+    header = f"{'schedule':<14}{'iter ms':>9}{'compute busy':>13}{'idle':>8}{'link busy':>10}{'idle':>8}"
+    if powers:
+        header += f"{'J/iter':>9}{'J/sample':>10}"
+    print(f"per worker and iteration (busy and idle ms; batch {batch_size})"
+          + (f"; powers {powers.describe()}" if powers else "; --power for the energy"))
+    print(header)
+    for name, s in best.items():
+        e = energy.estimate(energy.Occupancy.of_timeline(s.schedule.timeline), powers, batch_size)
+        row = (f"{name:<14}{e['seconds'] * 1e3:>9.1f}{e['compute']['busy_s'] * 1e3:>13.1f}"
+               f"{e['compute']['idle_s'] * 1e3:>8.1f}{e['link']['busy_s'] * 1e3:>10.1f}{e['link']['idle_s'] * 1e3:>8.1f}")
+        if powers:
+            row += f"{e['joules']:>9.4g}{e['joules_per_sample']:>10.4g}"
+        print(row)
     print()
 
 

@@ -35,6 +35,26 @@ def test_plan_from_profile_file(profile_file, tmp_path, capsys):
     assert chart.stat().st_size > 0
 
 
+def test_power_adds_each_schedules_busy_idle_and_energy(profile_file, capsys):
+    argv = ["--profile", str(profile_file), "--workers", "8", "--bandwidth", "1gbit", "--fusion", "none",
+            "--batch-size", "4", "--power", "busy=300,idle=60"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "per worker and iteration (busy and idle ms; batch 4); powers compute 300/60 W, link 0/0 W" in printed
+    rows = {line.split()[0]: line.split()[1:] for line in printed.splitlines()
+            if line.split() and line.split()[0] in ("wfbp", "dear") and len(line.split()) == 8}
+    compute = 12 * (0.002 + 0.004 + 0.0005)  # the profile's blocks, the same under every schedule
+    for name, (iteration, busy, idle, _, _, joules, per_sample) in rows.items():
+        assert float(busy) == pytest.approx(compute * 1e3, abs=0.1) and float(iteration) == pytest.approx(
+            float(busy) + float(idle), abs=0.2)
+        assert float(joules) == pytest.approx(300 * float(busy) / 1e3 + 60 * float(idle) / 1e3, rel=2e-3)
+        assert float(per_sample) == pytest.approx(float(joules) / 4, rel=2e-3)
+    assert set(rows) == {"wfbp", "dear"}
+    with pytest.raises(SystemExit):
+        cli.main(["--profile", str(profile_file), "--workers", "8", "--bandwidth", "1gbit", "--power", "busy=1"])
+    assert "--power 'busy=1': give both busy and idle" in capsys.readouterr().err
+
+
 def test_plan_with_cost_model_file_and_fixed_fusion(profile_file, tmp_path):
     cost = tmp_path / "cost.json"
     costmodel.save(costmodel.from_link(4, 1.25e9, 1e-5), cost)
