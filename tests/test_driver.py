@@ -36,25 +36,7 @@ def test_the_example_configs_load(name):
     assert settings.world in (2, 3)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("module: m\nbatch_size: 4\nmachines: [localhost:0]\nlog_directory: x\nlearning_rat: 0.1\n",
-     r"job.yml:5: unknown key 'learning_rat'; the keys are log_directory, module"),
-    ("module: m\nmachines: [localhost:0]\nlog_directory: x\n", r"job.yml: missing key 'batch_size'"),
-    ("module: m\nbatch_size: 4\nlog_directory: x\nmachines:\n  - localhost:0\n  - localhost:1\n  - localhost:0\n",
-     r"job.yml:7: machines: 'localhost:0' is listed twice \(entries 0 and 2\)"),
-    ("module: m\nbatch_size: four\nmachines: [localhost:0]\nlog_directory: x\n",
-     r"job.yml:2: batch_size: expected int, got 'four'"),
-    ("module: m\nbatch_size: 4\nmachines: [localhost]\nlog_directory: x\n",
-     r"job.yml:3: machines entry 0 is 'localhost'; expected host:device"),
-    ("module: m\nbatch_size: 4\nmachines: [localhost:0]\nlog_directory: x\ncompress_activations: True\n",
-     r"job.yml:5: compress_activations: True is not implemented: the runtime sends activations at full precision"),
-    ("module: m\nbatch_size: 4\nmachines: [localhost:0]\nlog_directory: x\nmodel_type: speech_to_text\n",
-     r"job.yml:5: model_type 'speech_to_text': main_with_runtime.py trains image classifiers only"),
-    ("- module\n", r"job.yml: expected keys like `module: models.resnet50.gpus=2`"),
-])
-def test_a_bad_config_names_the_file_line_and_key(tmp_path, text, message):
-    with pytest.raises(driver.DriverConfigError, match=message):
-        driver.load(write(tmp_path, text))
+# a bad key or value in the YAML: tests/test_bad_input.py
 
 
 def test_keys_become_main_with_runtimes_flags(tmp_path):

@@ -57,16 +57,7 @@ def test_a_bad_config_names_the_key_stage_or_rank_and_the_fix(stage_map, ranks, 
         config(stage_map, ranks).validate(modules, world)
 
 
-@pytest.mark.parametrize("raw, message", [
-    ([0, 1], "expected a JSON object"),
-    ({"module_to_stage_map": [0]}, "missing key 'stage_to_rank_map'"),
-    ({"module_to_stage_map": [0, -1], "stage_to_rank_map": {}}, "'module_to_stage_map' must be a list of stage"),
-    ({"module_to_stage_map": [0], "stage_to_rank_map": {"first": [0]}}, "has key 'first'; keys are stage numbers"),
-    ({"module_to_stage_map": [0], "stage_to_rank_map": {"0": 0}}, "stage 0: expected a list of ranks"),
-])
-def test_a_malformed_config_says_what_the_format_is(raw, message):
-    with pytest.raises(PipelineConfigError, match=message):
-        PipelineConfig.load(raw)
+# a malformed config (its keys and values): tests/test_bad_input.py
 
 
 def test_an_unreadable_config_file_names_the_file(tmp_path):

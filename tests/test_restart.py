@@ -89,22 +89,7 @@ def test_not_below_min_np(tmp_path):
     assert "the answering hosts have 2 slot(s), fewer than --min-np 3: not restarting" in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["-np", "2"], "no command: put it after --"),
-    (["-np", "0", "--", "true"], "-np 0: must be >= 1"),
-    (["-np", "2", "--min-np", "3", "--", "true"], "--min-np 3: must be between 1 and -np 2"),
-    (["-np", "2", "--max-restarts", "-1", "--", "true"], "--max-restarts -1: must be >= 0"),
-    (["-np", "2", "--probe-timeout", "0", "--", "true"], "--probe-timeout 0.0: must be > 0 seconds"),
-    (["-np", "2", "-H", "a:0", "--", "true"], "'a:0' is not HOST or HOST:SLOTS"),
-    (["-np", "3", "-H", "a:1,b", "--", "true"], "-np 3 but the hosts have 2 slot(s)"),
-    (["-np", "1", "--hostfile", "/nonexistent/hosts", "--", "true"], "--hostfile /nonexistent/hosts: not found"),
-    (["-np", "1", "--mpirun-args", "'unclosed", "--", "true"], "--mpirun-args \"'unclosed\": No closing quotation"),
-])
-def test_bad_options_are_named(args, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        launch.main(args)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+# the launcher's bad options: tests/test_bad_input.py
 
 
 def test_hostfile_lines(tmp_path):

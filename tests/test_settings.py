@@ -28,43 +28,7 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-# (variable, value, what the message must say is accepted)
-BAD = [
-    ("PIPEDAP_PROFILE_STEPS", "abc", "an integer >= 1"),
-    ("PIPEDAP_PROFILE_STEPS", "0", "an integer >= 1"),
-    ("PIPEDAP_FUSION_BYTES", "abc", "an integer >= 0"),
-    ("PIPEDAP_FUSION_BYTES", "-1", "an integer >= 0"),
-    ("PIPEDAP_FUSION_BYTES", "4.5", "an integer >= 0"),
-    ("PIPEDAP_RING_MIN_BYTES", "-5", "an integer >= 0"),
-    ("PIPEDAP_SEGMENT_BYTES", "4", "an integer >= 8"),
-    ("PIPEDAP_MESSAGE_BYTES", "2e6", "an integer >= 8"),
-    ("PIPEDAP_POLL_SPIN_US", "fast", "an integer >= 0"),
-    ("PIPEDAP_POLL_MAX_SLEEP_US", "-1", "an integer >= 0"),
-    ("PIPEDAP_STALL_SECONDS", "-1", "a number >= 0"),
-    ("PIPEDAP_STALL_SECONDS", "nan", "a number >= 0"),
-    ("PIPEDAP_TIMEOUT_SECONDS", "ten", "a number >= 0"),
-    ("PIPEDAP_TIMEOUT_SECONDS", "inf", "a number >= 0"),
-    ("PIPEDAP_ALGORITHM", "fastest", "auto, ring or mpi"),
-    ("PIPEDAP_PLANNER", "exact", "optimal or greedy"),
-    ("PIPEDAP_SCHEDULE", "ddp", "pipedap, dear, wfbp or bytescheduler"),
-    ("PIPEDAP_ABORT_ON_EXCEPTION", "maybe", "0 or 1"),
-    ("PIPEDAP_ABORT_ON_EXCEPTION", "yes", "0 or 1"),
-    ("PIPEDAP_WITH_NCCL", "maybe", "auto, 0 or 1"),
-    ("PIPEDAP_PLAN", "/nonexistent/plan.json", "an existing file"),
-    ("PIPEDAP_TESTBED_CORE", "-1", "an integer >= 0"),
-]
-
-
-@pytest.mark.parametrize("name, value, accepted", BAD)
-def test_a_bad_value_names_the_variable_the_value_and_what_is_accepted(name, value, accepted):
-    expected = f"{name}='{value}': expected {accepted} (default "
-    with pytest.raises(SettingsError) as read:
-        settings.get(name, {name: value})
-    assert str(read.value).startswith(expected)
-    with pytest.raises(SettingsError) as checked:
-        settings.check_environment({name: value})
-    assert str(checked.value) == str(read.value)
-    assert isinstance(read.value, ValueError)
+# The bad values of each setting are rows of the one bad-input table: tests/test_bad_input.py.
 
 
 def test_bounds_and_defaults_print_as_integers():

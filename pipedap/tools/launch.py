@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipedap.checkpoint import CheckpointError, read_manifest
+from pipedap.tools import options
 from pipedap.tools.processes import mpirun_path, signals_as_exceptions, stop_process_group
 
 PREFIX = "pipedap.launch:"
@@ -85,19 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="The script resumes from the last complete checkpoint by calling pipedap.load_checkpoint "
                "at start (docs/restart.md).")
-    parser.add_argument("-np", "--np", type=int, required=True, help="number of ranks")
+    parser.add_argument("-np", "--np", type=options.integer(1), required=True, help="number of ranks")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--hostfile", type=Path, help="Open MPI hostfile ('HOST slots=K' lines)")
     where.add_argument("-H", "--hosts", help="HOST[:SLOTS],... (default: every rank on this machine)")
-    parser.add_argument("--max-restarts", type=int, default=0,
+    parser.add_argument("--max-restarts", type=options.integer(0), default=0,
                         help="restart a failed job up to this many times (default 0: never)")
-    parser.add_argument("--min-np", type=int,
+    parser.add_argument("--min-np", type=options.integer(1),
                         help="restart with fewer ranks (not below this) when hosts stop answering "
                              "(default: -np, i.e. never shrink)")
     parser.add_argument("--checkpoint-dir", type=Path,
                         help="the job's checkpoint folder: reported between attempts and exported as "
                              "PIPEDAP_CHECKPOINT_DIR")
-    parser.add_argument("--probe-timeout", type=float, default=30.0,
+    parser.add_argument("--probe-timeout", type=options.seconds, default=30.0,
                         help="seconds a host has to answer before a restart (default 30)")
     parser.add_argument("--mpirun-args", default="",
                         help="more mpirun flags, one shell-quoted string (e.g. \"--mca btl tcp,self\")")
@@ -123,15 +124,9 @@ def check(args: argparse.Namespace) -> Launch:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise ValueError("no command: put it after --, e.g. -- python train.py")
-    if args.np < 1:
-        raise ValueError(f"-np {args.np}: must be >= 1")
     min_np = args.np if args.min_np is None else args.min_np
-    if not 1 <= min_np <= args.np:
-        raise ValueError(f"--min-np {min_np}: must be between 1 and -np {args.np}")
-    if args.max_restarts < 0:
-        raise ValueError(f"--max-restarts {args.max_restarts}: must be >= 0")
-    if not args.probe_timeout > 0:
-        raise ValueError(f"--probe-timeout {args.probe_timeout}: must be > 0 seconds")
+    if min_np > args.np:
+        raise ValueError(f"--min-np {min_np}: expected at most -np {args.np} (ranks to restart with at least)")
     mpirun_path()  # fails now, with the fix, when there is none
     hosts = parse_hostfile(args.hostfile) if args.hostfile else parse_hosts(args.hosts) if args.hosts else None
     if hosts is not None and sum(h.slots for h in hosts) < args.np:

@@ -32,6 +32,7 @@ from pathlib import Path
 from pipedap import units
 from pipedap.pipeline import partition as P
 from pipedap.planner import costmodel
+from pipedap.tools import options
 from pipedap.tools.progress import step
 
 CONFIG_FILE = {"pipeline": "mp_conf.json", "hybrid": "hybrid_conf.json", "data": "dp_conf.json"}
@@ -43,20 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a chain from the models package (resnet50, vgg16, "
                         "densenet201, inceptionv4)")
-    parser.add_argument("--workers", type=int, required=True, help="ranks of the job")
-    parser.add_argument("--bandwidth", required=True, help="the link between workers, e.g. 125mbit, 10gbit, 1.25GB/s")
-    parser.add_argument("--latency", default="50us", help="per-message latency (default 50us)")
-    parser.add_argument("--cost-model", metavar="FILE", help="fitted cost model (pipedap.tools.bench_comm) for the "
+    parser.add_argument("--workers", type=options.integer(1), required=True, help="ranks of the job")
+    parser.add_argument("--bandwidth", type=options.rate, required=True,
+                        help="the link between workers, e.g. 125mbit, 10gbit, 1.25GB/s")
+    parser.add_argument("--latency", type=options.duration, default="50us", help="per-message latency (default 50us)")
+    parser.add_argument("--cost-model", metavar="FILE", type=options.existing_file, help="fitted cost model (pipedap.tools.bench_comm) for the "
                         "collectives of replicated stages (default: a ring on --bandwidth)")
     parser.add_argument("--parallelism", choices=P.PARALLELISMS, default="pipeline",
                         help="pipeline: one rank per stage; hybrid: stages and replicas chosen; data: one stage "
                              "(default pipeline)")
-    parser.add_argument("-b", "--batch-size", type=int, default=8, help="minibatch size (default 8)")
-    parser.add_argument("--image-size", type=int, default=224, help="image side in pixels (default 224)")
-    parser.add_argument("--iterations", type=int, default=3, help="timed runs per module (default 3)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads while measuring (default 1, as each "
+    parser.add_argument("-b", "--batch-size", type=options.integer(1), default=8, help="minibatch size (default 8)")
+    parser.add_argument("--image-size", type=options.integer(32), default=224,
+                        help="image side in pixels, at least 32 (default 224)")
+    parser.add_argument("--iterations", type=options.integer(1), default=3, help="timed runs per module (default 3)")
+    parser.add_argument("--threads", type=options.integer(1), default=1, help="torch threads while measuring (default 1, as each "
                         "rank of main_with_runtime.py and the benchmarks computes)")
-    parser.add_argument("--costs", metavar="FILE", help="reuse the module measurements of a partition.json")
+    parser.add_argument("--costs", metavar="FILE", type=options.existing_file, help="reuse the module measurements of a partition.json")
     parser.add_argument("--out", required=True, help="the package directory to write, e.g. models/vgg16/gpus=2")
     return parser
 

@@ -25,6 +25,7 @@ from pipedap.planner.costmodel import CostModel
 from pipedap.planner.make import sharded_profile
 from pipedap.planner.plan import PlanError
 from pipedap.planner.profile import Profile
+from pipedap.tools import options
 from pipedap.tools.progress import step
 
 
@@ -36,19 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--profile", metavar="FILE", help="layer profile JSON (from pipedap.profiler)")
     source.add_argument("--model", metavar="NAME", help="profile this model from the models package now (CPU)")
-    parser.add_argument("--batch-size", type=int, default=8, help="batch size for --model (default 8)")
-    parser.add_argument("--iterations", type=int, default=5, help="measured iterations for --model (default 5)")
+    parser.add_argument("--batch-size", type=options.integer(1), default=8, help="batch size for --model (default 8)")
+    parser.add_argument("--iterations", type=options.integer(1), default=5, help="measured iterations for --model (default 5)")
     parser.add_argument("--save-profile", metavar="FILE", help="write the measured profile here")
     parser.add_argument("--cost-model", metavar="FILE", help="fitted cost-model JSON (needs --workers)")
     parser.add_argument("--hosts", help="comma-separated host set to pick from --cost-model")
-    parser.add_argument("--workers", type=int, help="world size")
-    parser.add_argument("--bandwidth", help="assumed link bandwidth, e.g. 1gbit, 10gbit, 1.25GB/s")
-    parser.add_argument("--latency", default="50us", help="assumed per-step latency (default 50us)")
+    parser.add_argument("--workers", type=options.integer(2), help="world size (at least 2)")
+    parser.add_argument("--bandwidth", type=options.rate, help="assumed link bandwidth, e.g. 1gbit, 10gbit, 1.25GB/s")
+    parser.add_argument("--latency", type=options.duration, default="50us", help="assumed per-step latency (default 50us)")
     parser.add_argument(
         "--fusion", default="search",
         help=f"fusion candidates: {fusion.FUSION_SPECS} (default search: every candidate; tune: optuna)",
     )
-    parser.add_argument("--tune-trials", type=int, default=30, help="trials for --fusion tune (default 30)")
+    parser.add_argument("--tune-trials", type=options.integer(1), default=30, help="trials for --fusion tune (default 30)")
     parser.add_argument("--schedule", choices=PLANNABLE, default="optimal", help="schedule of the written plan")
     parser.add_argument("--shard-update", action="store_true",
                         help="plan for DistributedOptimizer(shard_update=True): each rank updates 1/N of every "
