@@ -134,15 +134,19 @@ def load_stages(args: argparse.Namespace) -> tuple[object, list]:
     return package, model
 
 
-def load_config(args: argparse.Namespace, package, num_modules: int, world: int) -> PipelineConfig | Path:
-    """The config file (a bare name beside the package), or every module on one stage over ``world`` ranks."""
+def config_path(args: argparse.Namespace, package) -> Path | None:
+    """--config_path (a bare name is looked up beside the package); None without it."""
     if args.config_path is None:
-        return PipelineConfig.load({"module_to_stage_map": [0] * num_modules,
-                                    "stage_to_rank_map": {"0": list(range(world))}})
+        return None
     path = Path(args.config_path)
     if not path.exists() and path.name == args.config_path:
         path = Path(package.__file__).parent / args.config_path
     return path
+
+
+def one_stage(num_modules: int, world: int) -> PipelineConfig:
+    """Without --config_path: every module on one stage, replicated over the ``world`` ranks."""
+    return PipelineConfig.load({"module_to_stage_map": [0] * num_modules, "stage_to_rank_map": {"0": list(range(world))}})
 
 
 class Data:
@@ -233,19 +237,22 @@ def resume(args, runtime: StageRuntime) -> int:
     return int(state["epoch"])
 
 
-def connect(args: argparse.Namespace, package, num_modules: int):
-    """This rank's transport: the launcher's world, or the config's ranks over gloo (one process needs no flags)."""
+def connect(args: argparse.Namespace, path: Path | None) -> tuple[object, PipelineConfig | Path | None]:
+    """This rank's transport: the launcher's world, or the config's ranks over gloo (one process needs no flags).
+
+    With it, the config read once: without a launcher it is read here (it names the world);
+    under one, StageRuntime reads it, every rank agreeing (a rank that cannot read it is named).
+    """
     if under_mpi_launcher():
-        return transport.connect(timeout=args.timeout)
-    world = 1
-    if args.config_path is not None:
-        config = PipelineConfig.load(load_config(args, package, num_modules, 1))
-        world = len({r for s in range(config.num_stages) for r in config.ranks(s)})
+        return transport.connect(timeout=args.timeout), path
+    config = None if path is None else PipelineConfig.load(path)
+    world = 1 if config is None else len({r for s in range(config.num_stages) for r in config.ranks(s)})
     rank, master = args.rank, args.master_addr
     if world == 1 and rank is None:
         rank, master = 0, master or "localhost"
-    return transport.connect(rank=rank, world_size=world, master_addr=master, master_port=args.master_port,
+    link = transport.connect(rank=rank, world_size=world, master_addr=master, master_port=args.master_port,
                              timeout=args.timeout)
+    return link, config
 
 
 def main() -> None:
@@ -256,8 +263,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO if args.verbose_frequency else logging.WARNING, format="%(message)s")
     torch.manual_seed(args.seed)  # every rank builds the same weights: replicas of a stage start equal
     package, model = load_stages(args)
-    link = connect(args, package, len(model))
-    config = load_config(args, package, len(model), link.size)
+    link, config = connect(args, config_path(args, package))
+    config = config or one_stage(len(model), link.size)
     schedule = "no_pipelining" if args.no_input_pipelining else args.schedule
     # Every minibatch has this shape; the runtime learns the shapes between stages from it.
     sample = (torch.zeros(args.batch_size, 3, args.image_size, args.image_size),
