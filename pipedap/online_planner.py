@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ log = logging.getLogger("pipedap")
 # PIPEDAP_PLANNER (or schedule="bytescheduler") -> make_plan's planner
 PLANNERS = {"optimal": "optimal", "greedy": "pipedap", "bytescheduler": "bytescheduler"}
 MIN_DISTINCT_SIZES = 3  # fewer bucket sizes than this cannot separate start-up from bandwidth
+# A fitted cost model whose DeAR prediction is off the measured DeAR steps by more than this
+# factor either way is not trusted ([Note: checking the fit against the steps]).
+FIT_TOLERANCE = 1.25
 # The engine starts a queued operation microseconds after its predecessor ends, unless the
 # thread it just woke takes the shared core first; a millisecond of skew is negligible here.
 HANDOFF_S = 1e-3
@@ -127,9 +131,9 @@ class OnlinePlanner:
         started = time.perf_counter()
         # Everything collective runs on every rank; only the planning itself runs on rank 0.
         profile = measure.agree_profile(self.profile(), self.process_set)
-        cost = self.cost_model()
+        measured = max(comm.allgather_object(self.measured_step_s(), name="online.steps", process_set=self.process_set))
+        cost = self.cost_model(profile, measured)
         plan = measure.plan_on_rank0(lambda: self._plan(profile, cost), self.process_set)
-        measured = statistics.median(self.step_seconds[self.warmup + 1 :] or self.step_seconds)
         log.info(
             "pipedap: planned from %d measured steps in %.2f s: %s plan predicts %.1f ms per iteration "
             "(DeAR as measured: %.1f ms); switching now",
@@ -137,6 +141,10 @@ class OnlinePlanner:
             1e3 * plan.predicted.iteration_time if plan.predicted else float("nan"), 1e3 * measured,
         )
         return plan
+
+    def measured_step_s(self) -> float:
+        """This rank's median iteration under DeAR in the measured steps (the first one after warm-up left out)."""
+        return statistics.median(self.step_seconds[self.warmup + 1 :] or self.step_seconds)
 
     # --- turning records into planner inputs ----------------------------------------
 
@@ -165,11 +173,12 @@ class OnlinePlanner:
         )
         return Profile(layers, {"source": "online", "steps": len(measured)})
 
-    def cost_model(self) -> CostModel:
-        """α-β fit from the operations training ran; the microbenchmark when their sizes are too alike.
+    def cost_model(self, profile: Profile, measured_s: float) -> CostModel:
+        """α-β fit from the operations training ran; the microbenchmark when their sizes are too alike,
+        or when the fit does not predict the measured steps (:func:`checked_fit`).
 
-        Collective: call it on every rank. The ranks agree on the samples first, so every
-        rank takes the same branch.
+        Collective: call it on every rank. The ranks agree on the samples, the profile and
+        ``measured_s`` first, so every rank takes the same branch.
         """
         samples = skew_free_samples(comm.allgather_object(self.queued_runs(), name="online.ops", process_set=self.process_set))
         distinct = min(len({round(m) for m, _ in samples[k]}) for k in samples)
@@ -180,7 +189,8 @@ class OnlinePlanner:
         rs, _ = costmodel.fit_line(samples["rs"])
         ag, _ = costmodel.fit_line(samples["ag"])
         # all-reduce is not used by PipeDAP plans; a ring all-reduce is a reduce-scatter then an all-gather
-        return CostModel(self.process_set.size(), rs, ag, AlphaBeta(rs.a + ag.a, rs.b + ag.b))
+        fitted = CostModel(self.process_set.size(), rs, ag, AlphaBeta(rs.a + ag.a, rs.b + ag.b))
+        return checked_fit(profile, fitted, measured_s, lambda: measure.cost_model(process_set=self.process_set))
 
     def _plan(self, profile: Profile, cost: CostModel) -> Plan:
         """The plan of the buckets as they are (no fusion: the buffers exist already)."""
@@ -190,6 +200,40 @@ class OnlinePlanner:
                  1e3 * plan.predicted.iteration_time, 1e3 * baseline.predicted.iteration_time,
                  1e3 * plan.predicted.lower_bound)
         return plan
+
+
+# [Note: checking the fit against the steps]
+# The profiling steps ran DeAR, so the fitted cost model must predict them: simulate DeAR on
+# the agreed profile with it and compare with the measured iteration (the slowest rank's
+# median). A fit off by more than FIT_TOLERANCE either way has missed something (in the
+# issue's sweep a fit predicted 8.28 s for a 4.70 s iteration, and the plan built on it lost
+# to the greedy one): the microbenchmark's cost model (cached per host set) is then asked
+# too, and whichever predicts the measured steps better is used. The log says which, with
+# both predictions.
+
+
+def dear_iteration_s(profile: Profile, cost: CostModel) -> float:
+    return make_plan(profile, cost, planner="dear", fusion="none").predicted.iteration_time
+
+
+def checked_fit(profile: Profile, fitted: CostModel, measured_s: float, microbenchmark) -> CostModel:
+    """``fitted`` if it predicts the measured DeAR iteration within FIT_TOLERANCE, else the better of it
+    and ``microbenchmark()`` (see the note above)."""
+    predicted = dear_iteration_s(profile, fitted)
+    ratio = predicted / measured_s
+    if 1 / FIT_TOLERANCE <= ratio <= FIT_TOLERANCE:
+        log.info("pipedap: the cost model fitted from training's operations predicts %.1f ms for the DeAR steps "
+                 "measured at %.1f ms (%.2fx): using it", 1e3 * predicted, 1e3 * measured_s, ratio)
+        return fitted
+    other = microbenchmark()
+    other_ratio = dear_iteration_s(profile, other) / measured_s
+    better = abs(math.log(other_ratio)) < abs(math.log(ratio))
+    log.warning("pipedap: the cost model fitted from training's operations predicts %.1f ms for the DeAR steps "
+                "measured at %.1f ms (%.2fx, outside %.2f..%.2f); the microbenchmark's predicts %.1f ms (%.2fx): "
+                "using the %s", 1e3 * predicted, 1e3 * measured_s, ratio, 1 / FIT_TOLERANCE, FIT_TOLERANCE,
+                1e3 * other_ratio * measured_s, other_ratio,
+                "microbenchmark's" if better else "fitted one all the same (the microbenchmark's is further off)")
+    return other if better else fitted
 
 
 def skew_free_samples(per_rank: list[dict[str, list[tuple[float, float, bool]]]]) -> dict[str, list[tuple[float, float]]]:

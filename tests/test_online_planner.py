@@ -109,3 +109,42 @@ def test_the_online_planner_and_the_profiler_attribute_hook_times_alike():
     names = ["l0", "l1", "l2"]
     tf, tb = _layer_times(names, dict(zip(names, enter.values())), dict(zip(names, ready.values())), 1.0, 9.0)
     assert (tf, tb) == ([layer.tf for layer in online.layers], [layer.tb for layer in online.layers])
+
+
+# --- [Note: checking the fit against the steps] ---------------------------------------------------
+
+def _link_bound_profile():
+    from pipedap.planner.profile import Layer, Profile
+
+    return Profile(tuple(Layer(f"l{i}", (f"l{i}.w",), 8_000_000, 0.01, 0.02, 0.001) for i in range(6)))
+
+
+def test_a_fit_that_predicts_the_measured_steps_is_kept(caplog):
+    from pipedap.online_planner import checked_fit, dear_iteration_s
+
+    profile, true = _link_bound_profile(), costmodel.from_link(2, RATE, 1e-4)
+    measured = dear_iteration_s(profile, true)
+    close = costmodel.from_link(2, RATE / 1.1, 1e-4)
+    asked = []
+    with caplog.at_level("INFO", logger="pipedap"):
+        assert checked_fit(profile, close, measured, lambda: asked.append(1) or true) is close
+    assert not asked and "using it" in caplog.text
+
+
+def test_a_fit_off_the_measured_steps_gives_way_to_the_microbenchmark_saying_so(caplog):
+    """The issue's case: a fit predicting 1.76x the measured iteration."""
+    from pipedap.online_planner import checked_fit, dear_iteration_s
+
+    profile, true = _link_bound_profile(), costmodel.from_link(2, RATE, 1e-4)
+    measured = dear_iteration_s(profile, true)
+    slow_fit = costmodel.from_link(2, RATE / 1.9, 1e-4)
+    assert dear_iteration_s(profile, slow_fit) / measured == pytest.approx(1.76, abs=0.15)
+    with caplog.at_level("INFO", logger="pipedap"):
+        assert checked_fit(profile, slow_fit, measured, lambda: true) is true
+    assert "outside 0.80..1.25" in caplog.text and "using the microbenchmark's" in caplog.text
+    # a microbenchmark even further off does not replace the fit
+    worse = costmodel.from_link(2, RATE / 4, 1e-4)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipedap"):
+        assert checked_fit(profile, slow_fit, measured, lambda: worse) is slow_fit
+    assert "the microbenchmark's is further off" in caplog.text
