@@ -375,3 +375,13 @@ def test_a_sharded_system_is_named_with_its_suffix_and_runs_bench_with_shard_upd
                          ("Pipeline-flush-sharded", "is for PipeDAP, DeAR, WFBP")):
         with pytest.raises(compare_sweep.CompareError, match=message):
             compare.parse_args(["--systems", bad])
+
+
+def test_the_readmes_rounds_table_is_generated_from_the_committed_sweep() -> None:
+    """Issue 16 item 7: the README quotes the committed JSON, printed by compare_report's markdown()."""
+    root = Path(__file__).resolve().parents[1]
+    doc = json.loads((root / "benchmarks/results/dp_compression_bytescheduler/resnet50.json").read_text())
+    table = [line for line in compare_report.markdown(doc["comparison"]).splitlines() if line.startswith("|")]
+    assert len(table) == 4 and "| 125 Mbit/s | 6.54 (fp16: 4.19) | 7.52 +- 0.77 |" in table[3]
+    readme = (root / "README.md").read_text()
+    assert "\n".join(table) in readme

@@ -1,8 +1,14 @@
-"""The comparison's arithmetic and its table: the bound max(compute, communication) of each
+"""The comparison's arithmetic and its tables: the bound max(compute, communication) of each
 setting (see [Note: the bound] in :mod:`pipedap.tools.compare`) and every system against it.
+
+``python -m pipedap.tools.compare_report OUT/compare.json`` prints a sweep's Markdown table
+(the README's tables are generated this way from the JSON committed under benchmarks/results).
 """
 
 from __future__ import annotations
+
+import json
+import sys
 
 import models
 from pipedap.planner import energy
@@ -89,3 +95,37 @@ def table(rows: list[dict]) -> str:
 
 def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def markdown(rows: list[dict]) -> str:
+    """Per (model, hosts): one Markdown table, a line per rate with the bound (and the other bounds
+    some systems are judged against) and each system's seconds per batch, mean +- 95% interval."""
+    tables: dict[tuple[str, int], list[dict]] = {}
+    for row in rows:
+        tables.setdefault((row["model"], row["hosts"]), []).append(row)
+    out = []
+    for (model, hosts), panel in tables.items():
+        labels: list[str] = []
+        for row in panel:
+            labels += [k for k, s in row["systems"].items() if s["status"] == "ok" and k not in labels]
+        out += [f"{model}, batch {panel[0]['batch_size']} per rank, {panel[0]['ranks']} ranks on {hosts} hosts:", "",
+                f"| rate | bound | {' | '.join(labels)} |", "|" + "---|" * (len(labels) + 2)]
+        for row in panel:
+            others = {}
+            for s in row["systems"].values():
+                own = s.get("own_bound")
+                if own and own.get("bound_s") and abs(own["bound_s"] - row["bound_s"]) >= 0.005:
+                    others[own.get("why", "pipeline").removeprefix("gradients as ")] = own["bound_s"]
+            bound = f"{row['bound_s']:.2f}" + (f" ({', '.join(f'{k}: {v:.2f}' for k, v in others.items())})"
+                                                if others else "")
+            cells = [f"{s['batch_s']:.2f} +- {fmt(s['ci95'], '.2f')}" if s.get("status") == "ok" else "-"
+                     for s in (row["systems"].get(label, {}) for label in labels)]
+            out.append(f"| {row['rate_bps'] / 1e6:g} Mbit/s | {bound} | {' | '.join(cells)} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m pipedap.tools.compare_report OUT/compare.json  (prints its Markdown table)")
+    print(markdown(json.loads(open(sys.argv[1]).read())["comparison"]))
