@@ -116,10 +116,12 @@ def undisturbed(testbed) -> str:
     return sums["0"]
 
 
-def test_a_rank_killed_mid_iteration_ends_the_job_within_30_s_naming_the_rank_and_host(testbed):
-    job = Job(testbed, "kill", 200)
+def assert_ends_within_30_s_naming_host_1(testbed, script: Path, steps: int, vanished: str) -> None:
+    """Run ``script``'s ``kill`` mode; once a line matches ``vanished`` (rank 1 is gone) the job must end
+    within 30 s, non-zero, naming rank 1's host."""
+    job = Job(testbed, "kill", steps, script=script)
     try:
-        job.wait_for(r"rank 1: step 5", 120)
+        job.wait_for(vanished, 120)
         killed = time.monotonic()
         returncode = job.finish(60)
     finally:
@@ -134,14 +136,17 @@ def test_a_rank_killed_mid_iteration_ends_the_job_within_30_s_naming_the_rank_an
             or re.search(rf"Peer host: +{host}", job.output)), job.output
 
 
-def test_a_link_taken_down_mid_collective_ends_the_job_naming_the_peer(testbed):
-    """The rank that can still print aborts the job naming the peer that does not answer. mpirun itself
-    then waits for its daemon behind the dead link (Open MPI's behaviour); when the link is back it ends."""
+def output_after_host_1_link_down(testbed, script: Path, steps: int, when: str) -> str:
+    """Run ``script``'s ``train`` mode and take rank 1's link down once a line matches ``when``: the job
+    must abort within PIPEDAP_TIMEOUT_SECONDS (8 s, plus 15 s of slack). Its output, for the report.
+    mpirun itself waits for its daemon behind the dead link (Open MPI's behaviour); the link comes
+    back up after the abort, and then it ends."""
     timeout_s = 8
-    job = Job(testbed, "train", 400, env={"PIPEDAP_TIMEOUT_SECONDS": str(timeout_s), "PIPEDAP_STALL_SECONDS": "3"})
+    job = Job(testbed, "train", steps, env={"PIPEDAP_TIMEOUT_SECONDS": str(timeout_s), "PIPEDAP_STALL_SECONDS": "3"},
+              script=script)
     host = testbed.names[1]
     try:
-        job.wait_for(r"rank 0: step 3", 120)
+        job.wait_for(when, 120)
         subprocess.run(["ip", "-n", host, "link", "set", "eth0", "down"], check=True, timeout=10)
         down = time.monotonic()
         try:
@@ -153,8 +158,18 @@ def test_a_link_taken_down_mid_collective_ends_the_job_naming_the_peer(testbed):
         job.kill()
     assert returncode != 0 and "done" not in job.output, job.output
     assert aborted - down < timeout_s + 15, f"the abort came {aborted - down:.0f} s after the link went down"
+    return job.output
+
+
+def test_a_rank_killed_mid_iteration_ends_the_job_within_30_s_naming_the_rank_and_host(testbed):
+    assert_ends_within_30_s_naming_host_1(testbed, SCRIPT, 200, r"rank 1: step 5")
+
+
+def test_a_link_taken_down_mid_collective_ends_the_job_naming_the_peer(testbed):
+    """The rank that can still print aborts the job naming the peer that does not answer."""
+    output = output_after_host_1_link_down(testbed, SCRIPT, 400, r"rank 0: step 3")
     assert re.search(r"rank 0: (reducescatter|allgather) '(rs|ag)\.\d+' .* has not finished after \d+ s.*\n"
-                     r"  rank 1: did not answer within 5 s \(dead, its link slow or down", job.output), job.output
+                     r"  rank 1: did not answer within 5 s \(dead, its link slow or down", output), output
 
 
 def test_a_link_slowed_to_10_mbit_is_reported_and_the_job_completes_correctly(testbed, undisturbed):
@@ -194,40 +209,12 @@ def test_a_desynchronised_rank_fails_both_ranks_naming_both_operations(testbed):
 # --- the pipeline runtime: 2 stages, one per host ------------------------------------------------
 
 def test_a_pipeline_stage_killed_ends_the_job_within_30_s_naming_its_host(testbed):
-    job = Job(testbed, "kill", 400, script=PIPELINE_SCRIPT)
-    try:
-        job.wait_for(r"rank 1: vanishing", 120)
-        killed = time.monotonic()
-        returncode = job.finish(60)
-    finally:
-        job.kill()
-    took = time.monotonic() - killed
-    assert returncode != 0 and "done" not in job.output, job.output
-    assert took < 30, f"the job took {took:.0f} s to end after stage 1 vanished"
-    host = testbed.names[1]
-    assert (re.search(rf"rank 1 .*{host}.*signal 9", job.output, re.S)
-            or re.search(rf"Peer host: +{host}", job.output)), job.output
+    assert_ends_within_30_s_naming_host_1(testbed, PIPELINE_SCRIPT, 400, r"rank 1: vanishing")
 
 
 def test_a_pipeline_stage_link_taken_down_ends_the_job_naming_the_peer(testbed):
-    timeout_s = 8
-    job = Job(testbed, "train", 4000, env={"PIPEDAP_TIMEOUT_SECONDS": str(timeout_s), "PIPEDAP_STALL_SECONDS": "3"},
-              script=PIPELINE_SCRIPT)
-    host = testbed.names[1]
-    try:
-        job.wait_for(r"rank 0: minibatch 20", 120)
-        subprocess.run(["ip", "-n", host, "link", "set", "eth0", "down"], check=True, timeout=10)
-        down = time.monotonic()
-        try:
-            aborted = job.wait_for(rf"Past PIPEDAP_TIMEOUT_SECONDS={timeout_s}: aborting the job", timeout_s + 30)
-        finally:
-            subprocess.run(["ip", "-n", host, "link", "set", "eth0", "up"], check=True, timeout=10)
-        returncode = job.finish(60)
-    finally:
-        job.kill()
-    assert returncode != 0 and "done" not in job.output, job.output
-    assert aborted - down < timeout_s + 15, f"the abort came {aborted - down:.0f} s after the link went down"
+    output = output_after_host_1_link_down(testbed, PIPELINE_SCRIPT, 4000, r"rank 0: minibatch 20")
     # the stage names the activation or gradient transfer it waits for, and the peer stage that does not answer
     assert re.search(r"rank (\d): (recv|send) '(recv|send)\.(\d)\.\d+' \(\d+ float32 (from|to) rank \4, tag \d+\) "
                      r"\(point-to-point #\d+\) has not finished after \d+ s.*\n  rank \4: did not answer within 5 s "
-                     r"\(dead, its link slow or down", job.output), job.output
+                     r"\(dead, its link slow or down", output), output

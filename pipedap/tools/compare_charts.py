@@ -50,7 +50,7 @@ def _grouped(ax: plt.Axes, rows: list[dict], value: str, error: str) -> list[flo
                 xs.append(x - 0.4 + width * (k + 0.5))
                 ys.append(s[value])
                 errs.append(s[error] or 0.0)
-        ax.bar(xs, ys, width, yerr=errs, capsize=3, label=label)
+        ax.bar(xs, ys, width, yerr=errs if any(errs) else None, capsize=3, label=label)  # no interval: no bars
     ax.set_xticks(centres, [row["rate"] for row in rows])
     ax.set_ylim(bottom=0)
     ax.set_xlabel("link rate (each way)")

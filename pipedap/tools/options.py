@@ -38,26 +38,22 @@ def seconds(text: str) -> float:
     return value
 
 
-def rate(text: str) -> str:
-    """A link rate like 500mbit, 10gbit or 1.25GB/s (kept as written; parse with units.parse_bandwidth)."""
-    try:
-        ok = units.parse_bandwidth(text) > 0
-    except ValueError:
-        ok = False
-    if not ok:
-        raise argparse.ArgumentTypeError(f"expected a rate > 0 like 500mbit, 10gbit or 1.25GB/s, got {text!r}")
-    return text
+def _quantity(parse: Callable[[str], float], accepted: str, *, zero_ok: bool) -> Callable[[str], str]:
+    """A checker of text that ``parse`` reads as a number > 0 (or >= 0); the text is kept as written."""
+    def check(text: str) -> str:
+        try:
+            value = parse(text)
+            ok = value >= 0 if zero_ok else value > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}")
+        return text
+    return check
 
 
-def duration(text: str) -> str:
-    """A duration like 50us, 1ms or 0.1s (kept as written; parse with units.parse_duration)."""
-    try:
-        ok = units.parse_duration(text) >= 0
-    except ValueError:
-        ok = False
-    if not ok:
-        raise argparse.ArgumentTypeError(f"expected a duration >= 0 like 50us, 1ms or 0.1s, got {text!r}")
-    return text
+rate = _quantity(units.parse_bandwidth, "a rate > 0 like 500mbit, 10gbit or 1.25GB/s", zero_ok=False)
+duration = _quantity(units.parse_duration, "a duration >= 0 like 50us, 1ms or 0.1s", zero_ok=True)
 
 
 def existing_file(text: str) -> str:
