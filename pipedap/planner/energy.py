@@ -24,8 +24,7 @@ from pathlib import Path
 
 from pipedap.planner.simulator import Timeline
 
-KEYS = {"busy": ("compute", "busy"), "idle": ("compute", "idle"),
-        "link_busy": ("link", "busy"), "link_idle": ("link", "idle")}
+KEYS = ("busy", "idle", "link_busy", "link_idle")  # --power's key=W pairs (the compute device's, the link's)
 ACCEPTED = ("busy=W,idle=W[,link_busy=W,link_idle=W] (watts, numbers >= 0), or a JSON file "
             '{"compute": {"busy": W, "idle": W}, "link": {"busy": W, "idle": W}}')
 
@@ -44,7 +43,8 @@ class Powers:
     link: Power = Power(0.0, 0.0)
 
     def describe(self) -> str:
-        return f"compute {self.compute.busy_w:g}/{self.compute.idle_w:g} W, link {self.link.busy_w:g}/{self.link.idle_w:g} W (busy/idle)"
+        c, link = self.compute, self.link
+        return f"compute {c.busy_w:g}/{c.idle_w:g} W, link {link.busy_w:g}/{link.idle_w:g} W (busy/idle)"
 
     @classmethod
     def from_dict(cls, data: dict) -> Powers:
