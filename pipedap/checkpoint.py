@@ -122,8 +122,8 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: torch.nn.Mod
     if rank == 0:
         manifest = {"format": FORMAT, "step": step, "world_size": world, "folder": folder.name,
                     "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        _write_json_atomic(folder / COMPLETE, manifest)
-        _write_json_atomic(Path(directory) / MANIFEST, manifest)
+        _write_atomic(folder / COMPLETE, manifest)
+        _write_atomic(Path(directory) / MANIFEST, manifest)
         _remove_older(Path(directory), keep)
     return folder
 
@@ -188,26 +188,20 @@ def load_checkpoint(directory: str | os.PathLike, model: torch.nn.Module,
 # --- files ------------------------------------------------------------------------------------
 
 def _write_atomic(path: Path, obj: Any) -> None:
-    """torch.save to a temporary name in the same folder, flush to disk, rename: the file is whole or absent."""
+    """``obj`` (torch.save; JSON for a ``.json`` path) to a temporary name in the same folder, flushed
+    to disk, then renamed: the file is whole or absent."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as f:
-            torch.save(obj, f)
+            if path.suffix == ".json":
+                f.write(json.dumps(obj, indent=1).encode())
+            else:
+                torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    _sync_folder(path.parent)
-
-
-def _write_json_atomic(path: Path, manifest: dict) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
     _sync_folder(path.parent)
 
 

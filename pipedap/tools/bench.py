@@ -214,6 +214,13 @@ def predict(plan, args: argparse.Namespace, batch: tuple, loss_fn, say) -> tuple
     return dataclasses.replace(plan, predicted=predicted), facts
 
 
+def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """--optimizer's torch optimizer: SGD with momentum 0.9, or AdamW."""
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
 def run(args: argparse.Namespace, runtime: Runtime) -> dict:
     """Warm up, time the iterations, gather every rank's numbers; the results dict on rank 0."""
     rank, world = runtime.rank(), runtime.size()
@@ -237,8 +244,7 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
     say(f"Model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
         f"input {tuple(inputs.shape[1:])})\nBatch size: {args.batch_size}\n"
         f"Number of {who}s: {world} ({device.type})\nBaseline: {args.baseline}")
-    optimizer = (torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01) if args.optimizer == "adamw"
-                 else torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    optimizer = make_optimizer(args, model)
     dist = runtime.distribute(model, optimizer, (inputs, targets), loss_fn, say)
     described = runtime.describe(dist)
     say(f"  {described}")
@@ -339,8 +345,7 @@ def compute_alone(args: argparse.Namespace, device: torch.device, data: Iterator
     say(f"Timing the compute alone for --power: 1 + {COMPUTE_ALONE_BATCHES} batches on a copy of the model")
     torch.manual_seed(args.seed)
     copy = models.get(args.model).to(device)
-    plain = (torch.optim.AdamW(copy.parameters(), lr=1e-4) if args.optimizer == "adamw"
-             else torch.optim.SGD(copy.parameters(), lr=0.01, momentum=0.9))
+    plain = make_optimizer(args, copy)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if args.fp16 else nullcontext
     times = []
     for _ in range(1 + COMPUTE_ALONE_BATCHES):

@@ -143,12 +143,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def by_schedule(considered: Sequence[fusion.Scored]) -> dict[str, list[fusion.Scored]]:
+    """The considered (fusion, schedule) pairs of each schedule, in the order they came."""
+    rows: dict[str, list[fusion.Scored]] = {}
+    for s in considered:
+        rows.setdefault(s.schedule.name, []).append(s)
+    return rows
+
+
+def best_of_each(considered: Sequence[fusion.Scored]) -> dict[str, fusion.Scored]:
+    """Each schedule's fastest (fusion, schedule) pair."""
+    return {name: min(rows, key=lambda s: s.schedule.iteration_time) for name, rows in by_schedule(considered).items()}
+
+
 def print_table(considered: Sequence[fusion.Scored], chosen: fusion.Scored) -> None:
     """Per schedule: the time without fusion, the best over fusions, speedups, planning time."""
-    by_name: dict[str, list[fusion.Scored]] = {}
-    for s in considered:
-        by_name.setdefault(s.schedule.name, []).append(s)
-    best = {name: min(rows, key=lambda s: s.schedule.iteration_time) for name, rows in by_name.items()}
+    by_name = by_schedule(considered)
+    best = best_of_each(considered)
     base = best["wfbp"].schedule.iteration_time if "wfbp" in best else None
     print(f"\n{'schedule':<14}{'no fusion ms':>13}{'best ms':>10}  {'best fusion':<16}{'vs WFBP':>8}{'plan ms':>9}")
     for name, rows in by_name.items():
@@ -167,10 +178,7 @@ def print_table(considered: Sequence[fusion.Scored], chosen: fusion.Scored) -> N
 
 def print_energy(considered: Sequence[fusion.Scored], powers: energy.Powers | None, batch_size: int) -> None:
     """Per schedule (its best fusion): each device's busy and idle time per iteration, and the energy."""
-    best: dict[str, fusion.Scored] = {}
-    for s in considered:
-        if s.schedule.name not in best or s.schedule.iteration_time < best[s.schedule.name].schedule.iteration_time:
-            best[s.schedule.name] = s
+    best = best_of_each(considered)
     header = f"{'schedule':<14}{'iter ms':>9}{'compute busy':>13}{'idle':>8}{'link busy':>10}{'idle':>8}"
     if powers:
         header += f"{'J/iter':>9}{'J/sample':>10}"
