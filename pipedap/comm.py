@@ -211,8 +211,9 @@ def allreduce(tensor, average=None, name=None, compression=Compression.none, op=
     return compression.decompress(reduced, ctx)
 
 
-def _exchange_shapes(tensor: torch.Tensor, name: str, process_set: ProcessSet) -> list[torch.Size]:
-    """Every member's shape (blocking: one small all-gather through the engine)."""
+def _shape_exchange(tensor: torch.Tensor, name: str, process_set: ProcessSet):
+    """The all-gather of every member's shape of ``tensor``, and a function that reads the shapes
+    (checked: the same but for dim 0) once it ran."""
     if tensor.dim() == 0:
         raise ValueError(f"{name}: allgather needs a tensor with at least one dimension")
     max_dims = 8
@@ -223,37 +224,54 @@ def _exchange_shapes(tensor: torch.Tensor, name: str, process_set: ProcessSet) -
     mine[0] = tensor.dim()
     mine[1 : tensor.dim() + 1] = torch.tensor(tensor.shape, dtype=torch.int64, device="cpu")
     everyone = torch.empty(members * (max_dims + 1), dtype=torch.int64, device="cpu")
-    engine.submit([engine.allgather_collective(mine, everyone, f"{name}.shapes", process_set)]).wait()
-    shapes = [torch.Size(row[1 : int(row[0]) + 1].tolist()) for row in everyone.view(members, max_dims + 1)]
-    for r, s in enumerate(shapes):
-        if s[1:] != tensor.shape[1:]:  # every member sees every shape: each raises, and none submits the data
-            raise engine.CommError(
-                f"{name}: allgather needs the same shape on every rank except dim 0; "
-                f"rank {engine.rank()} has {tuple(tensor.shape)}, rank {process_set.ranks[r]} has {tuple(s)}"
-            )
-    return shapes
+
+    def shapes() -> list[torch.Size]:
+        rows = everyone.view(members, max_dims + 1)
+        found = [torch.Size(row[1 : int(row[0]) + 1].tolist()) for row in rows]
+        for r, s in enumerate(found):
+            if s[1:] != tensor.shape[1:]:  # every member sees every shape: each refuses, and no data moves
+                raise engine.CommError(
+                    f"{name}: allgather needs the same shape on every rank except dim 0; "
+                    f"rank {engine.rank()} has {tuple(tensor.shape)}, rank {process_set.ranks[r]} has {tuple(s)}"
+                )
+        return found
+
+    return engine.allgather_collective(mine, everyone, f"{name}.shapes", process_set), shapes
+
+
+def allgather_work(tensors: list[torch.Tensor], names: list[str], process_set: ProcessSet) -> engine.Work:
+    """All-gathers of ``tensors`` (checked; first dims may differ) as one submission, after one that
+    exchanges their shapes. On host tensors nothing waits here: the all-gathers are sized on the
+    engine thread when they come up, so a rank may reach a barrier with one in flight (as in Horovod).
+    CUDA tensors wait here for the exchange: the engine thread does not allocate device memory."""
+    exchanges = [_shape_exchange(t, n, process_set) for t, n in zip(tensors, names)]
+    shapes_work = engine.submit([c for c, _ in exchanges])
+
+    def build() -> list[engine.Collective]:
+        built = []
+        for tensor, name, (_, shapes) in zip(tensors, names, exchanges):
+            found = shapes()
+            row = int(torch.Size(tensor.shape[1:]).numel())
+            output = tensor.new_empty((sum(s[0] for s in found), *tensor.shape[1:]))
+            built.append(engine.collective(core.OpKind.ALLGATHER, name, tensor, output, [s[0] * row for s in found],
+                                           process_set=process_set))
+        return built
+
+    if any(t.is_cuda for t in tensors):
+        shapes_work.wait()
+        return engine.submit(build())
+    return engine.submit_deferred(
+        [engine.unsized(core.OpKind.ALLGATHER, n, t, process_set) for t, n in zip(tensors, names)], build)
 
 
 def allgather_async(tensor, name=None, process_set=global_process_set) -> int:
-    """Start concatenating ``tensor`` from every member along dim 0 (first dims may differ).
-
-    The shapes are exchanged first, so this waits for that small exchange.
-    """
+    """Start concatenating ``tensor`` from every member along dim 0 (first dims may differ)."""
     name = _name(name, "allgather")
     engine.check_tensor(tensor, name)
     check_member(process_set, name)
     if engine.alone(process_set):
         return new_handle(engine.completed(tensor.clone()))
-    return new_handle(engine.submit([allgather_spec(tensor, name, process_set)]))
-
-
-def allgather_spec(tensor, name: str, process_set: ProcessSet) -> engine.Collective:
-    """An all-gather of ``tensor`` (checked) into a new tensor sized from the members' shapes (exchanged here)."""
-    shapes = _exchange_shapes(tensor, name, process_set)
-    row = int(torch.Size(tensor.shape[1:]).numel())
-    output = tensor.new_empty((sum(s[0] for s in shapes), *tensor.shape[1:]))
-    return engine.collective(core.OpKind.ALLGATHER, name, tensor, output, [s[0] * row for s in shapes],
-                             process_set=process_set)
+    return new_handle(allgather_work([tensor], [name], process_set))
 
 
 class _AllgatherFn(torch.autograd.Function):
@@ -495,9 +513,13 @@ def sparse_allreduce_async(tensor, name, op, process_set=global_process_set):
 
 
 def barrier(process_set=global_process_set) -> None:
-    """Wait until every member reached this point (and all earlier operations ran)."""
+    """Wait until every member reached this point and this rank's earlier operations finished.
+
+    As in Horovod and MPI, a barrier is not matched in the order of the collectives: an
+    operation submitted before it may be one that another rank submits after its barrier.
+    """
     check_member(process_set, "barrier")
-    engine.submit([engine.barrier_collective(process_set=process_set)]).wait()
+    engine.meet(process_set).wait()
 
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None, process_set=global_process_set) -> Any:

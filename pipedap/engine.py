@@ -356,6 +356,41 @@ def allgather_collective(tensor, output, name: str, process_set=global_process_s
                       process_set=process_set)
 
 
+def unsized(kind, name: str, tensor: torch.Tensor, process_set=global_process_set) -> Collective:
+    """A placeholder for :func:`submit_deferred`: a host collective of ``kind`` on ``tensor``'s dtype whose
+    counts are all zero until resolved."""
+    counts = [0] * (process_set.size() if kind in (core.OpKind.ALLGATHER, core.OpKind.REDUCESCATTER) else 1)
+    spec = core.OpSpec(kind, name, 0, 0, counts, DTYPES[tensor.dtype], Sum, 0, -1, 0, shape=[],
+                       name_agreed=AUTO_NAME not in name)
+    return Collective(spec, (), process_set)
+
+
+def submit_deferred(placeholders: list[Collective], build: Callable[[], list[Collective]]) -> Work:
+    """Like :func:`submit`, for host collectives sized only by what the submissions before them return
+    (an all-gather sized by a shape exchange). The ``placeholders`` (see :func:`unsized`) are agreed;
+    when the submission comes up, the engine thread calls ``build()`` (holding the GIL) for the
+    collectives to run, of the same kinds and names, and they become the Work's results. An exception
+    from ``build`` fails the submission (its message is the CommError's)."""
+    def resolve():
+        built = build()
+        for placeholder, c in zip(placeholders, built):
+            placeholder.spec, placeholder.keepalive, placeholder.result, placeholder.after = (
+                c.spec, c.keepalive, c.result, c.after)
+        return [c.spec for c in built]
+
+    process_set = placeholders[0].process_set
+    return Work(core.submit_deferred([p.spec for p in placeholders], resolve, process_set=process_set.process_set_id),
+                placeholders)
+
+
+def meet(process_set=global_process_set) -> Work:
+    """A barrier: every member of ``process_set`` calls it; it finishes once all did and everything this
+    rank submitted before it finished. It is not one of the ordered submissions (see [Note: barriers meet
+    apart from the order] in comm_core/src/engine.h): a collective submitted before it may wait for a
+    rank that submits it only after its barrier."""
+    return Work(core.meet(process_set.process_set_id), [])
+
+
 def barrier_collective(name: str = "barrier", process_set=global_process_set) -> Collective:
     return Collective(core.OpSpec(core.OpKind.BARRIER, name), (), process_set)
 

@@ -88,18 +88,14 @@ def grouped_allreduce(tensors, average=None, name=None, compression=Compression.
 
 
 def grouped_allgather_async(tensors, name=None, process_set=global_process_set) -> int:
-    """Start concatenating each tensor of the list from every member along dim 0 (first dims may differ).
-
-    Each tensor's shapes are exchanged first, so this waits for those small exchanges.
-    """
+    """Start concatenating each tensor of the list from every member along dim 0 (first dims may differ)."""
     names = _names(name, "allgather", tensors)
     for tensor, n in zip(tensors, names):
         engine.check_tensor(tensor, n)
         comm.check_member(process_set, n)
     if engine.alone(process_set):
         return comm.new_handle(engine.completed_group([t.clone() for t in tensors]), grouped=True)
-    return comm.new_handle(engine.submit([comm.allgather_spec(t, n, process_set) for t, n in zip(tensors, names)]),
-                        grouped=True)
+    return comm.new_handle(comm.allgather_work(list(tensors), names, process_set), grouped=True)
 
 
 class _GroupedAllgatherFn(torch.autograd.Function):

@@ -73,6 +73,24 @@ def test_a_rank_that_ends_early_fails_the_others_operations_at_once_naming_it():
         assert "let ranks that run out call join()" in message
 
 
+def test_a_rank_that_leaves_fails_the_others_barrier_at_once_naming_it():
+    result = run_mpi("failure_modes.py", 3, "barrier_early_end", env={"PIPEDAP_TIMEOUT_SECONDS": "120"}, timeout=90)
+    assert_ok(result)
+    failed = dict(re.findall(r"rank (\d): FAILED after [\d.]+ s: (.*)", result.output))
+    assert sorted(failed) == ["0", "2"], result.output
+    for message in failed.values():
+        assert "barrier #1 on rank" in message and "rank 1 has shut down" in message and "without calling it" in message
+
+
+def test_watchdog_reports_a_barrier_a_rank_has_not_called_then_it_completes():
+    result = run_mpi("failure_modes.py", 2, "barrier_stall", env={"PIPEDAP_STALL_SECONDS": "1"})
+    assert_ok(result)
+    report = re.search(r"pipedap: rank 0: barrier \(barrier #0\) has not finished after \d+ s: rank 1 has not called "
+                       r"it\.\n  rank 1: has not called it; its engine is idle", result.output)
+    assert report, result.output
+    assert result.output.count("passed the barrier") == 2
+
+
 def test_watchdog_reports_a_stalled_operation_naming_the_missing_rank_then_it_completes():
     result = run_mpi("failure_modes.py", 2, "stall", env={"PIPEDAP_STALL_SECONDS": "1"})
     assert_ok(result)

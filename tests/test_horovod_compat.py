@@ -19,16 +19,10 @@ from compat import run_horovod_tests as runner
 HOROVOD_SOURCE = os.environ.get("PIPEDAP_HOROVOD_SOURCE")
 
 # Tests of Horovod's test_torch.py (head 2626dc87) that fail, each test in its own 2-rank job, and
-# why. Any other failure is a regression. (18 of them passed before issue 14, 96 after.)
-ORDER_NOT_NAME = ("rank 0 submits a collective before a barrier, rank 1 after it: only Horovod's matching by "
-                  "name accepts that; pipedap matches by order, so both fail with a CommError at the barrier")
+# why. Any other failure is a regression. (18 of them passed before issue 14, 100 after.)
 MUON = ("torch 2.13's Muon (which needs 2-D parameters) is among the optimizers the test constructs for a "
         "model with 1-D biases: torch raises before pipedap is called")
 EXPECTED_FAILURES = {
-    "test_horovod_allreduce_duplicate_name_error": ORDER_NOT_NAME,
-    "test_horovod_allgather_duplicate_name_error": ORDER_NOT_NAME,
-    "test_horovod_broadcast_duplicate_name_error": ORDER_NOT_NAME,
-    "test_horovod_reducescatter_duplicate_name_error": ORDER_NOT_NAME,
     "test_broadcast_state": MUON,
     "test_broadcast_state_options": MUON,
     "test_force_allreduce": MUON,

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.mpi
 CHECKS = ["gradient of allreduce Sum", "gradient of allgather", "gradient of broadcast",
           "gradient of reducescatter Average", "gradient of alltoall", "gradient of grouped_reducescatter",
           "integer and half scaling", "grouped operations", "alltoall errors", "a name in flight",
+          "operations in flight across a barrier",
           "shape mismatch", "join", "timeline", "sparse gradients", "optimizer outside its process set", "SyncBatchNorm"]
 
 

@@ -11,7 +11,6 @@ namespace pipedap {
 namespace {
 
 constexpr size_t kDescriptionBytes = 240;
-constexpr int kFingerprintTag = 0;  // on the agreement communicator
 constexpr int kDescriptionTag = 3;  // on the side communicator (status.cc uses 1 and 2)
 
 uint64_t fnv1a(uint64_t h, const void* data, size_t n) {
@@ -72,11 +71,11 @@ Fingerprint join_fingerprint(int64_t seq, int64_t joined_at) {
   return f;
 }
 
-Agreement::Agreement(const Communicator& agree, const Fingerprint& mine)
+Agreement::Agreement(const Communicator& agree, const Fingerprint& mine, int tag)
     : rank_(agree.rank), mine_(mine), all_(agree.size) {
   all_[agree.rank] = mine_;
   try {
-    post_exchange(agree, kFingerprintTag, &mine_, sizeof(Fingerprint), all_.data(), requests_,
+    post_exchange(agree, tag, &mine_, sizeof(Fingerprint), all_.data(), requests_,
                   "agreement on operation #" + std::to_string(mine.seq));
   } catch (const CommError&) {  // what was posted must finish before all_ and mine_ go
     abandon_requests(requests_, /*cancellable=*/false, agree.rank, "starting an agreement");

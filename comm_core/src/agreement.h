@@ -35,6 +35,9 @@
 
 namespace pipedap {
 
+constexpr int kSubmissionTag = 0;
+constexpr int kMeetingTag = 1;
+
 // Bits of Fingerprint::flags.
 enum FingerprintFlag : int32_t {
   kJoined = 1,  // the rank waits in join() (engine.h, [Note: join]); `hash` holds the sequence number it joined at
@@ -63,7 +66,9 @@ enum class Verdict {
 // the engine never destroys a pending Agreement (see Engine::abandoned_).
 class Agreement {
  public:
-  Agreement(const Communicator& agree, const Fingerprint& mine);  // starts the exchange
+  // Starts the exchange. Tags on the agreement communicator: kSubmissionTag for the ordered submissions,
+  // kMeetingTag for barriers (engine.h, [Note: barriers meet apart from the order]).
+  Agreement(const Communicator& agree, const Fingerprint& mine, int tag = kSubmissionTag);
   Agreement(const Agreement&) = delete;
   Agreement& operator=(const Agreement&) = delete;
 

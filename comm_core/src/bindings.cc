@@ -135,7 +135,7 @@ PYBIND11_MODULE(_comm_core, m) {
   py::class_<Handle, std::shared_ptr<Handle>>(m, "Handle")
       .def_property_readonly("seq", &Handle::seq)
       .def_property_readonly("description", &Handle::description)
-      .def("done", &Handle::done)
+      .def("done", &Handle::poll, "Whether it finished (without waiting).")
       .def("wait", &Handle::wait, py::arg("timeout") = -1.0, py::call_guard<py::gil_scoped_release>(),
            "Wait up to `timeout` seconds (< 0: forever). Returns False on timeout; raises CommError on failure.")
       .def("timings", &timings_tuple, "(enqueue_ns, start_ns, end_ns) on the CLOCK_MONOTONIC clock.");
@@ -169,6 +169,34 @@ PYBIND11_MODULE(_comm_core, m) {
         "returns a Handle at once. Counts, broadcast roots and peers are relative to the set. CommError at once "
         "if the set does not exist or this rank is not a member. A submission of sends and receives (never "
         "mixed with collectives) is posted in that order and not waited for: later submissions run meanwhile.");
+  m.def(
+      "submit_deferred",
+      [](std::vector<OpSpec> ops, const py::function& resolve, int process_set) {
+        // The resolver runs on the engine thread: every touch of the Python object holds the GIL.
+        std::shared_ptr<py::function> fn(new py::function(resolve), [](py::function* f) {
+          py::gil_scoped_acquire gil;
+          delete f;
+        });
+        Resolver resolver = [fn]() {
+          py::gil_scoped_acquire gil;
+          try {
+            return (*fn)().cast<std::vector<OpSpec>>();
+          } catch (py::error_already_set& e) {
+            throw std::runtime_error(e.what());
+          }
+        };
+        py::gil_scoped_release release;
+        return engine().submit_deferred(std::move(ops), std::move(resolver), process_set);
+      },
+      py::arg("ops"), py::arg("resolve"), py::arg("process_set") = 0,
+      "Like submit, for host collectives sized only once the submissions before them ran: `ops` (counts all "
+      "zero) are agreed, and when the submission comes up the engine thread calls resolve() (holding the GIL) "
+      "for the ops to run, of the same kinds and names. An exception from it fails the submission.");
+  m.def("meet", [](int process_set) { return engine().meet(process_set); }, py::arg("process_set") = 0,
+        py::call_guard<py::gil_scoped_release>(),
+        "A barrier on a process set, apart from the order of submissions: returns a Handle that finishes once "
+        "every member called meet on the set (the n-th call meets the n-th) and everything this rank submitted "
+        "before it finished.");
   m.def("add_process_set", [](const std::vector<int>& ranks) { return engine().add_process_set(ranks); },
         py::arg("ranks"), py::call_guard<py::gil_scoped_release>(),
         "Create a process set of these world ranks (ascending) and return its id. Collective: every rank calls "

@@ -1,7 +1,7 @@
 #include "engine.h"
 
 #include <chrono>
-#include <set>
+#include <algorithm>
 #include <stdexcept>
 
 #include "join.h"
@@ -149,6 +149,15 @@ std::string Engine::describe(const std::vector<OpSpec>& ops, const ProcessSet& s
   return d + "]";
 }
 
+std::string Engine::describe_unsized(const std::vector<OpSpec>& ops) {
+  std::string d;
+  for (const OpSpec& op : ops) {
+    d += (d.empty() ? "" : ", ") + std::string(op_kind_name(op.kind)) + " '" + op.name + "' (" + dtype_name(op.dtype) +
+         ", sized when it comes up)";
+  }
+  return ops.size() == 1 ? d : "group [" + d + "]";
+}
+
 DeviceBackend& Engine::device_backend() {
   if (!device_) device_ = make_device_backend(world_.rank, config_.host.poll);
   return *device_;
@@ -225,24 +234,62 @@ std::shared_ptr<Handle> Engine::submit(std::vector<OpSpec> ops, int process_set)
   return handle;
 }
 
-std::shared_ptr<Handle> Engine::enqueue(const std::shared_ptr<ProcessSet>& set, std::vector<OpSpec> ops) {
+std::shared_ptr<Handle> Engine::submit_deferred(std::vector<OpSpec> ops, Resolver resolve, int process_set) {
+  const std::shared_ptr<ProcessSet> set = sets_->member_set(process_set, world_.rank);
+  validate(ops, *set);
+  for (const OpSpec& op : ops) {
+    if (op.device >= 0 || is_p2p_op(op.kind) || op.total_count() != 0) {
+      throw std::invalid_argument("submit_deferred: " + op.describe() +
+                                  ": deferred submissions are host collectives whose counts are all zero until resolved");
+    }
+  }
+  std::shared_ptr<Handle> handle;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    handle = enqueue(set, std::move(ops), std::move(resolve));
+  }
+  cv_.notify_one();
+  return handle;
+}
+
+std::string Engine::resolve_ops(Submission& sub) {
+  try {
+    std::vector<OpSpec> ops = sub.resolve();
+    validate(ops, *sub.set);
+    if (ops.size() != sub.ops.size()) throw std::invalid_argument("the resolver returned another number of operations");
+    for (size_t i = 0; i < ops.size(); ++i) {
+      if (ops[i].kind != sub.ops[i].kind || ops[i].name != sub.ops[i].name || ops[i].device >= 0) {
+        throw std::invalid_argument("the resolver returned " + ops[i].describe() + " for " + sub.ops[i].describe());
+      }
+    }
+    sub.ops = std::move(ops);
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+std::shared_ptr<Handle> Engine::enqueue(const std::shared_ptr<ProcessSet>& set, std::vector<OpSpec> ops,
+                                        Resolver resolve) {
   if (stopping_) throw CommError("submit: pipedap is shutting down; call pipedap.init() again");
   if (joining_) {
     throw CommError("submit: " + describe(ops, *set) + " on rank " + std::to_string(world_.rank) +
                     ": this rank is in join() and submits nothing until it returns");
   }
   const bool p2p = is_p2p_op(ops.front().kind);
-  if (!p2p) {  // Horovod's rule: a name may not be reused while an operation of that name is unfinished
-    std::set<std::string> names;
+  std::vector<std::string> held;  // [Note: names in flight]
+  if (!p2p) {
+    release_observed_names();
     for (const OpSpec& op : ops) {
-      const bool named = op.kind != OpKind::kBarrier && op.kind != OpKind::kJoin && !is_process_set_op(op.kind);
-      if (named && (set->names_in_flight.count(op.name) || !names.insert(op.name).second)) {
+      if (op.kind == OpKind::kBarrier || op.kind == OpKind::kJoin || is_process_set_op(op.kind)) continue;
+      if (set->names_in_flight.count(op.name) || std::find(held.begin(), held.end(), op.name) != held.end()) {
         throw std::invalid_argument(op.describe() + " on rank " + std::to_string(world_.rank) +
                                     ": an operation named '" + op.name + "' is still in flight" +
                                     (set->id == 0 ? "" : " on " + set->label()) +
-                                    "; names must be unique among unfinished operations (synchronize the first "
-                                    "one, or give them different names)");
+                                    "; names must be unique among operations not yet synchronized (synchronize "
+                                    "the first one, or give them different names)");
       }
+      held.push_back(op.name);
     }
   }
   if (ops.front().device >= 0) {
@@ -251,19 +298,21 @@ std::shared_ptr<Handle> Engine::enqueue(const std::shared_ptr<ProcessSet>& set, 
   if (p2p) {  // not agreed: numbered apart, and names are free (p2p.h)
     auto handle = std::make_shared<Handle>(set->next_p2p_seq++, describe(ops, *set));
     handle->set_enqueue_ns(monotonic_ns());
-    queue_.push_back(Submission{set, std::move(ops), handle, Fingerprint{}, nullptr});
+    queue_.push_back(Submission{set, std::move(ops), handle, Fingerprint{}, nullptr, {}});
     return handle;
   }
-  for (const OpSpec& op : ops) set->names_in_flight.insert(op.name);
   const int64_t seq = set->next_seq++;
-  auto handle = std::make_shared<Handle>(seq, describe(ops, *set));
+  auto handle = std::make_shared<Handle>(seq, resolve ? describe_unsized(ops) : describe(ops, *set));
   handle->set_enqueue_ns(monotonic_ns());
+  for (const std::string& name : held) set->names_in_flight.insert(name);
+  held_.push_back(Held{handle, set, std::move(held)});
+  last_collective_ = handle;
   set->last_submitted = handle->description();
   set->last_submit_ns = monotonic_ns();
   const bool join = ops.front().kind == OpKind::kJoin;
   joining_ = join;
   Fingerprint fingerprint = join ? join_fingerprint(seq, seq) : fingerprint_of(seq, ops);
-  queue_.push_back(Submission{set, std::move(ops), handle, fingerprint, nullptr});
+  queue_.push_back(Submission{set, std::move(ops), handle, fingerprint, nullptr, std::move(resolve)});
   return handle;
 }
 
@@ -294,11 +343,9 @@ void Engine::remove_process_set(int id) {
 
 void Engine::finish(Submission& sub, const std::string& error, bool ran) {
   if (!ran && sub.ops.front().device >= 0) device_->discard(sub.ops);
-  {
-    // Before the handle completes: the caller may reuse the names right after.
+  if (sub.ops.front().kind == OpKind::kJoin) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!is_p2p_op(sub.ops.front().kind)) forget_names(*sub.set, sub.ops);
-    if (sub.ops.front().kind == OpKind::kJoin) joining_ = false;
+    joining_ = false;
   }
   if (error.empty()) {
     sub.handle->complete();
@@ -307,10 +354,124 @@ void Engine::finish(Submission& sub, const std::string& error, bool ran) {
   }
 }
 
-void Engine::forget_names(ProcessSet& set, const std::vector<OpSpec>& ops) {
-  for (const OpSpec& op : ops) {
-    auto it = set.names_in_flight.find(op.name);
-    if (it != set.names_in_flight.end()) set.names_in_flight.erase(it);
+void Engine::release_observed_names() {
+  // Everything submitted before a submission its caller saw finish has finished too: one thread runs them in
+  // order. (Not after a failed barrier, which may not have waited for them: only what finished is freed.)
+  size_t n = held_.size();
+  while (n > 0 && !held_[n - 1].handle->observed()) --n;
+  n = static_cast<size_t>(std::find_if(held_.begin(), held_.begin() + static_cast<std::ptrdiff_t>(n),
+                                       [](const Held& h) { return !h.handle->done(); }) -
+                          held_.begin());
+  for (size_t i = 0; i < n; ++i) {
+    for (const std::string& name : held_[i].names) {
+      auto& names = held_[i].set->names_in_flight;
+      names.erase(names.find(name));
+    }
+  }
+  held_.erase(held_.begin(), held_.begin() + static_cast<std::ptrdiff_t>(n));
+}
+
+std::shared_ptr<Handle> Engine::meet(int process_set) {
+  const std::shared_ptr<ProcessSet> set = sets_->member_set(process_set, world_.rank);
+  std::shared_ptr<Handle> handle;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) throw CommError("barrier: pipedap is shutting down; call pipedap.init() again");
+    if (joining_) {
+      throw CommError("barrier on rank " + std::to_string(world_.rank) +
+                      ": this rank is in join() and submits nothing until it returns");
+    }
+    handle = std::make_shared<Handle>(set->next_meeting++, "barrier");
+    handle->set_enqueue_ns(monotonic_ns());
+    handle->mark_started();
+    meetings_.push_back(Meeting{set, handle, last_collective_, nullptr, 0});
+    held_.push_back(Held{handle, set, {}});
+    new_meeting_ = true;
+  }
+  cv_.notify_one();
+  return handle;
+}
+
+std::vector<int> Engine::absent(const Meeting& m) const {
+  std::vector<int> ranks;
+  if (m.tokens) {
+    for (int r : m.tokens->missing()) ranks.push_back(m.set->ranks[r]);
+  } else {
+    for (int r : m.set->ranks) {
+      if (r != world_.rank) ranks.push_back(r);
+    }
+  }
+  return ranks;
+}
+
+std::string Engine::meeting_refused(Meeting& m) {
+  const std::string what = "pipedap: barrier #" + std::to_string(m.handle->seq()) +
+                           (m.set->id == 0 ? "" : " on " + m.set->label()) + " on rank " + std::to_string(world_.rank);
+  if (m.set->removed) return what + " failed: " + m.set->label() + " was removed";
+  if (m.set->agree.size < 2) return "";  // alone: nobody to meet
+  try {
+    if (!m.tokens) {
+      Fingerprint token;
+      token.seq = m.handle->seq();
+      m.tokens = std::make_unique<Agreement>(m.set->agree, token, kMeetingTag);
+    }
+    if (m.tokens->complete()) {
+      return m.tokens->verdict() == Verdict::kAgreed ? "" : what + " failed: the members' barrier counts differ";
+    }
+  } catch (const std::exception& e) {
+    return what + " failed: " + e.what();
+  }
+  // As in await_agreement: a departure notice may overtake the token of a member that called it and left.
+  std::vector<int> gone;
+  for (int r : absent(m)) {
+    if (status_->departed()[r]) gone.push_back(r);
+  }
+  if (gone.empty()) {
+    m.gone_since_ns = 0;
+  } else if (m.gone_since_ns == 0) {
+    m.gone_since_ns = monotonic_ns();
+  } else if (monotonic_ns() - m.gone_since_ns >= kDepartureGraceNs) {
+    return what + " failed: " + rank_list(gone) + (gone.size() == 1 ? " has" : " have") +
+           " shut down (pipedap.shutdown() or the end of the script) without calling it";
+  }
+  return "";
+}
+
+bool Engine::progress_meetings() {
+  std::vector<std::pair<std::shared_ptr<Handle>, std::string>> finished;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = meetings_.begin(); it != meetings_.end();) {
+      const std::string refused = meeting_refused(*it);
+      const bool met = refused.empty() && (!it->tokens || it->tokens->complete());
+      if (refused.empty() && !(met && (!it->after || it->after->done()))) {
+        ++it;
+        continue;
+      }
+      if (it->tokens && !it->tokens->complete()) abandoned_.push_back(std::move(it->tokens));
+      finished.emplace_back(it->handle, refused);
+      it = meetings_.erase(it);
+    }
+  }
+  for (auto& [handle, refused] : finished) {
+    if (refused.empty()) {
+      handle->complete();
+    } else {
+      handle->fail(refused);
+    }
+  }
+  return !finished.empty();
+}
+
+void Engine::fail_meetings(const std::string& why) {
+  std::deque<Meeting> left;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    left.swap(meetings_);
+  }
+  for (Meeting& m : left) {
+    if (m.tokens && !m.tokens->complete()) abandoned_.push_back(std::move(m.tokens));
+    m.handle->fail("pipedap: barrier on rank " + std::to_string(world_.rank) + " failed: " + why);
   }
 }
 
@@ -325,13 +486,20 @@ void Engine::run_loop() {
       std::unique_lock<std::mutex> lock(mu_);
       while (queue_.empty()) {
         const bool transfers = !p2p_->idle();
-        if (stopping_ && !transfers) return;  // drained
-        // Wait for a submission; with transfers outstanding, poll them meanwhile.
-        const auto wait = std::chrono::microseconds(transfers ? backoff.next_sleep_us()
-                                                              : config_.host.poll.idle_interval_us);
-        if (cv_.wait_for(lock, wait, [this] { return !queue_.empty(); })) break;
+        if (stopping_ && !transfers) {  // drained
+          lock.unlock();
+          fail_meetings("pipedap shut down before every member called it");
+          return;
+        }
+        // Wait for a submission; with transfers or barriers outstanding, poll them meanwhile.
+        const auto wait = std::chrono::microseconds(transfers || !meetings_.empty() ? backoff.next_sleep_us()
+                                                                                    : config_.host.poll.idle_interval_us);
+        cv_.wait_for(lock, wait, [this] { return !queue_.empty() || new_meeting_; });
+        if (!queue_.empty()) break;
+        new_meeting_ = false;
         lock.unlock();
         if (p2p_->progress()) backoff.progressed();
+        if (progress_meetings()) backoff.progressed();
         if (monotonic_ns() >= next_service_ns) {
           service();  // idle ranks answer status questions too
           next_service_ns = monotonic_ns() + service_interval_ns;
@@ -354,6 +522,7 @@ void Engine::run_loop() {
       phase_ = Phase::kIdle;
     }
     if (p2p_->progress()) backoff.progressed();  // also between submissions that never wait (posting transfers)
+    progress_meetings();  // a barrier may have waited for that submission
   }
 }
 
@@ -464,6 +633,13 @@ void Engine::execute(Submission& sub, Submission* next) {
         finish(sub, what + " was not run: " + sub.agreement->explain(set, h.description(), config_.host.poll),
                /*ran=*/false);
         return;  // every member failed this same submission: the next ones can still run
+      }
+    }
+    if (sub.resolve) {
+      const std::string refused = resolve_ops(sub);
+      if (!refused.empty()) {  // the others fail it too when their resolver refuses for the same reason
+        finish(sub, what + " was not run: " + refused, /*ran=*/false);
+        return;
       }
     }
     {

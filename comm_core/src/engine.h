@@ -14,12 +14,35 @@
 // order. Point-to-point submissions (sends and receives) are posted in that
 // order but neither agreed nor waited for (p2p.h): they advance while the
 // thread goes on with later submissions.
+//
+// [Note: barriers meet apart from the order]
+// barrier() is not an ordered submission. A rank may submit a collective
+// that another rank submits only after a barrier (rank 0: allreduce 'x',
+// barrier; rank 1: barrier, allreduce 'x'), as Horovod and MPI allow: there
+// the barrier must not queue behind rank 0's allreduce, which waits for rank
+// 1. So meet() exchanges a token with every member of the set (an Agreement
+// on the set's agreement communicator, with a tag of its own: the n-th
+// barrier on a set meets the n-th on every member), progressed by the engine
+// thread whatever it is doing (it services meetings wherever it answers
+// status questions). A barrier returns once every member called it and
+// everything this rank submitted before it finished. The watchdog reports a
+// barrier that waits, naming the members that have not called it.
+//
+// [Note: names in flight]
+// Horovod's rule: a name may not be reused while an operation of that name is
+// in flight. Here an operation counts as in flight until its caller saw it
+// finish: it waited for it or polled it done, or for something it submitted
+// later (the thread runs submissions in order, so that finished after it),
+// or passed a barrier. Releasing names when the engine finishes would make
+// the rule a race: a fast operation is sometimes over before the same
+// Python line submits its name again.
 #pragma once
 
 #include <mpi.h>
 
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -43,6 +66,8 @@ struct EngineConfig {
   double timeout_seconds = 600.0;  // PIPEDAP_TIMEOUT_SECONDS; <= 0: never abort
 };
 
+using Resolver = std::function<std::vector<OpSpec>()>;
+
 class Engine {
  public:
   // Initialises MPI if needed (MPI_THREAD_MULTIPLE requested) and starts the thread.
@@ -51,10 +76,19 @@ class Engine {
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
+  // Every member of set `process_set` calls it (the n-th on every member
+  // meets the n-th); the handle finishes when every member called it and
+  // everything this rank submitted before it finished.
+  std::shared_ptr<Handle> meet(int process_set = 0);
   // Enqueues ops to run as one unit on process set `process_set` and returns
   // immediately. CommError at once if the set does not exist or this rank is
   // not a member.
   std::shared_ptr<Handle> submit(std::vector<OpSpec> ops, int process_set = 0);
+  // The same for host collectives whose sizes are known only once the submissions before them ran (an
+  // all-gather sized by a shape exchange): `ops` are agreed as they are (their counts all zero), and when
+  // the submission comes up the engine thread calls `resolve` for the ops to run (checked as submit
+  // checks; an exception from it fails the submission on this rank, before any data moves).
+  std::shared_ptr<Handle> submit_deferred(std::vector<OpSpec> ops, Resolver resolve, int process_set = 0);
   // Collective over the world, in the same order on every rank; they wait
   // until done and raise CommError on every rank if refused.
   int add_process_set(const std::vector<int>& ranks);  // returns the new set's id
@@ -79,21 +113,40 @@ class Engine {
     std::shared_ptr<Handle> handle;
     Fingerprint fingerprint;
     std::unique_ptr<Agreement> agreement;  // started by the engine thread, at most one submission ahead
+    Resolver resolve;  // submit_deferred's
+  };
+  // A barrier ([Note: barriers meet apart from the order]).
+  struct Meeting {
+    std::shared_ptr<ProcessSet> set;
+    std::shared_ptr<Handle> handle;  // its seq: the set's barrier count
+    std::shared_ptr<Handle> after;   // this rank's last collective submitted before it; null: none
+    std::unique_ptr<Agreement> tokens;  // started by the engine thread
+    int64_t gone_since_ns = 0;  // when a member that has not come was first seen departed
+  };
+  // Submissions whose names are held ([Note: names in flight]), in submission order.
+  struct Held {
+    std::shared_ptr<Handle> handle;
+    std::shared_ptr<ProcessSet> set;
+    std::vector<std::string> names;
   };
   // A stall report the watchdog asked the engine thread for.
+  enum class Watched { kCollective, kTransfer, kMeeting };
   struct Inquiry {
     std::shared_ptr<Handle> handle;  // the stalled submission; null: none
     std::shared_ptr<ProcessSet> set;
-    bool p2p = false;        // point-to-point (else a collective)
-    std::vector<int> ranks;  // whom to ask (world ranks): the set's members, or the transfers' peers
+    Watched what = Watched::kCollective;
+    std::vector<int> ranks;  // whom to ask (world ranks): the set's members, the transfers' peers, or the absent
     bool timeout = false;
     int64_t asked_ns = 0;
-    // "operation #4 of process set 2 (ranks 1, 2)", "point-to-point #3".
-    std::string operation() const { return p2p ? set->p2p_operation(handle->seq()) : set->operation(handle->seq()); }
+    // "operation #4 of process set 2 (ranks 1, 2)", "point-to-point #3", "barrier #2 on the world".
+    std::string operation() const;
   };
 
   // Under mu_: queues `ops` on `set` (validated, and prepared if on a device).
-  std::shared_ptr<Handle> enqueue(const std::shared_ptr<ProcessSet>& set, std::vector<OpSpec> ops);
+  std::shared_ptr<Handle> enqueue(const std::shared_ptr<ProcessSet>& set, std::vector<OpSpec> ops,
+                                  Resolver resolve = {});
+  // Engine thread: replaces a deferred submission's ops by what its resolver returns; why it cannot ("": done).
+  std::string resolve_ops(Submission& sub);
   void run_loop();
   void execute(Submission& sub, Submission* next);
   // Engine thread: advances the transfers (and answers status questions) until none is outstanding on `set`.
@@ -116,8 +169,18 @@ class Engine {
   std::string stall_message(const Inquiry& inquiry) const;
   void watchdog_loop();
   std::string describe(const std::vector<OpSpec>& ops, const ProcessSet& set) const;
+  // A deferred submission's, before its counts are known.
+  static std::string describe_unsized(const std::vector<OpSpec>& ops);
   void validate(const std::vector<OpSpec>& ops, const ProcessSet& set) const;
-  void forget_names(ProcessSet& set, const std::vector<OpSpec>& ops);  // under mu_
+  // Under mu_: frees the names of every held submission up to the last one its caller saw finish.
+  void release_observed_names();
+  // Engine thread: starts and finishes barriers ([Note: barriers meet apart from the order]).
+  bool progress_meetings();  // true if one finished
+  void fail_meetings(const std::string& why);
+  // Engine thread: why `m` can never finish ("": it still may).
+  std::string meeting_refused(Meeting& m);
+  // The world ranks of `m`'s set that have not called it yet.
+  std::vector<int> absent(const Meeting& m) const;
   // Completes (error empty) or fails the submission's handle, after forgetting its names.
   // `ran`: its data phase started (else the device backend releases what it prepared).
   void finish(Submission& sub, const std::string& error, bool ran);
@@ -141,6 +204,10 @@ class Engine {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Submission> queue_;
+  std::deque<Meeting> meetings_;  // pending barriers, in call order
+  std::deque<Held> held_;
+  std::shared_ptr<Handle> last_collective_;  // this rank's last collective submission
+  bool new_meeting_ = false;  // wakes the idle engine thread
   std::shared_ptr<Handle> running_;  // the submission the engine thread is executing
   std::shared_ptr<ProcessSet> running_set_;  // and its set
   Phase phase_ = Phase::kIdle;

@@ -73,7 +73,14 @@ bool Handle::wait(double timeout_s) {
   } else if (!cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), finished)) {
     return false;
   }
+  observed_.store(true, std::memory_order_release);
   if (state_.load() == kFailed) throw CommError(error_);
+  return true;
+}
+
+bool Handle::poll() {
+  if (!done()) return false;
+  observed_.store(true, std::memory_order_release);
   return true;
 }
 

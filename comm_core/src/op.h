@@ -115,8 +115,12 @@ class Handle {
 
   bool done() const { return state_.load(std::memory_order_acquire) != kPending; }
   // Waits up to timeout_s (< 0: forever). Returns false on timeout; throws
-  // CommError if the operation failed.
+  // CommError if the operation failed. Either way a finished wait marks it observed.
   bool wait(double timeout_s);
+  // The caller's done(): true marks it observed.
+  bool poll();
+  // The caller saw it finish (wait or poll): its names are free again ([Note: names in flight] in engine.h).
+  bool observed() const { return observed_.load(std::memory_order_acquire); }
   Timings timings() const;
 
   // Engine side.
@@ -131,6 +135,7 @@ class Handle {
   const int64_t seq_;
   const std::string description_;
   std::atomic<int> state_{kPending};
+  std::atomic<bool> observed_{false};
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::string error_;

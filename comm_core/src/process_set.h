@@ -58,7 +58,8 @@ struct ProcessSet {
   int64_t next_p2p_seq = 0;  // of this rank's point-to-point submissions on it (numbered apart: not agreed)
   std::string last_submitted;  // description of its last submission
   int64_t last_submit_ns = 0;
-  std::unordered_multiset<std::string> names_in_flight;
+  std::unordered_multiset<std::string> names_in_flight;  // [Note: names in flight] in engine.h
+  int64_t next_meeting = 0;  // barriers on it this rank called (engine.h, [Note: barriers meet apart from the order])
 
   bool member() const { return rank >= 0; }
   // "the world" / "process set 2 (ranks 1, 2)".

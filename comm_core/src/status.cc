@@ -184,6 +184,19 @@ std::string describe_ranks(int me, const ProcessSet& set, int64_t seq,
   return report;
 }
 
+std::string describe_absent(const std::vector<int>& ranks, const std::vector<std::optional<RankStatus>>& answers,
+                            const std::function<std::string(int)>& label) {
+  std::string report;
+  for (int r : ranks) {
+    const std::optional<RankStatus>& s = answers[r];
+    report += "\n  rank " + std::to_string(r) + ": " +
+              (!s                ? no_answer()
+               : s->running >= 0 ? "has not called it; it is running " + running_words(*s, -1, label)
+                                 : "has not called it; its engine is idle");
+  }
+  return report;
+}
+
 std::string describe_peers(const std::vector<int>& peers, const std::vector<std::optional<RankStatus>>& answers,
                            const std::function<std::string(int)>& label) {
   std::string report;

@@ -108,6 +108,9 @@ class StatusChannel {
 std::string describe_ranks(int me, const ProcessSet& set, int64_t seq,
                            const std::vector<std::optional<RankStatus>>& answers,
                            const std::function<std::string(int)>& label);
+// The same for a barrier, from the answers of the members that have not called it.
+std::string describe_absent(const std::vector<int>& ranks, const std::vector<std::optional<RankStatus>>& answers,
+                            const std::function<std::string(int)>& label);
 // The same for a stalled point-to-point submission, from its `peers`' answers.
 std::string describe_peers(const std::vector<int>& peers, const std::vector<std::optional<RankStatus>>& answers,
                            const std::function<std::string(int)>& label);

@@ -1,8 +1,8 @@
 // The engine's watchdog thread and the stall reports it asks the engine thread
 // for (members of Engine, see engine.h; the status channel: status.h).
 //
-// The watchdog watches the running collective and the oldest outstanding
-// point-to-point submission. After PIPEDAP_STALL_SECONDS it asks the engine
+// The watchdog watches the running collective, the oldest outstanding
+// point-to-point submission and the oldest barrier some member has not called. After PIPEDAP_STALL_SECONDS it asks the engine
 // thread for a report: the engine thread asks the ranks concerned (a
 // collective's set members, a transfer's peers) what they are doing and prints
 // what they answered. After PIPEDAP_TIMEOUT_SECONDS it asks again, and the
@@ -42,18 +42,31 @@ RankStatus Engine::status_snapshot(int64_t set_id) const {
   return s;
 }
 
+std::string Engine::Inquiry::operation() const {
+  switch (what) {
+    case Watched::kTransfer: return set->p2p_operation(handle->seq());
+    case Watched::kMeeting: return "barrier #" + std::to_string(handle->seq()) + (set->id == 0 ? "" : " on " + set->label());
+    default: return set->operation(handle->seq());
+  }
+}
+
 std::string Engine::stall_message(const Inquiry& inquiry) const {
   const Handle& h = *inquiry.handle;
   const double stalled = (monotonic_ns() - h.start_ns()) * 1e-9;
   const std::string message =
       "pipedap: rank " + std::to_string(world_.rank) + ": " + h.description() + " (" + inquiry.operation() +
       ") has not finished after " + format_number(static_cast<double>(static_cast<int64_t>(stalled))) + " s";
-  if (inquiry.p2p) return message + ": " + p2p_->waiting_for(h) + ".";
+  if (inquiry.what == Watched::kTransfer) return message + ": " + p2p_->waiting_for(h) + ".";
+  if (inquiry.what == Watched::kMeeting) {
+    return message + ": " + rank_list(inquiry.ranks) + (inquiry.ranks.size() == 1 ? " has" : " have") +
+           " not called it.";
+  }
   std::lock_guard<std::mutex> lock(mu_);
   return message + " (" + std::to_string(queue_.size()) + " more queued behind it).";
 }
 
 void Engine::service() {
+  progress_meetings();
   if (world_.size < 2) return;
   status_->serve([this](int64_t set) { return status_snapshot(set); });  // a snapshot only when asked
   Inquiry inquiry;
@@ -74,11 +87,16 @@ void Engine::service() {
   if (inquiry.handle->done()) return;  // it finished meanwhile: nothing to report
   auto label = [this](int id) { return sets_->describe(id); };
   std::string report = stall_message(inquiry);
-  if (inquiry.p2p) {
+  if (inquiry.what == Watched::kTransfer) {
     report += describe_peers(inquiry.ranks, *answers, label) +
               "\n  A transfer waits for its peer to submit the matching one (the same tag, sender and receiver "
               "swapped) and to get to it: look for a tag or peer that differs between the two sides, or a "
               "rank-dependent branch that skips it.";
+  } else if (inquiry.what == Watched::kMeeting) {
+    report += describe_absent(inquiry.ranks, *answers, label) +
+              "\n  A barrier waits for every member of its set to call it: a rank that has not called it took "
+              "a rank-dependent branch, is still computing, or is stuck outside pipedap (look at its stack: "
+              "py-spy dump --pid PID).";
   } else {
     report += describe_ranks(world_.rank, *inquiry.set, inquiry.handle->seq(), *answers, label) +
               "\n  A rank that has not submitted it skipped it (a rank-dependent branch), is still computing, or is "
@@ -96,16 +114,23 @@ void Engine::service() {
 }
 
 void Engine::watchdog_loop() {
-  // The last collective and point-to-point submission a stall report was made for.
-  std::shared_ptr<Handle> reported[2];
+  // The last collective, point-to-point submission and barrier a stall report was made for.
+  constexpr int kWatched = 3;
+  std::shared_ptr<Handle> reported[kWatched];
   std::unique_lock<std::mutex> lock(mu_);
   while (!stopped_) {
     watchdog_cv_.wait_for(lock, std::chrono::milliseconds(200));
     const PointToPoint::Oldest transfer = p2p_->oldest();
-    Inquiry watched[2];  // the running collective, the oldest transfer
-    if (running_) watched[0] = Inquiry{running_, running_set_, false, running_set_->ranks};
-    if (transfer.handle) watched[1] = Inquiry{transfer.handle, transfer.set, true, transfer.peers};
-    for (int k = 0; k < 2; ++k) {
+    Inquiry watched[kWatched];  // the running collective, the oldest transfer, the oldest barrier still missing members
+    if (running_) watched[0] = Inquiry{running_, running_set_, Watched::kCollective, running_set_->ranks};
+    if (transfer.handle) watched[1] = Inquiry{transfer.handle, transfer.set, Watched::kTransfer, transfer.peers};
+    for (const Meeting& m : meetings_) {
+      std::vector<int> ranks = absent(m);
+      if (ranks.empty()) continue;  // met: it waits for this rank's own operations, watched above
+      watched[2] = Inquiry{m.handle, m.set, Watched::kMeeting, std::move(ranks)};
+      break;
+    }
+    for (int k = 0; k < kWatched; ++k) {
       Inquiry& w = watched[k];
       if (!w.handle) continue;
       const int64_t now = monotonic_ns();

@@ -39,6 +39,22 @@ elif mode == "early_end":  # rank 1 runs out of data one step early (no join): t
         except hvd.CommError as e:
             print(f"rank {R}: FAILED after {time.monotonic() - start:.1f} s: {e}")
 
+elif mode == "barrier_early_end":  # rank 1 leaves without the last barrier: the others' fails at once
+    hvd.barrier()
+    if R != 1:
+        start = time.monotonic()
+        try:
+            hvd.barrier()
+            print(f"rank {R}: NOT DETECTED")
+        except hvd.CommError as e:
+            print(f"rank {R}: FAILED after {time.monotonic() - start:.1f} s: {e}")
+
+elif mode == "barrier_stall":  # run with PIPEDAP_STALL_SECONDS=1: rank 1 is late to a barrier, then all finish
+    if R == 1:
+        time.sleep(3)
+    hvd.barrier()
+    print(f"rank {R}: passed the barrier")
+
 elif mode == "stall":  # run with PIPEDAP_STALL_SECONDS=1: rank 1 is late, then all finish
     if R == 1:
         time.sleep(3)

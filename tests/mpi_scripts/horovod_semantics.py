@@ -2,15 +2,17 @@
 
 Each check stands for tests of Horovod's test_torch.py (tests/compat/ runs those): the gradient of
 every collective against finite differences of the global loss it is the gradient of; scaling of
-integer tensors; grouped operations; alltoall's errors; join; a name reused while in flight; a
-shape mismatch of equal element count; the timeline; sparse gradients; SyncBatchNorm. Prints "rank R of P: <check> OK"
-per check and exits non-zero on the first failure.
+integer tensors; grouped operations; alltoall's errors; join; a name reused while in flight;
+operations in flight across a barrier; a shape mismatch of equal element count; the timeline; sparse
+gradients; SyncBatchNorm. Prints "rank R of P: <check> OK" per check and exits non-zero on the first
+failure.
 """
 
 import json
 import os
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -168,7 +170,50 @@ assert "still in flight" in message, message
 hvd.synchronize(busy)
 close(hvd.synchronize(first), torch.ones(3), "the first of two same-named operations")
 close(hvd.allreduce(torch.ones(3), name="duplicate"), torch.ones(3), "the name once free again")
+
+# A name stays held until its caller saw the operation finish: synchronized or polled it, or
+# something submitted after it (one engine thread runs them in order), or passed a barrier.
+held = hvd.allreduce_async(torch.ones(3), name="held")
+hvd.synchronize(hvd.allreduce_async(torch.ones(3), name="after held"))
+again = hvd.allreduce_async(torch.ones(3), name="held")  # free: what came after it was synchronized
+time.sleep(0.5)  # `again` has finished by now, but this rank has not seen it finish
+message = raises(ValueError, lambda: hvd.allreduce_async(torch.ones(3), name="held"), "a name not yet synchronized")
+assert "not yet synchronized" in message, message
+for handle in (held, again):
+    close(hvd.synchronize(handle), torch.ones(3), "operations of one name, one after the other")
 ok("a name in flight")
+
+# --- a barrier is not matched in the order of the collectives: one in flight across it -------------
+# Horovod's duplicate-name tests: rank 0 starts an operation before a barrier, the others after it.
+
+def start(kind: str):
+    if kind == "allreduce":
+        return hvd.allreduce_async(torch.full((2 * P, 3), float(R)), name=kind)
+    if kind == "allgather":
+        return hvd.allgather_async(torch.full((R + 1, 3), float(R)), name=kind)  # first dims differ
+    if kind == "broadcast":
+        return hvd.broadcast_async(torch.full((2, 3), float(R)), root_rank=P - 1, name=kind)
+    return hvd.reducescatter_async(torch.full((2 * P, 3), float(R)), name=kind)
+
+
+expected_results = {
+    "allreduce": torch.full((2 * P, 3), (P - 1) / 2),
+    "allgather": torch.cat([torch.full((r + 1, 3), float(r)) for r in range(P)]),
+    "broadcast": torch.full((2, 3), float(P - 1)),
+    "reducescatter": torch.full((2, 3), (P - 1) / 2),
+}
+for kind, want in expected_results.items():
+    for before in range(P):  # each rank in turn starts it before the barrier
+        if R == before:
+            handle = start(kind)
+            raises(ValueError, lambda k=kind: start(k), f"{kind} started twice before the barrier")
+        hvd.barrier()
+        if R != before:
+            handle = start(kind)
+            raises(ValueError, lambda k=kind: start(k), f"{kind} started twice after the barrier")
+        close(hvd.synchronize(handle), want, f"{kind} across a barrier")
+        hvd.barrier()
+ok("operations in flight across a barrier")
 
 # --- the same element count in another shape is a mismatch, as in Horovod --------------------------
 
