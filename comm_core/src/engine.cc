@@ -57,29 +57,29 @@ int lowest_not_in(const std::vector<int>& joined) {
 }
 
 // A send's or receive's peer and tag (the rest is checked as for a collective).
-void validate_p2p(const OpSpec& op, const ProcessSet& set, const std::string& what) {
+void validate_p2p(const OpSpec& op, const ProcessSet& set, const std::function<std::string()>& what) {
   const int size = static_cast<int>(set.ranks.size());
-  if (size == 1) throw std::invalid_argument(what + set.label() + " has one rank: there is no peer");
+  if (size == 1) throw std::invalid_argument(what() + set.label() + " has one rank: there is no peer");
   if (op.root == set.rank) {
-    throw std::invalid_argument(what + "the peer is this rank itself: a rank cannot send to or receive from itself");
+    throw std::invalid_argument(what() + "the peer is this rank itself: a rank cannot send to or receive from itself");
   }
   if (op.root < 0 || op.root >= size) {
-    throw std::invalid_argument(what + "peer rank " + std::to_string(op.root) + " is not in [0, " +
+    throw std::invalid_argument(what() + "peer rank " + std::to_string(op.root) + " is not in [0, " +
                                 std::to_string(size) + ")" + (set.id == 0 ? "" : " (peers are ranks within the set)"));
   }
   if (op.tag < 0 || op.tag > kMaxTag) {
-    throw std::invalid_argument(what + "tag " + std::to_string(op.tag) + " is not in [0, " + std::to_string(kMaxTag) +
+    throw std::invalid_argument(what() + "tag " + std::to_string(op.tag) + " is not in [0, " + std::to_string(kMaxTag) +
                                 "]: point-to-point tags are MPI tags, and every MPI allows up to " +
                                 std::to_string(kMaxTag));
   }
 }
 
-void validate_join(const std::vector<OpSpec>& ops, const ProcessSet& set, const std::string& what) {
-  if (ops.size() != 1) throw std::invalid_argument(what + "join is submitted alone, not in a group");
+void validate_join(const std::vector<OpSpec>& ops, const ProcessSet& set, const std::function<std::string()>& what) {
+  if (ops.size() != 1) throw std::invalid_argument(what() + "join is submitted alone, not in a group");
   if (set.id != 0) {
-    throw std::invalid_argument(what + "join runs on the world (process set 0): it covers the world's collectives");
+    throw std::invalid_argument(what() + "join runs on the world (process set 0): it covers the world's collectives");
   }
-  if (ops.front().device >= 0) throw std::invalid_argument(what + "join is a host operation (device=-1)");
+  if (ops.front().device >= 0) throw std::invalid_argument(what() + "join is a host operation (device=-1)");
 }
 
 }  // namespace
@@ -164,17 +164,18 @@ DeviceBackend& Engine::device_backend() {
 }
 
 void Engine::validate(const std::vector<OpSpec>& ops, const ProcessSet& set) const {
-  const std::string where = " (rank " + std::to_string(world_.rank) + (set.id == 0 ? "" : ", " + set.label()) + ")";
+  // Words for an error only (built on every submission they would cost a small operation microseconds).
+  auto where = [&] { return " (rank " + std::to_string(world_.rank) + (set.id == 0 ? "" : ", " + set.label()) + ")"; };
   const int size = static_cast<int>(set.ranks.size());
-  if (ops.empty()) throw std::invalid_argument("submit: empty group of operations" + where);
+  if (ops.empty()) throw std::invalid_argument("submit: empty group of operations" + where());
   const bool p2p = is_p2p_op(ops.front().kind);
   for (const OpSpec& op : ops) {
-    const std::string what = op.describe() + where + ": ";
+    const std::function<std::string()> what = [&] { return op.describe() + where() + ": "; };
     if (is_process_set_op(op.kind)) {
-      throw std::invalid_argument(what + "an internal operation kind: call add_process_set / remove_process_set");
+      throw std::invalid_argument(what() + "an internal operation kind: call add_process_set / remove_process_set");
     }
     if (is_p2p_op(op.kind) != p2p) {
-      throw std::invalid_argument(what + "a submission cannot mix point-to-point operations (send, recv) with "
+      throw std::invalid_argument(what() + "a submission cannot mix point-to-point operations (send, recv) with "
                                   "collectives: submit them separately");
     }
     if (p2p) validate_p2p(op, set, what);
@@ -185,16 +186,16 @@ void Engine::validate(const std::vector<OpSpec>& ops, const ProcessSet& set) con
                         : matrix ? static_cast<size_t>(size) * size
                         : op.kind == OpKind::kBarrier || op.kind == OpKind::kJoin ? 0 : 1;
     if (op.counts.size() != want) {
-      throw std::invalid_argument(what + "needs " + std::to_string(want) + " count(s), got " +
+      throw std::invalid_argument(what() + "needs " + std::to_string(want) + " count(s), got " +
                                   std::to_string(op.counts.size()) +
                                   (per_rank ? " (one per member of the set)"
                                    : matrix ? " (a members x members matrix: what each sends to each)" : ""));
     }
     for (int64_t n : op.counts) {
-      if (n < 0) throw std::invalid_argument(what + "negative element count " + std::to_string(n));
+      if (n < 0) throw std::invalid_argument(what() + "negative element count " + std::to_string(n));
     }
     if (op.kind == OpKind::kBroadcast && (op.root < 0 || op.root >= size)) {
-      throw std::invalid_argument(what + "root rank " + std::to_string(op.root) + " is not in [0, " +
+      throw std::invalid_argument(what() + "root rank " + std::to_string(op.root) + " is not in [0, " +
                                   std::to_string(size) + ")" + (set.id == 0 ? "" : " (roots are ranks within the set)"));
     }
     // Each buffer must exist if it holds elements (this rank's block may be empty).
@@ -211,13 +212,13 @@ void Engine::validate(const std::vector<OpSpec>& ops, const ProcessSet& set) con
     }
     if (op.kind == OpKind::kJoin) out_count = 1;
     if ((in_count > 0 && op.input == 0) || (out_count > 0 && op.output == 0)) {
-      throw std::invalid_argument(what + "null buffer address");
+      throw std::invalid_argument(what() + "null buffer address");
     }
     if ((op.device >= 0) != (ops.front().device >= 0) || (op.device >= 0 && op.device != ops.front().device)) {
-      throw std::invalid_argument(what + "a group must be all host memory or all on one CUDA device");
+      throw std::invalid_argument(what() + "a group must be all host memory or all on one CUDA device");
     }
     if (op.device >= 0 && op.kind == OpKind::kBarrier) {
-      throw std::invalid_argument(what + "a barrier is a host operation (device=-1)");
+      throw std::invalid_argument(what() + "a barrier is a host operation (device=-1)");
     }
   }
 }
@@ -405,9 +406,11 @@ std::vector<int> Engine::absent(const Meeting& m) const {
 }
 
 std::string Engine::meeting_refused(Meeting& m) {
-  const std::string what = "pipedap: barrier #" + std::to_string(m.handle->seq()) +
-                           (m.set->id == 0 ? "" : " on " + m.set->label()) + " on rank " + std::to_string(world_.rank);
-  if (m.set->removed) return what + " failed: " + m.set->label() + " was removed";
+  auto what = [&] {  // polled often: words only for a refusal
+    return "pipedap: barrier #" + std::to_string(m.handle->seq()) + (m.set->id == 0 ? "" : " on " + m.set->label()) +
+           " on rank " + std::to_string(world_.rank);
+  };
+  if (m.set->removed) return what() + " failed: " + m.set->label() + " was removed";
   if (m.set->agree.size < 2) return "";  // alone: nobody to meet
   try {
     if (!m.tokens) {
@@ -416,10 +419,10 @@ std::string Engine::meeting_refused(Meeting& m) {
       m.tokens = std::make_unique<Agreement>(m.set->agree, token, kMeetingTag);
     }
     if (m.tokens->complete()) {
-      return m.tokens->verdict() == Verdict::kAgreed ? "" : what + " failed: the members' barrier counts differ";
+      return m.tokens->verdict() == Verdict::kAgreed ? "" : what() + " failed: the members' barrier counts differ";
     }
   } catch (const std::exception& e) {
-    return what + " failed: " + e.what();
+    return what() + " failed: " + e.what();
   }
   // As in await_agreement: a departure notice may overtake the token of a member that called it and left.
   std::vector<int> gone;
@@ -431,7 +434,7 @@ std::string Engine::meeting_refused(Meeting& m) {
   } else if (m.gone_since_ns == 0) {
     m.gone_since_ns = monotonic_ns();
   } else if (monotonic_ns() - m.gone_since_ns >= kDepartureGraceNs) {
-    return what + " failed: " + rank_list(gone) + (gone.size() == 1 ? " has" : " have") +
+    return what() + " failed: " + rank_list(gone) + (gone.size() == 1 ? " has" : " have") +
            " shut down (pipedap.shutdown() or the end of the script) without calling it";
   }
   return "";
@@ -478,6 +481,7 @@ void Engine::fail_meetings(const std::string& why) {
 void Engine::run_loop() {
   const int64_t service_interval_ns = config_.host.poll.idle_interval_us * 1000LL;
   int64_t next_service_ns = 0;
+  int64_t last_ran_ns = 0;  // when the last submission finished
   Backoff backoff(config_.host.poll);
   for (;;) {
     Submission sub;
@@ -490,6 +494,14 @@ void Engine::run_loop() {
           lock.unlock();
           fail_meetings("pipedap shut down before every member called it");
           return;
+        }
+        // The next submission often follows within microseconds (a loop of small collectives, a step's
+        // buckets): look for it a little while before sleeping, which saves a condition variable's wake-up.
+        if (monotonic_ns() - last_ran_ns < Handle::kWaitSpinNs) {
+          lock.unlock();
+          std::this_thread::yield();
+          lock.lock();
+          continue;
         }
         // Wait for a submission; with transfers or barriers outstanding, poll them meanwhile.
         const auto wait = std::chrono::microseconds(transfers || !meetings_.empty() ? backoff.next_sleep_us()
@@ -523,6 +535,7 @@ void Engine::run_loop() {
     }
     if (p2p_->progress()) backoff.progressed();  // also between submissions that never wait (posting transfers)
     progress_meetings();  // a barrier may have waited for that submission
+    last_ran_ns = monotonic_ns();
   }
 }
 

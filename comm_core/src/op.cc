@@ -2,7 +2,9 @@
 
 #include <time.h>
 
+#include <algorithm>
 #include <chrono>
+#include <thread>
 #include <numeric>
 
 namespace pipedap {
@@ -66,6 +68,10 @@ int64_t monotonic_ns() {
 Handle::Handle(int64_t seq, std::string description) : seq_(seq), description_(std::move(description)) {}
 
 bool Handle::wait(double timeout_s) {
+  // A small operation finishes within microseconds of the wait: look a little while before sleeping, since a
+  // condition variable's wake-up costs about as much as the operation itself.
+  const int64_t spin_until = monotonic_ns() + std::min<int64_t>(kWaitSpinNs, timeout_s < 0 ? kWaitSpinNs : timeout_s * 1e9);
+  while (!done() && monotonic_ns() < spin_until) std::this_thread::yield();
   std::unique_lock<std::mutex> lock(mu_);
   auto finished = [this] { return state_.load(std::memory_order_acquire) != kPending; };
   if (timeout_s < 0) {

@@ -108,6 +108,8 @@ int64_t monotonic_ns();
 // The completion state of one submission (one op, or a group of ops issued as one unit).
 class Handle {
  public:
+  static constexpr int64_t kWaitSpinNs = 50'000;  // wait() looks this long before it sleeps
+
   Handle(int64_t seq, std::string description);
 
   int64_t seq() const { return seq_; }
