@@ -62,24 +62,20 @@ def test_unhandled_exception_on_one_rank_ends_the_job_quickly():
     assert elapsed < 30, f"the job took {elapsed:.0f} s to end"
 
 
-def test_a_rank_that_ends_early_fails_the_others_operations_at_once_naming_it():
+@pytest.mark.parametrize("mode, words", [
+    ("early_end", ["rank 1 has shut down (pipedap.shutdown() or the end of the script) without submitting it",
+                   "let ranks that run out call join()"]),
+    ("barrier_early_end", ["barrier #1 on rank", "rank 1 has shut down", "without calling it"]),
+])
+def test_a_rank_that_ends_early_fails_the_others_operation_or_barrier_at_once_naming_it(mode, words):
     """Departure notices: without them ranks 0 and 2 would wait PIPEDAP_TIMEOUT_SECONDS (here 120 s)."""
-    result = run_mpi("failure_modes.py", 3, "early_end", env={"PIPEDAP_TIMEOUT_SECONDS": "120"}, timeout=90)
+    result = run_mpi("failure_modes.py", 3, mode, env={"PIPEDAP_TIMEOUT_SECONDS": "120"}, timeout=90)
     assert_ok(result)
     failed = dict(re.findall(r"rank (\d): FAILED after [\d.]+ s: (.*)", result.output))
     assert sorted(failed) == ["0", "2"], result.output
     for message in failed.values():
-        assert "rank 1 has shut down (pipedap.shutdown() or the end of the script) without submitting it" in message
-        assert "let ranks that run out call join()" in message
-
-
-def test_a_rank_that_leaves_fails_the_others_barrier_at_once_naming_it():
-    result = run_mpi("failure_modes.py", 3, "barrier_early_end", env={"PIPEDAP_TIMEOUT_SECONDS": "120"}, timeout=90)
-    assert_ok(result)
-    failed = dict(re.findall(r"rank (\d): FAILED after [\d.]+ s: (.*)", result.output))
-    assert sorted(failed) == ["0", "2"], result.output
-    for message in failed.values():
-        assert "barrier #1 on rank" in message and "rank 1 has shut down" in message and "without calling it" in message
+        for w in words:
+            assert w in message, (w, message)
 
 
 def test_watchdog_reports_a_barrier_a_rank_has_not_called_then_it_completes():
