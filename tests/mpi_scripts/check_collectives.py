@@ -174,6 +174,26 @@ if P > 1:
     check(hvd.allgather(torch.full((1, 2), float(R)), name="after.mismatch"),
           torch.arange(P, dtype=torch.float32).repeat_interleave(2).view(P, 2), "allgather after a mismatch")
 
+# a deferred submission (how host all-gathers are sized on the engine thread) fails where its resolver
+# refuses, or returns other operations than it placed, before any data moves; the ranks go on
+if DEVICE == "cpu":
+    placeholder = engine.unsized(engine.core.OpKind.ALLGATHER, "deferred", torch.ones(2))
+
+    def refuse():
+        raise ValueError("no sizes today")
+
+    def rename():
+        return [engine.unsized(engine.core.OpKind.ALLGATHER, "renamed", torch.ones(2)).spec]
+
+    for resolver, words in ((refuse, "no sizes today"), (rename, "the resolver returned allgather 'renamed'")):
+        try:
+            engine.core.submit_deferred([placeholder.spec], resolver, process_set=0).wait(-1)
+            sys.exit(f"a deferred submission whose resolver does {resolver.__name__} should fail")
+        except hvd.CommError as e:
+            assert words in str(e) and "was not run" in str(e), e
+    check(hvd.allgather(torch.full((R + 1,), float(R)), name="after.deferred"),
+          torch.cat([torch.full((r + 1,), float(r)) for r in range(P)]), "allgather after refused deferred ones")
+
 # objects, barrier, poll
 obj = hvd.broadcast_object({"rank": R, "data": list(range(R + 3))}, root_rank=P - 1)
 assert obj == {"rank": P - 1, "data": list(range(P + 2))}, obj
