@@ -186,7 +186,7 @@ PYBIND11_MODULE(_comm_core, m) {
           }
         };
         py::gil_scoped_release release;
-        return engine().submit_deferred(std::move(ops), std::move(resolver), process_set);
+        return engine().submit(std::move(ops), process_set, std::move(resolver));
       },
       py::arg("ops"), py::arg("resolve"), py::arg("process_set") = 0,
       "Like submit, for host collectives sized only once the submissions before them ran: `ops` (counts all "

@@ -223,24 +223,12 @@ void Engine::validate(const std::vector<OpSpec>& ops, const ProcessSet& set) con
   }
 }
 
-std::shared_ptr<Handle> Engine::submit(std::vector<OpSpec> ops, int process_set) {
-  const std::shared_ptr<ProcessSet> set = sets_->member_set(process_set, world_.rank);
-  validate(ops, *set);
-  std::shared_ptr<Handle> handle;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    handle = enqueue(set, std::move(ops));
-  }
-  cv_.notify_one();
-  return handle;
-}
-
-std::shared_ptr<Handle> Engine::submit_deferred(std::vector<OpSpec> ops, Resolver resolve, int process_set) {
+std::shared_ptr<Handle> Engine::submit(std::vector<OpSpec> ops, int process_set, Resolver resolve) {
   const std::shared_ptr<ProcessSet> set = sets_->member_set(process_set, world_.rank);
   validate(ops, *set);
   for (const OpSpec& op : ops) {
-    if (op.device >= 0 || is_p2p_op(op.kind) || op.total_count() != 0) {
-      throw std::invalid_argument("submit_deferred: " + op.describe() +
+    if (resolve && (op.device >= 0 || is_p2p_op(op.kind) || op.total_count() != 0)) {
+      throw std::invalid_argument("submit: " + op.describe() +
                                   ": deferred submissions are host collectives whose counts are all zero until resolved");
     }
   }
@@ -407,8 +395,7 @@ std::vector<int> Engine::absent(const Meeting& m) const {
 
 std::string Engine::meeting_refused(Meeting& m) {
   auto what = [&] {  // polled often: words only for a refusal
-    return "pipedap: barrier #" + std::to_string(m.handle->seq()) + (m.set->id == 0 ? "" : " on " + m.set->label()) +
-           " on rank " + std::to_string(world_.rank);
+    return "pipedap: " + m.set->barrier(m.handle->seq()) + " on rank " + std::to_string(world_.rank);
   };
   if (m.set->removed) return what() + " failed: " + m.set->label() + " was removed";
   if (m.set->agree.size < 2) return "";  // alone: nobody to meet

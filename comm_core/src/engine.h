@@ -83,12 +83,11 @@ class Engine {
   // Enqueues ops to run as one unit on process set `process_set` and returns
   // immediately. CommError at once if the set does not exist or this rank is
   // not a member.
-  std::shared_ptr<Handle> submit(std::vector<OpSpec> ops, int process_set = 0);
-  // The same for host collectives whose sizes are known only once the submissions before them ran (an
-  // all-gather sized by a shape exchange): `ops` are agreed as they are (their counts all zero), and when
+  // With `resolve`: host collectives whose sizes are known only once the submissions before them ran (an
+  // all-gather sized by a shape exchange). `ops` are agreed as they are (their counts all zero), and when
   // the submission comes up the engine thread calls `resolve` for the ops to run (checked as submit
   // checks; an exception from it fails the submission on this rank, before any data moves).
-  std::shared_ptr<Handle> submit_deferred(std::vector<OpSpec> ops, Resolver resolve, int process_set = 0);
+  std::shared_ptr<Handle> submit(std::vector<OpSpec> ops, int process_set = 0, Resolver resolve = {});
   // Collective over the world, in the same order on every rank; they wait
   // until done and raise CommError on every rank if refused.
   int add_process_set(const std::vector<int>& ranks);  // returns the new set's id
@@ -113,7 +112,7 @@ class Engine {
     std::shared_ptr<Handle> handle;
     Fingerprint fingerprint;
     std::unique_ptr<Agreement> agreement;  // started by the engine thread, at most one submission ahead
-    Resolver resolve;  // submit_deferred's
+    Resolver resolve;  // submit's, for a deferred submission
   };
   // A barrier ([Note: barriers meet apart from the order]).
   struct Meeting {

@@ -4,8 +4,8 @@
 
 #include <algorithm>
 #include <chrono>
-#include <thread>
 #include <numeric>
+#include <thread>
 
 namespace pipedap {
 
@@ -70,7 +70,8 @@ Handle::Handle(int64_t seq, std::string description) : seq_(seq), description_(s
 bool Handle::wait(double timeout_s) {
   // A small operation finishes within microseconds of the wait: look a little while before sleeping, since a
   // condition variable's wake-up costs about as much as the operation itself.
-  const int64_t spin_until = monotonic_ns() + std::min<int64_t>(kWaitSpinNs, timeout_s < 0 ? kWaitSpinNs : timeout_s * 1e9);
+  const int64_t spin_ns = timeout_s < 0 ? kWaitSpinNs : std::min<int64_t>(kWaitSpinNs, timeout_s * 1e9);
+  const int64_t spin_until = monotonic_ns() + spin_ns;
   while (!done() && monotonic_ns() < spin_until) std::this_thread::yield();
   std::unique_lock<std::mutex> lock(mu_);
   auto finished = [this] { return state_.load(std::memory_order_acquire) != kPending; };

@@ -46,6 +46,10 @@ std::string ProcessSet::p2p_operation(int64_t seq) const {
   return "point-to-point #" + std::to_string(seq) + (id == 0 ? "" : " of " + label());
 }
 
+std::string ProcessSet::barrier(int64_t seq) const {
+  return "barrier #" + std::to_string(seq) + (id == 0 ? "" : " of " + label());
+}
+
 ProcessSetTable::ProcessSetTable(const Communicator& data, const Communicator& agree, const Communicator& side,
                                  const Communicator& p2p, int64_t now_ns) {
   auto world = std::make_shared<ProcessSet>();

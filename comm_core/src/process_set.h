@@ -68,6 +68,8 @@ struct ProcessSet {
   std::string operation(int64_t seq) const;
   // The same for point-to-point submission #seq: "point-to-point #4".
   std::string p2p_operation(int64_t seq) const;
+  // The same for its barrier #seq (engine.h, [Note: barriers meet apart from the order]): "barrier #2".
+  std::string barrier(int64_t seq) const;
 };
 
 // Every process set of this rank, by id. Lookups may come from any thread;

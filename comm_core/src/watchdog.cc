@@ -2,9 +2,10 @@
 // for (members of Engine, see engine.h; the status channel: status.h).
 //
 // The watchdog watches the running collective, the oldest outstanding
-// point-to-point submission and the oldest barrier some member has not called. After PIPEDAP_STALL_SECONDS it asks the engine
-// thread for a report: the engine thread asks the ranks concerned (a
-// collective's set members, a transfer's peers) what they are doing and prints
+// point-to-point submission and the oldest barrier some member has not
+// called. After PIPEDAP_STALL_SECONDS it asks the engine thread for a report:
+// the engine thread asks the ranks concerned (a collective's set members, a
+// transfer's peers, a barrier's absent members) what they are doing and prints
 // what they answered. After PIPEDAP_TIMEOUT_SECONDS it asks again, and the
 // report ends the job.
 #include <chrono>
@@ -45,7 +46,7 @@ RankStatus Engine::status_snapshot(int64_t set_id) const {
 std::string Engine::Inquiry::operation() const {
   switch (what) {
     case Watched::kTransfer: return set->p2p_operation(handle->seq());
-    case Watched::kMeeting: return "barrier #" + std::to_string(handle->seq()) + (set->id == 0 ? "" : " on " + set->label());
+    case Watched::kMeeting: return set->barrier(handle->seq());
     default: return set->operation(handle->seq());
   }
 }
