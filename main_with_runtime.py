@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no_input_pipelining", action="store_true", help="one minibatch at a time (schedule no_pipelining)")
     add("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule (default 1f1b, PipeDream's)")
     add("--micro-batches", type=int, default=1, help="micro-batches per minibatch, with --schedule flush")
+    add("--extra-in-flight", type=int, default=0, metavar="N",
+        help="with --schedule 1f1b: minibatches each stage but the last admits beyond PipeDream's count, to hide "
+             "transfers as long as a stage's compute (default 0; each costs one more stashed weight version and "
+             "one more update of staleness)")
     add("--dp-schedule", default="wfbp", help="how replicas of a stage average gradients: wfbp, dear, pipedap "
                                               "(dear and pipedap under mpirun)")
     add("--forward_only", action="store_true", help="forward passes only (no training)")
@@ -116,6 +120,11 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--num_minibatches must be >= 1, got {args.num_minibatches}")
     if args.forward_only and args.schedule == "flush":
         parser.error("--forward_only runs whole minibatches; drop --schedule flush")
+    if args.extra_in_flight < 0:
+        parser.error(f"--extra-in-flight must be >= 0, got {args.extra_in_flight}")
+    if args.extra_in_flight and (args.schedule != "1f1b" or args.no_input_pipelining or args.forward_only):
+        parser.error("--extra-in-flight admits more minibatches into 1F1B training; drop it, or drop "
+                     "--no_input_pipelining / --forward_only / --schedule " + args.schedule)
     if args.no_input_pipelining and args.schedule != "1f1b":
         parser.error(f"--no_input_pipelining is --schedule no_pipelining; drop one of it and --schedule "
                      f"{args.schedule}")
@@ -274,7 +283,8 @@ def main() -> None:
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
     runtime = StageRuntime(model, config, optimizer=sgd, sample=sample, schedule=schedule,
-                           micro_batches=args.micro_batches, dp_schedule=args.dp_schedule)
+                           micro_batches=args.micro_batches, dp_schedule=args.dp_schedule,
+                           extra_in_flight=args.extra_in_flight)
     data, error = None, None
     if runtime.is_first:
         try:  # a bad --data_dir fails on every rank (agreed), not only on the ranks that read it
@@ -299,6 +309,8 @@ def run(args, runtime: StageRuntime, package, data: Data | None) -> None:
     replicas0 = len(runtime.config.ranks(0))
     n = minibatches_per_epoch(args, runtime, per_replica)
     mode = "forward only" if args.forward_only else f"schedule {runtime.schedule}"
+    if runtime.extra_in_flight and not args.forward_only:
+        mode += f", {runtime.extra_in_flight} extra minibatch(es) in flight"
     print(f"{who}: {args.epochs - start_epoch} epoch(s) of {n} minibatches of {args.batch_size} images, {mode}",
           flush=True)
     for epoch in range(start_epoch, args.epochs):
@@ -352,8 +364,10 @@ def write_timing(args, runtime: StageRuntime, package, finished: list[float], sa
     record = {"unit": "images", "world_size": runtime.transport.size, "batch_size": args.batch_size,
               "samples_per_batch": samples, "batches_per_iter": 1, "per_iteration": [{"seconds": s} for s in intervals],
               "batch_time": {"measured_s": sum(intervals) / len(intervals), "predicted_s": predicted},
-              "plan": None, "description": f"pipeline {runtime.schedule}, {runtime.num_stages} stages of "
-                                           f"{args.module} ({args.config_path or 'one stage'})"}
+              "plan": None, "description": f"pipeline {runtime.schedule}"
+                                           f"{f' +{runtime.extra_in_flight} in flight' if runtime.extra_in_flight else ''}, "
+                                           f"{runtime.num_stages} stages of {args.module} "
+                                           f"({args.config_path or 'one stage'})"}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     print(f"rank {runtime.rank}: timing written to {args.json}", flush=True)

@@ -121,6 +121,10 @@ def test_a_missing_checkpoint_fails_every_rank_naming_the_stage(tmp_path):
     (["-b", "0"], "--batch-size must be >= 1"),
     (["--config_path", "mp_conf.json", "--rank", "0"], "needs MASTER_ADDR: pass --master_addr"),
     (["--forward_only", "--schedule", "flush"], "--forward_only runs whole minibatches"),
+    (["--extra-in-flight", "-1"], "--extra-in-flight must be >= 0, got -1"),
+    (["--extra-in-flight", "1", "--schedule", "flush"], "--extra-in-flight admits more minibatches into 1F1B training; "
+                                                        "drop it, or drop --no_input_pipelining / --forward_only / "
+                                                        "--schedule flush"),
 ])
 def test_what_cannot_run_is_refused_naming_the_flag(args, message):
     result = one_process("--module", "models.resnet50.gpus=2", *args, timeout=60)

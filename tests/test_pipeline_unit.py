@@ -70,9 +70,9 @@ def test_an_unreadable_config_file_names_the_file(tmp_path):
 # --- schedules -------------------------------------------------------------------
 
 
-def order(schedule, c, stage, replica, n, m=1) -> list[str]:
+def order(schedule, c, stage, replica, n, m=1, extra=0) -> list[str]:
     return [e.kind[0].upper() + ("" if e.unit < 0 else str(e.unit))
-            for e in schedules.events(schedule, c, stage, replica, n, m)]
+            for e in schedules.events(schedule, c, stage, replica, n, m, extra)]
 
 
 def test_1f1b_admits_s_minus_s_units_then_alternates_and_steps_after_each_backward():
@@ -87,6 +87,34 @@ def test_1f1b_admits_s_minus_s_units_then_alternates_and_steps_after_each_backwa
         assert ours == stage_orders(3, 7)[s]
     assert schedules.stashes_weights("1f1b", c, 0) and not schedules.stashes_weights("1f1b", c, 2)
     assert not schedules.stashes_weights("flush", c, 0)
+
+
+def test_extra_in_flight_admits_more_units_on_every_stage_but_the_last():
+    c = config([0, 1, 2, 2], {0: [0], 1: [1], 2: [2]})
+    assert [schedules.admitted(c, s, 2) for s in range(3)] == [5, 4, 1]
+    assert order("1f1b", c, 1, 0, 6, extra=1) == ["F0", "F1", "F2", "B0", "S", "F3", "B1", "S", "F4", "B2", "S", "F5", "B3",
+                                          "S", "B4", "S", "B5", "S"]
+    for s in range(3):
+        ours = [(e.kind[0].upper(), e.unit) for e in schedules.events("1f1b", c, s, 0, 7, 1, 1) if e.kind != "step"]
+        assert ours == stage_orders(3, 7, extra=1)[s]
+    hybrid = PipelineConfig.load(HYBRID)  # stage 0 on 2 ranks: PipeDream's 2, plus 1
+    assert schedules.admitted(hybrid, 0, 1) == 3 and schedules.admitted(hybrid, 1, 1) == 1
+    two = config([0, 1, 1], {0: [0], 1: [1]})
+    assert schedules.stashes_weights("1f1b", two, 0, 1) and not schedules.stashes_weights("1f1b", two, 1, 1)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
+def test_extra_in_flight_must_be_a_count(bad):
+    c = config([0, 1, 1], {0: [0], 1: [1]})
+    with pytest.raises(ValueError, match="extra_in_flight must be an int >= 0"):
+        schedules.check("1f1b", c, 1, bad)
+
+
+@pytest.mark.parametrize("schedule, micro", [("flush", 2), ("no_pipelining", 1)])
+def test_extra_in_flight_is_refused_outside_1f1b(schedule, micro):
+    c = config([0, 1, 1], {0: [0], 1: [1]})
+    with pytest.raises(ValueError, match=f"extra_in_flight=1 admits more units under 1F1B; schedule '{schedule}'"):
+        schedules.check(schedule, c, micro, 1)
 
 
 def test_no_pipelining_runs_one_unit_at_a_time_and_flush_steps_once_per_minibatch():

@@ -156,6 +156,9 @@ class StageRuntime:
         sample: one minibatch ``(input, target)`` as ``data`` yields it on this rank (needed on stage 0's ranks).
         schedule: ``1f1b`` (with weight stashing), ``no_pipelining`` or ``flush``.
         micro_batches: with ``flush``, the micro-batches of a minibatch (a multiple of every stage's replicas).
+        extra_in_flight: with ``1f1b``, units every stage but the last admits beyond PipeDream's count, to hide
+            transfers as long as compute (one more stashed weight version and one more update of staleness
+            each; [Note: extra units in flight] in :mod:`pipedap.pipeline.schedules`).
         dp_schedule: how a replicated stage's gradients are averaged: ``wfbp``, ``dear`` or ``pipedap``
             (dear and pipedap need the engine: an MPI launcher).
         connection: keyword arguments of :func:`~pipedap.pipeline.transport.connect` (``rank``,
@@ -165,16 +168,16 @@ class StageRuntime:
 
     def __init__(self, modules: Sequence[nn.Module], config, *, optimizer: Callable[[list], torch.optim.Optimizer],
                  sample: Batch | None = None, schedule: str = "1f1b", micro_batches: int = 1,
-                 dp_schedule: str = "wfbp", connection: dict | None = None):
+                 dp_schedule: str = "wfbp", connection: dict | None = None, extra_in_flight: int = 0):
         modules = module_list(modules)
         connection = dict(connection or {})
         if "world_size" not in connection and not transport.under_mpi_launcher() and not os.environ.get("WORLD_SIZE"):
             connection["world_size"] = _config_ranks(config)
         self.transport = transport.connect(**connection)
         self.config = startup.checked_config(self.transport, config, len(modules))
-        schedules.check(schedule, self.config, micro_batches)
+        schedules.check(schedule, self.config, micro_batches, extra_in_flight)
         self._check_dp_schedule(dp_schedule)
-        self.schedule, self.micro_batches = schedule, micro_batches
+        self.schedule, self.micro_batches, self.extra_in_flight = schedule, micro_batches, extra_in_flight
         self.rank = self.transport.rank
         self.stage = self.config.stage_of(self.rank)
         self.replica = self.config.ranks(self.stage).index(self.rank)
@@ -194,11 +197,14 @@ class StageRuntime:
             passes = schedules.backward_passes_per_step(schedule, self.config, self.stage, micro_batches)
             self.optimizer = self.transport.stage_optimizer(optimizer(params), self.module, self.process_set,
                                                             len(self.config.ranks(self.stage)), passes, dp_schedule)
-        self._stash = schedules.stashes_weights(schedule, self.config, self.stage)
+        self._stash = schedules.stashes_weights(schedule, self.config, self.stage, extra_in_flight)
         self._sample_spec = tuple(TensorSpec.of(t) for t in probe()) if self.is_first else None
         self._start_run()
-        log.info("pipeline: stage %d of %d (replica %d of %d), schedule %s, %d modules", self.stage,
-                 self.num_stages, self.replica, len(self.config.ranks(self.stage)), schedule, len(self.module.body))
+        in_flight = (f" ({schedules.admitted(self.config, self.stage, extra_in_flight)} units in flight)"
+                     if schedule == "1f1b" else "")
+        log.info("pipeline: stage %d of %d (replica %d of %d), schedule %s%s, %d modules", self.stage,
+                 self.num_stages, self.replica, len(self.config.ranks(self.stage)), schedule, in_flight,
+                 len(self.module.body))
 
     def _check_dp_schedule(self, dp_schedule: str) -> None:
         """ValueError (on every rank: the config is agreed) when gloo would have to run dear or pipedap replicas."""
@@ -234,7 +240,7 @@ class StageRuntime:
         """
         schedules.check_length(self.schedule, self.config, num_minibatches)
         events = schedules.events(self.schedule, self.config, self.stage, self.replica, num_minibatches,
-                                  self.micro_batches)
+                                  self.micro_batches, self.extra_in_flight)
         self.module.train()
         return self._run(events, data, on_loss)
 

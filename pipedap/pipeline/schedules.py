@@ -6,8 +6,8 @@ replica r of a stage of n ranks runs the units j with ``j % n == r``.
 
 * ``1f1b`` (PipeDream, with weight stashing): a stage admits
   :func:`admitted` units before its first backward (S - s on stage s of S with one
-  rank per stage), then alternates one forward and one backward, and steps after
-  every backward.
+  rank per stage, plus ``extra_in_flight`` before the last stage), then alternates
+  one forward and one backward, and steps after every backward.
 * ``no_pipelining``: forward, backward, step, one unit at a time.
 * ``flush``: each minibatch is m micro-batches, run in 1F1B order; gradients
   accumulate and the stage steps once, after the minibatch's last backward.
@@ -32,10 +32,15 @@ class Event:
     unit: int = -1  # the global unit index (-1 for STEP)
 
 
-def check(schedule: str, config: PipelineConfig, micro_batches: int) -> None:
-    """ValueError unless ``schedule`` can run on ``config`` with ``micro_batches``."""
+def check(schedule: str, config: PipelineConfig, micro_batches: int, extra_in_flight: int = 0) -> None:
+    """ValueError unless ``schedule`` can run on ``config`` with ``micro_batches`` and ``extra_in_flight``."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    admitted(config, 0, extra_in_flight)  # its type and sign
+    if extra_in_flight and schedule != "1f1b":
+        raise ValueError(f"extra_in_flight={extra_in_flight} admits more units under 1F1B; schedule {schedule!r} "
+                         "runs one unit at a time or flushes every minibatch: use schedule='1f1b' or "
+                         "extra_in_flight=0")
     if schedule != "flush":
         if micro_batches != 1:
             raise ValueError(f"micro_batches={micro_batches} needs schedule='flush' (schedule {schedule!r} runs "
@@ -63,14 +68,29 @@ def check_length(schedule: str, config: PipelineConfig, num_minibatches: int) ->
                              f"multiple of {n}, got {num_minibatches}")
 
 
-def admitted(config: PipelineConfig, stage: int) -> int:
+def admitted(config: PipelineConfig, stage: int, extra_in_flight: int = 0) -> int:
     """Units a replica of ``stage`` forwards before its first backward under 1F1B.
 
     PipeDream's count: the ranks from this stage to the last, shared among this
     stage's replicas, rounded up (S - s with one rank per stage; 1 on the last stage).
+
+    [Note: extra units in flight]
+    PipeDream's count keeps every stage busy when transfers take no time. When the
+    activations and gradients between stages take as long as a stage's compute, stage s
+    waits for the round trip of its first unit (both transfers and the later stages'
+    compute) after every S - s units: 2 stages of 2.16 s with 0.82 s transfers ran a
+    minibatch per 2.98 s instead of 2.16 s (benchmarks/results/pipeline_vs_dp). Each
+    ``extra_in_flight`` unit admitted before the last stage fills that wait with one
+    more forward, at the price of one more stashed weight version and one more update
+    of staleness per extra unit. The last stage runs each backward right after its
+    forward, so it admits 1 whatever the setting.
     """
+    if isinstance(extra_in_flight, bool) or not isinstance(extra_in_flight, int) or extra_in_flight < 0:
+        raise ValueError(f"extra_in_flight must be an int >= 0 (units admitted beyond PipeDream's count), got "
+                         f"{extra_in_flight!r}")
     downstream = sum(len(config.ranks(s)) for s in range(stage, config.num_stages))
-    return -(-downstream // len(config.ranks(stage)))
+    extra = extra_in_flight if stage < config.num_stages - 1 else 0
+    return -(-downstream // len(config.ranks(stage))) + extra
 
 
 def backward_passes_per_step(schedule: str, config: PipelineConfig, stage: int, micro_batches: int) -> int:
@@ -90,8 +110,11 @@ def one_f_one_b(units: list[int], admit: int) -> list[Event]:
 
 
 def events(schedule: str, config: PipelineConfig, stage: int, replica: int, num_minibatches: int,
-           micro_batches: int = 1) -> list[Event]:
-    """Every event of ``replica`` of ``stage`` for ``num_minibatches`` minibatches, in order."""
+           micro_batches: int = 1, extra_in_flight: int = 0) -> list[Event]:
+    """Every event of ``replica`` of ``stage`` for ``num_minibatches`` minibatches, in order.
+
+    ``extra_in_flight`` (1f1b only): units admitted beyond PipeDream's count ([Note: extra units in flight]).
+    """
     n = len(config.ranks(stage))
     if schedule == "flush":
         out: list[Event] = []
@@ -103,11 +126,11 @@ def events(schedule: str, config: PipelineConfig, stage: int, replica: int, num_
     if schedule == "no_pipelining":
         return [e for u in units for e in (Event(FORWARD, u), Event(BACKWARD, u), Event(STEP))]
     out = []
-    for e in one_f_one_b(units, admitted(config, stage)):
+    for e in one_f_one_b(units, admitted(config, stage, extra_in_flight)):
         out += [e, Event(STEP)] if e.kind == BACKWARD else [e]
     return out
 
 
-def stashes_weights(schedule: str, config: PipelineConfig, stage: int) -> bool:
+def stashes_weights(schedule: str, config: PipelineConfig, stage: int, extra_in_flight: int = 0) -> bool:
     """Whether a replica of ``stage`` updates its weights while units are in flight (1F1B, before the last stage)."""
-    return schedule == "1f1b" and admitted(config, stage) > 1
+    return schedule == "1f1b" and admitted(config, stage, extra_in_flight) > 1

@@ -49,7 +49,8 @@ class System:
     ``program`` ``bench``: data parallelism, ``pipedap.tools.bench --baseline <baseline>``;
     ``pipeline``: ``main_with_runtime.py`` with the model's stage package for this many ranks
     (``models/<model>/gpus=<ranks>/mp_conf.json``) and schedule ``baseline`` (flush: 4 micro-batches,
-    or the most of 4, 2, 1 that divides the batch into micro-batches of 2 or more: BatchNorm needs 2).
+    or the most of 4, 2, 1 that divides the batch into micro-batches of 2 or more: BatchNorm needs 2),
+    with ``extra_in_flight`` minibatches admitted beyond PipeDream's count (1f1b).
     """
 
     label: str
@@ -58,6 +59,7 @@ class System:
     program: str = "bench"
     compression: str = "none"  # bench --compression (data parallelism only)
     shard_update: bool = False  # bench --shard-update (pipedap's data-parallel schedules only)
+    extra_in_flight: int = 0  # main_with_runtime.py --extra-in-flight (pipeline 1f1b only)
 
 
 SYSTEMS = (
@@ -69,6 +71,7 @@ SYSTEMS = (
     System("DDP", "DDP"),
     System("Horovod", "Horovod"),
     System("Pipeline-1F1B", "1f1b", program="pipeline"),
+    System("Pipeline-1F1B+1", "1f1b", program="pipeline", extra_in_flight=1),
     System("Pipeline-flush", "flush", program="pipeline"),
 )
 MAIN_WITH_RUNTIME = Path(__file__).resolve().parents[2] / "main_with_runtime.py"
@@ -300,13 +303,14 @@ class Sweep:
         """main_with_runtime.py's flags: the same batch, image size and timed minibatches as the benchmark."""
         a = self.args
         size = ["--image-size", str(a.image_size)] if a.image_size else []
-        warmup = max(a.warmup, ranks + 1)  # the pipeline fills before its steady state
+        warmup = max(a.warmup, ranks + 1 + system.extra_in_flight)  # the pipeline fills before its steady state
         return ["--module", f"models.{model}.gpus={ranks}", "--config_path", "mp_conf.json", "-b", str(a.batch_size),
                 "--lr", "0.01",  # the benchmark's SGD
                 *size, "--num_minibatches", str(warmup + a.iters * a.batches_per_iter + 1), "--warmup", str(warmup),
                 "--distributed_backend", "mpi", "--schedule", system.baseline, "-j", "0", "--print-freq", "1000",
                 *(["--micro-batches", str(next(m for m in (4, 2, 1) if a.batch_size % m == 0 and a.batch_size // m >= 2))]
-                  if system.baseline == "flush" else [])]
+                  if system.baseline == "flush" else []),
+                *(["--extra-in-flight", str(system.extra_in_flight)] if system.extra_in_flight else [])]
 
     def achieved_bps(self, hosts: int, rate: str) -> float | None:
         calib = next((t["calibration"].get(rate) for t in self.testbeds if t["hosts"] == hosts), None)

@@ -1,8 +1,8 @@
 """Single-process references for the pipeline tests, written from the semantics, not from the runtime.
 
 ``replay_1f1b`` replays PipeDream's 1F1B event order with explicit weight
-versions: stage s of S forwards S - s minibatches before its first backward,
-then alternates one forward and one backward, and updates after each backward.
+versions: stage s of S forwards S - s minibatches before its first backward
+(``extra`` more on every stage but the last), then alternates one forward and one backward, and updates after each backward.
 A forward runs on a copy of the stage's latest weights (the version it used),
 its backward differentiates with respect to that copy, and the gradient is
 applied to the latest weights. The events of different stages are interleaved
@@ -18,11 +18,11 @@ from torch import nn
 from torch.func import functional_call
 
 
-def stage_orders(num_stages: int, num_minibatches: int) -> list[list[tuple[str, int]]]:
-    """Each stage's events, ("F" | "B", minibatch), from the 1F1B rule."""
+def stage_orders(num_stages: int, num_minibatches: int, extra: int = 0) -> list[list[tuple[str, int]]]:
+    """Each stage's events, ("F" | "B", minibatch), from the 1F1B rule with ``extra`` more admitted."""
     orders = []
     for s in range(num_stages):
-        warm_up = min(num_stages - s, num_minibatches)
+        warm_up = min(num_stages - s + (extra if s < num_stages - 1 else 0), num_minibatches)
         order = [("F", j) for j in range(warm_up)]
         for j in range(num_minibatches):
             order.append(("B", j))
@@ -32,8 +32,8 @@ def stage_orders(num_stages: int, num_minibatches: int) -> list[list[tuple[str, 
     return orders
 
 
-def replay_1f1b(stages: list[nn.Module], loss_fn: nn.Module, batches: list, make_optimizer: Callable
-                ) -> dict[tuple[int, int], int]:
+def replay_1f1b(stages: list[nn.Module], loss_fn: nn.Module, batches: list, make_optimizer: Callable,
+                extra: int = 0) -> dict[tuple[int, int], int]:
     """Train ``stages`` in place as 1F1B with weight stashing would; returns the version each forward used."""
     num_stages, n = len(stages), len(batches)
     optimizers = [make_optimizer(list(stage.parameters())) for stage in stages]
@@ -42,7 +42,7 @@ def replay_1f1b(stages: list[nn.Module], loss_fn: nn.Module, batches: list, make
     gradients: dict[tuple[int, int], torch.Tensor] = {}  # (stage, j): the gradient of stage s's input
     graphs: dict[tuple[int, int], tuple] = {}
     version_used: dict[tuple[int, int], int] = {}
-    orders, done = stage_orders(num_stages, n), [0] * num_stages
+    orders, done = stage_orders(num_stages, n, extra), [0] * num_stages
 
     def ready(s: int, kind: str, j: int) -> bool:
         if kind == "F":

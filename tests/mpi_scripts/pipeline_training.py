@@ -121,13 +121,15 @@ def case_data_parallel(name: str, dp_schedule: str) -> None:
           f"{worst_relative_difference(ours, [p for m in reference for p in m.parameters()]):.3e}", flush=True)
 
 
-def case_1f1b(name: str) -> None:
+def case_1f1b(name: str, extra: int = 0) -> None:
+    """1F1B against the replay; ``extra`` minibatches admitted beyond PipeDream's count (one more update stale each)."""
     stage_map = {2: "00111", 3: "01122"}[P]
-    runtime, modules = run(stage_map, 20, schedule="1f1b")
+    runtime, modules = run(stage_map, 20, schedule="1f1b", extra_in_flight=extra)
     reference = make_modules()
     stages = [nn.Sequential(*(reference[i] for i in range(4) if int(stage_map[i]) == s)) for s in range(P)]
-    used = replay_1f1b(stages, reference[-1], [minibatch(t) for t in range(20)], sgd)
-    assert all(v == max(0, j - (P - 1 - s)) for (s, j), v in used.items()), "the reference's versions are off"
+    used = replay_1f1b(stages, reference[-1], [minibatch(t) for t in range(20)], sgd, extra)
+    lag = [P - 1 - s + (extra if s < P - 1 else 0) for s in range(P)]  # updates a forward's weights are behind
+    assert all(v == max(0, j - lag[s]) for (s, j), v in used.items()), "the reference's versions are off"
     report(name, runtime, modules, reference)
 
 
@@ -168,6 +170,7 @@ CASES = {
     "dp-dear": lambda n: case_data_parallel(n, "dear"),
     "dp-pipedap": lambda n: case_data_parallel(n, "pipedap"),
     "1f1b": case_1f1b,
+    "1f1b-extra": lambda n: case_1f1b(n, extra=1),
     "wrong-stash": case_wrong_stash,
     "1f1b-hybrid": case_1f1b_hybrid,
     "dear-refused": case_dear_refused,
