@@ -393,12 +393,16 @@ std::vector<int> Engine::absent(const Meeting& m) const {
   return ranks;
 }
 
-std::string Engine::meeting_refused(Meeting& m) {
+std::string Engine::meeting_refused(Meeting& m, bool& met) {
+  met = false;
   auto what = [&] {  // polled often: words only for a refusal
     return "pipedap: " + m.set->barrier(m.handle->seq()) + " on rank " + std::to_string(world_.rank);
   };
   if (m.set->removed) return what() + " failed: " + m.set->label() + " was removed";
-  if (m.set->agree.size < 2) return "";  // alone: nobody to meet
+  if (m.set->agree.size < 2) {  // alone: nobody to meet
+    met = true;
+    return "";
+  }
   try {
     if (!m.tokens) {
       Fingerprint token;
@@ -406,7 +410,8 @@ std::string Engine::meeting_refused(Meeting& m) {
       m.tokens = std::make_unique<Agreement>(m.set->agree, token, kMeetingTag);
     }
     if (m.tokens->complete()) {
-      return m.tokens->verdict() == Verdict::kAgreed ? "" : what() + " failed: the members' barrier counts differ";
+      met = m.tokens->verdict() == Verdict::kAgreed;
+      return met ? "" : what() + " failed: the members' barrier counts differ";
     }
   } catch (const std::exception& e) {
     return what() + " failed: " + e.what();
@@ -432,8 +437,8 @@ bool Engine::progress_meetings() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = meetings_.begin(); it != meetings_.end();) {
-      const std::string refused = meeting_refused(*it);
-      const bool met = refused.empty() && (!it->tokens || it->tokens->complete());
+      bool met = false;
+      const std::string refused = meeting_refused(*it, met);
       if (refused.empty() && !(met && (!it->after || it->after->done()))) {
         ++it;
         continue;
@@ -461,7 +466,8 @@ void Engine::fail_meetings(const std::string& why) {
   }
   for (Meeting& m : left) {
     if (m.tokens && !m.tokens->complete()) abandoned_.push_back(std::move(m.tokens));
-    m.handle->fail("pipedap: barrier on rank " + std::to_string(world_.rank) + " failed: " + why);
+    m.handle->fail("pipedap: " + m.set->barrier(m.handle->seq()) + " on rank " + std::to_string(world_.rank) +
+                   " failed: " + why);
   }
 }
 

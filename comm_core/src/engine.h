@@ -176,8 +176,8 @@ class Engine {
   // Engine thread: starts and finishes barriers ([Note: barriers meet apart from the order]).
   bool progress_meetings();  // true if one finished
   void fail_meetings(const std::string& why);
-  // Engine thread: why `m` can never finish ("": it still may).
-  std::string meeting_refused(Meeting& m);
+  // Engine thread: why `m` can never finish ("": it still may); `met` says whether every member called it.
+  std::string meeting_refused(Meeting& m, bool& met);
   // The world ranks of `m`'s set that have not called it yet.
   std::vector<int> absent(const Meeting& m) const;
   // Completes (error empty) or fails the submission's handle, after forgetting its names.
