@@ -361,13 +361,12 @@ def write_timing(args, runtime: StageRuntime, package, finished: list[float], sa
     predicted = None
     if partition.exists() and args.config_path and Path(args.config_path).name == "mp_conf.json":
         predicted = json.loads(partition.read_text())["seconds_per_minibatch"]
+    in_flight = f" +{runtime.extra_in_flight} in flight" if runtime.extra_in_flight else ""
     record = {"unit": "images", "world_size": runtime.transport.size, "batch_size": args.batch_size,
               "samples_per_batch": samples, "batches_per_iter": 1, "per_iteration": [{"seconds": s} for s in intervals],
               "batch_time": {"measured_s": sum(intervals) / len(intervals), "predicted_s": predicted},
-              "plan": None, "description": f"pipeline {runtime.schedule}"
-                                           f"{f' +{runtime.extra_in_flight} in flight' if runtime.extra_in_flight else ''}, "
-                                           f"{runtime.num_stages} stages of {args.module} "
-                                           f"({args.config_path or 'one stage'})"}
+              "plan": None, "description": f"pipeline {runtime.schedule}{in_flight}, {runtime.num_stages} stages of "
+                                           f"{args.module} ({args.config_path or 'one stage'})"}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     print(f"rank {runtime.rank}: timing written to {args.json}", flush=True)
