@@ -75,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--schedule", choices=SCHEDULES, default="1f1b", help="pipeline schedule (default 1f1b, PipeDream's)")
     add("--micro-batches", type=int, default=1, help="micro-batches per minibatch, with --schedule flush")
     add("--extra-in-flight", type=int, default=0, metavar="N",
-        help="with --schedule 1f1b: minibatches each stage but the last admits beyond PipeDream's count, to hide "
-             "transfers as long as a stage's compute (default 0; each costs one more stashed weight version and "
-             "one more update of staleness)")
+        help="with --schedule 1f1b: minibatches each stage admits per later stage beyond PipeDream's count, to hide "
+             "transfers as long as a stage's compute (default 0; the partitioner's partition.json says how many; "
+             "each costs one more stashed weight version and one more update of staleness)")
     add("--dp-schedule", default="wfbp", help="how replicas of a stage average gradients: wfbp, dear, pipedap "
                                               "(dear and pipedap under mpirun)")
     add("--forward_only", action="store_true", help="forward passes only (no training)")

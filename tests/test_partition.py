@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -204,3 +205,59 @@ def test_the_tool_measures_when_given_no_costs(tmp_path, monkeypatch, capsys):
     record = json.loads((out / "partition.json").read_text())
     assert len(record["modules"]) == len(sequential.chain("resnet50"))
     assert all(m["forward"] > 0 for m in record["modules"])
+
+
+
+def pipeline_costs(forward, backward, output_mb):
+    """Costs of one module per stage on a 125 Mbit/s link, and the partition with a stage per module."""
+    modules = [P.ModuleCost(f"m{i}", f, b, int(output_mb * 1e6), 1000) for i, (f, b) in enumerate(zip(forward,
+                                                                                                       backward))]
+    cost = P.Costs(modules, bandwidth=125e6 / 8, latency=0.0)
+    stages = tuple(P.Stage(i, i + 1, 1, cost.stage_time(i, i + 1, 1)) for i in range(len(modules)))
+    return cost, P.Partition(stages, tuple(cost.boundary_time(i) for i in range(len(modules) - 1)))
+
+
+def test_the_recommended_units_cover_the_round_trip_and_reach_the_period():
+    """Random two- and three-stage pipelines: never fewer units than stage 0's round trip over the period
+    (a unit cannot come back sooner), the fewest that reach the period, and PipeDream's count where
+    the transfers are negligible."""
+    rng = random.Random(7)
+    for case in range(24):
+        stages = 2 + case % 2
+        forward, backward = [rng.uniform(0.1, 1.0) for _ in range(stages)], [rng.uniform(0.2, 2.0) for _ in range(stages)]
+        cost, result = pipeline_costs(forward, backward, rng.uniform(0.0, 30.0))
+        extra = cost.extra_in_flight(result)
+        trip = sum(forward) + sum(backward) + sum(result.boundaries)
+        assert stages + extra * (stages - 1) >= math.ceil(trip / result.seconds * (1 - 0.01))
+        one_way = [b / 2 for b in result.boundaries]
+        assert P.one_f_one_b_period(forward, backward, one_way, extra) <= result.seconds * 1.01
+        if extra:
+            assert P.one_f_one_b_period(forward, backward, one_way, extra - 1) > result.seconds * 1.01
+        _, quick = pipeline_costs(forward, backward, 0.0)
+        assert cost.extra_in_flight(quick) == 0
+
+
+@pytest.mark.parametrize("forward, backward, output_mb, expected", [
+    ([0.70, 0.66], [1.36, 1.34], 12.8, 1),  # ResNet-50's two stages at 125 Mbit/s: 1.64 s of transfers
+    ([0.70, 0.66], [1.36, 1.34], 0.1, 0),   # a small boundary: PipeDream's count covers it
+    # Three stages, the middle one the slowest: 1 extra per later stage (5, 3, 1 in flight).
+    # The same extra on every stage (4, 3, 1) left it 15% slow at any count: stage 1 waited
+    # for activations that stage 0 forwards only after a backward.
+    ([0.4, 0.5, 0.3], [0.8, 1.0, 0.6], 6.0, 1),
+    ([0.4, 0.5, 0.3], [0.8, 1.0, 0.6], 0.05, 0),
+])
+def test_the_extra_units_in_flight_it_recommends_are_the_fewest_that_reach_the_period(forward, backward,
+                                                                                      output_mb, expected):
+    cost, result = pipeline_costs(forward, backward, output_mb)
+    extra = cost.extra_in_flight(result)
+    assert extra == expected
+    one_way = [b / 2 for b in result.boundaries]
+    assert P.one_f_one_b_period(forward, backward, one_way, extra) <= result.seconds * 1.01
+    if extra:
+        assert P.one_f_one_b_period(forward, backward, one_way, extra - 1) > result.seconds * 1.01
+
+
+def test_replicated_stages_get_no_recommendation():
+    cost, _ = pipeline_costs([0.5, 0.5], [1.0, 1.0], 10.0)
+    hybrid = P.Partition((P.Stage(0, 1, 2, 1.0), P.Stage(1, 2, 1, 1.5)), (1.0,))
+    assert cost.extra_in_flight(hybrid) is None

@@ -89,9 +89,9 @@ def test_1f1b_admits_s_minus_s_units_then_alternates_and_steps_after_each_backwa
     assert not schedules.stashes_weights("flush", c, 0)
 
 
-def test_extra_in_flight_admits_more_units_on_every_stage_but_the_last():
+def test_extra_in_flight_admits_more_units_per_later_stage():
     c = config([0, 1, 2, 2], {0: [0], 1: [1], 2: [2]})
-    assert [schedules.admitted(c, s, 2) for s in range(3)] == [5, 4, 1]
+    assert [schedules.admitted(c, s, 2) for s in range(3)] == [7, 4, 1]
     assert order("1f1b", c, 1, 0, 6, extra=1) == ["F0", "F1", "F2", "B0", "S", "F3", "B1", "S", "F4", "B2", "S", "F5", "B3",
                                           "S", "B4", "S", "B5", "S"]
     for s in range(3):

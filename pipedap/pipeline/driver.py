@@ -76,7 +76,7 @@ KEYS: dict[str, Key] = {
     "workers": Key(int, "--workers", False, "data-loading processes"),
     "schedule": Key(str, "--schedule", False, "1f1b, no_pipelining or flush"),
     "micro_batches": Key(int, "--micro-batches"),
-    "extra_in_flight": Key(int, "--extra-in-flight", False, "1f1b: minibatches admitted beyond PipeDream's count"),
+    "extra_in_flight": Key(int, "--extra-in-flight", False, "1f1b: minibatches admitted per later stage beyond PipeDream's count"),
     "dp_schedule": Key(str, "--dp-schedule", False, "wfbp, dear or pipedap"),
     "no_input_pipelining": Key(bool, "--no_input_pipelining"),
     "synthetic_data": Key(bool, "--synthetic_data"),

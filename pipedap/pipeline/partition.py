@@ -34,6 +34,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from pipedap.pipeline import schedules
+from pipedap.pipeline.config import PipelineConfig
 from pipedap.planner import costmodel, make_plan
 from pipedap.planner.profile import Layer, Profile
 
@@ -198,6 +200,31 @@ class Costs:
     def compute(self, start: int, end: int) -> float:
         return sum(m.compute for m in self.modules[start:end])
 
+    def extra_in_flight(self, partition: Partition, most: int = 8) -> int | None:
+        """Units beyond PipeDream's count that 1F1B needs to run at the partition's period (None: replicated stages).
+
+        [Note: units a round trip needs]
+        A unit that stage s forwards comes back as a gradient after its round trip (the
+        compute of stages s..S-1 and both transfers of boundaries s..S-2); PipeDream's
+        count of units in flight covers it only when transfers are short. Two stages need
+        ceil(round trip / period) units on stage 0; with more stages 1F1B's alternation
+        couples neighbours (stage s forwards unit u + a_s only after the backward of u), so
+        instead of a formula the runtime's own event lists are replayed with these times
+        (:func:`one_f_one_b_period`) for 0, 1, ... extra units, and the first that reaches
+        the period (within 1%) is the answer (``most`` if none does). A model: it assumes
+        a stage computes and a boundary transfers in the measured and priced times.
+        """
+        stages = partition.stages
+        if len(stages) < 2 or any(st.replicas > 1 for st in stages):
+            return None
+        forward = [sum(m.forward for m in self.modules[st.start:st.end]) for st in stages]
+        backward = [sum(m.backward for m in self.modules[st.start:st.end]) for st in stages]
+        one_way = [b / 2 for b in partition.boundaries]
+        for extra in range(most):
+            if one_f_one_b_period(forward, backward, one_way, extra) <= partition.seconds * 1.01:
+                return extra
+        return most
+
     def _stage_time(self, start: int, end: int, replicas: int) -> float:
         if replicas == 1:
             return self.compute(start, end)
@@ -206,6 +233,46 @@ class Costs:
             return self.compute(start, end) / replicas
         plan = make_plan(profile, self.sync_model(replicas), planner="pipedap", fusion="search")
         return plan.predicted.iteration_time / replicas
+
+
+def one_f_one_b_period(forward: Sequence[float], backward: Sequence[float], one_way: Sequence[float],
+                       extra_in_flight: int = 0, units: int = 200) -> float:
+    """Seconds per minibatch of 1F1B with one rank per stage in steady state, replaying the runtime's events.
+
+    Stage s runs its events (:func:`pipedap.pipeline.schedules.events`) in order; a forward
+    waits for the unit's activation (``one_way[s - 1]`` after stage s-1's forward), a
+    backward for its gradient (``one_way[s]`` after stage s+1's backward; the last stage's
+    right after its forward). The period is the mean interval between stage 0's backwards
+    over the middle half of ``units`` (neither filling nor draining).
+    """
+    stages = len(forward)
+    config = PipelineConfig.load({"module_to_stage_map": list(range(stages)) + [stages - 1],
+                                  "stage_to_rank_map": {str(s): [s] for s in range(stages)}})
+    orders = [[e for e in schedules.events("1f1b", config, s, 0, units, 1, extra_in_flight) if e.kind != "step"]
+              for s in range(stages)]
+    clock, done = [0.0] * stages, [0] * stages
+    arrives = {(schedules.FORWARD, 0, u): 0.0 for u in range(units)}  # (kind, stage, unit) -> input ready
+    finished: dict[int, float] = {}
+    while any(done[s] < len(orders[s]) for s in range(stages)):
+        progressed = False
+        for s in range(stages):
+            while done[s] < len(orders[s]) and (orders[s][done[s]].kind, s, orders[s][done[s]].unit) in arrives:
+                e = orders[s][done[s]]
+                is_forward = e.kind == schedules.FORWARD
+                end = max(clock[s], arrives[e.kind, s, e.unit]) + (forward[s] if is_forward else backward[s])
+                clock[s], done[s], progressed = end, done[s] + 1, True
+                if is_forward and s + 1 < stages:
+                    arrives[schedules.FORWARD, s + 1, e.unit] = end + one_way[s]
+                elif is_forward:
+                    arrives[schedules.BACKWARD, s, e.unit] = end
+                elif s > 0:
+                    arrives[schedules.BACKWARD, s - 1, e.unit] = end + one_way[s - 1]
+                else:
+                    finished[e.unit] = end
+        if not progressed:
+            raise RuntimeError("internal: the replayed 1F1B events deadlocked")
+    ends = [finished[u] for u in range(units // 4, 3 * units // 4)]
+    return (ends[-1] - ends[0]) / (len(ends) - 1)
 
 
 def stage_profile(modules: Sequence[ModuleCost]) -> Profile | None:

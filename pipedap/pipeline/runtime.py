@@ -156,7 +156,7 @@ class StageRuntime:
         sample: one minibatch ``(input, target)`` as ``data`` yields it on this rank (needed on stage 0's ranks).
         schedule: ``1f1b`` (with weight stashing), ``no_pipelining`` or ``flush``.
         micro_batches: with ``flush``, the micro-batches of a minibatch (a multiple of every stage's replicas).
-        extra_in_flight: with ``1f1b``, units every stage but the last admits beyond PipeDream's count, to hide
+        extra_in_flight: with ``1f1b``, units each stage admits per later stage beyond PipeDream's count, to hide
             transfers as long as compute (one more stashed weight version and one more update of staleness
             each; [Note: extra units in flight] in :mod:`pipedap.pipeline.schedules`).
         dp_schedule: how a replicated stage's gradients are averaged: ``wfbp``, ``dear`` or ``pipedap``

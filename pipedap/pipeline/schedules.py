@@ -6,8 +6,8 @@ replica r of a stage of n ranks runs the units j with ``j % n == r``.
 
 * ``1f1b`` (PipeDream, with weight stashing): a stage admits
   :func:`admitted` units before its first backward (S - s on stage s of S with one
-  rank per stage, plus ``extra_in_flight`` before the last stage), then alternates
-  one forward and one backward, and steps after every backward.
+  rank per stage, plus ``extra_in_flight`` per later stage), then alternates one
+  forward and one backward, and steps after every backward.
 * ``no_pipelining``: forward, backward, step, one unit at a time.
 * ``flush``: each minibatch is m micro-batches, run in 1F1B order; gradients
   accumulate and the stage steps once, after the minibatch's last backward.
@@ -72,25 +72,30 @@ def admitted(config: PipelineConfig, stage: int, extra_in_flight: int = 0) -> in
     """Units a replica of ``stage`` forwards before its first backward under 1F1B.
 
     PipeDream's count: the ranks from this stage to the last, shared among this
-    stage's replicas, rounded up (S - s with one rank per stage; 1 on the last stage).
+    stage's replicas, rounded up (S - s with one rank per stage; 1 on the last stage),
+    plus ``extra_in_flight`` for each stage after this one.
 
     [Note: extra units in flight]
     PipeDream's count keeps every stage busy when transfers take no time. When the
     activations and gradients between stages take as long as a stage's compute, stage s
     waits for the round trip of its first unit (both transfers and the later stages'
     compute) after every S - s units: 2 stages of 2.16 s with 0.82 s transfers ran a
-    minibatch per 2.98 s instead of 2.16 s (benchmarks/results/pipeline_vs_dp). Each
-    ``extra_in_flight`` unit admitted before the last stage fills that wait with one
-    more forward, at the price of one more stashed weight version and one more update
-    of staleness per extra unit. The last stage runs each backward right after its
-    forward, so it admits 1 whatever the setting.
+    minibatch per 2.98 s instead of 2.16 s (benchmarks/results/pipeline_vs_dp). Extra
+    units fill that wait with more forwards. They are counted per boundary: stage s
+    forwards unit u + a_s right after the backward of u, so what lets stage s+1 find its
+    next activation waiting is the difference a_s - a_{s+1}, which must cover a transfer
+    each way and stage s's own compute; an extra unit on every stage alike would leave
+    that difference at 1 (three stages whose middle one takes 1.5 s stayed 15% slow with
+    any such count: ``tests/test_partition.py``). So each ``extra_in_flight`` adds one
+    unit per later stage: S = 2 admits 2 + k, 1; S = 3 admits 3 + 2k, 2 + k, 1. Each
+    unit costs one more stashed weight version and one more update of staleness on that
+    stage; the last stage runs each backward right after its forward and admits 1.
     """
     if isinstance(extra_in_flight, bool) or not isinstance(extra_in_flight, int) or extra_in_flight < 0:
         raise ValueError(f"extra_in_flight must be an int >= 0 (units admitted beyond PipeDream's count), got "
                          f"{extra_in_flight!r}")
     downstream = sum(len(config.ranks(s)) for s in range(stage, config.num_stages))
-    extra = extra_in_flight if stage < config.num_stages - 1 else 0
-    return -(-downstream // len(config.ranks(stage))) + extra
+    return -(-downstream // len(config.ranks(stage))) + extra_in_flight * (config.num_stages - 1 - stage)
 
 
 def backward_passes_per_step(schedule: str, config: PipelineConfig, stage: int, micro_batches: int) -> int:

@@ -82,8 +82,8 @@ def module_costs(args: argparse.Namespace) -> list[P.ModuleCost]:
     return P.measure(chain, sample, iterations=args.iterations)
 
 
-def describe(result: P.Partition, costs: Sequence[P.ModuleCost]) -> list[str]:
-    """One line per stage and boundary."""
+def describe(result: P.Partition, costs: Sequence[P.ModuleCost], extra_in_flight: int) -> list[str]:
+    """One line per stage and boundary, and what 1F1B needs to hide the transfers."""
     lines = []
     for s, stage in enumerate(result.stages):
         first, last = costs[stage.start].label, costs[stage.end - 1].label
@@ -94,6 +94,12 @@ def describe(result: P.Partition, costs: Sequence[P.ModuleCost]) -> list[str]:
             lines.append(f"  boundary {s} -> {s + 1}: {out.output_bytes / 1e6:.1f} MB each way, "
                          f"{result.boundaries[s]:.3f} s per minibatch")
     lines.append(f"pipeline: {result.seconds:.3f} s per minibatch, bound by the slowest stage or boundary")
+    if extra_in_flight:
+        lines.append(f"1F1B: the transfers outlast what PipeDream's count of minibatches in flight covers; run "
+                     f"main_with_runtime.py with --extra-in-flight {extra_in_flight} to hide them (one more update of "
+                     "staleness each)")
+    elif len(result.stages) > 1:
+        lines.append("1F1B: PipeDream's count of minibatches in flight covers the transfers")
     return lines
 
 
@@ -102,11 +108,11 @@ def _compute(costs: Sequence[P.ModuleCost], stage: P.Stage) -> float:
 
 
 def write_package(out: Path, args: argparse.Namespace, result: P.Partition, costs: Sequence[P.ModuleCost],
-                  command: str) -> list[Path]:
+                  command: str, extra_in_flight: int) -> list[Path]:
     """The stage package, its configs and partition.json in ``out``; the files written."""
     out.mkdir(parents=True, exist_ok=True)
     stages = [[m.label for m in costs[s.start:s.end]] for s in result.stages]
-    summary = "\n".join(describe(result, costs))
+    summary = "\n".join(describe(result, costs, extra_in_flight))
     init = out / "__init__.py"
     init.write_text(f'''"""{args.model} in {len(stages)} stage(s) on {result.workers} rank(s), written by the partitioner:
 
@@ -144,7 +150,8 @@ def model(criterion, **kwargs):
               "batch_size": args.batch_size, "image_size": args.image_size, "bandwidth": args.bandwidth,
               "latency": args.latency, "cost_model": args.cost_model, "seconds_per_minibatch": result.seconds,
               "stages": [{"modules": labels, **asdict(stage)} for labels, stage in zip(stages, result.stages)],
-              "boundaries": list(result.boundaries), "modules": [asdict(m) for m in costs]}
+              "boundaries": list(result.boundaries), "extra_in_flight": extra_in_flight,
+              "modules": [asdict(m) for m in costs]}
     (out / "partition.json").write_text(json.dumps(record, indent=1) + "\n")
     return written + [out / "partition.json"]
 
@@ -169,8 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with step(f"choosing the {args.parallelism} partition over {args.workers} workers at {args.bandwidth}"):
             result = P.best_partition(len(costs), args.workers, cost.stage_time, cost.boundary_time,
                                       args.parallelism)
-        print("\n".join(describe(result, costs)))
-        for path in write_package(Path(args.out), args, result, costs, command):
+        extra = cost.extra_in_flight(result)
+        print("\n".join(describe(result, costs, extra)))
+        for path in write_package(Path(args.out), args, result, costs, command, extra):
             print(f"wrote {path}")
     except (ValueError, OSError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)

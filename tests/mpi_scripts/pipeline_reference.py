@@ -2,7 +2,7 @@
 
 ``replay_1f1b`` replays PipeDream's 1F1B event order with explicit weight
 versions: stage s of S forwards S - s minibatches before its first backward
-(``extra`` more on every stage but the last), then alternates one forward and one backward, and updates after each backward.
+(``extra`` more per later stage), then alternates one forward and one backward, and updates after each backward.
 A forward runs on a copy of the stage's latest weights (the version it used),
 its backward differentiates with respect to that copy, and the gradient is
 applied to the latest weights. The events of different stages are interleaved
@@ -19,10 +19,10 @@ from torch.func import functional_call
 
 
 def stage_orders(num_stages: int, num_minibatches: int, extra: int = 0) -> list[list[tuple[str, int]]]:
-    """Each stage's events, ("F" | "B", minibatch), from the 1F1B rule with ``extra`` more admitted."""
+    """Each stage's events, ("F" | "B", minibatch), from the 1F1B rule with ``extra`` more admitted per later stage."""
     orders = []
     for s in range(num_stages):
-        warm_up = min(num_stages - s + (extra if s < num_stages - 1 else 0), num_minibatches)
+        warm_up = min((num_stages - s) + extra * (num_stages - 1 - s), num_minibatches)
         order = [("F", j) for j in range(warm_up)]
         for j in range(num_minibatches):
             order.append(("B", j))

@@ -128,7 +128,7 @@ def case_1f1b(name: str, extra: int = 0) -> None:
     reference = make_modules()
     stages = [nn.Sequential(*(reference[i] for i in range(4) if int(stage_map[i]) == s)) for s in range(P)]
     used = replay_1f1b(stages, reference[-1], [minibatch(t) for t in range(20)], sgd, extra)
-    lag = [P - 1 - s + (extra if s < P - 1 else 0) for s in range(P)]  # updates a forward's weights are behind
+    lag = [(P - 1 - s) * (1 + extra) for s in range(P)]  # updates a forward's weights are behind
     assert all(v == max(0, j - lag[s]) for (s, j), v in used.items()), "the reference's versions are off"
     report(name, runtime, modules, reference)
 
