@@ -313,6 +313,9 @@ def run(args, runtime: StageRuntime, package, data: Data | None) -> None:
         mode += f", {runtime.extra_in_flight} extra minibatch(es) in flight"
     print(f"{who}: {args.epochs - start_epoch} epoch(s) of {n} minibatches of {args.batch_size} images, {mode}",
           flush=True)
+    hint = in_flight_hint(args, runtime, package) if runtime.rank == 0 else None
+    if hint:
+        print(f"{who}: {hint}", flush=True)
     for epoch in range(start_epoch, args.epochs):
         lr = learning_rate(args, epoch)
         if runtime.optimizer is not None:
@@ -345,6 +348,25 @@ def run(args, runtime: StageRuntime, package, data: Data | None) -> None:
             write_timing(args, runtime, package, finished, images // n)
 
 
+def partition_record(args, package) -> dict | None:
+    """The partitioner's partition.json beside the package, when this run uses its stages (mp_conf.json)."""
+    partition = Path(package.__file__).parent / "partition.json"
+    if partition.exists() and args.config_path and Path(args.config_path).name == "mp_conf.json":
+        return json.loads(partition.read_text())
+    return None
+
+
+def in_flight_hint(args, runtime: StageRuntime, package) -> str | None:
+    """The partitioner's advice when this 1F1B run admits fewer units than hide its transfers."""
+    partition = partition_record(args, package)
+    wanted = (partition or {}).get("extra_in_flight") or 0
+    if runtime.schedule != "1f1b" or args.forward_only or wanted <= runtime.extra_in_flight:
+        return None
+    return (f"hint: the partitioner found that 1F1B hides these stages' transfers at {partition['bandwidth']} with "
+            f"--extra-in-flight {wanted} (partition.json; one more update of staleness each), this run has "
+            f"{runtime.extra_in_flight}")
+
+
 def write_timing(args, runtime: StageRuntime, package, finished: list[float], samples: int) -> None:
     """The time per minibatch in steady state, in the benchmark's JSON form (one iteration per minibatch).
 
@@ -357,10 +379,8 @@ def write_timing(args, runtime: StageRuntime, package, finished: list[float], sa
         raise SystemExit(f"--json: {len(finished)} minibatches seen by rank {runtime.rank} leave fewer than 2 after "
                          f"--warmup {args.warmup}; pass a larger --num_minibatches")
     intervals = [(b - a) / replicas for a, b in zip(steady, steady[1:])]
-    partition = Path(package.__file__).parent / "partition.json"
-    predicted = None
-    if partition.exists() and args.config_path and Path(args.config_path).name == "mp_conf.json":
-        predicted = json.loads(partition.read_text())["seconds_per_minibatch"]
+    partition = partition_record(args, package)
+    predicted = partition["seconds_per_minibatch"] if partition else None
     in_flight = f" +{runtime.extra_in_flight} in flight" if runtime.extra_in_flight else ""
     record = {"unit": "images", "world_size": runtime.transport.size, "batch_size": args.batch_size,
               "samples_per_batch": samples, "batches_per_iter": 1, "per_iteration": [{"seconds": s} for s in intervals],

@@ -1,11 +1,12 @@
 """resnet50 in 2 stage(s) on 2 rank(s), written by the partitioner:
 
-    python -m pipedap.tools.partition --model resnet50 -b 8 --image-size 224 --workers 2 --bandwidth 250mbit --parallelism pipeline --out models/resnet50/gpus=2
+    python -m pipedap.tools.partition --model resnet50 -b 8 --image-size 224 --workers 2 --bandwidth 250mbit --parallelism pipeline --costs models/resnet50/gpus=2/partition.json --out models/resnet50/gpus=2
 
 stage 0: modules 0-9 (conv1 .. layer2.3), 1 rank(s), 2.058 s per minibatch (compute 2.058 s)
   boundary 0 -> 1: 12.8 MB each way, 0.822 s per minibatch
 stage 1: modules 10-21 (layer3.0 .. fc), 1 rank(s), 1.996 s per minibatch (compute 1.996 s)
 pipeline: 2.058 s per minibatch, bound by the slowest stage or boundary
+1F1B: the transfers outlast what PipeDream's count of minibatches in flight covers; run main_with_runtime.py with --extra-in-flight 1 to hide them (one more update of staleness each)
 
 Regenerate rather than edit. ``model(criterion)`` returns PipeDream's stage list:
 [(stage module, input names, output names), ..., (criterion, [last output], ["loss"])].
