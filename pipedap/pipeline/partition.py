@@ -206,9 +206,9 @@ class Costs:
         [Note: units a round trip needs]
         A unit that stage s forwards comes back as a gradient after its round trip (the
         compute of stages s..S-1 and both transfers of boundaries s..S-2); PipeDream's
-        count of units in flight covers it only when transfers are short. Two stages need
-        ceil(round trip / period) units on stage 0; with more stages 1F1B's alternation
-        couples neighbours (stage s forwards unit u + a_s only after the backward of u), so
+        count of units in flight covers it only when transfers are short. Stage s needs at
+        least ceil(round trip / period) units in flight, and 1F1B's alternation couples
+        neighbours too (stage s forwards unit u + a_s only after the backward of u), so
         instead of a formula the runtime's own event lists are replayed with these times
         (:func:`one_f_one_b_period`) for 0, 1, ... extra units, and the first that reaches
         the period (within 1%) is the answer (``most`` if none does). A model: it assumes

@@ -82,8 +82,8 @@ def module_costs(args: argparse.Namespace) -> list[P.ModuleCost]:
     return P.measure(chain, sample, iterations=args.iterations)
 
 
-def describe(result: P.Partition, costs: Sequence[P.ModuleCost], extra_in_flight: int) -> list[str]:
-    """One line per stage and boundary, and what 1F1B needs to hide the transfers."""
+def describe(result: P.Partition, costs: Sequence[P.ModuleCost], extra_in_flight: int | None) -> list[str]:
+    """One line per stage and boundary, and what 1F1B needs to hide the transfers (None: not estimated)."""
     lines = []
     for s, stage in enumerate(result.stages):
         first, last = costs[stage.start].label, costs[stage.end - 1].label
@@ -98,7 +98,7 @@ def describe(result: P.Partition, costs: Sequence[P.ModuleCost], extra_in_flight
         lines.append(f"1F1B: the transfers outlast what PipeDream's count of minibatches in flight covers; run "
                      f"main_with_runtime.py with --extra-in-flight {extra_in_flight} to hide them (one more update of "
                      "staleness each)")
-    elif len(result.stages) > 1:
+    elif extra_in_flight == 0:
         lines.append("1F1B: PipeDream's count of minibatches in flight covers the transfers")
     return lines
 
@@ -108,7 +108,7 @@ def _compute(costs: Sequence[P.ModuleCost], stage: P.Stage) -> float:
 
 
 def write_package(out: Path, args: argparse.Namespace, result: P.Partition, costs: Sequence[P.ModuleCost],
-                  command: str, extra_in_flight: int) -> list[Path]:
+                  command: str, extra_in_flight: int | None) -> list[Path]:
     """The stage package, its configs and partition.json in ``out``; the files written."""
     out.mkdir(parents=True, exist_ok=True)
     stages = [[m.label for m in costs[s.start:s.end]] for s in result.stages]
