@@ -2,7 +2,8 @@
 
 ``replay_1f1b`` replays PipeDream's 1F1B event order with explicit weight
 versions: stage s of S forwards S - s minibatches before its first backward
-(``extra`` more per later stage), then alternates one forward and one backward, and updates after each backward.
+(``extra`` more per later stage), then alternates one forward and one
+backward, and updates after each backward.
 A forward runs on a copy of the stage's latest weights (the version it used),
 its backward differentiates with respect to that copy, and the gradient is
 applied to the latest weights. The events of different stages are interleaved

@@ -122,7 +122,7 @@ def case_data_parallel(name: str, dp_schedule: str) -> None:
 
 
 def case_1f1b(name: str, extra: int = 0) -> None:
-    """1F1B against the replay; ``extra`` minibatches admitted beyond PipeDream's count (one more update stale each)."""
+    """1F1B against the replay; ``extra`` more minibatches admitted per later stage (that many updates staler)."""
     stage_map = {2: "00111", 3: "01122"}[P]
     runtime, modules = run(stage_map, 20, schedule="1f1b", extra_in_flight=extra)
     reference = make_modules()
