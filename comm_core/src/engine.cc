@@ -393,12 +393,13 @@ std::vector<int> Engine::absent(const Meeting& m) const {
   return ranks;
 }
 
+std::string Engine::meeting_failure(const Meeting& m, const std::string& why) const {
+  return "pipedap: " + m.set->barrier(m.handle->seq()) + " on rank " + std::to_string(world_.rank) + " failed: " + why;
+}
+
 std::string Engine::meeting_refused(Meeting& m, bool& met) {
-  met = false;
-  auto what = [&] {  // polled often: words only for a refusal
-    return "pipedap: " + m.set->barrier(m.handle->seq()) + " on rank " + std::to_string(world_.rank);
-  };
-  if (m.set->removed) return what() + " failed: " + m.set->label() + " was removed";
+  met = false;  // (polled often: the words are built only for a refusal)
+  if (m.set->removed) return meeting_failure(m, m.set->label() + " was removed");
   if (m.set->agree.size < 2) {  // alone: nobody to meet
     met = true;
     return "";
@@ -411,10 +412,10 @@ std::string Engine::meeting_refused(Meeting& m, bool& met) {
     }
     if (m.tokens->complete()) {
       met = m.tokens->verdict() == Verdict::kAgreed;
-      return met ? "" : what() + " failed: the members' barrier counts differ";
+      return met ? "" : meeting_failure(m, "the members' barrier counts differ");
     }
   } catch (const std::exception& e) {
-    return what() + " failed: " + e.what();
+    return meeting_failure(m, e.what());
   }
   // As in await_agreement: a departure notice may overtake the token of a member that called it and left.
   std::vector<int> gone;
@@ -426,8 +427,8 @@ std::string Engine::meeting_refused(Meeting& m, bool& met) {
   } else if (m.gone_since_ns == 0) {
     m.gone_since_ns = monotonic_ns();
   } else if (monotonic_ns() - m.gone_since_ns >= kDepartureGraceNs) {
-    return what() + " failed: " + rank_list(gone) + (gone.size() == 1 ? " has" : " have") +
-           " shut down (pipedap.shutdown() or the end of the script) without calling it";
+    return meeting_failure(m, rank_list(gone) + (gone.size() == 1 ? " has" : " have") +
+                                  " shut down (pipedap.shutdown() or the end of the script) without calling it");
   }
   return "";
 }
@@ -466,8 +467,7 @@ void Engine::fail_meetings(const std::string& why) {
   }
   for (Meeting& m : left) {
     if (m.tokens && !m.tokens->complete()) abandoned_.push_back(std::move(m.tokens));
-    m.handle->fail("pipedap: " + m.set->barrier(m.handle->seq()) + " on rank " + std::to_string(world_.rank) +
-                   " failed: " + why);
+    m.handle->fail(meeting_failure(m, why));
   }
 }
 

@@ -178,6 +178,8 @@ class Engine {
   void fail_meetings(const std::string& why);
   // Engine thread: why `m` can never finish ("": it still may); `met` says whether every member called it.
   std::string meeting_refused(Meeting& m, bool& met);
+  // "pipedap: barrier #N on rank R failed: <why>", the words of every failed barrier.
+  std::string meeting_failure(const Meeting& m, const std::string& why) const;
   // The world ranks of `m`'s set that have not called it yet.
   std::vector<int> absent(const Meeting& m) const;
   // Completes (error empty) or fails the submission's handle, after forgetting its names.
