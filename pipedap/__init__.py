@@ -48,6 +48,7 @@ _LAZY.update(dict.fromkeys(("ProcessSet", "add_process_set", "remove_process_set
 _LAZY.update(dict.fromkeys(("DistributedOptimizer", "flush", "clip_grad_norm_"), "pipedap.optimizer"))
 _LAZY.update(dict.fromkeys(("broadcast_parameters", "broadcast_optimizer_state"), "pipedap.functions"))
 _LAZY["Compression"] = "pipedap.compression"
+_LAZY["choose_algorithms"] = "pipedap.algorithms"
 _LAZY.update(dict.fromkeys(("save_checkpoint", "load_checkpoint", "CheckpointError"), "pipedap.checkpoint"))
 
 __all__ = sorted(_LAZY)

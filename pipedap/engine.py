@@ -174,6 +174,21 @@ def local_size() -> int:
 # answer below is the truth for this build, never what Horovod would say.
 
 
+def set_algorithm_table(table: dict | None) -> None:
+    """Install a ring-or-MPI table for ``auto`` ops submitted from now on (see pipedap.algorithms)."""
+    core.set_algorithm_table(table)
+
+
+def algorithm_table() -> dict | None:
+    """The installed table, ``{kind: [(min_bytes, "ring" | "mpi"), ...]}`` (None: none)."""
+    return core.algorithm_table()
+
+
+def algorithm_for(kind: str, nbytes: int) -> str:
+    """What a host ``reducescatter``, ``allgather`` or ``allreduce`` of `nbytes` submitted now runs as."""
+    return core.algorithm_for(getattr(core.OpKind, kind.upper()), nbytes)
+
+
 def nccl_built() -> int:
     """Whether this build can communicate CUDA tensors over NCCL: as Horovod, the NCCL version
     code (e.g. 22304 for 2.23.4; the library loaded at run time) when built with it, else 0."""

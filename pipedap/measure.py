@@ -4,8 +4,10 @@ The planner (pipedap.planner) is pure Python; this module feeds it numbers that
 every rank agrees on, measured with the comm core:
 
 * :func:`measure_cost_model` times reduce-scatter, all-gather and all-reduce over
-  sizes at the current world size and fits ``T(M) = a + b*M`` per primitive;
-  :func:`cost_model` caches that fit as JSON keyed by world size and host set.
+  sizes at the current world size, as the ring and as MPI's collectives, chooses
+  the faster per size (pipedap.algorithms) and fits ``T(M) = a + b*M`` per primitive;
+  :func:`cost_model` caches that fit and choice as JSON keyed by world size and host
+  set, and installs the choice in the engine.
 * :func:`agree_profile` makes every rank plan from the same layer times (the
   element-wise maximum over ranks).
 * :func:`plan_on_rank0` computes the plan once and broadcasts it, so every rank
@@ -17,13 +19,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-
-from pipedap import comm, engine, settings
+from pipedap import algorithms, comm, engine, settings
 from pipedap.planner import costmodel
 from pipedap.planner.costmodel import CostModel, FitReport
 from pipedap.planner.plan import Plan
@@ -33,7 +32,6 @@ from pipedap.process_sets import ProcessSet, global_process_set
 log = logging.getLogger("pipedap")
 
 DEFAULT_SIZES = tuple(4 << (2 * i) for i in range(5, 13))  # 4 KiB .. 64 MiB, x4 steps
-KIND_OPS = {"rs": "reducescatter", "ag": "allgather", "ar": "allreduce"}
 
 
 def host_set(process_set: ProcessSet = global_process_set) -> tuple[str, ...]:
@@ -42,41 +40,21 @@ def host_set(process_set: ProcessSet = global_process_set) -> tuple[str, ...]:
     return tuple(sorted(set(names)))
 
 
-def _time_primitive(kind: str, nbytes: int, repeats: int, ps: ProcessSet) -> float:
-    """Seconds per operation (median of `repeats`, slowest rank) for a float32 buffer of ~nbytes."""
-    world = ps.size()
-    n = max(world, nbytes // 4 // world * world)
-    full, part = torch.ones(n), torch.ones(n // world)
-    make = {"rs": lambda: engine.reducescatter_collective(full, part, f"measure.rs.{n}", engine.Sum, ps),
-            "ag": lambda: engine.allgather_collective(part, full, f"measure.ag.{n}", ps),
-            "ar": lambda: engine.allreduce_collective(full, full, f"measure.ar.{n}", engine.Sum, ps)}[kind]
-    collective = make()
-    engine.submit([collective]).wait()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        comm.barrier(ps)
-        start = time.perf_counter()
-        engine.submit([collective]).wait()
-        samples.append(time.perf_counter() - start)
-    samples.sort()
-    median = torch.tensor([samples[len(samples) // 2]], dtype=torch.float64)
-    return float(comm.allgather(median, name=f"measure.t.{kind}.{n}", process_set=ps).max())  # the slowest rank's
-
-
 def measure_cost_model(sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 5,
                        progress: Callable[[str], None] | None = None, process_set: ProcessSet = global_process_set
                        ) -> tuple[CostModel, dict[str, FitReport]]:
-    """Microbenchmark rs/ag/ar with the comm core over the set's ranks; least-squares α-β fit per primitive."""
+    """Microbenchmark rs/ag/ar with the comm core over the set's ranks, ring and MPI each (pipedap.algorithms).
+
+    The model holds the faster algorithm per kind and size (``model.algorithms``) and a least-squares α-β
+    fit per primitive of the times of the one chosen at each size: what ``auto`` runs once it is installed.
+    """
     if process_set.size() < 2:
         raise ValueError("a cost model needs at least 2 ranks: launch with mpirun -np N (N >= 2)")
-    samples: dict[str, list[tuple[float, float]]] = {kind: [] for kind in KIND_OPS}
-    for nbytes in sizes:
-        for kind in KIND_OPS:
-            seconds = _time_primitive(kind, nbytes, repeats, process_set)
-            samples[kind].append((float(nbytes), seconds))
-            if progress:
-                progress(f"{KIND_OPS[kind]:>14} {nbytes:>10} B: {seconds * 1e6:10.1f} us")
-    return costmodel.fit(samples, process_set.size(), host_set(process_set))
+    times = algorithms.measure(sizes, repeats, process_set, progress)
+    samples: dict[str, list[tuple[float, float]]] = {kind: [] for kind in algorithms.KINDS}
+    for (kind, nbytes), by_algorithm in times.items():
+        samples[kind].append((float(nbytes), by_algorithm[algorithms.faster(by_algorithm, nbytes)]))
+    return costmodel.fit(samples, process_set.size(), host_set(process_set), algorithms.choose(times))
 
 
 def cost_model(path: str | os.PathLike | None = None, measure_if_missing: bool = True,
@@ -90,7 +68,9 @@ def cost_model(path: str | os.PathLike | None = None, measure_if_missing: bool =
     hosts, world = host_set(process_set), process_set.size()
     if file.exists():
         try:
-            return costmodel.load(file, world, hosts)
+            model = costmodel.load(file, world, hosts)
+            algorithms.install(model.algorithms, process_set)
+            return model
         except (ValueError, KeyError) as err:
             if path or not measure_if_missing:
                 raise
@@ -106,6 +86,7 @@ def cost_model(path: str | os.PathLike | None = None, measure_if_missing: bool =
     if process_set.rank() == 0:
         file.parent.mkdir(parents=True, exist_ok=True)
         costmodel.save(model, file)
+    algorithms.install(model.algorithms, process_set)
     return model
 
 

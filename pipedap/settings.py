@@ -115,10 +115,11 @@ class Setting:
 _DECLARED = [
     # engine: the communication core (pipedap.init() passes engine_config() to it)
     Setting("PIPEDAP_ALGORITHM", "choice", "auto", "`ring` (our bandwidth-optimal ring over point-to-point), "
-            "`mpi` (MPI's collectives), `auto` (ring from `PIPEDAP_RING_MIN_BYTES`)", "engine",
-            choices=("auto", "ring", "mpi")),
-    Setting("PIPEDAP_RING_MIN_BYTES", "int", "65536", "with `auto`: smallest operation (bytes) that uses the ring",
-            "engine"),
+            "`mpi` (MPI's collectives), `auto` (the faster per kind and size as measured with the cost model, "
+            "once installed by `pipedap.choose_algorithms()`; until then: ring from "
+            "`PIPEDAP_RING_MIN_BYTES`)", "engine", choices=("auto", "ring", "mpi")),
+    Setting("PIPEDAP_RING_MIN_BYTES", "int", "65536", "with `auto` and no measured choice: smallest operation "
+            "(bytes) that uses the ring; the measurement keeps this rule where the two are within 10%", "engine"),
     Setting("PIPEDAP_SEGMENT_BYTES", "int", "1048576", "reduce-scatter message segment in bytes (received "
             "segments are reduced while the next arrive)", "engine", minimum=8),
     Setting("PIPEDAP_MESSAGE_BYTES", "int", "2097152", "largest other ring message in bytes (kept under "

@@ -44,8 +44,9 @@ Fingerprint fingerprint_of(int64_t seq, const std::vector<OpSpec>& ops) {
   f.nops = static_cast<int32_t>(ops.size());
   uint64_t h = 1469598103934665603ULL;
   for (const OpSpec& op : ops) {
-    const int32_t fields[5] = {static_cast<int32_t>(op.kind), static_cast<int32_t>(op.dtype),
-                               static_cast<int32_t>(op.reduce), op.root, op.device >= 0 ? 1 : 0};
+    const int32_t fields[6] = {static_cast<int32_t>(op.kind), static_cast<int32_t>(op.dtype),
+                               static_cast<int32_t>(op.reduce), op.root, op.device >= 0 ? 1 : 0,
+                               static_cast<int32_t>(op.algorithm)};
     h = fnv1a(h, fields, sizeof fields);
     const int64_t ncounts = static_cast<int64_t>(op.counts.size());
     h = fnv1a(h, &ncounts, sizeof ncounts);
@@ -163,7 +164,8 @@ std::string Agreement::explain(const ProcessSet& set, const std::string& my_desc
     for (const auto& key : order) worded.insert(key.second);
     if (worded.size() < order.size()) {
       message += " (alike in these words, they differ in what the words leave out: the reduction, sum or "
-                 "average, or the tail of a long group)";
+                 "average, the algorithm, ring or MPI (PIPEDAP_ALGORITHM or a measured choice that differs between "
+                 "ranks), or the tail of a long group)";
     }
     message += ". Every rank must submit the same collectives (kind, name, element count, shape, dtype, root) in the same "
                "order: look for a rank-dependent branch or an extra collective on some ranks.";

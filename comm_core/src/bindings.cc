@@ -1,6 +1,7 @@
 // pybind11 module pipedap._comm_core: the raw-buffer API that pipedap/comm.py wraps.
 // Every call that may wait releases the GIL.
 #include <pybind11/pybind11.h>
+#include <algorithm>
 #include <pybind11/stl.h>
 
 #include "engine.h"
@@ -15,6 +16,52 @@ py::tuple timings_tuple(const Handle& h) {
   return py::make_tuple(t.enqueue_ns, t.start_ns, t.end_ns);
 }
 
+Algorithm parse_algorithm(const std::string& name, const std::string& what) {
+  for (Algorithm a : {Algorithm::kAuto, Algorithm::kRing, Algorithm::kMpi}) {
+    if (name == algorithm_name(a)) return a;
+  }
+  throw std::invalid_argument(what + "='" + name + "': use auto, ring or mpi");
+}
+
+struct ChoiceKind {
+  const char* name;
+  OpKind kind;
+  std::vector<AlgorithmTable::From> AlgorithmTable::*entries;
+};
+const ChoiceKind kChoiceKinds[] = {{"reducescatter", OpKind::kReduceScatter, &AlgorithmTable::reducescatter},
+                                   {"allgather", OpKind::kAllGather, &AlgorithmTable::allgather},
+                                   {"allreduce", OpKind::kAllReduce, &AlgorithmTable::allreduce}};
+
+// {"reducescatter": [(0, "mpi"), (65536, "ring")], ...} <-> AlgorithmTable (missing kinds: ring_min_bytes).
+std::shared_ptr<const AlgorithmTable> table_from_dict(const py::dict& doc) {
+  auto table = std::make_shared<AlgorithmTable>();
+  for (const auto& item : doc) {
+    const std::string kind = py::str(item.first);
+    const auto it = std::find_if(std::begin(kChoiceKinds), std::end(kChoiceKinds),
+                                 [&](const ChoiceKind& k) { return kind == k.name; });
+    if (it == std::end(kChoiceKinds)) {
+      throw std::invalid_argument("algorithm table: unknown kind '" + kind + "'; use reducescatter, allgather, allreduce");
+    }
+    auto& entries = (*table).*(it->entries);
+    for (const auto& entry : item.second.cast<std::vector<std::pair<size_t, std::string>>>()) {
+      entries.push_back({entry.first, parse_algorithm(entry.second, "algorithm table, " + kind)});
+    }
+  }
+  validate_table(*table);
+  return table;
+}
+
+py::object table_to_dict(const std::shared_ptr<const AlgorithmTable>& table) {
+  if (!table) return py::none();
+  py::dict doc;
+  for (const ChoiceKind& k : kChoiceKinds) {
+    py::list entries;
+    for (const auto& from : (*table).*(k.entries)) entries.append(py::make_tuple(from.min_bytes, algorithm_name(from.algorithm)));
+    doc[k.name] = entries;
+  }
+  return doc;
+}
+
 // The engine's settings from the dict pipedap.settings.engine_config() builds
 // (it validated every value and names the PIPEDAP_* variable in its errors).
 EngineConfig engine_config(const py::dict& values) {
@@ -23,16 +70,7 @@ EngineConfig engine_config(const py::dict& values) {
     const std::string key = py::str(item.first);
     const py::handle v = item.second;
     if (key == "algorithm") {
-      const std::string a = py::str(v);
-      if (a == "auto") {
-        c.host.algorithm = Algorithm::kAuto;
-      } else if (a == "ring") {
-        c.host.algorithm = Algorithm::kRing;
-      } else if (a == "mpi") {
-        c.host.algorithm = Algorithm::kMpi;
-      } else {
-        throw std::invalid_argument("engine setting algorithm='" + a + "': use auto, ring or mpi");
-      }
+      c.host.algorithm = parse_algorithm(py::str(v), "engine setting algorithm");
     } else if (key == "ring_min_bytes") {
       c.host.ring_min_bytes = v.cast<size_t>();
     } else if (key == "segment_bytes") {
@@ -130,6 +168,10 @@ PYBIND11_MODULE(_comm_core, m) {
       .def_readonly("shape", &OpSpec::shape)
       .def_readonly("root", &OpSpec::root)
       .def_readonly("tag", &OpSpec::tag)
+      .def_property(
+          "algorithm", [](const OpSpec& op) { return std::string(algorithm_name(op.algorithm)); },
+          [](OpSpec& op, const std::string& name) { op.algorithm = parse_algorithm(name, "OpSpec.algorithm"); },
+          "Host rs / ag / ar only: 'ring', 'mpi' or 'auto' (the engine's choice at submission).")
       .def("__repr__", [](const OpSpec& op) { return op.describe(); });
 
   py::class_<Handle, std::shared_ptr<Handle>>(m, "Handle")
@@ -161,8 +203,19 @@ PYBIND11_MODULE(_comm_core, m) {
   m.def("pending", [] { return engine().pending(); });
   m.def("nccl_built", &nccl_built);
   m.def("mpi_library_version", &mpi_library_version);
-  m.def("ring_used", [](const OpSpec& op) { return uses_ring(op, engine().config().host); },
-        "Whether this op would run as a ring (True) or as an MPI collective.");
+  m.def("set_algorithm_table",
+        [](const py::object& doc) { engine().set_algorithm_table(doc.is_none() ? nullptr : table_from_dict(doc)); },
+        py::arg("table"),
+        "Install {kind: [(min_bytes, 'ring' | 'mpi'), ...]} (kinds reducescatter, allgather, allreduce; each list "
+        "sorted, the first from 0) for auto ops submitted from now on; None: ring from ring_min_bytes. Every rank "
+        "must install the same table between the same two of its submissions.");
+  m.def("algorithm_table", [] { return table_to_dict(engine().algorithm_table()); },
+        "The installed table (None: none).");
+  m.def("algorithm_for",
+        [](OpKind kind, size_t bytes) { return std::string(algorithm_name(engine().algorithm_for(kind, bytes))); },
+        py::arg("kind"), py::arg("bytes"),
+        "What a host op of this kind and size submitted now runs as: 'ring' or 'mpi' ('auto' for kinds "
+        "with one algorithm).");
   m.def("submit", [](std::vector<OpSpec> ops, int process_set) { return engine().submit(std::move(ops), process_set); },
         py::arg("ops"), py::arg("process_set") = 0, py::call_guard<py::gil_scoped_release>(),
         "Enqueue ops to run as one unit on a process set (0: the world), after everything submitted before; "

@@ -217,6 +217,10 @@ void Engine::validate(const std::vector<OpSpec>& ops, const ProcessSet& set) con
     if ((op.device >= 0) != (ops.front().device >= 0) || (op.device >= 0 && op.device != ops.front().device)) {
       throw std::invalid_argument(what() + "a group must be all host memory or all on one CUDA device");
     }
+    if (op.algorithm != Algorithm::kAuto && (AlgorithmTable{}.of(op.kind) == nullptr || op.device >= 0)) {
+      throw std::invalid_argument(what() + "algorithm='" + algorithm_name(op.algorithm) +
+                                  "' applies to host reducescatter, allgather and allreduce only");
+    }
     if (op.device >= 0 && op.kind == OpKind::kBarrier) {
       throw std::invalid_argument(what() + "a barrier is a host operation (device=-1)");
     }
@@ -251,6 +255,7 @@ std::string Engine::resolve_ops(Submission& sub) {
         throw std::invalid_argument("the resolver returned " + ops[i].describe() + " for " + sub.ops[i].describe());
       }
     }
+    for (OpSpec& op : ops) op.algorithm = choose_algorithm(op, config_.host, sub.table.get());
     sub.ops = std::move(ops);
   } catch (const std::exception& e) {
     return e.what();
@@ -287,7 +292,7 @@ std::shared_ptr<Handle> Engine::enqueue(const std::shared_ptr<ProcessSet>& set, 
   if (p2p) {  // not agreed: numbered apart, and names are free (p2p.h)
     auto handle = std::make_shared<Handle>(set->next_p2p_seq++, describe(ops, *set));
     handle->set_enqueue_ns(monotonic_ns());
-    queue_.push_back(Submission{set, std::move(ops), handle, Fingerprint{}, nullptr, {}});
+    queue_.push_back(Submission{set, std::move(ops), handle, Fingerprint{}, nullptr, {}, nullptr});
     return handle;
   }
   const int64_t seq = set->next_seq++;
@@ -300,9 +305,32 @@ std::shared_ptr<Handle> Engine::enqueue(const std::shared_ptr<ProcessSet>& set, 
   set->last_submit_ns = monotonic_ns();
   const bool join = ops.front().kind == OpKind::kJoin;
   joining_ = join;
+  if (!resolve) {  // a deferred submission's sizes, and so its algorithms, are known in resolve_ops
+    for (OpSpec& op : ops) op.algorithm = choose_algorithm(op, config_.host, algorithm_table_.get());
+  }
   Fingerprint fingerprint = join ? join_fingerprint(seq, seq) : fingerprint_of(seq, ops);
-  queue_.push_back(Submission{set, std::move(ops), handle, fingerprint, nullptr, std::move(resolve)});
+  queue_.push_back(Submission{set, std::move(ops), handle, fingerprint, nullptr, std::move(resolve), algorithm_table_});
   return handle;
+}
+
+void Engine::set_algorithm_table(std::shared_ptr<const AlgorithmTable> table) {
+  if (table) validate_table(*table);
+  std::lock_guard<std::mutex> lock(mu_);
+  algorithm_table_ = std::move(table);
+}
+
+std::shared_ptr<const AlgorithmTable> Engine::algorithm_table() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return algorithm_table_;
+}
+
+Algorithm Engine::algorithm_for(OpKind kind, size_t bytes) const {
+  OpSpec op;
+  op.kind = kind;
+  op.dtype = DType::kUInt8;
+  op.counts = {static_cast<int64_t>(bytes)};
+  std::lock_guard<std::mutex> lock(mu_);
+  return choose_algorithm(op, config_.host, algorithm_table_.get());
 }
 
 void Engine::run_on_world(OpSpec op) {

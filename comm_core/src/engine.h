@@ -102,6 +102,14 @@ class Engine {
   int local_size() const { return local_size_; }
   int thread_level() const { return thread_level_; }
   const EngineConfig& config() const { return config_; }
+  // Installs the measured choice of algorithm ([Note: the measured choice of
+  // algorithm] in host_collectives.h) for the ops this rank submits from now
+  // on; null: back to PIPEDAP_RING_MIN_BYTES. Every rank must install the same
+  // table between the same two of its submissions (pipedap.algorithms does).
+  void set_algorithm_table(std::shared_ptr<const AlgorithmTable> table);
+  std::shared_ptr<const AlgorithmTable> algorithm_table() const;
+  // What an op of `kind` and `bytes` on host memory submitted now would run as.
+  Algorithm algorithm_for(OpKind kind, size_t bytes) const;
   // Submissions not yet finished, point-to-point ones included (for diagnostics).
   size_t pending() const;
 
@@ -113,6 +121,7 @@ class Engine {
     Fingerprint fingerprint;
     std::unique_ptr<Agreement> agreement;  // started by the engine thread, at most one submission ahead
     Resolver resolve;  // submit's, for a deferred submission
+    std::shared_ptr<const AlgorithmTable> table;  // a deferred submission's: the table at submission
   };
   // A barrier ([Note: barriers meet apart from the order]).
   struct Meeting {
@@ -187,6 +196,7 @@ class Engine {
   void finish(Submission& sub, const std::string& error, bool ran);
 
   EngineConfig config_;
+  std::shared_ptr<const AlgorithmTable> algorithm_table_;  // under mu_; null: none measured
   // Four duplicates of MPI_COMM_WORLD: our traffic never matches the user's,
   // and agreements, data, stall reports and point-to-point transfers never
   // match each other's. They are process set 0's data, agree, side and p2p

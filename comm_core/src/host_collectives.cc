@@ -333,11 +333,46 @@ size_t message_segment_bytes(const HostCollectiveConfig& cfg) {
   return std::max<size_t>(8, std::min<size_t>(cfg.message_bytes, size_t{1} << 30) / 8 * 8);
 }
 
-bool uses_ring(const OpSpec& op, const HostCollectiveConfig& cfg) {
-  if (op.kind != OpKind::kReduceScatter && op.kind != OpKind::kAllGather && op.kind != OpKind::kAllReduce) return false;
-  if (cfg.algorithm == Algorithm::kRing) return true;
-  if (cfg.algorithm == Algorithm::kMpi) return false;
-  return static_cast<size_t>(op.total_count()) * dtype_size(op.dtype) >= cfg.ring_min_bytes;
+const std::vector<AlgorithmTable::From>* AlgorithmTable::of(OpKind kind) const {
+  switch (kind) {
+    case OpKind::kReduceScatter: return &reducescatter;
+    case OpKind::kAllGather: return &allgather;
+    case OpKind::kAllReduce: return &allreduce;
+    default: return nullptr;
+  }
+}
+
+Algorithm choose_algorithm(const OpSpec& op, const HostCollectiveConfig& cfg, const AlgorithmTable* table) {
+  const AlgorithmTable empty;
+  const std::vector<AlgorithmTable::From>* entries = (table ? table : &empty)->of(op.kind);
+  if (entries == nullptr || op.device >= 0) return Algorithm::kAuto;
+  if (op.algorithm != Algorithm::kAuto) return op.algorithm;
+  if (cfg.algorithm != Algorithm::kAuto) return cfg.algorithm;
+  const size_t bytes = static_cast<size_t>(op.total_count()) * dtype_size(op.dtype);
+  if (entries->empty()) return bytes >= cfg.ring_min_bytes ? Algorithm::kRing : Algorithm::kMpi;
+  Algorithm chosen = entries->front().algorithm;
+  for (const auto& from : *entries) {
+    if (bytes >= from.min_bytes) chosen = from.algorithm;
+  }
+  return chosen;
+}
+
+void validate_table(const AlgorithmTable& table) {
+  for (OpKind kind : {OpKind::kReduceScatter, OpKind::kAllGather, OpKind::kAllReduce}) {
+    const auto& entries = *table.of(kind);
+    const std::string where = std::string("algorithm table, ") + op_kind_name(kind);
+    if (!entries.empty() && entries.front().min_bytes != 0) {
+      throw std::invalid_argument(where + ": the first entry must start at 0 bytes");
+    }
+    for (size_t i = 0; i < entries.size(); ++i) {
+      if (entries[i].algorithm != Algorithm::kRing && entries[i].algorithm != Algorithm::kMpi) {
+        throw std::invalid_argument(where + ": every entry must name ring or mpi");
+      }
+      if (i > 0 && entries[i].min_bytes <= entries[i - 1].min_bytes) {
+        throw std::invalid_argument(where + ": sizes must increase");
+      }
+    }
+  }
 }
 
 char* ScratchArena::take(size_t bytes) {
@@ -359,7 +394,11 @@ void run_host_group(const Communicator& c, const std::vector<OpSpec>& ops, const
   std::vector<NativeCall> native;
   native.reserve(ops.size());
   for (const OpSpec& op : ops) {
-    if (uses_ring(op, cfg)) {
+    const bool has_choice = AlgorithmTable{}.of(op.kind) != nullptr;
+    if (has_choice && op.algorithm == Algorithm::kAuto) {  // Engine::submit resolves it (choose_algorithm)
+      throw CommError("internal: " + op.describe() + " reached the engine thread without an algorithm");
+    }
+    if (op.algorithm == Algorithm::kRing) {
       ring_ops.push_back(&op);
     } else {
       native.emplace_back(&op);

@@ -13,7 +13,7 @@
 // the group pays one start-up per step instead of one per op (the PipeDAP
 // merge of an all-gather with a reduce-scatter).
 // Small operations use MPI's nonblocking collectives, whose log(p) algorithms
-// have lower latency than a ring.
+// have lower latency than a ring, unless a measured table says otherwise.
 #pragma once
 
 #include <mpi.h>
@@ -33,11 +33,27 @@ struct Communicator {
   int size = 1;
 };
 
-enum class Algorithm { kAuto, kRing, kMpi };
+// [Note: the measured choice of algorithm]
+// Which algorithm is faster depends on the transport, kind and size (on 2
+// ranks the ring's reduce-scatter won 2-6x, the all-gathers tied; more ranks
+// favour MPI's log(p) algorithms at small sizes). pipedap.algorithms times both
+// inside the engine on the cluster at hand and installs, per kind, the sizes
+// from which each one runs; without such a table kAuto means "ring from
+// ring_min_bytes". The choice is made when an op is submitted (program order),
+// so every rank that installs the same table at the same point of its
+// submissions makes the same choice; the algorithm is also agreed (hashed).
+struct AlgorithmTable {
+  struct From {
+    size_t min_bytes;  // this algorithm runs from this many bytes up to the next entry's
+    Algorithm algorithm;
+  };
+  std::vector<From> reducescatter, allgather, allreduce;  // each sorted by min_bytes, the first from 0
+  const std::vector<From>* of(OpKind kind) const;  // null for other kinds
+};
 
 struct HostCollectiveConfig {
-  Algorithm algorithm = Algorithm::kAuto;
-  size_t ring_min_bytes = 64 * 1024;  // kAuto: ring from this many bytes per op
+  Algorithm algorithm = Algorithm::kAuto;  // PIPEDAP_ALGORITHM: kRing / kMpi override any table
+  size_t ring_min_bytes = 64 * 1024;  // kAuto without a table: ring from this many bytes per op
   size_t segment_bytes = 1 << 20;     // reduce-scatter message size (reduction overlaps the next receive)
   size_t message_bytes = 2 << 20;     // other ring messages: kept under the TCP eager limit (see comm.py)
   PollPolicy poll;
@@ -71,7 +87,12 @@ void run_host_group(const Communicator& c, const std::vector<OpSpec>& ops, const
 // 1 GiB (an int count of bytes). Point-to-point data uses it too (p2p.h).
 size_t message_segment_bytes(const HostCollectiveConfig& cfg);
 
-// Whether run_host_group runs `op` as a ring (true) or as an MPI collective; identical on all ranks.
-bool uses_ring(const OpSpec& op, const HostCollectiveConfig& cfg);
+// The algorithm of a host rs / ag / ar: its own if set, else PIPEDAP_ALGORITHM if
+// not auto, else `table`'s for its size (null or empty: ring from ring_min_bytes).
+// Other kinds: kAuto (they have one algorithm).
+Algorithm choose_algorithm(const OpSpec& op, const HostCollectiveConfig& cfg, const AlgorithmTable* table);
+
+// The same check for a table from Python: sorted, starting at 0, ring or MPI only (std::invalid_argument).
+void validate_table(const AlgorithmTable& table);
 
 }  // namespace pipedap

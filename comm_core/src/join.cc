@@ -7,10 +7,12 @@ namespace {
 
 constexpr int kJoinTag = 4;  // on the side communicator (status.cc uses 1 and 2, agreement.cc 3)
 
-// An op's spec as int64 words: kind, dtype, reduce, root, device, then counts, shape and name, each length-prefixed.
+// An op's spec as int64 words: kind, dtype, reduce, root, device, algorithm, then counts, shape and name, each
+// length-prefixed. The algorithm is the leader's choice: the joined ranks run the ops the same way.
 void append_spec(std::vector<int64_t>& words, const OpSpec& op) {
   words.insert(words.end(), {static_cast<int64_t>(op.kind), static_cast<int64_t>(op.dtype),
-                             static_cast<int64_t>(op.reduce), op.root, op.device});
+                             static_cast<int64_t>(op.reduce), op.root, op.device,
+                             static_cast<int64_t>(op.algorithm)});
   for (const std::vector<int64_t>* v : {&op.counts, &op.shape}) {
     words.push_back(static_cast<int64_t>(v->size()));
     words.insert(words.end(), v->begin(), v->end());
@@ -37,6 +39,7 @@ std::vector<OpSpec> parse_specs(const std::vector<int64_t>& words) {
     op.reduce = static_cast<ReduceOp>(next());
     op.root = static_cast<int>(next());
     op.device = static_cast<int>(next());
+    op.algorithm = static_cast<Algorithm>(next());
     op.counts = vector();
     op.shape = vector();
     for (int64_t c : vector()) op.name.push_back(static_cast<char>(c));

@@ -26,6 +26,15 @@ const char* op_kind_name(OpKind k) {
   return "unknown";
 }
 
+const char* algorithm_name(Algorithm a) {
+  switch (a) {
+    case Algorithm::kAuto: return "auto";
+    case Algorithm::kRing: return "ring";
+    case Algorithm::kMpi: return "mpi";
+  }
+  return "unknown";
+}
+
 int64_t OpSpec::total_count() const { return std::accumulate(counts.begin(), counts.end(), int64_t{0}); }
 
 std::string OpSpec::describe(int peer_rank) const {

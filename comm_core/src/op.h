@@ -37,6 +37,13 @@ const char* op_kind_name(OpKind k);
 inline bool is_process_set_op(OpKind k) { return k == OpKind::kAddProcessSet || k == OpKind::kRemoveProcessSet; }
 inline bool is_p2p_op(OpKind k) { return k == OpKind::kSend || k == OpKind::kRecv; }
 
+// How a host reduce-scatter, all-gather or all-reduce runs: as our ring over
+// point-to-point messages or as MPI's nonblocking collective. kAuto: the
+// engine decides when the op is submitted (host_collectives.h, choose_algorithm).
+// Numeric values are part of the Python binding.
+enum class Algorithm : int { kAuto = 0, kRing = 1, kMpi = 2 };
+const char* algorithm_name(Algorithm a);
+
 // Point-to-point tags run from 0 to kMaxTag: the smallest MPI_TAG_UB the MPI
 // standard allows, so a tag is an MPI tag on every implementation.
 constexpr int kMaxTag = 32767;
@@ -90,6 +97,9 @@ struct OpSpec {
   int device = -1;       // -1: host memory; >= 0: CUDA device ordinal
   uintptr_t stream = 0;  // CUDA stream that produced the input (device ops)
   void* ready_event = nullptr;  // set by DeviceBackend::prepare, owned by the backend
+  // Host rs / ag / ar: the algorithm. kAuto is resolved by Engine::submit, so
+  // the engine thread only ever sees kRing or kMpi for them; agreed (hashed).
+  Algorithm algorithm = Algorithm::kAuto;
 
   int64_t total_count() const;
   // "allreduce 'grad.3' (1000 float32)", "send 'act.3' (1000 float32 to rank 2, tag 5)": used in

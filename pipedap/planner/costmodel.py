@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,13 +46,18 @@ class FitReport:
 
 @dataclass(frozen=True)
 class CostModel:
-    """α-β fits of rs, ag and ar for `world_size` workers on `hosts` (empty: unspecified)."""
+    """α-β fits of rs, ag and ar for `world_size` workers on `hosts` (empty: unspecified).
+
+    `algorithms`, where measured, is the comm core's choice of ring or MPI per kind and size that the fits
+    describe (pipedap.algorithms): ``{"allgather": ((0, "mpi"), (65537, "ring")), ...}``.
+    """
 
     world_size: int
     rs: AlphaBeta
     ag: AlphaBeta
     ar: AlphaBeta
     hosts: tuple[str, ...] = ()
+    algorithms: Mapping[str, tuple[tuple[int, str], ...]] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -76,6 +81,8 @@ class CostModel:
             "world_size": self.world_size,
             "hosts": list(self.hosts),
             **{kind: {"a": self.of(kind).a, "b": self.of(kind).b} for kind in KINDS},
+            **({"algorithms": {k: [list(e) for e in v] for k, v in self.algorithms.items()}}
+               if self.algorithms is not None else {}),
         }
 
     @classmethod
@@ -83,11 +90,16 @@ class CostModel:
         """Inverse of :meth:`to_dict`; errors name the missing or malformed key."""
         try:
             lines = {kind: AlphaBeta(float(entry[kind]["a"]), float(entry[kind]["b"])) for kind in KINDS}
-            return cls(int(entry["world_size"]), hosts=tuple(entry.get("hosts", ())), **lines)
-        except (KeyError, TypeError) as err:
+            algorithms = entry.get("algorithms")
+            if algorithms is not None:
+                algorithms = {str(k): tuple((int(n), str(a)) for n, a in v) for k, v in algorithms.items()}
+            return cls(int(entry["world_size"]), hosts=tuple(entry.get("hosts", ())), algorithms=algorithms,
+                       **lines)
+        except (KeyError, TypeError, ValueError) as err:
             raise ValueError(
                 f"{where}: missing or malformed key {err}; each entry needs world_size and "
-                f"rs/ag/ar objects with numeric 'a' and 'b'"
+                f"rs/ag/ar objects with numeric 'a' and 'b' (and optionally 'algorithms': "
+                f"{{kind: [[min_bytes, 'ring' or 'mpi'], ...]}})"
             ) from None
 
 
@@ -149,13 +161,15 @@ def fit(
     samples: Mapping[str, Sequence[tuple[float, float]]],
     world_size: int,
     hosts: Iterable[str] = (),
+    algorithms: Mapping[str, tuple[tuple[int, str], ...]] | None = None,
 ) -> tuple[CostModel, dict[str, FitReport]]:
     """Fit rs, ag and ar from per-primitive (bytes, seconds) samples; also returns residuals."""
     missing = [kind for kind in KINDS if kind not in samples]
     if missing:
         raise ValueError(f"no samples for {missing}; need samples for each of {KINDS}")
     fitted = {kind: fit_line(samples[kind]) for kind in KINDS}
-    model = CostModel(world_size, hosts=tuple(sorted(hosts)), **{k: v[0] for k, v in fitted.items()})
+    model = CostModel(world_size, hosts=tuple(sorted(hosts)), algorithms=algorithms,
+                      **{k: v[0] for k, v in fitted.items()})
     return model, {kind: fitted[kind][1] for kind in KINDS}
 
 

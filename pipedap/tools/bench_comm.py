@@ -8,6 +8,11 @@ Prints an nccl-tests-style table (size, op, time, algbw, busbw) for both
 libraries and their busbw ratio, then the per-operation overhead of a 4-byte
 all-reduce. busbw = algbw * (n-1)/n for reduce-scatter and all-gather and
 2(n-1)/n for all-reduce, where algbw = buffer bytes / time.
+
+``--choose`` first installs the measured choice of ring or MPI per size
+(``pipedap.algorithms``; measured with the cost model, or loaded from its cache);
+``--each-algorithm`` also times the comm core forced to each, so the table shows
+what ``auto`` gains: its time over the faster of the two.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 import torch
 
 import pipedap
-from pipedap import engine, settings
+from pipedap import algorithms, engine, settings
 from pipedap.units import parse_size
 
 OPS = ("reducescatter", "allgather", "allreduce")
@@ -51,8 +56,9 @@ class Buffers:
         return make(*args)
 
 
-def time_pipedap(buffers: Buffers, op: str, iters: int) -> float:
+def time_pipedap(buffers: Buffers, op: str, iters: int, algorithm: str = "auto") -> float:
     collective = buffers.pipedap_collective(op)
+    collective.spec.algorithm = algorithm
     for _ in range(2):
         engine.submit([collective]).wait()
     pipedap.barrier()
@@ -96,6 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds to spend per (size, op, library)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
     parser.add_argument("--json", help="write the results to this JSON file")
+    parser.add_argument("--choose", action="store_true",
+                        help="first install the measured choice of ring or MPI (pipedap.choose_algorithms)")
+    parser.add_argument("--each-algorithm", action="store_true",
+                        help="also time the comm core forced to the ring and to MPI's collectives")
     args = parser.parse_args(argv)
 
     pipedap.init()
@@ -105,31 +115,47 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     ops = args.ops.split(",")
     say = print if rank == 0 else (lambda *a, **k: None)
-    say(f"# pipedap.tools.bench_comm: {world} ranks, {len(sizes)} sizes x {len(ops)} ops x 2 libraries, "
-        f"about {len(sizes) * len(ops) * 2 * args.repeats * args.min_time:.0f} s")
+    table = None
+    if args.choose:
+        say("# choosing ring or MPI per size (cost model: loaded from its cache, or measured, about 1 min)")
+        table = algorithms.choose_algorithms()
+        say(f"# auto: {algorithms.describe(table) if table else 'ring from PIPEDAP_RING_MIN_BYTES'}")
+    forced = ("ring", "mpi") if args.each_algorithm else ()
+    libraries = ["pipedap", *(f"pipedap_{a}" for a in forced), "mpi4py"]
+    say(f"# pipedap.tools.bench_comm: {world} ranks, {len(sizes)} sizes x {len(ops)} ops x {len(libraries)} "
+        f"libraries, about {len(sizes) * len(ops) * len(libraries) * args.repeats * args.min_time:.0f} s")
     say(f"# {'size':>10} {'op':>14} | {'pipedap us':>11} {'algbw':>7} {'busbw':>7} | "
-        f"{'mpi4py us':>11} {'algbw':>7} {'busbw':>7} | busbw ratio")
+        f"{'mpi4py us':>11} {'algbw':>7} {'busbw':>7} | busbw ratio"
+        + (" | ring us, mpi us | auto / faster" if forced else ""))
     rows = []
     for nbytes in sizes:
         for op in ops:
             buffers = Buffers(op, nbytes, world)
             probe = agreed_time(time_mpi4py(buffers, op, 3, MPI.COMM_WORLD), MPI.COMM_WORLD)
             iters = max(3, min(10_000, int(args.min_time / max(probe, 1e-7))))
-            times = {"pipedap": [], "mpi4py": []}
-            for _ in range(args.repeats):  # alternate, so drift hits both alike
-                times["pipedap"].append(agreed_time(time_pipedap(buffers, op, iters), MPI.COMM_WORLD))
-                times["mpi4py"].append(agreed_time(time_mpi4py(buffers, op, iters, MPI.COMM_WORLD), MPI.COMM_WORLD))
-            row = {"bytes": buffers.nbytes, "op": op, "iters": iters}
+            times = {lib: [] for lib in libraries}
+            for _ in range(args.repeats):  # alternate, so drift hits all alike
+                for lib in libraries:
+                    seconds = (time_mpi4py(buffers, op, iters, MPI.COMM_WORLD) if lib == "mpi4py" else
+                               time_pipedap(buffers, op, iters, lib.removeprefix("pipedap_")
+                                            if lib != "pipedap" else "auto"))
+                    times[lib].append(agreed_time(seconds, MPI.COMM_WORLD))
+            row = {"bytes": buffers.nbytes, "op": op, "iters": iters, "auto_runs": engine.algorithm_for(op, buffers.nbytes)}
             for lib in times:
                 t = statistics.median(times[lib])
                 algbw = buffers.nbytes / t / 1e9
                 row[lib] = {"time_us": t * 1e6, "algbw_GBps": algbw, "busbw_GBps": algbw * bus_factor(op, world)}
             row["busbw_ratio"] = row["pipedap"]["busbw_GBps"] / row["mpi4py"]["busbw_GBps"]
+            if forced:
+                faster = min(row[f"pipedap_{a}"]["time_us"] for a in forced)
+                row["auto_over_faster"] = faster / row["pipedap"]["time_us"]
             rows.append(row)
             p, m = row["pipedap"], row["mpi4py"]
             say(f"  {buffers.nbytes:>10} {op:>14} | {p['time_us']:>11.1f} {p['algbw_GBps']:>7.3f} "
                 f"{p['busbw_GBps']:>7.3f} | {m['time_us']:>11.1f} {m['algbw_GBps']:>7.3f} {m['busbw_GBps']:>7.3f} "
-                f"| {row['busbw_ratio']:.3f}")
+                f"| {row['busbw_ratio']:.3f}"
+                + (f" | {row['pipedap_ring']['time_us']:.1f}, {row['pipedap_mpi']['time_us']:.1f} | "
+                   f"{row['auto_over_faster']:.3f} ({row['auto_runs']})" if forced else ""))
 
     small = Buffers("allreduce", 4, world)
     overhead = {
@@ -145,9 +171,13 @@ def main(argv: list[str] | None = None) -> dict:
     if large:
         say(f"# busbw ratio pipedap/mpi4py for >= 4 MB: min {min(large):.3f}, "
             f"geometric mean {float(np.exp(np.mean(np.log(large)))):.3f}")
+    if forced:
+        worst = min(rows, key=lambda r: r["auto_over_faster"])
+        say(f"# auto over the faster of ring and MPI: min {worst['auto_over_faster']:.3f} "
+            f"({worst['op']} {worst['bytes']} B)")
     result = {"world_size": world, "rows": rows, "overhead_4B_allreduce": overhead,
               "mpi_library": MPI.Get_library_version().splitlines()[0],
-              "algorithm": settings.get("PIPEDAP_ALGORITHM")}
+              "algorithm": settings.get("PIPEDAP_ALGORITHM"), "algorithm_table": table}
     if rank == 0 and args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
