@@ -30,7 +30,7 @@ log = logging.getLogger("pipedap")
 
 KINDS = {"rs": "reducescatter", "ag": "allgather", "ar": "allreduce"}  # cost-model key -> engine kind
 ALGORITHMS = ("ring", "mpi")
-TIE = 0.10  # within 10%: keep the static default (ring from PIPEDAP_RING_MIN_BYTES), so noise does not flip it
+TIE = 0.05  # within 5%: keep the static default (ring from PIPEDAP_RING_MIN_BYTES), so noise does not flip it
 PRUNE_AFTER = 2  # stop timing an algorithm after it lost at this many sizes in a row by more than PRUNE_MARGIN
 PRUNE_MARGIN = 0.25
 

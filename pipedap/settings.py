@@ -119,7 +119,7 @@ _DECLARED = [
             "once installed by `pipedap.choose_algorithms()`; until then: ring from "
             "`PIPEDAP_RING_MIN_BYTES`)", "engine", choices=("auto", "ring", "mpi")),
     Setting("PIPEDAP_RING_MIN_BYTES", "int", "65536", "with `auto` and no measured choice: smallest operation "
-            "(bytes) that uses the ring; the measurement keeps this rule where the two are within 10%", "engine"),
+            "(bytes) that uses the ring; the measurement keeps this rule where the two are within 5%", "engine"),
     Setting("PIPEDAP_SEGMENT_BYTES", "int", "1048576", "reduce-scatter message segment in bytes (received "
             "segments are reduced while the next arrive)", "engine", minimum=8),
     Setting("PIPEDAP_MESSAGE_BYTES", "int", "2097152", "largest other ring message in bytes (kept under "
