@@ -18,9 +18,12 @@ three phases of one job:
 It runs the job once per polling mode, modes alternating round by round, each
 mode set through the comm core's environment variables:
 
-* default: spin 500 us, then sleep with back-off up to 200 us (the shipped setting);
-* busy:    never sleep (``PIPEDAP_POLL_MAX_SLEEP_US=0``), like ``MPI_Waitall``;
-* lazy:    no spin, sleep up to 1 ms.
+* default:    spin 500 us, then sleep with back-off up to 200 us; while only other ranks
+              are awaited, up to 10% of the time waited (at most 2 ms; the shipped setting);
+* impatient:  the same without the patient sleeps (``PIPEDAP_POLL_PATIENCE=0``: the
+              default before [Note: patient waits] in comm_core/src/mpi_util.h);
+* busy:       never sleep (``PIPEDAP_POLL_MAX_SLEEP_US=0``), like ``MPI_Waitall``;
+* lazy:       no spin, sleep up to 1 ms.
 
 It prints, per mode, the slowdown of compute in each phase and the CPU time per
 100 MB moved each way, and writes everything as JSON. ``--worker`` is the MPI
@@ -45,10 +48,11 @@ from pipedap.units import parse_rate_bps
 
 MODES = {
     "default": {},
+    "impatient": {"PIPEDAP_POLL_PATIENCE": "0"},
     "busy": {"PIPEDAP_POLL_MAX_SLEEP_US": "0"},
     "lazy": {"PIPEDAP_POLL_SPIN_US": "0", "PIPEDAP_POLL_MAX_SLEEP_US": "1000"},
 }
-POLL_VARS = ("PIPEDAP_POLL_SPIN_US", "PIPEDAP_POLL_MAX_SLEEP_US")
+POLL_VARS = ("PIPEDAP_POLL_SPIN_US", "PIPEDAP_POLL_MAX_SLEEP_US", "PIPEDAP_POLL_PATIENCE")
 REPO = Path(__file__).resolve().parent.parent
 
 

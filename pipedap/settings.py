@@ -128,6 +128,9 @@ _DECLARED = [
             "before it starts to sleep", "engine"),
     Setting("PIPEDAP_POLL_MAX_SLEEP_US", "int", "200", "longest sleep between polls (0: busy-poll, which takes "
             "a core away from compute)", "engine"),
+    Setting("PIPEDAP_POLL_PATIENCE", "float", "0.1", "while only other ranks are awaited (they have not "
+            "submitted the operation yet, or a barrier), a sleep between polls may grow to this fraction of the "
+            "time waited, up to 2 ms (0: never beyond `PIPEDAP_POLL_MAX_SLEEP_US`)", "engine"),
     Setting("PIPEDAP_STALL_SECONDS", "float", "60", "report an operation unfinished after this long (which, "
             "since when, likely causes); 0 disables", "engine"),
     Setting("PIPEDAP_TIMEOUT_SECONDS", "float", "600", "abort the whole job with a message when an operation "
@@ -187,7 +190,7 @@ ENVS_CONF: dict[str, Setting] = {s.name: s for s in [
 
 # engine_config() keys: the name without PIPEDAP_, in lower case
 ENGINE_CONFIG = ("PIPEDAP_ALGORITHM", "PIPEDAP_RING_MIN_BYTES", "PIPEDAP_SEGMENT_BYTES", "PIPEDAP_MESSAGE_BYTES",
-                 "PIPEDAP_POLL_SPIN_US", "PIPEDAP_POLL_MAX_SLEEP_US", "PIPEDAP_STALL_SECONDS",
+                 "PIPEDAP_POLL_SPIN_US", "PIPEDAP_POLL_MAX_SLEEP_US", "PIPEDAP_POLL_PATIENCE", "PIPEDAP_STALL_SECONDS",
                  "PIPEDAP_TIMEOUT_SECONDS")
 
 # set by MPI launchers (Open MPI, MPICH, PMIx): the rank before MPI is initialised

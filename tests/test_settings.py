@@ -88,11 +88,12 @@ def test_good_values_parse_to_the_right_type(name, value, expected):
 def test_engine_config_defaults_and_overrides():
     assert settings.engine_config({}) == {
         "algorithm": "auto", "ring_min_bytes": 65536, "segment_bytes": 1048576, "message_bytes": 2097152,
-        "poll_spin_us": 500, "poll_max_sleep_us": 200, "stall_seconds": 60.0, "timeout_seconds": 600.0}
+        "poll_spin_us": 500, "poll_max_sleep_us": 200, "poll_patience": 0.1, "stall_seconds": 60.0,
+        "timeout_seconds": 600.0}
     config = settings.engine_config({"PIPEDAP_ALGORITHM": "ring", "PIPEDAP_TIMEOUT_SECONDS": "0",
                                      "PIPEDAP_SEGMENT_BYTES": "4096"})
     assert (config["algorithm"], config["timeout_seconds"], config["segment_bytes"]) == ("ring", 0.0, 4096)
-    assert [type(v) for v in config.values()] == [str, int, int, int, int, int, float, float]
+    assert [type(v) for v in config.values()] == [str, int, int, int, int, int, float, float, float]
 
 
 def test_every_declaration_is_consistent():

@@ -1,8 +1,9 @@
 // pybind11 module pipedap._comm_core: the raw-buffer API that pipedap/comm.py wraps.
 // Every call that may wait releases the GIL.
 #include <pybind11/pybind11.h>
-#include <algorithm>
 #include <pybind11/stl.h>
+
+#include <algorithm>
 
 #include "engine.h"
 
@@ -81,6 +82,8 @@ EngineConfig engine_config(const py::dict& values) {
       c.host.poll.spin_us = v.cast<int>();
     } else if (key == "poll_max_sleep_us") {
       c.host.poll.max_sleep_us = v.cast<int>();
+    } else if (key == "poll_patience") {
+      c.host.poll.patience = v.cast<double>();
     } else if (key == "stall_seconds") {
       c.stall_seconds = v.cast<double>();
     } else if (key == "timeout_seconds") {

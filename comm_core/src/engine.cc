@@ -217,7 +217,7 @@ void Engine::validate(const std::vector<OpSpec>& ops, const ProcessSet& set) con
     if ((op.device >= 0) != (ops.front().device >= 0) || (op.device >= 0 && op.device != ops.front().device)) {
       throw std::invalid_argument(what() + "a group must be all host memory or all on one CUDA device");
     }
-    if (op.algorithm != Algorithm::kAuto && (AlgorithmTable{}.of(op.kind) == nullptr || op.device >= 0)) {
+    if (op.algorithm != Algorithm::kAuto && !has_algorithm_choice(op)) {
       throw std::invalid_argument(what() + "algorithm='" + algorithm_name(op.algorithm) +
                                   "' applies to host reducescatter, allgather and allreduce only");
     }
@@ -525,8 +525,9 @@ void Engine::run_loop() {
           continue;
         }
         // Wait for a submission; with transfers or barriers outstanding, poll them meanwhile.
-        const auto wait = std::chrono::microseconds(transfers || !meetings_.empty() ? backoff.next_sleep_us()
-                                                                                    : config_.host.poll.idle_interval_us);
+        const auto wait = std::chrono::microseconds(transfers || !meetings_.empty()
+                                                        ? backoff.next_sleep_us(/*patient=*/!transfers)
+                                                        : config_.host.poll.idle_interval_us);
         cv_.wait_for(lock, wait, [this] { return !queue_.empty() || new_meeting_; });
         if (!queue_.empty()) break;
         new_meeting_ = false;
@@ -600,7 +601,7 @@ std::string Engine::await_agreement(Agreement& agreement, const ProcessSet& set)
              " shut down (pipedap.shutdown() or the end of the script) without submitting it: the ranks ran "
              "different numbers of collectives (with uneven data, let ranks that run out call join())";
     }
-    sleep_us(backoff.next_sleep_us());
+    sleep_us(backoff.next_sleep_us(/*patient=*/p2p_->idle()));  // only the others' fingerprints are awaited
   }
   return "";
 }

@@ -342,17 +342,22 @@ const std::vector<AlgorithmTable::From>* AlgorithmTable::of(OpKind kind) const {
   }
 }
 
+bool has_algorithm_choice(const OpSpec& op) {
+  return op.device < 0 &&
+         (op.kind == OpKind::kReduceScatter || op.kind == OpKind::kAllGather || op.kind == OpKind::kAllReduce);
+}
+
 Algorithm choose_algorithm(const OpSpec& op, const HostCollectiveConfig& cfg, const AlgorithmTable* table) {
-  const AlgorithmTable empty;
-  const std::vector<AlgorithmTable::From>* entries = (table ? table : &empty)->of(op.kind);
-  if (entries == nullptr || op.device >= 0) return Algorithm::kAuto;
+  if (!has_algorithm_choice(op)) return Algorithm::kAuto;
   if (op.algorithm != Algorithm::kAuto) return op.algorithm;
   if (cfg.algorithm != Algorithm::kAuto) return cfg.algorithm;
   const size_t bytes = static_cast<size_t>(op.total_count()) * dtype_size(op.dtype);
-  if (entries->empty()) return bytes >= cfg.ring_min_bytes ? Algorithm::kRing : Algorithm::kMpi;
-  Algorithm chosen = entries->front().algorithm;
-  for (const auto& from : *entries) {
-    if (bytes >= from.min_bytes) chosen = from.algorithm;
+  if (table == nullptr || table->of(op.kind)->empty()) {
+    return bytes >= cfg.ring_min_bytes ? Algorithm::kRing : Algorithm::kMpi;
+  }
+  Algorithm chosen = Algorithm::kAuto;
+  for (const auto& from : *table->of(op.kind)) {
+    if (bytes >= from.min_bytes) chosen = from.algorithm;  // the first entry starts at 0 (validate_table)
   }
   return chosen;
 }
@@ -394,8 +399,7 @@ void run_host_group(const Communicator& c, const std::vector<OpSpec>& ops, const
   std::vector<NativeCall> native;
   native.reserve(ops.size());
   for (const OpSpec& op : ops) {
-    const bool has_choice = AlgorithmTable{}.of(op.kind) != nullptr;
-    if (has_choice && op.algorithm == Algorithm::kAuto) {  // Engine::submit resolves it (choose_algorithm)
+    if (has_algorithm_choice(op) && op.algorithm == Algorithm::kAuto) {  // Engine::submit resolves it
       throw CommError("internal: " + op.describe() + " reached the engine thread without an algorithm");
     }
     if (op.algorithm == Algorithm::kRing) {

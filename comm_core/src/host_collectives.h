@@ -87,6 +87,9 @@ void run_host_group(const Communicator& c, const std::vector<OpSpec>& ops, const
 // 1 GiB (an int count of bytes). Point-to-point data uses it too (p2p.h).
 size_t message_segment_bytes(const HostCollectiveConfig& cfg);
 
+// Whether `op` has a choice of algorithm: a reduce-scatter, all-gather or all-reduce on host memory.
+bool has_algorithm_choice(const OpSpec& op);
+
 // The algorithm of a host rs / ag / ar: its own if set, else PIPEDAP_ALGORITHM if
 // not auto, else `table`'s for its size (null or empty: ring from ring_min_bytes).
 // Other kinds: kAuto (they have one algorithm).

@@ -39,14 +39,21 @@ void sleep_us(int us) {
 }
 
 void Backoff::progressed() {
-  spin_until_us_ = now_us() + policy_.spin_us;
+  progressed_us_ = now_us();
+  spin_until_us_ = progressed_us_ + policy_.spin_us;
   sleep_us_ = 1;
 }
 
-int Backoff::next_sleep_us() {
-  if (policy_.max_sleep_us <= 0 || now_us() < spin_until_us_) return 0;
-  const int us = sleep_us_;
-  sleep_us_ = std::min(sleep_us_ * 2, policy_.max_sleep_us);
+int Backoff::next_sleep_us(bool patient) {
+  const int64_t now = now_us();
+  if (policy_.max_sleep_us <= 0 || now < spin_until_us_) return 0;
+  int cap = policy_.max_sleep_us;
+  if (patient && policy_.patience > 0) {
+    const double waited_us = static_cast<double>(now - progressed_us_);
+    cap = std::max(cap, static_cast<int>(std::min<double>(kPatientMaxSleepUs, policy_.patience * waited_us)));
+  }
+  const int us = std::min(sleep_us_, cap);
+  sleep_us_ = std::min(sleep_us_ * 2, cap);
   return us;
 }
 

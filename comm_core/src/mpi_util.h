@@ -34,9 +34,19 @@ void free_user_ops();    // before MPI_Finalize
 // answers other ranks' status questions there, see status.h), and `progress`
 // on every round (the engine advances its outstanding point-to-point
 // transfers there, see p2p.h: a collective's wait must not hold them up).
+//
+// [Note: patient waits]
+// Waiting for other ranks to submit (an agreement, a barrier) with nothing of
+// this rank's on the wire needs no progress calls to keep a link busy, only
+// to notice the others' arrival. There a sleep may grow beyond max_sleep_us
+// to `patience` times the time waited so far (at most kPatientMaxSleepUs), so
+// a rank that waits 20 ms for a slower peer wakes 500 times a second instead
+// of 5000, and notices the peer at most 10% of its wait later.
+constexpr int kPatientMaxSleepUs = 2000;
 struct PollPolicy {
   int spin_us = 500;  // covers a small collective's round trips over TCP
   int max_sleep_us = 200;  // 0: busy-poll (never sleep)
+  double patience = 0.1;  // PIPEDAP_POLL_PATIENCE ([Note: patient waits]); 0: never beyond max_sleep_us
   std::function<void()> on_idle;
   int idle_interval_us = 20000;
   std::function<void()> progress;  // must never wait
@@ -48,10 +58,13 @@ class Backoff {
  public:
   explicit Backoff(const PollPolicy& policy) : policy_(policy) { progressed(); }
   void progressed();  // something completed: spin again
-  int next_sleep_us();  // how long to sleep before the next poll (0: none); advances the back-off
+  // How long to sleep before the next poll (0: none); advances the back-off.
+  // `patient`: nothing of this rank's is in flight ([Note: patient waits]).
+  int next_sleep_us(bool patient = false);
 
  private:
   const PollPolicy& policy_;
+  int64_t progressed_us_ = 0;
   int64_t spin_until_us_ = 0;
   int sleep_us_ = 1;
 };
