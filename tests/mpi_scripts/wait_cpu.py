@@ -28,5 +28,5 @@ def timed(what, call):
 
 
 for k in range(3):
-    timed("allreduce", lambda: pipedap.allreduce(x, name=f"late.{k}"))
+    timed("allreduce", lambda name=f"late.{k}": pipedap.allreduce(x, name=name))
     timed("barrier", pipedap.barrier)
