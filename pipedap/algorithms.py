@@ -146,13 +146,11 @@ def measure(sizes: Sequence[int], repeats: int = 5, process_set: ProcessSet = gl
 def install(table: Table | None, process_set: ProcessSet = global_process_set) -> None:
     """Give every rank the table on the set's first rank (None: none), between the same two submissions.
 
-    Only a table measured on the whole world is installed: the engine applies one table to every process
-    set, and the ranks outside a smaller set would not install it with the others.
+    Collective on the set. Only a table measured on the whole world is installed: the engine applies one
+    table to every process set, and the ranks outside a smaller set would not install it with the others.
+    The table travels even where PIPEDAP_ALGORITHM is not auto (and is then not installed), so that ranks
+    with different settings still submit the same operations; their first disagreeing operation fails.
     """
-    if settings.get("PIPEDAP_ALGORITHM") != "auto":
-        log.info("PIPEDAP_ALGORITHM=%s: the measured choice of algorithm is not used",
-                 settings.get("PIPEDAP_ALGORITHM"))
-        return
     if process_set.size() != engine.size():
         log.info("the algorithm choice measured on %s is not installed (it would apply to the whole world)",
                  process_set)
@@ -160,6 +158,10 @@ def install(table: Table | None, process_set: ProcessSet = global_process_set) -
     root = process_set.ranks[0]
     doc = comm.broadcast_object({k: [list(e) for e in v] for k, v in table.items()} if table is not None else None,
                                 root, name="algorithms.table", process_set=process_set)
+    forced = settings.get("PIPEDAP_ALGORITHM")
+    if forced != "auto":
+        log.info("PIPEDAP_ALGORITHM=%s: the measured choice of algorithm is not used", forced)
+        return
     engine.set_algorithm_table(None if doc is None else {k: [tuple(e) for e in v] for k, v in doc.items()})
     log.info("collective algorithms: %s", describe(doc) if doc else "ring from PIPEDAP_RING_MIN_BYTES")
 
