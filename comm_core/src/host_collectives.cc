@@ -51,6 +51,7 @@ class RingOp {
   virtual ~RingOp() = default;
   virtual int num_steps() const = 0;
   virtual Transfer step(int s) = 0;
+  virtual void while_in_flight(int /*s*/) {}  // local work that overlaps step s's messages
   virtual void finish() {}
 };
 
@@ -98,29 +99,46 @@ class RingReduceScatter : public RingOp {
 };
 
 // At step s rank r forwards block r-s (its own at s = 0) and receives block r-s-1.
+// Out of place, the own block is sent from the input at step 0 and copied into
+// the output while that step's messages travel (a 2 MB copy took as long as half
+// the transfer on shared memory); an input that overlaps the output is copied first.
 class RingAllGather : public RingOp {
  public:
   RingAllGather(const Communicator& c, const OpSpec& op, const char* in, char* out, std::vector<int64_t> counts)
-      : r_(c.rank), p_(c.size), out_(out), blocks_(std::move(counts), dtype_size(op.dtype)) {
-    char* mine = out_ + blocks_.offset(r_);
-    if (mine != in) std::memmove(mine, in, blocks_.bytes(r_));
+      : r_(c.rank), p_(c.size), in_(in), out_(out), blocks_(std::move(counts), dtype_size(op.dtype)) {
+    const size_t mine = blocks_.bytes(r_);
+    const char* out_end = out_ + blocks_.offset(p_ - 1) + blocks_.bytes(p_ - 1);
+    const bool overlaps = in_ < out_end && out_ < in_ + mine;
+    if (own_block() == in_) return;
+    if (overlaps || p_ == 1) {
+      std::memmove(own_block(), in_, mine);
+    } else {
+      copy_pending_ = true;
+    }
   }
   int num_steps() const override { return p_ - 1; }
   Transfer step(int s) override {
     const int sb = mod(r_ - s, p_);
     const int rb = mod(r_ - s - 1, p_);
     Transfer t;
-    t.send = out_ + blocks_.offset(sb);
+    t.send = s == 0 && copy_pending_ ? in_ : out_ + blocks_.offset(sb);
     t.send_bytes = blocks_.bytes(sb);
     t.recv = out_ + blocks_.offset(rb);
     t.recv_bytes = blocks_.bytes(rb);
     return t;
   }
+  void while_in_flight(int s) override {
+    if (s == 0 && copy_pending_) std::memcpy(own_block(), in_, blocks_.bytes(r_));  // no receive writes there
+    copy_pending_ = false;
+  }
 
  private:
+  char* own_block() const { return out_ + blocks_.offset(r_); }
   int r_, p_;
+  const char* in_;
   char* out_;
   Blocks blocks_;
+  bool copy_pending_ = false;
 };
 
 // Reduce-scatter into this rank's block of the output, then all-gather in place.
@@ -225,6 +243,9 @@ void run_ring(const Communicator& c, const std::vector<const OpSpec*>& ops, cons
         reduces.push_back(PendingReduce{});
       }
     }
+    for (size_t i = 0; i < rings.size(); ++i) {
+      if (s < rings[i]->num_steps()) rings[i]->while_in_flight(s);
+    }
     wait_all(requests, cfg.poll, c.rank, /*cancellable=*/true, [&](int k) {
       const PendingReduce& r = reduces[k];
       if (r.count > 0) reduce(r.op, r.dtype, r.reduce_dst, r.recv, r.addend, r.count);
@@ -278,7 +299,15 @@ void start_native(const Communicator& c, NativeCall& call, MPI_Request* req) {
         call.displs.push_back(off);
         off += n;
       }
-      const bool in_place = static_cast<char*>(out) + call.displs[c.rank] * esize == in;
+      char* own = static_cast<char*>(out) + call.displs[c.rank] * esize;
+      const size_t own_bytes = static_cast<size_t>(call.counts[c.rank]) * esize;
+      const char* in_begin = static_cast<const char*>(in);
+      const char* out_end = static_cast<char*>(out) + static_cast<size_t>(off) * esize;
+      if (own != in && in_begin < out_end && static_cast<char*>(out) < in_begin + own_bytes) {
+        std::memmove(own, in, own_bytes);  // an input inside the output: MPI forbids the aliasing
+        in = own;
+      }
+      const bool in_place = own == in;
       check_mpi(MPI_Iallgatherv(in_place ? MPI_IN_PLACE : in, call.counts[c.rank], type, out, call.counts.data(),
                                 call.displs.data(), type, c.comm, req),
                 what, c.rank);

@@ -55,6 +55,14 @@ if mode == "forced":  # each algorithm alone, and both in one group
         for kind in ("rs", "ag", "ar"):
             for n in (3, 70_000):
                 check(kind, n, run(kind, n, algorithm, f"{kind}.{n}.{algorithm}"), f"{kind} {n} {algorithm}")
+    for algorithm in ("ring", "mpi"):  # an input inside the output at another rank's block: copied before receives
+        for n in (3, 70_000):
+            out = torch.empty(n * P, dtype=torch.float64)
+            out[:n] = contribution(n, R)
+            c = engine.allgather_collective(out[:n], out, f"inside.{n}.{algorithm}")
+            c.spec.algorithm = algorithm
+            engine.submit([c]).wait()
+            check("ag", n, out, f"ag {n} {algorithm} from inside the output")
     ring = engine.allreduce_collective(contribution(5, R), torch.empty(5, dtype=torch.float64), "g.ring", engine.Sum)
     ring.spec.algorithm = "ring"
     native = engine.allreduce_collective(contribution(9, R), torch.empty(9, dtype=torch.float64), "g.mpi", engine.Sum)
