@@ -1,12 +1,15 @@
 """Ring or MPI per collective (pipedap.algorithms and the engine's table): the choice, its file, the runs."""
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 from mpi_launch import assert_ok, run_mpi
 
 from pipedap import algorithms
 from pipedap.planner import costmodel
+from pipedap.tools import bench_comm
 
 
 def samples(kind, rows):
@@ -99,3 +102,20 @@ def test_cost_model_measures_caches_and_installs_the_choice(tmp_path, algorithm)
     assert_ok(result)
     assert result.output.count("cost model and algorithms OK") == 2, result.output
     assert ("rank 0: measured reducescatter: " in result.output) == (algorithm == "auto")
+
+
+@pytest.mark.mpi
+def test_bench_comm_shows_each_algorithm_and_auto_choice(tmp_path):
+    out = tmp_path / "comm.json"
+    result = run_mpi(str(Path(bench_comm.__file__)), 2, "--sizes", "4k,256k", "--ops", "allgather,allreduce",
+                     "--min-time", "0.01", "--repeats", "1", "--choose", "--each-algorithm", "--json", str(out),
+                     env={"PIPEDAP_CACHE_DIR": str(tmp_path / "cache")}, timeout=240)
+    assert_ok(result)
+    assert "# auto: reducescatter: " in result.output
+    doc = json.loads(out.read_text())
+    assert set(doc["algorithm_table"]) == {"reducescatter", "allgather", "allreduce"}
+    for row in doc["rows"]:
+        assert row["auto_runs"] in ("ring", "mpi")
+        assert {"pipedap", "pipedap_ring", "pipedap_mpi", "mpi4py"} <= set(row)
+        # the figure compares auto's choice with the faster of the two, timed in the same run
+        assert 0 < row["choice_over_faster"] <= 1.0
