@@ -50,6 +50,10 @@ class CostModel:
 
     `algorithms`, where measured, is the comm core's choice of ring or MPI per kind and size that the fits
     describe (pipedap.algorithms): ``{"allgather": ((0, "mpi"), (65537, "ring")), ...}``.
+
+    `interference` (κ, seconds per byte) is how much compute slows while the link moves bytes: beside
+    a transfer of r bytes per second, compute takes ``1 + κ r`` times as long (pipedap.interference
+    measures it; the simulator charges it, [Note: interference] in pipedap.planner.simulator).
     """
 
     world_size: int
@@ -58,8 +62,12 @@ class CostModel:
     ar: AlphaBeta
     hosts: tuple[str, ...] = ()
     algorithms: Mapping[str, tuple[tuple[int, str], ...]] | None = field(default=None, compare=False)
+    interference: float = 0.0
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.interference) or self.interference < 0:
+            raise ValueError(f"cost model interference = {self.interference}: must be finite and >= 0 "
+                             "(seconds of compute slow-down per byte per second moved; 0 = none)")
         if self.world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {self.world_size}")
         for kind in KINDS:
@@ -83,6 +91,7 @@ class CostModel:
             **{kind: {"a": self.of(kind).a, "b": self.of(kind).b} for kind in KINDS},
             **({"algorithms": {k: [list(e) for e in v] for k, v in self.algorithms.items()}}
                if self.algorithms is not None else {}),
+            **({"interference": self.interference} if self.interference else {}),
         }
 
     @classmethod
@@ -94,12 +103,12 @@ class CostModel:
             if algorithms is not None:
                 algorithms = {str(k): tuple((int(n), str(a)) for n, a in v) for k, v in algorithms.items()}
             return cls(int(entry["world_size"]), hosts=tuple(entry.get("hosts", ())), algorithms=algorithms,
-                       **lines)
+                       interference=float(entry.get("interference", 0.0)), **lines)
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(
                 f"{where}: missing or malformed key {err}; each entry needs world_size and "
                 f"rs/ag/ar objects with numeric 'a' and 'b' (and optionally 'algorithms': "
-                f"{{kind: [[min_bytes, 'ring' or 'mpi'], ...]}})"
+                f"{{kind: [[min_bytes, 'ring' or 'mpi'], ...]}} and a number 'interference')"
             ) from None
 
 

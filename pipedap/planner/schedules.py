@@ -6,6 +6,8 @@
 * :func:`pipedap`: the paper's greedy, moving AGs from the forward phase into backward.
 * :func:`optimal`: the exact optimum over the greedy's decision space (DP with dominance
   pruning, seeded with the greedy); :func:`exhaustive` enumerates that space (test oracle).
+  Under interference (a cost model with ``interference`` > 0) the DP's best candidates are
+  re-timed and polished by local search instead ([Note: planning under interference]).
 * :func:`plan_of`: the WFBP or DeAR :class:`Plan` of a grouping without simulation (what
   the runtime runs when it is given no plan); the same submissions as :func:`wfbp` and
   :func:`dear`.
@@ -43,6 +45,19 @@ EXHAUSTIVE_MAX_GROUPS = 12
 # same plan.
 STATE_BUDGET = 800_000
 MIN_STATES = 64
+# [Note: planning under interference]
+# The DP's state (link free time, forward-chain term) is exact only when backward compute
+# does not depend on the schedule; with interference ([Note: interference] in .simulator)
+# the reduce-scatters slow the backward that makes later ones ready, so the Pareto pruning
+# can drop the true optimum. What stays valid: a schedule's plain time is a lower bound of
+# its interfered time, so pruning against the (interfered) incumbent drops nothing that
+# could win. The planner therefore re-times the DP's INTERFERENCE_CANDIDATES best final
+# states under interference, keeps the best, and improves it by local search (one group's
+# option changed at a time, while the interfered time drops, at most POLISH_PASSES sweeps).
+# The result is never worse than the greedy seed (itself checked under interference) and
+# says proven_optimal = False.
+INTERFERENCE_CANDIDATES = 16
+POLISH_PASSES = 2
 
 
 @dataclass(frozen=True)
@@ -219,7 +234,13 @@ def _evaluate(problem: Problem, options: Sequence[str]) -> tuple[float, list[flo
     Returns (iteration time, start and end of each group's RS submission, end of each
     group's forward). Equal to ``simulate(problem, *decoupled(options))`` (a test checks
     it) but several times faster, which keeps the greedy within the planning-time budget.
+    Under interference the two streams depend on each other, and the simulator itself answers.
     """
+    if problem.interference:
+        tl = simulate(problem, *decoupled(options))
+        rs_ops = [("rs", g) for g in range(problem.size)]
+        return (tl.iteration_time, [tl.start_of[op] for op in rs_ops], [tl.end_of[op] for op in rs_ops],
+                list(tl.forward_ends))
     size, rs, ag, ready, w = problem.size, problem.costs["rs"], problem.costs["ag"], problem.ready, problem.w
     save = problem.merge_saving
     rs_start, rs_end, done = [0.0] * size, [0.0] * size, [0.0] * size
@@ -319,17 +340,45 @@ def optimal(problem: Problem, max_states: int | None = None, seed: Schedule | No
         t, z, pending = child_t[kept], child_z[kept], child_pending[kept]
         history.append((parent[kept], option[kept]))
 
-    info = {"proven_optimal": proven, "peak_states": peak, "seeded_with": seed.name}
+    info = {"proven_optimal": proven and not problem.interference, "peak_states": peak, "seeded_with": seed.name}
     if not len(t):  # nothing can beat the seed: it is optimal (or the cap cut the better ones)
         return _renamed(seed, "optimal", info)
-    best = int(np.argmin(t + z))
-    info["dp_iteration_time"] = float(t[best] + z[best])
-    options = [FORWARD] * size
-    for g, (parents, chosen) in zip(range(size), reversed(history)):
-        options[g] = str(codes[chosen[best]])
-        best = int(parents[best])
+
+    def options_of(state: int) -> list[str]:
+        options = [FORWARD] * size
+        for g, (parents, chosen) in zip(range(size), reversed(history)):
+            options[g] = str(codes[chosen[state]])
+            state = int(parents[state])
+        return options
+
+    order = np.argsort(t + z, kind="stable")
+    info["dp_iteration_time"] = float(t[order[0]] + z[order[0]])
+    if problem.interference:  # [Note: planning under interference]
+        retimed = [from_options(problem, "optimal", options_of(int(i))) for i in order[:INTERFERENCE_CANDIDATES]]
+        options = _polish(problem, min(retimed, key=lambda s: s.iteration_time).info["options"])
+        info["interference"] = f"best of {len(retimed)} DP candidates re-timed, then local search"
+    else:
+        options = options_of(int(order[0]))
     schedule = from_options(problem, "optimal", options, **info)
     return schedule if schedule.iteration_time < incumbent else _renamed(seed, "optimal", info)
+
+
+def _polish(problem: Problem, options: str) -> list[str]:
+    """Local search: change one group's option at a time while the (interfered) iteration time drops."""
+    best, current = list(options), _evaluate(problem, options)[0]
+    for _ in range(POLISH_PASSES):
+        improved = False
+        for g in range(1, problem.size):
+            for option in (FORWARD, BEHIND, MERGED):
+                if option == best[g]:
+                    continue
+                trial = [*best[:g], option, *best[g + 1:]]
+                time = _evaluate(problem, trial)[0]
+                if time < current:
+                    best, current, improved = trial, time, True
+        if not improved:
+            break
+    return best
 
 
 def _pareto(t: np.ndarray, z: np.ndarray, pending: np.ndarray) -> np.ndarray:

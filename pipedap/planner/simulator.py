@@ -23,11 +23,25 @@ RS(g)) + u[g]``, and AG(g) cannot start before ``uend[g]``. The forward then wai
 the last update and for AG(g) only (``w[g] = tf[g]``). ``u`` is the update of this
 rank's shard (a measured sharded profile; :func:`pipedap.planner.make_plan` divides a
 whole-bucket profile's ``u`` by the world size).
+
+[Note: interference]
+Where the core that computes also drives the communication (a CPU host; on a GPU, copies and
+reduction kernels contend for SMs and memory bandwidth), compute runs slower while the link
+moves bytes. The cost model's ``interference`` κ (seconds per byte per second, i.e. the
+fractional slow-down per byte/s the link moves) says by how much: compute beside a submission
+of M bytes lasting T seconds runs at ``1 / (1 + κ M / T)`` of its speed (an all-reduce moves
+its buffer twice, as a reduce-scatter and an all-gather). Backward then ends later, which
+delays the reduce-scatters it makes ready, which moves the link: the two streams are timed
+together by :func:`interfered`, an event simulation over the same submission order. With
+κ = 0 it gives the plain timeline (the closed-form path below, which the planners use).
+Every time under interference is at least the plain one (compute only gets slower and every
+event is a max/sum of earlier ones), so plain times are lower bounds of interfered ones.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,6 +67,7 @@ class Problem:
         self.w = [layer.tf if shard_update else layer.u + layer.tf for layer in layers]
         self.step_updates = sum(self.u) if shard_update else 0.0  # compute in step() (sharded updates)
         self.costs = {kind: [cost.of(kind).time(m) for m in self.nbytes] for kind in ("rs", "ag", "ar")}
+        self.interference = cost.interference  # [Note: interference]
         self.startup = {kind: cost.of(kind).a for kind in ("rs", "ag", "ar")}
         # What merging an AG into an RS submission saves: the smaller of the two start-ups.
         self.merge_saving = min(self.startup["rs"], self.startup["ag"])
@@ -74,6 +89,10 @@ class Problem:
             startups = [self.startup[kind] for kind, _ in sub]
             total -= sum(startups) - max(startups)
         return total
+
+    def moved_bytes(self, sub: Submission) -> float:
+        """Bytes a submission moves, for [Note: interference]: an all-reduce counts its buffer twice."""
+        return sum(self.nbytes[g] * (2 if kind == "ar" else 1) for kind, g in sub)
 
     def compute_bound(self) -> float:
         """Backward plus update plus forward: no schedule can beat the compute alone."""
@@ -127,6 +146,9 @@ class Timeline:
     lower_bound: float  # for this plan: compute, or head + link busy + tail
     labels: tuple[str, ...] = ()  # optional names of the submissions (chunked schedules)
     update_end: dict[int, float] = field(default_factory=dict)  # sharded: when each update in step() ends
+    compute: tuple[tuple[str, float, float], ...] = ()  # (label, start, end) of every compute block
+    forward_ends: tuple[float, ...] = ()  # when the forward of each group ends
+    backward_end: float = 0.0
 
     @property
     def link(self) -> tuple[LinkSpan, ...]:
@@ -141,20 +163,26 @@ class Timeline:
 
     def forward_end(self, g: int) -> float:
         """When the forward of group g ends (the backward end for g = -1)."""
-        return self.problem.backward_end if g < 0 else self.forward_start[g] + self.problem.w[g]
+        return self.backward_end if g < 0 else self.forward_ends[g]
 
     def compute_spans(self) -> list[tuple[str, float, float]]:
         """(label, start, end) of every block on the compute stream, for Gantt charts."""
-        p = self.problem
-        spans = [(f"B{g}", p.ready[g] - p.tb[g], p.ready[g]) for g in reversed(range(p.size))]
-        for g, end in self.update_end.items():  # sharded: the updates run in step(), before the forward
-            spans.append((f"U{g}", end - p.u[g], end))
-        for g in range(p.size):
-            u = 0.0 if p.shard_update else p.u[g]
-            if u > 0:
-                spans.append((f"U{g}", self.forward_start[g], self.forward_start[g] + u))
-            spans.append((f"F{g}", self.forward_start[g] + u, self.forward_start[g] + p.w[g]))
-        return spans
+        return list(self.compute)
+
+
+def _compute_spans(problem: Problem, backward: Sequence[tuple[float, float]], updates: dict[int, tuple[float, float]],
+                   forward: Sequence[tuple[float, float]]) -> tuple[tuple[str, float, float], ...]:
+    """The compute stream as labelled spans: backward blocks (``backward[g]``), the sharded updates
+    in step(), then each group's forward, its update (when not sharded) first, in proportion."""
+    spans = [(f"B{g}", *backward[g]) for g in reversed(range(problem.size))]
+    spans += [(f"U{g}", *span) for g, span in updates.items()]
+    for g, (start, end) in enumerate(forward):
+        u = 0.0 if problem.shard_update else problem.u[g]
+        split = start + (end - start) * (u / problem.w[g]) if u > 0 else start
+        if u > 0:
+            spans.append((f"U{g}", start, split))
+        spans.append((f"F{g}", split, end))
+    return tuple(spans)
 
 
 def label(sub: Submission) -> str:
@@ -169,6 +197,10 @@ def simulate(
     sync_before_forward: bool = False,
 ) -> Timeline:
     """Simulate one iteration of a schedule (assumed valid: see ``plan.check_schedule``)."""
+    if problem.interference:
+        subs = (*backward, *forward)
+        return interfered(problem, subs, [problem.submission_cost(sub) for sub in subs],
+                          [problem.moved_bytes(sub) for sub in subs], sync_before_forward)
     ready, costs = problem.ready, problem.costs
     end_of: dict[Op, float] = {}
     start_of: dict[Op, float] = {}
@@ -227,15 +259,103 @@ def complete(
             t = done
         starts_fwd.append(t)
         t += problem.w[g]
-    # The tail after the last submission: forward from the earliest group it completes.
+    update_end = update_end or {}
+    forward = [(start, start + w) for start, w in zip(starts_fwd, problem.w)]
+    compute = _compute_spans(problem, [(r - tb, r) for r, tb in zip(problem.ready, problem.tb)],
+                             {g: (end - problem.u[g], end) for g, end in update_end.items()}, forward)
+    return Timeline(problem, tuple(subs), tuple(starts), tuple(ends), start_of, end_of,
+                    tuple(starts_fwd), t, _plan_bound(problem, subs, starts, ends, sync_before_forward),
+                    tuple(labels), dict(update_end), compute, tuple(end for _, end in forward), problem.backward_end)
+
+
+def _plan_bound(problem: Problem, subs: Sequence[Submission], starts: Sequence[float], ends: Sequence[float],
+                sync_before_forward: bool) -> float:
+    """This plan's lower bound: compute alone, or head + link busy + the forward after the last submission."""
     if sync_before_forward:
         first_completed = 0
-    else:
+    else:  # the tail after the last submission: forward from the earliest group it completes
         first_completed = min((g for kind, g in subs[-1] if kind != "rs"), default=problem.size - 1)
     busy = sum(ends) - sum(starts)
-    bound = max(problem.compute_bound(), problem.tb[-1] + busy + problem.tail[first_completed])
+    return max(problem.compute_bound(), problem.tb[-1] + busy + problem.tail[first_completed])
+
+
+def interfered(problem: Problem, subs: Sequence[Submission], durations: Sequence[float], moved: Sequence[float],
+               sync_before_forward: bool, labels: Sequence[str] = ()) -> Timeline:
+    """The timeline of `subs` (in link order, lasting `durations`, moving `moved` bytes) with compute
+    slowed while the link runs ([Note: interference]): the two streams simulated event by event.
+
+    The compute stream runs backward (G-1 .. 0), the sharded updates of step() (in the order of the
+    forward submissions' all-gathers), then the forward (0 .. G-1); the link runs `subs` in order.
+    Each block starts when its stream is free and its input exists: RS/AR(g) the backward of g,
+    AG(g) the RS of g (sharded: the update of g); the forward of g all of g's AG/AR (WFBP: every
+    submission). Between two events the speed of compute is constant.
+    """
+    size, kappa = problem.size, problem.interference
+    blocks: list[tuple[tuple[str, int], float, object]] = [(("B", g), problem.tb[g], None) for g in reversed(range(size))]
+    if problem.shard_update:
+        blocks += [(("U", g), problem.u[g], ("rs", g)) for sub in subs for kind, g in sub if kind == "ag"]
+    last_needs: dict[Op, int] = {}  # an op's AR chunks: it is done when its last submission ends
+    for i, sub in enumerate(subs):
+        for op in sub:
+            last_needs[op] = i
+    for g in range(size):
+        done = ("ag", g) if ("ag", g) in last_needs else ("ar", g)
+        blocks.append((("F", g), problem.w[g], "all" if sync_before_forward else done))
+    slowdown = [1.0 + kappa * m / d if d > 0 else 1.0 for m, d in zip(moved, durations)]
+
+    ended: dict[object, float] = {}  # ("B", g), ("U", g), ("F", g) and ops -> end time
+    span: dict[tuple[str, int], tuple[float, float]] = {}
+    starts, ends = [0.0] * len(subs), [0.0] * len(subs)
+    start_of: dict[Op, float] = {}
+
+    def link_can_start(i: int) -> bool:
+        for kind, g in subs[i]:
+            need = ("B", g) if kind != "ag" else ("U", g) if problem.shard_update else ("rs", g)
+            if need not in ended:
+                return False
+        return True
+
+    now, c, left, c_start, li, link_end = 0.0, 0, None, 0.0, 0, None
+    while c < len(blocks) or li < len(subs):
+        if left is None and c < len(blocks):
+            need = blocks[c][2]
+            if need is None or (need == "all" and li == len(subs)) or (need != "all" and need in ended):
+                left, c_start = blocks[c][1], now
+        if link_end is None and li < len(subs) and link_can_start(li):
+            starts[li], link_end = now, now + durations[li]
+            for op in subs[li]:
+                start_of.setdefault(op, now)
+        rate = 1.0 / slowdown[li] if link_end is not None else 1.0
+        compute_end = now + left / rate if left is not None else math.inf
+        nxt = min(compute_end, link_end if link_end is not None else math.inf)
+        if nxt == math.inf:
+            raise ValueError(f"schedule deadlocks: {blocks[c][0] if c < len(blocks) else 'nothing'} and "
+                             f"submission {label(subs[li]) if li < len(subs) else 'none'} wait for each other")
+        if link_end is not None and link_end == nxt:
+            ends[li] = nxt
+            for op in subs[li]:
+                if last_needs[op] == li:
+                    ended[op] = nxt
+            li, link_end = li + 1, None
+        if left is not None:
+            if compute_end == nxt:
+                ended[blocks[c][0]] = nxt
+                span[blocks[c][0]] = (c_start, nxt)
+                c, left = c + 1, None
+            else:
+                left -= (nxt - now) * rate
+        now = nxt
+
+    end_of = {op: ended[op] for op in last_needs}
+    forward = [span[("F", g)] for g in range(size)]
+    updates = {g: span[("U", g)] for kind, g in (op for sub in subs for op in sub)
+               if kind == "ag" and problem.shard_update}
+    compute = _compute_spans(problem, [span[("B", g)] for g in range(size)], updates, forward)
     return Timeline(problem, tuple(subs), tuple(starts), tuple(ends), start_of, end_of,
-                    tuple(starts_fwd), t, bound, tuple(labels), dict(update_end or {}))
+                    tuple(start for start, _ in forward), forward[-1][1],
+                    _plan_bound(problem, subs, starts, ends, sync_before_forward), tuple(labels),
+                    {g: end for g, (_, end) in updates.items()}, compute, tuple(end for _, end in forward),
+                    span[("B", 0)][1])
 
 
 def simulate_bytescheduler(problem: Problem, partition: int, credit: int) -> Timeline:
@@ -263,6 +383,7 @@ def simulate_bytescheduler(problem: Problem, partition: int, credit: int) -> Tim
     starts: list[float] = []
     ends: list[float] = []
     labels: list[str] = []
+    moved: list[int] = []  # bytes of each chunk
     start_of: dict[Op, float] = {}
     end_of: dict[Op, float] = {}
     free = now = 0.0
@@ -283,6 +404,7 @@ def simulate_bytescheduler(problem: Problem, partition: int, credit: int) -> Tim
             starts.append(start)
             ends.append(free)
             labels.append(f"AR{g}[{i + 1}/{remaining[g]}]")
+            moved.append(size)
             committed.append((free, size))
             inflight += size
             start_of.setdefault(("ar", g), start)
@@ -293,4 +415,7 @@ def simulate_bytescheduler(problem: Problem, partition: int, credit: int) -> Tim
         if not events:
             break
         now = min(events)
+    if problem.interference:  # the same commit order, re-timed with compute and link together
+        return interfered(problem, subs, [end - start for start, end in zip(starts, ends)],
+                          [2 * size for size in moved], False, labels)
     return complete(problem, subs, starts, ends, start_of, end_of, False, labels)
