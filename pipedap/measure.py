@@ -5,7 +5,8 @@ every rank agrees on, measured with the comm core:
 
 * :func:`measure_cost_model` times reduce-scatter, all-gather and all-reduce over
   sizes at the current world size, as the ring and as MPI's collectives, chooses
-  the faster per size (pipedap.algorithms) and fits ``T(M) = a + b*M`` per primitive;
+  the faster per size (pipedap.algorithms) and fits ``T(M) = a + b*M`` per primitive,
+  and measures how much compute slows while the link is busy (pipedap.interference);
   :func:`cost_model` caches that fit and choice as JSON keyed by world size and host
   set, and installs the choice in the engine.
 * :func:`agree_profile` makes every rank plan from the same layer times (the
@@ -16,13 +17,14 @@ every rank agrees on, measured with the comm core:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipedap import algorithms, comm, engine, settings
+from pipedap import algorithms, comm, engine, interference, settings
 from pipedap.planner import costmodel
 from pipedap.planner.costmodel import CostModel, FitReport
 from pipedap.planner.plan import Plan
@@ -45,8 +47,9 @@ def measure_cost_model(sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 5,
                        ) -> tuple[CostModel, dict[str, FitReport]]:
     """Microbenchmark rs/ag/ar with the comm core over the set's ranks, ring and MPI each (pipedap.algorithms).
 
-    The model holds the faster algorithm per kind and size (``model.algorithms``) and a least-squares α-β
-    fit per primitive of the times of the one chosen at each size: what ``auto`` runs once it is installed.
+    The model holds the faster algorithm per kind and size (``model.algorithms``), a least-squares α-β
+    fit per primitive of the times of the one chosen at each size (what ``auto`` runs once it is installed),
+    and ``interference`` (unless ``PIPEDAP_INTERFERENCE=off``).
     """
     if process_set.size() < 2:
         raise ValueError("a cost model needs at least 2 ranks: launch with mpirun -np N (N >= 2)")
@@ -54,7 +57,16 @@ def measure_cost_model(sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 5,
     samples: dict[str, list[tuple[float, float]]] = {kind: [] for kind in algorithms.KINDS}
     for (kind, nbytes), by_algorithm in times.items():
         samples[kind].append((float(nbytes), by_algorithm[algorithms.faster(by_algorithm, nbytes)]))
-    return costmodel.fit(samples, process_set.size(), host_set(process_set), algorithms.choose(times))
+    model, reports = costmodel.fit(samples, process_set.size(), host_set(process_set), algorithms.choose(times))
+    return dataclasses.replace(model, interference=measured_interference(process_set, progress)), reports
+
+
+def measured_interference(process_set: ProcessSet = global_process_set,
+                          progress: Callable[[str], None] | None = None) -> float:
+    """κ of pipedap.interference, or 0 with ``PIPEDAP_INTERFERENCE=off`` (collective)."""
+    if settings.get("PIPEDAP_INTERFERENCE") == "off":
+        return 0.0
+    return interference.measure(process_set, progress)
 
 
 def cost_model(path: str | os.PathLike | None = None, measure_if_missing: bool = True,

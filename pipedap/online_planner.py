@@ -7,6 +7,10 @@ how long its update took, and when the model's forward ended. The engine
 reports every reduce-scatter and all-gather with its duration, which gives
 (bytes, seconds) samples for the α-β fit of each primitive — measured on this
 cluster, at this world size, under training load (see [Note: skew-free samples]).
+Compute ran beside those operations, so its times include their interference:
+the planner measures the interference (pipedap.interference), maps the steps'
+timestamps to compute time alone, and charges the slow-down again in the
+simulator, for the plan it simulates (see [Note: profiles measured beside communication]).
 
 At the last profiling step the ranks agree on the profile (element-wise
 maximum), rank 0 plans (the exact planner, never worse than the paper's
@@ -24,7 +28,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from pipedap import comm, engine, measure
+from pipedap import comm, engine, interference, measure
 from pipedap.buckets import Bucket
 from pipedap.planner import costmodel, make_plan
 from pipedap.planner.costmodel import AlphaBeta, CostModel
@@ -83,6 +87,7 @@ class OnlinePlanner:
         self.current = _Step()
         self.ops: dict[str, list[engine.CompletedOp]] = {}  # rs/ag name -> its runs, in completion order
         self.ends: list[int] = []  # end_ns of every submission seen (predecessors of the samples)
+        self.busy: list[tuple[float, float, float]] = []  # (start s, end s, bytes moved) of every submission
         self.step_started = time.monotonic()
         self.step_seconds: list[float] = []
         engine.add_completion_listener(self._on_ops)
@@ -101,6 +106,8 @@ class OnlinePlanner:
 
     def _on_ops(self, ops: list[engine.CompletedOp]) -> None:
         self.ends.append(ops[0].end_ns)
+        moved = sum(op.nbytes * (2 if op.kind == "allreduce" else 1) for op in ops)
+        self.busy.append((ops[0].start_ns * 1e-9, ops[0].end_ns * 1e-9, moved))
         if len(ops) != 1 or len(self.records) < self.warmup or ops[0].process_set != self.process_set.process_set_id:
             return  # merged submissions do not separate the two primitives; warm-up is not typical; another set's
         op = ops[0]
@@ -130,9 +137,10 @@ class OnlinePlanner:
         engine.remove_completion_listener(self._on_ops)
         started = time.perf_counter()
         # Everything collective runs on every rank; only the planning itself runs on rank 0.
-        profile = measure.agree_profile(self.profile(), self.process_set)
+        kappa = measure.measured_interference(self.process_set)
+        profile = measure.agree_profile(self.profile(kappa), self.process_set)
         measured = max(comm.allgather_object(self.measured_step_s(), name="online.steps", process_set=self.process_set))
-        cost = self.cost_model(profile, measured)
+        cost = self.cost_model(profile, measured, kappa)
         plan = measure.plan_on_rank0(lambda: self._plan(profile, cost), self.process_set)
         log.info(
             "pipedap: planned from %d measured steps in %.2f s: %s plan predicts %.1f ms per iteration "
@@ -148,8 +156,11 @@ class OnlinePlanner:
 
     # --- turning records into planner inputs ----------------------------------------
 
-    def profile(self) -> Profile:
-        """Median per-bucket times over the measured steps, as the planner's Profile (forward order)."""
+    def profile(self, kappa: float = 0.0) -> Profile:
+        """Median per-bucket times over the measured steps, as the planner's Profile (forward order),
+        as compute alone would take them under interference `kappa` ([Note: profiles measured beside
+        communication])."""
+        clean = interference.clean_clock(self.busy, kappa)
         measured = self.records[self.warmup :]
         n = len(self.buckets)
         u: list[list[float]] = [[] for _ in range(n)]
@@ -158,8 +169,9 @@ class OnlinePlanner:
             for g, (_, _, update) in rec.entered.items():
                 u[g].append(update)
             if rec.forward_end is not None and rec.ready:
-                spans = {g: (enter, leave) for g, (enter, leave, _) in rec.entered.items()}
-                runs.append(layer_times(n, spans, rec.forward_end, rec.ready))
+                spans = {g: (clean(enter), clean(leave)) for g, (enter, leave, _) in rec.entered.items()}
+                ready = {g: clean(t) for g, t in rec.ready.items()}
+                runs.append(layer_times(n, spans, clean(rec.forward_end), ready))
 
         def median(values: list[float]) -> float:
             return statistics.median(values) if values else 0.0
@@ -171,9 +183,9 @@ class OnlinePlanner:
                   nbytes=b.nbytes, tf=tf[b.index], tb=tb[b.index], u=median(u[b.index]))
             for b in self.buckets
         )
-        return Profile(layers, {"source": "online", "steps": len(measured)})
+        return Profile(layers, {"source": "online", "steps": len(measured), "interference": kappa})
 
-    def cost_model(self, profile: Profile, measured_s: float) -> CostModel:
+    def cost_model(self, profile: Profile, measured_s: float, kappa: float = 0.0) -> CostModel:
         """α-β fit from the operations training ran; the microbenchmark when their sizes are too alike,
         or when the fit does not predict the measured steps (:func:`checked_fit`).
 
@@ -189,7 +201,7 @@ class OnlinePlanner:
         rs, _ = costmodel.fit_line(samples["rs"])
         ag, _ = costmodel.fit_line(samples["ag"])
         # all-reduce is not used by PipeDAP plans; a ring all-reduce is a reduce-scatter then an all-gather
-        fitted = CostModel(self.process_set.size(), rs, ag, AlphaBeta(rs.a + ag.a, rs.b + ag.b))
+        fitted = CostModel(self.process_set.size(), rs, ag, AlphaBeta(rs.a + ag.a, rs.b + ag.b), interference=kappa)
         return checked_fit(profile, fitted, measured_s, lambda: measure.cost_model(process_set=self.process_set))
 
     def _plan(self, profile: Profile, cost: CostModel) -> Plan:
@@ -201,6 +213,15 @@ class OnlinePlanner:
                  1e3 * plan.predicted.lower_bound)
         return plan
 
+
+# [Note: profiles measured beside communication]
+# Under DeAR the reduce-scatters run beside backward and the all-gathers beside forward, so
+# the measured layer times include the slow-down the transfers cause; the simulator charges
+# that slow-down itself, for whatever plan it simulates. Left in the profile it would count
+# twice (and only where DeAR happened to overlap). So each rank maps its hook timestamps
+# through pipedap.interference.clean_clock (time advances at 1/(1 + κ bytes/duration) while
+# one of its submissions runs) before turning them into layer times. The updates' measured
+# seconds are kept as they are: they are short, and run between transfers.
 
 # [Note: checking the fit against the steps]
 # The profiling steps ran DeAR, so the fitted cost model must predict them: simulate DeAR on

@@ -149,6 +149,9 @@ _DECLARED = [
             "warm-up) before planning", "optimizer", minimum=1),
     Setting("PIPEDAP_PLANNER", "choice", "optimal", "`optimal` (exact search) or `greedy` (the paper's "
             "heuristic) for online planning", "optimizer", choices=("optimal", "greedy")),
+    Setting("PIPEDAP_INTERFERENCE", "choice", "measure", "`measure`: time how much compute slows while the "
+            "link moves bytes (with every cost model, and before online planning) and plan for it; `off`: "
+            "plan as if communication cost compute nothing", "optimizer", choices=("measure", "off")),
     Setting("PIPEDAP_FUSION_BYTES", "int", "4194304", "without a plan: fuse consecutive modules into buckets "
             "of about this many bytes (0: one per module)", "optimizer"),
     Setting("PIPEDAP_CACHE_DIR", "path", "~/.cache/pipedap", "where measured cost models are cached",

@@ -148,3 +148,23 @@ def test_a_fit_off_the_measured_steps_gives_way_to_the_microbenchmark_saying_so(
     with caplog.at_level("INFO", logger="pipedap"):
         assert checked_fit(profile, slow_fit, measured, lambda: worse) is slow_fit
     assert "the microbenchmark's is further off" in caplog.text
+
+
+def test_layer_times_measured_beside_communication_are_mapped_to_compute_alone():
+    """[Note: profiles measured beside communication]: a 2 MB reduce-scatter over 1 s during the backward of
+    bucket 1, with kappa = 1 s per byte per second moved (half speed), counts half of its second."""
+    from types import SimpleNamespace
+
+    from pipedap.online_planner import _Step
+
+    buckets = [SimpleNamespace(index=g, names=[f"l{g}.w"], nbytes=8) for g in range(2)]
+    planner = OnlinePlanner(buckets, steps=1, warmup=0)
+    remove_completion_listener(planner._on_ops)
+    planner._on_ops([CompletedOp("rs.1", "reducescatter", 1, 1, 0, int(10.5e9), int(11.5e9))])
+    planner.records = [_Step(ready={0: 12.0, 1: 10.0}, entered={0: (1.0, 1.0, 0.0), 1: (4.0, 4.0, 0.0)},
+                             forward_end=9.0)]
+    assert [layer.tb for layer in planner.profile(0.0).layers] == [2.0, 1.0]
+    alone = planner.profile(1.0)
+    assert [layer.tb for layer in alone.layers] == [1.5, 1.0]  # 10 .. 12 with 10.5 .. 11.5 at half speed
+    assert [layer.tf for layer in alone.layers] == [3.0, 5.0]  # the forward ran before: unchanged
+    assert alone.meta["interference"] == 1.0
