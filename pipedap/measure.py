@@ -63,7 +63,7 @@ def measure_cost_model(sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 5,
 
 def measured_interference(process_set: ProcessSet = global_process_set,
                           progress: Callable[[str], None] | None = None) -> float:
-    """κ of pipedap.interference, or 0 with ``PIPEDAP_INTERFERENCE=off`` (collective)."""
+    """σ of pipedap.interference, or 0 with ``PIPEDAP_INTERFERENCE=off`` (collective)."""
     if settings.get("PIPEDAP_INTERFERENCE") == "off":
         return 0.0
     return interference.measure(process_set, progress)

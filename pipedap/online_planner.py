@@ -87,7 +87,7 @@ class OnlinePlanner:
         self.current = _Step()
         self.ops: dict[str, list[engine.CompletedOp]] = {}  # rs/ag name -> its runs, in completion order
         self.ends: list[int] = []  # end_ns of every submission seen (predecessors of the samples)
-        self.busy: list[tuple[float, float, float]] = []  # (start s, end s, bytes moved) of every submission
+        self.busy: list[tuple[float, float]] = []  # (start, end) in seconds of every submission
         self.step_started = time.monotonic()
         self.step_seconds: list[float] = []
         engine.add_completion_listener(self._on_ops)
@@ -106,8 +106,7 @@ class OnlinePlanner:
 
     def _on_ops(self, ops: list[engine.CompletedOp]) -> None:
         self.ends.append(ops[0].end_ns)
-        moved = sum(op.nbytes * (2 if op.kind == "allreduce" else 1) for op in ops)
-        self.busy.append((ops[0].start_ns * 1e-9, ops[0].end_ns * 1e-9, moved))
+        self.busy.append((ops[0].start_ns * 1e-9, ops[0].end_ns * 1e-9))
         if len(ops) != 1 or len(self.records) < self.warmup or ops[0].process_set != self.process_set.process_set_id:
             return  # merged submissions do not separate the two primitives; warm-up is not typical; another set's
         op = ops[0]
@@ -137,10 +136,10 @@ class OnlinePlanner:
         engine.remove_completion_listener(self._on_ops)
         started = time.perf_counter()
         # Everything collective runs on every rank; only the planning itself runs on rank 0.
-        kappa = measure.measured_interference(self.process_set)
-        profile = measure.agree_profile(self.profile(kappa), self.process_set)
+        sigma = measure.measured_interference(self.process_set)
+        profile = measure.agree_profile(self.profile(sigma), self.process_set)
         measured = max(comm.allgather_object(self.measured_step_s(), name="online.steps", process_set=self.process_set))
-        cost = self.cost_model(profile, measured, kappa)
+        cost = self.cost_model(profile, measured, sigma)
         plan = measure.plan_on_rank0(lambda: self._plan(profile, cost), self.process_set)
         log.info(
             "pipedap: planned from %d measured steps in %.2f s: %s plan predicts %.1f ms per iteration "
@@ -156,11 +155,11 @@ class OnlinePlanner:
 
     # --- turning records into planner inputs ----------------------------------------
 
-    def profile(self, kappa: float = 0.0) -> Profile:
+    def profile(self, sigma: float = 0.0) -> Profile:
         """Median per-bucket times over the measured steps, as the planner's Profile (forward order),
-        as compute alone would take them under interference `kappa` ([Note: profiles measured beside
+        as compute alone would take them under interference `sigma` ([Note: profiles measured beside
         communication])."""
-        clean = interference.clean_clock(self.busy, kappa)
+        clean = interference.clean_clock(self.busy, sigma)
         measured = self.records[self.warmup :]
         n = len(self.buckets)
         u: list[list[float]] = [[] for _ in range(n)]
@@ -183,9 +182,9 @@ class OnlinePlanner:
                   nbytes=b.nbytes, tf=tf[b.index], tb=tb[b.index], u=median(u[b.index]))
             for b in self.buckets
         )
-        return Profile(layers, {"source": "online", "steps": len(measured), "interference": kappa})
+        return Profile(layers, {"source": "online", "steps": len(measured), "interference": sigma})
 
-    def cost_model(self, profile: Profile, measured_s: float, kappa: float = 0.0) -> CostModel:
+    def cost_model(self, profile: Profile, measured_s: float, sigma: float = 0.0) -> CostModel:
         """α-β fit from the operations training ran; the microbenchmark when their sizes are too alike,
         or when the fit does not predict the measured steps (:func:`checked_fit`).
 
@@ -201,7 +200,7 @@ class OnlinePlanner:
         rs, _ = costmodel.fit_line(samples["rs"])
         ag, _ = costmodel.fit_line(samples["ag"])
         # all-reduce is not used by PipeDAP plans; a ring all-reduce is a reduce-scatter then an all-gather
-        fitted = CostModel(self.process_set.size(), rs, ag, AlphaBeta(rs.a + ag.a, rs.b + ag.b), interference=kappa)
+        fitted = CostModel(self.process_set.size(), rs, ag, AlphaBeta(rs.a + ag.a, rs.b + ag.b), interference=sigma)
         return checked_fit(profile, fitted, measured_s, lambda: measure.cost_model(process_set=self.process_set))
 
     def _plan(self, profile: Profile, cost: CostModel) -> Plan:
@@ -219,8 +218,8 @@ class OnlinePlanner:
 # the measured layer times include the slow-down the transfers cause; the simulator charges
 # that slow-down itself, for whatever plan it simulates. Left in the profile it would count
 # twice (and only where DeAR happened to overlap). So each rank maps its hook timestamps
-# through pipedap.interference.clean_clock (time advances at 1/(1 + κ bytes/duration) while
-# one of its submissions runs) before turning them into layer times. The updates' measured
+# through pipedap.interference.clean_clock (time advances at 1/(1 + σ) while one of its
+# submissions runs) before turning them into layer times. The updates' measured
 # seconds are kept as they are: they are short, and run between transfers.
 
 # [Note: checking the fit against the steps]

@@ -151,8 +151,8 @@ def test_a_fit_off_the_measured_steps_gives_way_to_the_microbenchmark_saying_so(
 
 
 def test_layer_times_measured_beside_communication_are_mapped_to_compute_alone():
-    """[Note: profiles measured beside communication]: a 2 MB reduce-scatter over 1 s during the backward of
-    bucket 1, with kappa = 1 s per byte per second moved (half speed), counts half of its second."""
+    """[Note: profiles measured beside communication]: a reduce-scatter over 1 s during the backward of
+    bucket 0, with interference 1 (half speed), counts half of its second."""
     from types import SimpleNamespace
 
     from pipedap.online_planner import _Step
@@ -160,7 +160,7 @@ def test_layer_times_measured_beside_communication_are_mapped_to_compute_alone()
     buckets = [SimpleNamespace(index=g, names=[f"l{g}.w"], nbytes=8) for g in range(2)]
     planner = OnlinePlanner(buckets, steps=1, warmup=0)
     remove_completion_listener(planner._on_ops)
-    planner._on_ops([CompletedOp("rs.1", "reducescatter", 1, 1, 0, int(10.5e9), int(11.5e9))])
+    planner._on_ops([CompletedOp("rs.1", "reducescatter", 8, 1, 0, int(10.5e9), int(11.5e9))])
     planner.records = [_Step(ready={0: 12.0, 1: 10.0}, entered={0: (1.0, 1.0, 0.0), 1: (4.0, 4.0, 0.0)},
                              forward_end=9.0)]
     assert [layer.tb for layer in planner.profile(0.0).layers] == [2.0, 1.0]

@@ -51,9 +51,9 @@ class CostModel:
     `algorithms`, where measured, is the comm core's choice of ring or MPI per kind and size that the fits
     describe (pipedap.algorithms): ``{"allgather": ((0, "mpi"), (65537, "ring")), ...}``.
 
-    `interference` (κ, seconds per byte) is how much compute slows while the link moves bytes: beside
-    a transfer of r bytes per second, compute takes ``1 + κ r`` times as long (pipedap.interference
-    measures it; the simulator charges it, [Note: interference] in pipedap.planner.simulator).
+    `interference` (σ) is how much compute slows while the link is busy: beside a transfer, compute
+    takes ``1 + σ`` times as long (pipedap.interference measures it; the simulator charges it,
+    [Note: interference] in pipedap.planner.simulator).
     """
 
     world_size: int
@@ -67,7 +67,7 @@ class CostModel:
     def __post_init__(self) -> None:
         if not math.isfinite(self.interference) or self.interference < 0:
             raise ValueError(f"cost model interference = {self.interference}: must be finite and >= 0 "
-                             "(seconds of compute slow-down per byte per second moved; 0 = none)")
+                             "(compute's fractional slow-down while the link is busy; 0 = none)")
         if self.world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {self.world_size}")
         for kind in KINDS:

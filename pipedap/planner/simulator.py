@@ -27,15 +27,15 @@ whole-bucket profile's ``u`` by the world size).
 [Note: interference]
 Where the core that computes also drives the communication (a CPU host; on a GPU, copies and
 reduction kernels contend for SMs and memory bandwidth), compute runs slower while the link
-moves bytes. The cost model's ``interference`` κ (seconds per byte per second, i.e. the
-fractional slow-down per byte/s the link moves) says by how much: compute beside a submission
-of M bytes lasting T seconds runs at ``1 / (1 + κ M / T)`` of its speed (an all-reduce moves
-its buffer twice, as a reduce-scatter and an all-gather). Backward then ends later, which
-delays the reduce-scatters it makes ready, which moves the link: the two streams are timed
-together by :func:`interfered`, an event simulation over the same submission order. With
-κ = 0 it gives the plain timeline (the closed-form path below, which the planners use).
-Every time under interference is at least the plain one (compute only gets slower and every
-event is a max/sum of earlier ones), so plain times are lower bounds of interfered ones.
+is busy. The cost model's ``interference`` σ says by how much: compute beside a running
+submission takes ``1 + σ`` times as long. (Measured on the emulated cluster the slow-down
+depends on the link being busy far more than on the bytes it moves: see pipedap.interference.)
+Backward then ends later, which delays the reduce-scatters it makes ready, which moves the
+link: the two streams are timed together by :func:`interfered`, an event simulation over the
+same submission order. With σ = 0 it gives the plain timeline (the closed-form path below,
+which the planners use). Every time under interference is at least the plain one (compute
+only gets slower and every event is a max or sum of earlier ones), so plain times are lower
+bounds of interfered ones.
 """
 
 from __future__ import annotations
@@ -89,10 +89,6 @@ class Problem:
             startups = [self.startup[kind] for kind, _ in sub]
             total -= sum(startups) - max(startups)
         return total
-
-    def moved_bytes(self, sub: Submission) -> float:
-        """Bytes a submission moves, for [Note: interference]: an all-reduce counts its buffer twice."""
-        return sum(self.nbytes[g] * (2 if kind == "ar" else 1) for kind, g in sub)
 
     def compute_bound(self) -> float:
         """Backward plus update plus forward: no schedule can beat the compute alone."""
@@ -199,8 +195,7 @@ def simulate(
     """Simulate one iteration of a schedule (assumed valid: see ``plan.check_schedule``)."""
     if problem.interference:
         subs = (*backward, *forward)
-        return interfered(problem, subs, [problem.submission_cost(sub) for sub in subs],
-                          [problem.moved_bytes(sub) for sub in subs], sync_before_forward)
+        return interfered(problem, subs, [problem.submission_cost(sub) for sub in subs], sync_before_forward)
     ready, costs = problem.ready, problem.costs
     end_of: dict[Op, float] = {}
     start_of: dict[Op, float] = {}
@@ -279,10 +274,10 @@ def _plan_bound(problem: Problem, subs: Sequence[Submission], starts: Sequence[f
     return max(problem.compute_bound(), problem.tb[-1] + busy + problem.tail[first_completed])
 
 
-def interfered(problem: Problem, subs: Sequence[Submission], durations: Sequence[float], moved: Sequence[float],
-               sync_before_forward: bool, labels: Sequence[str] = ()) -> Timeline:
-    """The timeline of `subs` (in link order, lasting `durations`, moving `moved` bytes) with compute
-    slowed while the link runs ([Note: interference]): the two streams simulated event by event.
+def interfered(problem: Problem, subs: Sequence[Submission], durations: Sequence[float], sync_before_forward: bool,
+               labels: Sequence[str] = ()) -> Timeline:
+    """The timeline of `subs` (in link order, lasting `durations`) with compute slowed while the link
+    runs ([Note: interference]): the two streams simulated event by event.
 
     The compute stream runs backward (G-1 .. 0), the sharded updates of step() (in the order of the
     forward submissions' all-gathers), then the forward (0 .. G-1); the link runs `subs` in order.
@@ -290,7 +285,7 @@ def interfered(problem: Problem, subs: Sequence[Submission], durations: Sequence
     AG(g) the RS of g (sharded: the update of g); the forward of g all of g's AG/AR (WFBP: every
     submission). Between two events the speed of compute is constant.
     """
-    size, kappa = problem.size, problem.interference
+    size, busy_rate = problem.size, 1.0 / (1.0 + problem.interference)
     blocks: list[tuple[tuple[str, int], float, object]] = [(("B", g), problem.tb[g], None) for g in reversed(range(size))]
     if problem.shard_update:
         blocks += [(("U", g), problem.u[g], ("rs", g)) for sub in subs for kind, g in sub if kind == "ag"]
@@ -301,7 +296,6 @@ def interfered(problem: Problem, subs: Sequence[Submission], durations: Sequence
     for g in range(size):
         done = ("ag", g) if ("ag", g) in last_needs else ("ar", g)
         blocks.append((("F", g), problem.w[g], "all" if sync_before_forward else done))
-    slowdown = [1.0 + kappa * m / d if d > 0 else 1.0 for m, d in zip(moved, durations)]
 
     ended: dict[object, float] = {}  # ("B", g), ("U", g), ("F", g) and ops -> end time
     span: dict[tuple[str, int], tuple[float, float]] = {}
@@ -325,7 +319,7 @@ def interfered(problem: Problem, subs: Sequence[Submission], durations: Sequence
             starts[li], link_end = now, now + durations[li]
             for op in subs[li]:
                 start_of.setdefault(op, now)
-        rate = 1.0 / slowdown[li] if link_end is not None else 1.0
+        rate = busy_rate if link_end is not None else 1.0
         compute_end = now + left / rate if left is not None else math.inf
         nxt = min(compute_end, link_end if link_end is not None else math.inf)
         if nxt == math.inf:
@@ -383,7 +377,6 @@ def simulate_bytescheduler(problem: Problem, partition: int, credit: int) -> Tim
     starts: list[float] = []
     ends: list[float] = []
     labels: list[str] = []
-    moved: list[int] = []  # bytes of each chunk
     start_of: dict[Op, float] = {}
     end_of: dict[Op, float] = {}
     free = now = 0.0
@@ -404,7 +397,6 @@ def simulate_bytescheduler(problem: Problem, partition: int, credit: int) -> Tim
             starts.append(start)
             ends.append(free)
             labels.append(f"AR{g}[{i + 1}/{remaining[g]}]")
-            moved.append(size)
             committed.append((free, size))
             inflight += size
             start_of.setdefault(("ar", g), start)
@@ -416,6 +408,5 @@ def simulate_bytescheduler(problem: Problem, partition: int, credit: int) -> Tim
             break
         now = min(events)
     if problem.interference:  # the same commit order, re-timed with compute and link together
-        return interfered(problem, subs, [end - start for start, end in zip(starts, ends)],
-                          [2 * size for size in moved], False, labels)
+        return interfered(problem, subs, [end - start for start, end in zip(starts, ends)], False, labels)
     return complete(problem, subs, starts, ends, start_of, end_of, False, labels)

@@ -39,7 +39,7 @@ LAUNCH_S = 5.0  # mpirun, imports and model construction per run
 CALIBRATION_SIZE = "16m"
 # gloo (DDP) finds rank 0 through the hosts' NIC: their names do not resolve
 TESTBED_ENV = {"GLOO_SOCKET_IFNAME": "eth0"}
-ENV_CLEARED = ("PIPEDAP_PLAN", "PIPEDAP_PLANNER", "PIPEDAP_SCHEDULE")  # would change what a system runs
+ENV_CLEARED = ("PIPEDAP_PLAN", "PIPEDAP_PLANNER", "PIPEDAP_SCHEDULE", "PIPEDAP_INTERFERENCE")  # would change what a system runs
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class System:
 SYSTEMS = (
     System("PipeDAP", "PipeDAP", {"PIPEDAP_PLANNER": "optimal"}),
     System("PipeDAP-greedy", "PipeDAP", {"PIPEDAP_PLANNER": "greedy"}),
+    System("PipeDAP-plain", "PipeDAP", {"PIPEDAP_PLANNER": "optimal", "PIPEDAP_INTERFERENCE": "off"}),
     System("DeAR", "DeAR"),
     System("WFBP", "WFBP"),
     System("ByteScheduler", "ByteScheduler"),
