@@ -141,6 +141,8 @@ TABLE = [
                  ["--latency", "'soon'", "a duration >= 0 like 50us"], id="plan-latency"),
     pytest.param(cli("pipedap.tools.plan"), ["--model", "resnet50", "--power", "busy=300,idle=sixty"],
                  ["--power", "idle='sixty'", "a number of watts >= 0"], id="plan-power"),
+    pytest.param(cli("pipedap.tools.plan"), ["--model", "resnet50", "--interference", "lots"],
+                 ["--interference", "'lots'", "a number >= 0 like 0.3 or 30%"], id="plan-interference"),
     # python -m pipedap.tools.bench (its option table of combinations is in test_bench.py)
     pytest.param(cli("pipedap.tools.bench"), [*TINY_BENCH, "--num-iters", "0"], ["--num-iters", "got 0", ">= 1"],
                  id="bench-num-iters"),

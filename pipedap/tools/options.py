@@ -38,6 +38,17 @@ def seconds(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    """A slow-down like 0.3 or 30% (>= 0)."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 like 0.3 or 30%, got {text!r}")
+    return value
+
+
 def _quantity(parse: Callable[[str], float], accepted: str, *, zero_ok: bool) -> Callable[[str], str]:
     """A checker of text that ``parse`` reads as a number > 0 (or >= 0); the text is kept as written."""
     def check(text: str) -> str:

@@ -15,6 +15,7 @@ equal on a 2-core CPU and the schedules differ most; about 35 s, most of it prof
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=options.integer(2), help="world size (at least 2)")
     parser.add_argument("--bandwidth", type=options.rate, help="assumed link bandwidth, e.g. 1gbit, 10gbit, 1.25GB/s")
     parser.add_argument("--latency", type=options.duration, default="50us", help="assumed per-step latency (default 50us)")
+    parser.add_argument("--interference", type=options.fraction,
+                        help="compute's slow-down while the link is busy, e.g. 0.3 or 30% (replaces the cost "
+                             "model's measured value; default: the file's, 0 with --bandwidth)")
     parser.add_argument(
         "--fusion", default="search",
         help=f"fusion candidates: {fusion.FUSION_SPECS} (default search: every candidate; tune: optuna)",
@@ -83,16 +87,19 @@ def load_profile(args: argparse.Namespace) -> Profile:
 
 
 def load_cost(args: argparse.Namespace, parser: argparse.ArgumentParser) -> CostModel:
-    """The cost model from --cost-model, or from the assumed --workers/--bandwidth/--latency."""
+    """The cost model from --cost-model, or from the assumed --workers/--bandwidth/--latency; --interference
+    replaces its interference."""
     if args.workers is None:
         parser.error("--workers is required (the world size the plan is for)")
     if args.cost_model:
         hosts = args.hosts.split(",") if args.hosts else None
-        return costmodel.load(args.cost_model, args.workers, hosts)
-    if not args.bandwidth:
+        model = costmodel.load(args.cost_model, args.workers, hosts)
+    elif not args.bandwidth:
         parser.error("give either --cost-model FILE or --bandwidth (with --workers and --latency)")
-    return costmodel.from_link(args.workers, units.parse_bandwidth(args.bandwidth),
-                               units.parse_duration(args.latency))
+    else:
+        model = costmodel.from_link(args.workers, units.parse_bandwidth(args.bandwidth),
+                                    units.parse_duration(args.latency))
+    return model if args.interference is None else dataclasses.replace(model, interference=args.interference)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         compute = sum(layer.tb + layer.tf + layer.u for layer in profile.layers)
         nbytes = sum(layer.nbytes for layer in profile.layers)
         print(f"  {len(profile)} layers, {nbytes / 1e6:.1f} MB of gradients, compute {compute * 1e3:.1f} ms/iteration; "
-              f"AR of everything at once: {cost.ar.time(nbytes) * 1e3:.1f} ms on {cost.world_size} workers")
+              f"AR of everything at once: {cost.ar.time(nbytes) * 1e3:.1f} ms on {cost.world_size} workers; "
+              f"compute {100 * cost.interference:.0f}% slower while the link is busy")
         spec = f"tune:{args.tune_trials}" if args.fusion == "tune" else args.fusion
         with step(f"fusion candidates ({spec})"):
             candidates = fusion.groupings(spec, profile, cost)

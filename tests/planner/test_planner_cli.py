@@ -55,6 +55,18 @@ def test_power_adds_each_schedules_busy_idle_and_energy(profile_file, capsys):
     assert "--power 'busy=1': give both busy and idle" in capsys.readouterr().err
 
 
+def test_interference_replaces_the_cost_models_and_slows_the_prediction(profile_file, tmp_path, capsys):
+    predicted = {}
+    for given in (None, "0.4", "40%"):
+        out = tmp_path / f"plan{given}.json"
+        argv = ["--profile", str(profile_file), "--workers", "2", "--bandwidth", "5gbit", "--fusion", "none",
+                "--out", str(out), *(["--interference", given] if given else [])]
+        assert cli.main(argv) == 0
+        assert f"compute {0 if given is None else 40}% slower while the link is busy" in capsys.readouterr().out
+        predicted[given] = Plan.load(out).predicted.iteration_time
+    assert predicted["0.4"] == predicted["40%"] > predicted[None] * 1.05
+
+
 def test_plan_with_cost_model_file_and_fixed_fusion(profile_file, tmp_path):
     cost = tmp_path / "cost.json"
     costmodel.save(costmodel.from_link(4, 1.25e9, 1e-5), cost)
