@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from models import data as model_data
-from pipedap.pipeline import SCHEDULES, StageRuntime, startup, transport
+from pipedap.pipeline import SCHEDULES, StageRuntime, startup, trace, transport
 from pipedap.pipeline.config import PipelineConfig
 from pipedap.pipeline.transport import (
     DEFAULT_MASTER_PORT,
@@ -86,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--checkpoint_dir", metavar="DIR", help="save DIR/checkpoint.<stage>.pth.tar after every epoch")
     add("--json", metavar="FILE", help="the last stage writes the last epoch's time per minibatch here (the "
                                        "benchmark's JSON form, for pipedap.tools.compare)")
-    add("--warmup", type=int, default=3, help="minibatches left out of the --json timing (default 3)")
+    add("--warmup", type=int, default=3, help="minibatches left out of the --json and --trace timing (default 3)")
+    add("--trace", metavar="FILE", help="time each stage's compute alone before training, record every rank's "
+                                        "events in the last epoch, and write them here (from the last stage), with "
+                                        "where each stage's time per minibatch went (python -m pipedap.pipeline.trace "
+                                        "FILE prints it again)")
     launch = parser.add_argument_group("starting each rank by hand (ignored under an MPI launcher)")
     launch.add_argument("--rank", type=int, help="this process's rank (default: $RANK)")
     launch.add_argument("--local_rank", type=int, default=0, help="GPU on this host (CUDA runs only)")
@@ -313,6 +317,7 @@ def run(args, runtime: StageRuntime, package, data: Data | None) -> None:
         mode += f", {runtime.extra_in_flight} extra minibatch(es) in flight"
     print(f"{who}: {args.epochs - start_epoch} epoch(s) of {n} minibatches of {args.batch_size} images, {mode}",
           flush=True)
+    alone = runtime.compute_alone() if args.trace else None
     hint = in_flight_hint(args, runtime, package) if runtime.rank == 0 else None
     if hint:
         print(f"{who}: {hint}", flush=True)
@@ -346,6 +351,8 @@ def run(args, runtime: StageRuntime, package, data: Data | None) -> None:
             save_checkpoint(args, runtime, package, epoch)
         if args.json and runtime.is_last and runtime.replica == 0:
             write_timing(args, runtime, package, finished, images // n)
+    if args.trace:
+        write_trace(args, runtime, alone)
 
 
 def partition_record(args, package) -> dict | None:
@@ -390,6 +397,24 @@ def write_timing(args, runtime: StageRuntime, package, finished: list[float], sa
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     print(f"rank {runtime.rank}: timing written to {args.json}", flush=True)
+
+
+def write_trace(args, runtime: StageRuntime, alone: dict[str, float]) -> None:
+    """Every rank's events of the last epoch and its compute alone, written by the last stage's first replica
+    with the split of pipedap.pipeline.trace (collective: every rank calls it)."""
+    mine = {"rank": runtime.rank, "stage": runtime.stage, "replica": runtime.replica, "alone": alone,
+            "events": runtime.event_times}
+    ranks = runtime.transport.all_gather_object(mine, "trace")
+    if runtime.is_last and runtime.replica == 0:
+        doc = {"schedule": runtime.schedule, "warmup": args.warmup, "module": args.module,
+               "config": args.config_path, "ranks": ranks}
+        Path(args.trace).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.trace).write_text(json.dumps(doc) + "\n")
+        print(f"rank {runtime.rank}: trace written to {args.trace}", flush=True)
+        try:
+            print(trace.report(trace.summarize(doc)), flush=True)
+        except ValueError as err:
+            print(f"rank {runtime.rank}: --trace: {err}", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -129,3 +130,27 @@ def test_a_missing_checkpoint_fails_every_rank_naming_the_stage(tmp_path):
 def test_what_cannot_run_is_refused_naming_the_flag(args, message):
     result = one_process("--module", "models.resnet50.gpus=2", *args, timeout=60)
     assert result.returncode != 0 and message in result.stdout, result.stdout
+
+
+def test_trace_records_every_ranks_events_and_splits_each_stages_time(tmp_path):
+    """--trace: both stages' events of the last epoch and their compute alone, in one file from the last stage,
+    with the split printed; the split adds up to each rank's wall time per minibatch."""
+    from pipedap.pipeline import trace
+
+    out = tmp_path / "trace.json"
+    ranks = run_ranks(MAIN, 2, "--module", "models.resnet50.gpus=2", *SMALL, "--rank", "{rank}", "--master_addr",
+                      "127.0.0.1", "--master_port", "{port}", "--config_path", "models/resnet50/gpus=2/mp_conf.json",
+                      "--num_minibatches", "10", "--epochs", "2", "--warmup", "2", "--trace", str(out), timeout=240,
+                      torch_env=False)
+    output = "\n".join(f"--- rank {r} ---\n{p.stdout}" for r, p in enumerate(ranks))
+    assert all(r.returncode == 0 for r in ranks), output
+    assert f"rank 1: trace written to {out}" in ranks[1].stdout and "slowest stage alone" in ranks[1].stdout, output
+    doc = json.loads(out.read_text())
+    assert [(r["rank"], r["stage"]) for r in doc["ranks"]] == [(0, 0), (1, 1)]
+    for r in doc["ranks"]:
+        kinds = [e[0] for e in r["events"]]
+        assert kinds.count("forward") == kinds.count("backward") == 10 and kinds.count("step") == 10  # last epoch
+        assert r["alone"]["forward"] > 0 and r["alone"]["backward"] > 0
+    for row in trace.summarize(doc):
+        assert sum(row[part] for part in trace.PARTS) == pytest.approx(row["wall"])
+        assert row["units"] == 10 - 2 - trace.TAIL - 1  # from unit 2 to the start of unit 6

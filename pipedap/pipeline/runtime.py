@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -272,6 +273,7 @@ class StageRuntime:
         self._start_run()
         report_every = max(1, len(events) // 10)
         for i, event in enumerate(events):
+            started, waits = time.perf_counter(), len(self.receive_waits)
             self._post_receives(events[i:i + 4])
             if event.kind == schedules.FORWARD:
                 self._forward(event.unit)
@@ -282,6 +284,8 @@ class StageRuntime:
             else:
                 self._step()
             self._sends = [w for w in self._sends if not w.done()]
+            self.event_times.append((event.kind, event.unit, started, time.perf_counter(),
+                                     sum(waited for _, waited in self.receive_waits[waits:])))
             if self.is_last and self._losses and (i + 1) % report_every == 0:
                 log.info("pipeline: %d/%d events, loss %.4f", i + 1, len(events), self._losses[-1])
         for work in self._sends:
@@ -295,9 +299,11 @@ class StageRuntime:
         self._sends: list = []  # the transport's works in flight
         self._in_flight: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # unit -> (input, output or loss)
         self._losses: list[float] = []
-        # for measurements: time.perf_counter() after each optimizer step; (arrival, seconds waited) per receive
+        # for measurements (time.perf_counter()): after each optimizer step; (arrival, seconds waited) per
+        # receive; per event (kind, unit, start, end, seconds of it spent waiting for received data)
         self.step_times: list[float] = []
         self.receive_waits: list[tuple[float, float]] = []
+        self.event_times: list[tuple[str, int, float, float, float]] = []
 
     def _peer(self, stage: int, unit: int) -> int:
         return self.config.rank_for(stage, unit)
@@ -365,6 +371,36 @@ class StageRuntime:
             self.optimizer.step()
             self.optimizer.zero_grad()
         self.step_times.append(time.perf_counter())
+
+    def compute_alone(self, repeats: int = 3) -> dict[str, float]:
+        """Seconds of this stage's forward and backward on one unit with nothing else running (median of
+        ``repeats``, after one warm-up): what its compute costs when no transfer competes for the core.
+
+        Local (no communication); inputs are zeros of the boundary's shapes. Parameters, gradients
+        and buffers (BatchNorm statistics) are left as they were.
+        """
+        specs = self._sample_spec if self.is_first else self.input_spec
+        x, y = (spec.empty(self.device).zero_() for spec in specs)
+        if x.is_floating_point() and not self.is_first:
+            x.requires_grad_()
+        saved = {name: b.clone() for name, b in self.module.named_buffers()}
+        grads = [(p, None if p.grad is None else p.grad.clone()) for p in self.module.parameters()]
+        times: dict[str, list[float]] = {"forward": [], "backward": []}
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            out = self.module(x, y)
+            t1 = time.perf_counter()
+            if out.requires_grad:
+                out.backward() if self.is_last else out.backward(torch.ones_like(out))
+            t2 = time.perf_counter()
+            times["forward"].append(t1 - t0)
+            times["backward"].append(t2 - t1)
+        with torch.no_grad():
+            for name, b in self.module.named_buffers():
+                b.copy_(saved[name])
+        for p, grad in grads:
+            p.grad = grad
+        return {phase: statistics.median(t[1:]) for phase, t in times.items()}
 
     def close(self) -> None:
         """Apply pending updates and remove the stages' groups (every rank calls it); the transport stays connected."""

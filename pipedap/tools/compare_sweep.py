@@ -271,7 +271,7 @@ class Sweep:
                 return dict(record, status="skipped", reason=f"no stage package {package}: generate it with "
                             f"python -m pipedap.tools.partition --model {model} --workers {ranks} --out {package}")
             command = tb.mpirun([sys.executable, str(MAIN_WITH_RUNTIME), *self.pipeline_options(model, ranks, system),
-                                 "--json", str(json_path)])
+                                 "--json", str(json_path), "--trace", str(trace)])
         else:
             command = tb.mpirun([sys.executable, "-m", "pipedap.tools.bench", *self.bench_options(model),
                                  "--baseline", system.baseline, "--compression", system.compression,
@@ -294,8 +294,7 @@ class Sweep:
         result = json.loads(json_path.read_text())
         record = dict(record, status="ok", json=str(json_path), unit=result["unit"], plan=result["plan"],
                       description=result["description"], result=result, **rounds_statistics([result]))
-        if system.program != "pipeline":
-            record["timeline"] = str(trace)
+        record["timeline" if system.program != "pipeline" else "stage_trace"] = str(trace)
         print(f"  {record['batch_s']['mean']:.3f} s per batch, {record['throughput']['mean']:.1f} "
               f"{result['unit']}/s in total; took {job.seconds:.0f} s", flush=True)
         return record
