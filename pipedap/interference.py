@@ -55,10 +55,6 @@ def _probe() -> Callable[[], None]:
     return lambda: torch.mm(a, b)
 
 
-def _allreduce(buffer: torch.Tensor, name: str, process_set: ProcessSet) -> engine.Collective:
-    return engine.allreduce_collective(buffer, buffer, name, engine.Sum, process_set)
-
-
 def _alone(unit: Callable[[], None], seconds: float) -> float:
     """Seconds per probe unit with nothing in flight (median of 5 timed batches)."""
     batch = 1
@@ -78,7 +74,8 @@ def _alone(unit: Callable[[], None], seconds: float) -> float:
 def _beside(unit: Callable[[], None], nbytes: int, ops: int, name: str, process_set: ProcessSet) -> float:
     """Seconds per probe unit while `ops` all-reduces of `nbytes` run back to back."""
     buffer = torch.zeros(nbytes // 4)  # one buffer: the engine runs the queue in order
-    works = [engine.submit([_allreduce(buffer, f"{name}.{i}", process_set)]) for i in range(ops)]
+    works = [engine.submit([engine.allreduce_collective(buffer, buffer, f"{name}.{i}", engine.Sum, process_set)])
+             for i in range(ops)]
     start, units = time.perf_counter(), 0
     while not works[-1].done():
         unit()
@@ -97,7 +94,8 @@ def measure(process_set: ProcessSet = global_process_set, progress: Callable[[st
     if process_set.size() < 2:
         raise ValueError("measuring interference needs at least 2 ranks: launch with mpirun -np N (N >= 2)")
     started = time.perf_counter()
-    sizing = _allreduce(torch.zeros(SIZING_BYTES // 4), "interference.sizing", process_set)
+    buffer = torch.zeros(SIZING_BYTES // 4)
+    sizing = engine.allreduce_collective(buffer, buffer, "interference.sizing", engine.Sum, process_set)
     engine.submit([sizing]).wait()  # warm-up
     t0 = time.perf_counter()
     engine.submit([sizing]).wait()
