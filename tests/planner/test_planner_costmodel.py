@@ -81,3 +81,20 @@ def test_bad_cost_file_names_the_key(tmp_path):
         costmodel.load(path, 2)
     with pytest.raises(ValueError, match="must be finite and >= 0"):
         CostModel(2, AlphaBeta(-1, 0), AlphaBeta(0, 0), AlphaBeta(0, 0))
+
+
+def test_a_burst_link_is_fitted_on_its_large_sizes():
+    """[Note: links that are not a line]: the reduce-scatter times measured at 125 Mbit/s on the emulated cluster
+    (tbf with a 256 kbit burst). Over all sizes the best non-negative line halves the large messages' time."""
+    measured = [(4096, 124.4e-6), (16384, 154.1e-6), (65536, 1374.1e-6), (262144, 7900.2e-6), (1 << 20, 35131.2e-6),
+                (4 << 20, 140549.2e-6), (16 << 20, 565985.4e-6), (64 << 20, 2366903.7e-6)]
+    everything = np.asarray(measured)
+    naive, naive_report = costmodel._relative_fit(everything)
+    assert naive_report.rms_relative > costmodel.POOR_FIT and naive.time(64 << 20) < 0.6 * 2.3669
+    line, report = costmodel.fit_line(measured)
+    for nbytes, seconds in measured[4:]:  # 1 MiB and up: within 10%
+        assert line.time(nbytes) == pytest.approx(seconds, rel=0.1)
+    assert report.samples == 4 and report.rms_relative < 0.1
+    # a line that fits stays fitted on every size
+    _, exact = costmodel.fit_line([(m, 1e-4 + 3e-8 * m) for m, _ in measured])
+    assert exact.samples == len(measured)
