@@ -109,6 +109,27 @@ def test_measuring_a_chain_gives_times_and_sizes():
     assert [c.param_bytes for c in costs] == [(8 * 16 + 16) * 4, 0, (16 * 4 + 4) * 4]
     assert all(c.forward > 0 and c.backward > 0 for c in costs)
     assert all(p.grad is None for _, m in chain for p in m.parameters())
+    assert costs[0].update > 0 and costs[1].update == 0 and costs[2].update > 0  # the optimizer step: modules with parameters
+    assert costs[0].compute == costs[0].forward + costs[0].backward + costs[0].update
+
+
+def test_the_update_counts_in_a_stage_and_moves_the_cut():
+    """A module whose parameters take long to update (VGG-16's classifier) makes its stage slow: the cut moves
+    work away from it. An update_seconds step leaves the parameters as they were."""
+    modules = [P.ModuleCost(f"m{i}", 0.5, 1.0, 1000, 8) for i in range(4)] + [P.ModuleCost("fc", 0.5, 1.0, 1000, 8, 4.0)]
+    costs = P.Costs(modules, bandwidth=1e12, latency=0.0)
+    best = P.best_partition(len(modules), 2, costs.stage_time, costs.boundary_time, "pipeline")
+    assert [(st.start, st.end) for st in best.stages] == [(0, 4), (4, 5)] and best.seconds == pytest.approx(6.0)
+    plain = P.Costs([P.ModuleCost(m.label, m.forward, m.backward, m.output_bytes, m.param_bytes) for m in modules],
+                    bandwidth=1e12, latency=0.0)
+    unaware = P.best_partition(5, 2, plain.stage_time, plain.boundary_time, "pipeline")
+    assert unaware.seconds == pytest.approx(4.5) and unaware.stages[0].end < 4  # balanced on forward + backward
+    assert costs.stage_time(unaware.stages[1].start, 5, 1) >= 7.0  # which leaves the update's stage at 7 s or more
+    layer = nn.Linear(4, 4)
+    layer(torch.randn(2, 4)).sum().backward()
+    before = [p.detach().clone() for p in layer.parameters()]
+    assert P.update_seconds(layer, iterations=2) > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
 
 
 @pytest.mark.parametrize("name", sequential.names())

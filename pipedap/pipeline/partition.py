@@ -1,7 +1,7 @@
 """PipeDream's optimizer: cut a chain of modules into pipeline stages, each replicated over some ranks.
 
-Input: per module of the chain (``models.sequential``), the measured forward and
-backward time of one minibatch, the bytes of its output (what crosses a stage
+Input: per module of the chain (``models.sequential``), the measured forward,
+backward and optimizer-update time of one minibatch, the bytes of its output (what crosses a stage
 boundary: the activation forward, its gradient back) and of its parameters; the
 number of workers; the link. A dynamic programme (PipeDream, Narayanan et al.,
 SOSP 2019, section 3.1) chooses the stage boundaries and each stage's number of
@@ -44,17 +44,25 @@ PARALLELISMS = ("pipeline", "hybrid", "data")
 
 @dataclass(frozen=True)
 class ModuleCost:
-    """One module of the chain, measured on one minibatch: seconds and bytes."""
+    """One module of the chain, measured on one minibatch: seconds and bytes.
+
+    ``update`` is its parameters' optimizer step (SGD with momentum and weight decay, as
+    main_with_runtime.py's): every stage runs it after each backward, so it is part of the
+    stage's time per minibatch. VGG-16's classifier (120 M parameters) takes about 1.2 s of
+    it on one core at 112 px, batch 16: a third of its stage. Costs files from before it was
+    measured load with 0.
+    """
 
     label: str
     forward: float
     backward: float
     output_bytes: int
     param_bytes: int
+    update: float = 0.0
 
     @property
     def compute(self) -> float:
-        return self.forward + self.backward
+        return self.forward + self.backward + self.update
 
 
 @dataclass(frozen=True)
@@ -218,7 +226,8 @@ class Costs:
         if len(stages) < 2 or any(st.replicas > 1 for st in stages):
             return None
         forward = [sum(m.forward for m in self.modules[st.start:st.end]) for st in stages]
-        backward = [sum(m.backward for m in self.modules[st.start:st.end]) for st in stages]
+        # the step follows each backward on the same core: replayed as part of it
+        backward = [sum(m.backward + m.update for m in self.modules[st.start:st.end]) for st in stages]
         one_way = [b / 2 for b in partition.boundaries]
         for extra in range(most):
             if one_f_one_b_period(forward, backward, one_way, extra) <= partition.seconds * 1.01:
@@ -281,7 +290,7 @@ def stage_profile(modules: Sequence[ModuleCost]) -> Profile | None:
     pending_tf = pending_tb = 0.0
     for m in modules:
         if m.param_bytes:
-            layers.append([m.label, m.param_bytes, m.forward + pending_tf, m.backward + pending_tb])
+            layers.append([m.label, m.param_bytes, m.forward + pending_tf, m.backward + pending_tb, m.update])
             pending_tf = pending_tb = 0.0
         elif layers:
             layers[-1][2] += m.forward
@@ -290,7 +299,7 @@ def stage_profile(modules: Sequence[ModuleCost]) -> Profile | None:
             pending_tf, pending_tb = pending_tf + m.forward, pending_tb + m.backward
     if not layers:
         return None
-    return Profile(tuple(Layer(label, (f"{label}.params",), nbytes, tf, tb) for label, nbytes, tf, tb in layers))
+    return Profile(tuple(Layer(label, (f"{label}.params",), nbytes, tf, tb, u) for label, nbytes, tf, tb, u in layers))
 
 
 # --- measuring a chain -----------------------------------------------------------------------------------
@@ -298,11 +307,13 @@ def stage_profile(modules: Sequence[ModuleCost]) -> Profile | None:
 
 def measure(chain: Sequence[tuple[str, nn.Module]], sample: torch.Tensor, *, iterations: int = 3,
             warmup: int = 1) -> list[ModuleCost]:
-    """Each module's forward and backward seconds on ``sample`` (one minibatch), output and parameter bytes.
+    """Each module's forward, backward and update seconds on ``sample`` (one minibatch), output and parameter bytes.
 
     Module i runs on module i - 1's output, detached (so each backward is its own);
     the median of ``iterations`` timed runs after ``warmup``. Training mode, as in
     training (BatchNorm's running statistics move); gradients are cleared afterwards.
+    The update is an SGD step with momentum and weight decay on the module's parameters
+    (:func:`update_seconds`); the parameters are restored after it.
     """
     if iterations < 1 or warmup < 0:
         raise ValueError(f"need iterations >= 1 and warmup >= 0, got {iterations}, {warmup}")
@@ -323,7 +334,27 @@ def measure(chain: Sequence[tuple[str, nn.Module]], sample: torch.Tensor, *, ite
                 backwards.append(t2 - t1)
         params = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
         costs.append(ModuleCost(label, statistics.median(forwards), statistics.median(backwards),
-                                out.numel() * out.element_size(), params))
+                                out.numel() * out.element_size(), params, update_seconds(module, iterations, warmup)))
         module.zero_grad(set_to_none=True)
         x = out.detach()
     return costs
+
+
+def update_seconds(module: nn.Module, iterations: int = 3, warmup: int = 1) -> float:
+    """Median seconds of an SGD step (momentum 0.9, weight decay 1e-4) on ``module``'s parameters, which must
+    have gradients; 0 without trainable parameters. The parameters are left as they were."""
+    params = [p for p in module.parameters() if p.requires_grad and p.grad is not None]
+    if not params:
+        return 0.0
+    saved = [p.detach().clone() for p in params]
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    times = []
+    for run in range(warmup + iterations):
+        t0 = time.perf_counter()
+        optimizer.step()
+        if run >= warmup:
+            times.append(time.perf_counter() - t0)
+    with torch.no_grad():
+        for p, value in zip(params, saved):
+            p.copy_(value)
+    return statistics.median(times)

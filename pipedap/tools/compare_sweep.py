@@ -397,7 +397,10 @@ def pipeline_bound(package: Path, achieved_bps: float | None, nominal_bps: float
     """[Note: the pipeline's bound] No pipeline of the package's stages beats
     ``max(the slowest stage's compute, the boundary's activation bytes per minibatch at the nominal rate)``.
 
-    The split of compute between stages is the partition's (``partition.json``); its total is
+    A stage's compute is its forward, backward and optimizer step (the step was left out
+    before its time was measured per module: VGG-16's second stage spent 1.2-1.3 s of its
+    4.9 s per minibatch in it, as main_with_runtime.py --trace showed, and the bound was low
+    by that much). The split of compute between stages is the partition's (``partition.json``); its total is
     ``compute_s``, this sweep's compute-only reference (one pinned process per rank at once),
     because the partition may have been measured on another load. Also given: the slowest
     stage's compute plus its sends at the achieved rate (``with_sends_s``), which is what a
@@ -410,15 +413,19 @@ def pipeline_bound(package: Path, achieved_bps: float | None, nominal_bps: float
         return {"bound_s": None, "why": f"{package / 'partition.json'} measured batch {record['batch_size']} at "
                                         f"{record['image_size']} px, this run uses batch {batch_size}"}
     modules = record["modules"]
-    scale = compute_s / sum(m["forward"] + m["backward"] for m in modules)
+
+    def compute(m: dict) -> float:  # the optimizer step too: the reference runs it (0 in older partition files)
+        return m["forward"] + m["backward"] + m.get("update", 0.0)
+
+    scale = compute_s / sum(map(compute, modules))
     rate = (achieved_bps or nominal_bps) / 8
     last = len(record["stages"]) - 1
     stages = []
     for s, stage in enumerate(record["stages"]):
-        compute = scale * sum(m["forward"] + m["backward"] for m in modules[stage["start"]:stage["end"]])
+        stage_compute = scale * sum(map(compute, modules[stage["start"]:stage["end"]]))
         sent = ((modules[stage["end"] - 1]["output_bytes"] if s < last else 0)
                 + (modules[stage["start"] - 1]["output_bytes"] if s > 0 else 0))
-        stages.append({"compute_s": compute, "send_s": sent / rate})
+        stages.append({"compute_s": stage_compute, "send_s": sent / rate})
     link = max((modules[st["end"] - 1]["output_bytes"] for st in record["stages"][:-1]), default=0) * 8 / nominal_bps
     return {"bound_s": max([st["compute_s"] for st in stages] + [link]), "stages": stages, "link_s": link,
             "with_sends_s": max(st["compute_s"] + st["send_s"] for st in stages), "rate_bps": rate * 8,

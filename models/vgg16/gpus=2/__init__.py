@@ -1,11 +1,11 @@
 """vgg16 in 2 stage(s) on 2 rank(s), written by the partitioner:
 
-    python -m pipedap.tools.partition --model vgg16 -b 16 --image-size 112 --workers 2 --bandwidth 125mbit --parallelism pipeline --costs models/vgg16/gpus=2/partition.json --out models/vgg16/gpus=2
+    python -m pipedap.tools.partition --model vgg16 -b 16 --image-size 112 --workers 2 --bandwidth 125mbit --parallelism pipeline --out models/vgg16/gpus=2
 
-stage 0: modules 0-7 (features.0 .. features.12), 1 rank(s), 3.997 s per minibatch (compute 3.997 s)
+stage 0: modules 0-7 (features.0 .. features.12), 1 rank(s), 3.526 s per minibatch (compute 3.526 s)
   boundary 0 -> 1: 12.8 MB each way, 1.644 s per minibatch
-stage 1: modules 8-24 (features.14 .. classifier.6), 1 rank(s), 3.875 s per minibatch (compute 3.875 s)
-pipeline: 3.997 s per minibatch, bound by the slowest stage or boundary
+stage 1: modules 8-24 (features.14 .. classifier.6), 1 rank(s), 4.054 s per minibatch (compute 4.054 s)
+pipeline: 4.054 s per minibatch, bound by the slowest stage or boundary
 1F1B: the transfers outlast what PipeDream's count of minibatches in flight covers; run main_with_runtime.py with --extra-in-flight 1 to hide them (one more update of staleness each)
 
 Regenerate rather than edit. ``model(criterion)`` returns PipeDream's stage list:
