@@ -154,3 +154,20 @@ def test_trace_records_every_ranks_events_and_splits_each_stages_time(tmp_path):
     for row in trace.summarize(doc):
         assert sum(row[part] for part in trace.PARTS) == pytest.approx(row["wall"])
         assert row["units"] == 10 - 2 - trace.TAIL - 1  # from unit 2 to the start of unit 6
+
+
+def test_trace_under_mpirun_leaves_a_replicated_stage_training_as_without_it(tmp_path):
+    """compute_alone runs the stage's forward and backward before training: with replicas over PipeDAP's engine
+    (dp_conf.json), its DistributedOptimizer must see none of it. The losses are those of the same run untraced."""
+    def mean_losses(*extra: str) -> list[str]:
+        result = run_mpi(MAIN, 2, "--module", "models.resnet50.gpus=2", *SMALL, "--config_path", "dp_conf.json",
+                         "--distributed_backend", "mpi", "--num_minibatches", "8", "--warmup", "1", *extra,
+                         timeout=240)
+        assert_ok(result)
+        return sorted(re.findall(r"^rank \d \(stage 0 of 1\): epoch 0: .*mean loss ([\d.]+)", result.output, re.M))
+
+    plain = mean_losses()
+    traced = mean_losses("--trace", str(tmp_path / "trace.json"))
+    assert len(plain) == 2 and traced == plain
+    doc = json.loads((tmp_path / "trace.json").read_text())
+    assert [r["stage"] for r in doc["ranks"]] == [0, 0]

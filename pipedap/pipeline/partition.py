@@ -48,9 +48,9 @@ class ModuleCost:
 
     ``update`` is its parameters' optimizer step (SGD with momentum and weight decay, as
     main_with_runtime.py's): every stage runs it after each backward, so it is part of the
-    stage's time per minibatch. VGG-16's classifier (120 M parameters) takes about 1.2 s of
-    it on one core at 112 px, batch 16: a third of its stage. Costs files from before it was
-    measured load with 0.
+    stage's time per minibatch. VGG-16's classifier (120 M parameters) takes 0.6 s of it alone on
+    one core, and 1.2-1.3 s per minibatch in a 2-stage pipeline, a quarter of the time
+    (benchmarks/results/pipeline_vs_dp). Costs files from before it was measured load with 0.
     """
 
     label: str

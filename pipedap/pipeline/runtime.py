@@ -376,30 +376,38 @@ class StageRuntime:
         """Seconds of this stage's forward and backward on one unit with nothing else running (median of
         ``repeats``, after one warm-up): what its compute costs when no transfer competes for the core.
 
-        Local (no communication); inputs are zeros of the boundary's shapes. Parameters, gradients
-        and buffers (BatchNorm statistics) are left as they were.
+        Local (no communication); inputs are zeros of the boundary's shapes. The backward is
+        ``torch.autograd.grad``, which leaves ``p.grad`` alone and fires no gradient-accumulation
+        hook, and the modules' forward hooks are set aside meanwhile: a DistributedOptimizer over
+        the stage's replicas sees nothing (its hooks would submit collectives the other replicas
+        never join). Buffers (BatchNorm statistics) are restored.
         """
         specs = self._sample_spec if self.is_first else self.input_spec
         x, y = (spec.empty(self.device).zero_() for spec in specs)
         if x.is_floating_point() and not self.is_first:
             x.requires_grad_()
+        wrt = [p for p in self.module.parameters() if p.requires_grad] + ([x] if x.requires_grad else [])
         saved = {name: b.clone() for name, b in self.module.named_buffers()}
-        grads = [(p, None if p.grad is None else p.grad.clone()) for p in self.module.parameters()]
+        hooks = [(m, m._forward_pre_hooks, m._forward_hooks) for m in self.module.modules()]
         times: dict[str, list[float]] = {"forward": [], "backward": []}
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            out = self.module(x, y)
-            t1 = time.perf_counter()
-            if out.requires_grad:
-                out.backward() if self.is_last else out.backward(torch.ones_like(out))
-            t2 = time.perf_counter()
-            times["forward"].append(t1 - t0)
-            times["backward"].append(t2 - t1)
-        with torch.no_grad():
-            for name, b in self.module.named_buffers():
-                b.copy_(saved[name])
-        for p, grad in grads:
-            p.grad = grad
+        try:
+            for m, _, _ in hooks:
+                m._forward_pre_hooks, m._forward_hooks = type(m._forward_pre_hooks)(), type(m._forward_hooks)()
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                out = self.module(x, y)
+                t1 = time.perf_counter()
+                if out.requires_grad and wrt:
+                    torch.autograd.grad(out, wrt, None if self.is_last else torch.ones_like(out), allow_unused=True)
+                t2 = time.perf_counter()
+                times["forward"].append(t1 - t0)
+                times["backward"].append(t2 - t1)
+        finally:
+            for m, pre, post in hooks:
+                m._forward_pre_hooks, m._forward_hooks = pre, post
+            with torch.no_grad():
+                for name, b in self.module.named_buffers():
+                    b.copy_(saved[name])
         return {phase: statistics.median(t[1:]) for phase, t in times.items()}
 
     def close(self) -> None:
