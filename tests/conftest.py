@@ -1,11 +1,17 @@
-"""Shared by every test: tests/ on sys.path (for mpi_launch and friends), and the legend_of fixture."""
+"""Shared by every test: tests/ on sys.path (for mpi_launch and friends), no interference measurement unless a
+test asks for one, and the legend_of fixture."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Measuring interference takes about 3 s per cost model and per online plan; the tests of other features
+# plan without it (PIPEDAP_INTERFERENCE=off reaches every mpirun job through the environment). The tests of
+# interference set it themselves (tests/test_interference.py, tests/mpi_scripts/check_interference.py).
+os.environ.setdefault("PIPEDAP_INTERFERENCE", "off")
 
 
 @pytest.fixture
