@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from models import data as model_data
+from pipedap import heap
 from pipedap.pipeline import SCHEDULES, StageRuntime, startup, trace, transport
 from pipedap.pipeline.config import PipelineConfig
 from pipedap.pipeline.transport import (
@@ -307,6 +308,7 @@ def run(args, runtime: StageRuntime, package, data: Data | None) -> None:
     who = f"rank {runtime.rank} (stage {runtime.stage} of {runtime.num_stages})"
     if data is not None:
         print(f"{who}: data: {data.describe()}", flush=True)
+    print(f"{who}: heap: {heap.describe()}", flush=True)
     start_epoch = resume(args, runtime) if args.resume else 0
     shared = runtime.transport.all_gather_object(data.batches_per_epoch() if data else None, "epoch length")
     per_replica = min((n for n in shared if n is not None), default=None)

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import importlib
 
+import pipedap.heap
 import pipedap.log  # noqa: F401  every record of the "pipedap" logger names its rank
+
+pipedap.heap.retain()  # [Note: retained heap]: before the job's large tensors are allocated
 
 __version__ = "0.1.0"
 

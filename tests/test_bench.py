@@ -44,6 +44,7 @@ def check_common(doc: dict, output: str, baseline: str) -> None:
         assert f"Iter #{i}: {it['per_worker']:.1f} img/sec per worker" in output
     assert "(the mean over the 2 ranks' rates)" in output and "(mean of the Iter lines +- its 95%" in output
     assert "Img/sec per worker: " in output and "Total img/sec on 2 worker(s): " in output
+    assert "Heap: retained (freed memory is kept for reuse" in output  # [Note: retained heap]
 
 
 @pytest.mark.mpi

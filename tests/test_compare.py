@@ -377,6 +377,18 @@ def test_a_sharded_system_is_named_with_its_suffix_and_runs_bench_with_shard_upd
             compare.parse_args(["--systems", bad])
 
 
+def test_a_glibcmalloc_system_runs_with_glibcs_heap_defaults_and_the_others_with_the_retained_heap() -> None:
+    """[Note: retained heap]: the suffix turns it off for one system, side by side with the same system."""
+    args = compare.parse_args(["--systems", "Pipeline-1F1B,Pipeline-1F1B-glibcmalloc,DeAR-fp16-sharded-GLIBCMALLOC"])
+    plain, glibc, dear = args.systems
+    assert (glibc.label, glibc.baseline, glibc.program) == ("Pipeline-1F1B-glibcmalloc", "1f1b", "pipeline")
+    assert glibc.env == {"PIPEDAP_RETAIN_HEAP": "0"} and plain.env == {}
+    assert (dear.label, dear.compression, dear.shard_update) == ("DeAR-fp16-sharded-glibcmalloc", "fp16", True)
+    assert "PIPEDAP_RETAIN_HEAP" not in compare_sweep.clean_env({"PIPEDAP_RETAIN_HEAP": "0", "GLIBC_TUNABLES": "x"})
+    with pytest.raises(compare_sweep.CompareError, match="unknown"):
+        compare.parse_args(["--systems", "DeAR-glibcmalloc-fp16"])
+
+
 def test_the_readmes_rounds_table_is_generated_from_the_committed_sweep() -> None:
     """Issue 16 item 7: the README quotes the committed JSON, printed by compare_report's markdown()."""
     root = Path(__file__).resolve().parents[1]

@@ -71,6 +71,7 @@ def test_one_process_trains_on_synthetic_data_saying_so_then_resumes_from_its_ch
                         "--checkpoint_dir", str(tmp_path))
     assert first.returncode == 0, first.stdout
     assert "data: synthetic images (2 classes, 32 px; pass --data_dir for an image folder)" in first.stdout
+    assert "heap: retained (freed memory is kept for reuse" in first.stdout
     assert f"saved checkpoint to {tmp_path / 'checkpoint.0.pth.tar'}" in first.stdout, first.stdout
     resumed = one_process("--module", "models.vgg16.gpus=2", *SMALL, "--num_minibatches", "2", "--epochs", "2",
                           "--resume", str(tmp_path / "checkpoint"))

@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 import models
-from pipedap import units
+from pipedap import heap, units
 from pipedap.planner import energy
 from pipedap.tools import timeline
 from pipedap.tools.bench_baselines import BenchError, Runtime, start
@@ -243,7 +243,7 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
     loss_fn = models.loss_fn(args.model)
     say(f"Model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
         f"input {tuple(inputs.shape[1:])})\nBatch size: {args.batch_size}\n"
-        f"Number of {who}s: {world} ({device.type})\nBaseline: {args.baseline}")
+        f"Number of {who}s: {world} ({device.type})\nBaseline: {args.baseline}\nHeap: {heap.describe()}")
     optimizer = make_optimizer(args, model)
     dist = runtime.distribute(model, optimizer, (inputs, targets), loss_fn, say)
     described = runtime.describe(dist)

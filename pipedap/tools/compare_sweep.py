@@ -39,7 +39,8 @@ LAUNCH_S = 5.0  # mpirun, imports and model construction per run
 CALIBRATION_SIZE = "16m"
 # gloo (DDP) finds rank 0 through the hosts' NIC: their names do not resolve
 TESTBED_ENV = {"GLOO_SOCKET_IFNAME": "eth0"}
-ENV_CLEARED = ("PIPEDAP_PLAN", "PIPEDAP_PLANNER", "PIPEDAP_SCHEDULE", "PIPEDAP_INTERFERENCE")  # would change what a system runs
+ENV_CLEARED = ("PIPEDAP_PLAN", "PIPEDAP_PLANNER", "PIPEDAP_SCHEDULE", "PIPEDAP_INTERFERENCE", "PIPEDAP_RETAIN_HEAP",
+               "GLIBC_TUNABLES")  # would change what a system runs
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ SYSTEMS = (
 MAIN_WITH_RUNTIME = Path(__file__).resolve().parents[2] / "main_with_runtime.py"
 COMPRESSIONS = ("fp16", "bf16")
 SHARDED = "sharded"
+GLIBC_MALLOC = "glibcmalloc"  # suffix: PIPEDAP_RETAIN_HEAP=0, glibc's malloc defaults ([Note: retained heap])
 SHARDABLE = ("PipeDAP", "DeAR", "WFBP")
 
 
@@ -87,18 +89,21 @@ class CompareError(Exception):
 
 def system_named(name: str) -> System:
     """The system ``name`` (case-insensitive) of SYSTEMS, or one with suffixes: ``-fp16``/``-bf16`` (a
-    data-parallel system with its gradients compressed) and ``-sharded`` (PipeDAP, DeAR or WFBP with
-    shard_update), in that order, e.g. ``DeAR-fp16-sharded``."""
+    data-parallel system with its gradients compressed), ``-sharded`` (PipeDAP, DeAR or WFBP with
+    shard_update) and ``-glibcmalloc`` (any system, its ranks with PIPEDAP_RETAIN_HEAP=0), in that order,
+    e.g. ``DeAR-fp16-sharded`` or ``Pipeline-1F1B-glibcmalloc``."""
     labels = {s.label.lower(): s for s in SYSTEMS}
-    base, compression, sharded = name.lower(), "none", False
+    base, compression, sharded, glibc_malloc = name.lower(), "none", False, False
+    if base not in labels and base.endswith(f"-{GLIBC_MALLOC}"):
+        base, glibc_malloc = base[: -len(GLIBC_MALLOC) - 1], True
     if base not in labels and base.endswith(f"-{SHARDED}"):
         base, sharded = base[: -len(SHARDED) - 1], True
     if base not in labels and base.rpartition("-")[2] in COMPRESSIONS:
         base, _, compression = base.rpartition("-")
     if base not in labels:
         raise CompareError(f"--systems: unknown {name}; choose from {', '.join(s.label for s in SYSTEMS)}, each "
-                           f"data-parallel one also with -{' or -'.join(COMPRESSIONS)}, and {', '.join(SHARDABLE)} "
-                           f"also with -{SHARDED}")
+                           f"data-parallel one also with -{' or -'.join(COMPRESSIONS)}, {', '.join(SHARDABLE)} "
+                           f"also with -{SHARDED}, and any with -{GLIBC_MALLOC} last")
     system = labels[base]
     if compression != "none" and system.program != "bench":
         raise CompareError(f"--systems: {name}: compression is for data-parallel systems; a pipeline sends "
@@ -106,8 +111,10 @@ def system_named(name: str) -> System:
     if sharded and system.baseline not in SHARDABLE:
         raise CompareError(f"--systems: {name}: -{SHARDED} (DistributedOptimizer's shard_update) is for "
                            f"{', '.join(SHARDABLE)}")
-    label = system.label + (f"-{compression}" if compression != "none" else "") + (f"-{SHARDED}" if sharded else "")
-    return dataclasses.replace(system, label=label, compression=compression, shard_update=sharded)
+    label = (system.label + (f"-{compression}" if compression != "none" else "") + (f"-{SHARDED}" if sharded else "")
+             + (f"-{GLIBC_MALLOC}" if glibc_malloc else ""))
+    env = dict(system.env, PIPEDAP_RETAIN_HEAP="0") if glibc_malloc else system.env
+    return dataclasses.replace(system, label=label, compression=compression, shard_update=sharded, env=env)
 
 
 def clean_env(env: dict[str, str]) -> dict[str, str]:

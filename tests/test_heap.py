@@ -1,0 +1,62 @@
+"""pipedap.heap: importing pipedap keeps freed memory for reuse ([Note: retained heap]); a setting turns it off."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+# An SGD step with weight decay over two 40 MB parameters (above glibc's largest dynamic mmap
+# threshold, 32 MiB): its temporaries are freed every step. Prints each step's minor page faults.
+STEPS = """
+import json, resource, torch
+import pipedap
+torch.set_num_threads(1)
+params = [torch.nn.Parameter(torch.randn(10_000_000)) for _ in range(2)]
+for p in params:
+    p.grad = torch.randn_like(p)
+opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    opt.step()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"faults": faults, "heap": pipedap.heap.describe()}))
+"""
+
+
+def run(code: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in ("PIPEDAP_RETAIN_HEAP", "GLIBC_TUNABLES")}
+    return subprocess.run([sys.executable, "-c", code], env=dict(clean, **env), capture_output=True, text=True,
+                          timeout=120)
+
+
+def steps(**env: str) -> dict:
+    done = run(STEPS, **env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the heap settings are glibc's")
+def test_a_step_reuses_its_freed_memory_and_glibcs_defaults_fault_it_in_again():
+    kept, handed_back = steps(), steps(PIPEDAP_RETAIN_HEAP="0")
+    assert kept["heap"].startswith("retained") and handed_back["heap"].startswith("glibc's defaults")
+    pages = 40_000_000 // 4096  # one parameter's temporary
+    assert min(handed_back["faults"][2:]) > pages  # every step maps its temporaries again
+    assert max(kept["faults"][2:]) < pages // 10  # once warm, the heap serves them
+
+
+def test_the_users_glibc_tunables_win():
+    done = run("import pipedap; print(pipedap.heap.describe())", GLIBC_TUNABLES="glibc.malloc.mmap_max=0")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "as GLIBC_TUNABLES=glibc.malloc.mmap_max=0 sets it"
+
+
+def test_a_bad_setting_is_refused_at_import_naming_it():
+    done = run("import pipedap", PIPEDAP_RETAIN_HEAP="yes")
+    assert done.returncode != 0
+    assert "PIPEDAP_RETAIN_HEAP='yes': expected 0 or 1 (default 1)" in done.stderr
