@@ -89,13 +89,31 @@ def describe(table: Table) -> str:
     return "; ".join(parts)
 
 
-def _collective(kind: str, n: int, algorithm: str, ps: ProcessSet) -> engine.Collective:
-    """A float32 rs / ag / ar of n elements (n divisible by the set's size) forced to `algorithm`."""
-    full, part = torch.ones(n), torch.ones(n // ps.size())
-    name = f"algorithms.{kind}.{n}.{algorithm}"
-    collective = {"rs": lambda: engine.reducescatter_collective(full, part, name, engine.Sum, ps),
-                  "ag": lambda: engine.allgather_collective(part, full, name, ps),
-                  "ar": lambda: engine.allreduce_collective(full, full, name, engine.Sum, ps)}[kind]()
+class Buffers:
+    """Float32 input and output of one reduce-scatter, all-gather or all-reduce (``op``, the engine's kind) of
+    about ``nbytes`` (the full buffer, rounded down to a multiple of the set's size, at least one element each).
+
+    Shared by the measured choice and ``pipedap.tools.bench_comm``, which gives mpi4py the same buffers.
+    """
+
+    def __init__(self, op: str, nbytes: int, world: int):
+        n = max(world, nbytes // 4 // world * world)
+        self.op, self.nbytes = op, n * 4
+        full, part, out_full = torch.ones(n), torch.ones(n // world), torch.empty(n)
+        self.src, self.dst = {"reducescatter": (full, part), "allgather": (part, out_full),
+                              "allreduce": (full, out_full)}[op]
+
+    def collective(self, name: str, process_set: ProcessSet = global_process_set) -> engine.Collective:
+        """The comm core's collective of these buffers (a sum where it reduces)."""
+        if self.op == "allgather":
+            return engine.allgather_collective(self.src, self.dst, name, process_set)
+        make = engine.reducescatter_collective if self.op == "reducescatter" else engine.allreduce_collective
+        return make(self.src, self.dst, name, engine.Sum, process_set)
+
+
+def _collective(kind: str, nbytes: int, algorithm: str, ps: ProcessSet) -> engine.Collective:
+    """A float32 rs / ag / ar of ``nbytes`` (a multiple of 4 x the set's size) forced to ``algorithm``."""
+    collective = Buffers(KINDS[kind], nbytes, ps.size()).collective(f"algorithms.{kind}.{nbytes}.{algorithm}", ps)
     collective.spec.algorithm = algorithm
     return collective
 
@@ -126,7 +144,7 @@ def measure(sizes: Sequence[int], repeats: int = 5, process_set: ProcessSet = gl
         live, losses = list(ALGORITHMS), dict.fromkeys(ALGORITHMS, 0)
         for nbytes in sizes:
             n = max(world, nbytes // 4 // world * world)
-            mine = _time({a: _collective(kind, n, a, process_set) for a in live}, repeats)
+            mine = _time({a: _collective(kind, n * 4, a, process_set) for a in live}, repeats)
             mine = torch.tensor([mine[a] for a in live], dtype=torch.float64)
             slowest = comm.allgather(mine.view(1, -1), name=f"algorithms.t.{kind}.{n}",
                                      process_set=process_set).max(dim=0).values

@@ -23,41 +23,18 @@ import statistics
 import time
 
 import numpy as np
-import torch
 
 import pipedap
 from pipedap import algorithms, engine, settings
+from pipedap.algorithms import Buffers
 from pipedap.units import parse_size
 
 OPS = ("reducescatter", "allgather", "allreduce")
 DEFAULT_SIZES = [4, 4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 
 
-class Buffers:
-    """Input and output of one collective of `nbytes` (the full buffer), as torch and numpy views."""
-
-    def __init__(self, op: str, nbytes: int, world: int):
-        n = max(world, nbytes // 4 // world * world)  # float32, divisible by the world size
-        self.full = torch.ones(n)
-        self.part = torch.ones(n // world)
-        self.out_full = torch.empty(n)
-        self.nbytes = n * 4
-        if op == "reducescatter":
-            self.src, self.dst = self.full, self.part
-        elif op == "allgather":
-            self.src, self.dst = self.part, self.out_full
-        else:
-            self.src, self.dst = self.full, self.out_full
-
-    def pipedap_collective(self, op: str) -> engine.Collective:
-        make = {"reducescatter": engine.reducescatter_collective, "allgather": engine.allgather_collective,
-                "allreduce": engine.allreduce_collective}[op]
-        args = (self.src, self.dst, f"bench.{op}") + (() if op == "allgather" else (pipedap.Sum,))
-        return make(*args)
-
-
 def time_pipedap(buffers: Buffers, op: str, iters: int, algorithm: str = "auto") -> float:
-    collective = buffers.pipedap_collective(op)
+    collective = buffers.collective(f"bench.{op}")
     collective.spec.algorithm = algorithm
     for _ in range(2):
         engine.submit([collective]).wait()
