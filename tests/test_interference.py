@@ -22,7 +22,8 @@ def test_the_clean_clock_runs_slower_beside_transfers():
 @pytest.mark.mpi
 def test_measured_on_one_shared_core_and_cached_with_the_cost_model(tmp_path):
     """Two ranks pinned to one core: compute must slow while their engines move bytes, every rank gets the
-    same interference, the cost model carries it to the cache, and PIPEDAP_INTERFERENCE=off measures nothing."""
+    same interference, the cost model carries it to the cache, PIPEDAP_INTERFERENCE=off measures nothing, and
+    the online planner measures it, maps its profile with it and plans with it."""
     out = tmp_path / "sigma.json"
     assert_ok(run_mpi("check_interference.py", 2, str(out), timeout=240, env={"PIPEDAP_CACHE_DIR": str(tmp_path)}))
     result = json.loads(out.read_text())
@@ -30,3 +31,8 @@ def test_measured_on_one_shared_core_and_cached_with_the_cost_model(tmp_path):
     assert len(set(result["measured"])) == 1 and result["measured"][0] > 0, result
     assert result["cached"] == result["measured"][0]
     assert result["off"] == 0.0
+    # the online planner: measured once, the same on every rank, the profile mapped with it, the plans made with it
+    clocks = [rank["clock"] for rank in result["online"]]
+    assert all(len(set(c)) == 1 for c in clocks) and len({c[0] for c in clocks}) == 1 and clocks[0][0] > 0, clocks
+    plans = result["online"][0]["plans"]
+    assert plans and all(profile == clocks[0][0] and cost > 0 for profile, cost in plans), plans
