@@ -7,9 +7,10 @@ so every training step maps its large temporaries (the optimizer step's, the gra
 activations) again, and the kernel zeroes each page on first touch. VGG-16's second
 pipeline stage (its classifier) spent 26% of its cycles in the kernel, 13% zeroing pages,
 and its SGD step took 1.2 s where it takes 0.22 s with the memory kept: a 2-stage 1F1B
-run on this machine went from 4.44 to 3.30 s per minibatch, and on 2 emulated hosts at
-125 Mbit/s from 4.90 to 4.37 s (two interleaved rounds). An SGD step over 3 x 80 MB
-faults 58,600 pages in every step with glibc's defaults and none once the heap is kept.
+run on this machine went from 4.44 to 3.30 s per minibatch, and on 2 emulated hosts from
+4.39 to 3.98 s at 125 Mbit/s and from 4.14 to 3.74 s at 500 Mbit/s (two interleaved
+rounds; benchmarks/results/pipeline_vs_dp). An SGD step over 3 x 80 MB faults 58,600
+pages in every step with glibc's defaults and none once the heap is kept.
 
 So importing pipedap sets, through ``mallopt``, what
 ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...`` would: no mmap
