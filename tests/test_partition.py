@@ -132,6 +132,30 @@ def test_the_update_counts_in_a_stage_and_moves_the_cut():
     assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
 
 
+def test_a_stage_computes_slower_beside_its_boundaries_transfers_and_the_cut_seeks_a_small_boundary():
+    """[Note: a stage beside its transfers]: c + σ min(c, T), T both ways of the boundaries around the stage. Two
+    cuts of nearly equal compute: without interference the balanced one wins, with it the one whose activation
+    is 100x smaller (VGG-16's pooling layer)."""
+    modules = [P.ModuleCost("conv", 0.5, 0.5, 100_000_000, 8), P.ModuleCost("pool", 0.02, 0.03, 1_000_000, 0),
+               P.ModuleCost("fc", 0.4, 0.5, 4_000, 8)]
+    plain = P.Costs(modules, bandwidth=200e6, latency=0.0)
+    aware = P.Costs(modules, bandwidth=200e6, latency=0.0, interference=0.5)
+    assert aware.transfers(0, 1) == pytest.approx(1.0) and aware.transfers(1, 2) == pytest.approx(1.01)
+    assert aware.transfers(0, 3) == 0.0  # one stage: nothing crosses a boundary
+    assert aware.stage_time(0, 1, 1) == pytest.approx(1.0 + 0.5 * 1.0)
+    assert aware.stage_time(2, 3, 1) == pytest.approx(0.9 + 0.5 * 0.01)
+    assert aware.stage_time(1, 2, 1) == pytest.approx(0.05 + 0.5 * 0.05)  # capped at its compute
+    assert aware.stage_time(0, 3, 1) == plain.stage_time(0, 3, 1) == pytest.approx(1.95)
+    assert aware.stage_time(0, 1, 2) == pytest.approx(plain.stage_time(0, 1, 2) + 0.5 * 1.0 / 2)  # a replica's share
+    cuts = {}
+    for name, costs in (("plain", plain), ("aware", aware)):
+        best = P.best_partition(3, 2, costs.stage_time, costs.boundary_time, "pipeline")
+        cuts[name] = (best.stages[0].end, best.seconds)
+    assert cuts["plain"] == (1, pytest.approx(1.0)) and cuts["aware"] == (2, pytest.approx(1.055))
+    with pytest.raises(ValueError, match="interference -0.1: expected a number >= 0"):
+        P.Costs(modules, bandwidth=1.0, latency=0.0, interference=-0.1)
+
+
 @pytest.mark.parametrize("name", sequential.names())
 def test_each_chain_computes_what_its_model_computes(name):
     torch.manual_seed(0)

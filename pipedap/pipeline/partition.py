@@ -19,6 +19,16 @@ layers on m workers (:func:`pipedap.planner.make_plan`: fusion and the decoupled
 reduce-scatter/all-gather overlapping the stage's backward and next forward).
 ``boundary(i)`` is PipeDream's ``2 a / B``: module i's output and its gradient,
 each ``latency + bytes / bandwidth``.
+
+[Note: a stage beside its transfers]
+A stage's rank also moves its boundaries' bytes, and compute runs 1 + σ times as long
+while a transfer is under way (the cost model's interference, [Note: interference] in
+the planner's simulator). So a stage whose compute c overlaps transfers of T seconds
+per minibatch (both directions of the boundaries before and after it) takes
+``c + σ min(c, T)``, over its replicas' share for a replicated stage. On 2 emulated
+hosts at 125 Mbit/s, VGG-16's stage 0 computed 18-21% slower than alone beside its
+1.64 s of transfers per minibatch, where σ = 0.3 predicts 0.49 s of 3.4 s (14%).
+With σ = 0 (no cost model, or one without interference) stages are PipeDream's.
 """
 
 from __future__ import annotations
@@ -48,9 +58,10 @@ class ModuleCost:
 
     ``update`` is its parameters' optimizer step (SGD with momentum and weight decay, as
     main_with_runtime.py's): every stage runs it after each backward, so it is part of the
-    stage's time per minibatch. VGG-16's classifier (120 M parameters) takes 0.6 s of it alone on
-    one core, and 1.2-1.3 s per minibatch in a 2-stage pipeline, a quarter of the time
-    (benchmarks/results/pipeline_vs_dp). Costs files from before it was measured load with 0.
+    stage's time per minibatch. VGG-16's classifier (120 M parameters) takes 0.25 s of it on
+    one core with pipedap's retained heap, 0.6 s with glibc's defaults, and took 1.0-1.3 s per
+    minibatch in a 2-stage pipeline then ([Note: retained heap] in pipedap/heap.py;
+    benchmarks/results/pipeline_vs_dp). Costs files from before it was measured load with 0.
     """
 
     label: str
@@ -193,12 +204,16 @@ class Costs:
     ``sync_model(m)`` is the cost model of m workers' collectives (fitted, or from the
     link); ``latency`` and ``bandwidth`` (bytes/s) price a boundary's point-to-point
     transfers. A replicated stage's iteration time is PipeDAP's plan's prediction.
+    ``interference`` (σ) slows a stage's compute beside its boundaries' transfers
+    ([Note: a stage beside its transfers]).
     """
 
     def __init__(self, modules: Sequence[ModuleCost], *, bandwidth: float, latency: float,
-                 sync_model: Callable[[int], costmodel.CostModel] | None = None):
+                 sync_model: Callable[[int], costmodel.CostModel] | None = None, interference: float = 0.0):
+        if not (math.isfinite(interference) and interference >= 0):
+            raise ValueError(f"interference {interference!r}: expected a number >= 0 like 0.3 (30% slower)")
         self.modules = tuple(modules)
-        self.bandwidth, self.latency = bandwidth, latency
+        self.bandwidth, self.latency, self.interference = bandwidth, latency, interference
         self.sync_model = sync_model or (lambda m: costmodel.from_link(m, bandwidth, latency))
         self.stage_time = lru_cache(maxsize=None)(self._stage_time)
 
@@ -207,6 +222,16 @@ class Costs:
 
     def compute(self, start: int, end: int) -> float:
         return sum(m.compute for m in self.modules[start:end])
+
+    def transfers(self, start: int, end: int) -> float:
+        """Seconds per minibatch the boundaries around modules start..end-1 move data, both ways."""
+        before = self.boundary_time(start - 1) if start > 0 else 0.0
+        after = self.boundary_time(end - 1) if end < len(self.modules) else 0.0
+        return before + after
+
+    def beside_transfers(self, start: int, end: int) -> float:
+        """What the stage's compute loses per minibatch (of its own) to its transfers: σ min(c, T)."""
+        return self.interference * min(self.compute(start, end), self.transfers(start, end))
 
     def extra_in_flight(self, partition: Partition, most: int = 8) -> int | None:
         """Units beyond PipeDream's count that 1F1B needs to run at the partition's period (None: replicated stages).
@@ -225,9 +250,13 @@ class Costs:
         stages = partition.stages
         if len(stages) < 2 or any(st.replicas > 1 for st in stages):
             return None
-        forward = [sum(m.forward for m in self.modules[st.start:st.end]) for st in stages]
-        # the step follows each backward on the same core: replayed as part of it
-        backward = [sum(m.backward + m.update for m in self.modules[st.start:st.end]) for st in stages]
+        # each stage slowed beside its transfers alike in both passes; the step follows each backward on the
+        # same core: replayed as part of it
+        slowed = [1 + self.beside_transfers(st.start, st.end) / max(self.compute(st.start, st.end), 1e-12)
+                  for st in stages]
+        forward = [k * sum(m.forward for m in self.modules[st.start:st.end]) for k, st in zip(slowed, stages)]
+        backward = [k * sum(m.backward + m.update for m in self.modules[st.start:st.end])
+                    for k, st in zip(slowed, stages)]
         one_way = [b / 2 for b in partition.boundaries]
         for extra in range(most):
             if one_f_one_b_period(forward, backward, one_way, extra) <= partition.seconds * 1.01:
@@ -235,13 +264,14 @@ class Costs:
         return most
 
     def _stage_time(self, start: int, end: int, replicas: int) -> float:
+        beside = self.beside_transfers(start, end) / replicas  # a replica's minibatches are every m-th
         if replicas == 1:
-            return self.compute(start, end)
+            return self.compute(start, end) + beside
         profile = stage_profile(self.modules[start:end])
         if profile is None:  # no parameters: nothing to synchronise
-            return self.compute(start, end) / replicas
+            return self.compute(start, end) / replicas + beside
         plan = make_plan(profile, self.sync_model(replicas), planner="pipedap", fusion="search")
-        return plan.predicted.iteration_time / replicas
+        return plan.predicted.iteration_time / replicas + beside
 
 
 def one_f_one_b_period(forward: Sequence[float], backward: Sequence[float], one_way: Sequence[float],

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency", type=options.duration, default="50us", help="per-message latency (default 50us)")
     parser.add_argument("--cost-model", metavar="FILE", type=options.existing_file, help="fitted cost model (pipedap.tools.bench_comm) for the "
                         "collectives of replicated stages (default: a ring on --bandwidth)")
+    parser.add_argument("--interference", type=options.fraction, metavar="SIGMA",
+                        help="how much slower compute runs beside a transfer, e.g. 0.3 or 30%%: charged to each stage "
+                             "for its boundaries' transfers (default: the --cost-model's, else 0)")
     parser.add_argument("--parallelism", choices=P.PARALLELISMS, default="pipeline",
                         help="pipeline: one rank per stage; hybrid: stages and replicas chosen; data: one stage "
                              "(default pipeline)")
@@ -108,7 +111,7 @@ def _compute(costs: Sequence[P.ModuleCost], stage: P.Stage) -> float:
 
 
 def write_package(out: Path, args: argparse.Namespace, result: P.Partition, costs: Sequence[P.ModuleCost],
-                  command: str, extra_in_flight: int | None) -> list[Path]:
+                  command: str, extra_in_flight: int | None, interference: float = 0.0) -> list[Path]:
     """The stage package, its configs and partition.json in ``out``; the files written."""
     out.mkdir(parents=True, exist_ok=True)
     stages = [[m.label for m in costs[s.start:s.end]] for s in result.stages]
@@ -148,7 +151,8 @@ def model(criterion, **kwargs):
         written.append(out / name)
     record = {"model": args.model, "command": command, "workers": args.workers, "parallelism": args.parallelism,
               "batch_size": args.batch_size, "image_size": args.image_size, "bandwidth": args.bandwidth,
-              "latency": args.latency, "cost_model": args.cost_model, "seconds_per_minibatch": result.seconds,
+              "latency": args.latency, "cost_model": args.cost_model, "interference": interference,
+              "seconds_per_minibatch": result.seconds,
               "stages": [{"modules": labels, **asdict(stage)} for labels, stage in zip(stages, result.stages)],
               "boundaries": list(result.boundaries), "extra_in_flight": extra_in_flight,
               "modules": [asdict(m) for m in costs]}
@@ -169,16 +173,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             costs = module_costs(args)
         print(f"  {len(costs)} modules, compute {sum(m.compute for m in costs):.3f} s per minibatch, "
               f"{sum(m.param_bytes for m in costs) / 1e6:.1f} MB of parameters")
-        sync = None
+        sync, interference = None, args.interference
         if args.cost_model:
             sync = lambda m: costmodel.load(args.cost_model, m)  # noqa: E731
-        cost = P.Costs(costs, bandwidth=bandwidth, latency=latency, sync_model=sync)
+            if interference is None:
+                interference = sync(args.workers).interference
+        interference = interference or 0.0
+        if interference:
+            print(f"  each stage's compute {100 * interference:.0f}% slower while its boundaries' transfers run")
+        cost = P.Costs(costs, bandwidth=bandwidth, latency=latency, sync_model=sync, interference=interference)
         with step(f"choosing the {args.parallelism} partition over {args.workers} workers at {args.bandwidth}"):
             result = P.best_partition(len(costs), args.workers, cost.stage_time, cost.boundary_time,
                                       args.parallelism)
         extra = cost.extra_in_flight(result)
         print("\n".join(describe(result, costs, extra)))
-        for path in write_package(Path(args.out), args, result, costs, command, extra):
+        for path in write_package(Path(args.out), args, result, costs, command, extra, interference):
             print(f"wrote {path}")
     except (ValueError, OSError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
