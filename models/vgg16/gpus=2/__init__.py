@@ -1,12 +1,12 @@
 """vgg16 in 2 stage(s) on 2 rank(s), written by the partitioner:
 
-    python -m pipedap.tools.partition --model vgg16 -b 16 --image-size 112 --workers 2 --bandwidth 125mbit --parallelism pipeline --out models/vgg16/gpus=2
+    python -m pipedap.tools.partition --model vgg16 -b 16 --image-size 112 --workers 2 --bandwidth 125mbit --interference 25% --parallelism pipeline --iterations 5 --out models/vgg16/gpus=2
 
-stage 0: modules 0-8 (features.0 .. features.14), 1 rank(s), 3.397 s per minibatch (compute 3.397 s)
-  boundary 0 -> 1: 12.8 MB each way, 1.644 s per minibatch
-stage 1: modules 9-24 (features.16 .. classifier.6), 1 rank(s), 2.889 s per minibatch (compute 2.889 s)
-pipeline: 3.397 s per minibatch, bound by the slowest stage or boundary
-1F1B: the transfers outlast what PipeDream's count of minibatches in flight covers; run main_with_runtime.py with --extra-in-flight 1 to hide them (one more update of staleness each)
+stage 0: modules 0-9 (features.0 .. features.16), 1 rank(s), 3.222 s per minibatch (compute 3.119 s)
+  boundary 0 -> 1: 3.2 MB each way, 0.411 s per minibatch
+stage 1: modules 10-24 (features.17 .. classifier.6), 1 rank(s), 2.691 s per minibatch (compute 2.588 s)
+pipeline: 3.222 s per minibatch, bound by the slowest stage or boundary
+1F1B: PipeDream's count of minibatches in flight covers the transfers
 
 Regenerate rather than edit. ``model(criterion)`` returns PipeDream's stage list:
 [(stage module, input names, output names), ..., (criterion, [last output], ["loss"])].
@@ -25,10 +25,10 @@ STAGES = [
         "features.9",
         "features.10",
         "features.12",
-        "features.14"
+        "features.14",
+        "features.16"
     ],
     [
-        "features.16",
         "features.17",
         "features.19",
         "features.21",
