@@ -19,7 +19,9 @@ for the main heap (it grows instead) and no trimming below 2 GiB of free memory 
 which a training loop reaches again every step anyway. It applies from the import on, to
 glibc's main heap (big blocks of threads' own arenas are still mapped). Not done when
 ``PIPEDAP_RETAIN_HEAP=0``, when the user's GLIBC_TUNABLES sets glibc.malloc tunables (theirs
-win), or where the C library is not glibc.
+win), where the C library is not glibc, or where another malloc is preloaded in glibc's
+place (AddressSanitizer's, jemalloc: it refuses mallopt, and its own policy stands).
+``describe()`` says which, and the benchmarks and main_with_runtime.py print it.
 """
 
 from __future__ import annotations
@@ -46,12 +48,17 @@ def retain() -> str:
         _state = f"as GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']} sets it"
     elif platform.libc_ver()[0] != "glibc":
         _state = "the C library's defaults (not glibc: nothing to set)"
+    elif not _mallopt(M_MMAP_MAX, 0) or not _mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES):
+        # a malloc preloaded in glibc's place (AddressSanitizer's, jemalloc, tcmalloc) answers mallopt with 0
+        _state = "the preloaded allocator's own (it refused glibc's mallopt)"
     else:
-        libc = ctypes.CDLL(None)
-        if libc.mallopt(M_MMAP_MAX, 0) != 1 or libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) != 1:
-            raise OSError("mallopt refused PipeDAP's heap settings; set PIPEDAP_RETAIN_HEAP=0 to run without them")
         _state = "retained (freed memory is kept for reuse; PIPEDAP_RETAIN_HEAP=0 hands it back)"
     return _state
+
+
+def _mallopt(option: int, value: int) -> bool:
+    """glibc's mallopt in this process; True when the allocator took it."""
+    return ctypes.CDLL(None).mallopt(option, value) == 1
 
 
 def describe() -> str:

@@ -60,3 +60,17 @@ def test_a_bad_setting_is_refused_at_import_naming_it():
     done = run("import pipedap", PIPEDAP_RETAIN_HEAP="yes")
     assert done.returncode != 0
     assert "PIPEDAP_RETAIN_HEAP='yes': expected 0 or 1 (default 1)" in done.stderr
+
+
+def test_an_allocator_that_refuses_mallopt_keeps_its_own_policy_and_says_so(monkeypatch):
+    """AddressSanitizer's malloc (the sanitized build's jobs) or a preloaded jemalloc answer mallopt with 0."""
+    from pipedap import heap
+
+    before = heap.describe()
+    monkeypatch.setattr(heap, "_mallopt", lambda option, value: False)
+    monkeypatch.setattr(heap, "_state", before)  # restored after the test
+    monkeypatch.delenv("PIPEDAP_RETAIN_HEAP", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    if heap.platform.libc_ver()[0] != "glibc":
+        pytest.skip("the heap settings are glibc's")
+    assert heap.retain() == heap.describe() == "the preloaded allocator's own (it refused glibc's mallopt)"
