@@ -5,12 +5,16 @@ as one process per rank with torch.distributed's environment (gloo; tests/test_p
 Each case trains a small MLP (4 blocks and a loss) with StageRuntime and
 prints, on every rank, ``CASE <name> rank <r> worst <d>``: the worst relative
 difference of this rank's stage parameters from the reference. The test
-decides what passes; ``wrong-stash`` is expected to differ.
+decides what passes; ``wrong-stash`` is expected to differ. At exit each rank
+prints whether a torch.distributed process group is still left for the
+interpreter's teardown (``EXIT rank <r> process group left: <bool>``).
 """
 
+import atexit
 import sys
 
 import torch
+import torch.distributed as dist
 from pipeline_reference import replay_1f1b, worst_relative_difference
 from torch import nn
 
@@ -18,6 +22,8 @@ import pipedap
 from pipedap.pipeline import StageRuntime, stashing, transport
 
 torch.set_default_dtype(torch.float64)
+# registered before connect, so it runs after the transport's own exit hook (atexit runs last-in, first-out)
+atexit.register(lambda: print(f"EXIT rank {R} process group left: {dist.is_initialized()}", flush=True))
 T = transport.connect(timeout=60)
 R, P = T.rank, T.size
 BATCH, LR, MOMENTUM = 8, 0.1, 0.9
