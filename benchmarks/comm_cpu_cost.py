@@ -15,8 +15,8 @@ three phases of one job:
           link stays busy: the cost of moving bytes (TCP stack, copies, reductions,
           polling), per 100 MB. The link rate reached is printed next to it.
 
-It runs the job once per polling mode, modes alternating round by round, each
-mode set through the comm core's environment variables:
+It runs the job once per mode, modes alternating round by round, each mode set
+through environment variables. Polling (the comm core's):
 
 * default:    spin 500 us, then sleep with back-off up to 200 us; while only other ranks
               are awaited, up to 10% of the time waited (at most 2 ms; the shipped setting);
@@ -24,6 +24,15 @@ mode set through the comm core's environment variables:
               default before [Note: patient waits] in comm_core/src/mpi_util.h);
 * busy:       never sleep (``PIPEDAP_POLL_MAX_SLEEP_US=0``), like ``MPI_Waitall``;
 * lazy:       no spin, sleep up to 1 ms.
+
+Message sizes (fewer, larger sends: issue 16, item 2). Ring messages stay under Open
+MPI's TCP eager limit ([Note: Open MPI's TCP eager limit] in pipedap/engine.py), so
+each goes as one eager fragment, without a rendezvous:
+
+* seg2m:      reduce-scatter segments of 2 MiB (``PIPEDAP_SEGMENT_BYTES``; default 1 MiB);
+* seg4m:      every ring message 4 MiB, under an 8 MiB eager limit;
+* sockbuf:    4 MiB socket buffers each way (``btl_tcp_sndbuf`` / ``rcvbuf``; default:
+              the kernel's autotuning).
 
 It prints, per mode, the slowdown of compute in each phase and the CPU time per
 100 MB moved each way, and writes everything as JSON. ``--worker`` is the MPI
@@ -51,8 +60,12 @@ MODES = {
     "impatient": {"PIPEDAP_POLL_PATIENCE": "0"},
     "busy": {"PIPEDAP_POLL_MAX_SLEEP_US": "0"},
     "lazy": {"PIPEDAP_POLL_SPIN_US": "0", "PIPEDAP_POLL_MAX_SLEEP_US": "1000"},
+    "seg2m": {"PIPEDAP_SEGMENT_BYTES": str(2 << 20)},
+    "seg4m": {"PIPEDAP_SEGMENT_BYTES": str(4 << 20), "PIPEDAP_MESSAGE_BYTES": str(4 << 20),
+              "OMPI_MCA_btl_tcp_eager_limit": str(8 << 20), "OMPI_MCA_btl_tcp_rndv_eager_limit": str(8 << 20)},
+    "sockbuf": {"OMPI_MCA_btl_tcp_sndbuf": str(4 << 20), "OMPI_MCA_btl_tcp_rcvbuf": str(4 << 20)},
 }
-POLL_VARS = ("PIPEDAP_POLL_SPIN_US", "PIPEDAP_POLL_MAX_SLEEP_US", "PIPEDAP_POLL_PATIENCE")
+MODE_VARS = sorted({var for settings in MODES.values() for var in settings})  # cleared before each mode's own
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -173,7 +186,7 @@ def worker(args: argparse.Namespace) -> None:
     moved_each_way = finished * per_op
     result = {
         "rank": rank, "core": os.environ.get("PIPEDAP_TESTBED_CORE"), "reps": reps,
-        "poll_settings": {k: os.environ.get(k) for k in POLL_VARS},
+        "mode_settings": {k: os.environ.get(k) for k in MODE_VARS},
         "step_s": {"idle": statistics.median(idle + idle_beside), "poll": statistics.median(poll),
                    "stream": statistics.median(streamed)},
         "samples": {"idle": idle, "idle_beside_peer_polling": idle_beside, "poll": poll, "stream": streamed},
@@ -189,7 +202,7 @@ def worker(args: argparse.Namespace) -> None:
 # -- the driver ----------------------------------------------------------------------------------
 
 def run_job(args: argparse.Namespace, mode: str, folder: Path, round_: int) -> list[dict]:
-    """One testbed job with ``mode``'s polling settings; the per-rank results."""
+    """One testbed job with ``mode``'s settings; the per-rank results."""
     out = folder / f"{mode}-round{round_}.json"
     worker_cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--worker-json", str(out),
                   "--rate-bps", str(parse_rate_bps(args.rate)), "--model", args.model,
@@ -197,7 +210,7 @@ def run_job(args: argparse.Namespace, mode: str, folder: Path, round_: int) -> l
                   "--seconds", str(args.seconds), "--message-bytes", str(args.message_bytes)]
     command = [sys.executable, "-m", "pipedap.tools.testbed", "run", "--hosts", "2", "--rate", args.rate,
                "--timeout", str(args.timeout), "--", *worker_cmd]
-    env = {k: v for k, v in os.environ.items() if k not in POLL_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in MODE_VARS}
     env.update(MODES[mode])
     log = folder / f"{mode}-round{round_}.log"
     with open(log, "w") as f:
@@ -254,12 +267,12 @@ def driver(args: argparse.Namespace) -> None:
                 failures.append(str(err))
                 print(f"  FAILED: {err}", flush=True)
     summary = summarize(jobs)
-    print(f"\n{'mode':8s} {'idle ms':>8s} {'poll ms':>8s} {'(+%)':>6s} {'stream ms':>9s} {'(+%)':>6s} "
+    print(f"\n{'mode':9s} {'idle ms':>8s} {'poll ms':>8s} {'(+%)':>6s} {'stream ms':>9s} {'(+%)':>6s} "
           f"{'link Mbit/s':>11s} {'CPU ms per 100 MB':>17s}")
     for mode, s in summary.items():
         st = s["step_s"]
         cpu = f"{1e3 * s['cpu_s_per_100MB']:17.0f}" if s["cpu_s_per_100MB"] is not None else f"{'-':>17s}"
-        print(f"{mode:8s} {1e3 * st['idle']:8.1f} {1e3 * st['poll']:8.1f} {100 * s['poll_slowdown']:+6.1f} "
+        print(f"{mode:9s} {1e3 * st['idle']:8.1f} {1e3 * st['poll']:8.1f} {100 * s['poll_slowdown']:+6.1f} "
               f"{1e3 * st['stream']:9.1f} {100 * s['stream_slowdown']:+6.1f} {s['link_bps'] / 1e6:11.0f} {cpu}")
     print("CPU ms per 100 MB: extra compute time in the stream phase per 100 MB moved each way by the ring")
     if args.json:
@@ -274,7 +287,7 @@ def driver(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", default="500mbit", help="link rate each way (default 500mbit)")
-    parser.add_argument("--modes", default=",".join(MODES), help="polling modes, comma-separated (default: all)")
+    parser.add_argument("--modes", default=",".join(MODES), help="modes, comma-separated (default: all)")
     parser.add_argument("--rounds", type=int, default=2, help="jobs per mode, modes alternating (default 2)")
     parser.add_argument("--model", default="resnet50", help="the compute step's model (default resnet50)")
     parser.add_argument("--image-size", type=int, default=64, help="its image side (default 64)")
