@@ -116,6 +116,27 @@ def test_rounds_pool_their_steady_iterations_and_take_the_interval_from_the_roun
     assert stats.rounds_statistics(rounds[:1]) == single
 
 
+def _rounds(system: str, seconds_per_round: dict[int, float]) -> dict:
+    """A merged record whose rounds (by index; a missing index failed) took the given seconds per batch."""
+    rounds = [{"round": k, "status": "ok", "result": _result([9.0, t, t, 9.0])} for k, t in seconds_per_round.items()]
+    return dict(_run(system, sum(seconds_per_round.values()) / len(seconds_per_round)), rounds=rounds)
+
+
+def test_the_speedup_over_ddp_is_paired_round_by_round() -> None:
+    """Round 1 was slow for both: the paired ratio is exactly 1.5 in each round, the unpaired
+    means' interval would span that drift. A round only one system finished is left out."""
+    runs = {"PipeDAP": _rounds("PipeDAP", {0: 4.0, 1: 8.0, 2: 4.0}), "DDP": _rounds("DDP", {0: 6.0, 1: 12.0, 3: 5.0})}
+    row = compare_report.compare_row("resnet50", 2, 2, 8, "250mbit", compute=4.0, comm=3.0, achieved_bps=None, runs=runs)
+    paired = row["systems"]["PipeDAP"]["paired_speedup_over_ddp"]
+    assert paired["mean"] == pytest.approx(1.5) and paired["ci95"] == pytest.approx(0.0) and paired["rounds"] == 2
+    assert row["systems"]["DDP"]["paired_pipedap_speedup"]["mean"] == pytest.approx(1.5)
+    runs["DDP"]["rounds"][1]["result"] = _result([9.0, 8.0, 8.0, 9.0])  # now 1.5 and 1.0
+    row = compare_report.compare_row("resnet50", 2, 2, 8, "250mbit", compute=4.0, comm=3.0, achieved_bps=None, runs=runs)
+    paired = row["systems"]["PipeDAP"]["paired_speedup_over_ddp"]
+    assert paired["mean"] == pytest.approx(1.25) and paired["ci95"] == pytest.approx(stats.confidence([1.5, 1.0])[1])
+    assert "1.250 +-" in compare_report.table([row])
+
+
 def test_every_round_runs_every_system_in_a_rotated_order_and_a_failed_round_is_kept(monkeypatch, tmp_path) -> None:
     class FakeTestbed:
         """What sweep_hosts uses of a testbed, without namespaces."""

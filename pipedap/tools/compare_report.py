@@ -13,6 +13,7 @@ import sys
 import models
 from pipedap.planner import energy
 from pipedap.tools.compare_jobs import telling_line
+from pipedap.tools.stats import paired_ratio, round_throughputs
 from pipedap.units import parse_rate_bps
 
 REFERENCE = "PipeDAP"  # whose speedup over the others is reported
@@ -38,6 +39,7 @@ def compare_row(model: str, hosts: int, ranks: int, batch_size: int, rate: str, 
     comm_achieved = comm * parse_rate_bps(rate) / achieved_bps if achieved_bps else None
     # speedups in samples per second of the whole job: the unit that is fair across parallelisms
     ok = {label: r["throughput"]["mean"] for label, r in runs.items() if r["status"] == "ok"}
+    per_round = {label: round_throughputs(runs[label]) for label in ok}
     systems = {}
     for label, r in runs.items():
         entry = {"status": r["status"]}
@@ -50,6 +52,10 @@ def compare_row(model: str, hosts: int, ranks: int, batch_size: int, rate: str, 
                          bound_s=limit, over_bound_pct=100 * (t / limit - 1) if limit else None,
                          pipedap_speedup=ok[REFERENCE] / ok[label] if REFERENCE in ok else None,
                          speedup_over_ddp=ok[label] / ok[SPEEDUP_BASE] if SPEEDUP_BASE in ok else None,
+                         paired_pipedap_speedup=paired_ratio(per_round[REFERENCE], per_round[label])
+                         if REFERENCE in ok else None,
+                         paired_speedup_over_ddp=paired_ratio(per_round[label], per_round[SPEEDUP_BASE])
+                         if SPEEDUP_BASE in ok else None,
                          predicted_s=r["predicted_s"], predicted_over_measured=r["predicted_over_measured"],
                          own_bound=own)
             link = comm if own is None else own.get("comm_s", own.get("link_s"))  # a pipeline's boundary
@@ -79,7 +85,7 @@ def table(rows: list[dict]) -> str:
                       f"nominal {row['comm_s']:.2f} s{achieved}; bound {row['bound_s']:.2f} s ({row['bound_by']}), "
                       f"comm/compute {row['comm_over_compute']:.2f}",
                   f"  {'system':<15} {'s/batch':>15} {'window':>7} {'samples/s':>13} {'vs bound':>9} "
-                  f"{'PipeDAP x':>9} {'predicted':>9} {'pred/meas':>9}"
+                  f"{'PipeDAP x':>9} {'x DDP, paired':>14} {'predicted':>9} {'pred/meas':>9}"
                   + (f" {'J/sample':>9}" if any("energy" in s for s in row["systems"].values()) else "")]
         for label, s in row["systems"].items():
             if s["status"] != "ok":
@@ -88,6 +94,7 @@ def table(rows: list[dict]) -> str:
             lines.append(f"  {label:<15} {s['batch_s']:7.3f} +-{fmt(s['ci95'], '.3f'):>6} "
                          f"{fmt(s.get('window_s'), '7.3f'):>7} {s['throughput']:6.2f} +-{fmt(s['throughput_ci95'], '.2f'):>4} "
                          f"{fmt(s['over_bound_pct'], '+8.1f'):>8}% {fmt(s['pipedap_speedup'], '.2f'):>9} "
+                         f"{paired(s.get('paired_speedup_over_ddp')):>14} "
                          f"{fmt(s['predicted_s'], '.3f'):>9} {fmt(s['predicted_over_measured'], '.2f'):>9}"
                          + (f" {s['joules_per_sample']:9.3f}" if "energy" in s else ""))
     return "\n".join(lines)
@@ -95,6 +102,13 @@ def table(rows: list[dict]) -> str:
 
 def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def paired(ratio: dict | None) -> str:
+    """A paired ratio as ``mean +-interval`` (the interval left out with one round)."""
+    if ratio is None:
+        return "-"
+    return f"{ratio['mean']:.3f}" + (f" +-{ratio['ci95']:.3f}" if ratio["ci95"] is not None else "")
 
 
 def markdown(rows: list[dict]) -> str:

@@ -4,7 +4,8 @@
 turns one benchmark result into the time per batch and throughput the comparison reports,
 from the steady-state iterations (see [Note: timing decoupled schedules] in
 :mod:`pipedap.tools.compare`); :func:`rounds_statistics` does the same for the results of
-one system's interleaved rounds, its interval from the rounds' means.
+one system's interleaved rounds, its interval from the rounds' means; :func:`paired_ratio`
+compares two systems round by round.
 """
 
 from __future__ import annotations
@@ -81,9 +82,34 @@ def rounds_statistics(results: Sequence[dict]) -> dict:
     return summary
 
 
+def round_throughputs(record: dict) -> dict[int, float]:
+    """Samples per second of each successful round of one system's merged record, by round index."""
+    return {r["round"]: _samples_per_batch(r["result"]) / statistics.fmean(steady(batch_seconds(r["result"])))
+            for r in record.get("rounds", ()) if r["status"] == "ok"}
+
+
+def paired_ratio(numerator: dict[int, float], denominator: dict[int, float]) -> dict | None:
+    """The mean of ``numerator[k] / denominator[k]`` over the rounds k both have, with its 95% interval.
+
+    Two systems in one round ran minutes apart on the same machine, so a round that
+    is slow for everything (the machine's speed drifted by up to 24% between rounds)
+    cancels out of their ratio: the ratio's interval is the one to judge a speedup by.
+    None when no round has both.
+    """
+    common = sorted(set(numerator) & set(denominator))
+    if not common:
+        return None
+    mean, ci95, _ = confidence([numerator[k] / denominator[k] for k in common])
+    return {"mean": mean, "ci95": ci95, "rounds": len(common)}
+
+
+def _samples_per_batch(result: dict) -> int:
+    return result.get("samples_per_batch", result["world_size"] * result["batch_size"])
+
+
 def _summary(result: dict, mean: float, ci95: float | None, window: float, iterations: int,
              predicted: float | None) -> dict:
-    samples_per_batch = result.get("samples_per_batch", result["world_size"] * result["batch_size"])
+    samples_per_batch = _samples_per_batch(result)
     return {"batch_s": {"mean": mean, "ci95": ci95, "iterations": iterations, "window_mean": window},
             "throughput": {"mean": samples_per_batch / mean,
                            "ci95": samples_per_batch / mean * ci95 / mean if ci95 is not None else None},
