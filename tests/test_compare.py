@@ -410,11 +410,15 @@ def test_a_glibcmalloc_system_runs_with_glibcs_heap_defaults_and_the_others_with
         compare.parse_args(["--systems", "DeAR-glibcmalloc-fp16"])
 
 
-def test_the_readmes_rounds_table_is_generated_from_the_committed_sweep() -> None:
+def test_the_readmes_rounds_tables_are_generated_from_the_committed_sweeps() -> None:
     """Issue 16 item 7: the README quotes the committed JSON, printed by compare_report's markdown()."""
     root = Path(__file__).resolve().parents[1]
     doc = json.loads((root / "benchmarks/results/dp_compression_bytescheduler/resnet50.json").read_text())
     table = [line for line in compare_report.markdown(doc["comparison"]).splitlines() if line.startswith("|")]
     assert len(table) == 4 and "| 125 Mbit/s | 6.54 (fp16: 4.19) | 7.52 +- 0.77 |" in table[3]
     readme = (root / "README.md").read_text()
+    assert "\n".join(table) in readme
+    doc = json.loads((root / "benchmarks/results/dp_bert_250mbit/bert_base_250mbit.json").read_text())
+    table = [line for line in compare_report.markdown(doc["comparison"]).splitlines() if line.startswith("|")]
+    assert len(table) == 3 and "| 250 Mbit/s | 14.09 (fp16: 9.97) | 18.61 +- 2.08 |" in table[2]
     assert "\n".join(table) in readme
