@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from pipedap import settings
+from pipedap import gloo, settings
 
 log = logging.getLogger("pipedap")
 
@@ -138,10 +138,10 @@ class TorchTransport:
         self.dist, self.rank, self.size = dist, rank, world_size
         rank_logging.start(rank)  # pipedap's records say this rank (no launcher variable says it)
         if not dist.is_initialized():
-            dist.init_process_group("gloo", init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                                    world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
-            # A process group left to the interpreter's teardown can abort the exit ("terminate
-            # called without an active exception": 8 of 30 three-rank exits on a loaded machine)
+            gloo.init_gloo(f"tcp://{master_addr}:{master_port}", rank, world_size,
+                           datetime.timedelta(seconds=timeout))
+            # A process group (its gloo threads) left to the interpreter's teardown can abort the exit
+            # ("terminate called without an active exception": 8 of 30 three-rank exits on a loaded machine)
             atexit.register(self.close)
 
     def send(self, tensor: torch.Tensor, peer: int, tag: int, name: str | None = None) -> _TorchWork:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from pipedap import gloo
 from pipedap.planner.plan import Plan
 
 BASELINES = ("PipeDAP", "DeAR", "WFBP", "ByteScheduler", "DDP", "Horovod")
@@ -231,8 +232,7 @@ class DDPRuntime(_OverPipedap):
         addr, port = self.lib.broadcast_object(_rendezvous(self.size() == self.lib.local_size())
                                               if self.rank() == 0 else None, name="bench.rendezvous")
         self.dist = dist
-        dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=self.rank(),
-                                world_size=self.size(), timeout=datetime.timedelta(minutes=5))
+        gloo.init_gloo(f"tcp://{addr}:{port}", self.rank(), self.size(), datetime.timedelta(minutes=5))
         self.address = f"{addr}:{port}"
 
     def distribute(self, model, optimizer, batch, loss, say) -> Distributed:

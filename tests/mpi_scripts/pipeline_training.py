@@ -7,10 +7,12 @@ prints, on every rank, ``CASE <name> rank <r> worst <d>``: the worst relative
 difference of this rank's stage parameters from the reference. The test
 decides what passes; ``wrong-stash`` is expected to differ. At exit each rank
 prints whether a torch.distributed process group is still left for the
-interpreter's teardown (``EXIT rank <r> process group left: <bool>``).
+interpreter's teardown and how many of gloo's and the TCP store's threads
+still run (``EXIT rank <r> process group left: <bool>, gloo threads: <n>``).
 """
 
 import atexit
+import os
 import sys
 
 import torch
@@ -22,8 +24,23 @@ import pipedap
 from pipedap.pipeline import StageRuntime, stashing, transport
 
 torch.set_default_dtype(torch.float64)
+
+
+def gloo_threads() -> int:
+    """This process's threads named by gloo or torch's TCP store (Linux names threads in /proc)."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                names.append(comm.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return sum(name.startswith(("gloo", "pt_gloo", "pt_tcpstore")) for name in names)
+
+
 # registered before connect, so it runs after the transport's own exit hook (atexit runs last-in, first-out)
-atexit.register(lambda: print(f"EXIT rank {R} process group left: {dist.is_initialized()}", flush=True))
+atexit.register(lambda: print(f"EXIT rank {R} process group left: {dist.is_initialized()}, gloo threads: "
+                              f"{gloo_threads()}", flush=True))
 T = transport.connect(timeout=60)
 R, P = T.rank, T.size
 BATCH, LR, MOMENTUM = 8, 0.1, 0.9
