@@ -413,16 +413,12 @@ def test_a_glibcmalloc_system_runs_with_glibcs_heap_defaults_and_the_others_with
 def test_the_readmes_rounds_tables_are_generated_from_the_committed_sweeps() -> None:
     """Issue 16 item 7: the README quotes the committed JSON, printed by compare_report's markdown()."""
     root = Path(__file__).resolve().parents[1]
-    doc = json.loads((root / "benchmarks/results/dp_compression_bytescheduler/resnet50.json").read_text())
-    table = [line for line in compare_report.markdown(doc["comparison"]).splitlines() if line.startswith("|")]
-    assert len(table) == 4 and "| 125 Mbit/s | 6.54 (fp16: 4.19) | 7.52 +- 0.77 |" in table[3]
     readme = (root / "README.md").read_text()
-    assert "\n".join(table) in readme
-    doc = json.loads((root / "benchmarks/results/dp_bert_250mbit/bert_base_250mbit.json").read_text())
-    table = [line for line in compare_report.markdown(doc["comparison"]).splitlines() if line.startswith("|")]
-    assert len(table) == 3 and "| 250 Mbit/s | 14.09 (fp16: 9.97) | 18.61 +- 2.08 |" in table[2]
-    assert "\n".join(table) in readme
-    doc = json.loads((root / "benchmarks/results/dp_vgg16_250mbit/vgg16_250mbit.json").read_text())
-    table = [line for line in compare_report.markdown(doc["comparison"]).splitlines() if line.startswith("|")]
-    assert len(table) == 3 and "| 250 Mbit/s | 17.71 (fp16: 8.85) | 18.68 +- 1.53 |" in table[2]
-    assert "\n".join(table) in readme
+    sweeps = [("dp_compression_bytescheduler/resnet50.json", "| 125 Mbit/s | 6.54 (fp16: 4.19) | 7.52 +- 0.77 |", 4),
+              ("dp_bert_250mbit/bert_base_250mbit.json", "| 250 Mbit/s | 14.09 (fp16: 9.97) | 18.61 +- 2.08 |", 3),
+              ("dp_vgg16_250mbit/vgg16_250mbit.json", "| 250 Mbit/s | 17.71 (fp16: 8.85) | 18.68 +- 1.53 |", 3)]
+    for path, last_row, rows in sweeps:
+        doc = json.loads((root / "benchmarks/results" / path).read_text())
+        table = [line for line in compare_report.markdown(doc["comparison"]).splitlines() if line.startswith("|")]
+        assert len(table) == rows and last_row in table[-1], (path, table)
+        assert "\n".join(table) in readme, path

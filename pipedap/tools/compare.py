@@ -35,7 +35,8 @@ with its distance from the bound, PipeDAP's speedup over it, its speedup over DD
 round by round (the mean of the rounds' ratios with their interval: a round slow for
 every system cancels out), and, where the system has a plan, the predicted time.
 Outputs: one JSON with everything (commands, testbed settings, affinity, each run's
-benchmark JSON), three charts, a table on stdout, and each run's log. A system that fails is recorded with the tail of its output; the sweep goes on.
+benchmark JSON), three charts, a table on stdout, and each run's log. A system that
+fails is recorded with the tail of its output; the sweep goes on.
 """
 
 from __future__ import annotations
