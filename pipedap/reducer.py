@@ -21,9 +21,11 @@ With ``shard_update`` (pipedap/shard_update.py) the plan is ``Plan.sharded()``: 
 all-gather is in the forward phase. ``end_step()`` then, for each forward submission in
 order, waits for its buckets' reduce-scatters, scales the shards, steps this rank's
 pieces of them and submits the all-gather of the updated parameters, so the first
-buckets' all-gathers travel while the later buckets update. Pending buckets wait only
-for their all-gather. Which parameters got a gradient somewhere comes from one small
-all-reduce of the used flags per step: after the reduce-scatter only one rank holds them.
+buckets' all-gathers travel while the later buckets update (under WFBP the forward
+submissions follow the reduce-scatters' order: see ``Plan.sharded``). Pending buckets
+wait only for their all-gather. Which parameters got a gradient somewhere comes from a
+small all-reduce of the bucket's used flags, submitted with its reduce-scatter (after the
+reduce-scatter only one rank holds the flags): a bucket's update waits for nothing else.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class Reducer:
         self.works: list[dict[str, engine.Work]] = [{} for _ in buckets]  # per bucket: "rs"/"ag"/"ar" -> its work
         self.pending: set[int] = set()  # buckets communicated (or in flight) whose update is not applied
         self.packed: set[int] = set()  # compressed buckets whose wire buffer holds a result not yet unpacked
-        self.local_flags: list[torch.Tensor | None] = [None] * len(buckets)  # sharded: this rank's, at its RS
+        self.used_flags: list[torch.Tensor | None] = [None] * len(buckets)  # sharded: all-reduced with the RS
         self.zero_after_update: set[int] = set()
         self.update_seconds = [0.0] * len(buckets)  # the latest update's duration (for the online planner)
         self.pending_step = _PendingStep(1.0, [])
@@ -205,9 +207,11 @@ class Reducer:
             if kind != "rs" and b.wire is not None and self.shard_pieces is None:
                 self.packed.add(g)
             if kind == "rs":
-                if self.shard_pieces is not None:
-                    self.local_flags[g] = b.flags.clone()
                 collectives.append(engine.reducescatter_collective(b.sent, b.sent_shard, f"rs.{g}", self.op, ps))
+                if self.shard_pieces is not None:  # which parameters got a gradient on some rank
+                    self.used_flags[g] = b.flags.clone()
+                    collectives.append(engine.allreduce_collective(self.used_flags[g], self.used_flags[g],
+                                                                   f"used.{g}", comm.Sum, ps))
             elif kind == "ag" and self.shard_pieces is not None:  # the updated parameters
                 collectives.append(engine.allgather_collective(b.params_shard, b.params_buffer, f"ag.{g}", ps))
             elif kind == "ag":
@@ -254,33 +258,22 @@ class Reducer:
     def _update_shards(self, hyperparameters: list[dict]) -> None:
         """Step this rank's pieces of every bucket and submit the all-gathers ([Note: sharded steps])."""
         scale = self.scale()
-        used = self._used_everywhere()
         with self._lock:
             for sub in self.plan.forward:
                 pieces = []
                 for _, g in sub:
                     b = self.buckets[g]
                     if not self.grads_complete:  # else synchronize() has waited and gathered the gradients
-                        self.works[g].pop("rs").wait()
+                        self.works[g].pop("rs").wait()  # (and the used flags)
                         b.unpack_shard()
                     if scale != 1.0:
                         b.shard.mul_(scale)
+                    used = {id(p) for p, n in zip(b.params, self.used_flags[g].tolist()) if n != 0}
                     pieces += [pc.tensor for pc in self.shard_pieces[g] if id(pc.param) in used]
                 if pieces:
                     self.apply_update(pieces, hyperparameters)
                 self._submit(sub)
             self.forward_submitted = True
-
-    def _used_everywhere(self) -> set[int]:
-        """ids of the parameters that got a gradient on some rank this step (one all-reduce of the flags)."""
-        flags = torch.cat(self.local_flags)  # (every bucket's RS was submitted: flush_backward)
-        reduced = comm.allreduce(flags, op=comm.Sum, name="shard_update.used", process_set=self.process_set)
-        used, offset = set(), 0
-        for b in self.buckets:
-            used.update(id(p) for p, n in zip(b.params, reduced[offset : offset + len(b.params)].tolist()) if n != 0)
-            offset += len(b.params)
-        self.local_flags = [None] * len(self.buckets)
-        return used
 
     def synchronize(self) -> None:
         """Between backward and step(): complete the gradients (``p.grad`` averaged); else apply what is pending.

@@ -126,8 +126,14 @@ class Plan:
     def sharded(self) -> Plan:
         """This plan as ``shard_update`` runs it: every all-reduce becomes a reduce-scatter in its
         place, and every all-gather (it carries updated parameters) moves to the forward phase,
-        in group order, because a shard can only be updated once ``step()`` has the whole step
-        (its clipping coefficient, its hyperparameters). Fusion and the backward order stay."""
+        because a shard can only be updated once ``step()`` has the whole step (its clipping
+        coefficient, its hyperparameters). Fusion and the backward order stay.
+
+        The all-gathers go in group order, the order the next forward needs them, except with
+        ``sync_before_forward`` (WFBP): there the forward waits for all of them anyway, so they
+        go in the order of the reduce-scatters. ``step()`` then updates first the shards whose
+        reduce-scatters ended first, while the last ones are still on the link, instead of
+        waiting for the last reduce-scatter (the first layers') with an idle link."""
         if self.chunks:
             raise PlanError(f"plan {self.schedule!r} all-reduces groups in pieces (chunks); a sharded update "
                             "needs each group reduce-scattered whole: use schedule wfbp, dear or pipedap")
@@ -136,7 +142,9 @@ class Plan:
             ops = tuple(("rs", g) if kind == "ar" else (kind, g) for kind, g in sub if kind != "ag")
             if ops:
                 backward.append(ops)
-        forward = tuple((("ag", g),) for g in range(len(self.groups)))
+        order = ([g for sub in backward for _, g in sub] if self.sync_before_forward
+                 else range(len(self.groups)))
+        forward = tuple((("ag", g),) for g in order)
         if tuple(backward) == self.backward and forward == self.forward:
             return self
         return Plan(self.schedule, self.world_size, self.groups, tuple(backward), forward,
