@@ -123,6 +123,17 @@ def test_the_chart_names_every_colour_and_the_predicted_end(tmp_path, legend_of)
                       "predicted iteration (backward start to next forward end)", "predicted end of the batch"]
 
 
+def test_collectives_of_one_submission_make_one_block_labelled_by_those_that_carry_data():
+    def comm(name, kind, ts, nbytes):
+        return {"name": name, "cat": "comm", "ph": "X", "pid": 0, "tid": 1, "ts": ts, "dur": 5,
+                "args": {"kind": kind, "nbytes": nbytes}}
+
+    events = [comm("rs.3", "reducescatter", 0, 4000), comm("used.3", "allreduce", 0, 8),  # a bucket's flags
+              comm("rs.2", "reducescatter", 10, 4000), comm("ag.4", "allgather", 10, 2000),  # merged
+              comm("ar.1", "allreduce", 20, 16)]
+    assert [label for _, label in timeline._blocks(events)] == ["RS3", "RS2+AG4", "AR1"]
+
+
 def test_timeline_cli_rejects_what_is_not_a_trace(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('{"events": []}')

@@ -174,6 +174,22 @@ def _label(event: dict) -> str:
     return event["name"]
 
 
+def _blocks(events: list[dict]) -> list[tuple[dict, str]]:
+    """One (event, label) per block to draw: the collectives of one submission share their span and
+    make one block, labelled by those that carry data ("RS2+AG3"; a side collective of under 1% of
+    the largest's bytes, such as a bucket's used flags, is left out of the label)."""
+    spans: dict[tuple, list[dict]] = {}
+    for e in events:
+        key = (e["ts"], e["dur"]) if e.get("cat") == "comm" else (id(e),)
+        spans.setdefault(key, []).append(e)
+    blocks = []
+    for group in spans.values():
+        largest = max(e.get("args", {}).get("nbytes", 0) for e in group)
+        shown = [e for e in group if e.get("args", {}).get("nbytes", 0) >= largest / 100] or group
+        blocks.append((shown[0], "+".join(_label(e) for e in shown)))
+    return blocks
+
+
 def window(doc: dict, batch: int | None = None) -> tuple[int, float, float]:
     """(batch, start, end) in µs: rank 0's backward of ``batch`` to the end of the next forward.
 
@@ -220,8 +236,7 @@ def draw(doc: dict, path: str | Path, batch: int | None = None) -> int:
     fig, ax = plt.subplots(figsize=(14, 0.55 * len(keys) + 1.4))
     kinds: set[str] = set()
     for row, key in enumerate(reversed(keys)):
-        for e in lanes[key]:
-            label = _label(e)
+        for e, label in _blocks(lanes[key]):
             kind = "iteration" if e.get("cat") == "predicted" and e["tid"] == COMPUTE_TID else gantt.kind(label)
             kinds.add(kind)
             left = (e["ts"] - start) / 1e3
