@@ -107,9 +107,13 @@ class Bucket:
                     view.copy_(p.grad)
                 p.grad = view
 
-    def used_params(self) -> list[torch.nn.Parameter]:
-        """Parameters that got a gradient on at least one rank (valid after communication)."""
-        return [p for p, used in zip(self.params, self.flags.tolist()) if used != 0]
+    def used_params(self, flags: torch.Tensor | None = None) -> list[torch.nn.Parameter]:
+        """Parameters that got a gradient on at least one rank (valid after communication).
+
+        ``flags``: reduced used flags held outside the buffer (a sharded step all-reduces a copy
+        with the reduce-scatter, after which the buffer's flags are whole on one rank only)."""
+        flags = self.flags if flags is None else flags
+        return [p for p, used in zip(self.params, flags.tolist()) if used != 0]
 
 
 def build_bucket(index: int, named: list[tuple[str, torch.nn.Parameter]], world: int, rank: int,

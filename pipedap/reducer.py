@@ -268,7 +268,7 @@ class Reducer:
                         b.unpack_shard()
                     if scale != 1.0:
                         b.shard.mul_(scale)
-                    used = {id(p) for p, n in zip(b.params, self.used_flags[g].tolist()) if n != 0}
+                    used = {id(p) for p in b.used_params(self.used_flags[g])}
                     pieces += [pc.tensor for pc in self.shard_pieces[g] if id(pc.param) in used]
                 if pieces:
                     self.apply_update(pieces, hyperparameters)

@@ -133,8 +133,8 @@ def assert_ends_within_30_s_naming_host_1(testbed, script: Path, steps: int, van
     took = time.monotonic() - killed
     assert returncode != 0 and "done" not in job.output, job.output
     assert took < 30, f"the job took {took:.0f} s to end after rank 1 vanished"
-    # mpirun names the rank and its host; when rank 0's MPI notices the closed socket first, Open MPI's own
-    # message ends the job instead, naming the host only
+    # mpirun names the rank and its host; when rank 0's MPI notices the closed socket first on a receive,
+    # Open MPI's own message ends the job instead, naming the host only; on a send, it names no peer
     host = testbed.names[1]
     if re.search(rf"rank 1 .*{host}.*signal 9", job.output, re.S) or re.search(rf"Peer host: +{host}", job.output):
         return
