@@ -64,9 +64,14 @@ def measure_cost_model(sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 5,
 def measured_interference(process_set: ProcessSet = global_process_set,
                           progress: Callable[[str], None] | None = None) -> float:
     """σ of pipedap.interference, or 0 with ``PIPEDAP_INTERFERENCE=off`` (collective)."""
-    if settings.get("PIPEDAP_INTERFERENCE") == "off":
+    if not interference_on():
         return 0.0
     return interference.measure(process_set, progress)
+
+
+def interference_on() -> bool:
+    """Whether σ is measured and planned with (``PIPEDAP_INTERFERENCE`` is not ``off``)."""
+    return settings.get("PIPEDAP_INTERFERENCE") != "off"
 
 
 def cost_model(path: str | os.PathLike | None = None, measure_if_missing: bool = True,

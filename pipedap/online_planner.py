@@ -47,6 +47,9 @@ FIT_TOLERANCE = 1.25
 # The engine starts a queued operation microseconds after its predecessor ends, unless the
 # thread it just woke takes the shared core first; a millisecond of skew is negligible here.
 HANDOFF_S = 1e-3
+# where the plan's cost model came from (``OnlinePlanner.planning["cost_source"]``)
+FITTED = "fitted to the profiling steps' reduce-scatters and all-gathers, with the interference measured then"
+MICROBENCHMARK = "the cluster's microbenchmark (pipedap.measure.cost_model, cached)"
 
 # [Note: skew-free samples]
 # A rank's duration of a collective (engine start to end) is the transfer time only
@@ -90,6 +93,7 @@ class OnlinePlanner:
         self.busy: list[tuple[float, float]] = []  # (start, end) in seconds of every submission
         self.step_started = time.monotonic()
         self.step_seconds: list[float] = []
+        self.planning: dict | None = None  # how the plan was made, once it is: see step_done()
         engine.add_completion_listener(self._on_ops)
 
     # --- what the optimizer reports -------------------------------------------------
@@ -125,7 +129,13 @@ class OnlinePlanner:
                 for name, runs in self.ops.items()}
 
     def step_done(self) -> Plan | None:
-        """Called at the end of every step(); returns the plan once enough steps were measured."""
+        """Called at the end of every step(); returns the plan once enough steps were measured.
+
+        With the plan it sets ``planning``: the cost model it was made on (as
+        ``CostModel.to_dict()``), where that model came from, the profile's bucket count, and
+        the interference σ measured in these steps (None with ``PIPEDAP_INTERFERENCE=off``);
+        the same on every rank.
+        """
         now = time.monotonic()
         self.step_seconds.append(now - self.step_started)
         self.step_started = now
@@ -139,8 +149,10 @@ class OnlinePlanner:
         sigma = measure.measured_interference(self.process_set)
         profile = measure.agree_profile(self.profile(sigma), self.process_set)
         measured = max(comm.allgather_object(self.measured_step_s(), name="online.steps", process_set=self.process_set))
-        cost = self.cost_model(profile, measured, sigma)
+        cost, source = self.cost_model(profile, measured, sigma)
         plan = measure.plan_on_rank0(lambda: self._plan(profile, cost), self.process_set)
+        self.planning = {"cost_model": cost.to_dict(), "cost_source": source, "profile_layers": len(profile),
+                         "interference": sigma if measure.interference_on() else None}
         log.info(
             "pipedap: planned from %d measured steps in %.2f s: %s plan predicts %.1f ms per iteration "
             "(DeAR as measured: %.1f ms); switching now",
@@ -184,9 +196,10 @@ class OnlinePlanner:
         )
         return Profile(layers, {"source": "online", "steps": len(measured), "interference": sigma})
 
-    def cost_model(self, profile: Profile, measured_s: float, sigma: float = 0.0) -> CostModel:
+    def cost_model(self, profile: Profile, measured_s: float, sigma: float = 0.0) -> tuple[CostModel, str]:
         """α-β fit from the operations training ran; the microbenchmark when their sizes are too alike,
-        or when the fit does not predict the measured steps (:func:`checked_fit`).
+        or when the fit does not predict the measured steps (:func:`checked_fit`). Returns the
+        model and where it came from, in words.
 
         Collective: call it on every rank. The ranks agree on the samples, the profile and
         ``measured_s`` first, so every rank takes the same branch.
@@ -196,12 +209,13 @@ class OnlinePlanner:
         if distinct < MIN_DISTINCT_SIZES:
             log.info("pipedap: operations that started together on every rank have %d distinct sizes: "
                      "measuring the cost model instead", distinct)
-            return measure.cost_model(process_set=self.process_set)
+            return measure.cost_model(process_set=self.process_set), MICROBENCHMARK
         rs, _ = costmodel.fit_line(samples["rs"])
         ag, _ = costmodel.fit_line(samples["ag"])
         # all-reduce is not used by PipeDAP plans; a ring all-reduce is a reduce-scatter then an all-gather
         fitted = CostModel(self.process_set.size(), rs, ag, AlphaBeta(rs.a + ag.a, rs.b + ag.b), interference=sigma)
-        return checked_fit(profile, fitted, measured_s, lambda: measure.cost_model(process_set=self.process_set))
+        chosen = checked_fit(profile, fitted, measured_s, lambda: measure.cost_model(process_set=self.process_set))
+        return chosen, FITTED if chosen is fitted else MICROBENCHMARK
 
     def _plan(self, profile: Profile, cost: CostModel) -> Plan:
         """The plan of the buckets as they are (no fusion: the buffers exist already)."""

@@ -179,6 +179,14 @@ class _DistributedMixin:
         """The plan this optimizer runs (groups and ordered submissions); None on one rank."""
         return self._pipedap.plan
 
+    @property
+    def planning(self) -> dict | None:
+        """How the running plan was made, once ``schedule="pipedap"`` without a plan has planned online:
+        ``cost_model`` (``CostModel.to_dict()``: the α-β lines it simulated), ``cost_source``,
+        ``profile_layers`` and ``interference`` (the σ measured then, None with
+        ``PIPEDAP_INTERFERENCE=off``). None before that, and for given or built-in plans."""
+        return self._pipedap.planning
+
     # --- internals ---------------------------------------------------------------
 
     def _pipedap_params(self) -> list[torch.nn.Parameter]:

@@ -68,6 +68,7 @@ class Reducer:
         self.plan = plan.sharded() if shard_pieces is not None else plan
         self.buckets, self.apply_update = buckets, apply_update
         self.op, self.passes, self.process_set, self.online = op, passes, process_set, online
+        self.planning: dict | None = None  # how the online planner made the plan (OnlinePlanner.planning)
         self.where = {p: (b, i) for b in buckets for i, p in enumerate(b.params)}
         self.countdown = dict.fromkeys(self.where, passes)  # backward passes left before p's gradient is final
         self.ready: list[set[int]] = [set() for _ in buckets]  # per bucket: indices of complete gradients
@@ -386,6 +387,6 @@ class Reducer:
         plan = self.online.step_done()
         if plan is None:
             return
-        self.plan, self.online = plan, None
+        self.plan, self.planning, self.online = plan, self.online.planning, None
         if self._forward_end_hook is not None:
             self._forward_end_hook.remove()

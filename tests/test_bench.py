@@ -83,6 +83,10 @@ def test_pipedap_plans_online_then_times_its_plan_against_the_prediction(tmp_pat
     assert predicted == doc["plan"]["predicted_iteration_s"] and predicted > 0
     assert doc["batch_time"]["predicted_over_measured"] == pytest.approx(predicted / doc["batch_time"]["measured_s"])
     assert "predicted by the plan" in output and doc["threshold_bytes"] == 8000000
+    # how it planned, for compare's reachable bound (σ is None: PIPEDAP_INTERFERENCE=off in tests, see conftest.py)
+    planning = doc["planning"]
+    assert planning["cost_model"]["world_size"] == 2 and planning["profile_layers"] == doc["plan"]["groups"]
+    assert planning["cost_source"] and planning["interference"] is None
 
 
 @pytest.mark.mpi

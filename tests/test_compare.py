@@ -220,6 +220,52 @@ def test_a_compressed_system_is_named_with_its_dtype_and_judged_against_half_the
     assert row["systems"]["PipeDAP-fp16"]["bound_s"] == pytest.approx(comm / 2)
 
 
+def test_the_reachable_bound_charges_compute_the_cpu_cost_of_every_second_the_link_is_busy() -> None:
+    """max(link, compute + link x σ/(1+σ)): with σ = 0.5 a busy second costs compute a third of a second."""
+    assert compare_report.reachable_bound(4.0, 3.0, 0.5) == pytest.approx(5.0)  # compute + its bytes' CPU decide
+    assert compare_report.reachable_bound(2.0, 6.0, 0.5) == pytest.approx(6.0)  # the link decides
+    assert compare_report.reachable_bound(4.0, 3.0, 0.0) == pytest.approx(4.0)  # no interference: the plain bound
+    fp16 = dict(_run("PipeDAP-fp16", 4.625), own_bound={"bound_s": 4.0, "comm_s": 1.5, "why": "gradients as fp16"})
+    pipeline = dict(_run("Pipeline-1F1B", 2.0), own_bound={"bound_s": 1.6, "link_s": 1.0})
+    runs = {"PipeDAP": _run("PipeDAP", 5.775), "PipeDAP-fp16": fp16, "DDP": _run("DDP", 6.3), "Pipeline-1F1B": pipeline}
+    # nominal 3 s at 250 Mbit/s, achieved 200 Mbit/s: the link is busy 3.75 s, at σ 0.5 (mean of the rounds)
+    row = compare_report.compare_row("resnet50", 2, 2, 8, "250mbit", compute=4.0, comm=3.0, achieved_bps=200e6,
+                                     runs=runs, interference=[0.4, 0.6])
+    assert row["interference"] == {"mean": pytest.approx(0.5), "runs": [0.4, 0.6]}
+    assert row["cpu_cost_s"] == pytest.approx(1.25) and row["reachable_s"] == pytest.approx(5.25)
+    assert row["bound_s"] == 4.0  # the plain bound is unchanged
+    assert row["ddp_over_reachable"] == pytest.approx(1.2)  # no system can be more than 1.2x DDP here
+    systems = row["systems"]
+    assert systems["PipeDAP"]["over_reachable_pct"] == pytest.approx(10.0)
+    # fp16 halves the busy link (1.875 s) and so its CPU cost (0.625 s)
+    assert systems["PipeDAP-fp16"]["reachable_s"] == pytest.approx(4.625)
+    assert systems["PipeDAP-fp16"]["over_reachable_pct"] == pytest.approx(0.0, abs=1e-9)
+    assert systems["Pipeline-1F1B"]["reachable_s"] is None  # a pipeline is judged against its own bound only
+    text = compare_report.table([row])
+    assert "reachable 5.25 s = max(link 3.75 s, compute + the CPU cost of its bytes 1.25 s at interference +50%)" in text
+    assert "DDP is 1.20x it" in text
+    assert "| 250 Mbit/s | 4.00 (pipeline: 1.60) | 5.25 (fp16: 4.62) | 5.78 +- 0.10 |" in compare_report.markdown([row])
+
+
+def test_without_a_measured_interference_there_is_no_reachable_bound_and_old_tables_stay_as_they_were() -> None:
+    runs = {"PipeDAP": _run("PipeDAP", 5.0), "DDP": _run("DDP", 6.0)}
+    row = compare_report.compare_row("resnet50", 2, 2, 8, "250mbit", compute=4.0, comm=3.0, achieved_bps=None, runs=runs)
+    assert row["reachable_s"] is None and row["interference"] is None and row["ddp_over_reachable"] is None
+    assert row["systems"]["PipeDAP"]["over_reachable_pct"] is None
+    assert "reachable" not in compare_report.table([row]).split("\n")[1]
+    assert compare_report.markdown([row]).splitlines()[2] == "| rate | bound | PipeDAP | DDP |"
+
+
+def test_the_interference_of_a_setting_is_every_sigma_its_planned_jobs_measured() -> None:
+    def planned(sigma):
+        return {"status": "ok", "result": {"planning": {"cost_model": {}, "interference": sigma}}}
+    runs = [{"rounds": [planned(0.3), {"status": "failed"}, planned(0.5)]},  # a failed round has no result
+            {"rounds": [planned(None)]},  # PIPEDAP_INTERFERENCE=off (PipeDAP-plain)
+            {"rounds": [{"status": "ok", "result": {"planning": None}}]},  # DDP: no plan
+            planned(0.4)]  # a record without rounds
+    assert compare_sweep.measured_interference(runs) == [0.3, 0.5, 0.4]
+
+
 def test_summarize_needs_a_sweep_folder(tmp_path: Path, capsys) -> None:
     assert compare.main(["--summarize", str(tmp_path)]) == 2
     assert "compare.json does not exist" in capsys.readouterr().err

@@ -23,7 +23,7 @@ def test_the_clean_clock_runs_slower_beside_transfers():
 def test_measured_on_one_shared_core_and_cached_with_the_cost_model(tmp_path):
     """Two ranks pinned to one core: compute must slow while their engines move bytes, every rank gets the
     same interference, the cost model carries it to the cache, PIPEDAP_INTERFERENCE=off measures nothing, and
-    the online planner measures it, maps its profile with it and plans with it."""
+    the online planner measures it, maps its profile with it, plans with it and reports it (opt.planning)."""
     out = tmp_path / "sigma.json"
     assert_ok(run_mpi("check_interference.py", 2, str(out), timeout=240, env={"PIPEDAP_CACHE_DIR": str(tmp_path)}))
     result = json.loads(out.read_text())
@@ -36,3 +36,4 @@ def test_measured_on_one_shared_core_and_cached_with_the_cost_model(tmp_path):
     assert all(len(set(c)) == 1 for c in clocks) and len({c[0] for c in clocks}) == 1 and clocks[0][0] > 0, clocks
     plans = result["online"][0]["plans"]
     assert plans and all(profile == clocks[0][0] and cost > 0 for profile, cost in plans), plans
+    assert result["planning"] == [clocks[0][0]] * 2, result["planning"]  # what the optimizer reports (bench records)

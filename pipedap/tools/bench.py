@@ -24,7 +24,8 @@ has one). ``--json FILE`` writes all of it::
     batch_time: {measured_s, predicted_s, predicted_over_measured},
     phases_ms: {forward, backward, step} (rank 0's means),
     plan: {schedule, groups, digest, predicted_iteration_s, source} or null,
-    planning: {cost_model, cost_source, profile_layers} (PipeDAP with --bandwidth) or null,
+    planning: {cost_model, cost_source, profile_layers, interference} (PipeDAP with --bandwidth or
+              --timeline, or planned online: then interference is the σ measured in this job) or null,
     energy: {seconds, compute: {busy_s, idle_s, joules}, link: {...} (with --link-rate), joules,
              joules_per_sample, power, link_rate, compute_busy_source} per worker and batch (--power) or null,
     timeline: FILE or null, wall_seconds
@@ -323,6 +324,7 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
             "wire_bytes": wire_bytes_per_batch(model, world, args) if args.power else None}
     everyone = runtime.allgather_object(mine)
     plan = runtime.plan(optimizer)
+    dist.facts.update(runtime.planning(optimizer))
     if args.timeline and plan is not None and plan.predicted is None:
         plan, planning = predict(plan, args, (inputs, targets), loss_fn, say)
         dist.facts.update(planning)
@@ -407,7 +409,7 @@ def summarize(args: argparse.Namespace, context: dict, everyone: list[dict], pla
         "plan": None if plan is None else {
             "schedule": plan.schedule, "groups": len(plan.groups), "digest": plan.digest(),
             "predicted_iteration_s": predicted, "source": facts.get("plan_source", "built-in")},
-        "planning": {k: facts[k] for k in ("cost_model", "cost_source", "profile_layers")}
+        "planning": {k: facts.get(k) for k in ("cost_model", "cost_source", "profile_layers", "interference")}
         if "cost_model" in facts else None,
         "energy": energy_of(args, measured, everyone),
         "timeline": args.timeline,

@@ -109,6 +109,10 @@ class Runtime(abc.ABC):
         """The pipedap plan the optimizer runs now (None for systems without one)."""
         return None
 
+    def planning(self, optimizer: torch.optim.Optimizer) -> dict:
+        """How the plan was made when the optimizer planned it online ({} otherwise): see bench's ``planning``."""
+        return {}
+
     def describe(self, dist: Distributed) -> str:
         """One line on how the model is distributed (after warmup: the plan may have changed)."""
         return dist.description
@@ -196,6 +200,9 @@ class PipedapRuntime(_OverPipedap):
 
     def plan(self, optimizer) -> Plan:
         return optimizer.plan
+
+    def planning(self, optimizer) -> dict:
+        return optimizer.planning or {}
 
     def describe(self, dist: Distributed) -> str:
         run = dist.optimizer.plan

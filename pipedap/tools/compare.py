@@ -17,6 +17,10 @@ interleaved rounds (see [Note: interleaved rounds] in :mod:`pipedap.tools.compar
   link, at the nominal rate. The rate the comm core achieved on this testbed (calibration,
   ``pipedap.tools.bench_comm`` all-reduce) is reported next to it, with the bound it implies.
 
+Where the setting's planned jobs measured the interference σ, the reachable bound
+max(link, compute + the CPU cost of its bytes) is reported too, with how far DDP is above
+it ([Note: the reachable bound] in :mod:`pipedap.tools.compare_report`).
+
 [Note: timing decoupled schedules] DeAR and PipeDAP leave a batch's last collectives
 running when ``step()`` returns. The benchmark's timed window starts after a barrier (nothing
 pending) and its last iteration waits for what is still running, so the window holds

@@ -378,8 +378,21 @@ class Sweep:
                                                          "comm_s": comm * fraction,
                                                          "why": f"gradients as {system.compression}"})
                 rows.append(compare_row(model, hosts, ranks, self.args.batch_size, rate, compute, comm,
-                                        achieved, runs, getattr(self.args, "power", None)))
+                                        achieved, runs, getattr(self.args, "power", None),
+                                        measured_interference(runs.values())))
         return rows
+
+
+def measured_interference(runs) -> list[float]:
+    """Every σ that a setting's jobs measured, one per planned job (the online planner records it
+    in the benchmark JSON's ``planning``; a job that turned it off records None)."""
+    sigmas = []
+    for run in runs:
+        for record in run.get("rounds") or [run]:
+            sigma = ((record.get("result") or {}).get("planning") or {}).get("interference")
+            if sigma is not None:
+                sigmas.append(float(sigma))
+    return sigmas
 
 
 def merge_rounds(rounds: list[dict]) -> dict:

@@ -2,7 +2,8 @@
 
 Writes {"sigma": [per rank], "measured": [per rank, by measure.cost_model], "cached": its copy read back,
 "off": with PIPEDAP_INTERFERENCE=off, "online": [per rank: the σ the online planner mapped its profile with,
-and on rank 0 the (profile's, cost model's) σ of the plans it made]}.
+and on rank 0 the (profile's, cost model's) σ of the plans it made], "planning": [per rank: the σ
+the optimizer reports it planned with (opt.planning)]}.
 """
 
 import json
@@ -53,7 +54,8 @@ for _ in range(5):
 opt.synchronize()
 assert opt.plan.schedule != "dear", "the online planner did not switch plans"
 result = {"sigma": hvd.allgather_object(sigma), "measured": hvd.allgather_object(measured.interference),
-          "cached": cached.interference, "off": off.interference, "online": hvd.allgather_object(seen)}
+          "cached": cached.interference, "off": off.interference, "online": hvd.allgather_object(seen),
+          "planning": hvd.allgather_object(opt.planning["interference"])}
 if hvd.rank() == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(result, f)
