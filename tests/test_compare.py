@@ -264,7 +264,7 @@ def test_the_interference_of_a_setting_is_every_sigma_its_planned_jobs_measured(
             {"rounds": [planned(None)]},  # PIPEDAP_INTERFERENCE=off (PipeDAP-plain)
             {"rounds": [{"status": "ok", "result": {"planning": None}}]},  # DDP: no plan
             planned(0.4)]  # a record without rounds
-    assert compare_sweep.measured_interference(runs) == [0.3, 0.5, 0.4]
+    assert compare_sweep.interference_of(runs) == [0.3, 0.5, 0.4]
 
 
 def test_summarize_needs_a_sweep_folder(tmp_path: Path, capsys) -> None:

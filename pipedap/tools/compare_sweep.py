@@ -379,11 +379,11 @@ class Sweep:
                                                          "why": f"gradients as {system.compression}"})
                 rows.append(compare_row(model, hosts, ranks, self.args.batch_size, rate, compute, comm,
                                         achieved, runs, getattr(self.args, "power", None),
-                                        measured_interference(runs.values())))
+                                        interference_of(runs.values())))
         return rows
 
 
-def measured_interference(runs) -> list[float]:
+def interference_of(runs) -> list[float]:
     """Every σ that a setting's jobs measured, one per planned job (the online planner records it
     in the benchmark JSON's ``planning``; a job that turned it off records None)."""
     sigmas = []
