@@ -246,6 +246,15 @@ def test_the_reachable_bound_charges_compute_the_cpu_cost_of_every_second_the_li
     assert "reachable 5.00 s = max(link 3.00 s, compute + the CPU cost of its bytes 1.00 s at interference +50%)" in text
     assert "DDP is 1.20x it" in text
     assert "| 250 Mbit/s | 4.00 (pipeline: 1.60) | 5.00 (fp16: 4.50) | 5.50 +- 0.10 |" in compare_report.markdown([row])
+    # vs_bound.png draws it as a level of its own
+    import matplotlib.pyplot as plt
+
+    from pipedap.tools import compare_charts
+    _, ax = plt.subplots()
+    compare_charts._vs_bound(ax, [row])
+    levels = {c.get_label(): c.get_segments()[0][0][1] for c in ax.collections if c.get_label().startswith("reachable")}
+    plt.close("all")
+    assert levels == {"reachable max(comm, compute + its CPU cost)": pytest.approx(5.0)}
 
 
 def test_without_a_measured_interference_there_is_no_reachable_bound_and_old_tables_stay_as_they_were() -> None:

@@ -4,7 +4,8 @@
   interval, per link rate; black lines mark the throughput of the data-parallel bound and,
   with pipeline systems, of the pipeline's bound (dashed);
 * ``speedup_vs_ddp.png``: each system's speedup over DDP against the link rate;
-* ``vs_bound.png``: time per batch of each system against the bound (and its parts);
+* ``vs_bound.png``: time per batch of each system against the bound (and its parts, and the
+  reachable bound where σ was measured);
 * ``energy.png`` (with ``--power``): joules per sample of each system, per link rate.
 
 One panel per (model, host count).
@@ -107,6 +108,10 @@ def _vs_bound(ax: plt.Axes, panel: list[dict]) -> None:
     _levels(ax, centres, [row["bound_s"] for row in panel], "bound max(compute, comm)", "-")
     _levels(ax, centres, [row["compute_s"] for row in panel], "compute only", ":")
     _levels(ax, centres, [row["comm_s"] for row in panel], "all-reduce at nominal rate", "--")
+    reachable = [(c, row["reachable_s"]) for c, row in zip(centres, panel) if row.get("reachable_s")]
+    if reachable:
+        xs, values = zip(*reachable)
+        _levels(ax, list(xs), list(values), "reachable max(comm, compute + its CPU cost)", "-.")
     ax.set_ylabel("seconds per batch (95% CI)")
 
 
