@@ -51,8 +51,9 @@ def measure_cost_model(sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 5,
     fit per primitive of the times of the one chosen at each size (what ``auto`` runs once it is installed),
     and ``interference`` (unless ``PIPEDAP_INTERFERENCE=off``).
     """
-    if process_set.size() < 2:
-        raise ValueError("a cost model needs at least 2 ranks: launch with mpirun -np N (N >= 2)")
+    if engine.alone(process_set):
+        raise ValueError("a cost model needs at least 2 ranks (launch with mpirun -np N, N >= 2), or a set of "
+                         "one rank whose collectives go through the engine (PIPEDAP_ONE_RANK_THROUGH_ENGINE=1)")
     times = algorithms.measure(sizes, repeats, process_set, progress)
     samples: dict[str, list[tuple[float, float]]] = {kind: [] for kind in algorithms.KINDS}
     for (kind, nbytes), by_algorithm in times.items():
@@ -63,8 +64,9 @@ def measure_cost_model(sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 5,
 
 def measured_interference(process_set: ProcessSet = global_process_set,
                           progress: Callable[[str], None] | None = None) -> float:
-    """σ of pipedap.interference, or 0 with ``PIPEDAP_INTERFERENCE=off`` (collective)."""
-    if not interference_on():
+    """σ of pipedap.interference, or 0 with ``PIPEDAP_INTERFERENCE=off`` or on a set of one rank, which
+    has no link to slow its compute (collective)."""
+    if not interference_on() or process_set.size() < 2:
         return 0.0
     return interference.measure(process_set, progress)
 

