@@ -151,8 +151,8 @@ class OnlinePlanner:
         measured = max(comm.allgather_object(self.measured_step_s(), name="online.steps", process_set=self.process_set))
         cost, source = self.cost_model(profile, measured, sigma)
         plan = measure.plan_on_rank0(lambda: self._plan(profile, cost), self.process_set)
-        self.planning = {"cost_model": cost.to_dict(), "cost_source": source, "profile_layers": len(profile),
-                         "interference": sigma if measure.interference_on() else None}
+        self.planning = costmodel.planning_facts(cost, source, len(profile),
+                                                 sigma if measure.interference_on() else None)
         log.info(
             "pipedap: planned from %d measured steps in %.2f s: %s plan predicts %.1f ms per iteration "
             "(DeAR as measured: %.1f ms); switching now",

@@ -112,6 +112,14 @@ class CostModel:
             ) from None
 
 
+def planning_facts(cost: CostModel, source: str, profile_layers: int, interference: float | None = None) -> dict:
+    """How a plan was made, as ``DistributedOptimizer.planning`` and the bench's JSON report it: the
+    cost model it simulated (:meth:`CostModel.to_dict`), where that model came from, the profile's
+    layer (or bucket) count, and the interference σ measured for it (None when not measured)."""
+    return {"cost_model": cost.to_dict(), "cost_source": source, "profile_layers": profile_layers,
+            "interference": interference}
+
+
 def from_link(workers: int, bandwidth: float, latency: float) -> CostModel:
     """Ring-algorithm model for `workers` on links of `bandwidth` bytes/s and `latency` s.
 

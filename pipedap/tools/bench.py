@@ -211,8 +211,7 @@ def predict(plan, args: argparse.Namespace, batch: tuple, loss_fn, say) -> tuple
                         plan.sync_before_forward)
     say(f"  predicted {timeline.iteration_time * 1e3:.1f} ms per batch (cost model {source})")
     predicted = Prediction(timeline.iteration_time, timeline.lower_bound, tuple(zip(timeline.starts, timeline.ends)))
-    facts = {"cost_model": cost.to_dict(), "cost_source": source, "profile_layers": len(profile)}
-    return dataclasses.replace(plan, predicted=predicted), facts
+    return dataclasses.replace(plan, predicted=predicted), costmodel.planning_facts(cost, source, len(profile))
 
 
 def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:

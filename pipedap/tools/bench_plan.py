@@ -59,6 +59,5 @@ def plan_for_link(model: torch.nn.Module, inputs: Any, targets: Any, loss: Calla
             f"predicted {plan.predicted.iteration_time * 1e3:.1f} ms per batch")
         return plan
 
-    facts = {"cost_model": cost.to_dict(), "cost_source": f"assumed ring on {bandwidth} links, {latency}",
-             "profile_layers": len(profile)}
+    facts = costmodel.planning_facts(cost, f"assumed ring on {bandwidth} links, {latency}", len(profile))
     return measure.plan_on_rank0(plan_here), facts
