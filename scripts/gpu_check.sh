@@ -17,7 +17,8 @@
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .device/wheels
 # then run `bash scripts/gpu_check.sh` there (device tool: carry [".device"], timeout_s 420).
 # Arguments name the checks to run after the build (default: gpu_tests collectives_np1 training_np1;
-# also op_overhead, benchmarks/cuda_op_overhead.py, and training_online, PipeDAP planned online).
+# also op_overhead, benchmarks/cuda_op_overhead.py; training_online, PipeDAP planned online; and
+# profile_buckets, a cProfile of a plan with one bucket per layer).
 # On a machine that already has MPI (mpicxx on PATH) the wheel step is skipped when no wheel is there.
 #
 # Every step runs even when an earlier one failed, so one run tells as much as it can; each step's
@@ -177,6 +178,21 @@ training_online() {  # PipeDAP planned online (measured cost model, not --bandwi
         --device cuda --baseline PipeDAP --model resnet50 --image-size 32 --batch-size 8 --num-warmup-batches 2 \
         --num-batches-per-iter 2 --num-iters 3 --no-progress --timeline "$OUT/online_timeline.json" \
         --json "$OUT/bench_online.json"
+}
+
+profile_buckets() {  # where the host time of a plan with one bucket per layer goes (cProfile of the bench)
+    PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 timeout 150 mpirun -np 1 --bind-to none "$PY" -m cProfile \
+        -o "$OUT/buckets.prof" -m pipedap.tools.bench --device cuda --baseline PipeDAP --bandwidth 100gbit \
+        --model resnet50 --image-size 32 --batch-size 8 --num-warmup-batches 2 --num-batches-per-iter 3 \
+        --num-iters 3 --no-progress || return
+    "$PY" - "$OUT/buckets.prof" <<'EOF2'
+import pstats, sys
+stats = pstats.Stats(sys.argv[1])
+stats.sort_stats("tottime").print_stats(25)
+stats.sort_stats("cumulative")
+for name in ("reducer.py.*finish", "_pipedap_apply_update", "optimizer.py:.*wrapper", "_multi_tensor_sgd", "engine.py.*wait"):
+    stats.print_callees(name)
+EOF2
 }
 
 CHECKS=("$@")  # the checks after the build: those named on the command line, else the default three
