@@ -88,7 +88,8 @@ def main() -> None:
         x = torch.ones(numel, device="cuda")
         xs = [torch.ones(numel, device="cuda") for _ in range(args.count)]
         times = {k: [] for k in ("pipedap_sync", "torch_sync", "pipedap_queued", "torch_queued")}
-        pipedap_sync(x, 10), torch_sync(x, 10)  # warm-up: communicators, allocator
+        pipedap_sync(x, 10)  # warm-up: communicators, allocator
+        torch_sync(x, 10)
         for _ in range(args.rounds):
             times["pipedap_sync"].append(pipedap_sync(x, args.count))
             times["torch_sync"].append(torch_sync(x, args.count))
