@@ -7,9 +7,11 @@ setting (see [Note: the bound] in :mod:`pipedap.tools.compare`) and every system
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import models
 from pipedap.planner import energy
@@ -198,7 +200,21 @@ def with_others(row: dict, key: str, own: Callable[[dict], float | None]) -> str
     return fmt(row.get(key), ".2f") + (f" ({', '.join(f'{k}: {v:.2f}' for k, v in others.items())})" if others else "")
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipedap.tools.compare_report",
+                                     description="Print a sweep's Markdown table (as the README quotes it).")
+    parser.add_argument("compare_json", help="a sweep's compare.json, or a sweep committed under benchmarks/results")
+    args = parser.parse_args(argv)
+    try:
+        doc = json.loads(Path(args.compare_json).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        parser.error(f"cannot read {args.compare_json}: {e}")
+    if not isinstance(doc, dict) or "comparison" not in doc:
+        parser.error(f"{args.compare_json} is not a sweep's JSON (no 'comparison'): pass OUT/compare.json of "
+                     "python -m pipedap.tools.compare")
+    print(markdown(doc["comparison"]))
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m pipedap.tools.compare_report OUT/compare.json  (prints its Markdown table)")
-    print(markdown(json.loads(open(sys.argv[1]).read())["comparison"]))
+    sys.exit(main())

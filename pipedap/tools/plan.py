@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bandwidth", type=options.rate, help="assumed link bandwidth, e.g. 1gbit, 10gbit, 1.25GB/s")
     parser.add_argument("--latency", type=options.duration, default="50us", help="assumed per-step latency (default 50us)")
     parser.add_argument("--interference", type=options.fraction,
-                        help="compute's slow-down while the link is busy, e.g. 0.3 or 30% (replaces the cost "
+                        help="compute's slow-down while the link is busy, e.g. 0.3 or 30%% (replaces the cost "
                              "model's measured value; default: the file's, 0 with --bandwidth)")
     parser.add_argument(
         "--fusion", default="search",
