@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = sorted(f"pipedap.{p.parent.name + '.' if p.parent.name == 'tools' else ''}{p.stem}"
+COMMANDS = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts)
                   for p in [*(ROOT / "pipedap" / "tools").glob("*.py"), *(ROOT / "pipedap").glob("*.py")]
                   if 'if __name__ == "__main__"' in p.read_text())
 
