@@ -10,7 +10,8 @@ every rank agrees on, measured with the comm core:
   :func:`cost_model` caches that fit and choice as JSON keyed by world size and host
   set, and installs the choice in the engine.
 * :func:`agree_profile` makes every rank plan from the same layer times (the
-  element-wise maximum over ranks).
+  element-wise maximum over ranks); :func:`with_bucket_cost` adds to a profile
+  what submitting and waiting for a bucket's collectives costs the training thread.
 * :func:`plan_on_rank0` computes the plan once and broadcasts it, so every rank
   runs the same submissions in the same order.
 """
@@ -21,8 +22,12 @@ import dataclasses
 import logging
 import os
 import socket
+import statistics
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import torch
 
 from pipedap import algorithms, comm, engine, interference, settings
 from pipedap.planner import costmodel
@@ -113,6 +118,52 @@ def agree_profile(profile: Profile, process_set: ProcessSet = global_process_set
     """The element-wise maximum of every member's profile: all members plan from the same numbers."""
     docs = comm.allgather_object(profile.to_dict(), name="measure.profile", process_set=process_set)
     return elementwise_max([Profile.from_dict(d) for d in docs])
+
+
+HOST_COST_REPEATS = 30  # reduce-scatter + all-gather pairs timed by collective_host_cost
+HOST_COST_WAIT_S = 10.0  # for one tiny pair to complete: far beyond any link's start-up
+
+
+def collective_host_cost(device: torch.device | str = "cpu", repeats: int = HOST_COST_REPEATS,
+                         process_set: ProcessSet = global_process_set) -> float:
+    """Seconds the training thread spends per bucket submitting its reduce-scatter and all-gather and
+    waiting for them, the link's time left out (collective: every member calls it).
+
+    Per pair of tiny collectives (the reducer's path: build, submit, wait), the median of the
+    submitting calls plus the waits on operations already complete. The link's start-up, which
+    the cost model charges on the link, is what the wait for completion skips.
+    """
+    members = process_set.size()
+    buffer = torch.zeros(4 * members, device=device)
+    shard = buffer[:4].clone()
+    times = []
+    for i in range(repeats):
+        started = time.perf_counter()
+        works = [engine.submit([engine.reducescatter_collective(buffer, shard, f"measure.host.rs.{i}", comm.Sum,
+                                                                process_set)]),
+                 engine.submit([engine.allgather_collective(shard, buffer, f"measure.host.ag.{i}", process_set)])]
+        submitted = time.perf_counter()
+        deadline = submitted + HOST_COST_WAIT_S
+        while not all(work.done() for work in works):
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"rank {engine.rank()}: two 16-byte collectives did not complete within "
+                                   f"{HOST_COST_WAIT_S:.0f} s while timing the host's cost per bucket; is every "
+                                   f"member of {process_set} calling pipedap.measure.collective_host_cost?")
+            time.sleep(0.0002)
+        done = time.perf_counter()
+        for work in works:
+            work.wait()
+        times.append(submitted - started + time.perf_counter() - done)
+    return statistics.median(times)
+
+
+def with_bucket_cost(profile: Profile, device: torch.device | str = "cpu",
+                     process_set: ProcessSet = global_process_set) -> Profile:
+    """`profile` with :func:`collective_host_cost` added to its ``bucket_cost`` (collective), agreed by
+    every member ([Note: a bucket's fixed cost] in pipedap.planner.profile)."""
+    measured = dataclasses.replace(profile, bucket_cost=profile.bucket_cost + collective_host_cost(device,
+                                                                                                 process_set=process_set))
+    return agree_profile(measured, process_set)
 
 
 def plan_on_rank0(compute: Callable[[], Plan], process_set: ProcessSet = global_process_set) -> Plan:

@@ -147,7 +147,7 @@ class OnlinePlanner:
         started = time.perf_counter()
         # Everything collective runs on every rank; only the planning itself runs on rank 0.
         sigma = measure.measured_interference(self.process_set)
-        profile = measure.agree_profile(self.profile(sigma), self.process_set)
+        profile = measure.with_bucket_cost(self.profile(sigma), self.buckets[0].buffer.device, self.process_set)
         measured = max(comm.allgather_object(self.measured_step_s(), name="online.steps", process_set=self.process_set))
         cost, source = self.cost_model(profile, measured, sigma)
         plan = measure.plan_on_rank0(lambda: self._plan(profile, cost), self.process_set)
@@ -170,7 +170,8 @@ class OnlinePlanner:
     def profile(self, sigma: float = 0.0) -> Profile:
         """Median per-bucket times over the measured steps, as the planner's Profile (forward order),
         as compute alone would take them under interference `sigma` ([Note: profiles measured beside
-        communication])."""
+        communication]). A bucket's ``u`` is its whole update, the optimizer's per-call part included;
+        planning adds what its collectives cost the host as ``bucket_cost`` (pipedap.measure.with_bucket_cost)."""
         clean = interference.clean_clock(self.busy, sigma)
         measured = self.records[self.warmup :]
         n = len(self.buckets)

@@ -10,7 +10,11 @@ measured iterations after `warmup` ones:
 * backward: the time at which each layer's gradients are all accumulated (post-accumulate
   hooks), differenced in backward order ([Note: backward attribution] in
   :func:`pipedap.planner.profile.layer_times`, shared with the online planner);
-* update: the wrapped optimizer's step on copies of one layer's parameters and gradients.
+* update: the wrapped optimizer's step on copies of one layer's parameters and gradients,
+  less the step's per-call part (the step on one one-element parameter), which is the
+  profile's ``bucket_cost`` instead: the runtime pays it once per bucket, not per layer
+  ([Note: a bucket's fixed cost] in pipedap.planner.profile). The reducer's own host work
+  per bucket needs the comm core and is added by :func:`pipedap.measure.with_bucket_cost`.
 
 No MPI here: ranks agree on the numbers through the optional ``agree(profile) -> profile``
 callable (e.g. the element-wise max of :func:`pipedap.planner.profile.elementwise_max`,
@@ -121,6 +125,9 @@ def profile_model(
             handle.remove()
 
     update = [_update_time(owners[o], optimizer_factory, warmup, iterations, now) for o in order]
+    first = owners[order[0]][0][1]
+    call = _update_time([("call", torch.zeros(1, dtype=first.dtype, device=first.device))],
+                        optimizer_factory, warmup, iterations, now)
     model.zero_grad(set_to_none=True)
     layers = tuple(
         Layer(
@@ -129,12 +136,13 @@ def profile_model(
             nbytes=sum(p.numel() * p.element_size() for _, p in owners[owner]),
             tf=statistics.median(run[i] for run in samples["tf"]),
             tb=statistics.median(run[i] for run in samples["tb"]),
-            u=update[i],
+            u=max(0.0, update[i] - call),
         )
         for i, owner in enumerate(order)
     )
-    info = {"warmup": warmup, "iterations": iterations, "device": "cuda" if cuda else "cpu", **(meta or {})}
-    profile = Profile(layers, info)
+    info = {"warmup": warmup, "iterations": iterations, "device": "cuda" if cuda else "cpu",
+            "update_call_s": call, **(meta or {})}
+    profile = Profile(layers, info, bucket_cost=call)
     return agree(profile) if agree else profile
 
 
@@ -169,7 +177,7 @@ def _layer_times(
 
 
 def _update_time(
-    params: list[tuple[str, torch.nn.Parameter]],
+    params: list[tuple[str, torch.Tensor]],
     optimizer_factory: OptimizerFactory,
     warmup: int,
     iterations: int,

@@ -37,7 +37,10 @@ PLANNERS: dict[str, Callable[[Problem], schedules.Schedule]] = {
 
 
 def fuse(profile: Profile, grouping: Grouping) -> Profile:
-    """The group profile of `grouping`: per group, summed times and bytes, joined parameters."""
+    """The group profile of `grouping`: per group, summed times and bytes, joined parameters.
+
+    The bucket's fixed cost stays the profile's: the simulator charges it once per group.
+    """
     flat = [i for group in grouping for i in group]
     if flat != list(range(len(profile))) or any(not group for group in grouping):
         raise ValueError(
@@ -58,7 +61,7 @@ def fuse(profile: Profile, grouping: Grouping) -> Profile:
                 u=sum(layer.u for layer in layers),
             )
         )
-    return Profile(tuple(fused), {**profile.meta, "groups": [list(g) for g in grouping]})
+    return Profile(tuple(fused), {**profile.meta, "groups": [list(g) for g in grouping]}, profile.bucket_cost)
 
 
 def singletons(profile: Profile) -> Grouping:

@@ -6,9 +6,18 @@ For each it records the backward time `tb`, forward time `tf`, optimizer-update 
 (seconds), the gradient bytes and the parameter names. Fusion (:mod:`.fusion`) turns a
 layer profile into a group profile of the same type, so schedules only ever see groups.
 
+[Note: a bucket's fixed cost]
+Besides its layers' work, every bucket costs the training thread a fixed amount per
+step, whatever its size: one optimizer call (the per-call part of its update), building
+and submitting its collectives and waiting for them. ``bucket_cost`` is that time; each
+layer's ``u`` is its update without the per-call part. The simulator charges
+``bucket_cost`` once per group, with the group's update, so fusing k layers saves k-1
+of them. On CPU hosts it is a fraction of a millisecond beside seconds of compute; on a
+GPU it can be most of a step (0.4-0.5 ms per bucket on one H200, benchmarks/results/gpu_h200).
+
 JSON form::
 
-    {"version": 1, "meta": {...free-form...},
+    {"version": 1, "meta": {...free-form...}, "bucket_cost": 0.0002,
      "layers": [{"name": "conv1", "params": ["conv1.weight"], "nbytes": 37632,
                  "tf": 0.0012, "tb": 0.0025, "u": 0.0001}, ...]}
 """
@@ -38,14 +47,18 @@ class Layer:
 
 @dataclass(frozen=True)
 class Profile:
-    """Layers in forward order, plus free-form metadata (model, batch size, device...)."""
+    """Layers in forward order, free-form metadata (model, batch size, device...) and the
+    seconds each bucket costs the training thread per step ([Note: a bucket's fixed cost])."""
 
     layers: tuple[Layer, ...]
     meta: Mapping[str, object] = field(default_factory=dict)
+    bucket_cost: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.layers:
             raise ValueError("a profile needs at least one layer")
+        if not math.isfinite(self.bucket_cost) or self.bucket_cost < 0:
+            raise ValueError(f"bucket_cost = {self.bucket_cost}: a bucket's fixed cost must be finite and >= 0 s")
         for i, layer in enumerate(self.layers):
             for key in ("tf", "tb", "u"):
                 value = getattr(layer, key)
@@ -65,7 +78,10 @@ class Profile:
     def to_dict(self) -> dict:
         """JSON-ready form."""
         layers = [{**asdict(layer), "params": list(layer.params)} for layer in self.layers]
-        return {"version": FILE_VERSION, "meta": dict(self.meta), "layers": layers}
+        doc = {"version": FILE_VERSION, "meta": dict(self.meta), "layers": layers}
+        if self.bucket_cost:  # (absent when 0: the hashes of plans from such profiles stay what they were)
+            doc["bucket_cost"] = self.bucket_cost
+        return doc
 
     @classmethod
     def from_dict(cls, doc: Mapping, where: str = "profile") -> Profile:
@@ -93,7 +109,11 @@ class Profile:
                     f"{where}: layers[{i}] has a missing or malformed key ({err}); each layer "
                     f"needs name, params (list of str), nbytes (int), tf, tb and optionally u"
                 ) from None
-        return cls(tuple(parsed), dict(doc.get("meta", {})))
+        try:
+            bucket_cost = float(doc.get("bucket_cost", 0.0))
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: 'bucket_cost' must be a number of seconds, got {doc['bucket_cost']!r}") from None
+        return cls(tuple(parsed), dict(doc.get("meta", {})), bucket_cost)
 
     def save(self, path: str | Path) -> None:
         """Write the JSON form to `path`."""
@@ -174,4 +194,5 @@ def elementwise_max(profiles: Sequence[Profile]) -> Profile:
         )
         for i, layer in enumerate(first.layers)
     )
-    return Profile(layers, {**first.meta, "agreed": f"elementwise max over {len(profiles)} ranks"})
+    return Profile(layers, {**first.meta, "agreed": f"elementwise max over {len(profiles)} ranks"},
+                   max(p.bucket_cost for p in profiles))

@@ -5,8 +5,9 @@ Backward runs groups G-1 .. 0 from t = 0, so the gradients of g are ready at
 (backward list, then forward list); a submission starts when the previous one ended and
 all its inputs are ready (RS/AR of g: ``ready[g]``; AG of g: end of RS of g). A merged
 submission pays one start-up (the largest of its ops'). Forward starts when backward ends;
-group g waits for its AG (or AR) to end, applies its update (``u[g]``), then computes
-(``tf[g]``). The iteration time is the end of the forward of G-1.
+group g waits for its AG (or AR) to end, applies its update (``u[g]``: its layers' updates
+plus the profile's ``bucket_cost``, the host work every bucket costs whatever its size),
+then computes (``tf[g]``). The iteration time is the end of the forward of G-1.
 
 [Note: update on the compute stream]
 The update of g runs in the forward pre-hook of g, on the compute stream, so it cannot
@@ -62,9 +63,10 @@ class Problem:
         self.size = len(layers)
         self.nbytes = [layer.nbytes for layer in layers]
         self.tb = [layer.tb for layer in layers]
-        self.u = [layer.u for layer in layers]
+        # u[g]: the update of g plus the bucket's fixed cost ([Note: a bucket's fixed cost] in .profile)
+        self.u = [layer.u + profile.bucket_cost for layer in layers]
         # w[g]: compute the forward spends on g (update, then forward; sharded: the forward only).
-        self.w = [layer.tf if shard_update else layer.u + layer.tf for layer in layers]
+        self.w = [tf if shard_update else u + tf for u, tf in zip(self.u, (layer.tf for layer in layers))]
         self.step_updates = sum(self.u) if shard_update else 0.0  # compute in step() (sharded updates)
         self.costs = {kind: [cost.of(kind).time(m) for m in self.nbytes] for kind in ("rs", "ag", "ar")}
         self.interference = cost.interference  # [Note: interference]

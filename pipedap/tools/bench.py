@@ -197,8 +197,8 @@ def predict(plan, args: argparse.Namespace, batch: tuple, loss_fn, say) -> tuple
         f"({PROFILE_WARMUP} + {PROFILE_ITERATIONS} batches)")
     torch.manual_seed(args.seed)
     copy = models.get(args.model).to(batch[0].device)
-    profile = measure.agree_profile(profile_model(copy, *batch, loss_fn, warmup=PROFILE_WARMUP,
-                                                  iterations=PROFILE_ITERATIONS))
+    profile = measure.with_bucket_cost(profile_model(copy, *batch, loss_fn, warmup=PROFILE_WARMUP,
+                                                     iterations=PROFILE_ITERATIONS), batch[0].device)
     if args.bandwidth:
         cost = costmodel.from_link(engine.size(), units.parse_bandwidth(args.bandwidth),
                                    units.parse_duration(args.latency))

@@ -41,13 +41,15 @@ def plan_for_link(model: torch.nn.Module, inputs: Any, targets: Any, loss: Calla
     """
     started = time.perf_counter()
     say(f"profiling the model on every rank ({PROFILE_WARMUP} + {PROFILE_ITERATIONS} batches)")
-    profile = measure.agree_profile(profile_model(model, inputs, targets, loss, warmup=PROFILE_WARMUP,
-                                                  iterations=PROFILE_ITERATIONS))
+    device = next(model.parameters()).device
+    profile = measure.with_bucket_cost(profile_model(model, inputs, targets, loss, warmup=PROFILE_WARMUP,
+                                                     iterations=PROFILE_ITERATIONS), device)
     if wire_fraction != 1.0:
         profile = dataclasses.replace(profile, layers=tuple(
             dataclasses.replace(layer, nbytes=round(layer.nbytes * wire_fraction)) for layer in profile.layers))
     compute = sum(layer.tf + layer.tb + layer.u for layer in profile.layers)
-    say(f"  {len(profile)} layers, compute {compute * 1e3:.1f} ms per batch; took {time.perf_counter() - started:.1f} s")
+    say(f"  {len(profile)} layers, compute {compute * 1e3:.1f} ms per batch, {profile.bucket_cost * 1e3:.2f} ms of host "
+        f"work per bucket; took {time.perf_counter() - started:.1f} s")
     cost = costmodel.from_link(engine.size(), units.parse_bandwidth(bandwidth), units.parse_duration(latency))
     say(f"cost model: ring on {bandwidth} links with {latency} latency (assumed, not measured)")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 
 from pipedap.planner import PLANNABLE, Plan, PlanError, fusion, make_plan, schedules
 from pipedap.planner.costmodel import from_link
+from pipedap.planner.make import sharded_profile
 from pipedap.planner.profile import Layer, Profile
 from pipedap.planner.simulator import Problem
 
@@ -164,3 +166,19 @@ def test_a_plan_for_shard_update_has_dear_order_and_per_shard_update_times():
     assert slower.predicted.iteration_time > plan.predicted.iteration_time
     with pytest.raises(ValueError, match="a sharded plan has DeAR's order"):
         make_plan(profile, cost, planner="wfbp", shard_update=True)
+
+
+def test_a_bucket_s_fixed_cost_is_charged_once_per_group_so_fusing_saves_it():
+    """[Note: a bucket's fixed cost]: the H200 case, where a link that moves nothing made fusing look worthless."""
+    costly = dataclasses.replace(_profile(), bucket_cost=1e-3)
+    free_link = from_link(1, 1.25e10, 5e-4)  # one rank: the ring moves nothing
+    apart = Problem(fusion.fuse(costly, fusion.singletons(costly)), free_link).compute_bound()
+    together = Problem(fusion.fuse(costly, (tuple(range(len(SIZES))),)), free_link).compute_bound()
+    assert apart - together == pytest.approx((len(SIZES) - 1) * 1e-3)
+    assert len(make_plan(_profile(), free_link, fusion="none").groups) == len(SIZES)
+    plan = make_plan(costly, free_link)
+    assert len(plan.groups) == 1 and plan.predicted.iteration_time == pytest.approx(together)
+    # Sharded, a rank's update is a shard's, but the fixed cost is per call: not divided by the world size.
+    shards = Problem(sharded_profile(costly, COST.world_size), COST, shard_update=True)
+    updates = sum(layer.u for layer in costly.layers) / COST.world_size
+    assert shards.step_updates == pytest.approx(updates + len(SIZES) * 1e-3)

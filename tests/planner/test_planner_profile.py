@@ -73,3 +73,19 @@ def test_forward_time_runs_from_a_layer_s_compute_to_the_next_layer_reached():
 def test_layer_times_in_order_are_plain_differences():
     tf, tb = layer_times(2, {0: (0.0, 0.0), 1: (1.0, 1.0)}, 3.0, {1: 4.0, 0: 6.0})
     assert (tf, tb) == ([1.0, 2.0], [2.0, 1.0])
+
+
+def test_bucket_cost_round_trips_is_agreed_and_checked(tmp_path):
+    path = tmp_path / "p.json"
+    costly = Profile(_profile(1.0).layers, {"model": "toy"}, bucket_cost=3e-4)
+    costly.save(path)
+    assert Profile.load(path) == costly
+    assert "bucket_cost" not in _profile(1.0).to_dict()  # a profile without it hashes as before it existed
+    assert elementwise_max([costly, _profile(2.0)]).bucket_cost == 3e-4
+    with pytest.raises(ValueError, match="bucket_cost = -1"):
+        Profile(_profile(1.0).layers, bucket_cost=-1)
+    doc = costly.to_dict()
+    doc["bucket_cost"] = "slow"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="'bucket_cost' must be a number of seconds, got 'slow'"):
+        Profile.load(path)

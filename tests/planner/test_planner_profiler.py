@@ -41,7 +41,9 @@ def test_profile_of_tiny_model():
     ]
     assert [layer.nbytes for layer in profile.layers] == [4 * 4, 8 * 16 * 4, (16 * 32 + 32) * 4, 64 * 4, (32 * 4 + 4) * 4]
     for layer in profile.layers:
-        assert layer.tf > 0 and layer.u > 0
+        assert layer.tf > 0 and layer.u >= 0
+    # The optimizer's per-call part is the bucket's fixed cost, not the layers' (each u is less it).
+    assert profile.bucket_cost > 0 and profile.bucket_cost == profile.meta["update_call_s"]
     # Backward spans are >= 0 by construction and sum to the backward; the head's is the
     # first and always positive.
     assert all(layer.tb >= 0 for layer in profile.layers) and profile.layers[-1].tb > 0
