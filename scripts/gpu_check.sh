@@ -17,8 +17,9 @@
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .device/wheels
 # then run `bash scripts/gpu_check.sh` there (device tool: carry [".device"], timeout_s 420).
 # Arguments name the checks to run after the build (default: gpu_tests collectives_np1 training_np1;
-# also op_overhead, benchmarks/cuda_op_overhead.py; training_online, PipeDAP planned online; and
-# profile_buckets, a cProfile of a plan with one bucket per layer).
+# also op_overhead, benchmarks/cuda_op_overhead.py; training_online, PipeDAP planned online;
+# profile_buckets, a cProfile of a plan with one bucket per layer; and bucket_cost, the searched plan
+# and one bucket per layer against their predictions).
 # On a machine that already has MPI (mpicxx on PATH) the wheel step is skipped when no wheel is there.
 #
 # Every step runs even when an earlier one failed, so one run tells as much as it can; each step's
@@ -193,6 +194,27 @@ stats.sort_stats("cumulative")
 for name in ("reducer.py.*finish", "_pipedap_apply_update", "optimizer.py:.*wrapper", "_multi_tensor_sgd", "engine.py.*wait"):
     stats.print_callees(name)
 EOF2
+}
+
+bucket_cost() {  # the plan for an assumed 100 Gbit/s link with the planner's fusion search and with one
+    # bucket per layer (--threshold 1), both predicted with the bucket's fixed host cost, beside WFBP
+    local rc=0 one name args
+    for name in WFBP search per_layer; do
+        case $name in
+            WFBP) args=(--baseline WFBP) ;;
+            search) args=(--baseline PipeDAP --bandwidth 100gbit --json "$OUT/bench_bucket_cost_search.json") ;;
+            per_layer) args=(--baseline PipeDAP --bandwidth 100gbit --threshold 1
+                             --json "$OUT/bench_bucket_cost_per_layer.json") ;;
+        esac
+        echo "----- bench $name"
+        PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 timeout 120 mpirun -np 1 --bind-to none "$PY" -m pipedap.tools.bench \
+            --device cuda --model resnet50 --image-size 32 --batch-size 8 --num-warmup-batches 2 \
+            --num-batches-per-iter 5 --num-iters 3 --no-progress "${args[@]}"
+        one=$?
+        echo "----- bench $name: rc=$one"
+        [ "$one" -eq 0 ] || rc=$one
+    done
+    return "$rc"
 }
 
 CHECKS=("$@")  # the checks after the build: those named on the command line, else the default three
