@@ -11,7 +11,7 @@ every rank agrees on, measured with the comm core:
   set, and installs the choice in the engine.
 * :func:`agree_profile` makes every rank plan from the same layer times (the
   element-wise maximum over ranks); :func:`with_bucket_cost` adds to a profile
-  what submitting and waiting for a bucket's collectives costs the training thread.
+  what the reducer's path of a bucket costs the training thread.
 * :func:`plan_on_rank0` computes the plan once and broadcasts it, so every rank
   runs the same submissions in the same order.
 """
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from pipedap import algorithms, comm, engine, interference, settings
+from pipedap.buckets import build_bucket
 from pipedap.planner import costmodel
 from pipedap.planner.costmodel import CostModel, FitReport
 from pipedap.planner.plan import Plan
@@ -120,50 +121,58 @@ def agree_profile(profile: Profile, process_set: ProcessSet = global_process_set
     return elementwise_max([Profile.from_dict(d) for d in docs])
 
 
-HOST_COST_REPEATS = 30  # reduce-scatter + all-gather pairs timed by collective_host_cost
-HOST_COST_WAIT_S = 10.0  # for one tiny pair to complete: far beyond any link's start-up
+HOST_COST_REPEATS = 30  # tiny buckets timed by bucket_host_cost
+HOST_COST_WAIT_S = 10.0  # for one tiny bucket's collectives to complete: far beyond any link's start-up
 
 
-def collective_host_cost(device: torch.device | str = "cpu", repeats: int = HOST_COST_REPEATS,
-                         process_set: ProcessSet = global_process_set) -> float:
-    """Seconds the training thread spends per bucket submitting its reduce-scatter and all-gather and
-    waiting for them, the link's time left out (collective: every member calls it).
+def bucket_host_cost(device: torch.device | str = "cpu", repeats: int = HOST_COST_REPEATS,
+                     process_set: ProcessSet = global_process_set) -> float:
+    """Seconds the training thread spends per bucket on the reducer's path, the link's time left out
+    (collective: every member calls it).
 
-    Per pair of tiny collectives (the reducer's path: build, submit, wait), the median of the
-    submitting calls plus the waits on operations already complete. The link's start-up, which
-    the cost model charges on the link, is what the wait for completion skips.
+    A tiny bucket of two parameters (pipedap.buckets) goes through what the reducer does with every
+    bucket: its gradients marked (a used flag per parameter), cast for the wire, its reduce-scatter
+    and all-gather built and submitted, waited for, cast back, its gradients attached and its used
+    parameters read. The median over `repeats` of that path's time, less the wait for completion:
+    the link's start-up, which the cost model charges on the link.
     """
     members = process_set.size()
-    buffer = torch.zeros(4 * members, device=device)
-    shard = buffer[:4].clone()
+    named = [(name, torch.nn.Parameter(torch.zeros(2 * members, device=device))) for name in ("weight", "bias")]
+    bucket = build_bucket(0, named, members, process_set.rank())
     times = []
     for i in range(repeats):
         started = time.perf_counter()
-        works = [engine.submit([engine.reducescatter_collective(buffer, shard, f"measure.host.rs.{i}", comm.Sum,
-                                                                process_set)]),
-                 engine.submit([engine.allgather_collective(shard, buffer, f"measure.host.ag.{i}", process_set)])]
+        for j in range(len(bucket.params)):
+            bucket.flags[j] = 1
+        bucket.pack()
+        works = [engine.submit([engine.reducescatter_collective(bucket.sent, bucket.sent_shard, f"measure.host.rs.{i}",
+                                                                comm.Sum, process_set)]),
+                 engine.submit([engine.allgather_collective(bucket.sent_shard, bucket.sent, f"measure.host.ag.{i}",
+                                                            process_set)])]
         submitted = time.perf_counter()
         deadline = submitted + HOST_COST_WAIT_S
         while not all(work.done() for work in works):
             if time.perf_counter() > deadline:
-                raise TimeoutError(f"rank {engine.rank()}: two 16-byte collectives did not complete within "
+                raise TimeoutError(f"rank {engine.rank()}: a tiny bucket's collectives did not complete within "
                                    f"{HOST_COST_WAIT_S:.0f} s while timing the host's cost per bucket; is every "
-                                   f"member of {process_set} calling pipedap.measure.collective_host_cost?")
+                                   f"member of {process_set} calling pipedap.measure.bucket_host_cost?")
             time.sleep(0.0002)
         done = time.perf_counter()
         for work in works:
             work.wait()
+        bucket.unpack()
+        bucket.attach_grads()
+        bucket.used_params()
         times.append(submitted - started + time.perf_counter() - done)
     return statistics.median(times)
 
 
 def with_bucket_cost(profile: Profile, device: torch.device | str = "cpu",
                      process_set: ProcessSet = global_process_set) -> Profile:
-    """`profile` with :func:`collective_host_cost` added to its ``bucket_cost`` (collective), agreed by
+    """`profile` with :func:`bucket_host_cost` added to its ``bucket_cost`` (collective), agreed by
     every member ([Note: a bucket's fixed cost] in pipedap.planner.profile)."""
-    measured = dataclasses.replace(profile, bucket_cost=profile.bucket_cost + collective_host_cost(device,
-                                                                                                 process_set=process_set))
-    return agree_profile(measured, process_set)
+    host = bucket_host_cost(device, process_set=process_set)
+    return agree_profile(dataclasses.replace(profile, bucket_cost=profile.bucket_cost + host), process_set)
 
 
 def plan_on_rank0(compute: Callable[[], Plan], process_set: ProcessSet = global_process_set) -> Plan:

@@ -39,12 +39,12 @@ assert len({d for four in digests for d in four[:2]}) == 1, digests
 assert len({h for four in digests for h in four[2:]}) == 1, digests  # every rank planned from the same inputs
 print(f"rank {R}: identical plans {broadcast.digest()[:12]} on {P} ranks")
 
-# what a bucket's collectives cost the training thread, link left out: small, positive, agreed by every rank
+# what the reducer's path of a bucket costs the training thread, link left out: small, positive, agreed by every rank
 costly = measure.with_bucket_cost(agreed)
 host = costly.bucket_cost - agreed.bucket_cost
 assert 0 < host < 0.05, f"rank {R}: {host * 1e3:.3f} ms of host work per bucket"
 assert len(set(hvd.allgather_object(costly.bucket_cost))) == 1, "ranks charge different bucket costs"
-print(f"rank {R}: {host * 1e6:.0f} us of host work per bucket's collectives")
+print(f"rank {R}: {host * 1e6:.0f} us of host work per bucket")
 
 # schedule="pipedap" without a plan measures, plans on rank 0 and switches on every rank at once
 torch.manual_seed(0)
