@@ -29,7 +29,7 @@ updates; the all-gather then gathers the updated blocks into every rank's
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -65,6 +65,15 @@ class Bucket:
     def nbytes(self) -> int:
         """Gradient bytes on the link (in the wire dtype)."""
         return self.grad_numel * self.sent.element_size()
+
+    def mark_used(self, indices: Collection[int]) -> None:
+        """Set the used flags of the parameters at `indices` ([Note: used flags]), before the bucket is
+        reduced: one write for a whole bucket, since on a GPU every write is a kernel launch."""
+        if len(indices) == len(self.params):
+            self.flags.fill_(1)
+        else:
+            for i in indices:
+                self.flags[i] = 1
 
     def pack(self) -> None:
         """Cast the gradients (and flags) into the wire buffer, before they are reduced."""

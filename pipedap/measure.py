@@ -131,7 +131,7 @@ def bucket_host_cost(device: torch.device | str = "cpu", repeats: int = HOST_COS
     (collective: every member calls it).
 
     A tiny bucket of two parameters (pipedap.buckets) goes through what the reducer does with every
-    bucket: its gradients marked (a used flag per parameter), cast for the wire, its reduce-scatter
+    bucket: its gradients' used flags set, cast for the wire, its reduce-scatter
     and all-gather built and submitted, waited for, cast back, its gradients attached and its used
     parameters read. The median over `repeats` of that path's time, less the wait for completion:
     the link's start-up, which the cost model charges on the link.
@@ -142,8 +142,7 @@ def bucket_host_cost(device: torch.device | str = "cpu", repeats: int = HOST_COS
     times = []
     for i in range(repeats):
         started = time.perf_counter()
-        for j in range(len(bucket.params)):
-            bucket.flags[j] = 1
+        bucket.mark_used(range(len(bucket.params)))
         bucket.pack()
         works = [engine.submit([engine.reducescatter_collective(bucket.sent, bucket.sent_shard, f"measure.host.rs.{i}",
                                                                 comm.Sum, process_set)]),

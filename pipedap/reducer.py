@@ -144,7 +144,6 @@ class Reducer:
         elif p.grad is not None and p.grad.data_ptr() != b.grads[i].data_ptr():
             b.grads[i].copy_(p.grad)  # the gradient was re-allocated (grad set to None, create_graph)
             p.grad = b.grads[i]
-        b.flags[i] = 1
         if len(ready) == len(b.params):
             if self.online is not None:
                 self.online.bucket_ready(b.index)
@@ -203,8 +202,9 @@ class Reducer:
         for kind, g in sub:
             b, ps = self.buckets[g], self.process_set
             pieces, piece = self.plan.pieces(g), self.pieces_issued[g]
-            if kind == "rs" or (kind == "ar" and piece == 0):  # the gradients are complete: cast them
-                b.pack()                                         # for the link ([Note: compressed buckets])
+            if kind == "rs" or (kind == "ar" and piece == 0):  # the gradients are complete: flag the ones that
+                b.mark_used(self.ready[g])                       # came and cast them for the link
+                b.pack()                                         # ([Note: compressed buckets])
             if kind != "rs" and b.wire is not None and self.shard_pieces is None:
                 self.packed.add(g)
             if kind == "rs":

@@ -18,8 +18,9 @@
 # then run `bash scripts/gpu_check.sh` there (device tool: carry [".device"], timeout_s 420).
 # Arguments name the checks to run after the build (default: gpu_tests collectives_np1 training_np1;
 # also op_overhead, benchmarks/cuda_op_overhead.py; training_online, PipeDAP planned online;
-# profile_buckets, a cProfile of a plan with one bucket per layer; and bucket_cost, the searched plan
-# and one bucket per layer against their predictions).
+# profile_buckets, a cProfile of a plan with one bucket per layer; bucket_cost, the searched plan
+# and one bucket per layer against their predictions; and ab_bench, one change against the tree
+# without it, AB_PATCH=file).
 # On a machine that already has MPI (mpicxx on PATH) the wheel step is skipped when no wheel is there.
 #
 # Every step runs even when an earlier one failed, so one run tells as much as it can; each step's
@@ -213,6 +214,29 @@ bucket_cost() {  # the plan for an assumed 100 Gbit/s link with the planner's fu
         one=$?
         echo "----- bench $name: rc=$one"
         [ "$one" -eq 0 ] || rc=$one
+    done
+    return "$rc"
+}
+
+ab_bench() {  # A/B one change: this tree (B) against it with $AB_PATCH (a `git diff` of the change)
+    # reversed (A), ResNet-50 training steps of each of $AB_BASELINES (default WFBP DeAR) in
+    # $AB_ROUNDS (default 3) rounds that alternate A and B, so both see the same machine
+    local a=/tmp/pipedap-ab-a round baseline tree dir rc=0
+    [ -f "${AB_PATCH:-}" ] || { echo "ab_bench: set AB_PATCH to the patch file of the change"; return 2; }
+    rm -rf "$a" && mkdir -p "$a" && cp -r pipedap models "$a"/ && patch -R -p1 -d "$a" < "$AB_PATCH" || return
+    for round in $(seq "${AB_ROUNDS:-3}"); do
+        for baseline in ${AB_BASELINES:-WFBP DeAR}; do
+            for tree in A B; do
+                dir=$PWD
+                [ "$tree" = A ] && dir=$a
+                echo "----- round $round $baseline $tree"
+                (cd "$dir" && PYTHONPATH="$dir" PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 timeout 120 mpirun -np 1 \
+                    --bind-to none "$PY" -m pipedap.tools.bench --device cuda --model resnet50 --image-size 32 \
+                    --batch-size 8 --num-warmup-batches 3 --num-batches-per-iter 5 --num-iters 3 --no-progress \
+                    --baseline "$baseline" --json "$OUT/ab_${baseline}_${tree}_$round.json") | grep "Time per batch" \
+                    || rc=1
+            done
+        done
     done
     return "$rc"
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipedap.buckets import default_groups, group_by_module
+from pipedap.buckets import build_bucket, default_groups, group_by_module
 from pipedap.profiler import layers_of
 
 
@@ -29,3 +29,16 @@ def test_profiler_layers_and_default_groups_share_the_grouping():
     assert default_groups(named, 0) == [["0.weight", "0.bias"], ["2.weight", "2.bias"]]  # a module never splits
     assert default_groups(named, 1 << 20) == [[n for n, _ in named]]
     assert all(isinstance(p, torch.nn.Parameter) for members in layers.values() for _, p in members)
+
+
+def test_mark_used_flags_the_gradients_that_came_and_only_those():
+    """[Note: used flags]: the reducer flags a bucket's gradients at once when it submits it."""
+    named = [(f"p{i}", nn.Parameter(torch.ones(3))) for i in range(3)]
+    bucket = build_bucket(0, named, world=2, rank=0)
+    assert bucket.flags.tolist() == [0, 0, 0]
+    bucket.mark_used({0, 2})  # one gradient never came (a bucket flushed incomplete)
+    assert bucket.flags.tolist() == [1, 0, 1]
+    assert [id(p) for p in bucket.used_params()] == [id(named[0][1]), id(named[2][1])]
+    bucket.buffer.zero_()
+    bucket.mark_used(range(3))
+    assert bucket.flags.tolist() == [1, 1, 1] and bucket.buffer[: bucket.grad_numel].eq(0).all()
