@@ -171,7 +171,7 @@ class OnlinePlanner:
         """Median per-bucket times over the measured steps, as the planner's Profile (forward order),
         as compute alone would take them under interference `sigma` ([Note: profiles measured beside
         communication]). A bucket's ``u`` is its whole update, the optimizer's per-call part included;
-        planning adds what its collectives cost the host as ``bucket_cost`` (pipedap.measure.with_bucket_cost)."""
+        planning adds the reducer's path of a bucket as ``bucket_cost`` (pipedap.measure.with_bucket_cost)."""
         clean = interference.clean_clock(self.busy, sigma)
         measured = self.records[self.warmup :]
         n = len(self.buckets)

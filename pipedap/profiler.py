@@ -4,7 +4,8 @@ A layer is a module that owns trainable parameters (the unit the runtime buckets
 are ordered by when the forward first calls them. Times are medians over `iterations`
 measured iterations after `warmup` ones:
 
-* forward: hook timestamps at each layer's first forward pre-hook; a layer's time runs
+* forward: timestamps at each layer's first forward pre-hook (on CUDA, events: the GPU's
+  clock, with nothing synchronised inside the iteration); a layer's time runs
   until the next layer starts (parameter-free modules after it, e.g. activations and
   pooling, count with it), the last layer's until the loss is computed;
 * backward: the time at which each layer's gradients are all accumulated (post-accumulate
@@ -80,25 +81,26 @@ def profile_model(
     owners = layers_of(model)
     modules = dict(model.named_modules())
     cuda = any(p.is_cuda for params in owners.values() for _, p in params)
+    clock = _Clock(cuda)
 
-    def now() -> float:
+    def now() -> float:  # the update's timer: on CUDA, the step's kernels included
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
 
     order: list[str] = []  # owners in first-call order, fixed by the first iteration
-    called: dict[str, float] = {}
-    ready: dict[str, float] = {}
+    called: dict[str, Any] = {}  # clock marks
+    ready: dict[str, Any] = {}
     handles = []
     for owner in owners:
         def pre_hook(_module: nn.Module, _args: Any, owner: str = owner) -> None:
             if owner not in called:
-                called[owner] = now()
+                called[owner] = clock.mark()
 
         handles.append(modules[owner].register_forward_pre_hook(pre_hook))
         for _, param in owners[owner]:
             def grad_hook(_param: torch.Tensor, owner: str = owner) -> None:
-                ready[owner] = now()  # the last parameter of the layer to finish wins
+                ready[owner] = clock.mark()  # the last parameter of the layer to finish wins
 
             handles.append(param.register_post_accumulate_grad_hook(grad_hook))
 
@@ -109,15 +111,18 @@ def profile_model(
             called.clear()
             ready.clear()
             model.zero_grad(set_to_none=True)
-            start = now()
+            start = clock.mark()
             output = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
             loss = loss_fn(output, targets)
-            forward_end = now()
+            forward_end = clock.mark()
             loss.backward()
             if step == 0:
                 order = _forward_order(owners, called)
             if step >= warmup:
-                tf, tb = _layer_times(order, called, ready, start, forward_end)
+                clock.settle()
+                tf, tb = _layer_times(order, {o: clock.seconds(m, start) for o, m in called.items()},
+                                      {o: clock.seconds(m, start) for o, m in ready.items()}, 0.0,
+                                      clock.seconds(forward_end, start))
                 samples["tf"].append(tf)
                 samples["tb"].append(tb)
     finally:
@@ -146,15 +151,44 @@ def profile_model(
     return agree(profile) if agree else profile
 
 
-def _forward_order(owners: dict[str, list], called: dict[str, float]) -> list[str]:
-    """Owners in the order the forward first called them; all must have been called."""
+class _Clock:
+    """The timestamps of one profiled iteration, read as seconds once it is over.
+
+    On the CPU, the host's clock. On CUDA, events recorded on the current stream: the GPU's
+    clock, when it reached the hook's point. Synchronising at every hook instead would hold
+    the host's launches until the kernels before them finished, an overlap that training has.
+    """
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def settle(self) -> None:
+        """Wait until every mark of the iteration can be read."""
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def seconds(self, mark: Any, origin: Any) -> float:
+        """From `origin` to `mark` (both from :meth:`mark`, after :meth:`settle`)."""
+        return origin.elapsed_time(mark) / 1e3 if self.cuda else mark - origin
+
+
+def _forward_order(owners: dict[str, list], called: dict[str, Any]) -> list[str]:
+    """Owners in the order the forward first called them (`called`'s insertion order); all must
+    have been called."""
     unused = [owner for owner in owners if owner not in called]
     if unused:
         raise ValueError(
             f"module(s) {unused[:3]} own trainable parameters but never ran in forward; "
             f"freeze them (requires_grad=False) or pass a batch that uses them"
         )
-    return sorted(called, key=called.__getitem__)
+    return list(called)
 
 
 def _layer_times(

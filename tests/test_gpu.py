@@ -22,3 +22,18 @@ def test_every_collective_and_dtype_on_cuda(np):
     result = run_mpi("check_collectives.py", np, "cuda", env={"PIPEDAP_ONE_RANK_THROUGH_ENGINE": "1"}, timeout=300)
     assert_ok(result)
     assert result.output.count("all collectives OK (through the engine)") == np
+
+
+@needs_gpu
+def test_the_profiler_times_cuda_layers_on_the_gpu_clock():
+    """On CUDA the profiler marks its hooks with events instead of synchronising at each one
+    (pipedap.profiler._Clock); the layer times must still be those of the layers, in order."""
+    from pipedap.profiler import profile_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 512)).cuda()
+    profile = profile_model(model, torch.randn(256, 512, device="cuda"), warmup=2, iterations=5)
+    assert profile.meta["device"] == "cuda" and [layer.name for layer in profile.layers] == ["0", "2"]
+    for layer in profile.layers:
+        assert 0 < layer.tf < 1 and 0 <= layer.tb < 1 and layer.u >= 0, layer
+    assert profile.layers[-1].tb > 0 and profile.bucket_cost > 0
