@@ -148,6 +148,15 @@ collectives_np1() {  # every collective and dtype on CUDA tensors through comm_c
         --bind-to none "$PY" tests/mpi_scripts/check_collectives.py cuda
 }
 
+resnet_bench() {  # resnet_bench BATCHES_PER_ITER ARGS...: ResNet-50 training steps (32 px, batch 8) on CUDA,
+    # one rank, DistributedOptimizer's buckets through the engine and NCCL; ARGS name the system and outputs
+    local per_iter=$1
+    shift
+    PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 timeout 150 mpirun -np 1 --bind-to none "$PY" -m pipedap.tools.bench \
+        --device cuda --model resnet50 --image-size 32 --batch-size 8 --num-warmup-batches 2 \
+        --num-batches-per-iter "$per_iter" --num-iters 3 --no-progress "$@"
+}
+
 training_np1() {  # a few CUDA training steps, DistributedOptimizer's buckets through NCCL, one rank
     local baseline one rc=0 extra
     for baseline in WFBP DeAR PipeDAP; do
@@ -155,10 +164,7 @@ training_np1() {  # a few CUDA training steps, DistributedOptimizer's buckets th
         extra=()
         [ "$baseline" = PipeDAP ] && extra=(--bandwidth 100gbit --json "$OUT/bench_PipeDAP.json"
                                             --timeline "$OUT/planned_timeline.json")
-        PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 timeout 120 mpirun -np 1 --bind-to none "$PY" -m pipedap.tools.bench \
-            --device cuda \
-            --baseline "$baseline" --model resnet50 --image-size 32 --batch-size 8 --num-warmup-batches 2 \
-            --num-batches-per-iter 2 --num-iters 3 --no-progress "${extra[@]}"
+        resnet_bench 2 --baseline "$baseline" "${extra[@]}"
         one=$?
         echo "----- bench $baseline: rc=$one"
         [ "$one" -eq 0 ] || rc=$one
@@ -176,10 +182,7 @@ op_overhead() {  # one collective's host and launch cost through comm_core again
 }
 
 training_online() {  # PipeDAP planned online (measured cost model, not --bandwidth), with its Chrome trace
-    PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 timeout 150 mpirun -np 1 --bind-to none "$PY" -m pipedap.tools.bench \
-        --device cuda --baseline PipeDAP --model resnet50 --image-size 32 --batch-size 8 --num-warmup-batches 2 \
-        --num-batches-per-iter 2 --num-iters 3 --no-progress --timeline "$OUT/online_timeline.json" \
-        --json "$OUT/bench_online.json"
+    resnet_bench 2 --baseline PipeDAP --timeline "$OUT/online_timeline.json" --json "$OUT/bench_online.json"
 }
 
 profile_buckets() {  # where the host time of a plan with one bucket per layer goes (cProfile of the bench)
@@ -208,9 +211,7 @@ bucket_cost() {  # the plan for an assumed 100 Gbit/s link with the planner's fu
                              --json "$OUT/bench_bucket_cost_per_layer.json") ;;
         esac
         echo "----- bench $name"
-        PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 timeout 120 mpirun -np 1 --bind-to none "$PY" -m pipedap.tools.bench \
-            --device cuda --model resnet50 --image-size 32 --batch-size 8 --num-warmup-batches 2 \
-            --num-batches-per-iter 5 --num-iters 3 --no-progress "${args[@]}"
+        resnet_bench 5 "${args[@]}"
         one=$?
         echo "----- bench $name: rc=$one"
         [ "$one" -eq 0 ] || rc=$one
@@ -230,11 +231,8 @@ ab_bench() {  # A/B one change: this tree (B) against it with $AB_PATCH (a `git 
                 dir=$PWD
                 [ "$tree" = A ] && dir=$a
                 echo "----- round $round $baseline $tree"
-                (cd "$dir" && PYTHONPATH="$dir" PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 timeout 120 mpirun -np 1 \
-                    --bind-to none "$PY" -m pipedap.tools.bench --device cuda --model resnet50 --image-size 32 \
-                    --batch-size 8 --num-warmup-batches 3 --num-batches-per-iter 5 --num-iters 3 --no-progress \
-                    --baseline "$baseline" --json "$OUT/ab_${baseline}_${tree}_$round.json") | grep "Time per batch" \
-                    || rc=1
+                (cd "$dir" && PYTHONPATH="$dir" resnet_bench 5 --baseline "$baseline" \
+                    --json "$OUT/ab_${baseline}_${tree}_$round.json") | grep "Time per batch" || rc=1
             done
         done
     done
