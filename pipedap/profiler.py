@@ -120,8 +120,7 @@ def profile_model(
                 order = _forward_order(owners, called)
             if step >= warmup:
                 clock.settle()
-                tf, tb = _layer_times(order, {o: clock.seconds(m, start) for o, m in called.items()},
-                                      {o: clock.seconds(m, start) for o, m in ready.items()}, 0.0,
+                tf, tb = _layer_times(order, clock.since(start, called), clock.since(start, ready),
                                       clock.seconds(forward_end, start))
                 samples["tf"].append(tf)
                 samples["tb"].append(tb)
@@ -178,6 +177,10 @@ class _Clock:
         """From `origin` to `mark` (both from :meth:`mark`, after :meth:`settle`)."""
         return origin.elapsed_time(mark) / 1e3 if self.cuda else mark - origin
 
+    def since(self, origin: Any, marks: dict[str, Any]) -> dict[str, float]:
+        """:meth:`seconds` of every mark in `marks`, keys kept."""
+        return {key: self.seconds(mark, origin) for key, mark in marks.items()}
+
 
 def _forward_order(owners: dict[str, list], called: dict[str, Any]) -> list[str]:
     """Owners in the order the forward first called them (`called`'s insertion order); all must
@@ -192,11 +195,12 @@ def _forward_order(owners: dict[str, list], called: dict[str, Any]) -> list[str]
 
 
 def _layer_times(
-    order: list[str], called: dict[str, float], ready: dict[str, float], start: float, forward_end: float
+    order: list[str], called: dict[str, float], ready: dict[str, float], forward_end: float
 ) -> tuple[list[float], list[float]]:
-    """Per-layer forward and backward times of one iteration (layers in forward order).
+    """Per-layer forward and backward times of one iteration (layers in forward order), from hook
+    times in seconds since the iteration started.
 
-    :func:`pipedap.planner.profile.layer_times` with the first layer's forward from `start`
+    :func:`pipedap.planner.profile.layer_times` with the first layer's forward from the start, 0
     (what runs before its pre-hook counts with it); every layer must have a gradient.
     """
     missing = [owner for owner in order if owner not in ready]
@@ -206,7 +210,7 @@ def _layer_times(
             f"freeze them (requires_grad=False) or use a loss that does"
         )
     spans = {i: (called[owner], called[owner]) for i, owner in enumerate(order)}
-    spans[0] = (start, start)
+    spans[0] = (0.0, 0.0)
     return layer_times(len(order), spans, forward_end, {i: ready[owner] for i, owner in enumerate(order)})
 
 

@@ -109,7 +109,9 @@ def test_the_online_planner_and_the_profiler_attribute_hook_times_alike():
     assert [layer.tf for layer in online.layers] == [3.0, 2.0, 3.0]
     assert [layer.u for layer in online.layers] == [0.25] * 3
     names = ["l0", "l1", "l2"]
-    tf, tb = _layer_times(names, dict(zip(names, enter.values())), dict(zip(names, ready.values())), 1.0, 9.0)
+    since_start = 1.0  # the profiler's hook times count from the iteration's start: here, the first enter
+    tf, tb = _layer_times(names, {n: t - since_start for n, t in zip(names, enter.values())},
+                          {n: t - since_start for n, t in zip(names, ready.values())}, 9.0 - since_start)
     assert (tf, tb) == ([layer.tf for layer in online.layers], [layer.tb for layer in online.layers])
 
 
