@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -36,6 +36,8 @@ from pipedap.buckets import group_by_module
 from pipedap.planner.profile import Layer, Profile, layer_times
 
 OptimizerFactory = Callable[[Sequence[torch.Tensor]], torch.optim.Optimizer]
+
+MAX_ITERATIONS = 200  # per phase, however short the batch
 
 
 def _default_optimizer(params: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
@@ -65,6 +67,7 @@ def profile_model(
     *,
     warmup: int = 2,
     iterations: int = 5,
+    min_seconds: float = 0.0,
     optimizer_factory: OptimizerFactory = _default_optimizer,
     agree: Callable[[Profile], Profile] | None = None,
     meta: dict | None = None,
@@ -73,10 +76,12 @@ def profile_model(
 
     `inputs` is passed as ``model(inputs)`` (a tuple is unpacked); the loss is
     ``loss_fn(output, targets)`` (default: the sum of the output). Gradients are left
-    cleared; parameters are not changed (updates are timed on copies).
+    cleared; parameters are not changed (updates are timed on copies). The profile's meta
+    says how many iterations were warm-up and how many measured.
     """
-    if iterations < 1 or warmup < 0:
-        raise ValueError(f"need iterations >= 1 and warmup >= 0, got {iterations}, {warmup}")
+    if iterations < 1 or warmup < 0 or not min_seconds >= 0:
+        raise ValueError(f"need iterations >= 1, warmup >= 0 and min_seconds >= 0, "
+                         f"got {iterations}, {warmup}, {min_seconds}")
     loss_fn = loss_fn or _default_loss
     owners = layers_of(model)
     modules = dict(model.named_modules())
@@ -107,7 +112,7 @@ def profile_model(
     samples: dict[str, list[list[float]]] = {"tf": [], "tb": []}
     model.train()
     try:
-        for step in range(warmup + iterations):
+        for step, measured in enumerate(_phases(warmup, iterations, min_seconds)):
             called.clear()
             ready.clear()
             model.zero_grad(set_to_none=True)
@@ -118,8 +123,8 @@ def profile_model(
             loss.backward()
             if step == 0:
                 order = _forward_order(owners, called)
-            if step >= warmup:
-                clock.settle()
+            clock.settle()
+            if measured:
                 tf, tb = _layer_times(order, clock.since(start, called), clock.since(start, ready),
                                       clock.seconds(forward_end, start))
                 samples["tf"].append(tf)
@@ -144,10 +149,22 @@ def profile_model(
         )
         for i, owner in enumerate(order)
     )
-    info = {"warmup": warmup, "iterations": iterations, "device": "cuda" if cuda else "cpu",
-            "update_call_s": call, **(meta or {})}
+    measured_runs = len(samples["tf"])
+    info = {"warmup": step + 1 - measured_runs, "iterations": measured_runs,
+            "device": "cuda" if cuda else "cpu", "update_call_s": call, **(meta or {})}
     profile = Profile(layers, info, bucket_cost=call)
     return agree(profile) if agree else profile
+
+
+def _phases(warmup: int, iterations: int, min_seconds: float) -> Iterator[bool]:
+    """For each iteration to run, whether it is measured: first the warm-up (False), then the
+    measured ones (True). A phase of n > 0 iterations runs at least n, and more while it has
+    taken less than `min_seconds` of the host's clock, up to MAX_ITERATIONS."""
+    for count, measured in ((warmup, False), (iterations, True)):
+        began, done = time.perf_counter(), 0
+        while done < count or (count and done < MAX_ITERATIONS and time.perf_counter() - began < min_seconds):
+            yield measured
+            done += 1
 
 
 class _Clock:

@@ -19,7 +19,7 @@
 # Arguments name the checks to run after the build (default: gpu_tests collectives_np1 training_np1;
 # also op_overhead, benchmarks/cuda_op_overhead.py; training_online, PipeDAP planned online;
 # profile_buckets, a cProfile of a plan with one bucket per layer; bucket_cost, the searched plan
-# and one bucket per layer against their predictions; and ab_bench, one change against the tree
+# and one bucket per layer against their predictions, at the sizes of BUCKET_COST_SIZES; and ab_bench, one change against the tree
 # without it, AB_PATCH=file).
 # On a machine that already has MPI (mpicxx on PATH) the wheel step is skipped when no wheel is there.
 #
@@ -148,13 +148,14 @@ collectives_np1() {  # every collective and dtype on CUDA tensors through comm_c
         --bind-to none "$PY" tests/mpi_scripts/check_collectives.py cuda
 }
 
-resnet_bench() {  # resnet_bench BATCHES_PER_ITER ARGS...: ResNet-50 training steps (32 px, batch 8) on CUDA,
-    # one rank, DistributedOptimizer's buckets through the engine and NCCL; ARGS name the system and outputs
+resnet_bench() {  # resnet_bench BATCHES_PER_ITER ARGS...: ResNet-50 training steps on CUDA (RESNET_IMAGE_SIZE px,
+    # default 32, batch RESNET_BATCH_SIZE, default 8), one rank, DistributedOptimizer's buckets through the
+    # engine and NCCL; ARGS name the system and outputs
     local per_iter=$1
     shift
     PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 timeout 150 mpirun -np 1 --bind-to none "$PY" -m pipedap.tools.bench \
-        --device cuda --model resnet50 --image-size 32 --batch-size 8 --num-warmup-batches 2 \
-        --num-batches-per-iter "$per_iter" --num-iters 3 --no-progress "$@"
+        --device cuda --model resnet50 --image-size "${RESNET_IMAGE_SIZE:-32}" --batch-size "${RESNET_BATCH_SIZE:-8}" \
+        --num-warmup-batches 2 --num-batches-per-iter "$per_iter" --num-iters 3 --no-progress "$@"
 }
 
 training_np1() {  # a few CUDA training steps, DistributedOptimizer's buckets through NCCL, one rank
@@ -201,20 +202,23 @@ EOF2
 }
 
 bucket_cost() {  # the plan for an assumed 100 Gbit/s link with the planner's fusion search and with one
-    # bucket per layer (--threshold 1), both predicted with the bucket's fixed host cost, beside WFBP
-    local rc=0 one name args
-    for name in WFBP search per_layer; do
-        case $name in
-            WFBP) args=(--baseline WFBP) ;;
-            search) args=(--baseline PipeDAP --bandwidth 100gbit --json "$OUT/bench_bucket_cost_search.json") ;;
-            per_layer) args=(--baseline PipeDAP --bandwidth 100gbit --threshold 1
-                             --json "$OUT/bench_bucket_cost_per_layer.json") ;;
-        esac
-        echo "----- bench $name"
-        resnet_bench 5 "${args[@]}"
-        one=$?
-        echo "----- bench $name: rc=$one"
-        [ "$one" -eq 0 ] || rc=$one
+    # bucket per layer (--threshold 1), both predicted with the bucket's fixed host cost, beside WFBP; at each
+    # IMAGE_SIZE:BATCH_SIZE of BUCKET_COST_SIZES (default 32:8, launch-bound; 224:64 keeps the GPU busy)
+    local rc=0 one name args size
+    for size in ${BUCKET_COST_SIZES:-32:8}; do
+        for name in WFBP search per_layer; do
+            case $name in
+                WFBP) args=(--baseline WFBP) ;;
+                search) args=(--baseline PipeDAP --bandwidth 100gbit) ;;
+                per_layer) args=(--baseline PipeDAP --bandwidth 100gbit --threshold 1) ;;
+            esac
+            echo "----- bench $name at ${size%:*} px, batch ${size#*:}"
+            RESNET_IMAGE_SIZE=${size%:*} RESNET_BATCH_SIZE=${size#*:} resnet_bench 10 "${args[@]}" \
+                --json "$OUT/bench_bucket_cost_${name}_${size/:/_}.json"
+            one=$?
+            echo "----- bench $name: rc=$one"
+            [ "$one" -eq 0 ] || rc=$one
+        done
     done
     return "$rc"
 }

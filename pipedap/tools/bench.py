@@ -190,15 +190,12 @@ def predict(plan, args: argparse.Namespace, batch: tuple, loss_fn, say) -> tuple
     from pipedap.planner import costmodel, fusion
     from pipedap.planner.plan import Prediction
     from pipedap.planner.simulator import Problem, simulate
-    from pipedap.profiler import profile_model
-    from pipedap.tools.bench_plan import PROFILE_ITERATIONS, PROFILE_WARMUP
+    from pipedap.tools.bench_plan import profile_for_planning
 
-    say(f"predicting the {plan.schedule} plan: profiling a copy of the model on every rank "
-        f"({PROFILE_WARMUP} + {PROFILE_ITERATIONS} batches)")
+    say(f"predicting the {plan.schedule} plan: profiling a copy of the model on every rank")
     torch.manual_seed(args.seed)
     copy = models.get(args.model).to(batch[0].device)
-    profile = measure.with_bucket_cost(profile_model(copy, *batch, loss_fn, warmup=PROFILE_WARMUP,
-                                                     iterations=PROFILE_ITERATIONS), batch[0].device)
+    profile = profile_for_planning(copy, *batch, loss_fn)
     if args.bandwidth:
         cost = costmodel.from_link(engine.size(), units.parse_bandwidth(args.bandwidth),
                                    units.parse_duration(args.latency))

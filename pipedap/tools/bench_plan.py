@@ -25,11 +25,22 @@ import torch
 from pipedap import engine, measure, units
 from pipedap.planner import costmodel, make_plan
 from pipedap.planner.plan import Plan
+from pipedap.planner.profile import Profile
 from pipedap.profiler import profile_model
 
-PROFILE_WARMUP, PROFILE_ITERATIONS = 1, 3
+PROFILE_WARMUP, PROFILE_ITERATIONS = 1, 3  # batches, at least: seconds each on a CPU host
+PROFILE_MIN_SECONDS = 0.5  # each phase at least this long: tens of batches on a GPU
 
 Say = Callable[[str], None]
+
+
+def profile_for_planning(model: torch.nn.Module, inputs: Any, targets: Any, loss: Callable) -> Profile:
+    """The benchmark's profile of one training batch, with the reducer's fixed cost per bucket:
+    at least PROFILE_WARMUP + PROFILE_ITERATIONS batches, each phase PROFILE_MIN_SECONDS at least."""
+    device = next(model.parameters()).device
+    return measure.with_bucket_cost(profile_model(model, inputs, targets, loss, warmup=PROFILE_WARMUP,
+                                                  iterations=PROFILE_ITERATIONS, min_seconds=PROFILE_MIN_SECONDS),
+                                    device)
 
 
 def plan_for_link(model: torch.nn.Module, inputs: Any, targets: Any, loss: Callable, *, bandwidth: str,
@@ -40,15 +51,13 @@ def plan_for_link(model: torch.nn.Module, inputs: Any, targets: Any, loss: Calla
     ``wire_fraction``: the bytes on the link per gradient byte (0.5 with fp16/bf16 compression).
     """
     started = time.perf_counter()
-    say(f"profiling the model on every rank ({PROFILE_WARMUP} + {PROFILE_ITERATIONS} batches)")
-    device = next(model.parameters()).device
-    profile = measure.with_bucket_cost(profile_model(model, inputs, targets, loss, warmup=PROFILE_WARMUP,
-                                                     iterations=PROFILE_ITERATIONS), device)
+    say("profiling the model on every rank")
+    profile = profile_for_planning(model, inputs, targets, loss)
     if wire_fraction != 1.0:
         profile = dataclasses.replace(profile, layers=tuple(
             dataclasses.replace(layer, nbytes=round(layer.nbytes * wire_fraction)) for layer in profile.layers))
     compute = sum(layer.tf + layer.tb + layer.u for layer in profile.layers)
-    say(f"  {len(profile)} layers, compute {compute * 1e3:.1f} ms per batch, {profile.bucket_cost * 1e3:.2f} ms of host "
+    say(f"  {profile.meta['warmup']} + {profile.meta['iterations']} batches, {len(profile)} layers, compute {compute * 1e3:.1f} ms per batch, {profile.bucket_cost * 1e3:.2f} ms of host "
         f"work per bucket; took {time.perf_counter() - started:.1f} s")
     cost = costmodel.from_link(engine.size(), units.parse_bandwidth(bandwidth), units.parse_duration(latency))
     say(f"cost model: ring on {bandwidth} links with {latency} latency (assumed, not measured)")

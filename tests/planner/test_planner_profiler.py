@@ -78,3 +78,20 @@ def test_unused_layer_is_an_error():
 
     with pytest.raises(ValueError, match=r"\['spare'\] own trainable parameters but never ran"):
         profile_model(Unused(), torch.randn(3, 2), warmup=0, iterations=1)
+
+
+def test_min_seconds_extends_each_phase_of_a_fast_model_up_to_the_cap(monkeypatch):
+    """A batch of microseconds gets tens of warm-up and measured iterations, as a GPU's would;
+    the counts are in the meta, and the cap bounds a phase whatever its time budget."""
+    from pipedap import profiler
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    profile = profile_model(model, torch.randn(8, 4), warmup=1, iterations=3, min_seconds=0.1)
+    assert profile.meta["warmup"] > 1 and profile.meta["iterations"] > 3
+    monkeypatch.setattr(profiler, "MAX_ITERATIONS", 6)
+    capped = profile_model(model, torch.randn(8, 4), warmup=2, iterations=3, min_seconds=1e3)
+    assert (capped.meta["warmup"], capped.meta["iterations"]) == (6, 6)
+    unwarmed = profile_model(model, torch.randn(8, 4), warmup=0, iterations=1, min_seconds=0.05)
+    assert unwarmed.meta["warmup"] == 0 and unwarmed.meta["iterations"] > 1
+    with pytest.raises(ValueError, match="min_seconds >= 0"):
+        profile_model(model, torch.randn(8, 4), min_seconds=-1)
