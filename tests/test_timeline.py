@@ -139,3 +139,37 @@ def test_timeline_cli_rejects_what_is_not_a_trace(tmp_path, capsys):
     bad.write_text('{"events": []}')
     assert timeline.main([str(bad)]) == 2
     assert "no 'traceEvents' list" in capsys.readouterr().err
+
+
+def test_link_use_finds_each_batchs_busy_time_and_longest_idle_stretch(tmp_path, capsys):
+    """Two complete batches on one rank (times in µs): overlapping collectives count once, and
+    the idle stretch is named by the collectives around it; the last forward only closes batch 1."""
+    def phase(name, batch, ts, dur):
+        return {"name": name, "cat": "compute", "ph": "X", "pid": 0, "tid": 0, "ts": ts, "dur": dur,
+                "args": {"batch": batch}}
+
+    def comm(name, kind, ts, dur):
+        return {"name": name, "cat": "comm", "ph": "X", "pid": 0, "tid": 1, "ts": ts, "dur": dur,
+                "args": {"kind": kind, "nbytes": 100}}
+
+    events = [phase("forward", 0, 0, 2e6), phase("backward", 0, 2e6, 3e6),
+              comm("ag.0", "allgather", 0, 1e6),  # then idle 1..3.5 s: the longest
+              comm("rs.1", "reducescatter", 3.5e6, 1e6), comm("rs.0", "reducescatter", 4e6, 1e6),  # overlap
+              phase("forward", 1, 5e6, 2e6), phase("backward", 1, 7e6, 3e6),
+              comm("ag.0", "allgather", 5e6, 1.5e6), comm("rs.1", "reducescatter", 8e6, 1e6),
+              phase("forward", 2, 10e6, 2e6)]
+    first, second = timeline.link_use({"traceEvents": events})
+    assert (first.batch, first.seconds, first.phases) == (0, 5.0, {"forward": 2.0, "backward": 3.0})
+    assert first.busy == pytest.approx(2.5)
+    assert (first.idle, first.idle_from, first.idle_after, first.idle_before) == (2.5, 1.0, "AG0", "RS1")
+    assert second.busy == pytest.approx(2.5)
+    assert (second.idle, second.idle_from, second.idle_after, second.idle_before) == (1.5, 1.5, "AG0", "RS1")  # from the batch's start
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    assert timeline.main([str(trace), "--link"]) == 0
+    out = capsys.readouterr().out
+    assert "rank 0 batch 0: 5.00 s (forward 2.00, backward 3.00); link busy 2.50 s (50%); longest idle 2.50 s" in out
+    assert "mean: link busy 50% of the time, longest idle 2.00 s per batch" in out
+    trace.write_text(json.dumps({"traceEvents": events[:3]}))  # one forward: no batch is complete
+    assert timeline.main([str(trace), "--link"]) == 2
+    assert "no complete batch" in capsys.readouterr().err

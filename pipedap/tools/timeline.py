@@ -16,7 +16,9 @@ Times are microseconds from an origin each rank takes right after a common barri
 ranks on different hosts line up to within the barrier's skew.
 
 ``python -m pipedap.tools.timeline TRACE --out chart.png`` draws one batch of a trace: every
-rank's compute and communication lanes above the predicted link lane.
+rank's compute and communication lanes above the predicted link lane. ``--link`` prints instead
+how busy each rank's link was in each batch and its longest idle stretch, with the collectives
+around it: where a schedule leaves the link waiting for compute.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +270,58 @@ def draw(doc: dict, path: str | Path, batch: int | None = None) -> int:
     return batch
 
 
+# --- link use --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LinkUse:
+    """One rank's link in one batch: from its forward's start to the next forward's start."""
+
+    rank: int
+    batch: int
+    seconds: float
+    phases: dict[str, float]  # compute phase -> seconds
+    busy: float  # seconds in which at least one of the rank's collectives ran
+    idle: float  # the longest stretch without one
+    idle_from: float  # seconds into the batch
+    idle_after: str  # the collective that ended it began ("" when the batch began idle)
+    idle_before: str  # the collective that ended it ("" when the batch ended idle)
+
+    def line(self) -> str:
+        phases = ", ".join(f"{name} {seconds:.2f}" for name, seconds in self.phases.items())
+        return (f"rank {self.rank} batch {self.batch}: {self.seconds:.2f} s ({phases}); link busy {self.busy:.2f} s "
+                f"({self.busy / self.seconds:.0%}); longest idle {self.idle:.2f} s from {self.idle_from:.2f} s, "
+                f"after {self.idle_after or 'the batch began'}, before {self.idle_before or 'the batch ended'}")
+
+
+def link_use(doc: dict) -> list[LinkUse]:
+    """Every rank's link use in each batch that the trace has the next forward of (complete cycles)."""
+    out = []
+    for rank in sorted({e["pid"] for e in doc["traceEvents"] if e.get("cat") == "compute"}):
+        mine = [e for e in doc["traceEvents"] if e.get("pid") == rank and e.get("ph") == "X"]
+        comm = sorted((e for e in mine if e.get("cat") == "comm"), key=lambda e: e["ts"])
+        forwards = sorted((e["ts"], e["args"]["batch"]) for e in mine if e.get("cat") == "compute"
+                          and e["name"] == "forward")
+        for (start, batch), (end, _) in zip(forwards, forwards[1:]):
+            phases = {e["name"]: e["dur"] / 1e6 for e in mine if e.get("cat") == "compute" and start <= e["ts"] < end}
+            busy, at, idle = 0.0, start, (0.0, start, "", "")
+            before = ""
+            for e in comm:
+                lo, hi = max(e["ts"], start), min(e["ts"] + e["dur"], end)
+                if hi <= lo:
+                    continue
+                if lo - at > idle[0]:
+                    idle = (lo - at, at, before, _label(e))
+                if hi > at:
+                    busy += hi - max(lo, at)
+                    at = hi
+                    before = _label(e)
+            if end - at > idle[0]:
+                idle = (end - at, at, before, "")
+            out.append(LinkUse(rank, batch, (end - start) / 1e6, phases, busy / 1e6, idle[0] / 1e6,
+                               (idle[1] - start) / 1e6, idle[2], idle[3]))
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipedap.tools.timeline",
@@ -277,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("trace", help="Chrome-trace JSON from python -m pipedap.tools.bench --timeline")
     parser.add_argument("--out", help="PNG to write (default: the trace's name with .png)")
     parser.add_argument("--batch", type=int, help="which measured batch (default: the second to last)")
+    parser.add_argument("--link", action="store_true",
+                        help="print each rank's link use per batch (busy seconds, the longest idle stretch and "
+                             "the collectives around it) instead of drawing")
     return parser
 
 
@@ -285,6 +343,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or str(Path(args.trace).with_suffix(".png"))
     try:
         doc = load_trace(args.trace)
+        if args.link:
+            uses = link_use(doc)
+            if not uses:
+                raise ValueError(f"{args.trace}: no rank has two forwards recorded: no complete batch to report")
+            for use in uses:
+                print(use.line())
+            print(f"mean: link busy {sum(u.busy for u in uses) / sum(u.seconds for u in uses):.0%} of the time, "
+                  f"longest idle {sum(u.idle for u in uses) / len(uses):.2f} s per batch")
+            return 0
         print(f"drawing {args.trace} ({len(doc['traceEvents'])} events) to {out} ...", flush=True)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         batch = draw(doc, out, args.batch)
