@@ -477,6 +477,7 @@ def test_the_readmes_rounds_tables_are_generated_from_the_committed_sweeps() -> 
               ("dp_reachable/resnet50_250_125mbit.json", "| 125 Mbit/s | 6.54 | 6.54 | 7.23 +- 0.51 |", 4),
               ("dp_reachable/bert_base_250mbit.json", "| 250 Mbit/s | 14.09 | 14.09 | 17.43 +- 0.32 |", 3),
               ("dp_bert_500mbit/bert_base_500mbit.json", "| 500 Mbit/s | 9.03 | 10.96 (fp16: 10.00) | 12.19 +- 0.62 |", 3),
+              ("dp_bert_500mbit/bert_base_500mbit_6rounds.json", "| 500 Mbit/s | 8.38 | 9.92 | 11.45 +- 0.38 | 12.12 +- 0.16 |", 3),
               ("dp_vgg16_125mbit/vgg16_125mbit_fp16.json", "| 125 Mbit/s | 35.42 (fp16: 17.71) | 35.42 (fp16: 17.71) |", 3),
               ("dp_vgg16_125mbit/vgg16_125mbit.json", "| 125 Mbit/s | 35.42 | 35.42 | 37.62 +- 0.23 | 40.16 +- 1.13 |", 3),
               ("dp_bert_125mbit/bert_base_125mbit.json", "| 125 Mbit/s | 28.19 (fp16: 14.09) | 28.19 (fp16: 14.09) | 32.89", 3)]

@@ -349,8 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"{args.trace}: no rank has two forwards recorded: no complete batch to report")
             for use in uses:
                 print(use.line())
-            print(f"mean: link busy {sum(u.busy for u in uses) / sum(u.seconds for u in uses):.0%} of the time, "
-                  f"longest idle {sum(u.idle for u in uses) / len(uses):.2f} s per batch")
+            # the bench drains the warm-up's collectives before timing, so each rank's first batch starts idle
+            first = {u.rank: min(v.batch for v in uses if v.rank == u.rank) for u in uses}
+            steady = [u for u in uses if u.batch != first[u.rank]] or uses
+            which = "the batches after each rank's first" if len(steady) < len(uses) else "all batches"
+            print(f"mean of {which}: link busy {sum(u.busy for u in steady) / sum(u.seconds for u in steady):.0%} of the time, "
+                  f"longest idle {sum(u.idle for u in steady) / len(steady):.2f} s per batch")
             return 0
         print(f"drawing {args.trace} ({len(doc['traceEvents'])} events) to {out} ...", flush=True)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
