@@ -19,8 +19,8 @@
 # Arguments name the checks to run after the build (default: gpu_tests collectives_np1 training_np1;
 # also op_overhead, benchmarks/cuda_op_overhead.py; training_online, PipeDAP planned online;
 # profile_buckets, a cProfile of a plan with one bucket per layer; bucket_cost, the searched plan
-# and one bucket per layer against their predictions, at the sizes of BUCKET_COST_SIZES; and ab_bench, one change against the tree
-# without it, AB_PATCH=file).
+# and one bucket per layer against their predictions, at the sizes of BUCKET_COST_SIZES; and
+# ab_bench, one change against the tree without it, AB_PATCH=file).
 # On a machine that already has MPI (mpicxx on PATH) the wheel step is skipped when no wheel is there.
 #
 # Every step runs even when an earlier one failed, so one run tells as much as it can; each step's

@@ -57,8 +57,9 @@ def plan_for_link(model: torch.nn.Module, inputs: Any, targets: Any, loss: Calla
         profile = dataclasses.replace(profile, layers=tuple(
             dataclasses.replace(layer, nbytes=round(layer.nbytes * wire_fraction)) for layer in profile.layers))
     compute = sum(layer.tf + layer.tb + layer.u for layer in profile.layers)
-    say(f"  {profile.meta['warmup']} + {profile.meta['iterations']} batches, {len(profile)} layers, compute {compute * 1e3:.1f} ms per batch, {profile.bucket_cost * 1e3:.2f} ms of host "
-        f"work per bucket; took {time.perf_counter() - started:.1f} s")
+    say(f"  {profile.meta['warmup']} + {profile.meta['iterations']} batches, {len(profile)} layers, compute "
+        f"{compute * 1e3:.1f} ms per batch, {profile.bucket_cost * 1e3:.2f} ms of host work per bucket; "
+        f"took {time.perf_counter() - started:.1f} s")
     cost = costmodel.from_link(engine.size(), units.parse_bandwidth(bandwidth), units.parse_duration(latency))
     say(f"cost model: ring on {bandwidth} links with {latency} latency (assumed, not measured)")
 

@@ -322,6 +322,18 @@ def link_use(doc: dict) -> list[LinkUse]:
     return out
 
 
+def link_report(uses: Sequence[LinkUse]) -> str:
+    """One line per rank and batch, then the mean over the steady batches: the bench drains the
+    warm-up's collectives before timing, so each rank's first batch starts with an idle link."""
+    first = {u.rank: min(v.batch for v in uses if v.rank == u.rank) for u in uses}
+    steady = [u for u in uses if u.batch != first[u.rank]] or list(uses)
+    which = "the batches after each rank's first" if len(steady) < len(uses) else "all batches"
+    busy = sum(u.busy for u in steady) / sum(u.seconds for u in steady)
+    return "\n".join([u.line() for u in uses] + [
+        f"mean of {which}: link busy {busy:.0%} of the time, "
+        f"longest idle {sum(u.idle for u in steady) / len(steady):.2f} s per batch"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipedap.tools.timeline",
@@ -347,14 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             uses = link_use(doc)
             if not uses:
                 raise ValueError(f"{args.trace}: no rank has two forwards recorded: no complete batch to report")
-            for use in uses:
-                print(use.line())
-            # the bench drains the warm-up's collectives before timing, so each rank's first batch starts idle
-            first = {u.rank: min(v.batch for v in uses if v.rank == u.rank) for u in uses}
-            steady = [u for u in uses if u.batch != first[u.rank]] or uses
-            which = "the batches after each rank's first" if len(steady) < len(uses) else "all batches"
-            print(f"mean of {which}: link busy {sum(u.busy for u in steady) / sum(u.seconds for u in steady):.0%} of the time, "
-                  f"longest idle {sum(u.idle for u in steady) / len(steady):.2f} s per batch")
+            print(link_report(uses))
             return 0
         print(f"drawing {args.trace} ({len(doc['traceEvents'])} events) to {out} ...", flush=True)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
