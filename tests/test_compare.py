@@ -476,6 +476,7 @@ def test_the_readmes_rounds_tables_are_generated_from_the_committed_sweeps() -> 
               ("dp_vgg16_500mbit/vgg16_500mbit.json", "| 500 Mbit/s | 8.85 (fp16: 5.37) | 9.51 +- 0.22 |", 3),
               ("dp_reachable/resnet50_250_125mbit.json", "| 125 Mbit/s | 6.54 | 6.54 | 7.23 +- 0.51 |", 4),
               ("dp_reachable/resnet50_250mbit_6rounds.json", "| 250 Mbit/s | 3.27 | 3.50 | 3.84 +- 0.24 | 4.66 +- 0.05 |", 3),
+              ("dp_reachable/resnet50_125mbit_6rounds.json", "| 125 Mbit/s | 6.54 | 6.54 | 7.16 +- 0.15 | 8.30 +- 0.19 |", 3),
               ("dp_reachable/resnet50_500mbit_6rounds.json", "| 500 Mbit/s | 2.73 | 3.09 | 3.19 +- 0.11 | 3.10 +- 0.12 |", 3),
               ("dp_reachable/bert_base_250mbit.json", "| 250 Mbit/s | 14.09 | 14.09 | 17.43 +- 0.32 |", 3),
               ("dp_bert_500mbit/bert_base_500mbit.json", "| 500 Mbit/s | 9.03 | 10.96 (fp16: 10.00) | 12.19 +- 0.62 |", 3),
