@@ -280,7 +280,7 @@ class LinkUse:
     batch: int
     seconds: float
     phases: dict[str, float]  # compute phase -> seconds
-    busy: float  # seconds in which at least one of the rank's collectives ran
+    busy: float  # seconds in which at least one of the rank's collectives was in flight (a wait for a peer counts)
     idle: float  # the longest stretch without one
     idle_from: float  # seconds into the batch
     idle_after: str  # the collective that ended it began ("" when the batch began idle)
@@ -345,8 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="PNG to write (default: the trace's name with .png)")
     parser.add_argument("--batch", type=int, help="which measured batch (default: the second to last)")
     parser.add_argument("--link", action="store_true",
-                        help="print each rank's link use per batch (busy seconds, the longest idle stretch and "
-                             "the collectives around it) instead of drawing")
+                        help="print each rank's link use per batch (seconds with a collective in flight, which "
+                             "counts waits for peers; the longest stretch without one and the collectives around "
+                             "it) instead of drawing")
     return parser
 
 
