@@ -18,7 +18,7 @@
 # then run `bash scripts/gpu_check.sh` there (device tool: carry [".device"], timeout_s 420).
 # Arguments name the checks to run after the build (default: gpu_tests collectives_np1 training_np1;
 # also op_overhead, benchmarks/cuda_op_overhead.py; training_online, PipeDAP planned online;
-# profile_buckets, a cProfile of a plan with one bucket per layer; bucket_cost, the searched plan
+# profile_buckets, a cProfile of the plan for an assumed 100 Gbit/s link; bucket_cost, the searched plan
 # and one bucket per layer against their predictions, at the sizes of BUCKET_COST_SIZES; and
 # ab_bench, one change against the tree without it, AB_PATCH=file).
 # On a machine that already has MPI (mpicxx on PATH) the wheel step is skipped when no wheel is there.
@@ -150,12 +150,12 @@ collectives_np1() {  # every collective and dtype on CUDA tensors through comm_c
 
 resnet_bench() {  # resnet_bench BATCHES_PER_ITER ARGS...: ResNet-50 training steps on CUDA (RESNET_IMAGE_SIZE px,
     # default 32, batch RESNET_BATCH_SIZE, default 8), one rank, DistributedOptimizer's buckets through the
-    # engine and NCCL; ARGS name the system and outputs
+    # engine and NCCL; ARGS name the system and outputs; a caller's PY_ARGS go before the module (e.g. cProfile)
     local per_iter=$1
     shift
-    PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 timeout 150 mpirun -np 1 --bind-to none "$PY" -m pipedap.tools.bench \
-        --device cuda --model resnet50 --image-size "${RESNET_IMAGE_SIZE:-32}" --batch-size "${RESNET_BATCH_SIZE:-8}" \
-        --num-warmup-batches 2 --num-batches-per-iter "$per_iter" --num-iters 3 --no-progress "$@"
+    PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 timeout 150 mpirun -np 1 --bind-to none "$PY" "${PY_ARGS[@]}" \
+        -m pipedap.tools.bench --device cuda --model resnet50 --image-size "${RESNET_IMAGE_SIZE:-32}" \
+        --batch-size "${RESNET_BATCH_SIZE:-8}" --num-warmup-batches 2 --num-batches-per-iter "$per_iter" --num-iters 3 --no-progress "$@"
 }
 
 training_np1() {  # a few CUDA training steps, DistributedOptimizer's buckets through NCCL, one rank
@@ -186,11 +186,9 @@ training_online() {  # PipeDAP planned online (measured cost model, not --bandwi
     resnet_bench 2 --baseline PipeDAP --timeline "$OUT/online_timeline.json" --json "$OUT/bench_online.json"
 }
 
-profile_buckets() {  # where the host time of a plan with one bucket per layer goes (cProfile of the bench)
-    PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 timeout 150 mpirun -np 1 --bind-to none "$PY" -m cProfile \
-        -o "$OUT/buckets.prof" -m pipedap.tools.bench --device cuda --baseline PipeDAP --bandwidth 100gbit \
-        --model resnet50 --image-size 32 --batch-size 8 --num-warmup-batches 2 --num-batches-per-iter 3 \
-        --num-iters 3 --no-progress || return
+profile_buckets() {  # where the host time of the plan for an assumed 100 Gbit/s link goes (cProfile of the bench)
+    local PY_ARGS=(-m cProfile -o "$OUT/buckets.prof")  # seen by resnet_bench (bash scopes locals dynamically)
+    resnet_bench 3 --baseline PipeDAP --bandwidth 100gbit || return
     "$PY" - "$OUT/buckets.prof" <<'EOF2'
 import pstats, sys
 stats = pstats.Stats(sys.argv[1])
