@@ -27,13 +27,14 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from pipedap import comm, engine, interference, measure
 from pipedap.buckets import Bucket
 from pipedap.planner import costmodel, make_plan
 from pipedap.planner.costmodel import AlphaBeta, CostModel
 from pipedap.planner.plan import Plan
-from pipedap.planner.profile import Layer, Profile, layer_times
+from pipedap.planner.profile import Layer, Profile, Tie, layer_times
 from pipedap.process_sets import ProcessSet, global_process_set
 
 log = logging.getLogger("pipedap")
@@ -94,6 +95,7 @@ class OnlinePlanner:
         self.step_started = time.monotonic()
         self.step_seconds: list[float] = []
         self.planning: dict | None = None  # how the plan was made, once it is: see step_done()
+        self.ties: Callable[[], tuple[Tie, ...]] = tuple  # the reducer's split buckets ([Note: ties in a profile])
         engine.add_completion_listener(self._on_ops)
 
     # --- what the optimizer reports -------------------------------------------------
@@ -195,7 +197,7 @@ class OnlinePlanner:
                   nbytes=b.nbytes, tf=tf[b.index], tb=tb[b.index], u=median(u[b.index]))
             for b in self.buckets
         )
-        return Profile(layers, {"source": "online", "steps": len(measured), "interference": sigma})
+        return Profile(layers, {"source": "online", "steps": len(measured), "interference": sigma}, ties=self.ties())
 
     def cost_model(self, profile: Profile, measured_s: float, sigma: float = 0.0) -> tuple[CostModel, str]:
         """α-β fit from the operations training ran; the microbenchmark when their sizes are too alike,

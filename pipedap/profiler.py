@@ -15,7 +15,9 @@ measured iterations after `warmup` ones:
   less the step's per-call part (the step on one one-element parameter), which is the
   profile's ``bucket_cost`` instead: the runtime pays it once per bucket, not per layer
   ([Note: a bucket's fixed cost] in pipedap.planner.profile). The reducer's own host work
-  per bucket needs the comm core and is added by :func:`pipedap.measure.with_bucket_cost`.
+  per bucket needs the comm core and is added by :func:`pipedap.measure.with_bucket_cost`;
+* ties: the word embeddings tied to an output layer, with the most rows a batch looked up
+  ([Note: ties in a profile] in pipedap.planner.profile).
 
 No MPI here: ranks agree on the numbers through the optional ``agree(profile) -> profile``
 callable (e.g. the element-wise max of :func:`pipedap.planner.profile.elementwise_max`,
@@ -34,6 +36,7 @@ from torch import nn
 
 from pipedap.buckets import group_by_module
 from pipedap.planner.profile import Layer, Profile, layer_times
+from pipedap.tied_embeddings import RowCounter
 
 OptimizerFactory = Callable[[Sequence[torch.Tensor]], torch.optim.Optimizer]
 
@@ -110,6 +113,7 @@ def profile_model(
             handles.append(param.register_post_accumulate_grad_hook(grad_hook))
 
     samples: dict[str, list[list[float]]] = {"tf": [], "tb": []}
+    rows = RowCounter(model)  # the ties' rows ([Note: ties in a profile])
     model.train()
     try:
         for step, measured in enumerate(_phases(warmup, iterations, min_seconds)):
@@ -130,6 +134,7 @@ def profile_model(
                 samples["tf"].append(tf)
                 samples["tb"].append(tb)
     finally:
+        rows.remove()
         for handle in handles:
             handle.remove()
 
@@ -152,7 +157,7 @@ def profile_model(
     measured_runs = len(samples["tf"])
     info = {"warmup": step + 1 - measured_runs, "iterations": measured_runs,
             "device": "cuda" if cuda else "cpu", "update_call_s": call, **(meta or {})}
-    profile = Profile(layers, info, bucket_cost=call)
+    profile = Profile(layers, info, bucket_cost=call, ties=rows.ties())
     return agree(profile) if agree else profile
 
 

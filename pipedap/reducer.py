@@ -41,8 +41,11 @@ from pipedap import comm, engine
 from pipedap.buckets import Bucket
 from pipedap.online_planner import OnlinePlanner
 from pipedap.planner.plan import Plan
+from pipedap.planner.profile import Tie
 from pipedap.process_sets import ProcessSet
 from pipedap.shard_update import Piece
+from pipedap.tied_embeddings import lookup_ties, split_enabled, user_param
+from pipedap.tied_split import TiedSplit
 
 # apply_update(parameters, or with shard_update their pieces, that got a gradient on some rank,
 #              param-group options in force at step())
@@ -87,6 +90,8 @@ class Reducer:
         self.sparse_grads: set[torch.nn.Parameter] = set()  # parameters whose gradients came sparse (embeddings)
         self._lock = threading.Lock()  # gradient hooks may run on autograd's device threads
         self._forward_end_hook = None
+        self.splits: dict[int, TiedSplit] = {}  # tied embeddings reduced in two parts ([Note: tied embeddings])
+        self.splitting: set[int] = set()  # those of them the current plan lets split
         self._new_step()
 
     # --- hooks ---------------------------------------------------------------------
@@ -105,6 +110,26 @@ class Reducer:
                 module.register_forward_pre_hook(self.before_forward)
         if self.online is not None:  # removed when the plan switches
             self._forward_end_hook = model.register_forward_hook(lambda *_: self.online.forward_ended())
+        compressed = any(b.wire is not None for b in self.buckets)
+        if split_enabled(compressed=compressed, sharded=self.shard_pieces is not None, passes=self.passes):
+            for g, (_, users) in lookup_ties(model, self.buckets).items():
+                self.splits[g] = TiedSplit(self.buckets[g], users, op=self.op, process_set=self.process_set,
+                                           tapping=lambda g=g: self.sync_enabled and g in self.splitting)
+            self._choose_splits()
+            if self.online is not None:
+                self.online.ties = self._ties
+
+    def _ties(self) -> tuple[Tie, ...]:
+        """The split buckets as the planner's profile has them ([Note: ties in a profile])."""
+        name_of = {p: b.names[i] for p, (b, i) in self.where.items()}
+        return tuple(Tie(name_of[s.param], user_param(s.users, s.param, name_of), s.rows_bytes)
+                     for s in self.splits.values())
+
+    def _choose_splits(self) -> None:
+        """The tied buckets the plan reduce-scatters in backward and all-gathers (none all-reduced)."""
+        subs = self.plan.backward + self.plan.forward
+        self.splitting = {g for g in self.splits if ("rs", g) in [op for sub in self.plan.backward for op in sub]
+                          and ("ar", g) not in [op for sub in subs for op in sub]}
 
     def _note_layout_once(self, p: torch.nn.Parameter) -> None:
         """Note whether p's first gradient comes sparse (an embedding's): it accumulates dense into the
@@ -163,6 +188,8 @@ class Reducer:
     # --- the plan runner ---------------------------------------------------------
 
     def _new_step(self) -> None:
+        for split in self.splits.values():
+            split.new_step()
         self.next_backward = 0  # index of the plan's next backward submission
         self.pieces_issued = [0] * len(self.buckets)  # of chunked all-reduces (Plan.chunks)
         self.backward_flushed = False  # every bucket counts as ready (gradients that never came are zero)
@@ -202,6 +229,11 @@ class Reducer:
         for kind, g in sub:
             b, ps = self.buckets[g], self.process_set
             pieces, piece = self.plan.pieces(g), self.pieces_issued[g]
+            if kind == "rs" and g in self.splitting:  # the rows; the dense part went in backward
+                self.splits[g].submit_rows(used=bool(self.ready[g]))
+                continue
+            if kind == "ag" and g in self.splitting:
+                self.splits[g].combine()
             if kind == "rs" or (kind == "ar" and piece == 0):  # the gradients are complete: flag the ones that
                 b.mark_used(self.ready[g])                       # came and cast them for the link
                 b.pack()                                         # ([Note: compressed buckets])
@@ -226,6 +258,8 @@ class Reducer:
             else:
                 collectives.append(engine.allreduce_collective(b.sent, b.sent, f"ar.{g}", self.op, ps))
             keys.append((kind, g))
+        if not collectives:
+            return
         work = engine.submit(collectives)
         for kind, g in keys:
             self.works[g][kind] = work
@@ -370,6 +404,8 @@ class Reducer:
         self.flush_backward()
         squares = torch.zeros(1, dtype=torch.float64)
         for g, b in enumerate(self.buckets):
+            if g in self.splitting:
+                self.splits[g].combine()
             for kind, work in self.works[g].items():
                 if kind != "ag":  # the reduce-scatter, or the all-reduce (all its pieces)
                     work.wait()
@@ -388,5 +424,6 @@ class Reducer:
         if plan is None:
             return
         self.plan, self.planning, self.online = plan, self.online.planning, None
+        self._choose_splits()
         if self._forward_end_hook is not None:
             self._forward_end_hook.remove()

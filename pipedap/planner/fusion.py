@@ -61,7 +61,8 @@ def fuse(profile: Profile, grouping: Grouping) -> Profile:
                 u=sum(layer.u for layer in layers),
             )
         )
-    return Profile(tuple(fused), {**profile.meta, "groups": [list(g) for g in grouping]}, profile.bucket_cost)
+    return Profile(tuple(fused), {**profile.meta, "groups": [list(g) for g in grouping]}, profile.bucket_cost,
+                   profile.ties)
 
 
 def singletons(profile: Profile) -> Grouping:

@@ -15,11 +15,22 @@ layer's ``u`` is its update without the per-call part. The simulator charges
 of them. On CPU hosts it is a fraction of a millisecond beside seconds of compute; on a
 GPU it can be most of a step (0.4-0.5 ms per bucket on one H200, benchmarks/results/gpu_h200).
 
+[Note: ties in a profile]
+A word embedding tied to an output layer is reduced in two parts (pipedap/tied_split.py): the
+output layer's gradient as soon as backward has made it, then the lookup's non-zero rows.
+A :class:`Tie` tells the planner so: the parameter, a parameter of the output layer (its
+group's readiness is when the dense part is ready; "" when the output layer has no other
+parameter: then the first group ready in backward) and the bytes of rows each rank sends.
+The simulator uses it where the runtime splits: the parameter alone in its group, reduce-
+scattered and all-gathered (not all-reduced), the update not sharded. A profile of a job
+that will not split (``PIPEDAP_TIED_SPLIT=0``, compression) has no ties.
+
 JSON form::
 
     {"version": 1, "meta": {...free-form...}, "bucket_cost": 0.0002,
      "layers": [{"name": "conv1", "params": ["conv1.weight"], "nbytes": 37632,
-                 "tf": 0.0012, "tb": 0.0025, "u": 0.0001}, ...]}
+                 "tf": 0.0012, "tb": 0.0025, "u": 0.0001}, ...],
+     "ties": [{"param": "emb.weight", "user": "decoder.bias", "rows_bytes": 3153920}]}
 """
 
 from __future__ import annotations
@@ -46,6 +57,15 @@ class Layer:
 
 
 @dataclass(frozen=True)
+class Tie:
+    """A parameter reduced in two parts ([Note: ties in a profile])."""
+
+    param: str
+    user: str  # a parameter of the output layer; "" for the first group ready in backward
+    rows_bytes: int  # what each rank all-gathers at the end of backward (rows and their indices)
+
+
+@dataclass(frozen=True)
 class Profile:
     """Layers in forward order, free-form metadata (model, batch size, device...) and the
     seconds each bucket costs the training thread per step ([Note: a bucket's fixed cost])."""
@@ -53,6 +73,7 @@ class Profile:
     layers: tuple[Layer, ...]
     meta: Mapping[str, object] = field(default_factory=dict)
     bucket_cost: float = 0.0
+    ties: tuple[Tie, ...] = ()  # [Note: ties in a profile]
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -81,6 +102,8 @@ class Profile:
         doc = {"version": FILE_VERSION, "meta": dict(self.meta), "layers": layers}
         if self.bucket_cost:  # (absent when 0: the hashes of plans from such profiles stay what they were)
             doc["bucket_cost"] = self.bucket_cost
+        if self.ties:  # (likewise)
+            doc["ties"] = [asdict(tie) for tie in self.ties]
         return doc
 
     @classmethod
@@ -113,7 +136,11 @@ class Profile:
             bucket_cost = float(doc.get("bucket_cost", 0.0))
         except (TypeError, ValueError):
             raise ValueError(f"{where}: 'bucket_cost' must be a number of seconds, got {doc['bucket_cost']!r}") from None
-        return cls(tuple(parsed), dict(doc.get("meta", {})), bucket_cost)
+        try:
+            ties = tuple(Tie(str(t["param"]), str(t["user"]), int(t["rows_bytes"])) for t in doc.get("ties", ()))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{where}: 'ties' must be a list of {{param, user, rows_bytes}} objects ({err})") from None
+        return cls(tuple(parsed), dict(doc.get("meta", {})), bucket_cost, ties)
 
     def save(self, path: str | Path) -> None:
         """Write the JSON form to `path`."""
@@ -194,5 +221,7 @@ def elementwise_max(profiles: Sequence[Profile]) -> Profile:
         )
         for i, layer in enumerate(first.layers)
     )
+    ties = tuple(replace(tie, rows_bytes=max(t.rows_bytes for p in profiles for t in p.ties if t.param == tie.param))
+                 for tie in first.ties)
     return Profile(layers, {**first.meta, "agreed": f"elementwise max over {len(profiles)} ranks"},
-                   max(p.bucket_cost for p in profiles))
+                   max(p.bucket_cost for p in profiles), ties)

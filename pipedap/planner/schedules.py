@@ -83,7 +83,7 @@ class Schedule:
                             "bytescheduler for a plan")
         problem = self.timeline.problem
         groups = tuple(Group(layer.name, layer.params, layer.nbytes) for layer in problem.profile.layers)
-        times = tuple(zip(self.timeline.starts, self.timeline.ends))
+        times = self.timeline.plan_times
         return Plan(
             schedule=self.name,
             world_size=problem.cost.world_size,
@@ -256,6 +256,7 @@ def _evaluate(problem: Problem, options: Sequence[str]) -> tuple[float, list[flo
         if options[g] == BEHIND:
             t += ag[g]
             done[g] = t
+        t += problem.dense_after[g]  # [Note: split reductions in the timeline]
     for g in range(size):
         if options[g] == FORWARD:
             t += ag[g]
@@ -324,7 +325,7 @@ def optimal(problem: Problem, max_states: int | None = None, seed: Schedule | No
             end += np.where(pending, ag[g + 1] - save, 0.0)
         n = len(t)
         choices = 3 if g else 1  # group 0's AG stays in forward
-        child_t = np.concatenate([end, end + ag[g], end][:choices])
+        child_t = np.concatenate([end, end + ag[g], end][:choices]) + problem.dense_after[g]
         child_z = np.concatenate([np.maximum(z, tail[g]) + ag[g], z, z][:choices])
         child_pending = np.repeat(np.array([False, False, True])[:choices], n)
         parent = np.tile(np.arange(n), choices)

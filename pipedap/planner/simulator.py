@@ -37,6 +37,17 @@ same submission order. With σ = 0 it gives the plain timeline (the closed-form 
 which the planners use). Every time under interference is at least the plain one (compute
 only gets slower and every event is a max or sum of earlier ones), so plain times are lower
 bounds of interfered ones.
+
+[Note: split reductions in the timeline]
+A tied word embedding that the runtime reduces in two parts (pipedap/tied_split.py; a
+:class:`~.profile.Tie` in the profile) has its dense part reduce-scattered as soon as its
+output layer's group u is ready, and only its rows all-gathered when its own group g is:
+``costs["rs"][g]`` is that small all-gather (and its shape exchange), and the simulator
+adds a submission ``("rsd", g)`` (reduce-scatter of the whole group, ready at ``ready[u]``)
+where the runtime's FIFO puts it: before the first backward submission issued after
+``ready[u]`` (:meth:`Problem.with_dense_parts`). Plans never contain ``rsd``; timelines do.
+Where the runtime reduces g whole (all-reduced, a sharded update, g fused with other
+parameters) so does the simulator.
 """
 
 from __future__ import annotations
@@ -71,6 +82,7 @@ class Problem:
         self.costs = {kind: [cost.of(kind).time(m) for m in self.nbytes] for kind in ("rs", "ag", "ar")}
         self.interference = cost.interference  # [Note: interference]
         self.startup = {kind: cost.of(kind).a for kind in ("rs", "ag", "ar")}
+        self.startup["rsd"] = self.startup["rs"]
         # What merging an AG into an RS submission saves: the smaller of the two start-ups.
         self.merge_saving = min(self.startup["rs"], self.startup["ag"])
         self.ready = [0.0] * self.size
@@ -79,10 +91,44 @@ class Problem:
             t += self.tb[g]
             self.ready[g] = t
         self.backward_end = t
+        # [Note: split reductions in the timeline]
+        self.split: dict[int, int] = {}  # tied group -> the group whose readiness makes its dense part ready
+        self.costs["rsd"] = [0.0] * self.size
+        self.dense_after = [0.0] * self.size  # dense parts the link runs after group g's backward submissions
+        for tie in () if shard_update else profile.ties:
+            self._split(tie)
         # tail[g]: forward compute from the update of g to the end of the iteration.
         self.tail = [0.0] * (self.size + 1)
         for g in reversed(range(self.size)):
             self.tail[g] = self.tail[g + 1] + self.w[g]
+
+    def _split(self, tie) -> None:
+        groups = [layer.params for layer in self.profile.layers]
+        g = next((i for i, params in enumerate(groups) if params == (tie.param,)), None)
+        user = self.size - 1 if not tie.user else next((i for i, params in enumerate(groups) if tie.user in params), None)
+        if g is None or user is None or user <= g:  # fused with other parameters, or no earlier dense part
+            return
+        self.split[g] = user
+        self.costs["rsd"][g] = self.costs["rs"][g]
+        self.costs["rs"][g] = self.cost.ag.time(self.cost.world_size * tie.rows_bytes) + self.startup["ag"]
+        self.dense_after[user] += self.costs["rsd"][g]
+
+    def with_dense_parts(self, backward: Sequence[Submission]) -> tuple[Submission, ...]:
+        """``backward`` with each split group's dense reduce-scatter where the runtime submits it: before
+        the first submission issued (all its reductions' gradients ready) after the dense part is ready."""
+        dense = sorted((self.ready[user], g) for g, user in self.split.items()
+                       if any(("rs", g) in sub for sub in backward))
+        if not dense:
+            return tuple(backward)
+        out: list[Submission] = []
+        issued, k = 0.0, 0
+        for sub in backward:
+            issued = max([issued, *(self.ready[g] for kind, g in sub if kind != "ag")])
+            while k < len(dense) and dense[k][0] < issued:
+                out.append((("rsd", dense[k][1]),))
+                k += 1
+            out.append(sub)
+        return (*out, *((("rsd", g),) for _, g in dense[k:]))
 
     def submission_cost(self, sub: Submission) -> float:
         """Link time of one submission: the sum of its ops, with one start-up for all."""
@@ -113,7 +159,8 @@ class Problem:
         merges (each saving one start-up); it cannot start before the gradients of G-1
         exist, and after the last collective at least the forward of G-1 remains.
         """
-        decoupled = sum(self.costs["rs"]) + sum(self.costs["ag"]) - self.merge_saving * (self.size - 1)
+        decoupled = (sum(self.costs["rs"]) + sum(self.costs["ag"]) + sum(self.costs["rsd"])
+                     - self.merge_saving * (self.size - 1))
         link = min(sum(self.costs["ar"]), decoupled)
         head, tail = self.tb[-1], self.w[-1]
         return max(self.compute_bound(), head + link + tail)
@@ -147,6 +194,13 @@ class Timeline:
     compute: tuple[tuple[str, float, float], ...] = ()  # (label, start, end) of every compute block
     forward_ends: tuple[float, ...] = ()  # when the forward of each group ends
     backward_end: float = 0.0
+
+    @property
+    def plan_times(self) -> tuple[tuple[float, float], ...]:
+        """(start, end) of the plan's own submissions: the timeline's without the dense parts it added
+        ([Note: split reductions in the timeline]), as ``Prediction.times`` holds them."""
+        return tuple((start, end) for sub, start, end in zip(self.submissions, self.starts, self.ends)
+                     if sub[0][0] != "rsd")
 
     @property
     def link(self) -> tuple[LinkSpan, ...]:
@@ -195,6 +249,7 @@ def simulate(
     sync_before_forward: bool = False,
 ) -> Timeline:
     """Simulate one iteration of a schedule (assumed valid: see ``plan.check_schedule``)."""
+    backward = problem.with_dense_parts(backward)
     if problem.interference:
         subs = (*backward, *forward)
         return interfered(problem, subs, [problem.submission_cost(sub) for sub in subs], sync_before_forward)
@@ -210,7 +265,8 @@ def simulate(
             updated = problem.update_ends(forward, end_of)
         start = free
         for kind, g in sub:
-            need = updated.get(g, end_of[("rs", g)]) if kind == "ag" else ready[g]
+            need = (updated.get(g, end_of[("rs", g)]) if kind == "ag" else ready[problem.split[g]] if kind == "rsd"
+                    else ready[g])
             if need > start:
                 start = need
         if len(sub) == 1:
@@ -271,14 +327,15 @@ def _plan_bound(problem: Problem, subs: Sequence[Submission], starts: Sequence[f
     if sync_before_forward:
         first_completed = 0
     else:  # the tail after the last submission: forward from the earliest group it completes
-        first_completed = min((g for kind, g in subs[-1] if kind != "rs"), default=problem.size - 1)
+        first_completed = min((g for kind, g in subs[-1] if kind in ("ag", "ar")), default=problem.size - 1)
     busy = sum(ends) - sum(starts)
     return max(problem.compute_bound(), problem.tb[-1] + busy + problem.tail[first_completed])
 
 
 def interfered(problem: Problem, subs: Sequence[Submission], durations: Sequence[float], sync_before_forward: bool,
                labels: Sequence[str] = ()) -> Timeline:
-    """The timeline of `subs` (in link order, lasting `durations`) with compute slowed while the link
+    """The timeline of `subs` (in link order, tied dense parts included: :meth:`Problem.with_dense_parts`;
+    lasting `durations`) with compute slowed while the link
     runs ([Note: interference]): the two streams simulated event by event.
 
     The compute stream runs backward (G-1 .. 0), the sharded updates of step() (in the order of the
@@ -306,7 +363,8 @@ def interfered(problem: Problem, subs: Sequence[Submission], durations: Sequence
 
     def link_can_start(i: int) -> bool:
         for kind, g in subs[i]:
-            need = ("B", g) if kind != "ag" else ("U", g) if problem.shard_update else ("rs", g)
+            need = (("U", g) if problem.shard_update else ("rs", g)) if kind == "ag" else (
+                ("B", problem.split[g]) if kind == "rsd" else ("B", g))
             if need not in ended:
                 return False
         return True

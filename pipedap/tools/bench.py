@@ -195,7 +195,8 @@ def predict(plan, args: argparse.Namespace, batch: tuple, loss_fn, say) -> tuple
     say(f"predicting the {plan.schedule} plan: profiling a copy of the model on every rank")
     torch.manual_seed(args.seed)
     copy = models.get(args.model).to(batch[0].device)
-    profile = profile_for_planning(copy, *batch, loss_fn)
+    profile = profile_for_planning(copy, *batch, loss_fn, compressed=args.compression != "none",
+                                   sharded=args.shard_update)
     if args.bandwidth:
         cost = costmodel.from_link(engine.size(), units.parse_bandwidth(args.bandwidth),
                                    units.parse_duration(args.latency))
@@ -207,7 +208,7 @@ def predict(plan, args: argparse.Namespace, batch: tuple, loss_fn, say) -> tuple
     timeline = simulate(Problem(fusion.fuse(profile, grouping), cost), plan.backward, plan.forward,
                         plan.sync_before_forward)
     say(f"  predicted {timeline.iteration_time * 1e3:.1f} ms per batch (cost model {source})")
-    predicted = Prediction(timeline.iteration_time, timeline.lower_bound, tuple(zip(timeline.starts, timeline.ends)))
+    predicted = Prediction(timeline.iteration_time, timeline.lower_bound, timeline.plan_times)
     return dataclasses.replace(plan, predicted=predicted), costmodel.planning_facts(cost, source, len(profile))
 
 

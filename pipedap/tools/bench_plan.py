@@ -27,6 +27,7 @@ from pipedap.planner import costmodel, make_plan
 from pipedap.planner.plan import Plan
 from pipedap.planner.profile import Profile
 from pipedap.profiler import profile_model
+from pipedap.tied_embeddings import split_enabled
 
 PROFILE_WARMUP, PROFILE_ITERATIONS = 1, 3  # batches, at least: seconds each on a CPU host
 PROFILE_MIN_SECONDS = 0.5  # each phase at least this long: tens of batches on a GPU
@@ -34,13 +35,17 @@ PROFILE_MIN_SECONDS = 0.5  # each phase at least this long: tens of batches on a
 Say = Callable[[str], None]
 
 
-def profile_for_planning(model: torch.nn.Module, inputs: Any, targets: Any, loss: Callable) -> Profile:
+def profile_for_planning(model: torch.nn.Module, inputs: Any, targets: Any, loss: Callable, *, compressed: bool,
+                         sharded: bool) -> Profile:
     """The benchmark's profile of one training batch, with the reducer's fixed cost per bucket:
-    at least PROFILE_WARMUP + PROFILE_ITERATIONS batches, each phase PROFILE_MIN_SECONDS at least."""
+    at least PROFILE_WARMUP + PROFILE_ITERATIONS batches, each phase PROFILE_MIN_SECONDS at least.
+    Its ties are left out where the job (gradients ``compressed``, updates ``sharded``) reduces them whole."""
     device = next(model.parameters()).device
-    return measure.with_bucket_cost(profile_model(model, inputs, targets, loss, warmup=PROFILE_WARMUP,
-                                                  iterations=PROFILE_ITERATIONS, min_seconds=PROFILE_MIN_SECONDS),
-                                    device)
+    profile = profile_model(model, inputs, targets, loss, warmup=PROFILE_WARMUP, iterations=PROFILE_ITERATIONS,
+                            min_seconds=PROFILE_MIN_SECONDS)
+    if not split_enabled(compressed=compressed, sharded=sharded, passes=1):
+        profile = dataclasses.replace(profile, ties=())
+    return measure.with_bucket_cost(profile, device)
 
 
 def plan_for_link(model: torch.nn.Module, inputs: Any, targets: Any, loss: Callable, *, bandwidth: str,
@@ -52,7 +57,7 @@ def plan_for_link(model: torch.nn.Module, inputs: Any, targets: Any, loss: Calla
     """
     started = time.perf_counter()
     say("profiling the model on every rank")
-    profile = profile_for_planning(model, inputs, targets, loss)
+    profile = profile_for_planning(model, inputs, targets, loss, compressed=wire_fraction != 1.0, sharded=shard_update)
     if wire_fraction != 1.0:
         profile = dataclasses.replace(profile, layers=tuple(
             dataclasses.replace(layer, nbytes=round(layer.nbytes * wire_fraction)) for layer in profile.layers))

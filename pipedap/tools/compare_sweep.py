@@ -67,6 +67,7 @@ SYSTEMS = (
     System("PipeDAP", "PipeDAP", {"PIPEDAP_PLANNER": "optimal"}),
     System("PipeDAP-greedy", "PipeDAP", {"PIPEDAP_PLANNER": "greedy"}),
     System("PipeDAP-plain", "PipeDAP", {"PIPEDAP_PLANNER": "optimal", "PIPEDAP_INTERFERENCE": "off"}),
+    System("PipeDAP-whole", "PipeDAP", {"PIPEDAP_PLANNER": "optimal", "PIPEDAP_TIED_SPLIT": "0"}),
     System("DeAR", "DeAR"),
     System("WFBP", "WFBP"),
     System("ByteScheduler", "ByteScheduler"),

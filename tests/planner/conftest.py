@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from pipedap.planner.costmodel import AlphaBeta, CostModel, from_link
-from pipedap.planner.profile import Layer, Profile
+from pipedap.planner.profile import Layer, Profile, Tie
 from pipedap.planner.simulator import Problem
 
 HALF = AlphaBeta(1.0, 0.5)
@@ -37,7 +37,13 @@ def random_problem(rng: random.Random, size: int) -> Problem:
         tf = rng.uniform(1e-5, 5e-3)
         tb = tf * rng.uniform(1, 3) * (20 if fast_forward else 1)
         layers.append(Layer(f"l{i}", (f"l{i}.weight",), nbytes, tf, tb, rng.choice([0.0, tf / 10])))
-    return Problem(Profile(tuple(layers)), cost)
+    # Some have a tied embedding in group 0 whose dense part is ready with a later group ([Note: split
+    # reductions in the timeline]), or with the first ready in backward (user "").
+    ties = ()
+    if size > 1 and rng.random() < 0.3:
+        user = rng.choice(["", *(f"l{i}.weight" for i in range(1, size))])
+        ties = (Tie("l0.weight", user, int(layers[0].nbytes * rng.uniform(0.0, 0.2))),)
+    return Problem(Profile(tuple(layers), ties=ties), cost)
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ def test_without_interference_the_event_simulation_is_the_plain_timeline(random_
                  (sharded, *schedules.decoupled(["F"] * problem.size), False)]
         for case, backward, forward, sync in cases:
             plain = simulate(case, backward, forward, sync)
-            subs = (*backward, *forward)
+            subs = (*case.with_dense_parts(backward), *forward)  # the link's submissions, tied dense parts too
             event = interfered(case, subs, [case.submission_cost(s) for s in subs], sync)
             assert event.starts == pytest.approx(plain.starts, rel=TOL, abs=1e-15)
             assert event.ends == pytest.approx(plain.ends, rel=TOL, abs=1e-15)

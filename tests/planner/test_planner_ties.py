@@ -1,0 +1,81 @@
+"""A tied embedding reduced in two parts, as the planner sees it ([Note: split reductions in the timeline]).
+
+Cost model: RS = AG = 1 + 0.5 M, AR = 2 + M, 4 workers. Groups (nbytes, tf, tb, u): g0 the tied
+embedding (8 bytes: RS = AG = 5), g1 (2 bytes, tb 8), g2 the output layer (2 bytes, tb 1), so
+ready[2] = 1, ready[1] = 9, ready[0] = 10. The tie sends no rows: its late all-gather is the
+start-up of the shape exchange plus that of the rows, 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pipedap.planner import fusion, schedules
+from pipedap.planner.costmodel import AlphaBeta, CostModel
+from pipedap.planner.profile import Layer, Profile, Tie, elementwise_max
+from pipedap.planner.simulator import Problem, simulate
+
+HALF = AlphaBeta(1.0, 0.5)
+COST = CostModel(4, rs=HALF, ag=HALF, ar=AlphaBeta(2.0, 1.0))
+LAYERS = (Layer("emb", ("emb.weight",), 8, 1.0, 1.0), Layer("mid", ("mid.weight",), 2, 1.0, 8.0),
+          Layer("out", ("out.bias",), 2, 1.0, 1.0))
+TIE = Tie("emb.weight", "out.bias", 0)
+
+
+def problem(ties=(TIE,), **options) -> Problem:
+    return Problem(Profile(LAYERS, ties=ties), COST, **options)
+
+
+def test_the_dense_part_goes_on_the_link_when_the_output_layer_is_ready():
+    tl = simulate(problem(), *schedules.decoupled("FFF"))
+    # rs2 1-3, rsd0 3-8 (ready at 1, before rs1 is issued at 9), rs1 9-11, rows of g0 11-13,
+    # ag0 13-18, ag1 18-20, ag2 20-22; forward g0 18-19, g1 20-21, g2 22-23.
+    assert tl.submissions == ((("rs", 2),), (("rsd", 0),), (("rs", 1),), (("rs", 0),), (("ag", 0),), (("ag", 1),),
+                              (("ag", 2),))
+    assert tl.starts == (1, 3, 9, 11, 13, 18, 20)
+    assert tl.ends == (3, 8, 11, 13, 18, 20, 22)
+    assert tl.iteration_time == 23
+    # reduced whole: rs2 1-3, rs1 9-11, rs0 11-16, ag0 16-21, ag1 21-23, ag2 23-25; forward ends at 26
+    assert simulate(problem(ties=()), *schedules.decoupled("FFF")).iteration_time == 26
+
+
+def test_plans_hold_only_their_own_submissions_and_their_predicted_times():
+    dear = schedules.dear(problem())
+    plan = dear.to_plan()
+    assert all(kind != "rsd" for sub in (*plan.backward, *plan.forward) for kind, _ in sub)
+    assert plan.predicted.times == ((1, 3), (9, 11), (11, 13), (13, 18), (18, 20), (20, 22))
+    assert plan.predicted.iteration_time == 23
+
+
+def test_an_output_layer_without_parameters_is_the_first_group_ready_in_backward():
+    assert problem(ties=(dataclasses.replace(TIE, user=""),)).split == {0: 2}
+
+
+def test_where_the_runtime_reduces_it_whole_so_does_the_simulator():
+    untied = problem(ties=())
+    assert problem(shard_update=True).split == {}
+    fused = Problem(fusion.fuse(Profile(LAYERS, ties=(TIE,)), ((0, 1), (2,))), COST)
+    assert fused.split == {}  # not alone in its group
+    assert problem(ties=(dataclasses.replace(TIE, user="emb.weight"),)).split == {}  # no earlier dense part
+    wfbp, plain = schedules.wfbp(problem()), schedules.wfbp(untied)  # all-reduced whole
+    assert wfbp.timeline.submissions == plain.timeline.submissions
+    assert wfbp.iteration_time == plain.iteration_time
+
+
+def test_the_rows_cost_what_every_rank_sends():
+    rows = problem(ties=(dataclasses.replace(TIE, rows_bytes=3),))
+    assert rows.costs["rs"][0] == pytest.approx(1 + 0.5 * 4 * 3 + 1)  # all-gather of 4 x 3 bytes + its shapes
+    assert rows.costs["rsd"][0] == 5 and rows.dense_after == [0.0, 0.0, 5.0]
+
+
+def test_ties_round_trip_and_ranks_agree_on_the_most_rows(tmp_path):
+    profile = Profile(LAYERS, ties=(TIE,))
+    profile.save(tmp_path / "p.json")
+    assert Profile.load(tmp_path / "p.json") == profile
+    assert "ties" not in Profile(LAYERS).to_dict()  # (the hashes of plans without ties stay what they were)
+    more = Profile(LAYERS, ties=(dataclasses.replace(TIE, rows_bytes=7),))
+    assert elementwise_max([profile, more]).ties == (dataclasses.replace(TIE, rows_bytes=7),)
+    with pytest.raises(ValueError, match="'ties' must be a list"):
+        Profile.from_dict({**profile.to_dict(), "ties": [{"param": "emb.weight"}]})

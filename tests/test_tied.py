@@ -1,0 +1,92 @@
+"""Tied embeddings split in two parts (pipedap/tied_embeddings.py, pipedap/tied_split.py): which buckets qualify, and the tap on autograd's graph.
+Training against single-process training over MPI: tests/test_tied_mpi.py."""
+
+import functools
+
+import pytest
+import torch
+
+from models.bert import bert_base
+from models.gpt2 import gpt2
+from pipedap.buckets import build_bucket
+from pipedap.planner.profile import Tie
+from pipedap.profiler import profile_model
+from pipedap.tied_embeddings import lookup_ties
+from pipedap.tied_split import _feeding_edges
+
+TINY_BERT = dict(vocab_size=97, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                 max_position_embeddings=16)
+
+
+def buckets_of(model, groups):
+    named = dict(model.named_parameters())
+    return [build_bucket(i, [(n, named[n]) for n in names], 2, 0) for i, names in enumerate(groups)]
+
+
+@pytest.mark.parametrize("make, tied_name, user", [
+    (lambda: bert_base(**TINY_BERT), "bert.embeddings.word_embeddings.weight", "cls.predictions.decoder"),
+    (lambda: gpt2(vocab_size=97, n_positions=16, n_embd=16, n_layer=1, n_head=2), "transformer.wte.weight", "lm_head"),
+])
+def test_a_word_embedding_tied_to_an_output_layer_qualifies_when_alone_in_its_bucket(make, tied_name, user):
+    torch.manual_seed(0)
+    model = make()
+    names = [n for n, _ in model.named_parameters()]
+    others = [n for n in names if n != tied_name]
+    alone = lookup_ties(model, buckets_of(model, [[tied_name], others]))
+    assert list(alone) == [0]
+    embedding, users = alone[0]
+    assert isinstance(embedding, torch.nn.Embedding)
+    assert users == [model.get_submodule(user)]
+    shared = lookup_ties(model, buckets_of(model, [[tied_name, others[0]], others[1:]]))
+    assert shared == {}  # with another parameter in its bucket it is reduced whole
+
+
+def test_an_untied_embedding_does_not_qualify():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10))
+    assert lookup_ties(model, buckets_of(model, [["0.weight"], ["1.weight", "1.bias"]])) == {}
+
+
+def test_the_tap_takes_the_decoders_part_and_leaves_the_lookups_rows():
+    """Hooked as the reducer hooks it, the decoder's contribution arrives at the node hook, and the
+    parameter's .grad gets only the rows of the batch's tokens; the two add up to the whole gradient."""
+    torch.manual_seed(0)
+    model = bert_base(**TINY_BERT).eval()  # no dropout: the two runs compute the same
+    weight = model.bert.embeddings.word_embeddings.weight
+    decoder = model.cls.predictions.decoder
+    ids = torch.randint(0, 20, (2, 8))
+    sum(out.square().sum() for out in model(ids)).backward()
+    whole = weight.grad.clone()
+    weight.grad = None
+
+    taken = []
+
+    def take(slot, grad_inputs, grad_outputs):
+        taken.append(grad_inputs[slot].clone())
+        return tuple(None if i == slot else g for i, g in enumerate(grad_inputs))
+
+    def tap(module, args, output):
+        accumulator = weight.view_as(weight).grad_fn.next_functions[0][0]
+        stop = {a.grad_fn for a in args if a.grad_fn is not None}
+        for node, slot in _feeding_edges([output], stop, accumulator):
+            node.register_hook(functools.partial(take, slot))
+
+    handle = decoder.register_forward_hook(tap)
+    sum(out.square().sum() for out in model(ids)).backward()
+    handle.remove()
+    assert len(taken) == 1
+    rows = weight.grad.ne(0).any(dim=1).nonzero().squeeze(1)
+    assert set(rows.tolist()) <= set(ids.unique().tolist())
+    torch.testing.assert_close(taken[0].reshape(weight.shape) + weight.grad, whole)
+    assert taken[0].ne(0).any(dim=1).sum() > len(rows)  # the decoder's part is dense
+
+
+def test_the_profiler_records_the_tie_with_the_rows_a_batch_looks_up():
+    torch.manual_seed(0)
+    model = bert_base(**TINY_BERT)
+    ids = torch.randint(0, 20, (2, 8))
+    profile = profile_model(model, ids, None, lambda out, _: sum(o.square().sum() for o in out), warmup=0,
+                            iterations=1)
+    rows = ids.unique().numel()
+    assert profile.ties == (Tie("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.bias",
+                                rows * (16 * 4 + 8)),)
+    assert not model.bert.embeddings.word_embeddings._forward_hooks  # the counter is gone
