@@ -26,7 +26,7 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from pipedap import comm, engine, interference, measure
@@ -250,7 +250,8 @@ class OnlinePlanner:
 
 
 def dear_iteration_s(profile: Profile, cost: CostModel) -> float:
-    return make_plan(profile, cost, planner="dear", fusion="none").predicted.iteration_time
+    """The simulated iteration of the DeAR plan the profiling steps ran (it reduces tied embeddings whole)."""
+    return make_plan(replace(profile, ties=()), cost, planner="dear", fusion="none").predicted.iteration_time
 
 
 def checked_fit(profile: Profile, fitted: CostModel, measured_s: float, microbenchmark) -> CostModel:

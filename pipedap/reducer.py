@@ -7,6 +7,11 @@ updates are pending (gradient scale, hyperparameters) and the hand-off to the
 online planner. It registers the hooks that drive it: a post-accumulate-grad
 hook per parameter and a forward pre-hook per module that owns parameters.
 
+A word embedding tied to an output layer, alone in its bucket, is reduced in two parts
+(pipedap/tied_split.py, [Note: tied embeddings]) where the plan says so (``Plan.split``): the
+runner then submits its rows where the plan has its reduce-scatter, and completes its shard
+before its all-gather.
+
 The update rule itself stays with the optimizer: the reducer calls
 ``apply_update(params, hyperparameters)`` once the buckets' communication is done.
 
@@ -44,7 +49,7 @@ from pipedap.planner.plan import Plan
 from pipedap.planner.profile import Tie
 from pipedap.process_sets import ProcessSet
 from pipedap.shard_update import Piece
-from pipedap.tied_embeddings import lookup_ties, split_enabled, user_param
+from pipedap.tied_embeddings import RowCounter, lookup_ties, split_enabled
 from pipedap.tied_split import TiedSplit
 
 # apply_update(parameters, or with shard_update their pieces, that got a gradient on some rank,
@@ -90,6 +95,7 @@ class Reducer:
         self.sparse_grads: set[torch.nn.Parameter] = set()  # parameters whose gradients came sparse (embeddings)
         self._lock = threading.Lock()  # gradient hooks may run on autograd's device threads
         self._forward_end_hook = None
+        self.rows: RowCounter | None = None  # rows the tied embeddings look up, while the online planner measures
         self.splits: dict[int, TiedSplit] = {}  # tied embeddings reduced in two parts ([Note: tied embeddings])
         self.splitting: set[int] = set()  # those of them the current plan lets split
         self._new_step()
@@ -114,22 +120,21 @@ class Reducer:
         if split_enabled(compressed=compressed, sharded=self.shard_pieces is not None, passes=self.passes):
             for g, (_, users) in lookup_ties(model, self.buckets).items():
                 self.splits[g] = TiedSplit(self.buckets[g], users, op=self.op, process_set=self.process_set,
-                                           tapping=lambda g=g: self.sync_enabled and g in self.splitting)
+                                           tapping=lambda g=g: self.sync_enabled and g in self.splitting,
+                                           lock=self._lock)
             self._choose_splits()
-            if self.online is not None:
+            if self.online is not None and self.splits:  # the planner may split them: it needs their rows
+                self.rows = RowCounter(model)
                 self.online.ties = self._ties
 
     def _ties(self) -> tuple[Tie, ...]:
-        """The split buckets as the planner's profile has them ([Note: ties in a profile])."""
-        name_of = {p: b.names[i] for p, (b, i) in self.where.items()}
-        return tuple(Tie(name_of[s.param], user_param(s.users, s.param, name_of), s.rows_bytes)
-                     for s in self.splits.values())
+        """The tied buckets as the planner's profile has them ([Note: ties in a profile])."""
+        names = {self.buckets[g].names[0] for g in self.splits}
+        return tuple(tie for tie in self.rows.ties() if tie.param in names)
 
     def _choose_splits(self) -> None:
-        """The tied buckets the plan reduce-scatters in backward and all-gathers (none all-reduced)."""
-        subs = self.plan.backward + self.plan.forward
-        self.splitting = {g for g in self.splits if ("rs", g) in [op for sub in self.plan.backward for op in sub]
-                          and ("ar", g) not in [op for sub in subs for op in sub]}
+        """The tied buckets the plan splits (``Plan.split``: where the planner found it faster)."""
+        self.splitting = {g for g in self.splits if g in self.plan.split}
 
     def _note_layout_once(self, p: torch.nn.Parameter) -> None:
         """Note whether p's first gradient comes sparse (an embedding's): it accumulates dense into the
@@ -425,5 +430,8 @@ class Reducer:
             return
         self.plan, self.planning, self.online = plan, self.online.planning, None
         self._choose_splits()
+        if self.rows is not None:
+            self.rows.remove()
+            self.rows = None
         if self._forward_end_hook is not None:
             self._forward_end_hook.remove()

@@ -32,6 +32,7 @@ Which parameters qualify: :mod:`pipedap.tied_embeddings`.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Callable
 
 import torch
@@ -39,7 +40,6 @@ import torch
 from pipedap import comm, engine
 from pipedap.buckets import Bucket
 from pipedap.process_sets import ProcessSet
-from pipedap.tied_embeddings import rows_bytes
 
 MAX_TAP_DEPTH = 8  # autograd nodes between a module's output and the parameter (F.linear: 2 or 3)
 
@@ -77,11 +77,11 @@ class TiedSplit:
     """One tied parameter's two-part reduction ([Note: tied embeddings])."""
 
     def __init__(self, bucket: Bucket, users: list[torch.nn.Module], *, op, process_set: ProcessSet,
-                 tapping: Callable[[], bool]):
+                 tapping: Callable[[], bool], lock: threading.Lock):
         self.bucket, self.users, self.op, self.process_set = bucket, users, op, process_set
         self.tapping = tapping  # whether a contribution seen now is taken (the reducer syncs this step)
+        self.lock = lock  # the reducer's: its submissions and this one's keep one order on every rank
         self.param = bucket.params[0]
-        self.rows_bytes = 0  # the most this rank has all-gathered (for the online planner's profile)
         self.staging = torch.zeros_like(bucket.buffer)  # the tapped part, laid out as the bucket
         self.dense_shard = torch.zeros_like(bucket.shard)  # its reduce-scattered block
         self.handles = [m.register_forward_hook(self._tap) for m in users]
@@ -127,7 +127,8 @@ class TiedSplit:
             flat.add_(grad.reshape(-1))
         self.taken += 1
         if self.taps_seen == self.taps_expected:
-            self._submit_dense()
+            with self.lock:
+                self._submit_dense()
         return tuple(None if i == slot else g for i, g in enumerate(grad_inputs))
 
     def _submit_dense(self) -> None:
@@ -138,13 +139,13 @@ class TiedSplit:
     # --- end of backward: the rows ----------------------------------------------------
 
     def submit_rows(self, used: bool) -> None:
-        """The parameter's gradient is complete: all-gather its non-zero rows (and whether this rank used it)."""
+        """The parameter's gradient is complete: all-gather its non-zero rows (and whether this rank used it).
+        Called holding the reducer's lock."""
         if self.taken and self.dense_work is None:  # a forward whose graph never ran backward left a hook unfired
             self._submit_dense()
         grad = self.bucket.grads[0]
         rows = grad.ne(0).any(dim=1).nonzero().squeeze(1)
         values = grad.index_select(0, rows)
-        self.rows_bytes = max(self.rows_bytes, rows_bytes(len(rows), self.param))
         flag = torch.tensor([1 if used else 0], dtype=grad.dtype, device=grad.device)
         g = self.bucket.index
         self.rows_work = comm.allgather_work([rows, values, flag], [f"rows.{g}", f"rowvalues.{g}", f"used.{g}"],

@@ -11,8 +11,9 @@ pytestmark = pytest.mark.mpi
 def test_the_split_runs_and_training_equals_single_process(np):
     result = run_mpi("check_tied.py", np, "training", timeout=300)
     assert_ok(result)
-    for schedule in ("dear", "pipedap"):
-        assert result.output.count(f"{schedule} OK: the tied weight's rows all-gather moved") == np, result.output
+    for plan in ("dear", "ag in backward"):
+        assert result.output.count(f"{plan} OK: the tied weight's rows all-gather moved") == np, result.output
+    assert result.output.count("pipedap OK: planned split ") == np, result.output
     assert result.output.count("paths OK") == np, result.output
 
 

@@ -173,13 +173,18 @@ class Scored:
 
 def score(profile: Profile, cost: CostModel, fusion: str, grouping: Grouping,
           planners: Sequence[str] = tuple(PLANNERS), shard_update: bool = False) -> list[Scored]:
-    """Every schedule in `planners` for one grouping, with its planning time."""
-    problem = Problem(fuse(profile, grouping), cost, shard_update)
+    """Every schedule in `planners` for one grouping, with its planning time; where the grouping
+    leaves a tied embedding alone ([Note: split reductions in the timeline]), with it split and whole."""
+    fused = fuse(profile, grouping)
+    problems = [Problem(fused, cost, shard_update)]
+    if problems[0].split:
+        problems.append(Problem(fused, cost, shard_update, split=False))
     out = []
-    for name in planners:
-        start = time.perf_counter()
-        schedule = PLANNERS[name](problem)
-        out.append(Scored(fusion, grouping, schedule, time.perf_counter() - start))
+    for problem in problems:
+        for name in planners:
+            start = time.perf_counter()
+            schedule = PLANNERS[name](problem)
+            out.append(Scored(fusion, grouping, schedule, time.perf_counter() - start))
     return out
 
 

@@ -19,6 +19,11 @@ Structure (what the runtime consumes)
 * ``chunks``: groups all-reduced in pieces (ByteScheduler): ``{group: n}`` with n >= 2. Such
   a group has n ``ar`` ops; the k-th covers the k-th of n equal, contiguous parts of the
   bucket, so the pieces of different groups can interleave (the earliest layers' first).
+* ``split``: groups whose tied word embedding is reduced in two parts (pipedap/tied_split.py):
+  the output layer's gradient reduce-scattered as soon as backward makes it, the lookup's
+  rows all-gathered where the plan has the group's ``rs``. Each is decoupled. The planner
+  splits where its timeline says it is faster; a plan that does not list a group reduces it
+  whole.
 
 Every group is either decoupled (exactly one ``rs`` and one later ``ag``) or all-reduced
 (one ``ar``, or its ``chunks`` count of them). Examples with 3 groups: DeAR is backward ``[rs2], [rs1], [rs0]``,
@@ -35,7 +40,8 @@ JSON (``Plan.to_json``)::
      "backward": [{"ops": [["rs", 2]], "merged": false, "start": 0.01, "end": 0.02}, ...],
      "forward": [{"ops": [["ag", 0]], "merged": false, "start": 0.05, "end": 0.06}, ...],
      "predicted": {"iteration_time": 0.31, "lower_bound": 0.29},
-     "chunks": {"5": 4}}                              (only when some group is chunked)
+     "chunks": {"5": 4},                              (only when some group is chunked)
+     "split": [0]}                                    (only when some group is split)
 
 ``start``/``end`` are the simulator's predicted times (seconds from the start of backward);
 they are informative, the runtime ignores them. ``Plan.load`` validates everything and
@@ -93,11 +99,18 @@ class Plan:
     inputs_hash: str = ""
     version: int = VERSION
     chunks: tuple[tuple[int, int], ...] = ()  # (group, pieces) of the chunked groups, by group
+    split: tuple[int, ...] = ()  # groups whose tied embedding is reduced in two parts, in order
     _digest: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "chunks", tuple(sorted((int(g), int(n)) for g, n in dict(self.chunks).items())))
+        object.__setattr__(self, "split", tuple(sorted({int(g) for g in self.split})))
         check_schedule(len(self.groups), self.backward, self.forward, dict(self.chunks))
+        reduced_whole = {g for sub in self.backward for kind, g in sub if kind == "ar"}
+        for g in self.split:
+            if not 0 <= g < len(self.groups) or g in reduced_whole:
+                raise PlanError(f"split lists group {g}; only a reduce-scattered group (0..{len(self.groups) - 1}, "
+                                "not all-reduced) can be split")
         count = len(self.backward) + len(self.forward)
         if self.predicted is not None and len(self.predicted.times) not in (0, count):
             raise PlanError(
@@ -120,6 +133,8 @@ class Plan:
             }
             if self.chunks:  # absent otherwise: the digests of unchunked plans stay what they were
                 content["chunks"] = [list(c) for c in self.chunks]
+            if self.split:  # (likewise)
+                content["split"] = list(self.split)
             object.__setattr__(self, "_digest", _sha256(content))
         return self._digest
 
@@ -145,10 +160,10 @@ class Plan:
         order = ([g for sub in backward for _, g in sub] if self.sync_before_forward
                  else range(len(self.groups)))
         forward = tuple((("ag", g),) for g in order)
-        if tuple(backward) == self.backward and forward == self.forward:
+        if tuple(backward) == self.backward and forward == self.forward and not self.split:
             return self
         return Plan(self.schedule, self.world_size, self.groups, tuple(backward), forward,
-                    sync_before_forward=self.sync_before_forward, inputs_hash=self.inputs_hash)
+                    sync_before_forward=self.sync_before_forward, inputs_hash=self.inputs_hash)  # (never split)
 
     def pieces(self, group: int) -> int:
         """How many ``ar`` ops all-reduce ``group`` (1 unless it is chunked)."""
@@ -193,6 +208,8 @@ class Plan:
             }
         if self.chunks:
             doc["chunks"] = {str(g): n for g, n in self.chunks}
+        if self.split:
+            doc["split"] = list(self.split)
         return doc
 
     def to_json(self) -> str:
@@ -378,6 +395,9 @@ def _parse(doc: object, where: str) -> Plan:
             isinstance(g, str) and g.isdigit() and isinstance(n, int) and not isinstance(n, bool)
             for g, n in chunks.items()):
         raise PlanError(f"{where}: key 'chunks' must map group indices (strings) to piece counts, got {chunks!r}")
+    split = doc.get("split", [])
+    if not isinstance(split, list) or not all(isinstance(g, int) and not isinstance(g, bool) for g in split):
+        raise PlanError(f"{where}: key 'split' must be a list of group indices, got {split!r}")
     try:
         return Plan(
             schedule=doc["schedule"],
@@ -390,6 +410,7 @@ def _parse(doc: object, where: str) -> Plan:
             inputs_hash=str(doc.get("inputs_hash", "")),
             version=doc["version"],
             chunks=tuple((int(g), n) for g, n in chunks.items()),
+            split=tuple(split),
         )
     except PlanError as err:
         raise PlanError(f"{where}: {err}") from None

@@ -94,6 +94,7 @@ class Schedule:
             predicted=Prediction(self.iteration_time, self.timeline.lower_bound, times),
             inputs_hash=inputs_hash,
             chunks=tuple(self.chunks.items()),
+            split=tuple(g for g in problem.split if any(("rs", g) in sub for sub in self.backward)),
         )
 
 

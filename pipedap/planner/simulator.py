@@ -47,7 +47,10 @@ adds a submission ``("rsd", g)`` (reduce-scatter of the whole group, ready at ``
 where the runtime's FIFO puts it: before the first backward submission issued after
 ``ready[u]`` (:meth:`Problem.with_dense_parts`). Plans never contain ``rsd``; timelines do.
 Where the runtime reduces g whole (all-reduced, a sharded update, g fused with other
-parameters) so does the simulator.
+parameters, ``Problem(..., split=False)``) so does the simulator. The split is not always
+faster: its reduce-scatter runs beside the backward, delaying every reduce-scatter behind
+it, and the computing core moves its bytes while it computes; so the planner plans each
+fusion both ways and the plan lists the groups it splits (``Plan.split``).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ from .profile import Profile
 class Problem:
     """Per-group inputs precomputed for fast simulation (groups in forward order)."""
 
-    def __init__(self, profile: Profile, cost: CostModel, shard_update: bool = False) -> None:
+    def __init__(self, profile: Profile, cost: CostModel, shard_update: bool = False, split: bool = True) -> None:
         layers = profile.layers
         self.profile = profile
         self.cost = cost
@@ -95,7 +98,7 @@ class Problem:
         self.split: dict[int, int] = {}  # tied group -> the group whose readiness makes its dense part ready
         self.costs["rsd"] = [0.0] * self.size
         self.dense_after = [0.0] * self.size  # dense parts the link runs after group g's backward submissions
-        for tie in () if shard_update else profile.ties:
+        for tie in profile.ties if split and not shard_update else ():
             self._split(tie)
         # tail[g]: forward compute from the update of g to the end of the iteration.
         self.tail = [0.0] * (self.size + 1)

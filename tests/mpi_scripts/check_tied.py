@@ -1,11 +1,13 @@
 """Tied embeddings reduced in two parts (pipedap/tied_split.py) against single-process training, in float64.
 
 argv[1]: ``training`` (every path that reads a reduced gradient, each equal to single-process
-training to 1e-9) or ``desync`` (one rank's forward skips the output layer: CommError on every
+training to 1e-9, and where the split is used) or ``desync`` (one rank's forward skips the output layer: CommError on every
 rank, nothing hangs). The model's vocabulary and width put shard boundaries inside rows.
 """
 
 import copy
+import dataclasses
+import os
 import sys
 
 import torch
@@ -14,6 +16,9 @@ from torch import nn
 
 import pipedap as hvd
 from pipedap import engine
+from pipedap.buckets import default_groups
+from pipedap.planner.plan import Group, Plan
+from pipedap.planner.schedules import plan_of
 
 torch.set_default_dtype(torch.float64)
 hvd.init()
@@ -83,49 +88,71 @@ class Ops:
         engine.add_completion_listener(lambda ops: self.seen.extend((op.name, op.nbytes) for op in ops))
 
 
-def setup(schedule, op=hvd.Average, make_opt=lambda ps: torch.optim.Adam(ps, lr=0.01)):
+def split_plan(model, gather_in_backward=False) -> Plan:
+    """DeAR's plan of a bucket per module, with the embedding (group 0) split; optionally its all-gather
+    issued in backward, right behind its rows."""
+    named = [(n, p) for n, p in model.named_parameters()]
+    groups = [Group(g[0], tuple(g), 8 * sum(dict(named)[n].numel() for n in g)) for g in default_groups(named, 0)]
+    dear = plan_of("dear", groups, P)
+    if not gather_in_backward:
+        return dataclasses.replace(dear, split=(0,))
+    return dataclasses.replace(dear, backward=(*dear.backward, (("ag", 0),)), forward=dear.forward[1:], split=(0,))
+
+
+def setup(schedule="dear", op=hvd.Average, make_opt=lambda ps: torch.optim.Adam(ps, lr=0.01), plan=split_plan):
+    """The model, its wrapped optimizer (a bucket per module; by default DeAR's plan, split), the reference."""
     torch.manual_seed(0)
     model = TinyLM()
     reference = copy.deepcopy(model)
     opt = hvd.DistributedOptimizer(make_opt(model.parameters()), model=model, schedule=schedule, fusion_bytes=0,
-                                   op=op)
+                                   op=op, plan=plan(model) if plan else None)
     return model, opt, reference, make_opt(reference.parameters())
 
 
-def tied_bucket(opt) -> int:
-    (g,) = [b.index for b in opt._pipedap.buckets if "emb.weight" in b.names]
-    return g
-
-
-def check_engaged_and_equal(schedule):
+def check_engaged_and_equal(what, plan):
     """Every step reduce-scatters the decoder's part early and all-gathers only rows at the end."""
-    model, opt, reference, ref_opt = setup(schedule)
-    g = tied_bucket(opt)
+    model, opt, reference, ref_opt = setup(plan=plan)
     ops = Ops()
-    for step in range(8):
+    for step in range(4):
         opt.zero_grad()
         local_loss(model, step).backward()
         opt.step()
         reference_step(reference, ref_opt, step, P)
-    compare(f"{schedule}", model, reference)
+    compare(what, model, reference)
     names = [name for name, _ in ops.seen]
-    measured = 8 if schedule == "dear" else 8 - 6  # pipedap: 1 warm-up + 5 profiled steps under DeAR first
-    if g not in opt._pipedap.splitting or names.count(f"rs.{g}.dense") < measured or f"rs.{g}" in names:
-        sys.exit(f"rank {R}: {schedule}: split not engaged: splitting {opt._pipedap.splitting}, ops {sorted(set(names))}")
-    (tie,) = opt._pipedap._ties()  # what the online planner's profile gets
-    if (tie.param, tie.user) != ("emb.weight", "decoder.bias") or not 0 < tie.rows_bytes <= B * T * (D * 8 + 8):
-        sys.exit(f"rank {R}: {schedule}: the reducer's tie for the planner is {tie}")
+    if opt._pipedap.splitting != {0} or names.count("rs.0.dense") != 4 or "rs.0" in names:
+        sys.exit(f"rank {R}: {what}: split not engaged: splitting {opt._pipedap.splitting}, ops {sorted(set(names))}")
     param_bytes = model.emb.weight.numel() * 8
-    rows_bytes = max(nbytes for name, nbytes in ops.seen if name == f"rowvalues.{g}")
+    rows_bytes = max(nbytes for name, nbytes in ops.seen if name == "rowvalues.0")
     if rows_bytes > param_bytes * 0.5:
-        sys.exit(f"rank {R}: {schedule}: the rows all-gather moved {rows_bytes} bytes of a {param_bytes}-byte parameter")
+        sys.exit(f"rank {R}: {what}: the rows all-gather moved {rows_bytes} bytes of a {param_bytes}-byte parameter")
     return rows_bytes, param_bytes
+
+
+def check_online_planning():
+    """PipeDAP's own plan (split or not, as its timeline says) trains as single-process training; its
+    profile had the tie, with the rows the lookup used."""
+    model, opt, reference, ref_opt = setup("pipedap", plan=None)
+    ties = []
+    opt._pipedap.online.ties = lambda ties_of=opt._pipedap.online.ties: ties.append(ties_of()) or ties[-1]
+    for step in range(10):
+        opt.zero_grad()
+        local_loss(model, step).backward()
+        opt.step()
+        reference_step(reference, ref_opt, step, P)
+    compare("pipedap", model, reference)
+    (tie,) = ties[-1]
+    if (tie.param, tie.user) != ("emb.weight", "decoder.bias") or not 0 < tie.rows_bytes <= B * T * (D * 8 + 8):
+        sys.exit(f"rank {R}: pipedap: the online planner's tie is {tie}")
+    if opt._pipedap.splitting != set(opt._pipedap.plan.split) or opt._pipedap.rows is not None:
+        sys.exit(f"rank {R}: pipedap: splitting {opt._pipedap.splitting}, plan {opt._pipedap.plan.split}")
+    return opt._pipedap.plan.split
 
 
 def check_paths():
     """Sum, clipping, synchronize(), no_sync() accumulation, gradients not zeroed, a step without the decoder."""
     sgd = lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3)  # noqa: E731
-    model, opt, reference, ref_opt = setup("dear", op=hvd.Sum, make_opt=sgd)
+    model, opt, reference, ref_opt = setup(op=hvd.Sum, make_opt=sgd)
     for step in range(3):
         opt.zero_grad()
         local_loss(model, step).backward()
@@ -133,7 +160,7 @@ def check_paths():
         reference_step(reference, ref_opt, step, 1)
     compare("op=Sum", model, reference)
 
-    model, opt, reference, ref_opt = setup("dear")
+    model, opt, reference, ref_opt = setup()
     for step in range(3):  # clipping reads the reduced shards (reduced_square_sum)
         opt.zero_grad()
         local_loss(model, step).backward()
@@ -190,8 +217,28 @@ def check_paths():
     compare("a step without the decoder", model, reference)
 
 
+def check_where_it_splits():
+    """Where the plan says so and the runtime can: uncompressed, unsharded, one pass."""
+    def splitting(plan=split_plan, **options):
+        torch.manual_seed(0)
+        model = TinyLM()
+        options = {"fusion_bytes": 0, **options}
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model,
+                                       plan=plan(model) if plan else None, **options)
+        return opt._pipedap.splitting
+
+    cases = {"dear": splitting(), "DeAR's own plan": splitting(plan=None, schedule="dear"),
+             "wfbp": splitting(plan=None, schedule="wfbp"), "fp16": splitting(compression=hvd.Compression.fp16),
+             "sharded": splitting(shard_update=True), "two passes": splitting(backward_passes_per_step=2)}
+    os.environ["PIPEDAP_TIED_SPLIT"] = "0"
+    cases["PIPEDAP_TIED_SPLIT=0"] = splitting()
+    del os.environ["PIPEDAP_TIED_SPLIT"]
+    if cases.pop("dear") != {0} or any(cases.values()):
+        sys.exit(f"rank {R}: split where it should not be, or not where it should: {cases}")
+
+
 def check_desync():
-    model, opt, _, _ = setup("dear")
+    model, opt, _, _ = setup()
     model.use_decoder = R != 0
     try:
         for step in range(3):
@@ -206,10 +253,12 @@ def check_desync():
 
 
 if sys.argv[1] == "training":
-    for schedule in ("dear", "pipedap"):
-        rows_bytes, param_bytes = check_engaged_and_equal(schedule)
-        print(f"rank {R}: {schedule} OK: the tied weight's rows all-gather moved {rows_bytes} of {param_bytes} bytes")
+    for what, plan in (("dear", split_plan), ("ag in backward", lambda m: split_plan(m, gather_in_backward=True))):
+        rows_bytes, param_bytes = check_engaged_and_equal(what, plan)
+        print(f"rank {R}: {what} OK: the tied weight's rows all-gather moved {rows_bytes} of {param_bytes} bytes")
+    print(f"rank {R}: pipedap OK: planned split {check_online_planning()}")
     check_paths()
+    check_where_it_splits()
     print(f"rank {R}: paths OK")
 else:
     check_desync()

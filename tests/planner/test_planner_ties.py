@@ -12,8 +12,9 @@ import dataclasses
 
 import pytest
 
-from pipedap.planner import fusion, schedules
+from pipedap.planner import fusion, make_plan, schedules
 from pipedap.planner.costmodel import AlphaBeta, CostModel
+from pipedap.planner.plan import Plan, PlanError
 from pipedap.planner.profile import Layer, Profile, Tie, elementwise_max
 from pipedap.planner.simulator import Problem, simulate
 
@@ -79,3 +80,24 @@ def test_ties_round_trip_and_ranks_agree_on_the_most_rows(tmp_path):
     assert elementwise_max([profile, more]).ties == (dataclasses.replace(TIE, rows_bytes=7),)
     with pytest.raises(ValueError, match="'ties' must be a list"):
         Profile.from_dict({**profile.to_dict(), "ties": [{"param": "emb.weight"}]})
+
+
+def test_the_planner_splits_only_where_its_timeline_is_faster():
+    plan = make_plan(Profile(LAYERS, ties=(TIE,)), COST, planner="dear", fusion="none")
+    assert plan.split == (0,) and plan.predicted.iteration_time == 23
+    costly = dataclasses.replace(TIE, rows_bytes=10)  # rows: 1 + 0.5 x 40 + 1 = 22 s, more than the split saves
+    plan = make_plan(Profile(LAYERS, ties=(costly,)), COST, planner="dear", fusion="none")
+    assert plan.split == () and plan.predicted.iteration_time == 26
+
+
+def test_a_plan_carries_its_split_groups():
+    plan = make_plan(Profile(LAYERS, ties=(TIE,)), COST, planner="optimal", fusion="none")
+    assert plan.split == (0,)
+    assert Plan.from_json(plan.to_json()) == plan
+    assert plan.digest() != dataclasses.replace(plan, split=()).digest()  # ranks agree on it
+    assert plan.sharded().split == ()  # a sharded update reduces every bucket whole
+    wfbp = schedules.wfbp(problem()).to_plan()
+    with pytest.raises(PlanError, match="split lists group 0; only a reduce-scattered group"):
+        dataclasses.replace(wfbp, split=(0,))
+    with pytest.raises(PlanError, match="key 'split' must be a list of group indices"):
+        Plan.from_json({**plan.to_dict(), "split": "0"})
