@@ -152,9 +152,9 @@ _DECLARED = [
     Setting("PIPEDAP_INTERFERENCE", "choice", "measure", "`measure`: time how much compute slows while the "
             "link moves bytes (with every cost model, and before online planning) and plan for it; `off`: "
             "plan as if communication cost compute nothing", "optimizer", choices=("measure", "off")),
-    Setting("PIPEDAP_TIED_SPLIT", "flag", "1", "1: a word embedding tied to an output layer (BERT, GPT-2) is "
-            "reduce-scattered in two parts, the output layer's gradient early in backward and the lookup's rows at "
-            "its end (pipedap/tied_split.py); 0: whole, when backward ends", "optimizer"),
+    Setting("PIPEDAP_TIED_SPLIT", "flag", "1", "1: the planner may reduce a word embedding tied to an output "
+            "layer (BERT, GPT-2) in two parts, the output layer's gradient early in backward and the lookup's rows "
+            "at its end, where its timeline is faster (pipedap/tied_split.py); 0: always whole", "optimizer"),
     Setting("PIPEDAP_FUSION_BYTES", "int", "4194304", "without a plan: fuse consecutive modules into buckets "
             "of about this many bytes (0: one per module)", "optimizer"),
     Setting("PIPEDAP_CACHE_DIR", "path", "~/.cache/pipedap", "where measured cost models are cached",

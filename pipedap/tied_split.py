@@ -82,9 +82,10 @@ class TiedSplit:
         self.tapping = tapping  # whether a contribution seen now is taken (the reducer syncs this step)
         self.lock = lock  # the reducer's: its submissions and this one's keep one order on every rank
         self.param = bucket.params[0]
-        self.staging = torch.zeros_like(bucket.buffer)  # the tapped part, laid out as the bucket
-        self.dense_shard = torch.zeros_like(bucket.shard)  # its reduce-scattered block
-        self.handles = [m.register_forward_hook(self._tap) for m in users]
+        self.staging: torch.Tensor | None = None  # the tapped part, laid out as the bucket (made when first used)
+        self.dense_shard: torch.Tensor | None = None  # its reduce-scattered block
+        for module in users:
+            module.register_forward_hook(self._tap)
         self.new_step()
 
     def new_step(self) -> None:
@@ -94,10 +95,6 @@ class TiedSplit:
         self.dense_work: engine.Work | None = None
         self.rows_work: engine.Work | None = None
         self.combined = False
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
     # --- backward: the dense part ------------------------------------------------------
 
@@ -120,6 +117,9 @@ class TiedSplit:
         grad = grad_inputs[slot]
         if grad is None or not self.tapping():
             return None
+        if self.staging is None:
+            self.staging = torch.zeros_like(self.bucket.buffer)
+            self.dense_shard = torch.zeros_like(self.bucket.shard)
         flat = self.staging[: self.param.numel()]
         if self.taken == 0:
             flat.copy_(grad.reshape(-1))
