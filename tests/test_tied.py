@@ -46,15 +46,24 @@ def test_an_untied_embedding_does_not_qualify():
     assert lookup_ties(model, buckets_of(model, [["0.weight"], ["1.weight", "1.bias"]])) == {}
 
 
-def test_the_tap_takes_the_decoders_part_and_leaves_the_lookups_rows():
+def loss_of(output) -> torch.Tensor:
+    return sum(out.square().sum() for out in output) if isinstance(output, tuple) else output.square().sum()
+
+
+@pytest.mark.parametrize("make, weight_of, decoder_of", [
+    (lambda: bert_base(**TINY_BERT), lambda m: m.bert.embeddings.word_embeddings.weight,
+     lambda m: m.cls.predictions.decoder),
+    (lambda: gpt2(vocab_size=97, n_positions=16, n_embd=16, n_layer=1, n_head=2), lambda m: m.transformer.wte.weight,
+     lambda m: m.lm_head),  # a head without a bias
+])
+def test_the_tap_takes_the_decoders_part_and_leaves_the_lookups_rows(make, weight_of, decoder_of):
     """Hooked as the reducer hooks it, the decoder's contribution arrives at the node hook, and the
     parameter's .grad gets only the rows of the batch's tokens; the two add up to the whole gradient."""
     torch.manual_seed(0)
-    model = bert_base(**TINY_BERT).eval()  # no dropout: the two runs compute the same
-    weight = model.bert.embeddings.word_embeddings.weight
-    decoder = model.cls.predictions.decoder
+    model = make().eval()  # no dropout: the two runs compute the same
+    weight, decoder = weight_of(model), decoder_of(model)
     ids = torch.randint(0, 20, (2, 8))
-    sum(out.square().sum() for out in model(ids)).backward()
+    loss_of(model(ids)).backward()
     whole = weight.grad.clone()
     weight.grad = None
 
@@ -71,7 +80,7 @@ def test_the_tap_takes_the_decoders_part_and_leaves_the_lookups_rows():
             node.register_hook(functools.partial(take, slot))
 
     handle = decoder.register_forward_hook(tap)
-    sum(out.square().sum() for out in model(ids)).backward()
+    loss_of(model(ids)).backward()
     handle.remove()
     assert len(taken) == 1
     rows = weight.grad.ne(0).any(dim=1).nonzero().squeeze(1)
