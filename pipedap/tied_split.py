@@ -9,7 +9,8 @@ reducer reduce-scatters the whole matrix (94 MB for BERT-base) after backward, a
 forward's lookup waits for that and for the all-gather behind it.
 
 For a parameter registered by an ``nn.Embedding`` and by other modules, alone in its bucket,
-the reducer instead:
+where the plan splits it (``Plan.split``: the planner's timeline found the split faster), the
+reducer instead:
 
 1. *taps* each other module's contribution in backward: a forward hook finds the autograd
    node that feeds the module's output gradient into the parameter and hooks it; in
