@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: build comm_core with the NCCL backend on a CUDA machine, then on one GPU (np 1):
-#  - gpu_tests: tests/test_gpu.py (check_collectives.py with CUDA tensors; np 2 skips on one GPU).
+#  - gpu_tests: tests/test_gpu.py (check_collectives.py with CUDA tensors, np 2 skipping on one GPU;
+#    the profiler on the GPU clock; the tied-embedding split, check_tied.py --cuda).
 #    One rank would copy in Python; PIPEDAP_ONE_RANK_THROUGH_ENGINE=1 sends it through comm_core and
 #    NCCL (a communicator of 1 rank), here and in the two steps after it:
 #  - collectives_np1: the same script with NCCL's INFO log, to see the communicator's set-up;
@@ -140,7 +141,7 @@ EOF
 }
 
 gpu_tests() {  # the suite's GPU test, at np 1 (np 2 skips on one GPU)
-    timeout 240 "$PY" -m pytest -q -x -rA -p no:cacheprovider tests/test_gpu.py
+    timeout 420 "$PY" -m pytest -q -x -rA -p no:cacheprovider tests/test_gpu.py
 }
 
 collectives_np1() {  # every collective and dtype on CUDA tensors through comm_core and NCCL, one rank

@@ -37,3 +37,14 @@ def test_the_profiler_times_cuda_layers_on_the_gpu_clock():
     for layer in profile.layers:
         assert 0 < layer.tf < 1 and 0 <= layer.tb < 1 and layer.u >= 0, layer
     assert profile.layers[-1].tb > 0 and profile.bucket_cost > 0
+
+
+@needs_gpu
+def test_a_tied_embedding_split_on_cuda_trains_as_single_process_training():
+    """pipedap/tied_split.py on CUDA tensors (its node hook on autograd's device thread, its collectives
+    over NCCL), one rank through the engine (tests/mpi_scripts/check_tied.py --cuda)."""
+    result = run_mpi("check_tied.py", 1, "training", "--cuda", env={"PIPEDAP_ONE_RANK_THROUGH_ENGINE": "1"},
+                     timeout=300)
+    assert_ok(result)
+    for part in ("dear OK", "ag in backward OK", "pipedap OK", "paths OK"):
+        assert result.output.count(part) == 1, result.output

@@ -3,6 +3,7 @@
 argv[1]: ``training`` (every path that reads a reduced gradient, each equal to single-process
 training to 1e-9, and where the split is used) or ``desync`` (one rank's forward skips the output layer: CommError on every
 rank, nothing hangs). The model's vocabulary and width put shard boundaries inside rows.
+``--cuda``: model and batches on this rank's GPU (tests/test_gpu.py, one rank through the engine).
 """
 
 import copy
@@ -24,6 +25,7 @@ torch.set_default_dtype(torch.float64)
 hvd.init()
 R, P = hvd.rank(), hvd.size()
 B, T, V, D = 3, 5, 101, 6  # samples per rank, tokens per sample, vocabulary, width
+DEVICE = torch.device("cuda", hvd.local_rank()) if "--cuda" in sys.argv else torch.device("cpu")
 TOL = 1e-9
 
 
@@ -42,13 +44,13 @@ class TinyLM(nn.Module):
         h = torch.tanh(self.hidden(self.emb(tokens)))
         if self.use_decoder:
             return self.decoder(h)
-        return h @ torch.ones(D, V)  # the output layer skipped: the tied weight gets only the lookup's rows
+        return h @ torch.ones(D, V, device=h.device)  # the output layer skipped: the tied weight gets only the lookup's rows
 
 
 def batch(step: int):
     g = torch.Generator().manual_seed(100 + step)
     tokens = torch.randint(0, V // 5, (B * P, T), generator=g)  # a fifth of the vocabulary: rows stay sparse
-    return tokens, torch.randint(0, V, (B * P, T), generator=g)
+    return tokens.to(DEVICE), torch.randint(0, V, (B * P, T), generator=g).to(DEVICE)
 
 
 def loss_of(model, tokens, labels):
@@ -102,7 +104,7 @@ def split_plan(model, gather_in_backward=False) -> Plan:
 def setup(schedule="dear", op=hvd.Average, make_opt=lambda ps: torch.optim.Adam(ps, lr=0.01), plan=split_plan):
     """The model, its wrapped optimizer (a bucket per module; by default DeAR's plan, split), the reference."""
     torch.manual_seed(0)
-    model = TinyLM()
+    model = TinyLM().to(DEVICE)
     reference = copy.deepcopy(model)
     opt = hvd.DistributedOptimizer(make_opt(model.parameters()), model=model, schedule=schedule, fusion_bytes=0,
                                    op=op, plan=plan(model) if plan else None)
@@ -221,7 +223,7 @@ def check_where_it_splits():
     """Where the plan says so and the runtime can: uncompressed, unsharded, one pass."""
     def splitting(plan=split_plan, **options):
         torch.manual_seed(0)
-        model = TinyLM()
+        model = TinyLM().to(DEVICE)
         options = {"fusion_bytes": 0, **options}
         opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model=model,
                                        plan=plan(model) if plan else None, **options)
