@@ -137,13 +137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.out:
             plan = make_plan(profile, cost, planner=args.schedule, fusion=candidates, shard_update=args.shard_update)
             plan.save(args.out)
-            print(f"plan ({args.schedule}, fusion {chosen.fusion}, {len(plan.groups)} groups, digest "
+            split = f", tied embedding split: group {', '.join(map(str, plan.split))}" if plan.split else ""
+            print(f"plan ({args.schedule}, fusion {chosen.fusion}, {len(plan.groups)} groups{split}, digest "
                   f"{plan.digest()[:12]}) written to {args.out}")
         if args.gantt:
             from pipedap.planner import gantt
 
             with step(f"drawing Gantt chart to {args.gantt}"):
-                same = {s.schedule.name: s.schedule.timeline for s in considered if s.fusion == chosen.fusion}
+                same = {name: s.schedule.timeline for name, s in best_of_each(
+                    [s for s in considered if s.fusion == chosen.fusion]).items()}
                 gantt.draw(same, args.gantt, title=f"fusion {chosen.fusion}, {cost.world_size} workers")
     except (ValueError, ImportError, PlanError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -171,7 +173,7 @@ def print_table(considered: Sequence[fusion.Scored], chosen: fusion.Scored) -> N
     base = best["wfbp"].schedule.iteration_time if "wfbp" in best else None
     print(f"\n{'schedule':<14}{'no fusion ms':>13}{'best ms':>10}  {'best fusion':<16}{'vs WFBP':>8}{'plan ms':>9}")
     for name, rows in by_name.items():
-        unfused = next((s.schedule.iteration_time * 1e3 for s in rows if s.fusion == "none"), float("nan"))
+        unfused = min((s.schedule.iteration_time * 1e3 for s in rows if s.fusion == "none"), default=float("nan"))
         top = best[name]
         speedup = f"{base / top.schedule.iteration_time:.3f}x" if base else "-"
         print(f"{name:<14}{unfused:>13.2f}{top.schedule.iteration_time * 1e3:>10.2f}  {top.fusion:<16}"
