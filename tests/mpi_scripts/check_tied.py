@@ -74,6 +74,16 @@ def local_loss(model, step):
     return loss_of(model, tokens[R * B:(R + 1) * B], labels[R * B:(R + 1) * B])
 
 
+def train(what, model, opt, reference, ref_opt, steps, scale=P):
+    """``steps`` plain steps of both, then the parameters compared."""
+    for step in range(steps):
+        opt.zero_grad()
+        local_loss(model, step).backward()
+        opt.step()
+        reference_step(reference, ref_opt, step, scale)
+    compare(what, model, reference)
+
+
 def compare(what, model, reference):
     ours, theirs = model.state_dict(), reference.state_dict()
     for name in theirs:
@@ -115,12 +125,7 @@ def check_engaged_and_equal(what, plan):
     """Every step reduce-scatters the decoder's part early and all-gathers only rows at the end."""
     model, opt, reference, ref_opt = setup(plan=plan)
     ops = Ops()
-    for step in range(4):
-        opt.zero_grad()
-        local_loss(model, step).backward()
-        opt.step()
-        reference_step(reference, ref_opt, step, P)
-    compare(what, model, reference)
+    train(what, model, opt, reference, ref_opt, 4)
     names = [name for name, _ in ops.seen]
     if opt._pipedap.splitting != {0} or names.count("rs.0.dense") != 4 or "rs.0" in names:
         sys.exit(f"rank {R}: {what}: split not engaged: splitting {opt._pipedap.splitting}, ops {sorted(set(names))}")
@@ -137,12 +142,7 @@ def check_online_planning():
     model, opt, reference, ref_opt = setup("pipedap", plan=None)
     ties = []
     opt._pipedap.online.ties = lambda ties_of=opt._pipedap.online.ties: ties.append(ties_of()) or ties[-1]
-    for step in range(10):
-        opt.zero_grad()
-        local_loss(model, step).backward()
-        opt.step()
-        reference_step(reference, ref_opt, step, P)
-    compare("pipedap", model, reference)
+    train("pipedap", model, opt, reference, ref_opt, 10)
     (tie,) = ties[-1]
     if (tie.param, tie.user) != ("emb.weight", "decoder.bias") or not 0 < tie.rows_bytes <= B * T * (D * 8 + 8):
         sys.exit(f"rank {R}: pipedap: the online planner's tie is {tie}")
@@ -155,12 +155,7 @@ def check_paths():
     """Sum, clipping, synchronize(), no_sync() accumulation, gradients not zeroed, a step without the decoder."""
     sgd = lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3)  # noqa: E731
     model, opt, reference, ref_opt = setup(op=hvd.Sum, make_opt=sgd)
-    for step in range(3):
-        opt.zero_grad()
-        local_loss(model, step).backward()
-        opt.step()
-        reference_step(reference, ref_opt, step, 1)
-    compare("op=Sum", model, reference)
+    train("op=Sum", model, opt, reference, ref_opt, 3, scale=1)
 
     model, opt, reference, ref_opt = setup()
     for step in range(3):  # clipping reads the reduced shards (reduced_square_sum)
@@ -211,12 +206,7 @@ def check_paths():
     compare("a forward without backward", model, reference)
 
     model.use_decoder = reference.use_decoder = False  # no decoder: only the rows travel
-    for step in range(3):
-        opt.zero_grad()
-        local_loss(model, step).backward()
-        opt.step()
-        reference_step(reference, ref_opt, step, P)
-    compare("a step without the decoder", model, reference)
+    train("a step without the decoder", model, opt, reference, ref_opt, 3)
 
 
 def check_where_it_splits():
