@@ -95,7 +95,7 @@ class OnlinePlanner:
         self.step_started = time.monotonic()
         self.step_seconds: list[float] = []
         self.planning: dict | None = None  # how the plan was made, once it is: see step_done()
-        self.ties: Callable[[], tuple[Tie, ...]] = tuple  # the reducer's split buckets ([Note: ties in a profile])
+        self.ties: Callable[[], tuple[Tie, ...]] = tuple  # the reducer's tied buckets ([Note: ties in a profile])
         engine.add_completion_listener(self._on_ops)
 
     # --- what the optimizer reports -------------------------------------------------
