@@ -59,7 +59,7 @@ def rows_bytes(rows: int, param: torch.nn.Parameter) -> int:
 
 class RowCounter:
     """Forward hooks on a model's tied embeddings that record the most rows one batch looked up, for the
-    profile's ties (the profiler's; the running reducer counts the rows it sends)."""
+    profile's ties (the profiler's, and the reducer's while the online planner measures)."""
 
     def __init__(self, model: torch.nn.Module):
         self.tied = tied_embeddings(model)

@@ -79,7 +79,7 @@ class TiedSplit:
 
     def __init__(self, bucket: Bucket, users: list[torch.nn.Module], *, op, process_set: ProcessSet,
                  tapping: Callable[[], bool], lock: threading.Lock):
-        self.bucket, self.users, self.op, self.process_set = bucket, users, op, process_set
+        self.bucket, self.op, self.process_set = bucket, op, process_set
         self.tapping = tapping  # whether a contribution seen now is taken (the reducer syncs this step)
         self.lock = lock  # the reducer's: its submissions and this one's keep one order on every rank
         self.param = bucket.params[0]
