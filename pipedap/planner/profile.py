@@ -21,6 +21,11 @@ output layer's gradient as soon as backward has made it, then the lookup's non-z
 A :class:`Tie` tells the planner so: the parameter, a parameter of the output layer (its
 group's readiness is when the dense part is ready; "" when the output layer has no other
 parameter: then the first group ready in backward) and the bytes of rows each rank sends.
+Where the runtime computes the output layer's gradient itself (an ``nn.Linear``: see
+[Note: the dense part in pieces] in pipedap/tied_split.py) the dense part leaves in
+``pieces`` reduce-scatters while that layer's backward still runs: the first is ready
+``early`` seconds before the output layer's group is, the last ``span`` seconds after the
+first (the online planner measures both; 0, 0 and 1 say: whole, when the group is ready).
 The simulator uses it where the runtime splits: the parameter alone in its group, reduce-
 scattered and all-gathered (not all-reduced), the update not sharded. A profile of a job
 that will not split (``PIPEDAP_TIED_SPLIT=0``, compression) has no ties.
@@ -30,7 +35,8 @@ JSON form::
     {"version": 1, "meta": {...free-form...}, "bucket_cost": 0.0002,
      "layers": [{"name": "conv1", "params": ["conv1.weight"], "nbytes": 37632,
                  "tf": 0.0012, "tb": 0.0025, "u": 0.0001}, ...],
-     "ties": [{"param": "emb.weight", "user": "decoder.bias", "rows_bytes": 3153920}]}
+     "ties": [{"param": "emb.weight", "user": "decoder.bias", "rows_bytes": 3153920,
+               "early": 0.41, "span": 0.35, "pieces": 8}]}    (the last three optional)
 """
 
 from __future__ import annotations
@@ -63,6 +69,16 @@ class Tie:
     param: str
     user: str  # a parameter of the output layer; "" for the first group ready in backward
     rows_bytes: int  # what each rank all-gathers at the end of backward (rows and their indices)
+    early: float = 0.0  # s: the dense part's first piece is ready this long before the user's group
+    span: float = 0.0  # s: from the first piece ready to the last
+    pieces: int = 1  # reduce-scatters the dense part is sent in
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.early) and math.isfinite(self.span) and self.early >= 0 and self.span >= 0):
+            raise ValueError(f"tie {self.param}: early = {self.early}, span = {self.span}; both must be finite "
+                             "and >= 0 s")
+        if self.pieces < 1:
+            raise ValueError(f"tie {self.param}: pieces = {self.pieces}; the dense part needs at least one")
 
 
 @dataclass(frozen=True)
@@ -103,7 +119,9 @@ class Profile:
         if self.bucket_cost:  # (absent when 0: the hashes of plans from such profiles stay what they were)
             doc["bucket_cost"] = self.bucket_cost
         if self.ties:  # (likewise)
-            doc["ties"] = [asdict(tie) for tie in self.ties]
+            whole = Tie("", "", 0)  # (a whole dense part's keys are left out, likewise)
+            doc["ties"] = [{k: v for k, v in asdict(tie).items() if k in ("param", "user", "rows_bytes")
+                            or v != getattr(whole, k)} for tie in self.ties]
         return doc
 
     @classmethod
@@ -137,9 +155,11 @@ class Profile:
         except (TypeError, ValueError):
             raise ValueError(f"{where}: 'bucket_cost' must be a number of seconds, got {doc['bucket_cost']!r}") from None
         try:
-            ties = tuple(Tie(str(t["param"]), str(t["user"]), int(t["rows_bytes"])) for t in doc.get("ties", ()))
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{where}: 'ties' must be a list of {{param, user, rows_bytes}} objects ({err})") from None
+            ties = tuple(Tie(str(t["param"]), str(t["user"]), int(t["rows_bytes"]), float(t.get("early", 0.0)),
+                             float(t.get("span", 0.0)), int(t.get("pieces", 1))) for t in doc.get("ties", ()))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{where}: 'ties' must be a list of {{param, user, rows_bytes[, early, span, pieces]}} "
+                             f"objects ({err})") from None
         return cls(tuple(parsed), dict(doc.get("meta", {})), bucket_cost, ties)
 
     def save(self, path: str | Path) -> None:
@@ -221,7 +241,11 @@ def elementwise_max(profiles: Sequence[Profile]) -> Profile:
         )
         for i, layer in enumerate(first.layers)
     )
-    ties = tuple(replace(tie, rows_bytes=max(t.rows_bytes for p in profiles for t in p.ties if t.param == tie.param))
-                 for tie in first.ties)
+    def agreed(tie: Tie) -> Tie:  # the latest any rank has its parts ready
+        same = [t for p in profiles for t in p.ties if t.param == tie.param]
+        return replace(tie, rows_bytes=max(t.rows_bytes for t in same), early=min(t.early for t in same),
+                       span=max(t.span for t in same))
+
+    ties = tuple(agreed(tie) for tie in first.ties)
     return Profile(layers, {**first.meta, "agreed": f"elementwise max over {len(profiles)} ranks"},
                    max(p.bucket_cost for p in profiles), ties)

@@ -247,6 +247,7 @@ def _evaluate(problem: Problem, options: Sequence[str]) -> tuple[float, list[flo
     rs_start, rs_end, done = [0.0] * size, [0.0] * size, [0.0] * size
     t = 0.0
     for g in reversed(range(size)):
+        t = problem.run_dense_parts(t, g)  # [Note: split reductions in the timeline]
         start = t if t > ready[g] else ready[g]
         if g + 1 < size and options[g + 1] == MERGED:
             t = start + rs[g] + ag[g + 1] - save
@@ -257,7 +258,7 @@ def _evaluate(problem: Problem, options: Sequence[str]) -> tuple[float, list[flo
         if options[g] == BEHIND:
             t += ag[g]
             done[g] = t
-        t += problem.dense_after[g]  # [Note: split reductions in the timeline]
+    t = problem.run_dense_parts(t, -1)
     for g in range(size):
         if options[g] == FORWARD:
             t += ag[g]
@@ -321,12 +322,13 @@ def optimal(problem: Problem, max_states: int | None = None, seed: Schedule | No
     codes = np.array([FORWARD, BEHIND, MERGED])
     proven, peak = True, 1
     for g in reversed(range(size)):
+        t = problem.run_dense_parts(t, g)  # [Note: split reductions in the timeline]
         end = np.maximum(t, ready[g]) + rs[g]
         if g + 1 < size:
             end += np.where(pending, ag[g + 1] - save, 0.0)
         n = len(t)
         choices = 3 if g else 1  # group 0's AG stays in forward
-        child_t = np.concatenate([end, end + ag[g], end][:choices]) + problem.dense_after[g]
+        child_t = np.concatenate([end, end + ag[g], end][:choices])
         child_z = np.concatenate([np.maximum(z, tail[g]) + ag[g], z, z][:choices])
         child_pending = np.repeat(np.array([False, False, True])[:choices], n)
         parent = np.tile(np.arange(n), choices)
@@ -341,6 +343,7 @@ def optimal(problem: Problem, max_states: int | None = None, seed: Schedule | No
         peak = max(peak, len(kept))
         t, z, pending = child_t[kept], child_z[kept], child_pending[kept]
         history.append((parent[kept], option[kept]))
+    t = problem.run_dense_parts(t, -1)
 
     info = {"proven_optimal": proven and not problem.interference, "peak_states": peak, "seeded_with": seed.name}
     if not len(t):  # nothing can beat the seed: it is optimal (or the cap cut the better ones)

@@ -43,9 +43,13 @@ A tied word embedding that the runtime reduces in two parts (pipedap/tied_split.
 :class:`~.profile.Tie` in the profile) has its dense part reduce-scattered as soon as its
 output layer's group u is ready, and only its rows all-gathered when its own group g is:
 ``costs["rs"][g]`` is that small all-gather (and its shape exchange), and the simulator
-adds a submission ``("rsd", g)`` (reduce-scatter of the whole group, ready at ``ready[u]``)
-where the runtime's FIFO puts it: before the first backward submission issued after
-``ready[u]`` (:meth:`Problem.with_dense_parts`). Plans never contain ``rsd``; timelines do.
+adds a submission ``("rsd", g)`` (reduce-scatter of the whole group) where the runtime's FIFO
+puts it: before the first backward submission issued after the dense part is ready
+(:meth:`Problem.with_dense_parts`). That is ``ready[u]``, or, where the runtime sends it in
+pieces as the output layer's backward makes them (the tie's ``early``, ``span`` and
+``pieces``: [Note: ties in a profile]), ``early`` seconds before: the link then cannot end
+it before the last piece is ready and sent, and each piece pays its start-up. Plans never
+contain ``rsd``; timelines do.
 Where the runtime reduces g whole (all-reduced, a sharded update, g fused with other
 parameters, ``Problem(..., split=False)``) so does the simulator. The split is not always
 faster: its reduce-scatter runs beside the backward, delaying every reduce-scatter behind
@@ -60,6 +64,8 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from .costmodel import CostModel
 from .plan import Op, Submission
@@ -95,11 +101,14 @@ class Problem:
             self.ready[g] = t
         self.backward_end = t
         # [Note: split reductions in the timeline]
-        self.split: dict[int, int] = {}  # tied group -> the group whose readiness makes its dense part ready
+        self.split: dict[int, int] = {}  # tied group -> the group whose backward makes its dense part
+        self.dense_ready: dict[int, float] = {}  # tied group -> when its dense part (first piece) is ready
         self.costs["rsd"] = [0.0] * self.size
-        self.dense_after = [0.0] * self.size  # dense parts the link runs after group g's backward submissions
+        # group -> (ready, cost) of the dense parts the FIFO runs before its backward submission (-1: after them all)
+        self.dense_at: dict[int, list[tuple[float, float]]] = {}
         for tie in profile.ties if split and not shard_update else ():
             self._split(tie)
+        self.link_start = min([self.ready[-1], *self.dense_ready.values()])  # the first gradient bytes exist
         # tail[g]: forward compute from the update of g to the end of the iteration.
         self.tail = [0.0] * (self.size + 1)
         for g in reversed(range(self.size)):
@@ -112,15 +121,18 @@ class Problem:
         if g is None or user is None or user <= g:  # fused with other parameters, or no earlier dense part
             return
         self.split[g] = user
-        self.costs["rsd"][g] = self.costs["rs"][g]
+        piece = self.cost.rs.time(self.nbytes[g] / tie.pieces)
+        self.costs["rsd"][g] = max(tie.pieces * piece, tie.span + piece)
         self.costs["rs"][g] = self.cost.ag.time(self.cost.world_size * tie.rows_bytes) + self.startup["ag"]
-        self.dense_after[user] += self.costs["rsd"][g]
+        ready = self.dense_ready[g] = max(self.ready[user] - tie.early, self.ready[user] - self.tb[user])
+        before = next((h for h in reversed(range(self.size)) if self.ready[h] > ready), -1)  # as with_dense_parts
+        self.dense_at.setdefault(before, []).append((ready, self.costs["rsd"][g]))
+        self.dense_at[before].sort()
 
     def with_dense_parts(self, backward: Sequence[Submission]) -> tuple[Submission, ...]:
         """``backward`` with each split group's dense reduce-scatter where the runtime submits it: before
         the first submission issued (all its reductions' gradients ready) after the dense part is ready."""
-        dense = sorted((self.ready[user], g) for g, user in self.split.items()
-                       if any(("rs", g) in sub for sub in backward))
+        dense = sorted((self.dense_ready[g], g) for g in self.split if any(("rs", g) in sub for sub in backward))
         if not dense:
             return tuple(backward)
         out: list[Submission] = []
@@ -160,13 +172,19 @@ class Problem:
 
         The link must carry every group once, either as AR or as RS+AG with at most G-1
         merges (each saving one start-up); it cannot start before the gradients of G-1
-        exist, and after the last collective at least the forward of G-1 remains.
+        (or a tied dense part) exist, and after the last collective at least the forward of G-1 remains.
         """
         decoupled = (sum(self.costs["rs"]) + sum(self.costs["ag"]) + sum(self.costs["rsd"])
                      - self.merge_saving * (self.size - 1))
         link = min(sum(self.costs["ar"]), decoupled)
-        head, tail = self.tb[-1], self.w[-1]
-        return max(self.compute_bound(), head + link + tail)
+        return max(self.compute_bound(), self.link_start + link + self.w[-1])
+
+    def run_dense_parts(self, t, g: int):
+        """Link free time ``t`` (a float or an array) after the dense parts the FIFO puts before group g's
+        backward submission (g = -1: after all of them)."""
+        for ready, cost in self.dense_at.get(g, ()):
+            t = np.maximum(t, ready) + cost
+        return t
 
 
 @dataclass(frozen=True)
@@ -268,7 +286,7 @@ def simulate(
             updated = problem.update_ends(forward, end_of)
         start = free
         for kind, g in sub:
-            need = (updated.get(g, end_of[("rs", g)]) if kind == "ag" else ready[problem.split[g]] if kind == "rsd"
+            need = (updated.get(g, end_of[("rs", g)]) if kind == "ag" else problem.dense_ready[g] if kind == "rsd"
                     else ready[g])
             if need > start:
                 start = need
@@ -332,7 +350,7 @@ def _plan_bound(problem: Problem, subs: Sequence[Submission], starts: Sequence[f
     else:  # the tail after the last submission: forward from the earliest group it completes
         first_completed = min((g for kind, g in subs[-1] if kind in ("ag", "ar")), default=problem.size - 1)
     busy = sum(ends) - sum(starts)
-    return max(problem.compute_bound(), problem.tb[-1] + busy + problem.tail[first_completed])
+    return max(problem.compute_bound(), problem.link_start + busy + problem.tail[first_completed])
 
 
 def interfered(problem: Problem, subs: Sequence[Submission], durations: Sequence[float], sync_before_forward: bool,
@@ -348,7 +366,13 @@ def interfered(problem: Problem, subs: Sequence[Submission], durations: Sequence
     submission). Between two events the speed of compute is constant.
     """
     size, busy_rate = problem.size, 1.0 / (1.0 + problem.interference)
-    blocks: list[tuple[tuple[str, int], float, object]] = [(("B", g), problem.tb[g], None) for g in reversed(range(size))]
+    blocks: list[tuple[tuple[str, int], float, object]] = []
+    for g in reversed(range(size)):  # a tied dense part is ready part-way through its user's backward: ("D", tied)
+        start = problem.ready[g] - problem.tb[g]
+        for ready, tied in sorted((problem.dense_ready[t], t) for t, user in problem.split.items() if user == g):
+            blocks.append((("D", tied), ready - start, None))
+            start = ready
+        blocks.append((("B", g), problem.ready[g] - start, None))
     if problem.shard_update:
         blocks += [(("U", g), problem.u[g], ("rs", g)) for sub in subs for kind, g in sub if kind == "ag"]
     last_needs: dict[Op, int] = {}  # an op's AR chunks: it is done when its last submission ends
@@ -367,7 +391,7 @@ def interfered(problem: Problem, subs: Sequence[Submission], durations: Sequence
     def link_can_start(i: int) -> bool:
         for kind, g in subs[i]:
             need = (("U", g) if problem.shard_update else ("rs", g)) if kind == "ag" else (
-                ("B", problem.split[g]) if kind == "rsd" else ("B", g))
+                ("D", g) if kind == "rsd" else ("B", g))
             if need not in ended:
                 return False
         return True
@@ -404,6 +428,8 @@ def interfered(problem: Problem, subs: Sequence[Submission], durations: Sequence
         now = nxt
 
     end_of = {op: ended[op] for op in last_needs}
+    for tied, user in sorted(problem.split.items(), key=lambda item: -problem.dense_ready[item[0]]):
+        span[("B", user)] = (span[("D", tied)][0], span[("B", user)][1])  # the user's whole backward
     forward = [span[("F", g)] for g in range(size)]
     updates = {g: span[("U", g)] for kind, g in (op for sub in subs for op in sub)
                if kind == "ag" and problem.shard_update}

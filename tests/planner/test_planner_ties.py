@@ -68,7 +68,31 @@ def test_where_the_runtime_reduces_it_whole_so_does_the_simulator():
 def test_the_rows_cost_what_every_rank_sends():
     rows = problem(ties=(dataclasses.replace(TIE, rows_bytes=3),))
     assert rows.costs["rs"][0] == pytest.approx(1 + 0.5 * 4 * 3 + 1)  # all-gather of 4 x 3 bytes + its shapes
-    assert rows.costs["rsd"][0] == 5 and rows.dense_after == [0.0, 0.0, 5.0]
+    assert rows.costs["rsd"][0] == 5 and rows.dense_at == {1: [(1.0, 5.0)]}  # ready at 1, before rs1 (9)
+
+
+def test_a_dense_part_sent_in_pieces_starts_during_the_output_layers_backward():
+    # early 0.5 of g2's backward (0-1): ready at 0.5. Two pieces of 4 bytes (3 each) after their start-ups,
+    # and the last piece ready 0.25 after the first: the link runs it 0.5-6.5, before rs2 (issued at 1).
+    pieces = problem(ties=(dataclasses.replace(TIE, early=0.5, span=0.25, pieces=2),))
+    assert pieces.dense_ready == {0: 0.5} and pieces.costs["rsd"][0] == 6 and pieces.link_start == 0.5
+    tl = simulate(pieces, *schedules.decoupled("FFF"))
+    assert tl.submissions[:3] == ((("rsd", 0),), (("rs", 2),), (("rs", 1),))
+    assert tl.starts == (0.5, 6.5, 9, 11, 13, 18, 20)
+    assert tl.iteration_time == 23
+    slow = problem(ties=(dataclasses.replace(TIE, early=0.5, span=9.0, pieces=2),))
+    assert slow.costs["rsd"][0] == 12  # the link waits for the last piece, then sends it
+    assert problem(ties=(dataclasses.replace(TIE, early=5.0),)).dense_ready == {0: 0.0}  # not before g2's backward
+
+
+def test_a_tie_with_negative_timing_or_no_pieces_is_refused():
+    with pytest.raises(ValueError, match="early"):
+        dataclasses.replace(TIE, early=-1.0)
+    with pytest.raises(ValueError, match="pieces"):
+        dataclasses.replace(TIE, pieces=0)
+    with pytest.raises(ValueError, match="ties"):
+        Profile.from_dict({**Profile(LAYERS).to_dict(), "ties": [{"param": "emb.weight", "user": "",
+                                                                    "rows_bytes": 1, "span": "soon"}]})
 
 
 def test_ties_round_trip_and_ranks_agree_on_the_most_rows(tmp_path):
@@ -76,8 +100,14 @@ def test_ties_round_trip_and_ranks_agree_on_the_most_rows(tmp_path):
     profile.save(tmp_path / "p.json")
     assert Profile.load(tmp_path / "p.json") == profile
     assert "ties" not in Profile(LAYERS).to_dict()  # (the hashes of plans without ties stay what they were)
-    more = Profile(LAYERS, ties=(dataclasses.replace(TIE, rows_bytes=7),))
-    assert elementwise_max([profile, more]).ties == (dataclasses.replace(TIE, rows_bytes=7),)
+    assert "early" not in profile.to_dict()["ties"][0]  # (nor a whole dense part's keys)
+    timed = Profile(LAYERS, ties=(dataclasses.replace(TIE, early=0.5, span=0.25, pieces=8),))
+    timed.save(tmp_path / "t.json")
+    assert Profile.load(tmp_path / "t.json") == timed
+    more = Profile(LAYERS, ties=(dataclasses.replace(TIE, rows_bytes=7, early=0.25, span=0.5, pieces=8),))
+    # every rank's rows fit, and the parts are ready when the latest rank has them
+    assert elementwise_max([timed, more]).ties == (dataclasses.replace(TIE, rows_bytes=7, early=0.25, span=0.5,
+                                                                       pieces=8),)
     with pytest.raises(ValueError, match="'ties' must be a list"):
         Profile.from_dict({**profile.to_dict(), "ties": [{"param": "emb.weight"}]})
 
