@@ -74,6 +74,7 @@ class _Step:
     ready: dict[int, float] = field(default_factory=dict)  # bucket -> gradients complete
     entered: dict[int, tuple[float, float, float]] = field(default_factory=dict)  # bucket -> (enter, exit, update s)
     forward_end: float | None = None
+    pieces: dict[int, tuple[float, float, int]] = field(default_factory=dict)  # tied bucket -> dense part's pieces
 
 
 class OnlinePlanner:
@@ -105,6 +106,11 @@ class OnlinePlanner:
 
     def bucket_entered(self, index: int, enter: float, leave: float, update_seconds: float) -> None:
         self.current.entered.setdefault(index, (enter, leave, update_seconds))
+
+    def dense_pieces(self, index: int, first: float, last: float, count: int) -> None:
+        """A tied bucket's output layer had the first and the last of its ``count`` pieces ready
+        ([Note: the dense part in pieces] in pipedap.tied_split)."""
+        self.current.pieces.setdefault(index, (first, last, count))
 
     def forward_ended(self) -> None:
         if not self.current.ready:  # the forward that precedes this iteration's backward
@@ -198,7 +204,21 @@ class OnlinePlanner:
                   nbytes=b.nbytes, tf=tf[b.index], tb=tb[b.index], u=median(u[b.index]))
             for b in self.buckets
         )
-        return Profile(layers, {"source": "online", "steps": len(measured), "interference": sigma}, ties=self.ties())
+        ties = tuple(self._timed(tie, measured, clean) for tie in self.ties())
+        return Profile(layers, {"source": "online", "steps": len(measured), "interference": sigma}, ties=ties)
+
+    def _timed(self, tie: Tie, measured: list[_Step], clean: Callable[[float], float]) -> Tie:
+        """``tie`` with when its dense pieces were ready against its output layer's bucket ([Note: ties in a
+        profile]); as it was where the steps did not time them."""
+        g = next(b.index for b in self.buckets if b.names == [tie.param])
+        user = next((b.index for b in self.buckets if tie.user in b.names), None) if tie.user else len(self.buckets) - 1
+        timed = [(clean(rec.ready[user]) - clean(first), clean(last) - clean(first), count)
+                 for rec in measured if g in rec.pieces and user in rec.ready
+                 for first, last, count in (rec.pieces[g],)]
+        if not timed:
+            return tie
+        return replace(tie, early=max(0.0, statistics.median(e for e, _, _ in timed)),
+                       span=statistics.median(s for _, s, _ in timed), pieces=timed[0][2])
 
     def cost_model(self, profile: Profile, measured_s: float, sigma: float = 0.0) -> tuple[CostModel, str]:
         """α-β fit from the operations training ran; the microbenchmark when their sizes are too alike,

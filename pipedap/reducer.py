@@ -35,6 +35,7 @@ reduce-scatter only one rank holds the flags): a bucket's update waits for nothi
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass
@@ -121,11 +122,15 @@ class Reducer:
             for g, (_, users) in lookup_ties(model, self.buckets).items():
                 self.splits[g] = TiedSplit(self.buckets[g], users, op=self.op, process_set=self.process_set,
                                            tapping=lambda g=g: self.sync_enabled and g in self.splitting,
-                                           lock=self._lock)
+                                           lock=self._lock, on_pieces=functools.partial(self._pieces_ready, g))
             self._choose_splits()
             if self.online is not None and self.splits:  # the planner may split them: it needs their rows
                 self.rows = RowCounter(model)
                 self.online.ties = self._ties
+
+    def _pieces_ready(self, g: int, first: float, last: float) -> None:
+        if self.online is not None:  # the planner times the pieces ([Note: ties in a profile])
+            self.online.dense_pieces(g, first, last, len(self.splits[g].bounds) - 1)
 
     def _ties(self) -> tuple[Tie, ...]:
         """The tied buckets as the planner's profile has them ([Note: ties in a profile])."""

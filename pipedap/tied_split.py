@@ -16,7 +16,9 @@ reducer instead:
    node that feeds the module's output gradient into the parameter and hooks it; in
    backward the hook copies the contribution into a staging buffer and passes nothing on
    to the parameter. When every tapped contribution of the step has come, the staging
-   buffer is reduce-scattered at once, overlapping the rest of backward;
+   buffer is reduce-scattered, overlapping the rest of backward (an ``nn.Linear`` output
+   layer computes its contribution itself, and sends it in pieces as it goes: [Note: the
+   dense part in pieces]);
 2. when the parameter's gradient is complete (the lookup's rows, plus whatever ``.grad``
    held before this backward), all-gathers its non-zero rows with their indices (a few MB);
 3. before the bucket's all-gather, writes the reduce-scattered dense part into this rank's
@@ -28,21 +30,39 @@ of every rank's backward). A rank whose forward used the output layer while anot
 not submits an operation the others do not: the engine's agreement check raises CommError
 on every rank, naming both. ``PIPEDAP_TIED_SPLIT=0`` turns the split off.
 Which parameters qualify: :mod:`pipedap.tied_embeddings`.
+
+[Note: the dense part in pieces]
+BERT-base's decoder computes its 94 MB gradient in about a second on a CPU core, and the link
+has nothing else to send meanwhile: every other gradient comes after the decoder's. So a plain
+``nn.Linear`` output layer runs as :class:`_PiecewiseLinear`, whose backward computes the
+weight's gradient in ``DENSE_PIECES`` blocks, before the input's gradient, and reduce-scatters
+each block as soon as it is staged. For the blocks to land in the bucket's shards, the staging
+buffer is laid out piece-major: piece k holds, for each rank r in turn, elements
+``r * S + bounds[k]`` to ``r * S + bounds[k + 1]`` of the bucket (S: the shard size), so that
+reduce-scattering piece k gives this rank ``dense_shard[bounds[k]:bounds[k + 1]]``. A tap that
+gets its contribution whole (a node hook) stages every piece at once, in the same layout.
+Where the plan does not split, the layer still computes its gradient in blocks (handed to
+autograd as one tensor), so that the online planner measures when the pieces would be ready
+(the tie's ``early`` and ``span``: [Note: ties in a profile]).
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+import time
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from pipedap import comm, engine
 from pipedap.buckets import Bucket
 from pipedap.process_sets import ProcessSet
 
 MAX_TAP_DEPTH = 8  # autograd nodes between a module's output and the parameter (F.linear: 2 or 3)
+DENSE_PIECES = 8  # reduce-scatters an output layer's part is sent in ([Note: the dense part in pieces])
 
 
 def _feeding_edges(outputs: list[torch.Tensor], stop: set, target) -> list[tuple[object, int]]:
@@ -74,30 +94,97 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
+def _plain_linear(module: torch.nn.Module, weight: torch.nn.Parameter) -> bool:
+    """An ``nn.Linear`` (its own forward) whose weight is ``weight``: it can compute its gradient in pieces."""
+    return (isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward
+            and module.weight is weight)
+
+
+class _PiecewiseLinear(torch.autograd.Function):
+    """``F.linear`` whose weight gradient the tied split computes, in pieces ([Note: the dense part in pieces])."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, split, take):
+        ctx.save_for_backward(x, weight)
+        ctx.split, ctx.take, ctx.has_bias = split, take, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad2d, x2d = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_weight = ctx.split.output_layer_backward(grad2d, x2d, ctx.take) if ctx.needs_input_grad[1] else None
+        grad_x = (grad2d @ weight).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        grad_bias = grad2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias, None, None
+
+
 class TiedSplit:
     """One tied parameter's two-part reduction ([Note: tied embeddings])."""
 
     def __init__(self, bucket: Bucket, users: list[torch.nn.Module], *, op, process_set: ProcessSet,
-                 tapping: Callable[[], bool], lock: threading.Lock):
+                 tapping: Callable[[], bool], lock: threading.Lock,
+                 on_pieces: Callable[[float, float], None] | None = None):
         self.bucket, self.op, self.process_set = bucket, op, process_set
         self.tapping = tapping  # whether a contribution seen now is taken (the reducer syncs this step)
         self.lock = lock  # the reducer's: its submissions and this one's keep one order on every rank
+        self.on_pieces = on_pieces  # told when an output layer's first and last pieces were ready (monotonic s)
         self.param = bucket.params[0]
-        self.staging: torch.Tensor | None = None  # the tapped part, laid out as the bucket (made when first used)
+        self.staging: torch.Tensor | None = None  # the tapped part, piece-major (made when first used)
         self.dense_shard: torch.Tensor | None = None  # its reduce-scattered block
+        shard = bucket.shard.numel()
+        count = min(DENSE_PIECES, shard)
+        self.bounds = [round(k * shard / count) for k in range(count + 1)]  # pieces within a shard
         for module in users:
-            module.register_forward_hook(self._tap)
+            if _plain_linear(module, self.param):
+                module.forward = functools.partial(self.linear, module)
+            else:
+                module.register_forward_hook(self._tap)
         self.new_step()
 
     def new_step(self) -> None:
-        self.taps_expected = 0  # hooks placed by this step's forward passes ...
-        self.taps_seen = 0  # ... and those that fired, the taken ones copied into staging
+        self.taps_expected = 0  # contributions this step's forward passes will send ...
+        self.taps_seen = 0  # ... and those that came, the taken ones staged
         self.taken = 0
-        self.dense_work: engine.Work | None = None
+        self.dense_works: list[engine.Work] = []  # the pieces submitted, in order
         self.rows_work: engine.Work | None = None
         self.combined = False
 
     # --- backward: the dense part ------------------------------------------------------
+
+    def linear(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """Forward of a plain ``nn.Linear`` output layer ([Note: the dense part in pieces])."""
+        if not (torch.is_grad_enabled() and self.param.requires_grad):
+            return F.linear(x, module.weight, module.bias)
+        take = self.tapping()
+        self.taps_expected += take
+        return _PiecewiseLinear.apply(x, module.weight, module.bias, self, take)
+
+    def output_layer_backward(self, grad2d: torch.Tensor, x2d: torch.Tensor, take: bool) -> torch.Tensor | None:
+        """The output layer's weight gradient (``grad2d.T @ x2d``), block by block: staged and sent when
+        ``take``, else returned to autograd."""
+        times = []
+        if not take:
+            grad, rows = torch.empty_like(self.param), self.param.shape[0]
+            for k in range(DENSE_PIECES):
+                lo, hi = k * rows // DENSE_PIECES, (k + 1) * rows // DENSE_PIECES
+                torch.mm(grad2d[:, lo:hi].t(), x2d, out=grad[lo:hi])
+                times.append(time.monotonic())
+        else:
+            self.taps_seen += 1
+            last = self.taps_seen == self.taps_expected
+            for k in range(len(self.bounds) - 1):
+                self._stage(k, lambda lo, hi: grad2d[:, lo:hi].t() @ x2d)
+                if last:
+                    with self.lock:
+                        self._submit(k)
+                times.append(time.monotonic())
+            self.taken += 1
+            grad = None
+        if self.on_pieces is not None:
+            self.on_pieces(times[0], times[-1])
+        return grad
 
     def _tap(self, module: torch.nn.Module, args, output) -> None:
         """Forward hook of an output layer: hook the nodes through which its gradient reaches the parameter."""
@@ -118,32 +205,52 @@ class TiedSplit:
         grad = grad_inputs[slot]
         if grad is None or not self.tapping():
             return None
-        if self.staging is None:
-            self.staging = torch.zeros_like(self.bucket.buffer)
-            self.dense_shard = torch.zeros_like(self.bucket.shard)
-        flat = self.staging[: self.param.numel()]
-        if self.taken == 0:
-            flat.copy_(grad.reshape(-1))
-        else:
-            flat.add_(grad.reshape(-1))
+        grad = grad.reshape(self.param.shape)
+        for k in range(len(self.bounds) - 1):
+            self._stage(k, lambda lo, hi: grad[lo:hi])
         self.taken += 1
         if self.taps_seen == self.taps_expected:
             with self.lock:
-                self._submit_dense()
+                for k in range(len(self.bounds) - 1):
+                    self._submit(k)
         return tuple(None if i == slot else g for i, g in enumerate(grad_inputs))
 
-    def _submit_dense(self) -> None:
-        name = f"rs.{self.bucket.index}.dense"
-        self.dense_work = engine.submit([engine.reducescatter_collective(self.staging, self.dense_shard, name, self.op,
-                                                                         self.process_set)])
+    def _stage(self, k: int, rows: Callable[[int, int], torch.Tensor]) -> None:
+        """Copy (the step's first contribution) or add piece ``k`` of a contribution into the staging buffer;
+        ``rows(lo, hi)`` gives its rows lo..hi."""
+        if self.staging is None:
+            self.staging = torch.zeros_like(self.bucket.buffer)
+            self.dense_shard = torch.zeros_like(self.bucket.shard)
+        members, shard, columns, numel = self.process_set.size(), self.bucket.shard.numel(), self.param.shape[1], \
+            self.param.numel()
+        lo, hi = self.bounds[k], self.bounds[k + 1]
+        for r in range(members):
+            first, last = r * shard + lo, min(r * shard + hi, numel)  # the parameter's elements in rank r's block
+            if first >= last:
+                continue
+            row = first // columns
+            values = rows(row, -(-last // columns)).reshape(-1)[first - row * columns:last - row * columns]
+            at = members * lo + r * (hi - lo)
+            target = self.staging[at:at + last - first]
+            if self.taken:
+                target.add_(values)
+            else:
+                target.copy_(values)
+
+    def _submit(self, k: int) -> None:
+        members, lo, hi = self.process_set.size(), self.bounds[k], self.bounds[k + 1]
+        name = f"rs.{self.bucket.index}.dense.{k}"
+        self.dense_works.append(engine.submit([engine.reducescatter_collective(
+            self.staging[members * lo:members * hi], self.dense_shard[lo:hi], name, self.op, self.process_set)]))
 
     # --- end of backward: the rows ----------------------------------------------------
 
     def submit_rows(self, used: bool) -> None:
         """The parameter's gradient is complete: all-gather its non-zero rows (and whether this rank used it).
         Called holding the reducer's lock."""
-        if self.taken and self.dense_work is None:  # a forward whose graph never ran backward left a hook unfired
-            self._submit_dense()
+        if self.taken:  # a forward whose graph never ran backward left a contribution unsent
+            for k in range(len(self.dense_works), len(self.bounds) - 1):
+                self._submit(k)
         grad = self.bucket.grads[0]
         rows = grad.ne(0).any(dim=1).nonzero().squeeze(1)
         values = grad.index_select(0, rows)
@@ -158,8 +265,9 @@ class TiedSplit:
             return
         b = self.bucket
         rows, values, used = self.rows_work.wait()
-        if self.dense_work is not None:
-            self.dense_work.wait()
+        if self.dense_works:
+            for work in self.dense_works:
+                work.wait()
             b.shard.copy_(self.dense_shard)
         else:
             b.shard.zero_()

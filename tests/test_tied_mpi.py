@@ -11,7 +11,7 @@ pytestmark = pytest.mark.mpi
 def test_the_split_runs_and_training_equals_single_process(np):
     result = run_mpi("check_tied.py", np, "training", timeout=300)
     assert_ok(result)
-    for plan in ("dear", "ag in backward"):
+    for plan in ("dear", "ag in backward", "node hook"):
         assert result.output.count(f"{plan} OK: the tied weight's rows all-gather moved") == np, result.output
     assert result.output.count("pipedap OK: planned split ") == np, result.output
     assert result.output.count("paths OK") == np, result.output

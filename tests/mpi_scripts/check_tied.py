@@ -29,14 +29,22 @@ DEVICE = torch.device("cuda", hvd.local_rank()) if "--cuda" in sys.argv else tor
 TOL = 1e-9
 
 
-class TinyLM(nn.Module):
-    """BERT's shape in small: a lookup, a hidden layer, a decoder (with bias) tied to the lookup."""
+class OwnLinear(nn.Linear):
+    """A linear layer with its own forward: the split taps its gradient through a node hook."""
 
-    def __init__(self):
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class TinyLM(nn.Module):
+    """BERT's shape in small: a lookup, a hidden layer, a decoder (with bias) tied to the lookup. A plain
+    ``nn.Linear`` decoder sends its part in pieces as it computes it; ``OwnLinear`` is tapped whole."""
+
+    def __init__(self, decoder=nn.Linear):
         super().__init__()
         self.emb = nn.Embedding(V, D)
         self.hidden = nn.Linear(D, D)
-        self.decoder = nn.Linear(D, V)
+        self.decoder = decoder(D, V)
         self.decoder.weight = self.emb.weight
         self.use_decoder = True
 
@@ -111,23 +119,26 @@ def split_plan(model, gather_in_backward=False) -> Plan:
     return dataclasses.replace(dear, backward=(*dear.backward, (("ag", 0),)), forward=dear.forward[1:], split=(0,))
 
 
-def setup(schedule="dear", op=hvd.Average, make_opt=lambda ps: torch.optim.Adam(ps, lr=0.01), plan=split_plan):
+def setup(schedule="dear", op=hvd.Average, make_opt=lambda ps: torch.optim.Adam(ps, lr=0.01), plan=split_plan,
+          decoder=nn.Linear):
     """The model, its wrapped optimizer (a bucket per module; by default DeAR's plan, split), the reference."""
     torch.manual_seed(0)
-    model = TinyLM().to(DEVICE)
+    model = TinyLM(decoder).to(DEVICE)
     reference = copy.deepcopy(model)
     opt = hvd.DistributedOptimizer(make_opt(model.parameters()), model=model, schedule=schedule, fusion_bytes=0,
                                    op=op, plan=plan(model) if plan else None)
     return model, opt, reference, make_opt(reference.parameters())
 
 
-def check_engaged_and_equal(what, plan):
-    """Every step reduce-scatters the decoder's part early and all-gathers only rows at the end."""
-    model, opt, reference, ref_opt = setup(plan=plan)
+def check_engaged_and_equal(what, plan, decoder=nn.Linear):
+    """Every step reduce-scatters the decoder's part early, in pieces, and all-gathers only rows at the end."""
+    model, opt, reference, ref_opt = setup(plan=plan, decoder=decoder)
     ops = Ops()
     train(what, model, opt, reference, ref_opt, 4)
     names = [name for name, _ in ops.seen]
-    if opt._pipedap.splitting != {0} or names.count("rs.0.dense") != 4 or "rs.0" in names:
+    pieces = [f"rs.0.dense.{k}" for k in range(len(opt._pipedap.splits[0].bounds) - 1)]
+    if (opt._pipedap.splitting != {0} or len(pieces) != 8 or any(names.count(piece) != 4 for piece in pieces)
+            or len([n for n in names if n.startswith("rs.0")]) != 4 * len(pieces)):
         sys.exit(f"rank {R}: {what}: split not engaged: splitting {opt._pipedap.splitting}, ops {sorted(set(names))}")
     param_bytes = model.emb.weight.numel() * 8
     rows_bytes = max(nbytes for name, nbytes in ops.seen if name == "rowvalues.0")
@@ -140,11 +151,12 @@ def check_online_planning():
     """PipeDAP's own plan (split or not, as its timeline says) trains as single-process training; its
     profile had the tie, with the rows the lookup used."""
     model, opt, reference, ref_opt = setup("pipedap", plan=None)
-    ties = []
-    opt._pipedap.online.ties = lambda ties_of=opt._pipedap.online.ties: ties.append(ties_of()) or ties[-1]
+    profiles, online = [], opt._pipedap.online
+    online.profile = lambda sigma=0.0, profile_of=online.profile: profiles.append(profile_of(sigma)) or profiles[-1]
     train("pipedap", model, opt, reference, ref_opt, 10)
-    (tie,) = ties[-1]
-    if (tie.param, tie.user) != ("emb.weight", "decoder.bias") or not 0 < tie.rows_bytes <= B * T * (D * 8 + 8):
+    (tie,) = profiles[-1].ties
+    if ((tie.param, tie.user) != ("emb.weight", "decoder.bias") or not 0 < tie.rows_bytes <= B * T * (D * 8 + 8)
+            or tie.pieces != 8 or not tie.early > 0 or not 0 < tie.span < 1):  # the pieces were timed
         sys.exit(f"rank {R}: pipedap: the online planner's tie is {tie}")
     if opt._pipedap.splitting != set(opt._pipedap.plan.split) or opt._pipedap.rows is not None:
         sys.exit(f"rank {R}: pipedap: splitting {opt._pipedap.splitting}, plan {opt._pipedap.plan.split}")
@@ -245,8 +257,10 @@ def check_desync():
 
 
 if sys.argv[1] == "training":
-    for what, plan in (("dear", split_plan), ("ag in backward", lambda m: split_plan(m, gather_in_backward=True))):
-        rows_bytes, param_bytes = check_engaged_and_equal(what, plan)
+    for what, plan, decoder in (("dear", split_plan, nn.Linear),
+                                ("ag in backward", lambda m: split_plan(m, gather_in_backward=True), nn.Linear),
+                                ("node hook", split_plan, OwnLinear)):
+        rows_bytes, param_bytes = check_engaged_and_equal(what, plan, decoder)
         print(f"rank {R}: {what} OK: the tied weight's rows all-gather moved {rows_bytes} of {param_bytes} bytes")
     print(f"rank {R}: pipedap OK: planned split {check_online_planning()}")
     check_paths()
