@@ -153,8 +153,9 @@ _DECLARED = [
             "link moves bytes (with every cost model, and before online planning) and plan for it; `off`: "
             "plan as if communication cost compute nothing", "optimizer", choices=("measure", "off")),
     Setting("PIPEDAP_TIED_SPLIT", "flag", "1", "1: the planner may reduce a word embedding tied to an output "
-            "layer (BERT, GPT-2) in two parts, the output layer's gradient early in backward and the lookup's rows "
-            "at its end, where its timeline is faster (pipedap/tied_split.py); 0: always whole", "optimizer"),
+            "layer (BERT, GPT-2) in two parts, the output layer's gradient early in backward (an `nn.Linear`'s in 8 "
+            "pieces, each sent as soon as it is made) and the lookup's rows at its end, where its timeline is "
+            "faster (pipedap/tied_split.py); 0: always whole", "optimizer"),
     Setting("PIPEDAP_FUSION_BYTES", "int", "4194304", "without a plan: fuse consecutive modules into buckets "
             "of about this many bytes (0: one per module)", "optimizer"),
     Setting("PIPEDAP_CACHE_DIR", "path", "~/.cache/pipedap", "where measured cost models are cached",

@@ -32,8 +32,9 @@ on every rank, naming both. ``PIPEDAP_TIED_SPLIT=0`` turns the split off.
 Which parameters qualify: :mod:`pipedap.tied_embeddings`.
 
 [Note: the dense part in pieces]
-BERT-base's decoder computes its 94 MB gradient in about a second on a CPU core, and the link
-has nothing else to send meanwhile: every other gradient comes after the decoder's. So a plain
+BERT-base's decoder takes about a second of backward on a CPU core, half of it for the weight's
+94 MB gradient, and the link has nothing else to send meanwhile: every other gradient comes
+after the decoder's. So a plain
 ``nn.Linear`` output layer runs as :class:`_PiecewiseLinear`, whose backward computes the
 weight's gradient in ``DENSE_PIECES`` blocks, before the input's gradient, and reduce-scatters
 each block as soon as it is staged. For the blocks to land in the bucket's shards, the staging

@@ -12,7 +12,7 @@ from pipedap.buckets import build_bucket
 from pipedap.planner.profile import Tie
 from pipedap.profiler import profile_model
 from pipedap.tied_embeddings import lookup_ties
-from pipedap.tied_split import _feeding_edges
+from pipedap.tied_split import TiedSplit, _feeding_edges
 
 TINY_BERT = dict(vocab_size=97, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
                  max_position_embeddings=16)
@@ -99,3 +99,27 @@ def test_the_profiler_records_the_tie_with_the_rows_a_batch_looks_up():
     assert profile.ties == (Tie("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.bias",
                                 rows * (16 * 4 + 8)),)
     assert not model.bert.embeddings.word_embeddings._forward_hooks  # the counter is gone
+
+
+def test_where_the_plan_does_not_split_a_linear_decoder_gives_autograds_gradient_in_timed_pieces():
+    """[Note: the dense part in pieces]: not taken, the decoder's weight gradient goes to autograd whole (the
+    same as without the split), and the online planner hears when its first and last pieces were ready."""
+    torch.manual_seed(0)
+    model = bert_base(**TINY_BERT).eval()
+    ids = torch.randint(0, 20, (2, 8))
+    loss_of(model(ids)).backward()
+    plain = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    tied = "bert.embeddings.word_embeddings.weight"
+    buckets = buckets_of(model, [[tied], [n for n, _ in model.named_parameters() if n != tied]])
+    ((_, users),) = lookup_ties(model, buckets).values()
+    heard = []
+    TiedSplit(buckets[0], users, op=None, process_set=None, tapping=lambda: False, lock=None,
+              on_pieces=lambda first, last: heard.append((first, last)))
+    assert isinstance(model.cls.predictions.decoder.forward, functools.partial)  # it computes in pieces
+    loss_of(model(ids)).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[name], msg=name)
+    assert len(heard) == 1 and heard[0][0] <= heard[0][1]
+    with torch.no_grad():  # without autograd, the plain layer
+        assert model(ids)[0].grad_fn is None
