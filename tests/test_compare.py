@@ -484,7 +484,11 @@ def test_the_readmes_rounds_tables_are_generated_from_the_committed_sweeps() -> 
               ("dp_vgg16_125mbit/vgg16_125mbit_fp16.json", "| 125 Mbit/s | 35.42 (fp16: 17.71) | 35.42 (fp16: 17.71) |", 3),
               ("dp_vgg16_125mbit/vgg16_125mbit.json", "| 125 Mbit/s | 35.42 | 35.42 | 37.62 +- 0.23 | 40.16 +- 1.13 |", 3),
               ("dp_bert_125mbit/bert_base_125mbit.json", "| 125 Mbit/s | 28.19 (fp16: 14.09) | 28.19 (fp16: 14.09) | 32.89", 3),
-              ("tied_split/bert_base_500mbit_3rounds.json", "| 500 Mbit/s | 8.04 | 9.44 | 10.64 +- 0.49 | 11.16 +- 0.07 |", 3)]
+              ("tied_split/bert_base_500mbit_3rounds.json", "| 500 Mbit/s | 8.04 | 9.44 | 10.64 +- 0.49 | 11.16 +- 0.07 |", 3),
+              ("tied_split/bert_base_250mbit_pieces_3rounds.json",
+               "| 250 Mbit/s | 14.09 | 14.09 | 16.64 +- 0.46 | 17.19 +- 0.71 | 19.60 +- 0.18 |", 3),
+              ("tied_split/bert_base_500mbit_pieces_3rounds.json",
+               "| 500 Mbit/s | 8.21 | 9.66 | 10.93 +- 0.86 | 11.37 +- 0.32 | 11.96 +- 0.44 |", 3)]
     for path, last_row, rows in sweeps:
         doc = json.loads((root / "benchmarks/results" / path).read_text())
         table = [line for line in compare_report.markdown(doc["comparison"]).splitlines() if line.startswith("|")]
