@@ -44,7 +44,8 @@ reduce-scattering piece k gives this rank ``dense_shard[bounds[k]:bounds[k + 1]]
 gets its contribution whole (a node hook) stages every piece at once, in the same layout.
 Where the plan does not split, the layer still computes its gradient in blocks (handed to
 autograd as one tensor), so that the online planner measures when the pieces would be ready
-(the tie's ``early`` and ``span``: [Note: ties in a profile]).
+(the tie's ``early`` and ``span``: [Note: ties in a profile]). Under autocast the layer runs
+``F.linear`` (which computes in the autocast type) and is tapped whole.
 """
 
 from __future__ import annotations
@@ -99,6 +100,13 @@ def _plain_linear(module: torch.nn.Module, weight: torch.nn.Parameter) -> bool:
     """An ``nn.Linear`` (its own forward) whose weight is ``weight``: it can compute its gradient in pieces."""
     return (isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward
             and module.weight is weight)
+
+
+def _autocasting(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 class _PiecewiseLinear(torch.autograd.Function):
@@ -158,6 +166,10 @@ class TiedSplit:
         """Forward of a plain ``nn.Linear`` output layer ([Note: the dense part in pieces])."""
         if not (torch.is_grad_enabled() and self.param.requires_grad):
             return F.linear(x, module.weight, module.bias)
+        if _autocasting(x.device.type):  # autocast's linear casts and its backward casts back: tap it whole
+            output = F.linear(x, module.weight, module.bias)
+            self._tap(module, (x,), output)
+            return output
         take = self.tapping()
         self.taps_expected += take
         return _PiecewiseLinear.apply(x, module.weight, module.bias, self, take)

@@ -123,3 +123,27 @@ def test_where_the_plan_does_not_split_a_linear_decoder_gives_autograds_gradient
     assert len(heard) == 1 and heard[0][0] <= heard[0][1]
     with torch.no_grad():  # without autograd, the plain layer
         assert model(ids)[0].grad_fn is None
+
+
+def test_under_autocast_a_linear_decoder_runs_autocasts_linear():
+    """Autocast computes the decoder in bfloat16 and casts its gradient back: the split leaves it to
+    autograd (and would tap it whole), so training under autocast works and computes what it did."""
+    torch.manual_seed(0)
+    model = bert_base(**TINY_BERT).eval()
+    ids = torch.randint(0, 20, (2, 8))
+
+    def gradients():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(ids)
+        loss_of(tuple(o.float() for o in output)).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    plain = gradients()
+    tied = "bert.embeddings.word_embeddings.weight"
+    buckets = buckets_of(model, [[tied], [n for n, _ in model.named_parameters() if n != tied]])
+    ((_, users),) = lookup_ties(model, buckets).values()
+    TiedSplit(buckets[0], users, op=None, process_set=None, tapping=lambda: False, lock=None)
+    split = gradients()
+    for name, grad in plain.items():
+        torch.testing.assert_close(split[name], grad, msg=name)

@@ -164,7 +164,8 @@ def check_online_planning():
 
 
 def check_paths():
-    """Sum, clipping, synchronize(), no_sync() accumulation, gradients not zeroed, a step without the decoder."""
+    """Sum, clipping, synchronize(), no_sync() accumulation, gradients not zeroed, autocast, a step without the
+    decoder."""
     sgd = lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3)  # noqa: E731
     model, opt, reference, ref_opt = setup(op=hvd.Sum, make_opt=sgd)
     train("op=Sum", model, opt, reference, ref_opt, 3, scale=1)
@@ -216,6 +217,15 @@ def check_paths():
         opt.step()
         reference_step(reference, ref_opt, step, P)
     compare("a forward without backward", model, reference)
+
+    for step in range(3):  # under autocast the decoder is tapped whole (float64 is not cast: the same sums)
+        opt.zero_grad()
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            loss = local_loss(model, step)
+        loss.backward()
+        opt.step()
+        reference_step(reference, ref_opt, step, P)
+    compare("autocast", model, reference)
 
     model.use_decoder = reference.use_decoder = False  # no decoder: only the rows travel
     train("a step without the decoder", model, opt, reference, ref_opt, 3)
