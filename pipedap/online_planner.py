@@ -211,7 +211,7 @@ class OnlinePlanner:
         """``tie`` with when its dense pieces were ready against its output layer's bucket ([Note: ties in a
         profile]); as it was where the steps did not time them."""
         g = next(b.index for b in self.buckets if b.names == [tie.param])
-        user = next((b.index for b in self.buckets if tie.user in b.names), None) if tie.user else len(self.buckets) - 1
+        user = tie.user_group([b.names for b in self.buckets])
         timed = [(clean(rec.ready[user]) - clean(first), clean(last) - clean(first), count)
                  for rec in measured if g in rec.pieces and user in rec.ready
                  for first, last, count in (rec.pieces[g],)]

@@ -186,14 +186,7 @@ class TiedSplit:
                 times.append(time.monotonic())
         else:
             self.taps_seen += 1
-            last = self.taps_seen == self.taps_expected
-            for k in range(len(self.bounds) - 1):
-                self._stage(k, lambda lo, hi: grad2d[:, lo:hi].t() @ x2d)
-                if last:
-                    with self.lock:
-                        self._submit(k)
-                times.append(time.monotonic())
-            self.taken += 1
+            self._take(lambda lo, hi: grad2d[:, lo:hi].t() @ x2d, times)
             grad = None
         if self.on_pieces is not None:
             self.on_pieces(times[0], times[-1])
@@ -219,14 +212,21 @@ class TiedSplit:
         if grad is None or not self.tapping():
             return None
         grad = grad.reshape(self.param.shape)
-        for k in range(len(self.bounds) - 1):
-            self._stage(k, lambda lo, hi: grad[lo:hi])
-        self.taken += 1
-        if self.taps_seen == self.taps_expected:
-            with self.lock:
-                for k in range(len(self.bounds) - 1):
-                    self._submit(k)
+        self._take(lambda lo, hi: grad[lo:hi])
         return tuple(None if i == slot else g for i, g in enumerate(grad_inputs))
+
+    def _take(self, rows: Callable[[int, int], torch.Tensor], times: list[float] | None = None) -> None:
+        """Stage a contribution (counted in ``taps_seen``) piece by piece, ``rows(lo, hi)`` giving its rows; the
+        step's last contribution submits each piece as soon as it is staged. ``times`` gets when each was."""
+        last = self.taps_seen == self.taps_expected
+        for k in range(len(self.bounds) - 1):
+            self._stage(k, rows)
+            if last:
+                with self.lock:
+                    self._submit(k)
+            if times is not None:
+                times.append(time.monotonic())
+        self.taken += 1
 
     def _stage(self, k: int, rows: Callable[[int, int], torch.Tensor]) -> None:
         """Copy (the step's first contribution) or add piece ``k`` of a contribution into the staging buffer;

@@ -73,6 +73,13 @@ class Tie:
     span: float = 0.0  # s: from the first piece ready to the last
     pieces: int = 1  # reduce-scatters the dense part is sent in
 
+    def user_group(self, groups: Sequence[Sequence[str]]) -> int | None:
+        """Which of ``groups`` (parameter names, forward order) makes the dense part: the one holding ``user``,
+        or, for "", the last (the first ready in backward); None if none holds it."""
+        if not self.user:
+            return len(groups) - 1
+        return next((i for i, params in enumerate(groups) if self.user in params), None)
+
     def __post_init__(self) -> None:
         if not (math.isfinite(self.early) and math.isfinite(self.span) and self.early >= 0 and self.span >= 0):
             raise ValueError(f"tie {self.param}: early = {self.early}, span = {self.span}; both must be finite "

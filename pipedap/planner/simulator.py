@@ -117,7 +117,7 @@ class Problem:
     def _split(self, tie) -> None:
         groups = [layer.params for layer in self.profile.layers]
         g = next((i for i, params in enumerate(groups) if params == (tie.param,)), None)
-        user = self.size - 1 if not tie.user else next((i for i, params in enumerate(groups) if tie.user in params), None)
+        user = tie.user_group(groups)
         if g is None or user is None or user <= g:  # fused with other parameters, or no earlier dense part
             return
         self.split[g] = user
