@@ -174,9 +174,12 @@ class Scored:
 def score(profile: Profile, cost: CostModel, fusion: str, grouping: Grouping,
           planners: Sequence[str] = tuple(PLANNERS), shard_update: bool = False) -> list[Scored]:
     """Every schedule in `planners` for one grouping, with its planning time; where the grouping
-    leaves a tied embedding alone ([Note: split reductions in the timeline]), with it split and whole."""
+    leaves a tied embedding alone ([Note: split reductions in the timeline]), with it split and whole,
+    and split with its all-gather deferred where the runtime can ([Note: deferred all-gathers in the
+    timeline])."""
     fused = fuse(profile, grouping)
     problems = [Problem(fused, cost, shard_update)]
+    deferring = Problem(fused, cost, shard_update, defer=True) if problems[0].split else None
     if problems[0].split:
         problems.append(Problem(fused, cost, shard_update, split=False))
     out = []
@@ -185,6 +188,10 @@ def score(profile: Profile, cost: CostModel, fusion: str, grouping: Grouping,
             start = time.perf_counter()
             schedule = PLANNERS[name](problem)
             out.append(Scored(fusion, grouping, schedule, time.perf_counter() - start))
+            if problem is problems[0] and deferring is not None:
+                variant = schedules.deferred(deferring, schedule)
+                if variant is not None:
+                    out.append(Scored(fusion, grouping, variant, time.perf_counter() - start))
     return out
 
 

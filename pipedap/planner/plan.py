@@ -24,6 +24,11 @@ Structure (what the runtime consumes)
   rows all-gathered where the plan has the group's ``rs``. Each is decoupled. The planner
   splits where its timeline says it is faster; a plan that does not list a group reduces it
   whole.
+* ``defer``: split groups whose lookup is served from the reduce-scattered shards
+  (pipedap/tied_lookup.py): at the next forward the lookup fetches just its batch's rows, and
+  the group's ``ag`` (in the forward list, usually merged with the output layer's group's) is
+  waited for, and the group updated, only by the output layer. The runtime issues the fetch
+  before the forward list. Each is also in ``split``.
 
 Every group is either decoupled (exactly one ``rs`` and one later ``ag``) or all-reduced
 (one ``ar``, or its ``chunks`` count of them). Examples with 3 groups: DeAR is backward ``[rs2], [rs1], [rs0]``,
@@ -41,7 +46,8 @@ JSON (``Plan.to_json``)::
      "forward": [{"ops": [["ag", 0]], "merged": false, "start": 0.05, "end": 0.06}, ...],
      "predicted": {"iteration_time": 0.31, "lower_bound": 0.29},
      "chunks": {"5": 4},                              (only when some group is chunked)
-     "split": [0]}                                    (only when some group is split)
+     "split": [0],                                    (only when some group is split)
+     "defer": [0]}                                    (only when some group is deferred)
 
 ``start``/``end`` are the simulator's predicted times (seconds from the start of backward);
 they are informative, the runtime ignores them. ``Plan.load`` validates everything and
@@ -100,6 +106,7 @@ class Plan:
     version: int = VERSION
     chunks: tuple[tuple[int, int], ...] = ()  # (group, pieces) of the chunked groups, by group
     split: tuple[int, ...] = ()  # groups whose tied embedding is reduced in two parts, in order
+    defer: tuple[int, ...] = ()  # split groups whose lookup is served from the shards, their ag deferred
     _digest: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +118,12 @@ class Plan:
             if not 0 <= g < len(self.groups) or g in reduced_whole:
                 raise PlanError(f"split lists group {g}; only a reduce-scattered group (0..{len(self.groups) - 1}, "
                                 "not all-reduced) can be split")
+        object.__setattr__(self, "defer", tuple(sorted({int(g) for g in self.defer})))
+        forward_ags = {g for sub in self.forward for kind, g in sub}
+        for g in self.defer:
+            if g not in self.split or g not in forward_ags:
+                raise PlanError(f"defer lists group {g}; only a split group whose ag is in the forward list can "
+                                f"be deferred (split: {list(self.split)})")
         count = len(self.backward) + len(self.forward)
         if self.predicted is not None and len(self.predicted.times) not in (0, count):
             raise PlanError(
@@ -135,6 +148,8 @@ class Plan:
                 content["chunks"] = [list(c) for c in self.chunks]
             if self.split:  # (likewise)
                 content["split"] = list(self.split)
+            if self.defer:  # (likewise)
+                content["defer"] = list(self.defer)
             object.__setattr__(self, "_digest", _sha256(content))
         return self._digest
 
@@ -210,6 +225,8 @@ class Plan:
             doc["chunks"] = {str(g): n for g, n in self.chunks}
         if self.split:
             doc["split"] = list(self.split)
+        if self.defer:
+            doc["defer"] = list(self.defer)
         return doc
 
     def to_json(self) -> str:
@@ -395,9 +412,10 @@ def _parse(doc: object, where: str) -> Plan:
             isinstance(g, str) and g.isdigit() and isinstance(n, int) and not isinstance(n, bool)
             for g, n in chunks.items()):
         raise PlanError(f"{where}: key 'chunks' must map group indices (strings) to piece counts, got {chunks!r}")
-    split = doc.get("split", [])
-    if not isinstance(split, list) or not all(isinstance(g, int) and not isinstance(g, bool) for g in split):
-        raise PlanError(f"{where}: key 'split' must be a list of group indices, got {split!r}")
+    split, defer = doc.get("split", []), doc.get("defer", [])
+    for key, value in (("split", split), ("defer", defer)):
+        if not isinstance(value, list) or not all(isinstance(g, int) and not isinstance(g, bool) for g in value):
+            raise PlanError(f"{where}: key '{key}' must be a list of group indices, got {value!r}")
     try:
         return Plan(
             schedule=doc["schedule"],
@@ -411,6 +429,7 @@ def _parse(doc: object, where: str) -> Plan:
             version=doc["version"],
             chunks=tuple((int(g), n) for g, n in chunks.items()),
             split=tuple(split),
+            defer=tuple(defer),
         )
     except PlanError as err:
         raise PlanError(f"{where}: {err}") from None

@@ -26,6 +26,9 @@ Where the runtime computes the output layer's gradient itself (an ``nn.Linear``:
 ``pieces`` reduce-scatters while that layer's backward still runs: the first is ready
 ``early`` seconds before the output layer's group is, the last ``span`` seconds after the
 first (the online planner measures both; 0, 0 and 1 say: whole, when the group is ready).
+``deferrable`` says the runtime can serve the lookup's rows from the reduce-scattered shards, so
+that the parameter's all-gather may wait for the output layer ([Note: the lookup served from the
+shards] in pipedap/tied_lookup.py; the online planner sets it where the runtime can).
 The simulator uses it where the runtime splits: the parameter alone in its group, reduce-
 scattered and all-gathered (not all-reduced), the update not sharded. A profile of a job
 that will not split (``PIPEDAP_TIED_SPLIT=0``, compression) has no ties.
@@ -36,7 +39,7 @@ JSON form::
      "layers": [{"name": "conv1", "params": ["conv1.weight"], "nbytes": 37632,
                  "tf": 0.0012, "tb": 0.0025, "u": 0.0001}, ...],
      "ties": [{"param": "emb.weight", "user": "decoder.bias", "rows_bytes": 3153920,
-               "early": 0.41, "span": 0.35, "pieces": 8}]}    (the last three optional)
+               "early": 0.41, "span": 0.35, "pieces": 8, "deferrable": true}]}   (the last four optional)
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class Tie:
     early: float = 0.0  # s: the dense part's first piece is ready this long before the user's group
     span: float = 0.0  # s: from the first piece ready to the last
     pieces: int = 1  # reduce-scatters the dense part is sent in
+    deferrable: bool = False  # the lookup can be served from the shards, the all-gather deferred
 
     def user_group(self, groups: Sequence[Sequence[str]]) -> int | None:
         """Which of ``groups`` (parameter names, forward order) makes the dense part: the one holding ``user``,
@@ -163,10 +167,11 @@ class Profile:
             raise ValueError(f"{where}: 'bucket_cost' must be a number of seconds, got {doc['bucket_cost']!r}") from None
         try:
             ties = tuple(Tie(str(t["param"]), str(t["user"]), int(t["rows_bytes"]), float(t.get("early", 0.0)),
-                             float(t.get("span", 0.0)), int(t.get("pieces", 1))) for t in doc.get("ties", ()))
+                             float(t.get("span", 0.0)), int(t.get("pieces", 1)), _flag(t.get("deferrable", False)))
+                         for t in doc.get("ties", ()))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ValueError(f"{where}: 'ties' must be a list of {{param, user, rows_bytes[, early, span, pieces]}} "
-                             f"objects ({err})") from None
+            raise ValueError(f"{where}: 'ties' must be a list of {{param, user, rows_bytes[, early, span, pieces, "
+                             f"deferrable]}} objects ({err})") from None
         return cls(tuple(parsed), dict(doc.get("meta", {})), bucket_cost, ties)
 
     def save(self, path: str | Path) -> None:
@@ -181,6 +186,12 @@ class Profile:
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}: cannot read profile JSON: {err}") from None
         return cls.from_dict(doc, where=str(path))
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"deferrable = {value!r}: expected true or false")
+    return value
 
 
 def layer_times(size: int, spans: Mapping[int, tuple[float, float]], forward_end: float,
@@ -251,7 +262,7 @@ def elementwise_max(profiles: Sequence[Profile]) -> Profile:
     def agreed(tie: Tie) -> Tie:  # the latest any rank has its parts ready
         same = [t for p in profiles for t in p.ties if t.param == tie.param]
         return replace(tie, rows_bytes=max(t.rows_bytes for t in same), early=min(t.early for t in same),
-                       span=max(t.span for t in same))
+                       span=max(t.span for t in same), deferrable=all(t.deferrable for t in same))
 
     ties = tuple(agreed(tie) for tie in first.ties)
     return Profile(layers, {**first.meta, "agreed": f"elementwise max over {len(profiles)} ranks"},

@@ -11,6 +11,9 @@
 * :func:`plan_of`: the WFBP or DeAR :class:`Plan` of a grouping without simulation (what
   the runtime runs when it is given no plan); the same submissions as :func:`wfbp` and
   :func:`dear`.
+* :func:`deferred`: a schedule with a tied embedding's all-gather deferred to its output
+  layer ([Note: deferred all-gathers in the timeline] in .simulator). The planners above plan
+  without deferral (``Problem(..., defer=False)``); the search scores both forms.
 
 The decoupled decision space: the AG of group g >= 1 stays in the forward phase (``"F"``),
 runs right behind RS(g) (``"B"``), or is merged into RS(g-1)'s submission (``"M"``); the AG
@@ -95,6 +98,7 @@ class Schedule:
             inputs_hash=inputs_hash,
             chunks=tuple(self.chunks.items()),
             split=tuple(g for g in problem.split if any(("rs", g) in sub for sub in self.backward)),
+            defer=tuple(problem.deferred),
         )
 
 
@@ -102,6 +106,27 @@ def _make(problem: Problem, name: str, backward: Sequence[Submission], forward: 
           sync: bool = False, **info: object) -> Schedule:
     backward, forward = tuple(backward), tuple(forward)
     return Schedule(name, simulate(problem, backward, forward, sync), backward, forward, sync, info)
+
+
+def deferred(problem: Problem, schedule: Schedule) -> Schedule | None:
+    """`schedule` (planned without deferral) with each of `problem`'s deferred groups' AG merged into its
+    output layer's group's forward-phase AG (last in the forward list if that one is in backward),
+    simulated on `problem`; None where a deferred group's AG is not in the forward phase."""
+    if not problem.deferred or schedule.sync_before_forward:
+        return None
+    forward = [list(sub) for sub in schedule.forward]
+    for g, user in problem.deferred.items():
+        holding = next((sub for sub in forward if ("ag", g) in sub), None)
+        if holding is None:
+            return None
+        holding.remove(("ag", g))
+        target = next((sub for sub in forward if ("ag", user) in sub), None)
+        if target is None:
+            forward.append(target := [])
+        target.insert(0, ("ag", g))
+    forward = [tuple(sub) for sub in forward if sub]
+    return Schedule(schedule.name, simulate(problem, schedule.backward, forward), schedule.backward,
+                    tuple(forward), False, {**schedule.info, "deferred": sorted(problem.deferred)}, schedule.chunks)
 
 
 def wfbp(problem: Problem) -> Schedule:
@@ -229,6 +254,12 @@ def pipedap(problem: Problem, check: bool = True) -> Schedule:
     return from_options(problem, "pipedap", options, moves=moves, checked=check)
 
 
+def _check_undeferred(problem: Problem) -> None:
+    if problem.deferred:  # the closed forms below know nothing of the fetches
+        raise ValueError("the greedy and exact planners plan without deferral: give them Problem(..., defer=False) "
+                         "and defer the result with schedules.deferred()")
+
+
 def _evaluate(problem: Problem, options: Sequence[str]) -> tuple[float, list[float], list[float], list[float]]:
     """The simulator's timeline of a decoupled schedule, computed directly from `options`.
 
@@ -237,6 +268,7 @@ def _evaluate(problem: Problem, options: Sequence[str]) -> tuple[float, list[flo
     it) but several times faster, which keeps the greedy within the planning-time budget.
     Under interference the two streams depend on each other, and the simulator itself answers.
     """
+    _check_undeferred(problem)
     if problem.interference:
         tl = simulate(problem, *decoupled(options))
         rs_ops = [("rs", g) for g in range(problem.size)]
@@ -301,6 +333,7 @@ def optimal(problem: Problem, max_states: int | None = None, seed: Schedule | No
     in t and Z, so among states with the same pending flag only the (t, Z) Pareto front
     matters, and a state whose lower bound cannot beat the incumbent is dropped.
     """
+    _check_undeferred(problem)
     seed = seed or pipedap(problem)
     max_states = max_states or max(MIN_STATES, STATE_BUDGET // problem.size)
     incumbent = seed.iteration_time

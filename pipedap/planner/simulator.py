@@ -55,6 +55,17 @@ parameters, ``Problem(..., split=False)``) so does the simulator. The split is n
 faster: its reduce-scatter runs beside the backward, delaying every reduce-scatter behind
 it, and the computing core moves its bytes while it computes; so the planner plans each
 fusion both ways and the plan lists the groups it splits (``Plan.split``).
+
+[Note: deferred all-gathers in the timeline]
+Where the runtime serves a split group's lookup from the shards (a deferrable tie whose output
+layer is in the last group; ``Problem(..., defer=True)``; pipedap/tied_lookup.py), the next
+forward's lookup fetches only its rows: a submission ``("rf", g)`` that the runtime issues
+before the forward list, once backward has ended (its cost is the rows' all-gather's, the
+same bytes the other way), and group g's forward waits for it instead of for AG(g). AG(g)
+stays in the forward list where the plan put it, and the group's update (``u[g]``) moves to the
+output layer's group, whose forward waits for AG(g) too. The planners plan without deferral;
+:func:`pipedap.planner.schedules.deferred` turns a schedule into its deferred form (AG(g)
+merged into the output layer's all-gather) and the search keeps whichever is faster.
 """
 
 from __future__ import annotations
@@ -75,7 +86,8 @@ from .profile import Profile
 class Problem:
     """Per-group inputs precomputed for fast simulation (groups in forward order)."""
 
-    def __init__(self, profile: Profile, cost: CostModel, shard_update: bool = False, split: bool = True) -> None:
+    def __init__(self, profile: Profile, cost: CostModel, shard_update: bool = False, split: bool = True,
+                 defer: bool = False) -> None:
         layers = profile.layers
         self.profile = profile
         self.cost = cost
@@ -85,13 +97,12 @@ class Problem:
         self.tb = [layer.tb for layer in layers]
         # u[g]: the update of g plus the bucket's fixed cost ([Note: a bucket's fixed cost] in .profile)
         self.u = [layer.u + profile.bucket_cost for layer in layers]
-        # w[g]: compute the forward spends on g (update, then forward; sharded: the forward only).
-        self.w = [tf if shard_update else u + tf for u, tf in zip(self.u, (layer.tf for layer in layers))]
         self.step_updates = sum(self.u) if shard_update else 0.0  # compute in step() (sharded updates)
         self.costs = {kind: [cost.of(kind).time(m) for m in self.nbytes] for kind in ("rs", "ag", "ar")}
         self.interference = cost.interference  # [Note: interference]
         self.startup = {kind: cost.of(kind).a for kind in ("rs", "ag", "ar")}
         self.startup["rsd"] = self.startup["rs"]
+        self.startup["rf"] = self.startup["ag"]
         # What merging an AG into an RS submission saves: the smaller of the two start-ups.
         self.merge_saving = min(self.startup["rs"], self.startup["ag"])
         self.ready = [0.0] * self.size
@@ -106,15 +117,22 @@ class Problem:
         self.costs["rsd"] = [0.0] * self.size
         # group -> (ready, cost) of the dense parts the FIFO runs before its backward submission (-1: after them all)
         self.dense_at: dict[int, list[tuple[float, float]]] = {}
+        # [Note: deferred all-gathers in the timeline]
+        self.deferred: dict[int, int] = {}  # split group -> the (last) group whose forward waits for its AG
+        self.costs["rf"] = [0.0] * self.size
+        # the update each group's forward pre-hook applies (sharded: none, step() does)
+        self.forward_update = [0.0] * self.size if shard_update else list(self.u)
         for tie in profile.ties if split and not shard_update else ():
-            self._split(tie)
+            self._split(tie, defer)
+        # w[g]: compute the forward spends on g (update, then forward)
+        self.w = [u + layer.tf for u, layer in zip(self.forward_update, layers)]
         self.link_start = min([self.ready[-1], *self.dense_ready.values()])  # the first gradient bytes exist
         # tail[g]: forward compute from the update of g to the end of the iteration.
         self.tail = [0.0] * (self.size + 1)
         for g in reversed(range(self.size)):
             self.tail[g] = self.tail[g + 1] + self.w[g]
 
-    def _split(self, tie) -> None:
+    def _split(self, tie, defer: bool) -> None:
         groups = [layer.params for layer in self.profile.layers]
         g = next((i for i, params in enumerate(groups) if params == (tie.param,)), None)
         user = tie.user_group(groups)
@@ -128,6 +146,26 @@ class Problem:
         before = next((h for h in reversed(range(self.size)) if self.ready[h] > ready), -1)  # as with_dense_parts
         self.dense_at.setdefault(before, []).append((ready, self.costs["rsd"][g]))
         self.dense_at[before].sort()
+        if defer and tie.deferrable and user == self.size - 1:
+            self.deferred[g] = user
+            self.costs["rf"][g] = self.costs["rs"][g]
+            self.forward_update[user] += self.forward_update[g]
+            self.forward_update[g] = 0.0
+
+    def with_fetches(self, forward: Sequence[Submission]) -> tuple[Submission, ...]:
+        """``forward`` after the lookups' fetches the runtime issues before it ([Note: deferred all-gathers in
+        the timeline])."""
+        for g in self.deferred:
+            if not any(("ag", g) in sub for sub in forward):
+                raise ValueError(f"group {g} is deferred (its lookup served from the shards) but its ag is not in the "
+                                 "forward list; plan it with Problem(..., defer=False)")
+        return (*((("rf", g),) for g in sorted(self.deferred)), *forward)
+
+    def forward_needs(self, g: int) -> tuple[Op, ...]:
+        """The ops whose end the forward of group g waits for (besides the AG or AR of g itself)."""
+        if g in self.deferred:
+            return (("rf", g),)
+        return tuple(("ag", tied) for tied, user in self.deferred.items() if user == g)
 
     def with_dense_parts(self, backward: Sequence[Submission]) -> tuple[Submission, ...]:
         """``backward`` with each split group's dense reduce-scatter where the runtime submits it: before
@@ -174,7 +212,7 @@ class Problem:
         merges (each saving one start-up); it cannot start before the gradients of G-1
         (or a tied dense part) exist, and after the last collective at least the forward of G-1 remains.
         """
-        decoupled = (sum(self.costs["rs"]) + sum(self.costs["ag"]) + sum(self.costs["rsd"])
+        decoupled = (sum(self.costs["rs"]) + sum(self.costs["ag"]) + sum(self.costs["rsd"]) + sum(self.costs["rf"])
                      - self.merge_saving * (self.size - 1))
         link = min(sum(self.costs["ar"]), decoupled)
         return max(self.compute_bound(), self.link_start + link + self.w[-1])
@@ -221,7 +259,7 @@ class Timeline:
         """(start, end) of the plan's own submissions: the timeline's without the dense parts it added
         ([Note: split reductions in the timeline]), as ``Prediction.times`` holds them."""
         return tuple((start, end) for sub, start, end in zip(self.submissions, self.starts, self.ends)
-                     if sub[0][0] != "rsd")
+                     if sub[0][0] not in ("rsd", "rf"))
 
     @property
     def link(self) -> tuple[LinkSpan, ...]:
@@ -250,7 +288,7 @@ def _compute_spans(problem: Problem, backward: Sequence[tuple[float, float]], up
     spans = [(f"B{g}", *backward[g]) for g in reversed(range(problem.size))]
     spans += [(f"U{g}", *span) for g, span in updates.items()]
     for g, (start, end) in enumerate(forward):
-        u = 0.0 if problem.shard_update else problem.u[g]
+        u = problem.forward_update[g]
         split = start + (end - start) * (u / problem.w[g]) if u > 0 else start
         if u > 0:
             spans.append((f"U{g}", start, split))
@@ -270,7 +308,7 @@ def simulate(
     sync_before_forward: bool = False,
 ) -> Timeline:
     """Simulate one iteration of a schedule (assumed valid: see ``plan.check_schedule``)."""
-    backward = problem.with_dense_parts(backward)
+    backward, forward = problem.with_dense_parts(backward), problem.with_fetches(forward)
     if problem.interference:
         subs = (*backward, *forward)
         return interfered(problem, subs, [problem.submission_cost(sub) for sub in subs], sync_before_forward)
@@ -287,7 +325,7 @@ def simulate(
         start = free
         for kind, g in sub:
             need = (updated.get(g, end_of[("rs", g)]) if kind == "ag" else problem.dense_ready[g] if kind == "rsd"
-                    else ready[g])
+                    else max(end_of[("rs", g)], problem.backward_end) if kind == "rf" else ready[g])
             if need > start:
                 start = need
         if len(sub) == 1:
@@ -327,6 +365,8 @@ def complete(
         done = end_of.get(("ag", g), end_of.get(("ar", g)))
         if done is None:
             raise ValueError(f"group {g} is never synchronised by the schedule (no ag or ar op)")
+        needs = [end_of[op] for op in problem.forward_needs(g)]  # [Note: deferred all-gathers in the timeline]
+        done = max(needs) if g in problem.deferred else max([done, *needs])
         if sync_before_forward:
             done = last
         if done > t:
@@ -348,25 +388,27 @@ def _plan_bound(problem: Problem, subs: Sequence[Submission], starts: Sequence[f
     if sync_before_forward:
         first_completed = 0
     else:  # the tail after the last submission: forward from the earliest group it completes
-        first_completed = min((g for kind, g in subs[-1] if kind in ("ag", "ar")), default=problem.size - 1)
+        first_completed = min((problem.deferred.get(g, g) for kind, g in subs[-1] if kind in ("ag", "ar")),
+                              default=problem.size - 1)  # (a deferred AG: the output layer's forward waits for it)
     busy = sum(ends) - sum(starts)
     return max(problem.compute_bound(), problem.link_start + busy + problem.tail[first_completed])
 
 
 def interfered(problem: Problem, subs: Sequence[Submission], durations: Sequence[float], sync_before_forward: bool,
                labels: Sequence[str] = ()) -> Timeline:
-    """The timeline of `subs` (in link order, tied dense parts included: :meth:`Problem.with_dense_parts`;
-    lasting `durations`) with compute slowed while the link
-    runs ([Note: interference]): the two streams simulated event by event.
+    """The timeline of `subs` (in link order, tied dense parts and lookup fetches included:
+    :meth:`Problem.with_dense_parts`, :meth:`Problem.with_fetches`; lasting `durations`) with compute
+    slowed while the link runs ([Note: interference]): the two streams simulated event by event.
 
     The compute stream runs backward (G-1 .. 0), the sharded updates of step() (in the order of the
     forward submissions' all-gathers), then the forward (0 .. G-1); the link runs `subs` in order.
     Each block starts when its stream is free and its input exists: RS/AR(g) the backward of g,
-    AG(g) the RS of g (sharded: the update of g); the forward of g all of g's AG/AR (WFBP: every
-    submission). Between two events the speed of compute is constant.
+    AG(g) the RS of g (sharded: the update of g), a fetch the rows and the end of backward; the forward
+    of g all of g's AG/AR (WFBP: every submission; deferred: [Note: deferred all-gathers in the
+    timeline]). Between two events the speed of compute is constant.
     """
     size, busy_rate = problem.size, 1.0 / (1.0 + problem.interference)
-    blocks: list[tuple[tuple[str, int], float, object]] = []
+    blocks: list[tuple[tuple[str, int], float, object]] = []  # (block, seconds, None | "all" | ops it waits for)
     for g in reversed(range(size)):  # a tied dense part is ready part-way through its user's backward: ("D", tied)
         start = problem.ready[g] - problem.tb[g]
         for ready, tied in sorted((problem.dense_ready[t], t) for t, user in problem.split.items() if user == g):
@@ -374,14 +416,16 @@ def interfered(problem: Problem, subs: Sequence[Submission], durations: Sequence
             start = ready
         blocks.append((("B", g), problem.ready[g] - start, None))
     if problem.shard_update:
-        blocks += [(("U", g), problem.u[g], ("rs", g)) for sub in subs for kind, g in sub if kind == "ag"]
+        blocks += [(("U", g), problem.u[g], (("rs", g),)) for sub in subs for kind, g in sub if kind == "ag"]
     last_needs: dict[Op, int] = {}  # an op's AR chunks: it is done when its last submission ends
     for i, sub in enumerate(subs):
         for op in sub:
             last_needs[op] = i
     for g in range(size):
-        done = ("ag", g) if ("ag", g) in last_needs else ("ar", g)
-        blocks.append((("F", g), problem.w[g], "all" if sync_before_forward else done))
+        needs = problem.forward_needs(g)  # [Note: deferred all-gathers in the timeline]
+        if g not in problem.deferred:
+            needs = (("ag", g) if ("ag", g) in last_needs else ("ar", g), *needs)
+        blocks.append((("F", g), problem.w[g], "all" if sync_before_forward else needs))
 
     ended: dict[object, float] = {}  # ("B", g), ("U", g), ("F", g) and ops -> end time
     span: dict[tuple[str, int], tuple[float, float]] = {}
@@ -390,9 +434,9 @@ def interfered(problem: Problem, subs: Sequence[Submission], durations: Sequence
 
     def link_can_start(i: int) -> bool:
         for kind, g in subs[i]:
-            need = (("U", g) if problem.shard_update else ("rs", g)) if kind == "ag" else (
-                ("D", g) if kind == "rsd" else ("B", g))
-            if need not in ended:
+            needs = ((("U", g) if problem.shard_update else ("rs", g)),) if kind == "ag" else (
+                (("D", g),) if kind == "rsd" else (("rs", g), ("B", 0)) if kind == "rf" else (("B", g),))
+            if any(need not in ended for need in needs):
                 return False
         return True
 
@@ -400,7 +444,7 @@ def interfered(problem: Problem, subs: Sequence[Submission], durations: Sequence
     while c < len(blocks) or li < len(subs):
         if left is None and c < len(blocks):
             need = blocks[c][2]
-            if need is None or (need == "all" and li == len(subs)) or (need != "all" and need in ended):
+            if need is None or (li == len(subs) if need == "all" else all(op in ended for op in need)):
                 left, c_start = blocks[c][1], now
         if link_end is None and li < len(subs) and link_can_start(li):
             starts[li], link_end = now, now + durations[li]

@@ -39,14 +39,14 @@ def random_problem(rng: random.Random, size: int) -> Problem:
         layers.append(Layer(f"l{i}", (f"l{i}.weight",), nbytes, tf, tb, rng.choice([0.0, tf / 10])))
     # Some have a tied embedding in group 0 whose dense part is ready with a later group ([Note: split
     # reductions in the timeline]), or with the first ready in backward (user ""), or part-way through its
-    # backward, in pieces.
+    # backward, in pieces; half of them the runtime could defer ([Note: deferred all-gathers in the timeline]).
     ties = ()
     if size > 1 and rng.random() < 0.3:
         user = rng.choice(["", *(f"l{i}.weight" for i in range(1, size))])
         pieces = rng.choice([1, 1, 2, 8])  # sent whole, or in pieces during the output layer's backward
         ties = (Tie("l0.weight", user, int(layers[0].nbytes * rng.uniform(0.0, 0.2)),
                     early=0.0 if pieces == 1 else rng.uniform(0, 0.02), span=0.0 if pieces == 1 else rng.uniform(0, 0.01),
-                    pieces=pieces),)
+                    pieces=pieces, deferrable=rng.random() < 0.5),)
     return Problem(Profile(tuple(layers), ties=ties), cost)
 
 

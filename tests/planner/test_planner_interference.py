@@ -45,9 +45,14 @@ def test_without_interference_the_event_simulation_is_the_plain_timeline(random_
         cases = [(problem, *schedules.decoupled(options), False),
                  (problem, [(("ar", g),) for g in reversed(range(problem.size))], [], True),
                  (sharded, *schedules.decoupled(["F"] * problem.size), False)]
+        deferring = Problem(problem.profile, problem.cost, defer=True)
+        if deferring.deferred:  # [Note: deferred all-gathers in the timeline]
+            variant = schedules.deferred(deferring, schedules.from_options(problem, "options", options))
+            cases.append((deferring, variant.backward, variant.forward, False))
         for case, backward, forward, sync in cases:
             plain = simulate(case, backward, forward, sync)
-            subs = (*case.with_dense_parts(backward), *forward)  # the link's submissions, tied dense parts too
+            # the link's submissions, tied dense parts and lookup fetches too
+            subs = (*case.with_dense_parts(backward), *case.with_fetches(forward))
             event = interfered(case, subs, [case.submission_cost(s) for s in subs], sync)
             assert event.starts == pytest.approx(plain.starts, rel=TOL, abs=1e-15)
             assert event.ends == pytest.approx(plain.ends, rel=TOL, abs=1e-15)

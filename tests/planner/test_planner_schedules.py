@@ -8,7 +8,7 @@ import pytest
 
 from pipedap.planner import schedules
 from pipedap.planner.plan import Group
-from pipedap.planner.simulator import simulate
+from pipedap.planner.simulator import Problem, simulate
 
 TOL = 1e-9
 
@@ -119,6 +119,13 @@ def test_order_and_bounds_on_random_instances(random_problems):
             tl = schedule.timeline
             assert tl.iteration_time >= tl.lower_bound * (1 - TOL), name
             assert tl.lower_bound >= bound * (1 - TOL), name
+        deferring = Problem(problem.profile, problem.cost, defer=True)  # [Note: deferred all-gathers in the timeline]
+        for name, schedule in result.items() if deferring.deferred else ():
+            if name in ("wfbp", "bytescheduler"):  # all-reduced: nothing to defer
+                assert schedules.deferred(deferring, schedule) is None
+                continue
+            tl = schedules.deferred(deferring, schedule).timeline
+            assert tl.iteration_time >= tl.lower_bound * (1 - TOL) >= deferring.lower_bound() * (1 - TOL) ** 2, name
 
 
 def test_optimal_equals_exhaustive_small(random_problems):

@@ -16,7 +16,7 @@ from pipedap.planner import fusion, make_plan, schedules
 from pipedap.planner.costmodel import AlphaBeta, CostModel
 from pipedap.planner.plan import Plan, PlanError
 from pipedap.planner.profile import Layer, Profile, Tie, elementwise_max
-from pipedap.planner.simulator import Problem, simulate
+from pipedap.planner.simulator import Problem, interfered, simulate
 
 HALF = AlphaBeta(1.0, 0.5)
 COST = CostModel(4, rs=HALF, ag=HALF, ar=AlphaBeta(2.0, 1.0))
@@ -131,3 +131,84 @@ def test_a_plan_carries_its_split_groups():
         dataclasses.replace(wfbp, split=(0,))
     with pytest.raises(PlanError, match="key 'split' must be a list of group indices"):
         Plan.from_json({**plan.to_dict(), "split": "0"})
+
+
+# --- [Note: deferred all-gathers in the timeline] ---------------------------------------------------------
+
+DEFERRABLE = dataclasses.replace(TIE, deferrable=True)
+# g1's forward takes 10 s, and g0 updates for 0.5 s: time enough for g0's all-gather beside the forward
+LONG = (dataclasses.replace(LAYERS[0], u=0.5), dataclasses.replace(LAYERS[1], tf=10.0), LAYERS[2])
+
+
+def long_problem(**options) -> Problem:
+    return Problem(Profile(LONG, ties=(DEFERRABLE,)), COST, **options)
+
+
+def test_a_deferred_all_gather_waits_for_the_output_layer_and_the_lookup_for_its_rows():
+    dear = schedules.dear(long_problem())
+    # rs2 1-3, rsd0 3-8, rs1 9-11, rows of g0 11-13, ag0 13-18, ag1 18-20, ag2 20-22;
+    # forward g0 18-19.5 (its update first), g1 20-30, g2 30-31.
+    assert dear.iteration_time == 31
+    deferred = schedules.deferred(long_problem(defer=True), dear)
+    assert deferred.forward == ((("ag", 1),), (("ag", 0), ("ag", 2)))
+    tl = deferred.timeline
+    # the fetch rf0 (its rows' cost, 2) right after the rows, 13-15; ag1 15-17; ag0 + ag2 merged (5 + 2 - 1)
+    # 17-23. Forward g0 15-16 (no update), g1 17-27, g2 (g0's update, then its own forward) 27-28.5.
+    assert tl.submissions[-3:] == ((("rf", 0),), (("ag", 1),), (("ag", 0), ("ag", 2)))
+    assert tl.starts[-3:] == (13, 15, 17) and tl.ends[-3:] == (15, 17, 23)
+    assert tl.forward_start == (15, 17, 27) and tl.iteration_time == 28.5
+    assert ("U2", 27, 27.5) in tl.compute_spans() and not any(label == "U0" for label, _, _ in tl.compute_spans())
+    assert tl.lower_bound <= tl.iteration_time
+    # the event simulation (no interference) agrees, fetches included
+    subs = (*tl.submissions,)
+    event = interfered(tl.problem, subs, [tl.problem.submission_cost(s) for s in subs], False)
+    assert event.starts == tl.starts and event.ends == tl.ends
+    assert event.forward_start == tl.forward_start and event.iteration_time == tl.iteration_time
+
+
+def test_the_plan_of_a_deferred_schedule_lists_it_and_only_its_own_submissions():
+    plan = schedules.deferred(long_problem(defer=True), schedules.dear(long_problem())).to_plan()
+    assert plan.split == (0,) and plan.defer == (0,)
+    assert all(kind in ("rs", "ag") for sub in (*plan.backward, *plan.forward) for kind, _ in sub)
+    assert plan.predicted.times[-2:] == ((15, 17), (17, 23)) and plan.predicted.iteration_time == 28.5
+    assert Plan.from_json(plan.to_json()) == plan
+    assert plan.digest() != dataclasses.replace(plan, defer=()).digest()  # ranks agree on it
+    assert "defer" not in schedules.dear(long_problem()).to_plan().to_dict()
+    with pytest.raises(PlanError, match="defer lists group 1; only a split group"):
+        dataclasses.replace(plan, defer=(1,))
+    with pytest.raises(PlanError, match="key 'defer' must be a list of group indices"):
+        Plan.from_json({**plan.to_dict(), "defer": [True]})
+
+
+def test_only_a_deferrable_tie_whose_output_layer_is_last_is_deferred():
+    assert long_problem(defer=True).deferred == {0: 2}
+    assert Problem(Profile(LONG, ties=(TIE,)), COST, defer=True).deferred == {}  # the runtime cannot
+    middle = dataclasses.replace(DEFERRABLE, user="mid.weight")
+    assert Problem(Profile(LONG, ties=(middle,)), COST, defer=True).deferred == {}  # a later forward needs it
+    assert long_problem(defer=True, split=False).deferred == {}
+    wfbp = schedules.wfbp(long_problem())
+    assert schedules.deferred(long_problem(defer=True), wfbp) is None  # all-reduced: nothing to defer
+    with pytest.raises(ValueError, match="plan without deferral"):
+        schedules.optimal(long_problem(defer=True))
+    with pytest.raises(ValueError, match="its ag is not in the forward list"):
+        simulate(long_problem(defer=True), [(("rs", 2),), (("rs", 1),), (("rs", 0),), (("ag", 0),)],
+                 [(("ag", 1),), (("ag", 2),)])
+
+
+def test_the_planner_defers_only_where_its_timeline_is_faster():
+    plan = make_plan(Profile(LONG, ties=(DEFERRABLE,)), COST, planner="dear", fusion="none")
+    assert plan.defer == (0,) and plan.predicted.iteration_time == 28.5
+    # with g1's forward short, the lookup's fetch and the merged all-gather cost more than they save:
+    # deferred, the forward of g2 would wait for ag0 until 23 (24 in all) instead of ending at 23
+    plan = make_plan(Profile(LAYERS, ties=(DEFERRABLE,)), COST, planner="dear", fusion="none")
+    assert plan.split == (0,) and plan.defer == () and plan.predicted.iteration_time == 23
+
+
+def test_deferrable_ties_round_trip_and_every_rank_must_be_able_to_defer(tmp_path):
+    profile = Profile(LAYERS, ties=(DEFERRABLE,))
+    profile.save(tmp_path / "p.json")
+    assert Profile.load(tmp_path / "p.json") == profile
+    assert "deferrable" not in Profile(LAYERS, ties=(TIE,)).to_dict()["ties"][0]
+    assert elementwise_max([profile, Profile(LAYERS, ties=(TIE,))]).ties == (TIE,)
+    with pytest.raises(ValueError, match="deferrable"):
+        Profile.from_dict({**profile.to_dict(), "ties": [{**profile.to_dict()["ties"][0], "deferrable": "yes"}]})
