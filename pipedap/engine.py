@@ -32,6 +32,7 @@ import atexit
 import logging
 import os
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -439,6 +440,25 @@ def remove_completion_listener(listener: Callable[[list[CompletedOp]], None]) ->
     _listeners.remove(listener)
 
 
+_blocking_wait_hooks: list[weakref.WeakMethod] = []
+
+
+def add_blocking_wait_hook(hook: Callable[[], None]) -> None:
+    """Call the bound method ``hook()`` before every wait for a Work that is not done yet (held weakly): so that
+    the engine thread, waiting for something this thread would offer later, stops waiting
+    ([Note: the lookup served from the shards] in pipedap.tied_lookup)."""
+    _blocking_wait_hooks.append(weakref.WeakMethod(hook))
+
+
+def _before_blocking_wait() -> None:
+    for ref in list(_blocking_wait_hooks):
+        hook = ref()
+        if hook is None:
+            _blocking_wait_hooks.remove(ref)
+        else:
+            hook()
+
+
 class Work:
     """A submission in flight: wait for it once, from whichever caller needs it first.
 
@@ -462,6 +482,8 @@ class Work:
         """The result tensors, in submission order (raises CommError if the submission failed)."""
         if self._results is None:
             if self._core_handle is not None:
+                if _blocking_wait_hooks and not self._core_handle.done():
+                    _before_blocking_wait()
                 while not self._core_handle.wait(0.5):  # wake up now and then so Ctrl-C works
                     pass
                 if _listeners:

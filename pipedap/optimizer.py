@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -247,6 +248,32 @@ class _DistributedMixin:
         """Each param group's options now (tensors copied: schedulers may update them in place)."""
         return [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in group.items() if k != "params"}
                 for group in self.param_groups]
+
+    def _pipedap_step_rows(self, param: torch.nn.Parameter, rows: torch.Tensor, grad: torch.Tensor,
+                           hyperparameters: list[dict]) -> torch.Tensor:
+        """What the wrapped optimizer's step makes of ``param``'s ``rows`` given their gradient, leaving ``param``
+        and its state as they are: a copy of the rows, with a copy of their state, stepped alone
+        ([Note: the lookup served from the shards] in pipedap.tied_lookup; element-wise rules only)."""
+        piece = torch.nn.Parameter(param.detach().index_select(0, rows))
+        piece.grad = grad
+        state = {key: (value.index_select(0, rows) if torch.is_tensor(value) and value.shape == param.shape
+                       else value.clone() if torch.is_tensor(value) else value)
+                 for key, value in self.state.get(param, {}).items()}
+        saved = [dict(group) for group in self.param_groups]
+        kept = self.state
+        try:
+            for group, hyper in zip(self.param_groups, hyperparameters):
+                holds = any(p is param for p in group["params"])
+                group.update(hyper)
+                group["params"] = [piece] if holds else []
+            self.state = collections.defaultdict(dict, {piece: state} if state else {})
+            super().step()
+        finally:
+            self.state = kept
+            for group, original in zip(self.param_groups, saved):
+                group.clear()
+                group.update(original)
+        return piece.detach()
 
     def _pipedap_apply_update(self, used: list[torch.nn.Parameter], hyperparameters: list[dict]) -> None:
         """The wrapped optimizer's step on ``used`` (parameters that got a gradient on some rank).
@@ -498,7 +525,8 @@ def DistributedOptimizer(
                                process_set=process_set)
     shard_pieces = _shard(wrapped, buckets) if shard_update else None
     reducer = Reducer(plan, buckets, wrapped._pipedap_apply_update, op=op, passes=backward_passes_per_step,
-                      process_set=process_set, online=online, shard_pieces=shard_pieces)
+                      process_set=process_set, online=online, shard_pieces=shard_pieces,
+                      step_rows=wrapped._pipedap_step_rows, elementwise=functools.cache(lambda: _elementwise(optimizer)))
     wrapped._pipedap = reducer
     if shard_pieces is not None:
         existing = shard_update_module.ranges_of_params(wrapped.state, wrapped._pipedap_index_of())
@@ -510,6 +538,15 @@ def DistributedOptimizer(
     log.info("DistributedOptimizer: schedule %s, %d buckets, %d parameters, %d ranks%s",
              schedule, len(buckets), len(named), world, f", gradients sent as {wire_dtype}" if wire_dtype else "")
     return wrapped
+
+
+def _elementwise(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every param group's rule is element-wise ([Note: element-wise optimizers] in pipedap.shard_update)."""
+    try:
+        shard_update_module.check_elementwise(optimizer)
+    except ValueError:
+        return False
+    return True
 
 
 def _shard(optimizer, buckets) -> list[list[shard_update_module.Piece]]:

@@ -10,7 +10,10 @@ hook per parameter and a forward pre-hook per module that owns parameters.
 A word embedding tied to an output layer, alone in its bucket, is reduced in two parts
 (pipedap/tied_split.py, [Note: tied embeddings]) where the plan says so (``Plan.split``): the
 runner then submits its rows where the plan has its reduce-scatter, and completes its shard
-before its all-gather.
+before its all-gather. Where the plan also defers it (``Plan.defer``), ``step()`` issues a fetch
+of the next lookup's rows before the forward list, the lookup runs on its rows stepped alone,
+and the group is finished by its output layer (pipedap/tied_lookup.py, [Note: the lookup served
+from the shards]).
 
 The update rule itself stays with the optimizer: the reducer calls
 ``apply_update(params, hyperparameters)`` once the buckets' communication is done.
@@ -35,7 +38,9 @@ reduce-scatter only one rank holds the flags): a bucket's update waits for nothi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -43,7 +48,7 @@ from typing import Callable
 
 import torch
 
-from pipedap import comm, engine
+from pipedap import comm, engine, settings
 from pipedap.buckets import Bucket
 from pipedap.online_planner import OnlinePlanner
 from pipedap.planner.plan import Plan
@@ -51,11 +56,16 @@ from pipedap.planner.profile import Tie
 from pipedap.process_sets import ProcessSet
 from pipedap.shard_update import Piece
 from pipedap.tied_embeddings import RowCounter, lookup_ties, split_enabled
+from pipedap.tied_lookup import ServedLookup, refusal
 from pipedap.tied_split import TiedSplit
+
+log = logging.getLogger("pipedap")
 
 # apply_update(parameters, or with shard_update their pieces, that got a gradient on some rank,
 #              param-group options in force at step())
 ApplyUpdate = Callable[[list[torch.nn.Parameter], list[dict]], None]
+# step_rows(parameter, rows, their gradient, param-group options): the rows as the optimizer's rule steps them
+StepRows = Callable[[torch.nn.Parameter, torch.Tensor, torch.Tensor, list[dict]], torch.Tensor]
 
 
 @dataclass
@@ -71,7 +81,8 @@ class Reducer:
 
     def __init__(self, plan: Plan, buckets: list[Bucket], apply_update: ApplyUpdate, *, op, passes: int,
                  process_set: ProcessSet, online: OnlinePlanner | None = None,
-                 shard_pieces: list[list[Piece]] | None = None):
+                 shard_pieces: list[list[Piece]] | None = None, step_rows: StepRows | None = None,
+                 elementwise: Callable[[], bool] = lambda: False):
         self.shard_pieces = shard_pieces  # per bucket: this rank's pieces, with shard_update ([Note: sharded steps])
         self.group_of_piece = {id(pc.tensor): pc.group for pieces in shard_pieces or () for pc in pieces}
         self.plan = plan.sharded() if shard_pieces is not None else plan
@@ -99,6 +110,9 @@ class Reducer:
         self.rows: RowCounter | None = None  # rows the tied embeddings look up, while the online planner measures
         self.splits: dict[int, TiedSplit] = {}  # tied embeddings reduced in two parts ([Note: tied embeddings])
         self.splitting: set[int] = set()  # those of them the current plan lets split
+        self.step_rows, self.elementwise = step_rows, elementwise  # the optimizer's, for served lookups
+        self.lookups: dict[int, ServedLookup] = {}  # split ones whose lookup can be served from the shards
+        self.deferring: set[int] = set()  # those of them the current plan defers
         self._new_step()
 
     # --- hooks ---------------------------------------------------------------------
@@ -123,10 +137,40 @@ class Reducer:
                 self.splits[g] = TiedSplit(self.buckets[g], users, op=self.op, process_set=self.process_set,
                                            tapping=lambda g=g: self.sync_enabled and g in self.splitting,
                                            lock=self._lock, on_pieces=functools.partial(self._pieces_ready, g))
+            self._serve_lookups(model, lookup_ties(model, self.buckets))
             self._choose_splits()
             if self.online is not None and self.splits:  # the planner may split them: it needs their rows
                 self.rows = RowCounter(model)
                 self.online.ties = self._ties
+
+    def _serve_lookups(self, model: torch.nn.Module, ties: dict) -> None:
+        """Make the split embeddings' lookups servable from the shards, where they can be ([Note: the lookup
+        served from the shards])."""
+        if not (settings.get("PIPEDAP_TIED_DEFER") and self.step_rows is not None):
+            return
+        for g, (embedding, _) in ties.items():
+            why = refusal(embedding, self.buckets[g].params[0], self.elementwise())
+            if why:
+                log.info("pipedap: the lookup of '%s' waits for its all-gather: %s", self.buckets[g].names[0], why)
+                continue
+            self.lookups[g] = ServedLookup(self.splits[g], embedding, self._step_rows,
+                                           finish=functools.partial(self.finish, [g]))
+        if self.lookups:
+            engine.add_blocking_wait_hook(self._decline_fetches)
+            model.register_forward_hook(self._forward_ended)
+
+    def _step_rows(self, param: torch.nn.Parameter, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """A served lookup's rows as the pending update will step them (its scale and hyperparameters)."""
+        return self.step_rows(param, rows, grad * self.pending_step.scale, self.pending_step.hyperparameters)
+
+    def _decline_fetches(self) -> None:
+        """Before this thread waits for communication: the lookups will not offer ids before that ends."""
+        for lookup in self.lookups.values():
+            lookup.decline()
+
+    def _forward_ended(self, *_) -> None:
+        """The model's forward hook: a deferred group its output layer did not finish is finished now."""
+        self.finish([g for g in sorted(self.deferring) if g in self.pending])
 
     def _pieces_ready(self, g: int, first: float, last: float) -> None:
         if self.online is not None:  # the planner times the pieces ([Note: ties in a profile])
@@ -134,12 +178,18 @@ class Reducer:
 
     def _ties(self) -> tuple[Tie, ...]:
         """The tied buckets as the planner's profile has them ([Note: ties in a profile])."""
-        names = {self.buckets[g].names[0] for g in self.splits}
-        return tuple(tie for tie in self.rows.ties() if tie.param in names)
+        group_of = {self.buckets[g].names[0]: g for g in self.splits}
+        return tuple(dataclasses.replace(tie, deferrable=group_of[tie.param] in self.lookups)
+                     for tie in self.rows.ties() if tie.param in group_of)
 
     def _choose_splits(self) -> None:
         """The tied buckets the plan splits (``Plan.split``: where the planner found it faster)."""
         self.splitting = {g for g in self.splits if g in self.plan.split}
+        self.deferring = {g for g in self.splitting if g in self.plan.defer and g in self.lookups}
+        for g in set(self.plan.defer) - self.deferring:
+            log.warning("pipedap: the plan defers bucket %d's all-gather, but its lookup cannot be served from the "
+                        "shards here (see [Note: the lookup served from the shards]): the lookup waits for the "
+                        "all-gather, which the plan put late", g)
 
     def _note_layout_once(self, p: torch.nn.Parameter) -> None:
         """Note whether p's first gradient comes sparse (an embedding's): it accumulates dense into the
@@ -186,11 +236,13 @@ class Reducer:
                 self._advance()
 
     def before_forward(self, module: torch.nn.Module, args) -> None:
-        """Forward pre-hook: finish the module's pending buckets (the online planner times it)."""
+        """Forward pre-hook: finish the module's pending buckets (the online planner times it), but for a
+        deferred embedding's that its lookup serves ([Note: the lookup served from the shards])."""
         for g in self.module_buckets.get(module, ()):
             enter = time.monotonic()
             self.update_seconds[g] = 0.0
-            if g in self.pending:
+            lookup = self.lookups.get(g)
+            if g in self.pending and not (lookup is not None and lookup.pending and module is lookup.embedding):
                 self.finish([g])
             if self.online is not None:
                 self.online.bucket_entered(g, enter, time.monotonic(), self.update_seconds[g])
@@ -287,6 +339,11 @@ class Reducer:
         if self.shard_pieces is not None:
             self._update_shards(hyperparameters)
         else:
+            if not self.forward_submitted:  # the lookups' fetches go first ([Note: the lookup served from the shards])
+                for g in sorted(self.deferring):
+                    self.splits[g].combine()
+                    with self._lock:
+                        self.lookups[g].submit_fetch()
             self.submit_forward()
         self.pending_step = _PendingStep(self.scale(), hyperparameters)
         self.pending = set(range(len(self.buckets)))

@@ -156,6 +156,10 @@ _DECLARED = [
             "layer (BERT, GPT-2) in two parts, the output layer's gradient early in backward (an `nn.Linear`'s in 8 "
             "pieces, each sent as soon as it is made) and the lookup's rows at its end, where its timeline is "
             "faster (pipedap/tied_split.py); 0: always whole", "optimizer"),
+    Setting("PIPEDAP_TIED_DEFER", "flag", "1", "1: where the planner finds it faster, a split tied embedding's "
+            "all-gather waits for its output layer and the next forward's lookup fetches just its batch's rows from "
+            "the reduce-scattered shards (element-wise optimizers, plain nn.Embedding; pipedap/tied_lookup.py); "
+            "0: never", "optimizer"),
     Setting("PIPEDAP_FUSION_BYTES", "int", "4194304", "without a plan: fuse consecutive modules into buckets "
             "of about this many bytes (0: one per module)", "optimizer"),
     Setting("PIPEDAP_CACHE_DIR", "path", "~/.cache/pipedap", "where measured cost models are cached",

@@ -159,6 +159,7 @@ class TiedSplit:
         self.dense_works: list[engine.Work] = []  # the pieces submitted, in order
         self.rows_work: engine.Work | None = None
         self.combined = False
+        self.used = False
 
     # --- backward: the dense part ------------------------------------------------------
 
@@ -294,4 +295,5 @@ class TiedSplit:
         flag_at = b.grad_numel - start  # the used flag ([Note: used flags] in pipedap.buckets)
         if 0 <= flag_at < n:
             b.shard[flag_at] = used.sum() * scale
+        self.used = bool(used.sum() > 0)  # some rank made a gradient (pipedap/tied_lookup.py needs it)
         self.combined = True

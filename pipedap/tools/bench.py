@@ -205,7 +205,10 @@ def predict(plan, args: argparse.Namespace, batch: tuple, loss_fn, say) -> tuple
         cost, source = measure.cost_model(), "measured on this cluster (pipedap.measure.cost_model, cached)"
     layer_of = {name: i for i, layer in enumerate(profile.layers) for name in layer.params}
     grouping = tuple(tuple(sorted({layer_of[p] for p in group.params})) for group in plan.groups)
-    problem = Problem(fusion.fuse(profile, grouping), cost, split=bool(plan.split))
+    if plan.defer:  # the runtime serves the lookups the plan defers (else it warns: the prediction assumes it does)
+        profile = dataclasses.replace(profile, ties=tuple(dataclasses.replace(t, deferrable=True)
+                                                          for t in profile.ties))
+    problem = Problem(fusion.fuse(profile, grouping), cost, split=bool(plan.split), defer=bool(plan.defer))
     timeline = simulate(problem, plan.backward, plan.forward, plan.sync_before_forward)
     say(f"  predicted {timeline.iteration_time * 1e3:.1f} ms per batch (cost model {source})")
     predicted = Prediction(timeline.iteration_time, timeline.lower_bound, timeline.plan_times)

@@ -5,7 +5,8 @@ link rate (reshaped in place), per model, runs every system with the same batch 
 iteration counts under ``pipedap.tools.bench``: PipeDAP with the exact planner (online plan),
 PipeDAP with the paper's greedy planner (``PIPEDAP_PLANNER=greedy``), PipeDAP planning as if
 communication cost compute nothing (``PipeDAP-plain``: ``PIPEDAP_INTERFERENCE=off``), PipeDAP reducing a tied
-word embedding whole (``PipeDAP-whole``: ``PIPEDAP_TIED_SPLIT=0``), DeAR, WFBP, ByteScheduler
+word embedding whole (``PipeDAP-whole``: ``PIPEDAP_TIED_SPLIT=0``), PipeDAP never serving its lookup from
+the shards (``PipeDAP-undeferred``: ``PIPEDAP_TIED_DEFER=0``), DeAR, WFBP, ByteScheduler
 (online plan of its piece order), DDP (gloo), Horovod (when it imports) and the pipelines, in
 interleaved rounds (see [Note: interleaved rounds] in :mod:`pipedap.tools.compare_sweep`).
 

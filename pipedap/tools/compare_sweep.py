@@ -68,6 +68,7 @@ SYSTEMS = (
     System("PipeDAP-greedy", "PipeDAP", {"PIPEDAP_PLANNER": "greedy"}),
     System("PipeDAP-plain", "PipeDAP", {"PIPEDAP_PLANNER": "optimal", "PIPEDAP_INTERFERENCE": "off"}),
     System("PipeDAP-whole", "PipeDAP", {"PIPEDAP_PLANNER": "optimal", "PIPEDAP_TIED_SPLIT": "0"}),
+    System("PipeDAP-undeferred", "PipeDAP", {"PIPEDAP_PLANNER": "optimal", "PIPEDAP_TIED_DEFER": "0"}),
     System("DeAR", "DeAR"),
     System("WFBP", "WFBP"),
     System("ByteScheduler", "ByteScheduler"),

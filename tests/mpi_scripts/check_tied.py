@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from pipedap import engine
 from pipedap.buckets import default_groups
 from pipedap.planner.plan import Group, Plan
 from pipedap.planner.schedules import plan_of
+from pipedap.tied_lookup import IDS_WAIT_SECONDS
 
 torch.set_default_dtype(torch.float64)
 hvd.init()
@@ -119,6 +121,26 @@ def split_plan(model, gather_in_backward=False) -> Plan:
     return dataclasses.replace(dear, backward=(*dear.backward, (("ag", 0),)), forward=dear.forward[1:], split=(0,))
 
 
+def deferred_plan(model) -> Plan:
+    """``split_plan`` with the embedding's all-gather deferred: merged into the decoder's, last
+    ([Note: the lookup served from the shards])."""
+    plan = split_plan(model)
+    last = len(plan.groups) - 1
+    forward = tuple((("ag", 0), *sub) if ("ag", last) in sub else sub for sub in plan.forward if ("ag", 0) not in sub)
+    return dataclasses.replace(plan, forward=forward, defer=(0,))
+
+
+class NormSGD(torch.optim.SGD):
+    """Each gradient scaled by its own norm first: not element-wise, so its lookups are never served."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.div_(p.grad.norm() + 1)
+        return super().step(closure)
+
+
 def setup(schedule="dear", op=hvd.Average, make_opt=lambda ps: torch.optim.Adam(ps, lr=0.01), plan=split_plan,
           decoder=nn.Linear):
     """The model, its wrapped optimizer (a bucket per module; by default DeAR's plan, split), the reference."""
@@ -145,6 +167,58 @@ def check_engaged_and_equal(what, plan, decoder=nn.Linear):
     if rows_bytes > param_bytes * 0.5:
         sys.exit(f"rank {R}: {what}: the rows all-gather moved {rows_bytes} bytes of a {param_bytes}-byte parameter")
     return rows_bytes, param_bytes
+
+
+def check_deferred():
+    """The lookup served from the shards: equal to single-process training, with Adam and with SGD (momentum,
+    weight decay); where a rank waits for something else first, or the rule is not element-wise, not served."""
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3)  # noqa: E731
+    served = {}
+    for name, make_opt in (("adam", lambda ps: torch.optim.Adam(ps, lr=0.01)), ("sgd", sgd)):
+        model, opt, reference, ref_opt = setup(make_opt=make_opt, plan=deferred_plan)
+        ops = Ops()
+        train(f"deferred, {name}", model, opt, reference, ref_opt, 4)
+        lookup, names = opt._pipedap.lookups.get(0), [n for n, _ in ops.seen]
+        if DEVICE.type == "cuda":  # the fetch is built on the engine thread, for host tensors only
+            if lookup is not None or opt._pipedap.deferring:
+                sys.exit(f"rank {R}: deferred on {DEVICE}")
+            continue
+        fetched = max(nbytes for n, nbytes in ops.seen if n == "fetchvalues.0")
+        if (opt._pipedap.deferring != {0} or lookup.served != 3 or names.count("fetchvalues.0") != 3
+                or fetched >= model.emb.weight.numel() * 8 * 0.5):
+            sys.exit(f"rank {R}: deferred, {name}: deferring {opt._pipedap.deferring}, served "
+                     f"{getattr(lookup, 'served', None)} times, ops {sorted(set(names))}")
+        served[name] = fetched
+    if DEVICE.type == "cuda":
+        return served
+
+    model, opt, reference, ref_opt = setup(plan=deferred_plan)
+    lookup, started = opt._pipedap.lookups[0], None
+    for step in range(4):
+        opt.zero_grad()
+        local_loss(model, step).backward()
+        opt.step()
+        reference_step(reference, ref_opt, step, P)
+        if step == 1 and R == 0:
+            opt.state_dict()  # rank 0 alone waits for the all-gathers before its next forward
+        if step == 2:  # every rank waits for a collective: the lookups decline, the engine waits for no ids
+            started = time.monotonic()
+            hvd.allreduce(torch.ones(1), name="between")
+            waited = time.monotonic() - started
+            if waited > IDS_WAIT_SECONDS / 2:
+                sys.exit(f"rank {R}: an allreduce between step() and the forward took {waited:.1f} s")
+    compare("deferred, interrupted", model, reference)
+    if lookup.served != (1 if R == 0 else 2):  # served at step 2 (and at 3 on the ranks that did not wait)
+        sys.exit(f"rank {R}: deferred, interrupted: served {lookup.served} times")
+
+    model, opt, reference, ref_opt = setup(make_opt=lambda ps: NormSGD(ps, lr=0.05), plan=deferred_plan)
+    train("deferred plan, rule not element-wise", model, opt, reference, ref_opt, 3)
+    if opt._pipedap.lookups or opt._pipedap.deferring:
+        sys.exit(f"rank {R}: a rule that is not element-wise was served from the shards")
+    model, opt, reference, ref_opt = setup(make_opt=sgd, plan=deferred_plan)  # (Adam from scratch would magnify
+    model.use_decoder = reference.use_decoder = False  # rounding) no decoder: the model's forward hook finishes it
+    train("deferred, no decoder", model, opt, reference, ref_opt, 3)
+    return served
 
 
 def check_online_planning():
@@ -272,6 +346,7 @@ if sys.argv[1] == "training":
                                 ("node hook", split_plan, OwnLinear)):
         rows_bytes, param_bytes = check_engaged_and_equal(what, plan, decoder)
         print(f"rank {R}: {what} OK: the tied weight's rows all-gather moved {rows_bytes} of {param_bytes} bytes")
+    print(f"rank {R}: deferred OK: the fetch moved {check_deferred()} bytes")
     print(f"rank {R}: pipedap OK: planned split {check_online_planning()}")
     check_paths()
     check_where_it_splits()

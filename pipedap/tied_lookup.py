@@ -1,0 +1,184 @@
+"""A split tied embedding's lookup served from the reduce-scattered shards, its all-gather deferred.
+
+[Note: the lookup served from the shards]
+After a split tied embedding's reduction (pipedap/tied_split.py) each rank's shard of the bucket
+holds the reduced gradient of one block of the matrix. The all-gather that makes it whole moves
+94 MB for BERT-base, and the next forward's first module, the lookup, waits for it and for the
+update behind it, although it needs only its batch's rows. Where the plan defers the group
+(``Plan.defer``), ``step()`` issues, before the forward list (where the planner put the group's
+all-gather late, merged with the output layer's):
+
+1. a *fetch* of the rows every rank's next lookup needs: an all-reduce (max) of a one-byte-per-row
+   mask, then an all-gather of the elements of those rows in each rank's shard. Shards are
+   consecutive blocks, so the all-gather's output, in rank order, is the reduced gradient of the
+   masked rows, row by row. Both are deferred submissions (``engine.submit_deferred``): the
+   engine thread builds the mask when the fetch comes up, from the token ids this rank's lookup
+   offers in its forward, waiting at most ``IDS_WAIT_SECONDS`` for them. A rank whose main thread
+   waits for something else first (another module's forward, ``optimizer.state_dict()``, any
+   blocking wait: ``engine.add_blocking_wait_hook``) declines at once and sends an empty mask.
+   So no rank ever waits on another rank's main thread: every rank submits the same operations at
+   ``step()``, and only what the mask holds depends on timing.
+2. In the lookup's forward, with its ids in the fetch: the rows' reduced gradient (times the step's
+   gradient scale) and a copy of the rows and of their optimizer state go through the wrapped
+   optimizer's rule (``step_rows``); the lookup runs with the stepped rows written into the weight,
+   and the old rows are put back after it. Without its ids in the fetch (declined, timed out) the
+   lookup waits for the all-gather and the update, as an undeferred group does.
+3. The output layer's forward pre-hook waits for the all-gather and applies the group's whole
+   update (the model's forward hook does it at the latest): every row then gets what single-process
+   training gives, the rows stepped in 2. included (the same element-wise rule on the same numbers).
+
+Only an element-wise optimizer ([Note: element-wise optimizers] in pipedap/shard_update.py), a
+plain ``nn.Embedding`` (its own forward, no ``max_norm``, dense gradients) on host tensors (the
+engine thread builds the fetch) qualify; :func:`refusal` says why not, the tie is then not
+deferrable and the planner does not defer it (``PIPEDAP_TIED_DEFER=0``: never).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pipedap import engine
+from pipedap.engine import core
+from pipedap.tied_split import TiedSplit
+
+log = logging.getLogger("pipedap")
+
+IDS_WAIT_SECONDS = 5.0  # how long the engine thread waits for this rank's lookup ids when the fetch comes up
+
+# step_rows(parameter, rows, their reduced gradient) -> the rows as the pending update steps them
+StepRows = Callable[[torch.nn.Parameter, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def refusal(embedding: torch.nn.Module, param: torch.nn.Parameter, elementwise: bool) -> str:
+    """Why the lookup of ``embedding`` cannot be served from the shards ("" if it can)."""
+    if not elementwise:
+        return "the optimizer's rule is not element-wise"
+    if type(embedding).forward is not torch.nn.Embedding.forward:
+        return f"{type(embedding).__name__} has its own forward"
+    if embedding.max_norm is not None or embedding.sparse:
+        return "the embedding renormalises rows (max_norm) or makes sparse gradients"
+    if param.device.type != "cpu":
+        return "the fetch is built on the engine thread, for host tensors only"
+    return ""
+
+
+class ServedLookup:
+    """One deferred tied embedding's fetch and lookup ([Note: the lookup served from the shards])."""
+
+    def __init__(self, split: TiedSplit, embedding: torch.nn.Embedding, step_rows: StepRows,
+                 finish: Callable[[], None]):
+        self.split, self.embedding, self.step_rows, self.finish = split, embedding, step_rows, finish
+        self.param = split.param
+        self._lock = threading.Lock()
+        self._offered = threading.Event()
+        self.ids: torch.Tensor | None = None  # this rank's distinct ids, as offered
+        self.open = False  # a fetch is submitted and this rank has not offered or declined yet
+        self.pending = False  # a fetch is submitted and the lookup has not used it yet
+        self.sent: torch.Tensor | None = None  # the ids this rank's mask held (None: declined, or timed out)
+        self.mask: torch.Tensor | None = None
+        self.mask_work: engine.Work | None = None
+        self.values: engine.Work | None = None
+        self.served = 0  # lookups run on rows stepped alone (for tests and logs)
+        self.used = False  # whether some rank made a gradient in the step fetched
+        embedding.forward = self.lookup
+
+    # --- step(): the fetch -----------------------------------------------------------
+
+    def submit_fetch(self) -> None:
+        """Issue the fetch (``step()``, the split group combined, before the forward list)."""
+        g, ps = self.split.bucket.index, self.split.process_set
+        with self._lock:
+            self.ids, self.sent, self.open, self.pending = None, None, True, True
+            self._offered.clear()
+        self.used = self.split.used  # (the split starts its next step before the lookup runs)
+        mask_like = torch.empty(0, dtype=torch.uint8)
+        self.mask_work = engine.submit_deferred([engine.unsized(core.OpKind.ALLREDUCE, f"fetch.{g}", mask_like, ps)],
+                                                self._build_mask)  # (held: the engine uses its tensors)
+        self.values = engine.submit_deferred(
+            [engine.unsized(core.OpKind.ALLGATHER, f"fetchvalues.{g}", self.split.bucket.shard, ps)],
+            self._build_values)
+
+    def decline(self) -> None:
+        """This rank's lookup will not offer ids this step: the engine thread need not wait for them."""
+        self._offer(None)
+
+    def _offer(self, ids: torch.Tensor | None) -> bool:
+        with self._lock:
+            if not self.open:
+                return False
+            self.ids, self.open = ids, False
+        self._offered.set()
+        return True
+
+    def _build_mask(self) -> list[engine.Collective]:
+        """Engine thread: the rows this rank looks up (waiting for its ids), to be or-ed over the ranks."""
+        if not self._offered.wait(IDS_WAIT_SECONDS):
+            self.decline()
+            log.info("pipedap: the lookup of bucket %d did not offer its ids within %.0f s of its fetch: it waits "
+                     "for the all-gather this step", self.split.bucket.index, IDS_WAIT_SECONDS)
+        self.mask = torch.zeros(self.param.shape[0], dtype=torch.uint8)
+        self.sent = self.ids
+        if self.sent is not None:
+            self.mask[self.sent] = 1
+        g, ps = self.split.bucket.index, self.split.process_set
+        return [engine.allreduce_collective(self.mask, self.mask, f"fetch.{g}", engine.Max, ps)]
+
+    def _build_values(self) -> list[engine.Collective]:
+        """Engine thread: the elements of the masked rows in this rank's shard, for an all-gather whose
+        output is their reduced gradient, row by row."""
+        b, ps, columns = self.split.bucket, self.split.process_set, self.param.shape[1]
+        rows = self.mask.nonzero().squeeze(1)
+        first, last = rows * columns, rows * columns + columns  # each row's elements: [first, last)
+        shard, numel = b.shard.numel(), self.param.numel()
+        counts = [int((last.clamp(max=min((r + 1) * shard, numel)) - first.clamp(min=r * shard)).clamp(min=0).sum())
+                  for r in range(ps.size())]  # the masked elements in each rank's shard
+        lo = b.shard_start
+        inside = (last > lo) & (first < lo + shard)
+        positions = (first[inside, None] + torch.arange(columns)).flatten() - lo
+        mine = b.shard[positions[(positions >= 0) & (positions < min(shard, numel - lo))]]
+        output = mine.new_empty(sum(counts))
+        return [engine.collective(core.OpKind.ALLGATHER, f"fetchvalues.{b.index}", mine, output, counts,
+                                  process_set=ps)]
+
+    # --- forward: the lookup -----------------------------------------------------------
+
+    def lookup(self, input: torch.Tensor) -> torch.Tensor:
+        """The embedding's forward: with a fetch pending, on the stepped rows of this batch."""
+        module = self.embedding
+        if not self.pending:
+            return torch.nn.Embedding.forward(module, input)
+        self.pending = False
+        served = self._serve(input)
+        if served is None:
+            self.finish()  # the whole all-gather and the update, as for an undeferred group
+            return torch.nn.Embedding.forward(module, input)
+        ids, stepped = served
+        with torch.no_grad():
+            old = self.param.index_select(0, ids)
+            self.param.index_copy_(0, ids, stepped)
+        try:
+            return F.embedding(input, self.param, module.padding_idx, module.max_norm, module.norm_type,
+                               module.scale_grad_by_freq, module.sparse)
+        finally:
+            with torch.no_grad():
+                self.param.index_copy_(0, ids, old)
+
+    def _serve(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(this batch's distinct ids, their rows stepped), or None if its ids are not in the fetch."""
+        ids = torch.unique(input.reshape(-1))
+        self._offer(ids)
+        self.mask_work.wait()
+        (values,) = self.values.wait()
+        if self.sent is not ids:
+            return None
+        self.served += 1
+        if not self.used:  # no rank made a gradient: the update leaves the parameter as it is
+            return ids, self.param.detach().index_select(0, ids)
+        fetched = self.mask.nonzero().squeeze(1)
+        grad = values.view(-1, self.param.shape[1])[torch.searchsorted(fetched, ids)]
+        return ids, self.step_rows(self.param, ids, grad)
