@@ -165,7 +165,8 @@ class OnlinePlanner:
             "pipedap: planned from %d measured steps in %.2f s: %s plan%s predicts %.1f ms per iteration "
             "(DeAR as measured: %.1f ms); switching now",
             self.steps, time.perf_counter() - started, plan.schedule,
-            f" (tied embedding split: bucket {', '.join(map(str, plan.split))})" if plan.split else "",
+            f" (tied embedding split: bucket {', '.join(map(str, plan.split))}"
+            f"{'; lookup served from the shards' if plan.defer else ''})" if plan.split else "",
             1e3 * plan.predicted.iteration_time if plan.predicted else float("nan"), 1e3 * measured,
         )
         return plan

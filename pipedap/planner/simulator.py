@@ -57,8 +57,8 @@ it, and the computing core moves its bytes while it computes; so the planner pla
 fusion both ways and the plan lists the groups it splits (``Plan.split``).
 
 [Note: deferred all-gathers in the timeline]
-Where the runtime serves a split group's lookup from the shards (a deferrable tie whose output
-layer is in the last group; ``Problem(..., defer=True)``; pipedap/tied_lookup.py), the next
+Where the runtime serves a split group's lookup from the shards (a deferrable tie;
+``Problem(..., defer=True)``; pipedap/tied_lookup.py), the next
 forward's lookup fetches only its rows: a submission ``("rf", g)`` that the runtime issues
 before the forward list, once backward has ended (its cost is the rows' all-gather's, the
 same bytes the other way), and group g's forward waits for it instead of for AG(g). AG(g)
@@ -118,7 +118,7 @@ class Problem:
         # group -> (ready, cost) of the dense parts the FIFO runs before its backward submission (-1: after them all)
         self.dense_at: dict[int, list[tuple[float, float]]] = {}
         # [Note: deferred all-gathers in the timeline]
-        self.deferred: dict[int, int] = {}  # split group -> the (last) group whose forward waits for its AG
+        self.deferred: dict[int, int] = {}  # split group -> the output layer's group, whose forward waits for its AG
         self.costs["rf"] = [0.0] * self.size
         # the update each group's forward pre-hook applies (sharded: none, step() does)
         self.forward_update = [0.0] * self.size if shard_update else list(self.u)
@@ -146,7 +146,7 @@ class Problem:
         before = next((h for h in reversed(range(self.size)) if self.ready[h] > ready), -1)  # as with_dense_parts
         self.dense_at.setdefault(before, []).append((ready, self.costs["rsd"][g]))
         self.dense_at[before].sort()
-        if defer and tie.deferrable and user == self.size - 1:
+        if defer and tie.deferrable:
             self.deferred[g] = user
             self.costs["rf"][g] = self.costs["rs"][g]
             self.forward_update[user] += self.forward_update[g]

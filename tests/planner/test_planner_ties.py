@@ -180,12 +180,17 @@ def test_the_plan_of_a_deferred_schedule_lists_it_and_only_its_own_submissions()
         Plan.from_json({**plan.to_dict(), "defer": [True]})
 
 
-def test_only_a_deferrable_tie_whose_output_layer_is_last_is_deferred():
+def test_only_a_deferrable_tie_is_deferred_and_its_output_layer_waits_for_it():
     assert long_problem(defer=True).deferred == {0: 2}
     assert Problem(Profile(LONG, ties=(TIE,)), COST, defer=True).deferred == {}  # the runtime cannot
-    middle = dataclasses.replace(DEFERRABLE, user="mid.weight")
-    assert Problem(Profile(LONG, ties=(middle,)), COST, defer=True).deferred == {}  # a later forward needs it
     assert long_problem(defer=True, split=False).deferred == {}
+    # an output layer before the last group (BERT's decoder, before the next-sentence head)
+    middle = Problem(Profile(LONG, ties=(dataclasses.replace(DEFERRABLE, user="mid.weight"),)), COST, defer=True)
+    assert middle.deferred == {0: 1}
+    undeferred = Problem(Profile(LONG, ties=(dataclasses.replace(TIE, user="mid.weight"),)), COST)
+    tl = schedules.deferred(middle, schedules.dear(undeferred)).timeline
+    assert tl.submissions[-3:] == ((("rf", 0),), (("ag", 0), ("ag", 1)), (("ag", 2),))
+    assert tl.forward_start[1] >= tl.end_of[("ag", 0)] and tl.forward_start[0] == tl.end_of[("rf", 0)]
     wfbp = schedules.wfbp(long_problem())
     assert schedules.deferred(long_problem(defer=True), wfbp) is None  # all-reduced: nothing to defer
     with pytest.raises(ValueError, match="plan without deferral"):
