@@ -40,7 +40,6 @@ import threading
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from pipedap import engine
 from pipedap.engine import core
@@ -162,8 +161,7 @@ class ServedLookup:
             old = self.param.index_select(0, ids)
             self.param.index_copy_(0, ids, stepped)
         try:
-            return F.embedding(input, self.param, module.padding_idx, module.max_norm, module.norm_type,
-                               module.scale_grad_by_freq, module.sparse)
+            return torch.nn.Embedding.forward(module, input)
         finally:
             with torch.no_grad():
                 self.param.index_copy_(0, ids, old)

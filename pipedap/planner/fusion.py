@@ -179,19 +179,18 @@ def score(profile: Profile, cost: CostModel, fusion: str, grouping: Grouping,
     timeline])."""
     fused = fuse(profile, grouping)
     problems = [Problem(fused, cost, shard_update)]
-    deferring = Problem(fused, cost, shard_update, defer=True) if problems[0].split else None
     if problems[0].split:
         problems.append(Problem(fused, cost, shard_update, split=False))
+        deferring = Problem(fused, cost, shard_update, defer=True)
+        problems += [deferring] if deferring.deferred else []
     out = []
     for problem in problems:
         for name in planners:
+            if problem.deferred and name in ("wfbp", "bytescheduler"):  # all-reduced: no all-gather to defer
+                continue
             start = time.perf_counter()
             schedule = PLANNERS[name](problem)
             out.append(Scored(fusion, grouping, schedule, time.perf_counter() - start))
-            if problem is problems[0] and deferring is not None:
-                variant = schedules.deferred(deferring, schedule)
-                if variant is not None:
-                    out.append(Scored(fusion, grouping, variant, time.perf_counter() - start))
     return out
 
 

@@ -11,13 +11,14 @@
 * :func:`plan_of`: the WFBP or DeAR :class:`Plan` of a grouping without simulation (what
   the runtime runs when it is given no plan); the same submissions as :func:`wfbp` and
   :func:`dear`.
-* :func:`deferred`: a schedule with a tied embedding's all-gather deferred to its output
-  layer ([Note: deferred all-gathers in the timeline] in .simulator). The planners above plan
-  without deferral (``Problem(..., defer=False)``); the search scores both forms.
+
+On a ``Problem(..., defer=True)`` ([Note: deferred all-gathers in the timeline] in .simulator)
+every decoupled schedule has each deferred group's AG merged into its output layer's group's,
+which stays in the forward phase like group 0's (``Problem.fixed_forward``).
 
 The decoupled decision space: the AG of group g >= 1 stays in the forward phase (``"F"``),
 runs right behind RS(g) (``"B"``), or is merged into RS(g-1)'s submission (``"M"``); the AG
-of group 0 stays first in the forward phase. :func:`decoupled` turns such a choice per
+of group 0 (and of ``fixed_forward`` groups) stays in the forward phase. :func:`decoupled` turns such a choice per
 group into submissions.
 """
 
@@ -104,29 +105,20 @@ class Schedule:
 
 def _make(problem: Problem, name: str, backward: Sequence[Submission], forward: Sequence[Submission] = (),
           sync: bool = False, **info: object) -> Schedule:
-    backward, forward = tuple(backward), tuple(forward)
+    backward, forward = tuple(backward), _merge_deferred(problem, forward)
     return Schedule(name, simulate(problem, backward, forward, sync), backward, forward, sync, info)
 
 
-def deferred(problem: Problem, schedule: Schedule) -> Schedule | None:
-    """`schedule` (planned without deferral) with each of `problem`'s deferred groups' AG merged into its
-    output layer's group's forward-phase AG (last in the forward list if that one is in backward),
-    simulated on `problem`; None where a deferred group's AG is not in the forward phase."""
-    if not problem.deferred or schedule.sync_before_forward:
-        return None
-    forward = [list(sub) for sub in schedule.forward]
+def _merge_deferred(problem: Problem, forward: Sequence[Submission]) -> tuple[Submission, ...]:
+    """`forward` with each deferred group's AG moved into the submission of its output layer's group's AG."""
+    subs = [list(sub) for sub in forward]
     for g, user in problem.deferred.items():
-        holding = next((sub for sub in forward if ("ag", g) in sub), None)
-        if holding is None:
-            return None
-        holding.remove(("ag", g))
-        target = next((sub for sub in forward if ("ag", user) in sub), None)
-        if target is None:
-            forward.append(target := [])
-        target.insert(0, ("ag", g))
-    forward = [tuple(sub) for sub in forward if sub]
-    return Schedule(schedule.name, simulate(problem, schedule.backward, forward), schedule.backward,
-                    tuple(forward), False, {**schedule.info, "deferred": sorted(problem.deferred)}, schedule.chunks)
+        holding = next((sub for sub in subs if ("ag", g) in sub), None)
+        target = next((sub for sub in subs if ("ag", user) in sub), None)
+        if holding is not None and target is not None:
+            holding.remove(("ag", g))
+            target.insert(0, ("ag", g))
+    return tuple(tuple(sub) for sub in subs if sub)
 
 
 def wfbp(problem: Problem) -> Schedule:
@@ -178,6 +170,10 @@ def plan_of(name: str, groups: Sequence[Group], world: int) -> Plan:
 
 def from_options(problem: Problem, name: str, options: Sequence[str], **info: object) -> Schedule:
     """The decoupled schedule of `options` (one of F/B/M per group), simulated."""
+    moved = [g for g in sorted(problem.fixed_forward) if g < len(options) and options[g] != FORWARD]
+    if moved:
+        raise ValueError(f"the AG of group {moved[0]} must stay in the forward phase (option 'F'): group 0's always, "
+                         "and under deferral its output layer's group's")
     backward, forward = decoupled(options)
     return _make(problem, name, backward, forward, options="".join(options), **info)
 
@@ -235,6 +231,8 @@ def pipedap(problem: Problem, check: bool = True) -> Schedule:
     a = problem.merge_saving
     moves = 0
     for n in range(1, size):
+        if n in problem.fixed_forward:
+            continue
         iteration, rs_start, rs_end, forward_end = current
         s_bc = rs_start[n - 1] - rs_end[n]
         s_fc = iteration - forward_end[n - 1] - problem.tail[n]
@@ -254,12 +252,6 @@ def pipedap(problem: Problem, check: bool = True) -> Schedule:
     return from_options(problem, "pipedap", options, moves=moves, checked=check)
 
 
-def _check_undeferred(problem: Problem) -> None:
-    if problem.deferred:  # the closed forms below know nothing of the fetches
-        raise ValueError("the greedy and exact planners plan without deferral: give them Problem(..., defer=False) "
-                         "and defer the result with schedules.deferred()")
-
-
 def _evaluate(problem: Problem, options: Sequence[str]) -> tuple[float, list[float], list[float], list[float]]:
     """The simulator's timeline of a decoupled schedule, computed directly from `options`.
 
@@ -268,9 +260,8 @@ def _evaluate(problem: Problem, options: Sequence[str]) -> tuple[float, list[flo
     it) but several times faster, which keeps the greedy within the planning-time budget.
     Under interference the two streams depend on each other, and the simulator itself answers.
     """
-    _check_undeferred(problem)
     if problem.interference:
-        tl = simulate(problem, *decoupled(options))
+        tl = from_options(problem, "options", options).timeline
         rs_ops = [("rs", g) for g in range(problem.size)]
         return (tl.iteration_time, [tl.start_of[op] for op in rs_ops], [tl.end_of[op] for op in rs_ops],
                 list(tl.forward_ends))
@@ -292,8 +283,8 @@ def _evaluate(problem: Problem, options: Sequence[str]) -> tuple[float, list[flo
             done[g] = t
     t = problem.run_dense_parts(t, -1)
     for g in range(size):
-        if options[g] == FORWARD:
-            t += ag[g]
+        if options[g] == FORWARD:  # (a deferred group: its fetch; its output layer's: both all-gathers)
+            t += problem.chain_ag[g]
             done[g] = t
     forward_end = [0.0] * size
     t = problem.backward_end
@@ -311,8 +302,9 @@ def exhaustive(problem: Problem) -> Schedule:
             f"use optimal() above {EXHAUSTIVE_MAX_GROUPS} groups"
         )
     every = (
-        from_options(problem, "exhaustive", (FORWARD, *rest))
-        for rest in itertools.product((FORWARD, BEHIND, MERGED), repeat=problem.size - 1)
+        from_options(problem, "exhaustive", options)
+        for options in itertools.product(*([FORWARD] if g in problem.fixed_forward else [FORWARD, BEHIND, MERGED]
+                                           for g in range(problem.size)))
     )
     return min(every, key=lambda schedule: schedule.iteration_time)
 
@@ -328,18 +320,18 @@ def optimal(problem: Problem, max_states: int | None = None, seed: Schedule | No
     over g (and the compute bound), and since AG(0) always runs in the forward phase,
     ``Z >= T_ag(0) + tail[0]`` dominates both the compute bound and every AG issued in
     backward (done[g] <= L, tail[g] <= tail[0]). Walking g = G-1 .. 0, Z updates as
-    ``Z = max(Z, tail[g]) + T_ag(g)`` when AG(g) stays in forward. A state is therefore
+    ``Z = max(Z, tail[g]) + T_ag(g)`` when AG(g) stays in forward (``Problem.chain_ag[g]``: under
+    deferral group 0's is its fetch, and its output layer's group's both all-gathers). A state is therefore
     (t = link free time, Z, AG(g) pending a merge into RS(g-1)); transitions are monotone
     in t and Z, so among states with the same pending flag only the (t, Z) Pareto front
     matters, and a state whose lower bound cannot beat the incumbent is dropped.
     """
-    _check_undeferred(problem)
     seed = seed or pipedap(problem)
     max_states = max_states or max(MIN_STATES, STATE_BUDGET // problem.size)
     incumbent = seed.iteration_time
     cutoff = incumbent - 1e-12 * incumbent
     size, rs, ag, ready, tail = problem.size, problem.costs["rs"], problem.costs["ag"], problem.ready, problem.tail
-    save = problem.merge_saving
+    chain, fixed, save = problem.chain_ag, problem.fixed_forward, problem.merge_saving
     # Over groups 0 .. h: prefix[h] sums the RS costs; link_floor[h] is a time before which
     # the link cannot finish RS(h) .. RS(0), whatever came earlier; ag_floor[h] sums the
     # least each AG of 1 .. h adds to the link or to the forward chain (cost minus a merge).
@@ -347,7 +339,7 @@ def optimal(problem: Problem, max_states: int | None = None, seed: Schedule | No
     for h in range(size):
         prefix[h] = (prefix[h - 1] if h else 0.0) + rs[h]
         link_floor[h] = max(link_floor[h - 1] if h else 0.0, ready[h] + prefix[h])
-        ag_floor[h] = (ag_floor[h - 1] + ag[h] - save) if h else 0.0
+        ag_floor[h] = (ag_floor[h - 1] + (chain[h] if h in fixed else min(chain[h], ag[h] - save))) if h else 0.0
 
     # States as parallel arrays: link free time t, forward term Z, pending merge flag.
     t, z, pending = np.zeros(1), np.full(1, -np.inf), np.zeros(1, dtype=bool)
@@ -360,13 +352,13 @@ def optimal(problem: Problem, max_states: int | None = None, seed: Schedule | No
         if g + 1 < size:
             end += np.where(pending, ag[g + 1] - save, 0.0)
         n = len(t)
-        choices = 3 if g else 1  # group 0's AG stays in forward
+        choices = 1 if g in fixed else 3  # group 0's AG stays in forward (and a deferred one's output layer's)
         child_t = np.concatenate([end, end + ag[g], end][:choices])
-        child_z = np.concatenate([np.maximum(z, tail[g]) + ag[g], z, z][:choices])
+        child_z = np.concatenate([np.maximum(z, tail[g]) + chain[g], z, z][:choices])
         child_pending = np.repeat(np.array([False, False, True])[:choices], n)
         parent = np.tile(np.arange(n), choices)
         option = np.repeat(np.arange(choices), n)
-        bound = _lower_bound(child_t, child_z, child_pending, g, (link_floor, prefix, ag_floor, ag, tail, save))
+        bound = _lower_bound(child_t, child_z, child_pending, g, (link_floor, prefix, ag_floor, ag, chain, tail, save))
         keep = _pareto(child_t, child_z, child_pending) & (bound < cutoff)
         kept = np.flatnonzero(keep)
         capped = len(kept) > max_states
@@ -407,6 +399,8 @@ def _polish(problem: Problem, options: str) -> list[str]:
     for _ in range(POLISH_PASSES):
         improved = False
         for g in range(1, problem.size):
+            if g in problem.fixed_forward:
+                continue
             for option in (FORWARD, BEHIND, MERGED):
                 if option == best[g]:
                     continue
@@ -439,12 +433,12 @@ def _lower_bound(t: np.ndarray, z: np.ndarray, pending: np.ndarray, g: int, floo
     Every remaining RS and, at least net of a merge, every remaining AG lands either on the
     link before its end L or on the forward chain Z; the iteration is L + Z.
     """
-    link_floor, prefix, ag_floor, ag, tail, save = floors
+    link_floor, prefix, ag_floor, ag, chain, tail, save = floors
     if g == 0:
         return t + z
-    chain = t + prefix[g - 1] + np.where(pending, ag[g] - save, 0.0)
-    link_end = np.maximum(chain, link_floor[g - 1])
-    return np.maximum(link_end + np.maximum(z, tail[0]) + ag[0], chain + ag_floor[g - 1] + z + ag[0])
+    head = t + prefix[g - 1] + np.where(pending, ag[g] - save, 0.0)
+    link_end = np.maximum(head, link_floor[g - 1])
+    return np.maximum(link_end + np.maximum(z, tail[0]) + chain[0], head + ag_floor[g - 1] + z + chain[0])
 
 
 def _renamed(schedule: Schedule, name: str, info: Mapping[str, object]) -> Schedule:

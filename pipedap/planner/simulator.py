@@ -57,15 +57,16 @@ it, and the computing core moves its bytes while it computes; so the planner pla
 fusion both ways and the plan lists the groups it splits (``Plan.split``).
 
 [Note: deferred all-gathers in the timeline]
-Where the runtime serves a split group's lookup from the shards (a deferrable tie;
-``Problem(..., defer=True)``; pipedap/tied_lookup.py), the next
+Where the runtime serves a split group's lookup from the shards (a deferrable tie, the embedding
+the first group; ``Problem(..., defer=True)``; pipedap/tied_lookup.py), the next
 forward's lookup fetches only its rows: a submission ``("rf", g)`` that the runtime issues
 before the forward list, once backward has ended (its cost is the rows' all-gather's, the
 same bytes the other way), and group g's forward waits for it instead of for AG(g). AG(g)
 stays in the forward list where the plan put it, and the group's update (``u[g]``) moves to the
-output layer's group, whose forward waits for AG(g) too. The planners plan without deferral;
-:func:`pipedap.planner.schedules.deferred` turns a schedule into its deferred form (AG(g)
-merged into the output layer's all-gather) and the search keeps whichever is faster.
+output layer's group u, whose forward waits for AG(g) too. The planners plan with it: AG(g) is
+merged into AG(u), which stays in the forward phase (``fixed_forward``; in the forward chain of
+[Note: the DP] g then costs the fetch, ``chain_ag[g]``, and u both all-gathers, ``chain_ag[u]``),
+and the search scores each fusion deferred and not.
 """
 
 from __future__ import annotations
@@ -126,6 +127,13 @@ class Problem:
             self._split(tie, defer)
         # w[g]: compute the forward spends on g (update, then forward)
         self.w = [u + layer.tf for u, layer in zip(self.forward_update, layers)]
+        # the groups whose AG the planners keep in the forward phase, and what each forward-phase AG adds to the
+        # forward chain ([Note: the DP] in .schedules): its cost, but a deferred group's fetch and merged AG
+        self.fixed_forward = frozenset({0, *self.deferred, *self.deferred.values()})
+        self.chain_ag = list(self.costs["ag"])
+        for g, user in self.deferred.items():
+            self.chain_ag[g] = self.costs["rf"][g]
+            self.chain_ag[user] += self.costs["ag"][g] - self.startup["ag"]
         self.link_start = min([self.ready[-1], *self.dense_ready.values()])  # the first gradient bytes exist
         # tail[g]: forward compute from the update of g to the end of the iteration.
         self.tail = [0.0] * (self.size + 1)
@@ -146,7 +154,7 @@ class Problem:
         before = next((h for h in reversed(range(self.size)) if self.ready[h] > ready), -1)  # as with_dense_parts
         self.dense_at.setdefault(before, []).append((ready, self.costs["rsd"][g]))
         self.dense_at[before].sort()
-        if defer and tie.deferrable:
+        if defer and tie.deferrable and g == 0:  # (the fetch goes first: the first group's, as the DP charges it)
             self.deferred[g] = user
             self.costs["rf"][g] = self.costs["rs"][g]
             self.forward_update[user] += self.forward_update[g]

@@ -47,7 +47,12 @@ def random_problem(rng: random.Random, size: int) -> Problem:
         ties = (Tie("l0.weight", user, int(layers[0].nbytes * rng.uniform(0.0, 0.2)),
                     early=0.0 if pieces == 1 else rng.uniform(0, 0.02), span=0.0 if pieces == 1 else rng.uniform(0, 0.01),
                     pieces=pieces, deferrable=rng.random() < 0.5),)
-    return Problem(Profile(tuple(layers), ties=ties), cost)
+    return Problem(Profile(tuple(layers), ties=ties), cost, defer=any(tie.deferrable for tie in ties))
+
+
+def random_options(rng: random.Random, problem: Problem) -> list[str]:
+    """A random decoupled choice per group: F, B or M, but F where the AG must stay in the forward phase."""
+    return ["F" if g in problem.fixed_forward else rng.choice("FBM") for g in range(problem.size)]
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 from pipedap.planner import schedules
 from pipedap.planner.costmodel import CostModel
 from pipedap.planner.simulator import Problem, interfered, simulate, simulate_bytescheduler
+from tests.planner.conftest import random_options
 
 LAYERS = [(4, 1.0, 2.0, 0.5), (2, 1.0, 1.0, 0.0)]  # as in test_planner_simulator: RS = AG = 1 + 0.5 M
 TOL = 1e-9
@@ -17,7 +18,8 @@ TOL = 1e-9
 
 def with_interference(problem: Problem, sigma: float, shard_update: bool | None = None) -> Problem:
     cost = dataclasses.replace(problem.cost, interference=sigma)
-    return Problem(problem.profile, cost, problem.shard_update if shard_update is None else shard_update)
+    return Problem(problem.profile, cost, problem.shard_update if shard_update is None else shard_update,
+                   defer=bool(problem.deferred))
 
 
 def test_dear_by_hand(make_problem):
@@ -40,15 +42,12 @@ def test_without_interference_the_event_simulation_is_the_plain_timeline(random_
     """``interfered`` without interference reproduces the closed-form timeline of every kind of schedule."""
     rng = random.Random(7)
     for problem in random_problems(40, 1, 20):
-        options = ["F"] + [rng.choice("FBM") for _ in range(problem.size - 1)]
+        chosen = schedules.from_options(problem, "options", random_options(rng, problem))
         sharded = Problem(problem.profile, problem.cost, shard_update=True)
-        cases = [(problem, *schedules.decoupled(options), False),
-                 (problem, [(("ar", g),) for g in reversed(range(problem.size))], [], True),
+        cases = [(problem, chosen.backward, chosen.forward, False),
                  (sharded, *schedules.decoupled(["F"] * problem.size), False)]
-        deferring = Problem(problem.profile, problem.cost, defer=True)
-        if deferring.deferred:  # [Note: deferred all-gathers in the timeline]
-            variant = schedules.deferred(deferring, schedules.from_options(problem, "options", options))
-            cases.append((deferring, variant.backward, variant.forward, False))
+        if not problem.deferred:  # (all-reduced: nothing to defer)
+            cases.append((problem, [(("ar", g),) for g in reversed(range(problem.size))], [], True))
         for case, backward, forward, sync in cases:
             plain = simulate(case, backward, forward, sync)
             # the link's submissions, tied dense parts and lookup fetches too
@@ -64,10 +63,10 @@ def test_without_interference_the_event_simulation_is_the_plain_timeline(random_
 
 def test_interference_only_slows_and_grows_with_it(random_problems):
     for problem in random_problems(40, 1, 20):
-        times = [simulate(with_interference(problem, sigma), *schedules.decoupled(["F"] * problem.size))
-                 .iteration_time for sigma in (0.0, 0.1, 1.0)]
+        times = [schedules.dear(with_interference(problem, sigma)).iteration_time for sigma in (0.0, 0.1, 1.0)]
         assert times[0] <= times[1] * (1 + TOL) and times[1] <= times[2] * (1 + TOL)
-        chunked = [simulate_bytescheduler(with_interference(problem, sigma), 1 << 20, 1 << 20).iteration_time
+        undeferred = Problem(problem.profile, problem.cost)  # (ByteScheduler all-reduces: nothing to defer)
+        chunked = [simulate_bytescheduler(with_interference(undeferred, sigma), 1 << 20, 1 << 20).iteration_time
                    for sigma in (0.0, 1.0)]
         assert chunked[0] <= chunked[1] * (1 + TOL)
 
@@ -76,9 +75,9 @@ def test_fast_evaluation_matches_the_simulator_under_interference(random_problem
     rng = random.Random(11)
     for problem in random_problems(20, 1, 15):
         problem = with_interference(problem, 0.5)
-        options = ["F"] + [rng.choice("FBM") for _ in range(problem.size - 1)]
+        options = random_options(rng, problem)
         fast = schedules._evaluate(problem, options)
-        tl = simulate(problem, *schedules.decoupled(options))
+        tl = schedules.from_options(problem, "options", options).timeline
         assert fast[0] == tl.iteration_time and fast[3] == list(tl.forward_ends)
 
 

@@ -145,11 +145,10 @@ def long_problem(**options) -> Problem:
 
 
 def test_a_deferred_all_gather_waits_for_the_output_layer_and_the_lookup_for_its_rows():
-    dear = schedules.dear(long_problem())
-    # rs2 1-3, rsd0 3-8, rs1 9-11, rows of g0 11-13, ag0 13-18, ag1 18-20, ag2 20-22;
+    # undeferred: rs2 1-3, rsd0 3-8, rs1 9-11, rows of g0 11-13, ag0 13-18, ag1 18-20, ag2 20-22;
     # forward g0 18-19.5 (its update first), g1 20-30, g2 30-31.
-    assert dear.iteration_time == 31
-    deferred = schedules.deferred(long_problem(defer=True), dear)
+    assert schedules.dear(long_problem()).iteration_time == 31
+    deferred = schedules.dear(long_problem(defer=True))
     assert deferred.forward == ((("ag", 1),), (("ag", 0), ("ag", 2)))
     tl = deferred.timeline
     # the fetch rf0 (its rows' cost, 2) right after the rows, 13-15; ag1 15-17; ag0 + ag2 merged (5 + 2 - 1)
@@ -159,7 +158,8 @@ def test_a_deferred_all_gather_waits_for_the_output_layer_and_the_lookup_for_its
     assert tl.forward_start == (15, 17, 27) and tl.iteration_time == 28.5
     assert ("U2", 27, 27.5) in tl.compute_spans() and not any(label == "U0" for label, _, _ in tl.compute_spans())
     assert tl.lower_bound <= tl.iteration_time
-    # the event simulation (no interference) agrees, fetches included
+    # the fast evaluation and the event simulation (no interference) agree, fetches included
+    assert schedules._evaluate(tl.problem, "FFF")[0] == 28.5
     subs = (*tl.submissions,)
     event = interfered(tl.problem, subs, [tl.problem.submission_cost(s) for s in subs], False)
     assert event.starts == tl.starts and event.ends == tl.ends
@@ -167,7 +167,7 @@ def test_a_deferred_all_gather_waits_for_the_output_layer_and_the_lookup_for_its
 
 
 def test_the_plan_of_a_deferred_schedule_lists_it_and_only_its_own_submissions():
-    plan = schedules.deferred(long_problem(defer=True), schedules.dear(long_problem())).to_plan()
+    plan = schedules.dear(long_problem(defer=True)).to_plan()
     assert plan.split == (0,) and plan.defer == (0,)
     assert all(kind in ("rs", "ag") for sub in (*plan.backward, *plan.forward) for kind, _ in sub)
     assert plan.predicted.times[-2:] == ((15, 17), (17, 23)) and plan.predicted.iteration_time == 28.5
@@ -180,24 +180,24 @@ def test_the_plan_of_a_deferred_schedule_lists_it_and_only_its_own_submissions()
         Plan.from_json({**plan.to_dict(), "defer": [True]})
 
 
-def test_only_a_deferrable_tie_is_deferred_and_its_output_layer_waits_for_it():
-    assert long_problem(defer=True).deferred == {0: 2}
+def test_only_a_deferrable_tie_is_deferred_and_its_output_layer_keeps_its_all_gather_in_forward():
+    deferring = long_problem(defer=True)
+    assert deferring.deferred == {0: 2} and deferring.fixed_forward == {0, 2}
+    assert deferring.chain_ag == [2, 2, 2 + 5 - 1]  # g0: its fetch; g2: both all-gathers, one start-up
     assert Problem(Profile(LONG, ties=(TIE,)), COST, defer=True).deferred == {}  # the runtime cannot
     assert long_problem(defer=True, split=False).deferred == {}
+    assert schedules.optimal(deferring).info["options"][2] == "F" and schedules.exhaustive(deferring).iteration_time \
+        == pytest.approx(schedules.optimal(deferring).iteration_time)
+    with pytest.raises(ValueError, match="the AG of group 2 must stay in the forward phase"):
+        schedules.from_options(deferring, "moved", "FFB")
+    with pytest.raises(ValueError, match="its ag is not in the forward list"):
+        schedules.wfbp(deferring)  # all-reduced: nothing to defer (the search does not ask)
     # an output layer before the last group (BERT's decoder, before the next-sentence head)
     middle = Problem(Profile(LONG, ties=(dataclasses.replace(DEFERRABLE, user="mid.weight"),)), COST, defer=True)
     assert middle.deferred == {0: 1}
-    undeferred = Problem(Profile(LONG, ties=(dataclasses.replace(TIE, user="mid.weight"),)), COST)
-    tl = schedules.deferred(middle, schedules.dear(undeferred)).timeline
+    tl = schedules.dear(middle).timeline
     assert tl.submissions[-3:] == ((("rf", 0),), (("ag", 0), ("ag", 1)), (("ag", 2),))
     assert tl.forward_start[1] >= tl.end_of[("ag", 0)] and tl.forward_start[0] == tl.end_of[("rf", 0)]
-    wfbp = schedules.wfbp(long_problem())
-    assert schedules.deferred(long_problem(defer=True), wfbp) is None  # all-reduced: nothing to defer
-    with pytest.raises(ValueError, match="plan without deferral"):
-        schedules.optimal(long_problem(defer=True))
-    with pytest.raises(ValueError, match="its ag is not in the forward list"):
-        simulate(long_problem(defer=True), [(("rs", 2),), (("rs", 1),), (("rs", 0),), (("ag", 0),)],
-                 [(("ag", 1),), (("ag", 2),)])
 
 
 def test_the_planner_defers_only_where_its_timeline_is_faster():
