@@ -217,11 +217,13 @@ class Problem:
         """A bound below every schedule the planner considers (any fusion held fixed).
 
         The link must carry every group once, either as AR or as RS+AG with at most G-1
-        merges (each saving one start-up); it cannot start before the gradients of G-1
+        merges (each saving one start-up; a deferred AG merged into another AG saves an AG's); it cannot start
+        before the gradients of G-1
         (or a tied dense part) exist, and after the last collective at least the forward of G-1 remains.
         """
+        merged = len(self.deferred)  # deferred AGs merged into their output layers' (which then merge no further)
         decoupled = (sum(self.costs["rs"]) + sum(self.costs["ag"]) + sum(self.costs["rsd"]) + sum(self.costs["rf"])
-                     - self.merge_saving * (self.size - 1))
+                     - self.merge_saving * (self.size - 1 - merged) - self.startup["ag"] * merged)
         link = min(sum(self.costs["ar"]), decoupled)
         return max(self.compute_bound(), self.link_start + link + self.w[-1])
 

@@ -209,7 +209,8 @@ class PipedapRuntime(_OverPipedap):
         merged = sum(len(sub) > 1 for sub in run.backward)
         return (f"{dist.description}: plan {run.schedule}, {len(run.groups)} buckets, {len(run.backward)} "
                 f"backward / {len(run.forward)} forward submissions" + (f" ({merged} merged)" if merged else "")
-                + (f", tied embedding split (bucket {', '.join(map(str, run.split))})" if run.split else ""))
+                + (f", tied embedding split (bucket {', '.join(map(str, run.split))}"
+                   + ("; lookup served from the shards" if run.defer else "") + ")" if run.split else ""))
 
     def listen(self, listener):
         from pipedap import engine

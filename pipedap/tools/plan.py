@@ -137,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.out:
             plan = make_plan(profile, cost, planner=args.schedule, fusion=candidates, shard_update=args.shard_update)
             plan.save(args.out)
-            split = f", tied embedding split: group {', '.join(map(str, plan.split))}" if plan.split else ""
+            split = (f", tied embedding split: group {', '.join(map(str, plan.split))}"
+                     + (" (lookup served from the shards)" if plan.defer else "") if plan.split else "")
             print(f"plan ({args.schedule}, fusion {chosen.fusion}, {len(plan.groups)} groups{split}, digest "
                   f"{plan.digest()[:12]}) written to {args.out}")
         if args.gantt:
