@@ -26,6 +26,11 @@ all-gather late, merged with the output layer's):
 3. The output layer's forward pre-hook waits for the all-gather and applies the group's whole
    update (the model's forward hook does it at the latest): every row then gets what single-process
    training gives, the rows stepped in 2. included (the same element-wise rule on the same numbers).
+   Until then the weight is the old one: code that reads it outside the lookup and the output layer
+   in between (rare) sees it stale; where autograd saved it for that use (a product with hidden
+   states that need a gradient) the update in place makes backward raise ("modified by an inplace
+   operation"), otherwise nothing says so: ``PIPEDAP_TIED_DEFER=0`` for such a model.
+   A second lookup in the same forward finishes the group first.
 
 Only an element-wise optimizer ([Note: element-wise optimizers] in pipedap/shard_update.py), a
 plain ``nn.Embedding`` (its own forward, no ``max_norm``, dense gradients) on host tensors (the
