@@ -33,7 +33,7 @@ import logging
 import os
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -249,6 +249,22 @@ class _DistributedMixin:
         return [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in group.items() if k != "params"}
                 for group in self.param_groups]
 
+    @contextlib.contextmanager
+    def _pipedap_narrowed(self, hyperparameters: list[dict], params_of: Callable[[int, list], list]):
+        """Param group i holds ``params_of(i, its params)`` and the ``hyperparameters`` in force at ``step()``
+        (an LR scheduler stepped in between must not change an update that belongs to the previous step);
+        the groups are put back afterwards."""
+        saved = [dict(group) for group in self.param_groups]
+        try:
+            for i, (group, hyper) in enumerate(zip(self.param_groups, hyperparameters)):
+                group.update(hyper)
+                group["params"] = params_of(i, group["params"])
+            yield
+        finally:
+            for group, original in zip(self.param_groups, saved):
+                group.clear()
+                group.update(original)
+
     def _pipedap_step_rows(self, param: torch.nn.Parameter, rows: torch.Tensor, grad: torch.Tensor,
                            hyperparameters: list[dict]) -> torch.Tensor:
         """What the wrapped optimizer's step makes of ``param``'s ``rows`` given their gradient, leaving ``param``
@@ -259,47 +275,30 @@ class _DistributedMixin:
         state = {key: (value.index_select(0, rows) if torch.is_tensor(value) and value.shape == param.shape
                        else value.clone() if torch.is_tensor(value) else value)
                  for key, value in self.state.get(param, {}).items()}
-        saved = [dict(group) for group in self.param_groups]
-        kept = self.state
-        try:
-            for group, hyper in zip(self.param_groups, hyperparameters):
-                holds = any(p is param for p in group["params"])
-                group.update(hyper)
-                group["params"] = [piece] if holds else []
-            self.state = collections.defaultdict(dict, {piece: state} if state else {})
-            super().step()
-        finally:
-            self.state = kept
-            for group, original in zip(self.param_groups, saved):
-                group.clear()
-                group.update(original)
+        with self._pipedap_narrowed(hyperparameters, lambda i, ps: [piece] if any(p is param for p in ps) else []):
+            self._pipedap_with_state(collections.defaultdict(dict, {piece: state} if state else {}), super().step)
         return piece.detach()
 
     def _pipedap_apply_update(self, used: list[torch.nn.Parameter], hyperparameters: list[dict]) -> None:
-        """The wrapped optimizer's step on ``used`` (parameters that got a gradient on some rank).
-
-        It runs with the hyperparameters in force at ``step()`` (pending buckets all come from
-        the same step): an LR scheduler stepped in between must not change an update that
-        belongs to the previous step.
-        """
+        """The wrapped optimizer's step on ``used`` (parameters that got a gradient on some rank), with the
+        hyperparameters in force at ``step()`` (pending buckets all come from the same step)."""
         ids = {id(p) for p in used}
-        saved = [dict(group) for group in self.param_groups]
         sparse = [(p, p.grad) for p in used if p in self._pipedap.sparse_grads]
         group_of_piece = self._pipedap.group_of_piece  # with shard_update, `used` are pieces
-        try:
-            for i, (group, hyper) in enumerate(zip(self.param_groups, hyperparameters)):
-                group.update(hyper)
-                group["params"] = ([t for t in used if group_of_piece[id(t)] == i] if group_of_piece
-                                   else [p for p in group["params"] if id(p) in ids])
-            for p, dense in sparse:  # as it came (SparseAdam takes sparse gradients only)
-                p.grad = dense.to_sparse()
-            super().step()
-        finally:
-            for p, dense in sparse:
-                p.grad = dense
-            for group, original in zip(self.param_groups, saved):
-                group.clear()
-                group.update(original)
+
+        def params_of(i: int, params: list) -> list:
+            if group_of_piece:
+                return [t for t in used if group_of_piece[id(t)] == i]
+            return [p for p in params if id(p) in ids]
+
+        with self._pipedap_narrowed(hyperparameters, params_of):
+            try:
+                for p, dense in sparse:  # as it came (SparseAdam takes sparse gradients only)
+                    p.grad = dense.to_sparse()
+                super().step()
+            finally:
+                for p, dense in sparse:
+                    p.grad = dense
 
 
 def _check_named_parameters(named_parameters) -> list[tuple[str, torch.nn.Parameter]]:

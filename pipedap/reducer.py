@@ -64,8 +64,9 @@ log = logging.getLogger("pipedap")
 # apply_update(parameters, or with shard_update their pieces, that got a gradient on some rank,
 #              param-group options in force at step())
 ApplyUpdate = Callable[[list[torch.nn.Parameter], list[dict]], None]
-# step_rows(parameter, rows, their gradient, param-group options): the rows as the optimizer's rule steps them
-StepRows = Callable[[torch.nn.Parameter, torch.Tensor, torch.Tensor, list[dict]], torch.Tensor]
+# optimizer_step_rows(parameter, rows, their gradient, param-group options): the rows as the optimizer's rule
+#                     steps them (pipedap.tied_lookup's StepRows is this with the pending step's options)
+OptimizerStepRows = Callable[[torch.nn.Parameter, torch.Tensor, torch.Tensor, list[dict]], torch.Tensor]
 
 
 @dataclass
@@ -81,7 +82,7 @@ class Reducer:
 
     def __init__(self, plan: Plan, buckets: list[Bucket], apply_update: ApplyUpdate, *, op, passes: int,
                  process_set: ProcessSet, online: OnlinePlanner | None = None,
-                 shard_pieces: list[list[Piece]] | None = None, step_rows: StepRows | None = None,
+                 shard_pieces: list[list[Piece]] | None = None, step_rows: OptimizerStepRows | None = None,
                  elementwise: Callable[[], bool] = lambda: False):
         self.shard_pieces = shard_pieces  # per bucket: this rank's pieces, with shard_update ([Note: sharded steps])
         self.group_of_piece = {id(pc.tensor): pc.group for pieces in shard_pieces or () for pc in pieces}
