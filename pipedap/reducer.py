@@ -155,7 +155,7 @@ class Reducer:
                 log.info("pipedap: the lookup of '%s' waits for its all-gather: %s", self.buckets[g].names[0], why)
                 continue
             self.lookups[g] = ServedLookup(self.splits[g], embedding, self._step_rows,
-                                           finish=functools.partial(self.finish, [g]))
+                                           finish=functools.partial(self._finish_pending, g))
         if self.lookups:
             engine.add_blocking_wait_hook(self._decline_fetches)
             model.register_forward_hook(self._forward_ended)
@@ -163,6 +163,10 @@ class Reducer:
     def _step_rows(self, param: torch.nn.Parameter, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """A served lookup's rows as the pending update will step them (its scale and hyperparameters)."""
         return self.step_rows(param, rows, grad * self.pending_step.scale, self.pending_step.hyperparameters)
+
+    def _finish_pending(self, g: int) -> None:
+        """Finish group g if its update is still pending (a served lookup's or output layer's)."""
+        self.finish([g] if g in self.pending else [])
 
     def _decline_fetches(self) -> None:
         """Before this thread waits for communication: the lookups will not offer ids before that ends."""
@@ -238,12 +242,15 @@ class Reducer:
 
     def before_forward(self, module: torch.nn.Module, args) -> None:
         """Forward pre-hook: finish the module's pending buckets (the online planner times it), but for a
-        deferred embedding's that its lookup serves ([Note: the lookup served from the shards])."""
+        deferred embedding's, which its lookup serves and its output layer finishes ([Note: the lookup served
+        from the shards], [Note: the output layer's own rows first])."""
         for g in self.module_buckets.get(module, ()):
             enter = time.monotonic()
             self.update_seconds[g] = 0.0
             lookup = self.lookups.get(g)
-            if g in self.pending and not (lookup is not None and lookup.pending and module is lookup.embedding):
+            left = lookup is not None and (lookup.pending and module is lookup.embedding
+                                           or lookup.output_pending and module in lookup.split.outputs)
+            if g in self.pending and not left:
                 self.finish([g])
             if self.online is not None:
                 self.online.bucket_entered(g, enter, time.monotonic(), self.update_seconds[g])
@@ -440,6 +447,9 @@ class Reducer:
             b.attach_grads()
             if scale != 1.0:
                 b.buffer[: b.grad_numel].mul_(scale)
+        for g in groups:
+            if g in self.lookups:  # finished: its output layer computes as usual
+                self.lookups[g].output_pending = False
         used = [p for g in groups for p in self.buckets[g].used_params()]
         started = time.perf_counter()
         if used:

@@ -26,7 +26,8 @@ all-gather late, merged with the output layer's):
 3. The output layer's forward pre-hook waits for the all-gather and applies the group's whole
    update (the model's forward hook does it at the latest): every row then gets what single-process
    training gives, the rows stepped in 2. included (the same element-wise rule on the same numbers).
-   Until then the weight is the old one: code that reads it outside the lookup and the output layer
+   The output layer computes the rows of this rank's shard first, while the all-gather travels
+   ([Note: the output layer's own rows first]). Until then the weight is the old one: code that reads it outside the lookup and the output layer
    in between (rare) sees it stale; where autograd saved it for that use (a product with hidden
    states that need a gradient) the update in place makes backward raise ("modified by an inplace
    operation"), otherwise nothing says so: ``PIPEDAP_TIED_DEFER=0`` for such a model.
@@ -36,6 +37,19 @@ Only an element-wise optimizer ([Note: element-wise optimizers] in pipedap/shard
 plain ``nn.Embedding`` (its own forward, no ``max_norm``, dense gradients) on host tensors (the
 engine thread builds the fetch) qualify; :func:`refusal` says why not, the tie is then not
 deferrable and the planner does not defer it (``PIPEDAP_TIED_DEFER=0``: never).
+
+[Note: the output layer's own rows first]
+The deferred all-gather is the last of the forward phase, and where the link is the bottleneck
+(BERT-base at 250 Mbit/s) the output layer waits for it and then computes its whole product
+(0.8 s on a CPU core) while the link idles. But the rows of this rank's shard need nothing from
+the link: their reduced gradient is in the shard since ``step()``. So a plain ``nn.Linear`` output
+layer (its product is :meth:`ServedLookup.output`: [Note: the dense part in pieces] in
+pipedap/tied_split.py) whose forward finds the group pending computes the columns of those rows
+first, from the rows stepped alone (as the lookup's are), then waits for the all-gather, applies
+the group's whole update (the same numbers for those rows) and computes the other columns. With
+N ranks that is 1/N of the product beside the all-gather. The plan puts the deferred all-gather in
+a submission of its own right after the output layer's group's, so that the layers before it in
+that group (BERT's transform, the decoder's bias) need not wait for it.
 """
 
 from __future__ import annotations
@@ -45,10 +59,11 @@ import threading
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from pipedap import engine
 from pipedap.engine import core
-from pipedap.tied_split import TiedSplit
+from pipedap.tied_split import TiedSplit, autocasting
 
 log = logging.getLogger("pipedap")
 
@@ -89,7 +104,10 @@ class ServedLookup:
         self.values: engine.Work | None = None
         self.served = 0  # lookups run on rows stepped alone (for tests and logs)
         self.used = False  # whether some rank made a gradient in the step fetched
+        self.output_pending = False  # the group's update waits for its output layer (step() until finished)
+        self.outputs_early = 0  # output layers run with their own rows first (for tests and logs)
         embedding.forward = self.lookup
+        split.product = self.output
 
     # --- step(): the fetch -----------------------------------------------------------
 
@@ -100,6 +118,7 @@ class ServedLookup:
             self.ids, self.sent, self.open, self.pending = None, None, True, True
             self._offered.clear()
         self.used = self.split.used  # (the split starts its next step before the lookup runs)
+        self.output_pending = True
         mask_like = torch.empty(0, dtype=torch.uint8)
         self.mask_work = engine.submit_deferred([engine.unsized(core.OpKind.ALLREDUCE, f"fetch.{g}", mask_like, ps)],
                                                 self._build_mask)  # (held: the engine uses its tensors)
@@ -185,3 +204,33 @@ class ServedLookup:
         fetched = self.mask.nonzero().squeeze(1)
         grad = values.view(-1, self.param.shape[1])[torch.searchsorted(fetched, ids)]
         return ids, self.step_rows(self.param, ids, grad)
+
+    # --- forward: the output layer ------------------------------------------------------
+
+    def output(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The output layer's product, ``F.linear(x, weight, bias)`` with the weight updated; where the group's
+        update is still pending, the rows of this rank's shard first ([Note: the output layer's own rows first])."""
+        if not self.output_pending:
+            return F.linear(x, weight, bias)
+        first, end = self._own_rows()
+        if first >= end or weight is not self.param or autocasting(x.device.type):
+            self.finish()
+            return F.linear(x, weight, bias)
+        if self.used:
+            columns, start = self.param.shape[1], self.split.bucket.shard_start
+            grad = self.split.bucket.shard[first * columns - start:end * columns - start].view(-1, columns)
+            stepped = self.step_rows(self.param, torch.arange(first, end), grad)
+        else:  # no rank made a gradient: the update leaves the parameter as it is
+            stepped = self.param.detach()[first:end]
+        x2d = x.reshape(-1, x.shape[-1])
+        own = F.linear(x2d, stepped, None if bias is None else bias[first:end])
+        self.finish()  # the all-gather, and the whole update: these rows become ``stepped``
+        self.outputs_early += 1
+        parts = [F.linear(x2d, weight[a:b], None if bias is None else bias[a:b]) for a, b in ((0, first), (end, None))]
+        return torch.cat([parts[0], own, parts[1]], 1).view(*x.shape[:-1], -1)
+
+    def _own_rows(self) -> tuple[int, int]:
+        """The rows wholly inside this rank's shard: [first, end) (empty where a boundary cuts its only row)."""
+        columns, start = self.param.shape[1], self.split.bucket.shard_start
+        stop = min(start + self.split.bucket.shard.numel(), self.param.numel())
+        return -(-start // columns), stop // columns

@@ -102,7 +102,7 @@ def _plain_linear(module: torch.nn.Module, weight: torch.nn.Parameter) -> bool:
             and module.weight is weight)
 
 
-def _autocasting(device_type: str) -> bool:
+def autocasting(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4: no device argument
@@ -114,9 +114,10 @@ class _PiecewiseLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, split, take):
+        output = split.product(x, weight, bias)  # (it may update the weight: saved after)
         ctx.save_for_backward(x, weight)
         ctx.split, ctx.take, ctx.has_bias = split, take, bias is not None
-        return F.linear(x, weight, bias)
+        return output
 
     @staticmethod
     @once_differentiable
@@ -140,6 +141,10 @@ class TiedSplit:
         self.lock = lock  # the reducer's: its submissions and this one's keep one order on every rank
         self.on_pieces = on_pieces  # told when an output layer's first and last pieces were ready (monotonic s)
         self.param = bucket.params[0]
+        # an output layer's product (F.linear's arguments); a deferred group's computes its own rows first
+        # ([Note: the output layer's own rows first] in pipedap/tied_lookup.py)
+        self.product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] = F.linear
+        self.outputs: list[torch.nn.Module] = []  # the plain nn.Linear output layers, which use it
         self.staging: torch.Tensor | None = None  # the tapped part, piece-major (made when first used)
         self.dense_shard: torch.Tensor | None = None  # its reduce-scattered block
         shard = bucket.shard.numel()
@@ -148,6 +153,7 @@ class TiedSplit:
         for module in users:
             if _plain_linear(module, self.param):
                 module.forward = functools.partial(self.linear, module)
+                self.outputs.append(module)
             else:
                 module.register_forward_hook(self._tap)
         self.new_step()
@@ -166,9 +172,9 @@ class TiedSplit:
     def linear(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """Forward of a plain ``nn.Linear`` output layer ([Note: the dense part in pieces])."""
         if not (torch.is_grad_enabled() and self.param.requires_grad):
-            return F.linear(x, module.weight, module.bias)
-        if _autocasting(x.device.type):  # autocast's linear casts and its backward casts back: tap it whole
-            output = F.linear(x, module.weight, module.bias)
+            return self.product(x, module.weight, module.bias)
+        if autocasting(x.device.type):  # autocast's linear casts and its backward casts back: tap it whole
+            output = self.product(x, module.weight, module.bias)
             self._tap(module, (x,), output)
             return output
         take = self.tapping()

@@ -77,6 +77,12 @@ class Tie:
     pieces: int = 1  # reduce-scatters the dense part is sent in
     deferrable: bool = False  # the lookup can be served from the shards, the all-gather deferred
 
+    @property
+    def output_forward(self) -> float:
+        """Seconds of the output layer's forward product, estimated from its weight gradient's pieces (a product
+        of the same size): ``span`` covers all but the first of them; 0 (unknown) for a gradient made whole."""
+        return self.span * self.pieces / (self.pieces - 1) if self.pieces > 1 else 0.0
+
     def user_group(self, groups: Sequence[Sequence[str]]) -> int | None:
         """Which of ``groups`` (parameter names, forward order) makes the dense part: the one holding ``user``,
         or, for "", the last (the first ready in backward); None if none holds it."""

@@ -13,7 +13,7 @@
   :func:`dear`.
 
 On a ``Problem(..., defer=True)`` ([Note: deferred all-gathers in the timeline] in .simulator)
-every decoupled schedule has each deferred group's AG merged into its output layer's group's,
+every decoupled schedule has each deferred group's AG right behind its output layer's group's,
 which stays in the forward phase like group 0's (``Problem.fixed_forward``).
 
 The decoupled decision space: the AG of group g >= 1 stays in the forward phase (``"F"``),
@@ -105,19 +105,20 @@ class Schedule:
 
 def _make(problem: Problem, name: str, backward: Sequence[Submission], forward: Sequence[Submission] = (),
           sync: bool = False, **info: object) -> Schedule:
-    backward, forward = tuple(backward), _merge_deferred(problem, forward)
+    backward, forward = tuple(backward), _place_deferred(problem, forward)
     return Schedule(name, simulate(problem, backward, forward, sync), backward, forward, sync, info)
 
 
-def _merge_deferred(problem: Problem, forward: Sequence[Submission]) -> tuple[Submission, ...]:
-    """`forward` with each deferred group's AG moved into the submission of its output layer's group's AG."""
+def _place_deferred(problem: Problem, forward: Sequence[Submission]) -> tuple[Submission, ...]:
+    """`forward` with each deferred group's AG moved, in a submission of its own, right behind the submission
+    of its output layer's group's AG."""
     subs = [list(sub) for sub in forward]
     for g, user in problem.deferred.items():
         holding = next((sub for sub in subs if ("ag", g) in sub), None)
-        target = next((sub for sub in subs if ("ag", user) in sub), None)
-        if holding is not None and target is not None:
+        at = next((i for i, sub in enumerate(subs) if ("ag", user) in sub), None)
+        if holding is not None and at is not None:
             holding.remove(("ag", g))
-            target.insert(0, ("ag", g))
+            subs.insert(at + 1, [("ag", g)])
     return tuple(tuple(sub) for sub in subs if sub)
 
 
@@ -265,7 +266,7 @@ def _evaluate(problem: Problem, options: Sequence[str]) -> tuple[float, list[flo
         rs_ops = [("rs", g) for g in range(problem.size)]
         return (tl.iteration_time, [tl.start_of[op] for op in rs_ops], [tl.end_of[op] for op in rs_ops],
                 list(tl.forward_ends))
-    size, rs, ag, ready, w = problem.size, problem.costs["rs"], problem.costs["ag"], problem.ready, problem.w
+    size, rs, ag, ready = problem.size, problem.costs["rs"], problem.costs["ag"], problem.ready
     save = problem.merge_saving
     rs_start, rs_end, done = [0.0] * size, [0.0] * size, [0.0] * size
     t = 0.0
@@ -282,14 +283,19 @@ def _evaluate(problem: Problem, options: Sequence[str]) -> tuple[float, list[flo
             t += ag[g]
             done[g] = t
     t = problem.run_dense_parts(t, -1)
+    deferred_done = {}
     for g in range(size):
         if options[g] == FORWARD:  # (a deferred group: its fetch; its output layer's: both all-gathers)
             t += problem.chain_ag[g]
             done[g] = t
+            if g in problem.output_rest:  # (its deferred AG went last)
+                tied = problem.output_rest[g][0]
+                done[g] -= ag[tied]
+                deferred_done[tied] = t
     forward_end = [0.0] * size
     t = problem.backward_end
     for g in range(size):
-        t = (t if t > done[g] else done[g]) + w[g]
+        t = problem.forward_end(g, t if t > done[g] else done[g], deferred_done.get)
         forward_end[g] = t
     return t, rs_start, rs_end, forward_end
 
@@ -320,8 +326,9 @@ def optimal(problem: Problem, max_states: int | None = None, seed: Schedule | No
     over g (and the compute bound), and since AG(0) always runs in the forward phase,
     ``Z >= T_ag(0) + tail[0]`` dominates both the compute bound and every AG issued in
     backward (done[g] <= L, tail[g] <= tail[0]). Walking g = G-1 .. 0, Z updates as
-    ``Z = max(Z, tail[g]) + T_ag(g)`` when AG(g) stays in forward (``Problem.chain_ag[g]``: under
-    deferral group 0's is its fetch, and its output layer's group's both all-gathers). A state is therefore
+    ``Z = max(Z, tail[g]) + T_ag(g)`` when AG(g) stays in forward (``Problem.chain_step``: under
+    deferral group 0's AG is its fetch, and its output layer's group's AG is followed by the deferred one,
+    which its forward's rest waits for). A state is therefore
     (t = link free time, Z, AG(g) pending a merge into RS(g-1)); transitions are monotone
     in t and Z, so among states with the same pending flag only the (t, Z) Pareto front
     matters, and a state whose lower bound cannot beat the incumbent is dropped.
@@ -354,7 +361,7 @@ def optimal(problem: Problem, max_states: int | None = None, seed: Schedule | No
         n = len(t)
         choices = 1 if g in fixed else 3  # group 0's AG stays in forward (and a deferred one's output layer's)
         child_t = np.concatenate([end, end + ag[g], end][:choices])
-        child_z = np.concatenate([np.maximum(z, tail[g]) + chain[g], z, z][:choices])
+        child_z = np.concatenate([problem.chain_step(z, g), z, z][:choices])
         child_pending = np.repeat(np.array([False, False, True])[:choices], n)
         parent = np.tile(np.arange(n), choices)
         option = np.repeat(np.arange(choices), n)

@@ -61,12 +61,15 @@ Where the runtime serves a split group's lookup from the shards (a deferrable ti
 the first group; ``Problem(..., defer=True)``; pipedap/tied_lookup.py), the next
 forward's lookup fetches only its rows: a submission ``("rf", g)`` that the runtime issues
 before the forward list, once backward has ended (its cost is the rows' all-gather's, the
-same bytes the other way), and group g's forward waits for it instead of for AG(g). AG(g)
-stays in the forward list where the plan put it, and the group's update (``u[g]``) moves to the
-output layer's group u, whose forward waits for AG(g) too. The planners plan with it: AG(g) is
-merged into AG(u), which stays in the forward phase (``fixed_forward``; in the forward chain of
-[Note: the DP] g then costs the fetch, ``chain_ag[g]``, and u both all-gathers, ``chain_ag[u]``),
-and the search scores each fusion deferred and not.
+same bytes the other way), and group g's forward waits for it instead of for AG(g). The group's
+update (``u[g]``) moves to the output layer's group u. The planners put AG(g) in a submission of
+its own right after AG(u), which stays in the forward phase (``fixed_forward``). The forward of u
+waits for AG(u) only; what waits for AG(g) as well (``output_rest[u]``) is g's update and the
+output layer's product but for the rows of this rank's shard, which it computes first, from the
+rows stepped alone (an extra ``u[g] / N`` in ``w[u]``; [Note: the output layer's own rows first]
+in pipedap/tied_lookup.py; the product's time is the tie's ``output_forward``). In the forward
+chain of [Note: the DP] g costs the fetch, ``chain_ag[g]``, and u both all-gathers
+(:meth:`Problem.chain_step`). The search scores each fusion deferred and not.
 """
 
 from __future__ import annotations
@@ -120,6 +123,8 @@ class Problem:
         self.dense_at: dict[int, list[tuple[float, float]]] = {}
         # [Note: deferred all-gathers in the timeline]
         self.deferred: dict[int, int] = {}  # split group -> the output layer's group, whose forward waits for its AG
+        # the output layer's group -> (its deferred group, the compute of its forward that waits for that AG)
+        self.output_rest: dict[int, tuple[int, float]] = {}
         self.costs["rf"] = [0.0] * self.size
         # the update each group's forward pre-hook applies (sharded: none, step() does)
         self.forward_update = [0.0] * self.size if shard_update else list(self.u)
@@ -128,12 +133,14 @@ class Problem:
         # w[g]: compute the forward spends on g (update, then forward)
         self.w = [u + layer.tf for u, layer in zip(self.forward_update, layers)]
         # the groups whose AG the planners keep in the forward phase, and what each forward-phase AG adds to the
-        # forward chain ([Note: the DP] in .schedules): its cost, but a deferred group's fetch and merged AG
+        # link in the forward chain ([Note: the DP] in .schedules): its cost, but a deferred group's fetch, and
+        # its output layer's group's both all-gathers
         self.fixed_forward = frozenset({0, *self.deferred, *self.deferred.values()})
         self.chain_ag = list(self.costs["ag"])
         for g, user in self.deferred.items():
             self.chain_ag[g] = self.costs["rf"][g]
-            self.chain_ag[user] += self.costs["ag"][g] - self.startup["ag"]
+            self.chain_ag[user] += self.costs["ag"][g]
+            self.w[user] += self.u[g] / cost.world_size  # this rank's rows stepped alone first
         self.link_start = min([self.ready[-1], *self.dense_ready.values()])  # the first gradient bytes exist
         # tail[g]: forward compute from the update of g to the end of the iteration.
         self.tail = [0.0] * (self.size + 1)
@@ -157,6 +164,9 @@ class Problem:
         if defer and tie.deferrable and g == 0:  # (the fetch goes first: the first group's, as the DP charges it)
             self.deferred[g] = user
             self.costs["rf"][g] = self.costs["rs"][g]
+            tf = self.profile.layers[user].tf  # (the product is part of it; unknown: all of it)
+            product = min(tie.output_forward, tf) if tie.output_forward else tf
+            self.output_rest[user] = (g, self.forward_update[g] + product * (1.0 - 1.0 / self.cost.world_size))
             self.forward_update[user] += self.forward_update[g]
             self.forward_update[g] = 0.0
 
@@ -169,11 +179,32 @@ class Problem:
                                  "forward list; plan it with Problem(..., defer=False)")
         return (*((("rf", g),) for g in sorted(self.deferred)), *forward)
 
-    def forward_needs(self, g: int) -> tuple[Op, ...]:
-        """The ops whose end the forward of group g waits for (besides the AG or AR of g itself)."""
-        if g in self.deferred:
-            return (("rf", g),)
-        return tuple(("ag", tied) for tied, user in self.deferred.items() if user == g)
+    def chain_step(self, z, g: int):
+        """The forward-chain term Z of [Note: the DP] (.schedules; a float or an array) with group g's
+        forward-phase all-gathers put before the later ones': ``max(Z, tail[g]) + chain_ag[g]``, and for the
+        output layer's group of a deferred one, whose AG comes right after g's, that AG first."""
+        if g in self.output_rest:
+            tied, rest = self.output_rest[g]
+            z = np.maximum(z, rest + self.tail[g + 1]) + self.costs["ag"][tied]
+            return np.maximum(z, self.tail[g]) + (self.chain_ag[g] - self.costs["ag"][tied])
+        return np.maximum(z, self.tail[g]) + self.chain_ag[g]
+
+    def forward_end(self, g: int, start: float, end_of_ag) -> float:
+        """When the forward of group g, started at ``start``, ends; ``end_of_ag(h)``: when AG(h) ends (the
+        output layer's group of a deferred AG waits for it part-way: [Note: deferred all-gathers in the
+        timeline])."""
+        if g not in self.output_rest:
+            return start + self.w[g]
+        tied, rest = self.output_rest[g]
+        return max(start + self.w[g] - rest, end_of_ag(tied)) + rest
+
+    def tail_after(self, op: Op) -> float:
+        """The least forward compute left once ``op`` (an AG or AR) has ended."""
+        kind, g = op
+        if g in self.deferred and kind == "ag":
+            user = self.deferred[g]
+            return self.output_rest[user][1] + self.tail[user + 1]
+        return self.tail[g]
 
     def with_dense_parts(self, backward: Sequence[Submission]) -> tuple[Submission, ...]:
         """``backward`` with each split group's dense reduce-scatter where the runtime submits it: before
@@ -217,15 +248,15 @@ class Problem:
         """A bound below every schedule the planner considers (any fusion held fixed).
 
         The link must carry every group once, either as AR or as RS+AG with at most G-1
-        merges (each saving one start-up; a deferred AG merged into another AG saves an AG's); it cannot start
-        before the gradients of G-1
-        (or a tied dense part) exist, and after the last collective at least the forward of G-1 remains.
+        merges (each saving one start-up); it cannot start before the gradients of G-1
+        (or a tied dense part) exist, and after the last collective at least the forward of G-1 remains (or the
+        part of an output layer's forward that waits for a deferred AG, and the forward after it).
         """
-        merged = len(self.deferred)  # deferred AGs merged into their output layers' (which then merge no further)
         decoupled = (sum(self.costs["rs"]) + sum(self.costs["ag"]) + sum(self.costs["rsd"]) + sum(self.costs["rf"])
-                     - self.merge_saving * (self.size - 1 - merged) - self.startup["ag"] * merged)
+                     - self.merge_saving * (self.size - 1))
         link = min(sum(self.costs["ar"]), decoupled)
-        return max(self.compute_bound(), self.link_start + link + self.w[-1])
+        final = min([self.w[-1], *(self.tail_after(("ag", g)) for g in self.deferred)])  # (tail_after's least)
+        return max(self.compute_bound(), self.link_start + link + final)
 
     def run_dense_parts(self, t, g: int):
         """Link free time ``t`` (a float or an array) after the dense parts the FIFO puts before group g's
@@ -371,20 +402,21 @@ def complete(
     t = problem.backward_end
     if update_end:  # sharded: the forward starts when step() has updated every shard
         t = max(t, *update_end.values())
+    forward = []
     for g in range(problem.size):
         done = end_of.get(("ag", g), end_of.get(("ar", g)))
         if done is None:
             raise ValueError(f"group {g} is never synchronised by the schedule (no ag or ar op)")
-        needs = [end_of[op] for op in problem.forward_needs(g)]  # [Note: deferred all-gathers in the timeline]
-        done = max(needs) if g in problem.deferred else max([done, *needs])
+        if g in problem.deferred:  # [Note: deferred all-gathers in the timeline]
+            done = end_of[("rf", g)]
         if sync_before_forward:
             done = last
         if done > t:
             t = done
         starts_fwd.append(t)
-        t += problem.w[g]
+        t = problem.forward_end(g, t, lambda h: end_of[("ag", h)])
+        forward.append((starts_fwd[-1], t))
     update_end = update_end or {}
-    forward = [(start, start + w) for start, w in zip(starts_fwd, problem.w)]
     compute = _compute_spans(problem, [(r - tb, r) for r, tb in zip(problem.ready, problem.tb)],
                              {g: (end - problem.u[g], end) for g, end in update_end.items()}, forward)
     return Timeline(problem, tuple(subs), tuple(starts), tuple(ends), start_of, end_of,
@@ -396,12 +428,11 @@ def _plan_bound(problem: Problem, subs: Sequence[Submission], starts: Sequence[f
                 sync_before_forward: bool) -> float:
     """This plan's lower bound: compute alone, or head + link busy + the forward after the last submission."""
     if sync_before_forward:
-        first_completed = 0
-    else:  # the tail after the last submission: forward from the earliest group it completes
-        first_completed = min((problem.deferred.get(g, g) for kind, g in subs[-1] if kind in ("ag", "ar")),
-                              default=problem.size - 1)  # (a deferred AG: the output layer's forward waits for it)
+        rest = problem.tail[0]
+    else:  # the forward after the last submission: from the earliest group it completes
+        rest = min((problem.tail_after(op) for op in subs[-1] if op[0] in ("ag", "ar")), default=problem.w[-1])
     busy = sum(ends) - sum(starts)
-    return max(problem.compute_bound(), problem.link_start + busy + problem.tail[first_completed])
+    return max(problem.compute_bound(), problem.link_start + busy + rest)
 
 
 def interfered(problem: Problem, subs: Sequence[Submission], durations: Sequence[float], sync_before_forward: bool,
@@ -431,13 +462,14 @@ def interfered(problem: Problem, subs: Sequence[Submission], durations: Sequence
     for i, sub in enumerate(subs):
         for op in sub:
             last_needs[op] = i
-    for g in range(size):
-        needs = problem.forward_needs(g)  # [Note: deferred all-gathers in the timeline]
-        if g not in problem.deferred:
-            needs = (("ag", g) if ("ag", g) in last_needs else ("ar", g), *needs)
-        blocks.append((("F", g), problem.w[g], "all" if sync_before_forward else needs))
+    for g in range(size):  # [Note: deferred all-gathers in the timeline]
+        needs = (("rf", g),) if g in problem.deferred else (("ag", g) if ("ag", g) in last_needs else ("ar", g),)
+        tied, rest = problem.output_rest.get(g, (None, 0.0))
+        blocks.append((("F", g), problem.w[g] - rest, "all" if sync_before_forward else needs))
+        if tied is not None:  # the output layer's part that waits for the deferred AG: ("R", g)
+            blocks.append((("R", g), rest, "all" if sync_before_forward else (("ag", tied),)))
 
-    ended: dict[object, float] = {}  # ("B", g), ("U", g), ("F", g) and ops -> end time
+    ended: dict[object, float] = {}  # ("B", g), ("U", g), ("F", g), ("R", g) and ops -> end time
     span: dict[tuple[str, int], tuple[float, float]] = {}
     starts, ends = [0.0] * len(subs), [0.0] * len(subs)
     start_of: dict[Op, float] = {}
@@ -484,6 +516,8 @@ def interfered(problem: Problem, subs: Sequence[Submission], durations: Sequence
     end_of = {op: ended[op] for op in last_needs}
     for tied, user in sorted(problem.split.items(), key=lambda item: -problem.dense_ready[item[0]]):
         span[("B", user)] = (span[("D", tied)][0], span[("B", user)][1])  # the user's whole backward
+    for g in problem.output_rest:
+        span[("F", g)] = (span[("F", g)][0], span[("R", g)][1])
     forward = [span[("F", g)] for g in range(size)]
     updates = {g: span[("U", g)] for kind, g in (op for sub in subs for op in sub)
                if kind == "ag" and problem.shard_update}

@@ -8,6 +8,7 @@ rank, nothing hangs). The model's vocabulary and width put shard boundaries insi
 
 import copy
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -121,13 +122,15 @@ def split_plan(model, gather_in_backward=False) -> Plan:
     return dataclasses.replace(dear, backward=(*dear.backward, (("ag", 0),)), forward=dear.forward[1:], split=(0,))
 
 
-def deferred_plan(model) -> Plan:
-    """``split_plan`` with the embedding's all-gather deferred: merged into the decoder's, last
-    ([Note: the lookup served from the shards])."""
+def deferred_plan(model, merged=False) -> Plan:
+    """``split_plan`` with the embedding's all-gather deferred: right after the decoder's, last, as the planner
+    puts it ([Note: the lookup served from the shards]); or, ``merged``, in the decoder's submission."""
     plan = split_plan(model)
     last = len(plan.groups) - 1
-    forward = tuple((("ag", 0), *sub) if ("ag", last) in sub else sub for sub in plan.forward if ("ag", 0) not in sub)
-    return dataclasses.replace(plan, forward=forward, defer=(0,))
+    forward = [sub for sub in plan.forward if ("ag", 0) not in sub]
+    at = next(i for i, sub in enumerate(forward) if ("ag", last) in sub)
+    forward[at:at + 1] = [(("ag", 0), *forward[at])] if merged else [forward[at], (("ag", 0),)]
+    return dataclasses.replace(plan, forward=tuple(forward), defer=(0,))
 
 
 class NormSGD(torch.optim.SGD):
@@ -184,11 +187,24 @@ def check_deferred():
                 sys.exit(f"rank {R}: deferred on {DEVICE}")
             continue
         fetched = max(nbytes for n, nbytes in ops.seen if n == "fetchvalues.0")
-        if (opt._pipedap.deferring != {0} or lookup.served != 3 or names.count("fetchvalues.0") != 3
-                or fetched >= model.emb.weight.numel() * 8 * 0.5):
+        if (opt._pipedap.deferring != {0} or lookup.served != 3 or lookup.outputs_early != 3
+                or names.count("fetchvalues.0") != 3 or fetched >= model.emb.weight.numel() * 8 * 0.5):
             sys.exit(f"rank {R}: deferred, {name}: deferring {opt._pipedap.deferring}, served "
-                     f"{getattr(lookup, 'served', None)} times, ops {sorted(set(names))}")
+                     f"{getattr(lookup, 'served', None)} times, output layer early "
+                     f"{getattr(lookup, 'outputs_early', None)} times, ops {sorted(set(names))}")
         served[name] = fetched
+    if DEVICE.type == "cpu":  # a plan with the deferred all-gather merged into the decoder's (the planner's before)
+        model, opt, reference, ref_opt = setup(make_opt=sgd, plan=functools.partial(deferred_plan, merged=True))
+        train("deferred, merged", model, opt, reference, ref_opt, 3)
+        opt.zero_grad()
+        local_loss(model, 3).backward()
+        opt.step()
+        reference_step(reference, ref_opt, 3, P)
+        with torch.no_grad():  # an evaluation forward between step() and the next training forward
+            model(batch(4)[0])
+        compare("deferred, an evaluation forward", model, reference)
+        if opt._pipedap.lookups[0].outputs_early != 3:  # steps 1 and 2, and the evaluation (compare() finished step 2)
+            sys.exit(f"rank {R}: deferred, merged: output layer early {opt._pipedap.lookups[0].outputs_early} times")
     if DEVICE.type == "cuda":
         return served
 
