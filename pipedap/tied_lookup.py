@@ -6,7 +6,7 @@ holds the reduced gradient of one block of the matrix. The all-gather that makes
 94 MB for BERT-base, and the next forward's first module, the lookup, waits for it and for the
 update behind it, although it needs only its batch's rows. Where the plan defers the group
 (``Plan.defer``), ``step()`` issues, before the forward list (where the planner put the group's
-all-gather late, merged with the output layer's):
+all-gather late, right behind the output layer's):
 
 1. a *fetch* of the rows every rank's next lookup needs: an all-reduce (max) of a one-byte-per-row
    mask, then an all-gather of the elements of those rows in each rank's shard. Shards are
@@ -23,12 +23,12 @@ all-gather late, merged with the output layer's):
    optimizer's rule (``step_rows``); the lookup runs with the stepped rows written into the weight,
    and the old rows are put back after it. Without its ids in the fetch (declined, timed out) the
    lookup waits for the all-gather and the update, as an undeferred group does.
-3. The output layer's forward pre-hook waits for the all-gather and applies the group's whole
-   update (the model's forward hook does it at the latest): every row then gets what single-process
-   training gives, the rows stepped in 2. included (the same element-wise rule on the same numbers).
-   The output layer computes the rows of this rank's shard first, while the all-gather travels
-   ([Note: the output layer's own rows first]). Until then the weight is the old one: code that reads it outside the lookup and the output layer
-   in between (rare) sees it stale; where autograd saved it for that use (a product with hidden
+3. The output layer waits for the all-gather and applies the group's whole update (a plain
+   ``nn.Linear`` after computing the rows of this rank's shard: [Note: the output layer's own rows
+   first]; another in its forward pre-hook; the model's forward hook at the latest): every row then
+   gets what single-process training gives, the rows stepped in 2. included (the same element-wise
+   rule on the same numbers). Until then the weight is the old one: code that reads it outside the
+   lookup and the output layer in between (rare) sees it stale; where autograd saved it for that use (a product with hidden
    states that need a gradient) the update in place makes backward raise ("modified by an inplace
    operation"), otherwise nothing says so: ``PIPEDAP_TIED_DEFER=0`` for such a model.
    A second lookup in the same forward finishes the group first.
