@@ -525,7 +525,7 @@ def DistributedOptimizer(
     shard_pieces = _shard(wrapped, buckets) if shard_update else None
     reducer = Reducer(plan, buckets, wrapped._pipedap_apply_update, op=op, passes=backward_passes_per_step,
                       process_set=process_set, online=online, shard_pieces=shard_pieces,
-                      step_rows=wrapped._pipedap_step_rows, elementwise=functools.cache(lambda: _elementwise(optimizer)))
+                      step_rows=wrapped._pipedap_step_rows, elementwise=functools.cache(lambda: shard_update_module.elementwise(optimizer)))
     wrapped._pipedap = reducer
     if shard_pieces is not None:
         existing = shard_update_module.ranges_of_params(wrapped.state, wrapped._pipedap_index_of())
@@ -537,15 +537,6 @@ def DistributedOptimizer(
     log.info("DistributedOptimizer: schedule %s, %d buckets, %d parameters, %d ranks%s",
              schedule, len(buckets), len(named), world, f", gradients sent as {wire_dtype}" if wire_dtype else "")
     return wrapped
-
-
-def _elementwise(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every param group's rule is element-wise ([Note: element-wise optimizers] in pipedap.shard_update)."""
-    try:
-        shard_update_module.check_elementwise(optimizer)
-    except ValueError:
-        return False
-    return True
 
 
 def _shard(optimizer, buckets) -> list[list[shard_update_module.Piece]]:

@@ -17,7 +17,11 @@ measured iterations after `warmup` ones:
   ([Note: a bucket's fixed cost] in pipedap.planner.profile). The reducer's own host work
   per bucket needs the comm core and is added by :func:`pipedap.measure.with_bucket_cost`;
 * ties: the word embeddings tied to an output layer, with the most rows a batch looked up
-  ([Note: ties in a profile] in pipedap.planner.profile).
+  ([Note: ties in a profile] in pipedap.planner.profile). On the CPU, a plain ``nn.Linear``
+  output layer (the only user) computes its weight gradient in pieces as the runtime does
+  (pipedap.output_layer), and the tie gets when the first piece was ready before the output
+  layer's gradients were (``early``) and from the first to the last (``span``); a tie is
+  ``deferrable`` where the runtime could serve its lookup from the shards with this optimizer.
 
 No MPI here: ranks agree on the numbers through the optional ``agree(profile) -> profile``
 callable (e.g. the element-wise max of :func:`pipedap.planner.profile.elementwise_max`,
@@ -26,6 +30,7 @@ gathered by the comm layer).
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,9 +39,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipedap import settings, shard_update
 from pipedap.buckets import group_by_module
-from pipedap.planner.profile import Layer, Profile, layer_times
-from pipedap.tied_embeddings import RowCounter
+from pipedap.output_layer import DENSE_PIECES, PieceTimer, plain_linear
+from pipedap.planner.profile import Layer, Profile, Tie, layer_times
+from pipedap.tied_embeddings import RowCounter, lookup_refusal
 
 OptimizerFactory = Callable[[Sequence[torch.Tensor]], torch.optim.Optimizer]
 
@@ -114,6 +121,10 @@ def profile_model(
 
     samples: dict[str, list[list[float]]] = {"tf": [], "tb": []}
     rows = RowCounter(model)  # the ties' rows ([Note: ties in a profile])
+    timers = {} if cuda else {p: PieceTimer(users[0], time.perf_counter) for p, (_, users) in rows.tied.items()
+                              if len(users) == 1 and plain_linear(users[0], p)}
+    owner_of = {name: owner for owner, params in owners.items() for name, _ in params}
+    pieces: dict[torch.nn.Parameter, list[tuple[float, float]]] = {p: [] for p in timers}  # (early, span) per run
     model.train()
     try:
         for step, measured in enumerate(_phases(warmup, iterations, min_seconds)):
@@ -133,8 +144,15 @@ def profile_model(
                                       clock.seconds(forward_end, start))
                 samples["tf"].append(tf)
                 samples["tb"].append(tb)
+                for p, timer in timers.items():
+                    user = owner_of.get(rows.tie(p).user)
+                    if timer.runs and user in ready:
+                        first, last = timer.runs[-1]
+                        pieces[p].append((ready[user] - first, last - first))
     finally:
         rows.remove()
+        for timer in timers.values():
+            timer.remove()
         for handle in handles:
             handle.remove()
 
@@ -157,8 +175,27 @@ def profile_model(
     measured_runs = len(samples["tf"])
     info = {"warmup": step + 1 - measured_runs, "iterations": measured_runs,
             "device": "cuda" if cuda else "cpu", "update_call_s": call, **(meta or {})}
-    profile = Profile(layers, info, bucket_cost=call, ties=rows.ties())
+    ties = tuple(_timed_tie(rows.tie(p), pieces.get(p, []), _deferrable(embedding, p, optimizer_factory))
+                 for p, (embedding, _) in rows.tied.items() if p in rows.name_of)
+    profile = Profile(layers, info, bucket_cost=call, ties=ties)
     return agree(profile) if agree else profile
+
+
+def _timed_tie(tie: Tie, runs: list[tuple[float, float]], deferrable: bool) -> Tie:
+    """``tie`` with the median ``early`` and ``span`` of the measured ``runs`` (whole where none was timed)."""
+    if not runs:
+        return dataclasses.replace(tie, deferrable=deferrable)
+    return dataclasses.replace(tie, early=max(0.0, statistics.median(e for e, _ in runs)),
+                               span=statistics.median(s for _, s in runs), pieces=DENSE_PIECES, deferrable=deferrable)
+
+
+def _deferrable(embedding: nn.Module, param: torch.nn.Parameter, optimizer_factory: OptimizerFactory) -> bool:
+    """Whether the runtime could serve the lookup of ``embedding`` from the shards with this optimizer
+    ([Note: the lookup served from the shards] in pipedap/tied_lookup.py)."""
+    if not settings.get("PIPEDAP_TIED_DEFER"):
+        return False
+    probe = optimizer_factory([param.detach().clone().requires_grad_(True)])
+    return not lookup_refusal(embedding, param, shard_update.elementwise(probe))
 
 
 def _phases(warmup: int, iterations: int, min_seconds: float) -> Iterator[bool]:

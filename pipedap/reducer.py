@@ -55,8 +55,8 @@ from pipedap.planner.plan import Plan
 from pipedap.planner.profile import Tie
 from pipedap.process_sets import ProcessSet
 from pipedap.shard_update import Piece
-from pipedap.tied_embeddings import RowCounter, lookup_ties, split_enabled
-from pipedap.tied_lookup import ServedLookup, refusal
+from pipedap.tied_embeddings import RowCounter, lookup_refusal, lookup_ties, split_enabled
+from pipedap.tied_lookup import ServedLookup
 from pipedap.tied_split import TiedSplit
 
 log = logging.getLogger("pipedap")
@@ -150,7 +150,7 @@ class Reducer:
         if not (settings.get("PIPEDAP_TIED_DEFER") and self.step_rows is not None):
             return
         for g, (embedding, _) in ties.items():
-            why = refusal(embedding, self.buckets[g].params[0], self.elementwise())
+            why = lookup_refusal(embedding, self.buckets[g].params[0], self.elementwise())
             if why:
                 log.info("pipedap: the lookup of '%s' waits for its all-gather: %s", self.buckets[g].names[0], why)
                 continue

@@ -104,6 +104,15 @@ def check_elementwise(optimizer: torch.optim.Optimizer) -> None:
                 "update its shard differently from single-process training; use shard_update=False")
 
 
+def elementwise(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every param group's rule is element-wise (:func:`check_elementwise` does not raise)."""
+    try:
+        check_elementwise(optimizer)
+    except ValueError:
+        return False
+    return True
+
+
 def _probe_steps(optimizer: torch.optim.Optimizer, group: dict, tensors: list[torch.Tensor],
                  grads: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     """Step ``tensors`` with ``optimizer``'s rule and ``group``'s options, on a copy with fresh state."""

@@ -52,6 +52,20 @@ def user_param(users: list[torch.nn.Module], tied: torch.nn.Parameter, name_of: 
     return next((name_of[p] for m in users for p in m.parameters(recurse=False) if p is not tied and p in name_of), "")
 
 
+def lookup_refusal(embedding: torch.nn.Module, param: torch.nn.Parameter, elementwise: bool) -> str:
+    """Why the lookup of ``embedding`` cannot be served from the shards ("" if it can: [Note: the lookup served
+    from the shards] in pipedap/tied_lookup.py); ``elementwise``: whether the optimizer's rule is."""
+    if not elementwise:
+        return "the optimizer's rule is not element-wise"
+    if type(embedding).forward is not torch.nn.Embedding.forward:
+        return f"{type(embedding).__name__} has its own forward"
+    if embedding.max_norm is not None or embedding.sparse:
+        return "the embedding renormalises rows (max_norm) or makes sparse gradients"
+    if param.device.type != "cpu":
+        return "the fetch is built on the engine thread, for host tensors only"
+    return ""
+
+
 def rows_bytes(rows: int, param: torch.nn.Parameter) -> int:
     """What a rank all-gathers for ``rows`` rows of ``param``'s gradient."""
     return rows * (param.shape[1] * param.element_size() + INDEX_BYTES)
@@ -72,8 +86,12 @@ class RowCounter:
         self.rows[param] = max(self.rows[param], int(torch.unique(args[0]).numel()))
 
     def ties(self) -> tuple[Tie, ...]:
-        return tuple(Tie(self.name_of[p], user_param(users, p, self.name_of), rows_bytes(self.rows[p], p))
-                     for p, (_, users) in self.tied.items() if p in self.name_of)
+        return tuple(self.tie(p) for p in self.tied if p in self.name_of)
+
+    def tie(self, param: torch.nn.Parameter) -> Tie:
+        """The tie of ``param`` (a named tied parameter), with the most rows seen so far."""
+        users = self.tied[param][1]
+        return Tie(self.name_of[param], user_param(users, param, self.name_of), rows_bytes(self.rows[param], param))
 
     def remove(self) -> None:
         for handle in self.handles:

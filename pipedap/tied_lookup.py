@@ -35,8 +35,9 @@ all-gather late, right behind the output layer's):
 
 Only an element-wise optimizer ([Note: element-wise optimizers] in pipedap/shard_update.py), a
 plain ``nn.Embedding`` (its own forward, no ``max_norm``, dense gradients) on host tensors (the
-engine thread builds the fetch) qualify; :func:`refusal` says why not, the tie is then not
-deferrable and the planner does not defer it (``PIPEDAP_TIED_DEFER=0``: never).
+engine thread builds the fetch) qualify; :func:`pipedap.tied_embeddings.lookup_refusal` says why
+not, the tie is then not deferrable and the planner does not defer it (``PIPEDAP_TIED_DEFER=0``:
+never).
 
 [Note: the output layer's own rows first]
 The deferred all-gather is the last of the forward phase, and where the link is the bottleneck
@@ -63,7 +64,8 @@ import torch.nn.functional as F
 
 from pipedap import engine
 from pipedap.engine import core
-from pipedap.tied_split import TiedSplit, autocasting
+from pipedap.output_layer import autocasting
+from pipedap.tied_split import TiedSplit
 
 log = logging.getLogger("pipedap")
 
@@ -71,19 +73,6 @@ IDS_WAIT_SECONDS = 5.0  # how long the engine thread waits for this rank's looku
 
 # step_rows(parameter, rows, their reduced gradient) -> the rows as the pending update steps them
 StepRows = Callable[[torch.nn.Parameter, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def refusal(embedding: torch.nn.Module, param: torch.nn.Parameter, elementwise: bool) -> str:
-    """Why the lookup of ``embedding`` cannot be served from the shards ("" if it can)."""
-    if not elementwise:
-        return "the optimizer's rule is not element-wise"
-    if type(embedding).forward is not torch.nn.Embedding.forward:
-        return f"{type(embedding).__name__} has its own forward"
-    if embedding.max_norm is not None or embedding.sparse:
-        return "the embedding renormalises rows (max_norm) or makes sparse gradients"
-    if param.device.type != "cpu":
-        return "the fetch is built on the engine thread, for host tensors only"
-    return ""
 
 
 class ServedLookup:

@@ -57,14 +57,19 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from pipedap import comm, engine
 from pipedap.buckets import Bucket
+from pipedap.output_layer import (
+    DENSE_PIECES,
+    PiecewiseLinear,
+    autocasting,
+    plain_linear,
+    weight_gradient_in_pieces,
+)
 from pipedap.process_sets import ProcessSet
 
 MAX_TAP_DEPTH = 8  # autograd nodes between a module's output and the parameter (F.linear: 2 or 3)
-DENSE_PIECES = 8  # reduce-scatters an output layer's part is sent in ([Note: the dense part in pieces])
 
 
 def _feeding_edges(outputs: list[torch.Tensor], stop: set, target) -> list[tuple[object, int]]:
@@ -96,40 +101,6 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
-def _plain_linear(module: torch.nn.Module, weight: torch.nn.Parameter) -> bool:
-    """An ``nn.Linear`` (its own forward) whose weight is ``weight``: it can compute its gradient in pieces."""
-    return (isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward
-            and module.weight is weight)
-
-
-def autocasting(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
-
-
-class _PiecewiseLinear(torch.autograd.Function):
-    """``F.linear`` whose weight gradient the tied split computes, in pieces ([Note: the dense part in pieces])."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, split, take):
-        output = split.product(x, weight, bias)  # (it may update the weight: saved after)
-        ctx.save_for_backward(x, weight)
-        ctx.split, ctx.take, ctx.has_bias = split, take, bias is not None
-        return output
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        grad2d, x2d = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
-        grad_weight = ctx.split.output_layer_backward(grad2d, x2d, ctx.take) if ctx.needs_input_grad[1] else None
-        grad_x = (grad2d @ weight).reshape(x.shape) if ctx.needs_input_grad[0] else None
-        grad_bias = grad2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias, None, None
-
-
 class TiedSplit:
     """One tied parameter's two-part reduction ([Note: tied embeddings])."""
 
@@ -151,7 +122,7 @@ class TiedSplit:
         count = min(DENSE_PIECES, shard)
         self.bounds = [round(k * shard / count) for k in range(count + 1)]  # pieces within a shard
         for module in users:
-            if _plain_linear(module, self.param):
+            if plain_linear(module, self.param):
                 module.forward = functools.partial(self.linear, module)
                 self.outputs.append(module)
             else:
@@ -179,18 +150,14 @@ class TiedSplit:
             return output
         take = self.tapping()
         self.taps_expected += take
-        return _PiecewiseLinear.apply(x, module.weight, module.bias, self, take)
+        return PiecewiseLinear.apply(x, module.weight, module.bias, self, take)
 
     def output_layer_backward(self, grad2d: torch.Tensor, x2d: torch.Tensor, take: bool) -> torch.Tensor | None:
         """The output layer's weight gradient (``grad2d.T @ x2d``), block by block: staged and sent when
         ``take``, else returned to autograd."""
         times = []
         if not take:
-            grad, rows = torch.empty_like(self.param), self.param.shape[0]
-            for k in range(DENSE_PIECES):
-                lo, hi = k * rows // DENSE_PIECES, (k + 1) * rows // DENSE_PIECES
-                torch.mm(grad2d[:, lo:hi].t(), x2d, out=grad[lo:hi])
-                times.append(time.monotonic())
+            grad, times = weight_gradient_in_pieces(grad2d, x2d)
         else:
             self.taps_seen += 1
             self._take(lambda lo, hi: grad2d[:, lo:hi].t() @ x2d, times)

@@ -95,3 +95,53 @@ def test_min_seconds_extends_each_phase_of_a_fast_model_up_to_the_cap(monkeypatc
     assert unwarmed.meta["warmup"] == 0 and unwarmed.meta["iterations"] > 1
     with pytest.raises(ValueError, match="min_seconds >= 0"):
         profile_model(model, torch.randn(8, 4), min_seconds=-1)
+
+
+class TiedLM(nn.Module):
+    """A lookup and a decoder sharing its weight (BERT's masked-LM head in small)."""
+
+    def __init__(self, decoder=nn.Linear) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.hidden = nn.Linear(16, 16)
+        self.decoder = decoder(16, 50)
+        self.decoder.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.decoder(torch.tanh(self.hidden(self.emb(ids))))
+
+
+class OwnLinear(nn.Linear):
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class NormSGD(torch.optim.SGD):
+    """Each gradient divided by its norm: not element-wise."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad.div_(p.grad.norm() + 1)
+        return super().step(closure)
+
+
+def test_a_tied_output_layer_is_timed_in_pieces_and_its_lookup_found_servable(monkeypatch):
+    from pipedap.output_layer import DENSE_PIECES
+
+    torch.manual_seed(0)
+    model, ids = TiedLM(), torch.randint(0, 50, (4, 8))
+    before = [p.detach().clone() for p in model.parameters()]
+    (tie,) = profile_model(model, ids, warmup=1, iterations=3).ties
+    assert (tie.param, tie.user, tie.pieces, tie.deferrable) == ("emb.weight", "decoder.bias", DENSE_PIECES, True)
+    assert 0 < tie.span <= tie.early and tie.output_forward > 0  # the bias is ready after the last piece
+    assert "forward" not in vars(model.decoder)  # its own forward back
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # the rule not element-wise, or deferral off: not servable; an output layer with its own forward: whole
+    (tie,) = profile_model(model, ids, warmup=0, iterations=1, optimizer_factory=lambda ps: NormSGD(ps, lr=0.1)).ties
+    assert tie.pieces == DENSE_PIECES and not tie.deferrable
+    monkeypatch.setenv("PIPEDAP_TIED_DEFER", "0")
+    assert not profile_model(model, ids, warmup=0, iterations=1).ties[0].deferrable
+    monkeypatch.delenv("PIPEDAP_TIED_DEFER")
+    (tie,) = profile_model(TiedLM(OwnLinear), ids, warmup=0, iterations=1).ties
+    assert (tie.pieces, tie.early, tie.span, tie.deferrable) == (1, 0.0, 0.0, True)
