@@ -525,7 +525,8 @@ def DistributedOptimizer(
     shard_pieces = _shard(wrapped, buckets) if shard_update else None
     reducer = Reducer(plan, buckets, wrapped._pipedap_apply_update, op=op, passes=backward_passes_per_step,
                       process_set=process_set, online=online, shard_pieces=shard_pieces,
-                      step_rows=wrapped._pipedap_step_rows, elementwise=functools.cache(lambda: shard_update_module.elementwise(optimizer)))
+                      step_rows=wrapped._pipedap_step_rows,
+                      elementwise=functools.cache(lambda: shard_update_module.elementwise_rule(optimizer)))
     wrapped._pipedap = reducer
     if shard_pieces is not None:
         existing = shard_update_module.ranges_of_params(wrapped.state, wrapped._pipedap_index_of())

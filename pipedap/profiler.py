@@ -195,7 +195,7 @@ def _deferrable(embedding: nn.Module, param: torch.nn.Parameter, optimizer_facto
     if not settings.get("PIPEDAP_TIED_DEFER"):
         return False
     probe = optimizer_factory([param.detach().clone().requires_grad_(True)])
-    return not lookup_refusal(embedding, param, shard_update.elementwise(probe))
+    return not lookup_refusal(embedding, param, shard_update.elementwise_rule(probe))
 
 
 def _phases(warmup: int, iterations: int, min_seconds: float) -> Iterator[bool]:

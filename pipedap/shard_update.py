@@ -104,7 +104,7 @@ def check_elementwise(optimizer: torch.optim.Optimizer) -> None:
                 "update its shard differently from single-process training; use shard_update=False")
 
 
-def elementwise(optimizer: torch.optim.Optimizer) -> bool:
+def elementwise_rule(optimizer: torch.optim.Optimizer) -> bool:
     """Whether every param group's rule is element-wise (:func:`check_elementwise` does not raise)."""
     try:
         check_elementwise(optimizer)

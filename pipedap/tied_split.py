@@ -34,9 +34,9 @@ Which parameters qualify: :mod:`pipedap.tied_embeddings`.
 [Note: the dense part in pieces]
 BERT-base's decoder takes about a second of backward on a CPU core, half of it for the weight's
 94 MB gradient, and the link has nothing else to send meanwhile: every other gradient comes
-after the decoder's. So a plain
-``nn.Linear`` output layer runs as :class:`_PiecewiseLinear`, whose backward computes the
-weight's gradient in ``DENSE_PIECES`` blocks, before the input's gradient, and reduce-scatters
+after the decoder's. So a plain ``nn.Linear`` output layer runs as
+:class:`pipedap.output_layer.PiecewiseLinear`, whose backward computes the weight's gradient in
+``DENSE_PIECES`` blocks, before the input's gradient, and reduce-scatters
 each block as soon as it is staged. For the blocks to land in the bucket's shards, the staging
 buffer is laid out piece-major: piece k holds, for each rank r in turn, elements
 ``r * S + bounds[k]`` to ``r * S + bounds[k + 1]`` of the bucket (S: the shard size), so that
