@@ -96,9 +96,11 @@ def test_the_profiler_records_the_tie_with_the_rows_a_batch_looks_up():
     profile = profile_model(model, ids, None, lambda out, _: sum(o.square().sum() for o in out), warmup=0,
                             iterations=1)
     rows = ids.unique().numel()
-    assert profile.ties == (Tie("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.bias",
-                                rows * (16 * 4 + 8)),)
+    (tie,) = profile.ties  # (the decoder's pieces timed, its lookup servable with the profiler's SGD)
+    assert tie == Tie("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.bias",
+                      rows * (16 * 4 + 8), tie.early, tie.span, 8, True) and tie.span > 0
     assert not model.bert.embeddings.word_embeddings._forward_hooks  # the counter is gone
+    assert "forward" not in vars(model.cls.predictions.decoder)  # and the timer
 
 
 def test_where_the_plan_does_not_split_a_linear_decoder_gives_autograds_gradient_in_timed_pieces():
