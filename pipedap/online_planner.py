@@ -213,13 +213,10 @@ class OnlinePlanner:
         profile]); as it was where the steps did not time them."""
         g = next(b.index for b in self.buckets if b.names == [tie.param])
         user = tie.user_group([b.names for b in self.buckets])
-        timed = [(clean(rec.ready[user]) - clean(first), clean(last) - clean(first), count)
-                 for rec in measured if g in rec.pieces and user in rec.ready
-                 for first, last, count in (rec.pieces[g],)]
-        if not timed:
-            return tie
-        return replace(tie, early=max(0.0, statistics.median(e for e, _, _ in timed)),
-                       span=statistics.median(s for _, s, _ in timed), pieces=timed[0][2])
+        steps = [rec for rec in measured if g in rec.pieces and user in rec.ready]
+        runs = [(clean(rec.ready[user]) - clean(first), clean(last) - clean(first))
+                for rec in steps for first, last, _ in (rec.pieces[g],)]
+        return tie.timed(runs, steps[0].pieces[g][2] if steps else tie.pieces)
 
     def cost_model(self, profile: Profile, measured_s: float, sigma: float = 0.0) -> tuple[CostModel, str]:
         """α-β fit from the operations training ran; the microbenchmark when their sizes are too alike,

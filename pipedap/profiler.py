@@ -42,7 +42,7 @@ from torch import nn
 from pipedap import settings, shard_update
 from pipedap.buckets import group_by_module
 from pipedap.output_layer import DENSE_PIECES, PieceTimer, plain_linear
-from pipedap.planner.profile import Layer, Profile, Tie, layer_times
+from pipedap.planner.profile import Layer, Profile, layer_times
 from pipedap.tied_embeddings import RowCounter, lookup_refusal
 
 OptimizerFactory = Callable[[Sequence[torch.Tensor]], torch.optim.Optimizer]
@@ -124,6 +124,7 @@ def profile_model(
     timers = {} if cuda else {p: PieceTimer(users[0], time.perf_counter) for p, (_, users) in rows.tied.items()
                               if len(users) == 1 and plain_linear(users[0], p)}
     owner_of = {name: owner for owner, params in owners.items() for name, _ in params}
+    user_of = {p: owner_of.get(rows.tie(p).user) for p in timers}  # the layer holding the output layer's other params
     pieces: dict[torch.nn.Parameter, list[tuple[float, float]]] = {p: [] for p in timers}  # (early, span) per run
     model.train()
     try:
@@ -145,7 +146,7 @@ def profile_model(
                 samples["tf"].append(tf)
                 samples["tb"].append(tb)
                 for p, timer in timers.items():
-                    user = owner_of.get(rows.tie(p).user)
+                    user = user_of[p]
                     if timer.runs and user in ready:
                         first, last = timer.runs[-1]
                         pieces[p].append((ready[user] - first, last - first))
@@ -175,18 +176,11 @@ def profile_model(
     measured_runs = len(samples["tf"])
     info = {"warmup": step + 1 - measured_runs, "iterations": measured_runs,
             "device": "cuda" if cuda else "cpu", "update_call_s": call, **(meta or {})}
-    ties = tuple(_timed_tie(rows.tie(p), pieces.get(p, []), _deferrable(embedding, p, optimizer_factory))
+    ties = tuple(dataclasses.replace(rows.tie(p).timed(pieces.get(p, []), DENSE_PIECES),
+                                     deferrable=_deferrable(embedding, p, optimizer_factory))
                  for p, (embedding, _) in rows.tied.items() if p in rows.name_of)
     profile = Profile(layers, info, bucket_cost=call, ties=ties)
     return agree(profile) if agree else profile
-
-
-def _timed_tie(tie: Tie, runs: list[tuple[float, float]], deferrable: bool) -> Tie:
-    """``tie`` with the median ``early`` and ``span`` of the measured ``runs`` (whole where none was timed)."""
-    if not runs:
-        return dataclasses.replace(tie, deferrable=deferrable)
-    return dataclasses.replace(tie, early=max(0.0, statistics.median(e for e, _ in runs)),
-                               span=statistics.median(s for _, s in runs), pieces=DENSE_PIECES, deferrable=deferrable)
 
 
 def _deferrable(embedding: nn.Module, param: torch.nn.Parameter, optimizer_factory: OptimizerFactory) -> bool:

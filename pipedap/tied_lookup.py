@@ -28,9 +28,10 @@ all-gather late, right behind the output layer's):
    first]; another in its forward pre-hook; the model's forward hook at the latest): every row then
    gets what single-process training gives, the rows stepped in 2. included (the same element-wise
    rule on the same numbers). Until then the weight is the old one: code that reads it outside the
-   lookup and the output layer in between (rare) sees it stale; where autograd saved it for that use (a product with hidden
-   states that need a gradient) the update in place makes backward raise ("modified by an inplace
-   operation"), otherwise nothing says so: ``PIPEDAP_TIED_DEFER=0`` for such a model.
+   lookup and the output layer in between (rare) sees it stale; where autograd saved it for that
+   use (a product with hidden states that need a gradient) the update in place makes backward raise
+   ("modified by an inplace operation"), otherwise nothing says so: ``PIPEDAP_TIED_DEFER=0`` for
+   such a model.
    A second lookup in the same forward finishes the group first.
 
 Only an element-wise optimizer ([Note: element-wise optimizers] in pipedap/shard_update.py), a
@@ -188,11 +189,14 @@ class ServedLookup:
         if self.sent is not ids:
             return None
         self.served += 1
-        if not self.used:  # no rank made a gradient: the update leaves the parameter as it is
-            return ids, self.param.detach().index_select(0, ids)
         fetched = self.mask.nonzero().squeeze(1)
-        grad = values.view(-1, self.param.shape[1])[torch.searchsorted(fetched, ids)]
-        return ids, self.step_rows(self.param, ids, grad)
+        return ids, self._stepped(ids, values.view(-1, self.param.shape[1])[torch.searchsorted(fetched, ids)])
+
+    def _stepped(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The parameter's ``rows`` as the pending update will step them, ``grad`` their reduced gradient."""
+        if not self.used:  # no rank made a gradient: the update leaves the parameter as it is
+            return self.param.detach().index_select(0, rows)
+        return self.step_rows(self.param, rows, grad)
 
     # --- forward: the output layer ------------------------------------------------------
 
@@ -205,12 +209,9 @@ class ServedLookup:
         if first >= end or weight is not self.param or autocasting(x.device.type):
             self.finish()
             return F.linear(x, weight, bias)
-        if self.used:
-            columns, start = self.param.shape[1], self.split.bucket.shard_start
-            grad = self.split.bucket.shard[first * columns - start:end * columns - start].view(-1, columns)
-            stepped = self.step_rows(self.param, torch.arange(first, end), grad)
-        else:  # no rank made a gradient: the update leaves the parameter as it is
-            stepped = self.param.detach()[first:end]
+        columns, start = self.param.shape[1], self.split.bucket.shard_start
+        grad = self.split.bucket.shard[first * columns - start:end * columns - start].view(-1, columns)
+        stepped = self._stepped(torch.arange(first, end), grad)
         x2d = x.reshape(-1, x.shape[-1])
         own = F.linear(x2d, stepped, None if bias is None else bias[first:end])
         self.finish()  # the all-gather, and the whole update: these rows become ``stepped``

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -82,6 +83,14 @@ class Tie:
         """Seconds of the output layer's forward product, estimated from its weight gradient's pieces (a product
         of the same size): ``span`` covers all but the first of them; 0 (unknown) for a gradient made whole."""
         return self.span * self.pieces / (self.pieces - 1) if self.pieces > 1 else 0.0
+
+    def timed(self, runs: Sequence[tuple[float, float]], pieces: int) -> Tie:
+        """This tie sent in ``pieces``, with the median ``early`` and ``span`` of the measured ``runs`` (each an
+        (early, span) pair; a negative early counts as 0); itself where nothing was measured."""
+        if not runs:
+            return self
+        return replace(self, early=max(0.0, statistics.median(e for e, _ in runs)),
+                       span=statistics.median(s for _, s in runs), pieces=pieces)
 
     def user_group(self, groups: Sequence[Sequence[str]]) -> int | None:
         """Which of ``groups`` (parameter names, forward order) makes the dense part: the one holding ``user``,
