@@ -491,6 +491,18 @@ class Work:
             self._results = [c.after(c.result) if c.after else c.result for c in self.collectives]
         return self._results
 
+    def wait_delivered(self, op: int, nbytes: int) -> None:
+        """Wait until op ``op`` of this submission, a ring all-gather, has received ``nbytes`` bytes of the
+        other ranks' blocks, in the order they arrive (rank r gets rank r-1's block first, then r-2's, ...;
+        [Note: all-gather progress] in comm_core/src/op.h), or until the submission finished (other ops
+        report no progress). Raises CommError if it failed. Does not count as :meth:`wait`."""
+        if self._results is not None or self._core_handle is None:
+            return
+        if _blocking_wait_hooks and not self._core_handle.done():
+            _before_blocking_wait()
+        while not self._core_handle.wait_delivered(op, nbytes, 0.5):  # wake up now and then so Ctrl-C works
+            pass
+
     def _notify(self) -> None:
         enqueue, start, end = self._core_handle.timings()
         n = len(self.collectives)

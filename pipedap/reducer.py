@@ -155,7 +155,8 @@ class Reducer:
                 log.info("pipedap: the lookup of '%s' waits for its all-gather: %s", self.buckets[g].names[0], why)
                 continue
             self.lookups[g] = ServedLookup(self.splits[g], embedding, self._step_rows,
-                                           finish=functools.partial(self._finish_pending, g))
+                                           finish=functools.partial(self._finish_pending, g),
+                                           gathering=functools.partial(self._gathering, g))
         if self.lookups:
             engine.add_blocking_wait_hook(self._decline_fetches)
             model.register_forward_hook(self._forward_ended)
@@ -167,6 +168,11 @@ class Reducer:
     def _finish_pending(self, g: int) -> None:
         """Finish group g if its update is still pending (a served lookup's or output layer's)."""
         self.finish([g] if g in self.pending else [])
+
+    def _gathering(self, g: int) -> engine.Work | None:
+        """Group g's all-gather, if its update is pending and what it delivers is the gradients themselves
+        (not packed for the link: those arrive in ``wire`` and are unpacked at the end)."""
+        return self.works[g].get("ag") if g in self.pending and g not in self.packed else None
 
     def _decline_fetches(self) -> None:
         """Before this thread waits for communication: the lookups will not offer ids before that ends."""

@@ -46,12 +46,20 @@ The deferred all-gather is the last of the forward phase, and where the link is 
 (0.8 s on a CPU core) while the link idles. But the rows of this rank's shard need nothing from
 the link: their reduced gradient is in the shard since ``step()``. So a plain ``nn.Linear`` output
 layer (its product is :meth:`ServedLookup.output`: [Note: the dense part in pieces] in
-pipedap/tied_split.py) whose forward finds the group pending computes the columns of those rows
-first, from the rows stepped alone (as the lookup's are), then waits for the all-gather, applies
-the group's whole update (the same numbers for those rows) and computes the other columns. With
-N ranks that is 1/N of the product beside the all-gather. The plan puts the deferred all-gather in
-a submission of its own right after the output layer's group's, so that the layers before it in
-that group (BERT's transform, the decoder's bias) need not wait for it.
+pipedap/tied_split.py) whose forward finds the group's all-gather still running computes the
+columns of those rows first, from the rows stepped alone (as the lookup's are). Then, as the
+all-gather delivers the other ranks' blocks (the engine reports what has arrived of a ring
+all-gather: [Note: all-gather progress] in comm_core/src/op.h), it computes their rows the same
+way, in ``OUTPUT_PIECES`` pieces per block, each once its rows are there, until the all-gather has
+ended. Then it applies the group's whole update (the same numbers for the rows computed so far) and
+computes the other rows (the last piece, and the few rows that straddle two blocks) from the
+updated weight. So with N ranks only ``1 / (N * OUTPUT_PIECES)`` of the product waits for the link,
+for the price of stepping the rows computed early twice. An output layer that finds the
+all-gather ended, or packed (compressed: it arrives in ``wire``), computes as usual; one run by
+MPI's algorithm delivers nothing before its end, so there only this rank's rows go first.
+The plan puts the deferred all-gather in a submission of its own right after the output layer's
+group's, so that the layers before it in that group (BERT's transform, the decoder's bias) need
+not wait for it.
 """
 
 from __future__ import annotations
@@ -66,6 +74,7 @@ import torch.nn.functional as F
 from pipedap import engine
 from pipedap.engine import core
 from pipedap.output_layer import autocasting
+from pipedap.planner.profile import OUTPUT_PIECES
 from pipedap.tied_split import TiedSplit
 
 log = logging.getLogger("pipedap")
@@ -80,8 +89,9 @@ class ServedLookup:
     """One deferred tied embedding's fetch and lookup ([Note: the lookup served from the shards])."""
 
     def __init__(self, split: TiedSplit, embedding: torch.nn.Embedding, step_rows: StepRows,
-                 finish: Callable[[], None]):
+                 finish: Callable[[], None], gathering: Callable[[], engine.Work | None]):
         self.split, self.embedding, self.step_rows, self.finish = split, embedding, step_rows, finish
+        self.gathering = gathering  # the group's all-gather in flight, if the output layer can follow its progress
         self.param = split.param
         self._lock = threading.Lock()
         self._offered = threading.Event()
@@ -96,6 +106,7 @@ class ServedLookup:
         self.used = False  # whether some rank made a gradient in the step fetched
         self.output_pending = False  # the group's update waits for its output layer (step() until finished)
         self.outputs_early = 0  # output layers run with their own rows first (for tests and logs)
+        self.pieces_delivered = 0  # pieces of the other ranks' rows computed as the all-gather delivered them
         embedding.forward = self.lookup
         split.product = self.output
 
@@ -202,25 +213,54 @@ class ServedLookup:
 
     def output(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The output layer's product, ``F.linear(x, weight, bias)`` with the weight updated; where the group's
-        update is still pending, the rows of this rank's shard first ([Note: the output layer's own rows first])."""
+        update is still pending, the rows of this rank's shard first, then the other ranks' rows as the
+        all-gather delivers them ([Note: the output layer's own rows first])."""
         if not self.output_pending:
             return F.linear(x, weight, bias)
-        first, end = self._own_rows()
-        if first >= end or weight is not self.param or autocasting(x.device.type):
+        if weight is not self.param or autocasting(x.device.type):
             self.finish()
             return F.linear(x, weight, bias)
-        columns, start = self.param.shape[1], self.split.bucket.shard_start
-        grad = self.split.bucket.shard[first * columns - start:end * columns - start].view(-1, columns)
-        stepped = self._stepped(torch.arange(first, end), grad)
-        x2d = x.reshape(-1, x.shape[-1])
-        own = F.linear(x2d, stepped, None if bias is None else bias[first:end])
-        self.finish()  # the all-gather, and the whole update: these rows become ``stepped``
+        gathering = self.gathering()
+        if gathering is None or gathering.done():  # nothing to compute beside it
+            self.finish()
+            return F.linear(x, weight, bias)
+        x2d, buffer, columns = x.reshape(-1, x.shape[-1]), self.split.bucket.buffer, self.param.shape[1]
+        early = []  # (first row, end row, their columns), computed from the rows stepped alone
+        for first, end, needed in self._pieces():
+            if needed:
+                gathering.wait_delivered(0, needed)
+                if gathering.done():  # the rest from the updated weight: no need to step them alone
+                    break
+                self.pieces_delivered += 1
+            stepped = self._stepped(torch.arange(first, end), buffer[first * columns:end * columns].view(-1, columns))
+            early.append((first, end, F.linear(x2d, stepped, None if bias is None else bias[first:end])))
+        self.finish()  # the all-gather's end, and the whole update: the rows of ``early`` are now what they were stepped to
         self.outputs_early += 1
-        parts = [F.linear(x2d, weight[a:b], None if bias is None else bias[a:b]) for a, b in ((0, first), (end, None))]
-        return torch.cat([parts[0], own, parts[1]], 1).view(*x.shape[:-1], -1)
+        parts, row = [], 0
+        for first, end, y in sorted(early, key=lambda piece: piece[0]):
+            parts += [F.linear(x2d, weight[row:first], None if bias is None else bias[row:first])] if row < first else []
+            parts.append(y)
+            row = end
+        if row < self.param.shape[0]:  # the rows no piece computed: from the updated weight
+            parts.append(F.linear(x2d, weight[row:], None if bias is None else bias[row:]))
+        return torch.cat(parts, 1).view(*x.shape[:-1], -1)
 
-    def _own_rows(self) -> tuple[int, int]:
-        """The rows wholly inside this rank's shard: [first, end) (empty where a boundary cuts its only row)."""
-        columns, start = self.param.shape[1], self.split.bucket.shard_start
-        stop = min(start + self.split.bucket.shard.numel(), self.param.numel())
-        return -(-start // columns), stop // columns
+    def _pieces(self) -> list[tuple[int, int, int]]:
+        """The row ranges the output layer computes beside the all-gather, in the order it computes them, each with
+        the bytes the all-gather must have delivered first: the rows wholly inside this rank's shard (0), then
+        those wholly inside each other rank's block, in ``OUTPUT_PIECES`` pieces, in the order the ring delivers
+        the blocks (ranks r-1, r-2, ...)."""
+        bucket, ps, columns = self.split.bucket, self.split.process_set, self.param.shape[1]
+        shard, numel, rank = bucket.shard.numel(), self.param.numel(), ps.rank()
+        pieces, arrived = [], 0  # elements of the blocks received before this one
+        for k in range(ps.size()):
+            start = (rank - k) % ps.size() * shard
+            first, end = -(-start // columns), min(start + shard, numel) // columns
+            if k == 0:
+                pieces.append((first, end, 0))
+                continue
+            cuts = [first + (end - first) * i // OUTPUT_PIECES for i in range(OUTPUT_PIECES + 1)]
+            pieces += [(a, b, (arrived + b * columns - start) * bucket.buffer.element_size())
+                       for a, b in zip(cuts, cuts[1:])]
+            arrived += shard
+        return [(a, b, needed) for a, b, needed in pieces if a < b]

@@ -37,6 +37,22 @@ def test_every_collective_with_a_forced_algorithm(algorithm):
     assert_ok(result)
 
 
+@pytest.mark.parametrize("np", [2, 3])
+def test_a_ring_all_gather_reports_what_has_arrived_while_it_runs(np):
+    """[Note: all-gather progress]: 8 KB messages make a 16 MB all-gather slow enough to be seen part-way; the
+    script fails if a wait returns before the bytes it waited for hold their values."""
+    result = run_mpi("check_progress.py", np, env={"PIPEDAP_MESSAGE_BYTES": "8192", "PIPEDAP_ALGORITHM": "ring"})
+    assert_ok(result)
+    early = [int(n) for n in re.findall(r"progress OK; (\d+) of 48 waits returned before", result.output)]
+    assert len(early) == np and sum(early) > 0, result.output
+
+
+def test_an_all_gather_by_mpi_reports_no_progress_and_is_waited_for_to_its_end():
+    result = run_mpi("check_progress.py", 2, env={"PIPEDAP_ALGORITHM": "mpi"})
+    assert_ok(result)
+    assert result.output.count("progress OK; 0 of 48 waits returned before") == 2, result.output
+
+
 def test_waiting_for_a_late_rank_costs_a_fraction_of_the_polling_and_little_latency():
     """[Note: patient waits]: rank 0 waits 1 s for rank 1 (an all-reduce's agreement, a barrier).
     Measured: 18-24 ms of CPU per wait with the default patience, 104-148 ms without."""

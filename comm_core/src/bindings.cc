@@ -183,6 +183,13 @@ PYBIND11_MODULE(_comm_core, m) {
       .def("done", &Handle::poll, "Whether it finished (without waiting).")
       .def("wait", &Handle::wait, py::arg("timeout") = -1.0, py::call_guard<py::gil_scoped_release>(),
            "Wait up to `timeout` seconds (< 0: forever). Returns False on timeout; raises CommError on failure.")
+      .def("delivered", &Handle::delivered, py::arg("op"),
+           "Op `op`'s bytes arrived so far, if a ring all-gather (see wait_delivered); else 0.")
+      .def("wait_delivered", &Handle::wait_delivered, py::arg("op"), py::arg("bytes"), py::arg("timeout") = -1.0,
+           py::call_guard<py::gil_scoped_release>(),
+           "Wait up to `timeout` seconds (< 0: forever) until op `op` of this submission, a ring all-gather, has "
+           "received `bytes` bytes of the other ranks' blocks (in the order they arrive: the blocks of ranks r-1, "
+           "r-2, ...), or the submission finished. Returns False on timeout; raises CommError on failure.")
       .def("timings", &timings_tuple, "(enqueue_ns, start_ns, end_ns) on the CLOCK_MONOTONIC clock.");
 
   m.def(

@@ -690,7 +690,7 @@ void Engine::execute(Submission& sub, Submission* next) {
     if (sub.ops.front().device >= 0) {
       device_->run_group(set.id, set.data, sub.ops);
     } else {
-      run_host_group(set.data, sub.ops, config_.host, scratch_);
+      run_host_group(set.data, sub.ops, config_.host, scratch_, sub.handle.get());
     }
     finish(sub, "", /*ran=*/true);
   } catch (const std::exception& e) {

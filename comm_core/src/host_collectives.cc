@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <map>
 #include <memory>
 
 namespace pipedap {
@@ -189,8 +190,49 @@ struct PendingReduce {
   size_t count;
 };
 
+// A received segment of an all-gather that reports progress: op `index` in the submission.
+struct Arrival {
+  int index = -1;  // -1: nothing to report
+  size_t bytes = 0;
+};
+
+// Reports each ring all-gather's received segments on `progress` in order: a segment counts once it
+// and every segment before it in the same step have arrived (segments may complete out of order).
+class ArrivalReporter {
+ public:
+  explicit ArrivalReporter(Handle* progress) : progress_(progress) {}
+  bool active() const { return progress_ != nullptr; }
+  void new_step() { arrivals_.clear(), arrived_.clear(), next_.clear(); }
+  void expect(const Arrival& a) {  // one per request, in posting order
+    if (progress_ == nullptr) return;
+    arrivals_.push_back(a);
+    arrived_.push_back(false);
+  }
+  void arrived(int k) {
+    if (arrivals_[k].index < 0) return;
+    arrived_[k] = true;
+    size_t& next = next_.try_emplace(arrivals_[k].index, first_of(arrivals_[k].index)).first->second;
+    size_t bytes = 0;
+    for (; next < arrivals_.size() && arrivals_[next].index == arrivals_[k].index && arrived_[next]; ++next) {
+      bytes += arrivals_[next].bytes;
+    }
+    if (bytes > 0) progress_->add_delivered(arrivals_[k].index, static_cast<int64_t>(bytes));
+  }
+
+ private:
+  size_t first_of(int index) const {  // an op's segments are posted one after another
+    size_t k = 0;
+    while (arrivals_[k].index != index) ++k;
+    return k;
+  }
+  Handle* progress_;
+  std::vector<Arrival> arrivals_;
+  std::vector<bool> arrived_;
+  std::map<int, size_t> next_;  // per op: its first segment not yet reported
+};
+
 void run_ring(const Communicator& c, const std::vector<const OpSpec*>& ops, const HostCollectiveConfig& cfg,
-              ScratchArena& scratch) {
+              ScratchArena& scratch, const OpSpec* first_op, Handle* progress) {
   std::vector<std::unique_ptr<RingOp>> rings;
   int steps = 0;
   scratch.rewind();
@@ -209,6 +251,7 @@ void run_ring(const Communicator& c, const std::vector<const OpSpec*>& ops, cons
   std::vector<MPI_Request> requests;
   AbandonOnUnwind guard(requests, /*cancellable=*/true, c.rank);  // before the scratch buffers in `rings` go
   std::vector<PendingReduce> reduces;  // one entry per request; count 0: nothing to reduce
+  ArrivalReporter reporter(progress);
   for (int s = 0; s < steps; ++s) {
     std::vector<Transfer> transfers(rings.size());
     for (size_t i = 0; i < rings.size(); ++i) {
@@ -216,6 +259,7 @@ void run_ring(const Communicator& c, const std::vector<const OpSpec*>& ops, cons
     }
     requests.clear();
     reduces.clear();
+    reporter.new_step();
     // Receives first (all ops), then sends. Empty blocks are skipped on both
     // sides (the counts are the same on every rank). One tag per op: MPI keeps
     // messages of one (source, tag) in order, so segments match in order.
@@ -230,6 +274,7 @@ void run_ring(const Communicator& c, const std::vector<const OpSpec*>& ops, cons
                   "MPI_Irecv in " + ops[i]->describe(), c.rank);
         reduces.push_back(t.addend == nullptr ? PendingReduce{}
                                               : PendingReduce{ops[i]->reduce, ops[i]->dtype, t.reduce_dst + off, t.recv + off, t.addend + off, n / esize});
+        reporter.expect(ops[i]->kind == OpKind::kAllGather ? Arrival{static_cast<int>(ops[i] - first_op), n} : Arrival{});
       }
     }
     for (size_t i = 0; i < rings.size(); ++i) {
@@ -241,6 +286,7 @@ void run_ring(const Communicator& c, const std::vector<const OpSpec*>& ops, cons
         check_mpi(MPI_Isend(t.send + off, static_cast<int>(n), MPI_BYTE, right, static_cast<int>(i), c.comm, &requests.back()),
                   "MPI_Isend in " + ops[i]->describe(), c.rank);
         reduces.push_back(PendingReduce{});
+        reporter.expect(Arrival{});
       }
     }
     for (size_t i = 0; i < rings.size(); ++i) {
@@ -249,6 +295,7 @@ void run_ring(const Communicator& c, const std::vector<const OpSpec*>& ops, cons
     wait_all(requests, cfg.poll, c.rank, /*cancellable=*/true, [&](int k) {
       const PendingReduce& r = reduces[k];
       if (r.count > 0) reduce(r.op, r.dtype, r.reduce_dst, r.recv, r.addend, r.count);
+      if (reporter.active()) reporter.arrived(k);
     });
   }
   for (auto& ring : rings) ring->finish();
@@ -423,7 +470,7 @@ char* ScratchArena::take(size_t bytes) {
 }
 
 void run_host_group(const Communicator& c, const std::vector<OpSpec>& ops, const HostCollectiveConfig& cfg,
-                    ScratchArena& scratch) {
+                    ScratchArena& scratch, Handle* progress) {
   std::vector<const OpSpec*> ring_ops;
   std::vector<NativeCall> native;
   native.reserve(ops.size());
@@ -442,7 +489,7 @@ void run_host_group(const Communicator& c, const std::vector<OpSpec>& ops, const
   std::vector<MPI_Request> requests(native.size(), MPI_REQUEST_NULL);
   AbandonOnUnwind guard(requests, /*cancellable=*/false, c.rank);  // before `native`'s argument arrays go
   for (size_t i = 0; i < native.size(); ++i) start_native(c, native[i], &requests[i]);
-  if (!ring_ops.empty()) run_ring(c, ring_ops, cfg, scratch);
+  if (!ring_ops.empty()) run_ring(c, ring_ops, cfg, scratch, ops.data(), progress);
   wait_all(requests, cfg.poll, c.rank, /*cancellable=*/false);
   for (const NativeCall& call : native) finish_native(c, call);
 }

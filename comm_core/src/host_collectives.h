@@ -79,8 +79,10 @@ class ScratchArena {
   size_t next_ = 0;
 };
 
+// `progress`, if set, is the submission's handle: ring all-gathers report on it what has arrived
+// ([Note: all-gather progress] in op.h).
 void run_host_group(const Communicator& c, const std::vector<OpSpec>& ops, const HostCollectiveConfig& cfg,
-                    ScratchArena& scratch);
+                    ScratchArena& scratch, Handle* progress = nullptr);
 
 // The size that messages other than reducing ring segments are cut into:
 // PIPEDAP_MESSAGE_BYTES in whole 8-byte units (any dtype's elements), at most

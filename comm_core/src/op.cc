@@ -110,6 +110,35 @@ void Handle::mark_started() {
   timings_.start_ns = monotonic_ns();
 }
 
+int64_t Handle::delivered(int op) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return op < static_cast<int>(delivered_.size()) ? delivered_[op] : 0;
+}
+
+bool Handle::wait_delivered(int op, int64_t bytes, double timeout_s) {
+  std::unique_lock<std::mutex> lock(mu_);
+  auto reached = [&] {
+    return state_.load(std::memory_order_acquire) != kPending ||
+           (op < static_cast<int>(delivered_.size()) && delivered_[op] >= bytes);
+  };
+  if (timeout_s < 0) {
+    cv_.wait(lock, reached);
+  } else if (!cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), reached)) {
+    return false;
+  }
+  if (state_.load() == kFailed) throw CommError(error_);
+  return true;
+}
+
+void Handle::add_delivered(int op, int64_t bytes) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (op >= static_cast<int>(delivered_.size())) delivered_.resize(op + 1, 0);
+    delivered_[op] += bytes;
+  }
+  cv_.notify_all();
+}
+
 void Handle::complete() {
   {
     std::lock_guard<std::mutex> lock(mu_);

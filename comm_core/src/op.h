@@ -134,11 +134,20 @@ class Handle {
   // The caller saw it finish (wait or poll): its names are free again ([Note: names in flight] in engine.h).
   bool observed() const { return observed_.load(std::memory_order_acquire); }
   Timings timings() const;
+  // [Note: all-gather progress] Op `op` of the submission, if a ring all-gather: the bytes of the
+  // blocks it receives that have arrived, in the order they arrive (rank r receives the blocks of
+  // ranks r-1, r-2, ... each from its start; its own block is not counted); 0 for other ops, which
+  // do not report progress (MPI's algorithms among them). wait_delivered waits up to timeout_s (< 0: forever) until
+  // `bytes` have arrived or the submission finished: false on timeout; throws CommError if it
+  // failed. Unlike wait(), reaching `bytes` before the end does not mark the submission observed.
+  int64_t delivered(int op) const;
+  bool wait_delivered(int op, int64_t bytes, double timeout_s);
 
   // Engine side.
   void mark_started();
   void complete();
   void fail(const std::string& message);
+  void add_delivered(int op, int64_t bytes);
   void set_enqueue_ns(int64_t ns) { timings_.enqueue_ns = ns; }
   int64_t start_ns() const { return timings_.start_ns; }
 
@@ -152,6 +161,7 @@ class Handle {
   std::condition_variable cv_;
   std::string error_;
   Timings timings_;
+  std::vector<int64_t> delivered_;  // per op, under mu_ (add_delivered grows it)
 };
 
 // An error raised to Python as pipedap.CommError.

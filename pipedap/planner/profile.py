@@ -52,6 +52,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 FILE_VERSION = 1
+# The output layer of a deferred tie computes the rows of each other rank's block in this many pieces, each
+# as soon as the all-gather has delivered it ([Note: the output layer's own rows first] in
+# pipedap/tied_lookup.py; the planner's ``output_rest``).
+OUTPUT_PIECES = 8
 
 
 @dataclass(frozen=True)

@@ -65,9 +65,13 @@ same bytes the other way), and group g's forward waits for it instead of for AG(
 update (``u[g]``) moves to the output layer's group u. The planners put AG(g) in a submission of
 its own right after AG(u), which stays in the forward phase (``fixed_forward``). The forward of u
 waits for AG(u) only; what waits for AG(g) as well (``output_rest[u]``) is g's update and the
-output layer's product but for the rows of this rank's shard, which it computes first, from the
-rows stepped alone (an extra ``u[g] / N`` in ``w[u]``; [Note: the output layer's own rows first]
-in pipedap/tied_lookup.py; the product's time is the tie's ``output_forward``). In the forward
+last piece of the output layer's product: while AG(g) runs, the output layer computes the rows of
+this rank's shard, then those of the other ranks' blocks in ``OUTPUT_PIECES`` pieces each as AG(g)
+delivers them ([Note: the output layer's own rows first] in pipedap/tied_lookup.py; the product's
+time is the tie's ``output_forward``), so ``1 / (N * OUTPUT_PIECES)`` of the product waits for
+AG(g)'s end. The rows it steps alone to do so (at most ``u[g]`` more compute; none where AG(g) has
+ended when the output layer starts) are left out: the timeline is that much optimistic where AG(g)
+ends during the output layer's product. In the forward
 chain of [Note: the DP] g costs the fetch, ``chain_ag[g]``, and u both all-gathers
 (:meth:`Problem.chain_step`). The search scores each fusion deferred and not.
 """
@@ -84,7 +88,7 @@ import numpy as np
 
 from .costmodel import CostModel
 from .plan import Op, Submission
-from .profile import Profile
+from .profile import OUTPUT_PIECES, Profile
 
 
 class Problem:
@@ -140,7 +144,6 @@ class Problem:
         for g, user in self.deferred.items():
             self.chain_ag[g] = self.costs["rf"][g]
             self.chain_ag[user] += self.costs["ag"][g]
-            self.w[user] += self.u[g] / cost.world_size  # this rank's rows stepped alone first
         self.link_start = min([self.ready[-1], *self.dense_ready.values()])  # the first gradient bytes exist
         # tail[g]: forward compute from the update of g to the end of the iteration.
         self.tail = [0.0] * (self.size + 1)
@@ -166,7 +169,8 @@ class Problem:
             self.costs["rf"][g] = self.costs["rs"][g]
             tf = self.profile.layers[user].tf  # (the product is part of it; unknown: all of it)
             product = min(tie.output_forward, tf) if tie.output_forward else tf
-            self.output_rest[user] = (g, self.forward_update[g] + product * (1.0 - 1.0 / self.cost.world_size))
+            last_piece = product / (self.cost.world_size * OUTPUT_PIECES)
+            self.output_rest[user] = (g, self.forward_update[g] + last_piece)
             self.forward_update[user] += self.forward_update[g]
             self.forward_update[g] = 0.0
 

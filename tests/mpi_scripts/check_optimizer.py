@@ -252,7 +252,7 @@ def compare(what, model, reference):
         diff = (ours[name] - theirs[name]).abs().max().item()
         scale = 1.0 + ref.abs().max().item()
         worst = max(worst, diff / scale)
-        if diff > TOL * scale:
+        if not diff <= TOL * scale:  # (NaN differs too)
             sys.exit(f"rank {R}: {what}: parameter {name} differs by {diff:.3g} (scale {scale:.3g})")
     return worst
 

@@ -64,7 +64,7 @@ class Job:
         hvd.flush(self.model)
         for (name, p), q in zip(self.model.named_parameters(), self.reference.parameters()):
             diff = (p - q).abs().max().item()
-            if diff > TOL:
+            if not diff <= TOL:  # (NaN differs too)
                 sys.exit(f"rank {R}: {what}: '{name}' differs from single-process training by {diff}")
 
 

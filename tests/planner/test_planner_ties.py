@@ -15,7 +15,7 @@ import pytest
 from pipedap.planner import fusion, make_plan, schedules
 from pipedap.planner.costmodel import AlphaBeta, CostModel
 from pipedap.planner.plan import Plan, PlanError
-from pipedap.planner.profile import Layer, Profile, Tie, elementwise_max
+from pipedap.planner.profile import OUTPUT_PIECES, Layer, Profile, Tie, elementwise_max
 from pipedap.planner.simulator import Problem, interfered, simulate
 
 HALF = AlphaBeta(1.0, 0.5)
@@ -152,17 +152,17 @@ def test_a_deferred_all_gather_waits_for_the_output_layer_and_the_lookup_for_its
     assert deferred.forward == ((("ag", 1),), (("ag", 2),), (("ag", 0),))
     tl = deferred.timeline
     # the fetch rf0 (its rows' cost, 2) right after the rows, 13-15; ag1 15-17; ag2 17-19; ag0 right behind it
-    # 19-24. Forward g0 15-16 (no update), g1 17-27, g2 27-28.625: first its forward (1, the output layer's
-    # product: the tie's is unknown) but for the 3/4 of the product that waits for ag0, and this rank's 1/4 of
-    # g0's rows stepped alone (0.5 / 4), 27-28.125; then g0's update (0.5) and the rest of the product (0.75).
+    # 19-24. Forward g0 15-16 (no update), g1 17-27, g2 27-28.5: ag0 ended before, so g2 computes as usual, g0's
+    # update (0.5) then its forward (1, the output layer's product: the tie's is unknown). What would have
+    # waited for ag0: g0's update and the last of the 4 ranks' x 8 pieces of the product.
     assert tl.submissions[-4:] == ((("rf", 0),), (("ag", 1),), (("ag", 2),), (("ag", 0),))
     assert tl.starts[-4:] == (13, 15, 17, 19) and tl.ends[-4:] == (15, 17, 19, 24)
-    assert tl.forward_start == (15, 17, 27) and tl.iteration_time == 28.625
-    assert tl.problem.output_rest == {2: (0, 0.5 + 0.75)}
+    assert tl.forward_start == (15, 17, 27) and tl.iteration_time == 28.5
+    assert tl.problem.output_rest == {2: (0, 0.5 + 1 / (4 * OUTPUT_PIECES))}
     assert ("U2", 27, 27.5) in tl.compute_spans() and not any(label == "U0" for label, _, _ in tl.compute_spans())
     assert tl.lower_bound <= tl.iteration_time
     # the fast evaluation and the event simulation (no interference) agree, fetches included
-    assert schedules._evaluate(tl.problem, "FFF")[0] == 28.625
+    assert schedules._evaluate(tl.problem, "FFF")[0] == 28.5
     subs = (*tl.submissions,)
     event = interfered(tl.problem, subs, [tl.problem.submission_cost(s) for s in subs], False)
     assert event.starts == tl.starts and event.ends == tl.ends
@@ -173,7 +173,7 @@ def test_the_plan_of_a_deferred_schedule_lists_it_and_only_its_own_submissions()
     plan = schedules.dear(long_problem(defer=True)).to_plan()
     assert plan.split == (0,) and plan.defer == (0,)
     assert all(kind in ("rs", "ag") for sub in (*plan.backward, *plan.forward) for kind, _ in sub)
-    assert plan.predicted.times[-3:] == ((15, 17), (17, 19), (19, 24)) and plan.predicted.iteration_time == 28.625
+    assert plan.predicted.times[-3:] == ((15, 17), (17, 19), (19, 24)) and plan.predicted.iteration_time == 28.5
     assert Plan.from_json(plan.to_json()) == plan
     assert plan.digest() != dataclasses.replace(plan, defer=()).digest()  # ranks agree on it
     assert "defer" not in schedules.dear(long_problem()).to_plan().to_dict()
@@ -200,32 +200,33 @@ def test_only_a_deferrable_tie_is_deferred_and_its_output_layer_keeps_its_all_ga
     assert middle.deferred == {0: 1}
     tl = schedules.dear(middle).timeline
     assert tl.submissions[-4:] == ((("rf", 0),), (("ag", 1),), (("ag", 0),), (("ag", 2),))
-    assert middle.output_rest == {1: (0, 0.5 + 10 * 3 / 4)}  # (the product unknown: all of g1's forward)
+    assert middle.output_rest == {1: (0, 0.5 + 10 / (4 * OUTPUT_PIECES))}  # (the product unknown: all of g1's)
     assert tl.forward_start[1] == tl.end_of[("ag", 1)] and tl.forward_start[0] == tl.end_of[("rf", 0)]
-    assert tl.forward_ends[1] == tl.end_of[("ag", 0)] + 8.0
+    assert tl.end_of[("ag", 0)] == 27 and tl.forward_ends[1] == 22 + 10.5  # ag0 ended before g1's last piece
 
 
 def test_the_planner_defers_only_where_its_timeline_is_faster():
     plan = make_plan(Profile(LONG, ties=(DEFERRABLE,)), COST, planner="dear", fusion="none")
-    assert plan.defer == (0,) and plan.predicted.iteration_time == 28.625
+    assert plan.defer == (0,) and plan.predicted.iteration_time == 28.5
     # with g1's forward short, the lookup's fetch and the deferred all-gather cost more than they save:
     # deferred, the forward of g2 would wait for ag0 until 24 instead of ending at 23
     plan = make_plan(Profile(LAYERS, ties=(DEFERRABLE,)), COST, planner="dear", fusion="none")
     assert plan.split == (0,) and plan.defer == () and plan.predicted.iteration_time == 23
 
 
-def test_the_output_layer_computes_this_ranks_rows_before_the_deferred_all_gather():
+def test_the_output_layer_computes_beside_the_deferred_all_gather_all_but_its_last_piece():
     # g1's forward short, g2's long (2 s, of which the output layer's product is 1 s: the tie's 2 pieces
     # took 0.5 s apart). Link: rs2 1-3, rsd0 (2 pieces of 3) 3-9, rs1 9-11, rows 11-13, rf0 13-15, ag1
-    # 15-17, ag2 17-19, ag0 19-24. Forward g0 15-16, g1 17-18, g2 from 19: all but g0's update (0.5) and
-    # 3/4 of the product, plus 1/4 of g0's update (the rows stepped alone): 2 + 0.125 - 0.75 = 1.375, to
-    # 20.375; the rest from 24, 1.25, to 25.25. With the product unknown all of g2's 2 s counts as product:
-    # 0.625 before the wait, 2 after it (26.0). Merged into g2's all-gather (the runtime before) all of g2's
-    # forward waited: 26.5.
+    # 15-17, ag2 17-19, ag0 19-24. Forward g0 15-16, g1 17-18, g2 from 19: all but g0's update (0.5) and the
+    # last of the 4 ranks' x 8 pieces of the product (1/32), to 20.97; the rest from 24, to 24.53125. With
+    # the product unknown all of g2's 2 s counts as product: its last piece is 1/16 (24.5625). With this
+    # rank's rows only beside ag0 (the runtime before) 3/4 of the product waited: 25.25; merged into g2's
+    # all-gather (before that) all of g2's forward: 26.5.
+    assert OUTPUT_PIECES == 8
     layers = (dataclasses.replace(LAYERS[0], u=0.5), LAYERS[1], dataclasses.replace(LAYERS[2], tf=2.0))
     timed = dataclasses.replace(DEFERRABLE, pieces=2, span=0.5)
     assert timed.output_forward == 1.0
-    for tie, rest, end in ((timed, 1.25, 25.25), (dataclasses.replace(timed, span=0.0), 2.0, 26.0)):
+    for tie, rest, end in ((timed, 0.53125, 24.53125), (dataclasses.replace(timed, span=0.0), 0.5625, 24.5625)):
         problem = Problem(Profile(layers, ties=(tie,)), COST, defer=True)
         assert problem.output_rest == {2: (0, rest)}
         tl = schedules.dear(problem).timeline
