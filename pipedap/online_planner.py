@@ -140,9 +140,10 @@ class OnlinePlanner:
         """Called at the end of every step(); returns the plan once enough steps were measured.
 
         With the plan it sets ``planning``: the cost model it was made on (as
-        ``CostModel.to_dict()``), where that model came from, the profile's bucket count, and
-        the interference σ measured in these steps (None with ``PIPEDAP_INTERFERENCE=off``);
-        the same on every rank.
+        ``CostModel.to_dict()``), where that model came from, the profile's bucket count,
+        the interference σ measured in these steps (None with ``PIPEDAP_INTERFERENCE=off``),
+        and ``profiling_steps``: their measured iteration (DeAR's, the slowest rank's median) and
+        what the cost model predicts for it; the same on every rank.
         """
         now = time.monotonic()
         self.step_seconds.append(now - self.step_started)
@@ -161,6 +162,9 @@ class OnlinePlanner:
         plan = measure.plan_on_rank0(lambda: self._plan(profile, cost), self.process_set)
         self.planning = costmodel.planning_facts(cost, source, len(profile),
                                                  sigma if measure.interference_on() else None)
+        # how well the cost model planned on predicts the steps it was measured in (a fit that came out wrong
+        # can then be told from a plan that did: the bench writes it)
+        self.planning["profiling_steps"] = {"measured_s": measured, "predicted_s": dear_iteration_s(profile, cost)}
         log.info(
             "pipedap: planned from %d measured steps in %.2f s: %s plan%s predicts %.1f ms per iteration "
             "(DeAR as measured: %.1f ms); switching now",

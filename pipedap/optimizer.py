@@ -190,8 +190,10 @@ class _DistributedMixin:
     def planning(self) -> dict | None:
         """How the running plan was made, once ``schedule="pipedap"`` without a plan has planned online:
         ``cost_model`` (``CostModel.to_dict()``: the α-β lines it simulated), ``cost_source``,
-        ``profile_layers`` and ``interference`` (the σ measured then, None with
-        ``PIPEDAP_INTERFERENCE=off``). None before that, and for given or built-in plans."""
+        ``profile_layers``, ``interference`` (the σ measured then, None with
+        ``PIPEDAP_INTERFERENCE=off``) and ``profiling_steps`` (``measured_s``: the DeAR steps it
+        measured; ``predicted_s``: what the cost model predicts for them). None before that, and
+        for given or built-in plans."""
         return self._pipedap.planning
 
     # --- internals ---------------------------------------------------------------

@@ -496,7 +496,11 @@ def test_the_readmes_rounds_tables_are_generated_from_the_committed_sweeps() -> 
               ("tied_split/bert_base_250mbit_own_rows_pair_3rounds.json",
                "| 250 Mbit/s | 14.09 | 14.09 | 16.24 +- 0.34 | 20.11 +- 0.73 |", 3),
               ("tied_split/bert_base_500mbit_own_rows_3rounds.json",
-               "| 500 Mbit/s | 8.99 | 10.39 | 11.78 +- 0.87 | 12.94 +- 2.83 | 12.62 +- 0.23 |", 3)]
+               "| 500 Mbit/s | 8.99 | 10.39 | 11.78 +- 0.87 | 12.94 +- 2.83 | 12.62 +- 0.23 |", 3),
+              ("tied_split/bert_base_250mbit_arrival_pieces_3rounds.json",
+               "| 250 Mbit/s | 14.09 | 14.09 | 16.13 +- 0.11 | 19.78 +- 0.31 |", 3),
+              ("tied_split/bert_base_125_500mbit_arrival_pieces_3rounds.json",
+               "| 500 Mbit/s | 8.09 | 9.52 | 10.46 +- 0.63 | 12.03 +- 0.22 |", 4)]
     for path, last_row, rows in sweeps:
         doc = json.loads((root / "benchmarks/results" / path).read_text())
         table = [line for line in compare_report.markdown(doc["comparison"]).splitlines() if line.startswith("|")]

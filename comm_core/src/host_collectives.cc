@@ -202,7 +202,11 @@ class ArrivalReporter {
  public:
   explicit ArrivalReporter(Handle* progress) : progress_(progress) {}
   bool active() const { return progress_ != nullptr; }
-  void new_step() { arrivals_.clear(), arrived_.clear(), next_.clear(); }
+  void new_step() {
+    arrivals_.clear();
+    arrived_.clear();
+    next_.clear();
+  }
   void expect(const Arrival& a) {  // one per request, in posting order
     if (progress_ == nullptr) return;
     arrivals_.push_back(a);

@@ -24,8 +24,10 @@ has one). ``--json FILE`` writes all of it::
     batch_time: {measured_s, predicted_s, predicted_over_measured},
     phases_ms: {forward, backward, step} (rank 0's means),
     plan: {schedule, groups, digest, predicted_iteration_s, source} or null,
-    planning: {cost_model, cost_source, profile_layers, interference} (PipeDAP with --bandwidth or
-              --timeline, or planned online: then interference is the σ measured in this job) or null,
+    planning: {cost_model, cost_source, profile_layers, interference, profiling_steps} (PipeDAP with
+              --bandwidth or --timeline, or planned online: then interference is the σ measured in this
+              job, and profiling_steps {measured_s, predicted_s} the DeAR steps it planned from, as
+              measured and as its cost model predicts them; else null) or null,
     energy: {seconds, compute: {busy_s, idle_s, joules}, link: {...} (with --link-rate), joules,
              joules_per_sample, power, link_rate, compute_busy_source} per worker and batch (--power) or null,
     timeline: FILE or null, wall_seconds
@@ -410,7 +412,8 @@ def summarize(args: argparse.Namespace, context: dict, everyone: list[dict], pla
         "plan": None if plan is None else {
             "schedule": plan.schedule, "groups": len(plan.groups), "digest": plan.digest(),
             "predicted_iteration_s": predicted, "source": facts.get("plan_source", "built-in")},
-        "planning": {k: facts.get(k) for k in ("cost_model", "cost_source", "profile_layers", "interference")}
+        "planning": {k: facts.get(k) for k in ("cost_model", "cost_source", "profile_layers", "interference",
+                                               "profiling_steps")}
         if "cost_model" in facts else None,
         "energy": energy_of(args, measured, everyone),
         "timeline": args.timeline,

@@ -70,6 +70,8 @@ for step in range(8):
             assert made["interference"] is None, made
         assert made["cost_model"]["world_size"] == P and made["profile_layers"] == len(opt.plan.groups), made
         assert made["cost_source"].startswith(("fitted to the profiling steps", "the cluster's microbenchmark")), made
+        steps = made["profiling_steps"]  # the DeAR steps it planned from, as measured and as its model predicts them
+        assert steps["measured_s"] > 0 and steps["predicted_s"] > 0, made
         assert len({repr(m) for m in hvd.allgather_object(made)}) == 1, "ranks planned from different facts"
 opt.synchronize()
 digests = hvd.allgather_object(opt.plan.digest())
