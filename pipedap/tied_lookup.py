@@ -234,11 +234,12 @@ class ServedLookup:
                 self.pieces_delivered += 1
             stepped = self._stepped(torch.arange(first, end), buffer[first * columns:end * columns].view(-1, columns))
             early.append((first, end, F.linear(x2d, stepped, None if bias is None else bias[first:end])))
-        self.finish()  # the all-gather's end, and the whole update: the rows of ``early`` are now what they were stepped to
+        self.finish()  # the all-gather's end and the whole update: the rows of ``early`` become what they were stepped to
         self.outputs_early += 1
         parts, row = [], 0
         for first, end, y in sorted(early, key=lambda piece: piece[0]):
-            parts += [F.linear(x2d, weight[row:first], None if bias is None else bias[row:first])] if row < first else []
+            if row < first:  # rows between two pieces (they straddle two blocks): from the updated weight
+                parts.append(F.linear(x2d, weight[row:first], None if bias is None else bias[row:first]))
             parts.append(y)
             row = end
         if row < self.param.shape[0]:  # the rows no piece computed: from the updated weight

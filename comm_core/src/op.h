@@ -137,9 +137,10 @@ class Handle {
   // [Note: all-gather progress] Op `op` of the submission, if a ring all-gather: the bytes of the
   // blocks it receives that have arrived, in the order they arrive (rank r receives the blocks of
   // ranks r-1, r-2, ... each from its start; its own block is not counted); 0 for other ops, which
-  // do not report progress (MPI's algorithms among them). wait_delivered waits up to timeout_s (< 0: forever) until
-  // `bytes` have arrived or the submission finished: false on timeout; throws CommError if it
-  // failed. Unlike wait(), reaching `bytes` before the end does not mark the submission observed.
+  // do not report progress (MPI's algorithms among them). wait_delivered waits up to timeout_s
+  // (< 0: forever) until `bytes` have arrived or the submission finished: false on timeout; throws
+  // CommError if it failed. Unlike wait(), reaching `bytes` before the end does not mark the
+  // submission observed. The tied output layer uses it (pipedap/tied_lookup.py).
   int64_t delivered(int op) const;
   bool wait_delivered(int op, int64_t bytes, double timeout_s);
 
