@@ -225,6 +225,10 @@ class ServedLookup:
             self.finish()
             return F.linear(x, weight, bias)
         x2d, buffer, columns = x.reshape(-1, x.shape[-1]), self.split.bucket.buffer, self.param.shape[1]
+
+        def product(rows: torch.Tensor, first: int, end: int) -> torch.Tensor:  # the columns of rows [first, end)
+            return F.linear(x2d, rows, None if bias is None else bias[first:end])
+
         early = []  # (first row, end row, their columns), computed from the rows stepped alone
         for first, end, needed in self._pieces():
             if needed:
@@ -233,17 +237,17 @@ class ServedLookup:
                     break
                 self.pieces_delivered += 1
             stepped = self._stepped(torch.arange(first, end), buffer[first * columns:end * columns].view(-1, columns))
-            early.append((first, end, F.linear(x2d, stepped, None if bias is None else bias[first:end])))
+            early.append((first, end, product(stepped, first, end)))
         self.finish()  # the all-gather's end and the whole update: the rows of ``early`` become what they were stepped to
         self.outputs_early += 1
         parts, row = [], 0
         for first, end, y in sorted(early, key=lambda piece: piece[0]):
             if row < first:  # rows between two pieces (they straddle two blocks): from the updated weight
-                parts.append(F.linear(x2d, weight[row:first], None if bias is None else bias[row:first]))
+                parts.append(product(weight[row:first], row, first))
             parts.append(y)
             row = end
         if row < self.param.shape[0]:  # the rows no piece computed: from the updated weight
-            parts.append(F.linear(x2d, weight[row:], None if bias is None else bias[row:]))
+            parts.append(product(weight[row:], row, self.param.shape[0]))
         return torch.cat(parts, 1).view(*x.shape[:-1], -1)
 
     def _pieces(self) -> list[tuple[int, int, int]]:

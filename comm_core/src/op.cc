@@ -122,8 +122,8 @@ bool Handle::wait_delivered(int op, int64_t bytes, double timeout_s) {
            (op < static_cast<int>(delivered_.size()) && delivered_[op] >= bytes);
   };
   if (timeout_s < 0) {
-    cv_.wait(lock, reached);
-  } else if (!cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), reached)) {
+    delivered_cv_.wait(lock, reached);
+  } else if (!delivered_cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), reached)) {
     return false;
   }
   if (state_.load() == kFailed) throw CommError(error_);
@@ -136,7 +136,7 @@ void Handle::add_delivered(int op, int64_t bytes) {
     if (op >= static_cast<int>(delivered_.size())) delivered_.resize(op + 1, 0);
     delivered_[op] += bytes;
   }
-  cv_.notify_all();
+  delivered_cv_.notify_all();
 }
 
 void Handle::complete() {
@@ -146,6 +146,7 @@ void Handle::complete() {
     state_.store(kOk, std::memory_order_release);
   }
   cv_.notify_all();
+  delivered_cv_.notify_all();
 }
 
 void Handle::fail(const std::string& message) {
@@ -156,6 +157,7 @@ void Handle::fail(const std::string& message) {
     state_.store(kFailed, std::memory_order_release);
   }
   cv_.notify_all();
+  delivered_cv_.notify_all();
 }
 
 }  // namespace pipedap

@@ -159,7 +159,8 @@ class Handle {
   std::atomic<int> state_{kPending};
   std::atomic<bool> observed_{false};
   mutable std::mutex mu_;
-  std::condition_variable cv_;
+  std::condition_variable cv_;           // the end: wait()
+  std::condition_variable delivered_cv_;  // also every report of progress: wait_delivered() (wait() need not wake)
   std::string error_;
   Timings timings_;
   std::vector<int64_t> delivered_;  // per op, under mu_ (add_delivered grows it)
