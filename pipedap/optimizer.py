@@ -191,9 +191,12 @@ class _DistributedMixin:
         """How the running plan was made, once ``schedule="pipedap"`` without a plan has planned online:
         ``cost_model`` (``CostModel.to_dict()``: the α-β lines it simulated), ``cost_source``,
         ``profile_layers``, ``interference`` (the σ measured then, None with
-        ``PIPEDAP_INTERFERENCE=off``) and ``profiling_steps`` (``measured_s``: the DeAR steps it
-        measured; ``predicted_s``: what the cost model predicts for them). None before that, and
-        for given or built-in plans."""
+        ``PIPEDAP_INTERFERENCE=off``), ``profiling_steps`` (``measured_s``: the DeAR steps it
+        measured; ``predicted_s``: what the cost model planned on predicts for them;
+        ``fitted_predicted_s`` and ``microbenchmark_predicted_s``: what each candidate model did,
+        None where not made or not asked) and ``fit_samples`` (``{"rs": [(bytes, seconds), ...],
+        "ag": ...}``: one per operation, what the fit was made of). None before that, and for given
+        or built-in plans."""
         return self._pipedap.planning
 
     # --- internals ---------------------------------------------------------------

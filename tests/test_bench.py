@@ -88,6 +88,7 @@ def test_pipedap_plans_online_then_times_its_plan_against_the_prediction(tmp_pat
     assert planning["cost_model"]["world_size"] == 2 and planning["profile_layers"] == doc["plan"]["groups"]
     assert planning["cost_source"] and planning["interference"] is None
     assert planning["profiling_steps"]["measured_s"] > 0 and planning["profiling_steps"]["predicted_s"] > 0
+    assert set(planning["fit_samples"]) == {"rs", "ag"}
 
 
 @pytest.mark.mpi

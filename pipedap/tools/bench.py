@@ -24,10 +24,11 @@ has one). ``--json FILE`` writes all of it::
     batch_time: {measured_s, predicted_s, predicted_over_measured},
     phases_ms: {forward, backward, step} (rank 0's means),
     plan: {schedule, groups, digest, predicted_iteration_s, source} or null,
-    planning: {cost_model, cost_source, profile_layers, interference, profiling_steps} (PipeDAP with
-              --bandwidth or --timeline, or planned online: then interference is the σ measured in this
-              job, and profiling_steps {measured_s, predicted_s} the DeAR steps it planned from, as
-              measured and as its cost model predicts them; else null) or null,
+    planning: {cost_model, cost_source, profile_layers, interference, profiling_steps, fit_samples} (PipeDAP
+              with --bandwidth or --timeline, or planned online: then interference is the σ measured in this
+              job, profiling_steps {measured_s, predicted_s, fitted_predicted_s, microbenchmark_predicted_s}
+              the DeAR steps it planned from, as measured and as the cost models predict them, and
+              fit_samples {rs, ag} the [bytes, seconds] the fit was made of; else null) or null,
     energy: {seconds, compute: {busy_s, idle_s, joules}, link: {...} (with --link-rate), joules,
              joules_per_sample, power, link_rate, compute_busy_source} per worker and batch (--power) or null,
     timeline: FILE or null, wall_seconds
@@ -413,7 +414,7 @@ def summarize(args: argparse.Namespace, context: dict, everyone: list[dict], pla
             "schedule": plan.schedule, "groups": len(plan.groups), "digest": plan.digest(),
             "predicted_iteration_s": predicted, "source": facts.get("plan_source", "built-in")},
         "planning": {k: facts.get(k) for k in ("cost_model", "cost_source", "profile_layers", "interference",
-                                               "profiling_steps")}
+                                               "profiling_steps", "fit_samples")}
         if "cost_model" in facts else None,
         "energy": energy_of(args, measured, everyone),
         "timeline": args.timeline,

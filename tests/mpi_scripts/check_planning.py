@@ -72,6 +72,10 @@ for step in range(8):
         assert made["cost_source"].startswith(("fitted to the profiling steps", "the cluster's microbenchmark")), made
         steps = made["profiling_steps"]  # the DeAR steps it planned from, as measured and as its model predicts them
         assert steps["measured_s"] > 0 and steps["predicted_s"] > 0, made
+        # the model planned on is one of the candidates, and the fit was made of one sample per operation
+        assert steps["predicted_s"] in (steps["fitted_predicted_s"], steps["microbenchmark_predicted_s"]), made
+        samples = made["fit_samples"]
+        assert all(len(samples[k]) <= len(opt.plan.groups) for k in ("rs", "ag")), made
         assert len({repr(m) for m in hvd.allgather_object(made)}) == 1, "ranks planned from different facts"
 opt.synchronize()
 digests = hvd.allgather_object(opt.plan.digest())
