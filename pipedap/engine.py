@@ -432,7 +432,8 @@ _listeners: list[Callable[[list[CompletedOp]], None]] = []
 
 
 def add_completion_listener(listener: Callable[[list[CompletedOp]], None]) -> None:
-    """Call ``listener(ops)`` with every submission's ops when its work is waited for (world size > 1)."""
+    """Call ``listener(ops)`` with every submission's ops when its work is waited for (world size > 1; not for
+    a barrier, which has none)."""
     _listeners.append(listener)
 
 
@@ -486,7 +487,7 @@ class Work:
                     _before_blocking_wait()
                 while not self._core_handle.wait(0.5):  # wake up now and then so Ctrl-C works
                     pass
-                if _listeners:
+                if _listeners and self.collectives:  # a barrier completes no operation
                     self._notify()
             self._results = [c.after(c.result) if c.after else c.result for c in self.collectives]
         return self._results

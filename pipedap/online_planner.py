@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import resource
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -45,6 +46,9 @@ MIN_DISTINCT_SIZES = 3  # fewer bucket sizes than this cannot separate start-up 
 # A fitted cost model whose DeAR prediction is off the measured DeAR steps by more than this
 # factor either way is not trusted ([Note: checking the fit against the steps]).
 FIT_TOLERANCE = 1.10
+# Warm-up lasts until a step in which no rank touched more new memory than this, or PIPEDAP_PROFILE_WARMUP_MAX
+# steps ([Note: warm memory before profiling]).
+WARM_BYTES = 16 << 20
 # The engine starts a queued operation microseconds after its predecessor ends, unless the
 # thread it just woke takes the shared core first; a millisecond of skew is negligible here.
 HANDOFF_S = 1e-3
@@ -76,6 +80,19 @@ MICROBENCHMARK = "the cluster's microbenchmark (pipedap.measure.cost_model, cach
 # out of the fit, and weighs every operation once however many of its runs were skew-free.
 
 
+# [Note: warm memory before profiling]
+# A CPU process's heap grows for several steps after the first: every block glibc has not
+# handed out before is a fresh page to fault in (pipedap.heap keeps freed memory, so the
+# faults stop once the heap has reached its high-water mark). On the emulated cluster's
+# VMs a minor fault costs about 18 us; BERT-base faulted 280 000, 60-90 000, 30-50 000 and
+# 20-50 000 times in its steps 2 to 5, then about 12 times a step. The faults land in
+# whatever allocates then (its masked-LM loss and its gradient, 125 MB each: 0.5-1.5 s
+# instead of 0.05 s), so a profile of those steps had the first gradient of the backward
+# 0.7 s late, and plans were predicted up to 7% slow. So the warm-up runs until a step in
+# which no rank faulted in more than WARM_BYTES (the ranks agree, one integer each per
+# step), at most PIPEDAP_PROFILE_WARMUP_MAX (10) steps; the log says how long it took.
+
+
 @dataclass
 class _Step:
     """What one iteration (from one step() to the next) recorded."""
@@ -87,12 +104,15 @@ class _Step:
 
 
 class OnlinePlanner:
-    """Collects per-bucket timings for ``steps`` steps (after ``warmup``), then makes a plan."""
+    """Collects per-bucket timings for ``steps`` steps (after at least ``warmup`` steps, until memory is warm:
+    [Note: warm memory before profiling]), then makes a plan."""
 
     def __init__(self, buckets: list[Bucket], steps: int = 5, warmup: int = 1, planner: str = "optimal",
-                 process_set: ProcessSet = global_process_set):
+                 process_set: ProcessSet = global_process_set, max_warmup: int = 1):
         if steps < 1:
             raise ValueError(f"PIPEDAP_PROFILE_STEPS must be >= 1, got {steps}")
+        if max_warmup < warmup:
+            raise ValueError(f"PIPEDAP_PROFILE_WARMUP_MAX must be >= {warmup}, got {max_warmup}")
         if planner not in PLANNERS:
             raise ValueError(f"PIPEDAP_PLANNER={planner!r}: use optimal (exact) or greedy (the paper's heuristic)")
         self.buckets = buckets
@@ -104,6 +124,9 @@ class OnlinePlanner:
         self.busy: list[tuple[float, float]] = []  # (start, end) in seconds of every submission
         self.step_started = time.monotonic()
         self.step_seconds: list[float] = []
+        self.max_warmup = max_warmup
+        self.warm = warmup == max_warmup  # nothing to find out
+        self.faults = _minor_faults()  # at the last warm-up step's end
         self.planning: dict | None = None  # how the plan was made, once it is: see step_done()
         self.ties: Callable[[], tuple[Tie, ...]] = tuple  # the reducer's tied buckets ([Note: ties in a profile])
         engine.add_completion_listener(self._on_ops)
@@ -152,14 +175,17 @@ class OnlinePlanner:
         ``CostModel.to_dict()``), where that model came from, the profile's bucket count,
         the interference σ measured in these steps (None with ``PIPEDAP_INTERFERENCE=off``),
         ``profiling_steps``: their measured iteration (DeAR's, the slowest rank's median) and what
-        the cost models predict for it (:func:`profiling_steps`), and ``fit_samples``: the
-        (bytes, seconds) per primitive the fit was made from; the same on every rank.
+        the cost models predict for it (:func:`profiling_steps`), ``fit_samples``: the
+        (bytes, seconds) per primitive the fit was made from, and ``profile``: the agreed profile
+        planned on (``Profile.to_dict()``); the same on every rank.
         """
         now = time.monotonic()
         self.step_seconds.append(now - self.step_started)
         self.step_started = now
         self.records.append(self.current)
         self.current = _Step()
+        if len(self.records) == self.warmup and not self.warm:
+            self._warm_up()
         if len(self.records) < self.warmup + self.steps:
             return None
         engine.remove_completion_listener(self._on_ops)
@@ -178,6 +204,7 @@ class OnlinePlanner:
         # a fit that came out wrong can then be told from a plan that did (the bench writes both)
         self.planning["profiling_steps"] = steps
         self.planning["fit_samples"] = samples
+        self.planning["profile"] = profile.to_dict()  # to simulate it again offline (Profile.from_dict)
         log.info(
             "pipedap: planned from %d measured steps in %.2f s: %s plan%s predicts %.1f ms per iteration "
             "(DeAR as measured: %.1f ms); switching now",
@@ -187,6 +214,25 @@ class OnlinePlanner:
             1e3 * plan.predicted.iteration_time if plan.predicted else float("nan"), 1e3 * measured,
         )
         return plan
+
+    def _warm_up(self) -> None:
+        """At the last warm-up step's end: one more warm-up step if a rank faulted in more than WARM_BYTES of
+        new memory in it, up to ``max_warmup`` ([Note: warm memory before profiling]). Collective."""
+        now = _minor_faults()
+        fresh = max(comm.allgather_object(now - self.faults, name="online.warm", process_set=self.process_set))
+        fresh_mb = fresh * resource.getpagesize() / 2**20
+        self.faults = now
+        if fresh_mb <= WARM_BYTES / 2**20:
+            self.warm = True
+            log.info("pipedap: warm-up took %d steps (memory warm: %.1f MB faulted in at most, the last step); "
+                     "profiling the next %d", self.warmup, fresh_mb, self.steps)
+            return
+        self.warmup += 1
+        if self.warmup == self.max_warmup:
+            self.warm = True
+            log.warning("pipedap: after %d warm-up steps a rank still faulted in %.0f MB of new memory in a step; "
+                        "profiling after one more (PIPEDAP_PROFILE_WARMUP_MAX=%d): its times may include page faults",
+                        self.warmup - 1, fresh_mb, self.max_warmup)
 
     def measured_step_s(self) -> float:
         """This rank's median iteration under DeAR in the measured steps (the first one after warm-up left out)."""
@@ -290,6 +336,11 @@ class OnlinePlanner:
 # passed it and its plan was predicted at 1.27x its measured time, so it is 1.10: the plans
 # must be predicted within 5%, and a model that misses the steps it was fitted on by more
 # than 10% will not. Asking the microbenchmark costs nothing once it is cached.
+
+
+def _minor_faults() -> int:
+    """Pages this process has faulted in without I/O so far (every thread's)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def dear_iteration_s(profile: Profile, cost: CostModel) -> float:

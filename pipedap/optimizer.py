@@ -191,7 +191,8 @@ class _DistributedMixin:
         """How the running plan was made, once ``schedule="pipedap"`` without a plan has planned online:
         ``cost_model`` (``CostModel.to_dict()``: the α-β lines it simulated), ``cost_source``,
         ``profile_layers``, ``interference`` (the σ measured then, None with
-        ``PIPEDAP_INTERFERENCE=off``), ``profiling_steps`` (``measured_s``: the DeAR steps it
+        ``PIPEDAP_INTERFERENCE=off``), ``profile`` (the profile planned on, ``Profile.to_dict()``),
+        ``profiling_steps`` (``measured_s``: the DeAR steps it
         measured; ``predicted_s``: what the cost model planned on predicts for them;
         ``fitted_predicted_s`` and ``microbenchmark_predicted_s``: what each candidate model did,
         None where not made or not asked) and ``fit_samples`` (``{"rs": [(bytes, seconds), ...],
@@ -449,7 +450,8 @@ def DistributedOptimizer(
             model and ``wfbp`` without.
         plan: a :class:`pipedap.planner.Plan` or its JSON file (``python -m pipedap.tools.plan`` writes
             one; or ``$PIPEDAP_PLAN``). It fixes the buckets and the order. ``pipedap`` without a
-            plan plans itself: the first ``$PIPEDAP_PROFILE_STEPS`` (5) steps after one warm-up run
+            plan plans itself: the first ``$PIPEDAP_PROFILE_STEPS`` (5) steps after a warm-up (until memory
+            is warm: 1 to 10 steps) run
             DeAR while measuring layer and communication times, then rank 0 plans
             (``$PIPEDAP_PLANNER``: ``optimal``, or ``greedy`` as in the paper) and all ranks switch.
         backward_passes_per_step: communicate and update every k-th backward; the k accumulated
@@ -526,7 +528,7 @@ def DistributedOptimizer(
     elif plan_online:  # measure, then plan
         planner = "bytescheduler" if schedule == "bytescheduler" else settings.get("PIPEDAP_PLANNER")
         online = OnlinePlanner(buckets, steps=settings.get("PIPEDAP_PROFILE_STEPS"), planner=planner,
-                               process_set=process_set)
+                               process_set=process_set, max_warmup=settings.get("PIPEDAP_PROFILE_WARMUP_MAX"))
     shard_pieces = _shard(wrapped, buckets) if shard_update else None
     reducer = Reducer(plan, buckets, wrapped._pipedap_apply_update, op=op, passes=backward_passes_per_step,
                       process_set=process_set, online=online, shard_pieces=shard_pieces,

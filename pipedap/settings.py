@@ -145,8 +145,11 @@ _DECLARED = [
             "pipedap with `model=`, else wfbp)", "optimizer", choices=("pipedap", "dear", "wfbp", "bytescheduler")),
     Setting("PIPEDAP_PLAN", "file", None, "a plan JSON for `schedule=\"pipedap\"` (skips online planning)",
             "optimizer"),
-    Setting("PIPEDAP_PROFILE_STEPS", "int", "5", "`pipedap` without a plan: steps measured (after one "
-            "warm-up) before planning", "optimizer", minimum=1),
+    Setting("PIPEDAP_PROFILE_STEPS", "int", "5", "`pipedap` without a plan: steps measured (after a "
+            "warm-up: PIPEDAP_PROFILE_WARMUP_MAX) before planning", "optimizer", minimum=1),
+    Setting("PIPEDAP_PROFILE_WARMUP_MAX", "int", "10", "`pipedap` without a plan: the most warm-up steps "
+            "before profiling; the warm-up ends at the first step in which no rank faulted in more than 16 MB of "
+            "new memory (1: one step, no check)", "optimizer", minimum=1),
     Setting("PIPEDAP_PLANNER", "choice", "optimal", "`optimal` (exact search) or `greedy` (the paper's "
             "heuristic) for online planning", "optimizer", choices=("optimal", "greedy")),
     Setting("PIPEDAP_INTERFERENCE", "choice", "measure", "`measure`: time how much compute slows while the "

@@ -12,6 +12,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 # plan without it (PIPEDAP_INTERFERENCE=off reaches every mpirun job through the environment). The tests of
 # interference set it themselves (tests/test_interference.py, tests/mpi_scripts/check_interference.py).
 os.environ.setdefault("PIPEDAP_INTERFERENCE", "off")
+# Online planning switches plans at a step the tests can count on: one warm-up step, not "until memory is warm"
+# (tests/mpi_scripts/check_planning.py checks that one).
+os.environ.setdefault("PIPEDAP_PROFILE_WARMUP_MAX", "1")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import torch
 from mpi_launch import assert_ok, run_mpi
 
 import pipedap.tools.bench as bench_module
+from pipedap.planner.profile import Profile
 from pipedap.tools.bench import main
 from pipedap.tools.bench_options import build_parser
 
@@ -89,6 +90,7 @@ def test_pipedap_plans_online_then_times_its_plan_against_the_prediction(tmp_pat
     assert planning["cost_source"] and planning["interference"] is None
     assert planning["profiling_steps"]["measured_s"] > 0 and planning["profiling_steps"]["predicted_s"] > 0
     assert set(planning["fit_samples"]) == {"rs", "ag"}
+    assert len(Profile.from_dict(planning["profile"])) == doc["plan"]["groups"]  # what it planned on, whole
 
 
 @pytest.mark.mpi

@@ -195,3 +195,31 @@ def test_layer_times_measured_beside_communication_are_mapped_to_compute_alone()
     assert [layer.tb for layer in alone.layers] == [1.5, 1.0]  # 10 .. 12 with 10.5 .. 11.5 at half speed
     assert [layer.tf for layer in alone.layers] == [3.0, 5.0]  # the forward ran before: unchanged
     assert alone.meta["interference"] == 1.0
+
+
+def test_the_warm_up_lasts_while_memory_is_faulted_in_up_to_its_limit(monkeypatch, caplog):
+    """[Note: warm memory before profiling]: a step that faulted in more than WARM_BYTES on some rank is warm-up
+    too, up to max_warmup steps, then the log warns; a quiet step ends the warm-up."""
+    from pipedap import online_planner
+
+    faults = iter([0, 10**6, 2 * 10**6])  # at construction, then at each warm-up step's end: 4 GB a step
+    monkeypatch.setattr(online_planner, "_minor_faults", lambda: next(faults))
+    monkeypatch.setattr(online_planner.comm, "allgather_object", lambda value, **_: [0, value])  # the other rank: 0
+    planner = OnlinePlanner([], steps=2, warmup=1, max_warmup=3)
+    remove_completion_listener(planner._on_ops)
+    with caplog.at_level("INFO", logger="pipedap"):
+        assert planner.step_done() is None and planner.warmup == 2
+        assert planner.step_done() is None and planner.warmup == 3 and planner.warm
+    assert "still faulted in 3906 MB" in caplog.text and "PIPEDAP_PROFILE_WARMUP_MAX=3" in caplog.text
+
+    faults = iter([0, 10**6, 10**6 + 100])  # the second step touched 400 KB of new memory: warm
+    monkeypatch.setattr(online_planner, "_minor_faults", lambda: next(faults))
+    planner = OnlinePlanner([], steps=2, warmup=1, max_warmup=10)
+    remove_completion_listener(planner._on_ops)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipedap"):
+        planner.step_done()
+        planner.step_done()
+    assert planner.warmup == 2 and planner.warm and "warm-up took 2 steps" in caplog.text
+    with pytest.raises(ValueError, match="PIPEDAP_PROFILE_WARMUP_MAX must be >= 1"):
+        OnlinePlanner([], warmup=1, max_warmup=0)

@@ -28,7 +28,8 @@ has one). ``--json FILE`` writes all of it::
               with --bandwidth or --timeline, or planned online: then interference is the σ measured in this
               job, profiling_steps {measured_s, predicted_s, fitted_predicted_s, microbenchmark_predicted_s}
               the DeAR steps it planned from, as measured and as the cost models predict them, and
-              fit_samples {rs, ag} the [bytes, seconds] the fit was made of; else null) or null,
+              fit_samples {rs, ag} the [bytes, seconds] the fit was made of, and profile the one planned on
+              (Profile.to_dict(): pipedap.planner can simulate it again); else null) or null,
     energy: {seconds, compute: {busy_s, idle_s, joules}, link: {...} (with --link-rate), joules,
              joules_per_sample, power, link_rate, compute_busy_source} per worker and batch (--power) or null,
     timeline: FILE or null, wall_seconds
@@ -414,7 +415,7 @@ def summarize(args: argparse.Namespace, context: dict, everyone: list[dict], pla
             "schedule": plan.schedule, "groups": len(plan.groups), "digest": plan.digest(),
             "predicted_iteration_s": predicted, "source": facts.get("plan_source", "built-in")},
         "planning": {k: facts.get(k) for k in ("cost_model", "cost_source", "profile_layers", "interference",
-                                               "profiling_steps", "fit_samples")}
+                                               "profiling_steps", "fit_samples", "profile")}
         if "cost_model" in facts else None,
         "energy": energy_of(args, measured, everyone),
         "timeline": args.timeline,
