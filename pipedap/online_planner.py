@@ -24,13 +24,12 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-import resource
 import statistics
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from pipedap import comm, engine, interference, measure
+from pipedap import comm, engine, heap, interference, measure
 from pipedap.buckets import Bucket
 from pipedap.planner import costmodel, make_plan
 from pipedap.planner.costmodel import AlphaBeta, CostModel
@@ -46,9 +45,6 @@ MIN_DISTINCT_SIZES = 3  # fewer bucket sizes than this cannot separate start-up 
 # A fitted cost model whose DeAR prediction is off the measured DeAR steps by more than this
 # factor either way is not trusted ([Note: checking the fit against the steps]).
 FIT_TOLERANCE = 1.10
-# Warm-up lasts until a step in which no rank touched more new memory than this, or PIPEDAP_PROFILE_WARMUP_MAX
-# steps ([Note: warm memory before profiling]).
-WARM_BYTES = 16 << 20
 # The engine starts a queued operation microseconds after its predecessor ends, unless the
 # thread it just woke takes the shared core first; a millisecond of skew is negligible here.
 HANDOFF_S = 1e-3
@@ -81,16 +77,11 @@ MICROBENCHMARK = "the cluster's microbenchmark (pipedap.measure.cost_model, cach
 
 
 # [Note: warm memory before profiling]
-# A CPU process's heap grows for several steps after the first: every block glibc has not
-# handed out before is a fresh page to fault in (pipedap.heap keeps freed memory, so the
-# faults stop once the heap has reached its high-water mark). On the emulated cluster's
-# VMs a minor fault costs about 18 us; BERT-base faulted 280 000, 60-90 000, 30-50 000 and
-# 20-50 000 times in its steps 2 to 5, then about 12 times a step. The faults land in
-# whatever allocates then (its masked-LM loss and its gradient, 125 MB each: 0.5-1.5 s
-# instead of 0.05 s), so a profile of those steps had the first gradient of the backward
-# 0.7 s late, and plans were predicted up to 7% slow. So the warm-up runs until a step in
-# which no rank faulted in more than WARM_BYTES (the ranks agree, one integer each per
-# step), at most PIPEDAP_PROFILE_WARMUP_MAX (10) steps; the log says how long it took.
+# A profile of steps whose memory was still being faulted in ([Note: warm memory] in
+# pipedap.heap) had BERT-base's first gradient of the backward 0.7 s late, and its plans were
+# predicted up to 7% slow. So the warm-up runs until a step in which no rank faulted in more
+# than heap.WARM_BYTES (the ranks agree, one integer each per step), at most
+# PIPEDAP_PROFILE_WARMUP_MAX (10) steps; the log says how long it took.
 
 
 @dataclass
@@ -126,7 +117,7 @@ class OnlinePlanner:
         self.step_seconds: list[float] = []
         self.max_warmup = max_warmup
         self.warm = warmup == max_warmup  # nothing to find out
-        self.faults = _minor_faults()  # at the last warm-up step's end
+        self.faulted = heap.faulted_in_bytes()  # at the last warm-up step's end
         self.planning: dict | None = None  # how the plan was made, once it is: see step_done()
         self.ties: Callable[[], tuple[Tie, ...]] = tuple  # the reducer's tied buckets ([Note: ties in a profile])
         engine.add_completion_listener(self._on_ops)
@@ -216,13 +207,13 @@ class OnlinePlanner:
         return plan
 
     def _warm_up(self) -> None:
-        """At the last warm-up step's end: one more warm-up step if a rank faulted in more than WARM_BYTES of
+        """At the last warm-up step's end: one more warm-up step if a rank faulted in more than heap.WARM_BYTES of
         new memory in it, up to ``max_warmup`` ([Note: warm memory before profiling]). Collective."""
-        now = _minor_faults()
-        fresh = max(comm.allgather_object(now - self.faults, name="online.warm", process_set=self.process_set))
-        fresh_mb = fresh * resource.getpagesize() / 2**20
-        self.faults = now
-        if fresh_mb <= WARM_BYTES / 2**20:
+        now = heap.faulted_in_bytes()
+        fresh = max(comm.allgather_object(now - self.faulted, name="online.warm", process_set=self.process_set))
+        fresh_mb = fresh / 2**20
+        self.faulted = now
+        if fresh <= heap.WARM_BYTES:
             self.warm = True
             log.info("pipedap: warm-up took %d steps (memory warm: %.1f MB faulted in at most, the last step); "
                      "profiling the next %d", self.warmup, fresh_mb, self.steps)
@@ -336,11 +327,6 @@ class OnlinePlanner:
 # passed it and its plan was predicted at 1.27x its measured time, so it is 1.10: the plans
 # must be predicted within 5%, and a model that misses the steps it was fitted on by more
 # than 10% will not. Asking the microbenchmark costs nothing once it is cached.
-
-
-def _minor_faults() -> int:
-    """Pages this process has faulted in without I/O so far (every thread's)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def dear_iteration_s(profile: Profile, cost: CostModel) -> float:

@@ -198,22 +198,22 @@ def test_layer_times_measured_beside_communication_are_mapped_to_compute_alone()
 
 
 def test_the_warm_up_lasts_while_memory_is_faulted_in_up_to_its_limit(monkeypatch, caplog):
-    """[Note: warm memory before profiling]: a step that faulted in more than WARM_BYTES on some rank is warm-up
-    too, up to max_warmup steps, then the log warns; a quiet step ends the warm-up."""
-    from pipedap import online_planner
+    """[Note: warm memory before profiling]: a step that faulted in more than heap.WARM_BYTES on some rank is
+    warm-up too, up to max_warmup steps, then the log warns; a quiet step ends the warm-up."""
+    from pipedap import heap, online_planner
 
-    faults = iter([0, 10**6, 2 * 10**6])  # at construction, then at each warm-up step's end: 4 GB a step
-    monkeypatch.setattr(online_planner, "_minor_faults", lambda: next(faults))
+    faulted = iter([0, 4 << 30, 8 << 30])  # at construction, then at each warm-up step's end: 4 GiB a step
+    monkeypatch.setattr(heap, "faulted_in_bytes", lambda: next(faulted))
     monkeypatch.setattr(online_planner.comm, "allgather_object", lambda value, **_: [0, value])  # the other rank: 0
     planner = OnlinePlanner([], steps=2, warmup=1, max_warmup=3)
     remove_completion_listener(planner._on_ops)
     with caplog.at_level("INFO", logger="pipedap"):
         assert planner.step_done() is None and planner.warmup == 2
         assert planner.step_done() is None and planner.warmup == 3 and planner.warm
-    assert "still faulted in 3906 MB" in caplog.text and "PIPEDAP_PROFILE_WARMUP_MAX=3" in caplog.text
+    assert "still faulted in 4096 MB" in caplog.text and "PIPEDAP_PROFILE_WARMUP_MAX=3" in caplog.text
 
-    faults = iter([0, 10**6, 10**6 + 100])  # the second step touched 400 KB of new memory: warm
-    monkeypatch.setattr(online_planner, "_minor_faults", lambda: next(faults))
+    faulted = iter([0, 4 << 30, (4 << 30) + heap.WARM_BYTES])  # the second step touched WARM_BYTES: warm
+    monkeypatch.setattr(heap, "faulted_in_bytes", lambda: next(faulted))
     planner = OnlinePlanner([], steps=2, warmup=1, max_warmup=10)
     remove_completion_listener(planner._on_ops)
     caplog.clear()

@@ -63,6 +63,7 @@ from pipedap.tools.stats import confidence
 
 JSON_VERSION = 1
 MAX_WARMUP = 200  # batches; a system not ready by then is reported, not waited for
+MEMORY_WARMUP_EXTRA = 10  # batches beyond --num-warmup-batches while memory is still faulted in ([Note: warm memory])
 GB = 1e9
 MEMORY_WARN_FRACTION = 0.8  # of MemAvailable: above it --check warns that the job is close to not fitting
 
@@ -281,22 +282,35 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
                file=sys.stderr, dynamic_ncols=True)
     say(f"Running warmup: {args.num_warmup_batches} batches...")
     warm = []
-    while len(warm) < args.num_warmup_batches or not dist.warm():
+    # every system's warm-up lasts until memory is warm too ([Note: warm memory] in pipedap.heap), at most
+    # MEMORY_WARMUP_EXTRA batches more, so that the timed batches of every system are measured alike
+    faulted, fresh = heap.faulted_in_bytes(), None
+    memory_warm = False
+    waited_for: dict[str, None] = {}  # what the warm-up went on for beyond --num-warmup-batches, in order
+    while len(warm) < args.num_warmup_batches or not dist.warm() or not memory_warm:
         if len(warm) >= MAX_WARMUP:
             raise RuntimeError(f"{args.baseline} was still not ready to time after {MAX_WARMUP} warm-up batches "
                                "(the optimizer had not planned); run with fewer PIPEDAP_PROFILE_STEPS or a --plan")
         if len(warm) >= args.num_warmup_batches:
             bar.total += 1
+            waited_for.update((why, None) for why, done in (("the optimizer had planned", dist.warm()),
+                                                            ("memory was warm", memory_warm)) if not done)
         began = time.perf_counter()
         batch()
         wait()
         warm.append(time.perf_counter() - began)
         bar.update()
+        now = heap.faulted_in_bytes()
+        fresh, faulted = max(runtime.allgather_object(now - faulted)), now
+        memory_warm = fresh <= heap.WARM_BYTES or len(warm) >= args.num_warmup_batches + MEMORY_WARMUP_EXTRA
     if warm:
         guess = statistics.median(warm[len(warm) // 2:]) * args.num_iters * args.num_batches_per_iter
         say(f"  warmup: {len(warm)} batches in {sum(warm):.1f} s; the timed part should take about {guess:.0f} s")
-    if len(warm) > args.num_warmup_batches:
-        say("  (warmup extended until the optimizer had planned)")
+    if waited_for:
+        memory = (f"at most {fresh / 2**20:.1f} MB faulted in by a rank in the last batch" if fresh <= heap.WARM_BYTES
+                  else f"still {fresh / 2**20:.0f} MB faulted in by a rank in the last batch after "
+                  f"{MEMORY_WARMUP_EXTRA} more: the timed batches may include page faults")
+        say(f"  (warmup extended to {len(warm)} batches until {' and '.join(waited_for)}; memory: {memory})")
     if runtime.describe(dist) != described:
         say(f"  now: {runtime.describe(dist)}")
     bar.set_description("timed")

@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="per rank (default 8; --quick: 2)")
     parser.add_argument("--image-size", type=int, help="image side of image models (default: the model's; --quick: 32)")
     parser.add_argument("--sentence-len", type=int, help="sequence length of language models (default: the model's)")
-    parser.add_argument("--warmup", type=int, help="untimed batches (default 3; --quick: 1); PipeDAP's warmup "
-                                                   "lasts until it has planned online")
+    parser.add_argument("--warmup", type=int, help="untimed batches (default 3; --quick: 1); every system's "
+                                                   "warmup lasts until memory is warm, PipeDAP's until it has "
+                                                   "planned online")
     parser.add_argument("--iters", type=int, help="timed iterations per round; time per batch is the mean of the "
                                                   "inner ones, see the note above (default 4; --quick: 3)")
     parser.add_argument("--batches-per-iter", type=int, default=1, help="batches per timed iteration (default 1)")
