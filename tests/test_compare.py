@@ -500,7 +500,9 @@ def test_the_readmes_rounds_tables_are_generated_from_the_committed_sweeps() -> 
               ("tied_split/bert_base_250mbit_arrival_pieces_3rounds.json",
                "| 250 Mbit/s | 14.09 | 14.09 | 16.13 +- 0.11 | 19.78 +- 0.31 |", 3),
               ("tied_split/bert_base_125_500mbit_arrival_pieces_3rounds.json",
-               "| 500 Mbit/s | 8.09 | 9.52 | 10.46 +- 0.63 | 12.03 +- 0.22 |", 4)]
+               "| 500 Mbit/s | 8.09 | 9.52 | 10.46 +- 0.63 | 12.03 +- 0.22 |", 4),
+              ("online_fit/bert_base_250mbit_warm_3rounds.json",
+               "| 250 Mbit/s | 14.09 | 14.09 | 16.00 +- 0.62 | 20.26 +- 0.46 |", 3)]
     for path, last_row, rows in sweeps:
         doc = json.loads((root / "benchmarks/results" / path).read_text())
         table = [line for line in compare_report.markdown(doc["comparison"]).splitlines() if line.startswith("|")]
