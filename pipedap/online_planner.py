@@ -377,8 +377,8 @@ def skew_free_samples(per_rank: list[dict[str, list[tuple[float, float, bool]]]]
     samples: dict[str, list[tuple[float, float]]] = {"rs": [], "ag": []}
     names = set.intersection(*(set(ops) for ops in per_rank)) if per_rank else set()
     for name in sorted(names):
-        runs = [(runs[0][0], max(seconds for _, seconds, _ in runs))
-                for runs in zip(*(ops[name] for ops in per_rank)) if all(queued for _, _, queued in runs)]
+        runs = [(everywhere[0][0], max(seconds for _, seconds, _ in everywhere))  # one run, as every rank saw it
+                for everywhere in zip(*(ops[name] for ops in per_rank)) if all(queued for _, _, queued in everywhere)]
         if runs:
             samples[name.split(".", 1)[0]].append((runs[0][0], statistics.median(seconds for _, seconds in runs)))
     return samples

@@ -285,7 +285,7 @@ def run(args: argparse.Namespace, runtime: Runtime) -> dict:
     # every system's warm-up lasts until memory is warm too ([Note: warm memory] in pipedap.heap), at most
     # MEMORY_WARMUP_EXTRA batches more, so that the timed batches of every system are measured alike
     faulted, fresh = heap.faulted_in_bytes(), None
-    memory_warm = False
+    memory_warm = args.num_warmup_batches == 0  # no warm-up asked for: none for memory either
     waited_for: dict[str, None] = {}  # what the warm-up went on for beyond --num-warmup-batches, in order
     while len(warm) < args.num_warmup_batches or not dist.warm() or not memory_warm:
         if len(warm) >= MAX_WARMUP:

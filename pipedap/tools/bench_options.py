@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="batch size per worker (default 32)")
     parser.add_argument("--num-warmup-batches", type=int, default=10,
                         help="untimed batches first (default 10); more while a rank still faults in new memory "
-                             "(up to 10 more) or the optimizer has not planned")
+                             "(up to 10 more; not with 0) or the optimizer has not planned")
     parser.add_argument("--num-batches-per-iter", type=int, default=10, help="batches per timed iteration (default 10)")
     parser.add_argument("--num-iters", type=int, default=10, help="timed iterations (default 10)")
     parser.add_argument("--baseline", "--schedule", default="PipeDAP", metavar="NAME",
